@@ -1,0 +1,26 @@
+"""rosa-ext: fast ROSA test-time policy adaptation (see README.md and ROSA_SPEC.md).
+
+Public API:
+    rosa_update, RosaStep       the functional op
+    rosa_ext.reference          float64 torch.func reference
+    rosa_ext.cg                 conjugate gradient (compiled when built)
+    rosa_ext.kernels            Triton kernels (stats, row/column reductions, jvp, vjp)
+    attach                      plug into a transformers / PEFT model
+    interact                    the multi-turn feedback loop
+"""
+from .op import RosaStep, rosa_update
+
+__version__ = "0.1.0"
+
+__all__ = ["RosaStep", "rosa_update", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing rosa_ext must not import transformers.
+    if name in ("attach", "RosaSession"):
+        from . import session
+        return getattr(session, name)
+    if name == "interact":
+        from .interact import interact
+        return interact
+    raise AttributeError(f"module 'rosa_ext' has no attribute {name!r}")

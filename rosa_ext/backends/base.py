@@ -1,0 +1,57 @@
+"""Backend registry and the per-token cache shared by all backends."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class HeadStats:
+    """Per-token cache of one stats pass (ROSA_SPEC.md section 3), compute dtype.
+
+    - ``lse``  (N,) log-sum-exp of the logits z_t
+    - ``logp`` (N,) log p_t = z_t[y_t] - lse_t
+    - ``ah``   (N,) a_seg . h_t, or None without LoRA
+    - ``pib``  (N,) pi_t . b_seg, or None without LoRA
+    """
+
+    lse: torch.Tensor
+    logp: torch.Tensor
+    ah: Optional[torch.Tensor]
+    pib: Optional[torch.Tensor]
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the Triton backend can run on ``device``."""
+    if device.type != "cuda":
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def get_backend(name: str, device: torch.device):
+    """Resolve a backend name ("auto", "torch", "triton") to a backend object.
+
+    "auto" picks Triton on CUDA when it imports, else the portable chunked
+    torch backend.
+    """
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if name == "torch":
+        from .torch_chunked import TorchChunkedBackend
+        return TorchChunkedBackend()
+    if name == "triton":
+        if not triton_available(device):
+            raise RuntimeError(
+                "rosa_update: backend='triton' needs the `triton` package and a CUDA tensor "
+                "(or TRITON_INTERPRET=1 set before triton is imported, for CPU testing)")
+        from .triton_backend import TritonBackend
+        return TritonBackend()
+    raise ValueError(f"rosa_update: unknown backend {name!r}")

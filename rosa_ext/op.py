@@ -1,0 +1,132 @@
+"""The public functional op: :func:`rosa_update` -> :class:`RosaStep`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from ._problem import RewardLike, build_problem
+from .backends import get_backend
+from .jacobian import RosaOperator
+from .solvers import choose_solver, solve_cg, solve_dual
+
+#: Defaults, documented in the README ("Defaults"). beta: the paper finds results
+#: insensitive to it; damping: ridge term that keeps the step bounded when some
+#: p_t is tiny; max_iter/tol: CG budget (CG is exact after T + 1 iterations).
+DEFAULT_BETA = 1.0
+DEFAULT_DAMPING = 1e-2
+DEFAULT_MAX_ITER = 16
+DEFAULT_TOL = 1e-5
+
+
+@dataclass
+class RosaStep:
+    """Result of one ROSA update.
+
+    Attributes:
+        update: the flat delta-theta, compute dtype (fp32, or fp64 for fp64 models).
+            (P,) for one conversation, (B, P) for a batch; P = d + V laid out
+            ``[delta_a, delta_b]`` (lora) or P = d (hidden).
+        mode: "lora" or "hidden".
+        solver: the solver that ran ("cg" or "dual").
+        backend: the backend that ran ("torch" or "triton").
+        hidden_size: d.
+        logp: (N,) log-prob of each response token before the update (packed over the batch).
+        target: (N,) the residual target g = p* - p that the step fits.
+    ``iterations`` and ``residual`` (relative residual of the normal equations)
+    are read lazily: on CUDA reading them synchronises once.
+    """
+
+    update: torch.Tensor
+    mode: str
+    solver: str
+    backend: str
+    hidden_size: int
+    logp: torch.Tensor
+    target: torch.Tensor
+    _iterations: Union[int, torch.Tensor] = field(repr=False, default=0)
+    _residual: Union[float, torch.Tensor] = field(repr=False, default=0.0)
+
+    @property
+    def iterations(self) -> int:
+        """CG iterations run (0 for the exact dual solve)."""
+        return int(self._iterations)
+
+    @property
+    def residual(self) -> float:
+        """Final ||J^T g - (J^T J + lambda I) d|| / ||J^T g|| (0 when g = 0)."""
+        return float(self._residual)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Hidden mode: the shift, (d,) or (B, d). LoRA mode: same as ``update``."""
+        return self.update
+
+    @property
+    def delta_a(self) -> torch.Tensor:
+        """LoRA mode: the change of lora_A, (d,) or (B, d) (a view of ``update``)."""
+        self._need_lora("delta_a")
+        return self.update[..., :self.hidden_size]
+
+    @property
+    def delta_b(self) -> torch.Tensor:
+        """LoRA mode: the change of lora_B, (V,) or (B, V) (a view of ``update``)."""
+        self._need_lora("delta_b")
+        return self.update[..., self.hidden_size:]
+
+    def _need_lora(self, name: str) -> None:
+        if self.mode != "lora":
+            raise AttributeError(f"RosaStep.{name} exists in mode='lora' only; this step is "
+                                 f"mode={self.mode!r}, use .delta")
+
+
+def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor] = None,
+                lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+                bias: Optional[torch.Tensor] = None, beta: float = DEFAULT_BETA,
+                damping: float = DEFAULT_DAMPING, max_iter: int = DEFAULT_MAX_ITER,
+                tol: float = DEFAULT_TOL, solver: str = "auto", backend: str = "auto",
+                mask: Optional[torch.Tensor] = None) -> RosaStep:
+    """One ROSA step: solve (J^T J + damping I) d = J^T g (ROSA_SPEC.md section 1).
+
+    Args:
+        hidden: (T, d) inputs of lm_head at the positions that predict the response
+            tokens, already including any current hidden shift; or (B, T, d) for B
+            conversations (pad ragged ones and pass ``mask``). fp32/bf16/fp16/fp64.
+        weight: (V, d) lm_head weight, same dtype and device as ``hidden``. Not modified.
+        targets: (T,) or (B, T) int64 observed response tokens, in [0, V).
+        reward: the feedback r (a float), or (B,) rewards for a batch. Must be finite.
+        mode: "lora" (rank-1 LoRA on lm_head, moves [a, b]) or "hidden" (shift vector).
+        lora_a: (d,) / PEFT's (1, d) lora_A weight, or (B, d); required for "lora" and
+            optional in "hidden" mode (then the LoRA term is part of the logits).
+        lora_b: (V,) / PEFT's (V, 1) lora_B weight, or (B, V); zeros if omitted.
+        lora_scale: s = lora_alpha / r (paper: alpha 8, r 1).
+        bias: (V,) lm_head bias or None.
+        beta: KL coefficient (> 0); r / beta sets the target's re-weighting.
+        damping: lambda > 0 of the damped normal equations.
+        max_iter, tol: CG iteration cap and relative-residual tolerance.
+        solver: "auto" (cost model, see :func:`rosa_ext.solvers.choose_solver`),
+            "cg" (matrix-free) or "dual" (exact, via the T x T Gram matrix).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        mask: (T,) or (B, T) bool; False rows (padding, prompt tokens) are ignored.
+    Returns:
+        :class:`RosaStep`; add ``step.update`` to the parameters to apply it.
+    Raises:
+        ValueError / TypeError: bad input, before any work is done.
+    """
+    prob = build_problem(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
+                         lora_scale=lora_scale, bias=bias, beta=beta, damping=damping,
+                         max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
+    be = get_backend(prob.backend, prob.device)
+    op = RosaOperator(prob, be)
+    chosen = choose_solver(prob) if prob.solver == "auto" else prob.solver
+    if chosen == "dual":
+        upd, iters, res = solve_dual(op)
+    else:
+        upd, iters, res = solve_cg(op)
+    if not prob.batched:
+        upd = upd[0]
+    return RosaStep(update=upd, mode=prob.mode, solver=chosen, backend=be.name,
+                    hidden_size=prob.hidden_size, logp=op.stats.logp, target=op.g,
+                    _iterations=iters, _residual=res)

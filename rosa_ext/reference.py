@@ -1,0 +1,110 @@
+"""Float64 reference of the ROSA update (ROSA_SPEC.md section 5).
+
+Deliberately naive: full (T, V) logits in float64, ``torch.func.jvp`` /
+``torch.func.vjp`` of the exact map theta -> p(theta), the explicit Jacobian,
+and a dense solve of the P x P normal equations. Every fast path is tested
+against it. Memory is O(T*V + P^2): small problems only.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from ._problem import HeadProblem, RewardLike, build_problem
+from .op import (DEFAULT_BETA, DEFAULT_DAMPING, DEFAULT_MAX_ITER, DEFAULT_TOL, RosaStep)
+from .target import residual_target
+
+F64 = torch.float64
+
+
+def _prob_map(prob: HeadProblem, b: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """theta -> p (T_b,) for conversation b, in float64, and theta_0 (zeros: a step)."""
+    sl = slice(prob.offsets[b], prob.offsets[b + 1])
+    h = prob.hidden[sl].to(F64)
+    W = prob.weight.to(F64)
+    c = None if prob.bias is None else prob.bias.to(F64)
+    y = prob.targets[sl]
+    s = prob.lora_scale
+    a0 = None if prob.lora_a is None else prob.lora_a[b].to(F64)
+    b0 = None if prob.lora_b is None else prob.lora_b[b].to(F64)
+    d = prob.hidden_size
+
+    def logits(hh: torch.Tensor, a: Optional[torch.Tensor], bb: Optional[torch.Tensor]) -> torch.Tensor:
+        z = hh @ W.T
+        if c is not None:
+            z = z + c
+        if a is not None:
+            z = z + s * (hh @ a).unsqueeze(1) * bb.unsqueeze(0)
+        return z
+
+    def p_of(theta: torch.Tensor) -> torch.Tensor:
+        if prob.mode == "lora":
+            z = logits(h, a0 + theta[:d], b0 + theta[d:])
+        else:
+            z = logits(h + theta, a0, b0)
+        return torch.softmax(z, dim=-1).gather(1, y.unsqueeze(1)).squeeze(1)
+
+    return p_of, torch.zeros(prob.num_params, dtype=F64, device=prob.device)
+
+
+def jacobian_reference(prob: HeadProblem, b: int = 0) -> torch.Tensor:
+    """Explicit J = dp/dtheta (T_b, P) of conversation b, rows by ``torch.func.vjp``."""
+    p_of, theta0 = _prob_map(prob, b)
+    p, pullback = vjp(p_of, theta0)
+    eye = torch.eye(p.shape[0], dtype=F64, device=p.device)
+    return vmap(lambda e: pullback(e)[0])(eye)
+
+
+def jvp_reference(prob: HeadProblem, v: torch.Tensor, b: int = 0) -> torch.Tensor:
+    """J v for conversation b by ``torch.func.jvp``: v (P,) -> (T_b,), float64."""
+    p_of, theta0 = _prob_map(prob, b)
+    return jvp(p_of, (theta0,), (v.to(F64),))[1]
+
+
+def vjp_reference(prob: HeadProblem, u: torch.Tensor, b: int = 0) -> torch.Tensor:
+    """J^T u for conversation b by ``torch.func.vjp``: u (T_b,) -> (P,), float64."""
+    p_of, theta0 = _prob_map(prob, b)
+    _, pullback = vjp(p_of, theta0)
+    return pullback(u.to(F64))[0]
+
+
+def rosa_update_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor] = None,
+                          lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+                          bias: Optional[torch.Tensor] = None, beta: float = DEFAULT_BETA,
+                          damping: float = DEFAULT_DAMPING, max_iter: int = DEFAULT_MAX_ITER,
+                          tol: float = DEFAULT_TOL, solver: str = "auto", backend: str = "auto",
+                          mask: Optional[torch.Tensor] = None) -> RosaStep:
+    """Same signature and result type as :func:`rosa_ext.rosa_update`, computed exactly in float64.
+
+    ``max_iter``, ``tol``, ``solver`` and ``backend`` are accepted (and validated)
+    for signature compatibility; the solve is always a dense exact one.
+    """
+    prob = build_problem(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
+                         lora_scale=lora_scale, bias=bias, beta=beta, damping=damping,
+                         max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
+    updates, logps, gs = [], [], []
+    num = den = 0.0
+    for b in range(prob.num_conversations):
+        p_of, theta0 = _prob_map(prob, b)
+        p = p_of(theta0)
+        logp = torch.log(p)
+        r = prob.reward[b].to(F64).expand_as(p)
+        g = residual_target(logp, r, prob.beta)
+        J = jacobian_reference(prob, b)
+        A = J.T @ J + prob.damping * torch.eye(J.shape[1], dtype=F64, device=J.device)
+        rhs = J.T @ g
+        delta = torch.linalg.solve(A, rhs)
+        res = rhs - A @ delta
+        num += float(res @ res)
+        den += float(rhs @ rhs)
+        updates.append(delta)
+        logps.append(logp)
+        gs.append(g)
+    upd = torch.stack(updates)
+    residual = (num / den) ** 0.5 if den > 0 else 0.0
+    return RosaStep(update=upd if prob.batched else upd[0], mode=prob.mode, solver="dense",
+                    backend="reference", hidden_size=prob.hidden_size, logp=torch.cat(logps),
+                    target=torch.cat(gs), _iterations=0, _residual=residual)
