@@ -1,0 +1,44 @@
+"""Shared test inputs: small random ROSA problems, plain and adversarial."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+
+def make_inputs(T: int = 6, d: int = 12, V: int = 37, *, dtype=torch.float64, mode: str = "lora",
+                bias: bool = True, lora_b_zero: bool = False, logit_scale: float = 1.0,
+                seed: int = 0, B: Optional[int] = None) -> Dict[str, object]:
+    """Random (hidden, weight, targets) plus LoRA state; B adds a batch dimension.
+
+    Targets are drawn from the model's own softmax so p_t takes realistic values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lead = (T,) if B is None else (B, T)
+    H = torch.randn(*lead, d, generator=g, dtype=torch.float64)
+    W = torch.randn(V, d, generator=g, dtype=torch.float64) * logit_scale / d ** 0.5
+    c = torch.randn(V, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    logits = H @ W.T + (0 if c is None else c)
+    y = torch.multinomial(torch.softmax(logits.reshape(-1, V), -1), 1, generator=g).reshape(lead)
+    a = torch.randn(d, generator=g, dtype=torch.float64) / d ** 0.5
+    b = torch.zeros(V, dtype=torch.float64) if lora_b_zero else torch.randn(V, generator=g, dtype=torch.float64) * 0.05
+    out = dict(hidden=H.to(dtype), weight=W.to(dtype), targets=y,
+               bias=None if c is None else c.to(dtype))
+    if mode == "lora":
+        out.update(lora_a=a, lora_b=b)
+    return out
+
+
+def mean_logp_after(inputs: Dict[str, object], step, mode: str, lora_scale: float = 8.0) -> float:
+    """Mean log-prob of the targets after applying ``step`` (float64, dense)."""
+    H = inputs["hidden"].double()
+    W = inputs["weight"].double()
+    z_bias = 0 if inputs.get("bias") is None else inputs["bias"].double()
+    y = inputs["targets"]
+    if mode == "lora":
+        a = inputs["lora_a"].double() + step.delta_a.double()
+        b = inputs["lora_b"].double() + step.delta_b.double()
+        z = H @ W.T + z_bias + lora_scale * (H @ a).unsqueeze(-1) * b
+    else:
+        z = (H + step.delta.double()) @ W.T + z_bias
+    return torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).mean().item()
