@@ -345,3 +345,22 @@ def test_smollm2_sign_property_and_generate(mode):
     finally:
         s.detach()
     assert _same(model, snap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_cuda_background_update_on_side_stream(mode):
+    """On CUDA, non_blocking runs on a side stream; the next forward is ordered after it."""
+    model = tiny_causal_lm("qwen2").cuda()
+    ids = _exchange(model).cuda()
+    s = rosa_ext.attach(model, mode=mode)
+    s.update(ids, reward=-1.0, response_start=P0)
+    want = model(ids).logits
+    s.reset()
+    handle = s.update(ids, reward=-1.0, response_start=P0, non_blocking=True)
+    got = model(ids).logits
+    assert handle.done()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out = model.generate(ids[:, :P0], max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == P0 + 4
+    s.detach()
