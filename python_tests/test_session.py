@@ -361,6 +361,6 @@ def test_cuda_background_update_on_side_stream(mode):
     got = model(ids).logits
     assert handle.done()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    out = model.generate(ids[:, :P0], max_new_tokens=4, do_sample=False)
+    out = model.generate(ids[:, :P0], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape[1] == P0 + 4
     s.detach()
