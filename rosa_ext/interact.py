@@ -1,0 +1,197 @@
+"""The paper's multi-turn loop: generate, score, give feedback, update, repeat.
+
+:func:`interact` runs one problem for up to ``turns`` turns. After a wrong
+answer the reward goes to ``adapter.update`` (a :class:`~rosa_ext.session.RosaSession`,
+the policy-gradient baseline, or None for plain multi-turn prompting) and the
+feedback prompt is appended to the chat, as in the paper's evaluation
+(Algorithm 1; Appendix D.3). The paper's extraction lost the exact wording of
+its feedback prompt; :data:`DEFAULT_FEEDBACK` is ours.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .rewards import boxed_answer, is_correct
+
+#: Appended after the question (the rule-based reward reads the final \boxed{}).
+ANSWER_INSTRUCTION = " Put the final answer in \\boxed{}."
+#: The user's message after a wrong answer (ours; the paper's text was lost in extraction).
+DEFAULT_FEEDBACK = ("Your answer is incorrect. Please check your reasoning and try again. "
+                    "Put the final answer in \\boxed{}.")
+
+
+@dataclass
+class Problem:
+    """One task: ``question`` (str) and its ground-truth ``answer`` (str)."""
+
+    question: str
+    answer: str
+
+
+@dataclass
+class TurnRecord:
+    """One turn of :func:`interact`.
+
+    ``update_ms`` is the wall time of the adapter's update after this turn (None when
+    none ran); ``logp_before``/``logp_after`` the response's mean token log-prob under the
+    model before/after that update (None unless measured); ``update_norm`` ||delta||.
+    """
+
+    text: str
+    reward: float
+    correct: bool
+    response_tokens: int
+    update_ms: Optional[float] = None
+    logp_before: Optional[float] = None
+    logp_after: Optional[float] = None
+    update_norm: Optional[float] = None
+
+
+@dataclass
+class InteractResult:
+    """Outcome of one problem: per-turn ``rewards`` and ``turns``, ``solved_at`` (0-based
+    turn of the first correct answer, or None), and the chat ``transcript``."""
+
+    problem: Problem
+    rewards: List[float] = field(default_factory=list)
+    turns: List[TurnRecord] = field(default_factory=list)
+    solved_at: Optional[int] = None
+    transcript: List[Dict[str, str]] = field(default_factory=list)
+
+
+def _as_problem(problem: Any) -> Problem:
+    if isinstance(problem, Problem):
+        return problem
+    if isinstance(problem, dict) and "question" in problem and "answer" in problem:
+        return Problem(str(problem["question"]), str(problem["answer"]))
+    if hasattr(problem, "question") and hasattr(problem, "answer"):
+        return Problem(str(problem.question), str(problem.answer))
+    raise TypeError("interact: `problem` needs a `question` and an `answer` (Problem, dict or object)")
+
+
+def chat_ids(tokenizer, messages: List[Dict[str, str]], device: torch.device) -> torch.Tensor:
+    """(1, T) int64 ids of ``messages`` with the generation prompt appended."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    return enc["input_ids"].to(device)
+
+
+def response_logp(model, ids: torch.Tensor, start: int) -> float:
+    """Mean log-prob of ``ids[0, start:]`` under ``model`` (one forward)."""
+    with torch.no_grad():
+        logits = model(ids).logits[0, start - 1:-1].float()
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, start:, None])
+    return float(lp.mean())
+
+
+def answer_span_mask(tokenizer, ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
+    """(T,) bool mask of the response tokens from the last ``\\boxed`` on, or None if no box.
+
+    Token boundaries come from decoding growing prefixes of the response (responses
+    are short, so the quadratic cost is negligible).
+    """
+    resp = ids[0, start:].tolist()
+    text = tokenizer.decode(resp, skip_special_tokens=True)
+    pos = text.rfind("\\boxed")
+    if pos < 0:
+        return None
+    first = len(resp) - 1
+    for i in range(len(resp)):
+        if len(tokenizer.decode(resp[:i + 1], skip_special_tokens=True)) > pos:
+            first = i
+            break
+    mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device)
+    mask[start + first:] = True
+    return mask
+
+
+def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], float], turns: int = 5, *,
+             adapter: Any = None, feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
+             do_sample: bool = False, temperature: float = 0.7, seed: int = 0, update_on: str = "response",
+             measure_logp: bool = True, is_solved: Callable[[Any, str], bool] = is_correct,
+             on_turn: Optional[Callable[[int, TurnRecord], None]] = None) -> InteractResult:
+    """Run the multi-turn feedback loop on one problem.
+
+    Args:
+        model, tokenizer: a transformers causal LM and its tokenizer (chat template).
+        problem: a :class:`Problem` (or dict/object with ``question`` and ``answer``).
+        reward_fn: ``(problem, response_text) -> float``, e.g. :func:`rosa_ext.rewards.rule_reward`.
+        turns: K, the maximum number of answers.
+        adapter: None (plain multi-turn prompting), or an object with
+            ``update(input_ids, reward, response_start=.. | response_mask=..)`` and
+            ``reset()`` -- a :class:`~rosa_ext.session.RosaSession` or the PG baseline. It is
+            reset at the start, and updated after every wrong answer but the last.
+        feedback_prompt: the user's message after a wrong answer.
+        max_new_tokens, do_sample, temperature, seed: decoding (sampling is seeded per turn).
+        update_on: "response" (every response token enters the target) or "answer"
+            (only the tokens from the final ``\\boxed`` on; all tokens if there is none).
+        measure_logp: record the response's mean log-prob before/after each update.
+        is_solved: ``(problem, text) -> bool``; default: the boxed answer is right.
+        on_turn: callback ``(turn_index, TurnRecord)`` after each turn (progress output).
+    Returns:
+        :class:`InteractResult`.
+    """
+    prob = _as_problem(problem)
+    if int(turns) != turns or turns < 1:
+        raise ValueError(f"interact: `turns` must be an int >= 1, got {turns}")
+    if update_on not in ("response", "answer"):
+        raise ValueError(f"interact: `update_on` must be 'response' or 'answer', got {update_on!r}")
+    device = next(model.parameters()).device
+    if adapter is not None:
+        adapter.reset()
+    messages = [{"role": "user", "content": prob.question + ANSWER_INSTRUCTION}]
+    result = InteractResult(problem=prob)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for k in range(int(turns)):
+        prompt = chat_ids(tokenizer, messages, device)
+        start = prompt.shape[1]
+        gen_kwargs: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                                          attention_mask=torch.ones_like(prompt))
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+            torch.manual_seed(int(seed) * 1000 + k)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.no_grad():
+            out = model.generate(prompt, **gen_kwargs)
+        resp = out[0, start:]
+        eos = tokenizer.eos_token_id
+        if eos is not None and (resp == eos).any():  # keep the first EOS, drop what follows
+            resp = resp[: int(torch.nonzero(resp == eos)[0]) + 1]
+        text = tokenizer.decode(resp, skip_special_tokens=True)
+        reward = float(reward_fn(prob, text))
+        rec = TurnRecord(text=text, reward=reward, correct=bool(is_solved(prob, text)),
+                         response_tokens=int(resp.numel()))
+        result.rewards.append(reward)
+        result.turns.append(rec)
+        messages.append({"role": "assistant", "content": text})
+        if rec.correct:
+            result.solved_at = k
+        elif adapter is not None and k < turns - 1 and resp.numel() > 0:
+            ids = torch.cat([prompt, resp.unsqueeze(0)], dim=1)
+            kw: Dict[str, Any] = {"response_start": start}
+            if update_on == "answer":
+                mask = answer_span_mask(tokenizer, ids, start)
+                if mask is not None:
+                    kw = {"response_mask": mask}
+            if measure_logp:
+                rec.logp_before = response_logp(model, ids, start)
+            t0 = time.perf_counter()
+            step = adapter.update(ids, reward, **kw)
+            rec.update_ms = 1000.0 * (time.perf_counter() - t0)
+            upd = getattr(step, "update", None)
+            if isinstance(upd, torch.Tensor):
+                rec.update_norm = float(torch.linalg.vector_norm(upd.float()))
+            if measure_logp:
+                rec.logp_after = response_logp(model, ids, start)
+        if on_turn is not None:
+            on_turn(k, rec)
+        if rec.correct:
+            break
+        messages.append({"role": "user", "content": feedback_prompt})
+    result.transcript = messages
+    return result
