@@ -190,7 +190,7 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
                 rec.logp_after = response_logp(model, ids, start)
         if on_turn is not None:
             on_turn(k, rec)
-        if rec.correct:
+        if rec.correct or k == turns - 1:
             break
         messages.append({"role": "user", "content": feedback_prompt})
     result.transcript = messages
