@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--turns", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--beta", type=float, default=1.0)
-    d.add_argument("--damping", type=float, default=1e-2)
+    d.add_argument("--damping", type=float, default=0.1)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=demo)
     return p
