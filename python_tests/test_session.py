@@ -66,8 +66,9 @@ def test_sign_property_and_detach(arch, tied, mode):
 
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
-def test_generate_after_update_uses_kv_cache_consistently(mode):
-    model = tiny_causal_lm("qwen2", seed=3)
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_generate_after_update_uses_kv_cache_consistently(arch, tied, mode):
+    model = tiny_causal_lm(arch, tied=tied, seed=3)
     ids = _exchange(model, seed=4)
     s = rosa_ext.attach(model, mode=mode)
     for r in (-1.0, -1.0):
