@@ -22,6 +22,13 @@ ANSWER_INSTRUCTION = " Put the final answer in \\boxed{}."
 #: The user's message after a wrong answer (ours; the paper's text was lost in extraction).
 DEFAULT_FEEDBACK = ("Your answer is incorrect. Please check your reasoning and try again. "
                     "Put the final answer in \\boxed{}.")
+#: One worked exchange put before every question. Without it SmolLM2-135M-Instruct
+#: almost never writes ``\boxed{}`` (0-5% on our probe, so the rule-based reward
+#: would score formatting, not arithmetic); with it ~100% of answers are boxed.
+FEW_SHOT: List[Dict[str, str]] = [
+    {"role": "user", "content": "What is 3 + 5?" + ANSWER_INSTRUCTION},
+    {"role": "assistant", "content": "3 + 5 = 8. The answer is \\boxed{8}."},
+]
 
 
 @dataclass
@@ -54,13 +61,27 @@ class TurnRecord:
 @dataclass
 class InteractResult:
     """Outcome of one problem: per-turn ``rewards`` and ``turns``, ``solved_at`` (0-based
-    turn of the first correct answer, or None), and the chat ``transcript``."""
+    turn of the first correct answer, or None), and the chat ``transcript`` (from the
+    question on; the few-shot prefix is left out)."""
 
     problem: Problem
     rewards: List[float] = field(default_factory=list)
     turns: List[TurnRecord] = field(default_factory=list)
     solved_at: Optional[int] = None
     transcript: List[Dict[str, str]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> List[Dict[str, float]]:
+        """One dict per update that ran: ``turn`` (0-based), ``update_ms``, ``update_norm``
+        (||delta||), ``logp_before``, ``logp_after``, ``logp_change`` (after - before)."""
+        out = []
+        for k, t in enumerate(self.turns):
+            if t.update_ms is None:
+                continue
+            change = None if t.logp_before is None else t.logp_after - t.logp_before
+            out.append(dict(turn=k, update_ms=t.update_ms, update_norm=t.update_norm,
+                            logp_before=t.logp_before, logp_after=t.logp_after, logp_change=change))
+        return out
 
 
 def _as_problem(problem: Any) -> Problem:
@@ -109,10 +130,18 @@ def answer_span_mask(tokenizer, ids: torch.Tensor, start: int) -> Optional[torch
     return mask
 
 
+def start_messages(problem: Problem, few_shot: Optional[List[Dict[str, str]]] = None) -> List[Dict[str, str]]:
+    """The opening chat: the few-shot exchange (default :data:`FEW_SHOT`; ``[]`` for none) and the question."""
+    shots = FEW_SHOT if few_shot is None else few_shot
+    return [dict(m) for m in shots] + [{"role": "user", "content": problem.question + ANSWER_INSTRUCTION}]
+
+
 def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], float], turns: int = 5, *,
-             adapter: Any = None, feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
+             session: Any = None, adapter: Any = None, mode: Optional[str] = None, beta: float = 1.0,
+             damping: float = 1e-2, feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
              do_sample: bool = False, temperature: float = 0.7, seed: int = 0, update_on: str = "response",
-             measure_logp: bool = True, is_solved: Callable[[Any, str], bool] = is_correct,
+             few_shot: Optional[List[Dict[str, str]]] = None, measure_logp: bool = True,
+             is_solved: Callable[[Any, str], bool] = is_correct,
              on_turn: Optional[Callable[[int, TurnRecord], None]] = None) -> InteractResult:
     """Run the multi-turn feedback loop on one problem.
 
@@ -121,14 +150,19 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
         problem: a :class:`Problem` (or dict/object with ``question`` and ``answer``).
         reward_fn: ``(problem, response_text) -> float``, e.g. :func:`rosa_ext.rewards.rule_reward`.
         turns: K, the maximum number of answers.
-        adapter: None (plain multi-turn prompting), or an object with
-            ``update(input_ids, reward, response_start=.. | response_mask=..)`` and
-            ``reset()`` -- a :class:`~rosa_ext.session.RosaSession` or the PG baseline. It is
-            reset at the start, and updated after every wrong answer but the last.
+        session: what learns from the rewards: a :class:`~rosa_ext.session.RosaSession`,
+            the policy-gradient baseline (:class:`rosa_ext.pg_baseline.PGSession`) -- any object with
+            ``update(input_ids, reward, response_start=.. | response_mask=..)`` and ``reset()``.
+            It is reset at the start and updated after every wrong answer but the last.
+            ``adapter`` is an alias. With neither, ``mode="lora"|"hidden"`` attaches a ROSA
+            session (``beta``, ``damping``) for this call and detaches it at the end; with
+            no mode either, this is plain multi-turn prompting (the baseline).
         feedback_prompt: the user's message after a wrong answer.
         max_new_tokens, do_sample, temperature, seed: decoding (sampling is seeded per turn).
-        update_on: "response" (every response token enters the target) or "answer"
+        update_on: "response" (every response token enters the target) or "answer_span"
             (only the tokens from the final ``\\boxed`` on; all tokens if there is none).
+            "answer" is accepted as an alias of "answer_span".
+        few_shot: messages put before the question (default :data:`FEW_SHOT`, ``[]`` for none).
         measure_logp: record the response's mean log-prob before/after each update.
         is_solved: ``(problem, text) -> bool``; default: the boxed answer is right.
         on_turn: callback ``(turn_index, TurnRecord)`` after each turn (progress output).
@@ -136,17 +170,38 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
         :class:`InteractResult`.
     """
     prob = _as_problem(problem)
-    if int(turns) != turns or turns < 1:
+    if isinstance(turns, bool) or int(turns) != turns or turns < 1:
         raise ValueError(f"interact: `turns` must be an int >= 1, got {turns}")
-    if update_on not in ("response", "answer"):
-        raise ValueError(f"interact: `update_on` must be 'response' or 'answer', got {update_on!r}")
+    if update_on == "answer":
+        update_on = "answer_span"
+    if update_on not in ("response", "answer_span"):
+        raise ValueError(f"interact: `update_on` must be 'response' or 'answer_span', got {update_on!r}")
+    if session is not None and adapter is not None and session is not adapter:
+        raise ValueError("interact: pass `session` or `adapter` (an alias), not both")
+    adapter = session if session is not None else adapter
+    own = None
+    if adapter is None and mode is not None:
+        from .session import attach
+        own = adapter = attach(model, mode=mode, beta=beta, damping=damping)
+    try:
+        return _loop(model, tokenizer, prob, reward_fn, int(turns), adapter, feedback_prompt, max_new_tokens,
+                     do_sample, temperature, seed, update_on, few_shot, measure_logp, is_solved, on_turn)
+    finally:
+        if own is not None:
+            own.detach()
+
+
+def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedback_prompt: str,
+          max_new_tokens: int, do_sample: bool, temperature: float, seed: int, update_on: str,
+          few_shot, measure_logp: bool, is_solved, on_turn) -> InteractResult:
     device = next(model.parameters()).device
     if adapter is not None:
         adapter.reset()
-    messages = [{"role": "user", "content": prob.question + ANSWER_INSTRUCTION}]
+    messages = start_messages(prob, few_shot)
+    n_prefix = len(messages) - 1
     result = InteractResult(problem=prob)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for k in range(int(turns)):
+    for k in range(turns):
         prompt = chat_ids(tokenizer, messages, device)
         start = prompt.shape[1]
         gen_kwargs: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
@@ -174,7 +229,7 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
         elif adapter is not None and k < turns - 1 and resp.numel() > 0:
             ids = torch.cat([prompt, resp.unsqueeze(0)], dim=1)
             kw: Dict[str, Any] = {"response_start": start}
-            if update_on == "answer":
+            if update_on == "answer_span":
                 mask = answer_span_mask(tokenizer, ids, start)
                 if mask is not None:
                     kw = {"response_mask": mask}
@@ -193,5 +248,5 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
         if rec.correct or k == turns - 1:
             break
         messages.append({"role": "user", "content": feedback_prompt})
-    result.transcript = messages
+    result.transcript = messages[n_prefix:]
     return result

