@@ -1,0 +1,76 @@
+"""The obvious alternative a user would write: torch.func through the full logits + Python CG.
+
+This is the comparison point of the benchmarks (issue 7), written the way the
+paper's description suggests: ``p(theta)`` is computed through the full T x V
+logits, each CG matvec is ``torch.func.jvp`` followed by the ``torch.func.vjp``
+closure (which keeps the T x V softmax graph alive), and the loop is
+:func:`rosa_ext.cg.cg_python` with the same damping, ``max_iter`` and ``tol`` as
+the package. It computes in the compute dtype of the package (fp32 for
+fp32/bf16/fp16 models), so accuracy is comparable.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .cg import CGResult, cg_python
+from .target import residual_target
+
+
+def _p_function(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mode: str,
+                lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], lora_scale: float,
+                bias: Optional[torch.Tensor]) -> Tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    h, W = hidden.to(cd), weight.to(cd)
+    c = None if bias is None else bias.to(cd)
+    d = W.shape[1]
+    a0 = None if lora_a is None else lora_a.reshape(-1).to(cd)
+    b0 = None if lora_b is None else lora_b.reshape(-1).to(cd)
+    if mode == "lora" and b0 is None:
+        b0 = torch.zeros(W.shape[0], dtype=cd, device=W.device)
+
+    def p_of(theta: torch.Tensor) -> torch.Tensor:
+        if mode == "hidden":
+            z = (h + theta) @ W.T
+        else:
+            a, b = a0 + theta[:d], b0 + theta[d:]
+            z = h @ W.T + lora_scale * (h @ a).unsqueeze(1) * b
+        if c is not None:
+            z = z + c
+        return torch.log_softmax(z, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1).exp()
+
+    P = d if mode == "hidden" else d + W.shape[0]
+    return p_of, P
+
+
+class TorchFuncOperator:
+    """J v and J^T u of p(theta) by torch.func through the full logits (the alternative)."""
+
+    def __init__(self, hidden, weight, targets, reward: float, *, mode: str, lora_a=None, lora_b=None,
+                 lora_scale: float = 8.0, bias=None, beta: float = 1.0) -> None:
+        self.p_of, P = _p_function(hidden, weight, targets, mode, lora_a, lora_b, lora_scale, bias)
+        cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.theta0 = torch.zeros(P, dtype=cd, device=weight.device)
+        p0, self._vjp_fn = torch.func.vjp(self.p_of, self.theta0)
+        self.g = residual_target(torch.log(p0), torch.full_like(p0, float(reward)), beta)
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(self.p_of, (self.theta0,), (v,))[1]
+
+    def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        return self._vjp_fn(u)[0]
+
+
+def torch_func_update(hidden, weight, targets, reward: float, *, mode: str, lora_a=None, lora_b=None,
+                      lora_scale: float = 8.0, bias=None, beta: float = 1.0, damping: float = 0.1,
+                      max_iter: int = 16, tol: float = 1e-5) -> CGResult:
+    """The alternative's whole update: (J^T J + damping I) d = J^T g by Python CG on torch.func products.
+
+    Args/shapes as :func:`rosa_ext.rosa_update` (one conversation). Returns the CG result
+    (``x`` is the flat update, (P,)).
+    """
+    op = TorchFuncOperator(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
+                           lora_scale=lora_scale, bias=bias, beta=beta)
+    rhs = op.vjp(op.g)
+    return cg_python(lambda v: op.vjp(op.jvp(v)), rhs, damping=damping, max_iter=max_iter, tol=tol)
