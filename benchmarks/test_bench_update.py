@@ -41,7 +41,8 @@ def test_update(benchmark, method, mode):
 def test_jvp_vjp_pair(benchmark, method, mode):
     d, V = bench.MODELS[MODEL]
     inp = bench._inputs(d, V, T, mode, getattr(torch, DTYPE), DEVICE)
-    _, pair = bench._runner(method, inp)
+    _, pair_factory = bench._runner(method, inp)
+    pair = pair_factory()
 
     def run():
         out = pair()

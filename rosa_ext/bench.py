@@ -61,8 +61,9 @@ def _inputs(d: int, V: int, T: int, mode: str, dtype: torch.dtype, device: str, 
     g = torch.Generator(device="cpu").manual_seed(seed + T)
     h = torch.randn(T, d, generator=g)
     W = torch.randn(V, d, generator=g) * (4.0 / d ** 0.5)
-    probs = torch.softmax((h[:, :] @ W.T) if V * T <= 5e7 else (h[:, :] @ W[: 50000].T), -1)
-    y = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    # sample 16 rows at a time: never T x V at once, so input creation sets no memory peak
+    y = torch.cat([torch.multinomial(torch.softmax(h[i:i + 16] @ W.T, -1), 1, generator=g).squeeze(1)
+                   for i in range(0, T, 16)])
     a = torch.randn(d, generator=g) / d ** 0.5
     b = torch.randn(V, generator=g) * 0.01
     out = dict(hidden=h.to(device, dtype), weight=W.to(device, dtype), targets=y.to(device), reward=-1.0,
@@ -87,7 +88,7 @@ def _time(fn, reps: int, device: str) -> List[float]:
 
 
 def _runner(method: str, inp: Dict[str, Any]):
-    """(update_fn -> (update, iterations), pair_fn) for one method."""
+    """(update_fn -> (update, iterations), pair_factory -> pair_fn or None) for one method."""
     from . import rosa_update
     from .bench_baseline import TorchFuncOperator, torch_func_update
 
@@ -97,31 +98,36 @@ def _runner(method: str, inp: Dict[str, Any]):
         def update():
             r = torch_func_update(*args, **kw, damping=DAMPING, max_iter=MAX_ITER, tol=TOL)
             return r.x, r.iterations
-        op = TorchFuncOperator(*args, **kw)
-        v = torch.randn_like(op.theta0)
-        return update, lambda: op.vjp(op.jvp(v))
+        def pair_factory():
+            op = TorchFuncOperator(*args, **kw)
+            v = torch.randn_like(op.theta0)
+            return lambda: op.vjp(op.jvp(v))
+        return update, pair_factory
     if method == "reference":
         from .reference import rosa_update_reference
 
         def update():
             s = rosa_update_reference(*args, **kw, damping=DAMPING)
             return s.update, 0
-        return update, None
+        return update, lambda: None
     solver = method.split()[-1]
 
     def update():
         s = rosa_update(*args, **kw, damping=DAMPING, max_iter=MAX_ITER, tol=TOL, solver=solver)
         return s.update, s.iterations
     if solver != "cg":
-        return update, None
-    from ._problem import build_problem
-    from .backends import get_backend
-    from .jacobian import RosaOperator
-    prob = build_problem(*args, **kw, lora_scale=8.0, bias=None, beta=1.0, damping=DAMPING, max_iter=MAX_ITER,
-                         tol=TOL, solver="cg", backend="auto", mask=None)
-    op = RosaOperator(prob, get_backend("auto", prob.device))
-    v = torch.randn(1, prob.num_params, dtype=prob.compute_dtype, device=prob.device)
-    return update, lambda: op.vjp(op.jvp(v))
+        return update, lambda: None
+
+    def pair_factory():
+        from ._problem import build_problem
+        from .backends import get_backend
+        from .jacobian import RosaOperator
+        prob = build_problem(*args, **kw, lora_scale=8.0, bias=None, beta=1.0, damping=DAMPING, max_iter=MAX_ITER,
+                             tol=TOL, solver="cg", backend="auto", mask=None)
+        op = RosaOperator(prob, get_backend("auto", prob.device))
+        v = torch.randn(1, prob.num_params, dtype=prob.compute_dtype, device=prob.device)
+        return lambda: op.vjp(op.jvp(v))
+    return update, pair_factory
 
 
 def _truth(inp: Dict[str, Any]) -> torch.Tensor:
@@ -138,7 +144,7 @@ def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str,
     """One row: latency, iterations, error, extra memory, GFLOP/s of the pair."""
     d, V = MODELS[model]
     inp = _inputs(d, V, T, mode, getattr(torch, dtype), device)
-    update, pair = _runner(method, inp)
+    update, pair_factory = _runner(method, inp)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -157,6 +163,7 @@ def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str,
     if truth is None:
         truth = _truth(inp)
     row["rel_error"] = float((upd.double().cpu() - truth.cpu()).norm() / truth.norm().clamp_min(1e-300))
+    pair = pair_factory()
     if pair is not None:
         pair()
         pt = statistics.median(_time(pair, reps, device))
