@@ -71,6 +71,26 @@ def _inputs(d: int, V: int, T: int, mode: str, dtype: torch.dtype, device: str, 
     return out
 
 
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _rss_mark() -> Optional[int]:
+    """Current RSS (kB) after resetting the peak-RSS counter (Linux clear_refs 5), or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_kb("VmRSS")
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -149,13 +169,16 @@ def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str,
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _rss_mark()
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     upd, iters = update()  # warm-up (and the memory high-water mark)
     _sync(device)
     if device == "cuda":
         extra_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    elif rss0 is not None:  # peak RSS during the update over the RSS before it
+        extra_mb = (_proc_status_kb("VmHWM") - rss0) / 1024.0
     else:
-        extra_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024.0
+        extra_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0) / 1024.0
     times = _time(update, reps, device)
     row: Dict[str, Any] = dict(method=method, model=model, d=d, V=V, T=T, mode=mode, dtype=dtype, device=device,
                                median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
