@@ -1,0 +1,311 @@
+"""One benchmark row: inputs, the methods compared, timing, memory, accuracy.
+
+Used by :mod:`rosa_ext.bench` (the CLI) and ``benchmarks/test_bench_update.py``.
+
+A *method* is a name such as ``"torch.func+CG"``, ``"rosa default"``,
+``"rosa torch/cg"``, ``"rosa triton/dual"``, ``"rosa triton/cg pyCG"`` or
+``"reference"``; :func:`methods_for` lists the ones that can run on a device
+(Triton only on CUDA when it imports; the ``pyCG`` variant -- the package's
+CG with the plain Python loop instead of the compiled ``rosa_ext._C`` one --
+only on CUDA when ``_C`` is built, since on the CPU both loops call the same
+Python matvec and differ by nothing measurable).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+#: Head sizes (d, V) of real models, plus scaled-down CPU heads.
+MODELS: Dict[str, Tuple[int, int]] = {
+    "qwen2.5-0.5b": (896, 151936), "qwen3-0.6b": (1024, 151936), "qwen2.5-7b": (3584, 152064),
+    "llama-3-8b": (4096, 128256), "cpu-small": (256, 32000), "cpu-sweep": (128, 8000), "tiny": (32, 500)}
+
+#: Solver settings shared by every method (the package's defaults).
+MAX_ITER, TOL, DAMPING, BETA, REWARD, LORA_SCALE = 16, 1e-5, 0.1, 1.0, -1.0, 8.0
+
+BASELINE = "torch.func+CG"
+DEFAULT = "rosa default"
+REFERENCE = "reference"
+
+
+# ----------------------------------------------------------------------------- environment
+def compiled_cg_available() -> bool:
+    """True when the compiled CG extension ``rosa_ext._C`` imports."""
+    try:
+        from . import _cg_compiled  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_usable(device: str) -> bool:
+    """True when ``backend="triton"`` can run on ``device`` (CUDA + triton importable)."""
+    if device != "cuda":
+        return False
+    try:
+        from .backends.base import triton_available
+        return triton_available(torch.device("cuda"))
+    except Exception:
+        return False
+
+
+def methods_for(device: str) -> List[str]:
+    """Methods that can run on ``device``, in table order."""
+    out = [BASELINE, DEFAULT, "rosa torch/cg", "rosa torch/dual"]
+    if triton_usable(device):
+        out += ["rosa triton/cg", "rosa triton/dual"]
+    if device == "cuda" and compiled_cg_available():
+        out += [f"rosa {'triton' if triton_usable(device) else 'torch'}/cg pyCG"]
+    return out + [REFERENCE]
+
+
+def parse_method(method: str) -> Tuple[str, str, bool]:
+    """``"rosa triton/cg pyCG"`` -> (backend, solver, python_cg_loop)."""
+    if method == DEFAULT:
+        return "auto", "auto", False
+    body = method.split(" ", 1)[1]
+    backend, rest = body.split("/", 1)
+    solver, *flags = rest.split()
+    return backend, solver, "pyCG" in flags
+
+
+@contextlib.contextmanager
+def python_cg_loop() -> Iterator[None]:
+    """Make :func:`rosa_ext.rosa_update` use :func:`rosa_ext.cg.cg_python` (not ``_C``)."""
+    from . import solvers
+    from .cg import cg_python
+    saved = solvers.cg
+    solvers.cg = cg_python
+    try:
+        yield
+    finally:
+        solvers.cg = saved
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_inputs(d: int, V: int, T: int, mode: str, dtype: torch.dtype, device: str, seed: int = 0
+                ) -> Dict[str, Any]:
+    """Random head with peaked logits (std ~4); targets sampled from the model's own softmax.
+
+    Returns kwargs for the methods: hidden (T, d) and weight (V, d) in ``dtype``;
+    targets (T,) int64; lora_a (d,) and, in lora mode, lora_b (V,) (nonzero, as on a
+    second update) in fp32; reward -1. Generated on ``device`` 256 rows of logits at a
+    time, so making the inputs never holds T x V numbers. Deterministic per (seed, T).
+    """
+    g = torch.Generator(device=device).manual_seed(seed + T)
+    h = torch.randn(T, d, generator=g, device=device)
+    W = torch.randn(V, d, generator=g, device=device) * (4.0 / d ** 0.5)
+    rows = 256 if device == "cuda" else 16
+    y = torch.cat([torch.multinomial(torch.softmax(h[i:i + rows] @ W.T, -1), 1, generator=g).squeeze(1)
+                   for i in range(0, T, rows)])
+    a = torch.randn(d, generator=g, device=device) / d ** 0.5
+    b = torch.randn(V, generator=g, device=device) * 0.01
+    return dict(hidden=h.to(dtype), weight=W.to(dtype), targets=y, reward=REWARD, mode=mode,
+                lora_a=a, lora_b=b if mode == "lora" else None)
+
+
+def _args(inp: Dict[str, Any]) -> Tuple[tuple, dict]:
+    return ((inp["hidden"], inp["weight"], inp["targets"], inp["reward"]),
+            dict(mode=inp["mode"], lora_a=inp["lora_a"], lora_b=inp["lora_b"]))
+
+
+def truth_update(inp: Dict[str, Any]) -> torch.Tensor:
+    """Exact float64 update of the same inputs: dual solve, chunked torch backend, (P,) fp64.
+
+    It agrees with the float64 torch.func reference (the ``reference`` rows report
+    their error against it).
+    """
+    from . import rosa_update
+    f64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
+    args, kw = _args(f64)
+    return rosa_update(*args, **kw, damping=DAMPING, beta=BETA, lora_scale=LORA_SCALE,
+                       solver="dual", backend="torch").update
+
+
+# ----------------------------------------------------------------------------- runners
+UpdateFn = Callable[[], Tuple[torch.Tensor, int, str]]
+
+
+def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Optional[Callable[[], Any]]]]:
+    """(update, pair_factory) for one method on one input.
+
+    ``update()`` runs one whole update and returns (update (P,), CG iterations, what
+    ran as "backend/solver"). ``pair_factory()`` builds (untimed) the method's operator
+    and returns a function doing one JVP followed by one VJP, or None for methods
+    without one (dual solves, the reference).
+    """
+    args, kw = _args(inp)
+    if method == BASELINE:
+        from .bench_baseline import TorchFuncOperator, torch_func_update
+
+        def update():
+            r = torch_func_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING,
+                                  max_iter=MAX_ITER, tol=TOL)
+            return r.x, int(r.iterations), "torch.func/cg_python"
+
+        def pair_factory():
+            op = TorchFuncOperator(*args, **kw, lora_scale=LORA_SCALE, beta=BETA)
+            v = torch.randn_like(op.theta0)
+            return lambda: op.vjp(op.jvp(v))
+        return update, pair_factory
+    if method == REFERENCE:
+        from .reference import rosa_update_reference
+
+        def update():
+            s = rosa_update_reference(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING)
+            return s.update, 0, "float64 torch.func Jacobian + dense solve"
+        return update, lambda: None
+
+    from . import rosa_update
+    backend, solver, pyloop = parse_method(method)
+
+    def update():
+        with python_cg_loop() if pyloop else contextlib.nullcontext():
+            s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
+                            tol=TOL, solver=solver, backend=backend)
+            return s.update, s.iterations, f"{s.backend}/{s.solver}"
+    if solver != "cg":
+        return update, lambda: None
+
+    def pair_factory():
+        from ._problem import build_problem
+        from .backends import get_backend
+        from .jacobian import RosaOperator
+        prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
+                             max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend, mask=None)
+        op = RosaOperator(prob, get_backend(prob.backend, prob.device))
+        v = torch.randn(1, prob.num_params, dtype=prob.compute_dtype, device=prob.device)
+        return lambda: op.vjp(op.jvp(v))
+    return update, pair_factory
+
+
+def useful_flops(ran: str, mode: str, T: int, d: int, V: int, iters: int) -> Optional[float]:
+    """Flops of the algorithm that ran, counted as in ROSA_SPEC.md section 4 (None: not counted).
+
+    CG (ours or torch.func's): stats pass 2TdV + right-hand-side VJP 2TdV + 4TdV per
+    iteration. Dual: stats 2TdV + hidden: pi W 4TdV; lora: pi pi^T 2T^2 V + VJP 2TdV;
+    plus the T^3/3 Cholesky.
+    """
+    if ran.endswith("cg") or ran.endswith("cg_python"):
+        return (4.0 + 4.0 * iters) * T * d * V
+    if ran.endswith("dual"):
+        extra = 4.0 * T * d * V if mode == "hidden" else 2.0 * T * T * V + 2.0 * T * d * V
+        return 2.0 * T * d * V + extra + T ** 3 / 3.0
+    return None
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mark() -> Optional[int]:
+    """Current RSS (kB) after resetting the kernel's peak-RSS counter (``clear_refs`` 5); None if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_kb("VmRSS")
+
+
+# ----------------------------------------------------------------------------- timing
+def time_calls(fn: Callable[[], Any], reps: int, device: str, budget_s: float = float("inf"),
+               min_reps: int = 3) -> List[float]:
+    """Wall times (ms) of ``fn``: ``reps`` calls, fewer (but >= ``min_reps``) once ``budget_s`` is spent."""
+    out: List[float] = []
+    t_all = time.perf_counter()
+    while len(out) < reps and (len(out) < min_reps or time.perf_counter() - t_all < budget_s):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(1000.0 * (time.perf_counter() - t0))
+    return out
+
+
+def spread(times: List[float]) -> Dict[str, float]:
+    """median, min, max and (>= 4 samples) the interquartile range, ms."""
+    out = dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+    if len(times) >= 4:
+        q = statistics.quantiles(times, n=4)
+        out["iqr_ms"] = q[2] - q[0]
+    return out
+
+
+def _warm_imports(method: str, device: str) -> None:
+    """Run the method once on a tiny head so lazy imports/initialisation don't count as memory."""
+    inp = make_inputs(8, 16, 4, "lora", torch.float32, device, seed=123)
+    try:
+        runner(method, inp)[0]()
+    except Exception:
+        pass
+
+
+def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str, reps: int,
+            truth: Optional[torch.Tensor] = None, row_budget_s: float = 20.0) -> Dict[str, Any]:
+    """One row of the table (see ``benchmarks/README.md`` for the columns).
+
+    Memory: CUDA -- ``max_memory_allocated`` during the second call (after warm-up and
+    Triton autotuning) minus the allocated memory before it (inputs, W); CPU -- peak
+    RSS during the *first* call over the RSS just before it (Linux ``clear_refs``/VmHWM),
+    meant to run in a fresh process per row (``--one``) so earlier rows' freed memory
+    doesn't hide the growth. ``truth``: the fp64 update to compare against (computed if None).
+    """
+    d, V = MODELS[model]
+    inp = make_inputs(d, V, T, mode, getattr(torch, dtype), device)
+    update, pair_factory = runner(method, inp)
+    _warm_imports(method, device)
+    sync(device)
+    rss0 = rss_mark() if device == "cpu" else None
+    t0 = time.perf_counter()
+    upd, iters, ran = update()
+    sync(device)
+    first_s = time.perf_counter() - t0
+    mem_how = "none"
+    extra_mb = float("nan")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        upd, iters, ran = update()
+        sync(device)
+        extra_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        mem_how = "cuda max_memory_allocated - allocated before (2nd call)"
+    elif rss0 is not None:
+        extra_mb = (_proc_status_kb("VmHWM") - rss0) / 1024.0
+        mem_how = "peak RSS - RSS before (1st call, fresh process)"
+    times = time_calls(update, reps, device, budget_s=max(0.0, row_budget_s - first_s))
+    row: Dict[str, Any] = dict(method=method, ran=ran, model=model, d=d, V=V, T=T, mode=mode, dtype=dtype,
+                               device=device, **spread(times), reps=len(times), times_ms=[round(t, 3) for t in times],
+                               iterations=int(iters), extra_mem_mb=round(extra_mb, 2), mem_how=mem_how)
+    if truth is None:
+        truth = truth_update(inp)
+    truth = truth.double().cpu()
+    row["rel_error"] = float((upd.double().cpu() - truth).norm() / truth.norm().clamp_min(1e-300))
+    flops = useful_flops(ran, mode, T, d, V, int(iters))
+    if flops is not None:
+        row["update_gflops"] = flops / (row["median_ms"] * 1e-3) / 1e9
+    pair = pair_factory()
+    if pair is not None:
+        pair()
+        pt = spread(time_calls(pair, reps, device, budget_s=row_budget_s / 2))
+        row["pair_ms"] = pt["median_ms"]
+        row["pair_min_ms"], row["pair_max_ms"] = pt["min_ms"], pt["max_ms"]
+        row["pair_gflops"] = 4.0 * T * d * V / (pt["median_ms"] * 1e-3) / 1e9
+    return row

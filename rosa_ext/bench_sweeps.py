@@ -1,0 +1,111 @@
+"""Issue-9 benchmark sections: dual vs CG as a function of T, and batched updates.
+
+- :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
+  with ``solver="dual"`` (the device's default backend), the solver ``"auto"`` picks
+  for that problem (:func:`rosa_ext.solvers.choose_solver`, the cost model, not a
+  timing), the cost model's flop estimates, and which one was measured faster.
+- :func:`batched_sweep`: B conversations of ragged length (<= T tokens, mask) with
+  rewards alternating +-1 in ONE ``rosa_update`` call ((B, T, d) hidden, (B, T) mask,
+  (B,) rewards) vs B separate calls on the unpadded conversations; the two results
+  are compared (max relative difference).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Dict, List
+
+import torch
+
+from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs, sync, time_calls)
+
+
+def _cost_model(mode: str, T: int, d: int, V: int) -> Dict[str, float]:
+    """Flops the cost model of :func:`rosa_ext.solvers.choose_solver` assigns (one conversation)."""
+    chol = T ** 3 / 3
+    if mode == "hidden":
+        dual = 4 * T * d * V + 2 * T * T * d + chol
+    else:
+        dual = 4 * T * d * V + 2 * T * T * V + 2 * T * T * d + chol
+    return dict(model_dual_gflop=dual / 1e9, model_cg_gflop=MAX_ITER * 4 * T * d * V / 1e9)
+
+
+def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List[str], reps: int,
+                 budget_s: float = 20.0) -> List[Dict[str, Any]]:
+    """Rows: mode, T, cg_ms, dual_ms (medians), cg iterations, auto's choice, faster, cost-model flops."""
+    from . import rosa_update
+    from ._problem import build_problem
+    from .solvers import DUAL_MAX_TOKENS, choose_solver
+    d, V = MODELS[model]
+    rows = []
+    for mode in modes:
+        for T in Ts:
+            inp = make_inputs(d, V, T, mode, getattr(torch, dtype), device)
+            args = (inp["hidden"], inp["weight"], inp["targets"], inp["reward"])
+            kw = dict(mode=mode, lora_a=inp["lora_a"], lora_b=inp["lora_b"], lora_scale=LORA_SCALE, beta=BETA,
+                      damping=DAMPING, max_iter=MAX_ITER, tol=TOL)
+            prob = build_problem(*args, **kw, bias=None, solver="auto", backend="auto", mask=None)
+            auto = choose_solver(prob)
+            row: Dict[str, Any] = dict(model=model, d=d, V=V, mode=mode, T=T, dtype=dtype, auto_picks=auto,
+                                       dual_max_tokens=DUAL_MAX_TOKENS, **_cost_model(mode, T, d, V))
+            res = {}
+            for solver in ("cg", "dual"):
+                fn = lambda s=solver: rosa_update(*args, **kw, solver=s)  # noqa: E731
+                res[solver] = fn()  # warm-up
+                sync(device)
+                times = time_calls(fn, reps, device, budget_s=budget_s, min_reps=1)
+                row[f"{solver}_ms"] = statistics.median(times)
+                row[f"{solver}_reps"] = len(times)
+            row["cg_iterations"] = res["cg"].iterations
+            u_cg, u_dual = res["cg"].update.double(), res["dual"].update.double()
+            row["cg_vs_dual_rel_diff"] = float((u_cg - u_dual).norm() / u_dual.norm().clamp_min(1e-300))
+            row["faster"] = "dual" if row["dual_ms"] < row["cg_ms"] else "cg"
+            rows.append(row)
+            print(f"  solvers {mode:<6} T={T:>5}: cg {row['cg_ms']:9.1f} ms ({row['cg_iterations']} it)   "
+                  f"dual {row['dual_ms']:9.1f} ms   auto picks {auto:<4}  (faster: {row['faster']})", flush=True)
+    return rows
+
+
+def batched_sweep(device: str, model: str, dtype: str, Bs: List[int], T: int, modes: List[str], reps: int,
+                  budget_s: float = 20.0) -> List[Dict[str, Any]]:
+    """Rows: mode, B, T, batched_ms, separate_ms, speedup, max relative difference of the updates."""
+    from . import rosa_update
+    d, V = MODELS[model]
+    dt = getattr(torch, dtype)
+    rows = []
+    for mode in modes:
+        for B in Bs:
+            g = torch.Generator(device="cpu").manual_seed(1000 + B)
+            base = make_inputs(d, V, B * T, mode, dt, device, seed=B)
+            H = base["hidden"].reshape(B, T, d)
+            Y = base["targets"].reshape(B, T)
+            lens = torch.randint(T // 2, T + 1, (B,), generator=g)
+            lens[0] = T
+            mask = (torch.arange(T).unsqueeze(0) < lens.unsqueeze(1)).to(device)
+            r = torch.where(torch.arange(B) % 2 == 0, -1.0, 1.0)
+            kw = dict(mode=mode, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER, tol=TOL)
+            if mode == "lora":
+                A = base["lora_a"].unsqueeze(0).expand(B, d).contiguous()
+                Bv = base["lora_b"].unsqueeze(0).expand(B, V).contiguous()
+            one = lambda: rosa_update(H, base["weight"], Y, r.to(device), mask=mask,  # noqa: E731
+                                      **(dict(lora_a=A, lora_b=Bv) if mode == "lora" else {}), **kw)
+
+            def many():
+                out = []
+                for i in range(B):
+                    n = int(lens[i])
+                    extra = dict(lora_a=A[i], lora_b=Bv[i]) if mode == "lora" else {}
+                    out.append(rosa_update(H[i, :n], base["weight"], Y[i, :n], float(r[i]), **extra, **kw))
+                return out
+            s1, sb = one(), many()  # warm-up
+            sync(device)
+            u1 = s1.update.double()
+            ub = torch.stack([s.update for s in sb]).double()
+            diff = float(((u1 - ub).norm(dim=1) / ub.norm(dim=1).clamp_min(1e-300)).max())
+            t1 = statistics.median(time_calls(one, reps, device, budget_s=budget_s, min_reps=1))
+            tb = statistics.median(time_calls(many, reps, device, budget_s=budget_s, min_reps=1))
+            rows.append(dict(mode=mode, B=B, T=T, tokens=int(lens.sum()), model=model, d=d, V=V, dtype=dtype,
+                             batched_ms=t1, separate_ms=tb, speedup=tb / t1, solver_batched=s1.solver,
+                             max_rel_diff=diff))
+            print(f"  batched {mode:<6} B={B:>3} (T<={T}, {int(lens.sum())} tokens): one call {t1:9.1f} ms   "
+                  f"{B} calls {tb:9.1f} ms   x{tb / t1:.2f}   max rel diff {diff:.1e}", flush=True)
+    return rows
