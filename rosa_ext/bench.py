@@ -36,9 +36,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import bench_report
-from .bench_measure import (BASELINE, BETA, DAMPING, DEFAULT, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REWARD,
-                            TOL, compiled_cg_available, make_inputs, measure, methods_for, runner, time_calls,
-                            triton_usable, truth_update)
+from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
+                            TOL, compiled_cg_available, make_inputs, measure, methods_for, reference_bytes, runner,
+                            time_calls, triton_usable, truth_update)
 from .bench_sweeps import batched_sweep, solver_sweep
 
 __all__ = ["PRESETS", "MODELS", "MAX_ITER", "run", "main", "make_inputs", "runner", "truth_update", "methods_for"]
@@ -58,7 +58,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # minutes on 2 cores: scaled-down head (d=256, V=32000)
     "cpu": dict(cases=[("cpu-small", T, m, "float32") for m in ("lora", "hidden") for T in (64, 256, 1024)],
                 late_cases=[("cpu-small", 256, m, "bfloat16") for m in ("lora", "hidden")],
-                reps=5, row_budget_s=25.0, reference_max_T=256, reference_max_P=6000,
+                reps=5, row_budget_s=25.0, reference_max_T=64, reference_max_P=6000,
                 solvers=dict(model="cpu-sweep", dtype="float32", T=[64, 256, 1024, 2048, 4096, 8192]),
                 batched=dict(model="cpu-small", dtype="float32", B=[1, 4, 16, 64], T=64), subprocess_memory=True,
                 budget_s=3600.0),
@@ -150,7 +150,8 @@ def _reference_ok(cfg: Dict[str, Any], case: Case) -> bool:
     model, T, mode, _ = case
     d, V = MODELS[model]
     P = d if mode == "hidden" else d + V
-    return T <= cfg["reference_max_T"] and P <= cfg["reference_max_P"]
+    return (T <= cfg["reference_max_T"] and P <= cfg["reference_max_P"]
+            and reference_bytes(T, d, V, mode) <= REFERENCE_MAX_BYTES)
 
 
 def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Optional[int] = None,
@@ -234,6 +235,9 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
             torch.save(truth, tpath)
             for method in methods:
                 if method == REFERENCE and not _reference_ok(cfg, case):
+                    continue
+                if time.perf_counter() - t_start > 1.15 * budget:  # hard stop inside a case
+                    result["skipped"].append(f"{method} {model} T={T} {mode} {dtype}")
                     continue
                 spec = dict(method=method, model=model, T=T, mode=mode, dtype=dtype, device=device, reps=reps,
                             truth_path=str(tpath), threads=threads, row_budget_s=cfg["row_budget_s"])

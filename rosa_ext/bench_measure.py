@@ -27,6 +27,10 @@ MODELS: Dict[str, Tuple[int, int]] = {
 #: Solver settings shared by every method (the package's defaults).
 MAX_ITER, TOL, DAMPING, BETA, REWARD, LORA_SCALE = 16, 1e-5, 0.1, 1.0, -1.0, 8.0
 
+#: The fp64 reference builds the T x P Jacobian through a vmapped torch.func pass that holds
+#: about 3 T^2 V fp64 numbers (measured: 3.2 GB at T=64, V=32000) and a P x P matrix.
+REFERENCE_MAX_BYTES = 4 * 2 ** 30
+
 BASELINE = "torch.func+CG"
 DEFAULT = "rosa default"
 REFERENCE = "reference"
@@ -188,6 +192,12 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
     return update, pair_factory
 
 
+def reference_bytes(T: int, d: int, V: int, mode: str) -> float:
+    """Rough peak memory of the fp64 reference (see :data:`REFERENCE_MAX_BYTES`)."""
+    P = d if mode == "hidden" else d + V
+    return 8.0 * (3 * T * T * V + P * P)
+
+
 def useful_flops(ran: str, mode: str, T: int, d: int, V: int, iters: int) -> Optional[float]:
     """Flops of the algorithm that ran, counted as in ROSA_SPEC.md section 4 (None: not counted).
 
@@ -269,6 +279,8 @@ def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str,
     doesn't hide the growth. ``truth``: the fp64 update to compare against (computed if None).
     """
     d, V = MODELS[model]
+    if method == REFERENCE and reference_bytes(T, d, V, mode) > REFERENCE_MAX_BYTES:
+        raise MemoryError(f"reference would need ~{reference_bytes(T, d, V, mode) / 2 ** 30:.0f} GB")
     inp = make_inputs(d, V, T, mode, getattr(torch, dtype), device)
     update, pair_factory = runner(method, inp)
     _warm_imports(method, device)
