@@ -11,4 +11,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python -m pytest python_tests -q -x -m "gpu or not gpu" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 python benchmarks/bench_cg_overhead.py --out "$OUT" 2>&1 | tail -8
 python benchmarks/bench_kernels_gpu.py --out "$OUT" 2>&1 | tail -40
-timeout 300 python -m rosa_ext.bench --preset gpu --out "$OUT" 2>&1 | tail -60
+# the update benchmark stops starting new cases after --budget-s (writes JSON after every case)
+timeout 590 python -m rosa_ext.bench --preset gpu --out "$OUT" --budget-s "${BENCH_BUDGET_S:-420}" 2>&1 | tail -80

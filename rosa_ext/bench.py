@@ -95,13 +95,14 @@ def _cpu_peak_gflops(n: int = 2048) -> float:
 
 
 def _commit() -> str:
+    """Short HEAD sha, plus ``+dirty:<files>`` for uncommitted changes to the package's sources."""
     root = pathlib.Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=root,
                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "rosa_ext"], cwd=root,
-                               stderr=subprocess.DEVNULL).returncode != 0
-        return sha + ("+dirty(rosa_ext)" if dirty else "")
+        dirty = subprocess.check_output(["git", "diff", "--name-only", "HEAD", "--", "rosa_ext"], text=True,
+                                        cwd=root, stderr=subprocess.DEVNULL).split()
+        return sha + (f"+dirty:{','.join(pathlib.Path(f).name for f in dirty)}" if dirty else "")
     except Exception:
         return "unknown"
 
@@ -142,7 +143,8 @@ def _print_row(r: Dict[str, Any]) -> None:
         return
     pair = f"  pair {r['pair_ms']:.2f} ms ({r['pair_gflops']:.1f} GFLOP/s)" if "pair_ms" in r else ""
     print(f"    {r['method']:<22} {r['median_ms']:10.2f} ms [{r['min_ms']:.2f}, {r['max_ms']:.2f}] n={r['reps']:<2} "
-          f"it={r['iterations']:>2}  err={r['rel_error']:.1e}  mem=+{r['extra_mem_mb']:.1f} MB  ran={r['ran']}{pair}",
+          f"it={r['iterations']:>2}  err={r['rel_error']:.1e}  mem=+{r['extra_mem_mb']:.1f} MB"
+          f"{' (RSS +%.0f)' % r['rss_extra_mb'] if 'rss_extra_mb' in r else ''}  ran={r['ran']}{pair}",
           flush=True)
 
 
@@ -202,9 +204,11 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         methods=methods, peak_note=peak_note, cpu_peak_gflops=cpu_peak,
         mem_note=("CUDA max_memory_allocated during a warm call minus allocated before it (inputs and W excluded)"
                   if device == "cuda" else
-                  "growth of the process's peak RSS (VmHWM after clear_refs) during the first call, each row in a "
-                  "fresh subprocess" if cfg["subprocess_memory"] else
-                  "growth of peak RSS during the first call, in-process (later rows can reuse freed memory)"),
+                  "extra MB = peak of torch CPU tensor allocations during one call (torch.profiler profile_memory, "
+                  "alloc/free events replayed in order; inputs excluded); RSS MB = growth of the process's peak RSS "
+                  "(VmHWM after clear_refs) during the first call" + (", each row in a fresh subprocess"
+                                                                       if cfg["subprocess_memory"] else
+                                                                       ", in-process (rows can reuse freed memory)")),
         error_note="||update - exact|| / ||exact||, exact = float64 dual solve of the same (dtype-rounded) inputs; "
                    "`reference` rows show the float64 torch.func reference against the same exact update",
         rows=[], solvers=[], batched=[], targets=[], skipped=[], wall_s=0.0)

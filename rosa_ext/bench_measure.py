@@ -235,6 +235,25 @@ def rss_mark() -> Optional[int]:
     return _proc_status_kb("VmRSS")
 
 
+def torch_cpu_alloc_peak_mb(fn: Callable[[], Any]) -> Tuple[Any, float]:
+    """(fn(), peak MB of torch CPU tensor memory allocated during the call over what was live before).
+
+    From torch's allocator profiling (``torch.profiler`` with ``profile_memory=True``):
+    the call's allocation/free events replayed in time order. Counts tensor bytes only
+    (no allocator slack, no library pages), so it is exact and repeatable, unlike RSS.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and "CPU" in str(e.device_type()))
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return out, peak / 2 ** 20
+
+
 # ----------------------------------------------------------------------------- timing
 def time_calls(fn: Callable[[], Any], reps: int, device: str, budget_s: float = float("inf"),
                min_reps: int = 3) -> List[float]:
@@ -299,13 +318,16 @@ def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str,
         sync(device)
         extra_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         mem_how = "cuda max_memory_allocated - allocated before (2nd call)"
-    elif rss0 is not None:
-        extra_mb = (_proc_status_kb("VmHWM") - rss0) / 1024.0
-        mem_how = "peak RSS - RSS before (1st call, fresh process)"
+    else:
+        rss_mb = (_proc_status_kb("VmHWM") - rss0) / 1024.0 if rss0 is not None else float("nan")
+        (upd, iters, ran), extra_mb = torch_cpu_alloc_peak_mb(update)
+        mem_how = "torch CPU allocations peak (profiler), 2nd call"
     times = time_calls(update, reps, device, budget_s=max(0.0, row_budget_s - first_s))
     row: Dict[str, Any] = dict(method=method, ran=ran, model=model, d=d, V=V, T=T, mode=mode, dtype=dtype,
                                device=device, **spread(times), reps=len(times), times_ms=[round(t, 3) for t in times],
                                iterations=int(iters), extra_mem_mb=round(extra_mb, 2), mem_how=mem_how)
+    if device == "cpu":
+        row["rss_extra_mb"] = round(rss_mb, 2)
     if truth is None:
         truth = truth_update(inp)
     truth = truth.double().cpu()

@@ -71,7 +71,7 @@ def markdown(result: Dict[str, Any]) -> str:
              f"tol {s['tol']}, lora_scale {s['lora_scale']}; up to {s['reps']} timed repeats per row. "
              f"{result['peak_note']}. Memory: {result['mem_note']}. Error: {result['error_note']}.", "",
              "| model (d, V) | T | mode | dtype | method (ran) | median ms [min, max] | n | CG it | rel. error | "
-             "extra MB | update GFLOP/s | pair ms | pair GFLOP/s (% peak) | speedup vs torch.func |",
+             "extra MB (RSS) | update GFLOP/s | pair ms | pair GFLOP/s (% peak) | speedup vs torch.func |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
@@ -82,7 +82,8 @@ def markdown(result: Dict[str, Any]) -> str:
         sp = f"{r['speedup_vs_torch_func']:.1f}x" if "speedup_vs_torch_func" in r else ""
         lines.append(f"| {r['model']} ({r['d']}, {r['V']}) | {r['T']} | {r['mode']} | {r['dtype']} | {r['method']} "
                      f"({r['ran']}) | {r['median_ms']:.1f} [{r['min_ms']:.1f}, {r['max_ms']:.1f}] | {r['reps']} | "
-                     f"{r['iterations']} | {r['rel_error']:.1e} | {r['extra_mem_mb']:.1f} | "
+                     f"{r['iterations']} | {r['rel_error']:.1e} | {r['extra_mem_mb']:.1f}"
+                     f"{' (%.0f)' % r['rss_extra_mb'] if 'rss_extra_mb' in r else ''} | "
                      f"{_f(r.get('update_gflops'), '.1f')} | {_f(r.get('pair_ms'), '.2f')} | {gf} | {sp} |")
     if result.get("targets"):
         lines += ["", "**Targets**", "", "| target | case | measured | met |", "|---|---|---|---|"]
