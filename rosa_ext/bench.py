@@ -29,7 +29,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -37,8 +36,8 @@ import torch
 
 from . import bench_report
 from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
-                            TOL, compiled_cg_available, make_inputs, measure, methods_for, reference_bytes, runner,
-                            time_calls, triton_usable, truth_update)
+                            TOL, compiled_cg_available, make_inputs, measure_case, measure_memory, methods_for,
+                            reference_bytes, runner, time_calls, triton_usable, truth_update)
 from .bench_sweeps import batched_sweep, solver_sweep
 
 __all__ = ["PRESETS", "MODELS", "MAX_ITER", "run", "main", "make_inputs", "runner", "truth_update", "methods_for"]
@@ -117,7 +116,8 @@ def _versions() -> Dict[str, Any]:
                 cuda=torch.version.cuda if torch.cuda.is_available() else None)
 
 
-def _row_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
+def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """CPU memory of one method in a fresh process (so freed memory of earlier rows can't hide it)."""
     cmd = [sys.executable, "-m", "rosa_ext.bench", "--one", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -126,14 +126,14 @@ def _row_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _child(spec_json: str) -> int:
-    """``--one SPEC``: measure one row in this fresh process, print it as one JSON line."""
+    """``--one SPEC``: memory of one method in this fresh process, printed as one JSON line."""
     spec = json.loads(spec_json)
     if spec.get("threads", 0) > 0:
         torch.set_num_threads(spec["threads"])
-    truth = torch.load(spec["truth_path"]) if spec.get("truth_path") else None
-    row = measure(spec["method"], spec["model"], spec["T"], spec["mode"], spec["dtype"], spec["device"],
-                  spec["reps"], truth, spec["row_budget_s"])
-    print(json.dumps(row))
+    d, V = MODELS[spec["model"]]
+    inp = make_inputs(d, V, spec["T"], spec["mode"], getattr(torch, spec["dtype"]), spec["device"])
+    mem = measure_memory(spec["method"], inp, spec["device"])
+    print(json.dumps({k: v for k, v in mem.items() if k != "update"}))
     return 0
 
 
@@ -223,8 +223,6 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         if out is not None:
             bench_report.write(result, out, plot=final)
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rosa_bench_"))
-
     def run_cases(cases: List[Case], start_k: int, total: int) -> None:
         for k, case in enumerate(cases, start_k):
             model, T, mode, dtype = case
@@ -235,28 +233,34 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
             print(f"[{k}/{total}] {model} d={d} V={V} T={T} {mode} {dtype}  "
                   f"(t={time.perf_counter() - t_start:.0f}s)", flush=True)
             truth = truth_update(make_inputs(d, V, T, mode, getattr(torch, dtype), device)).cpu()
-            tpath = tmp / f"truth_{model}_{T}_{mode}_{dtype}.pt"
-            torch.save(truth, tpath)
+            todo = [m for m in methods if m != REFERENCE or _reference_ok(cfg, case)]
+            errors: Dict[str, str] = {}
+
+            def fail(method: str, e: BaseException) -> None:
+                errors[method] = f"{type(e).__name__}: {e}"
+
+            memory: Dict[str, Dict[str, Any]] = {}
+            if cfg["subprocess_memory"]:
+                for method in todo:
+                    spec = dict(method=method, model=model, T=T, mode=mode, dtype=dtype, device=device,
+                                threads=threads)
+                    try:
+                        memory[method] = _memory_in_subprocess(spec)
+                        print(f"    memory {method:<22} +{memory[method]['extra_mem_mb']:.1f} MB "
+                              f"(RSS +{memory[method]['rss_extra_mb']:.0f})", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        fail(method, e)
+                todo = [m for m in todo if m not in errors]
+            rows = measure_case(todo, model, T, mode, dtype, device, reps, truth, cfg["row_budget_s"],
+                                memory=memory, on_error=fail, verbose=True)
             for method in methods:
-                if method == REFERENCE and not _reference_ok(cfg, case):
-                    continue
-                if time.perf_counter() - t_start > 1.15 * budget:  # hard stop inside a case
-                    result["skipped"].append(f"{method} {model} T={T} {mode} {dtype}")
-                    continue
-                spec = dict(method=method, model=model, T=T, mode=mode, dtype=dtype, device=device, reps=reps,
-                            truth_path=str(tpath), threads=threads, row_budget_s=cfg["row_budget_s"])
-                try:
-                    if cfg["subprocess_memory"]:
-                        row = _row_in_subprocess(spec)
-                    else:
-                        row = measure(method, model, T, mode, dtype, device, reps, truth, cfg["row_budget_s"])
-                except Exception as e:  # keep going: one failing method must not lose the run
+                row = next((r for r in rows if r["method"] == method), None)
+                if row is None and method in errors:
                     row = dict(method=method, model=model, d=d, V=V, T=T, mode=mode, dtype=dtype, device=device,
-                               error=f"{type(e).__name__}: {e}")
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                result["rows"].append(row)
-                _print_row(row)
+                               error=errors[method])
+                if row is not None:
+                    result["rows"].append(row)
+                    _print_row(row)
             save()
 
     total = len(cfg["cases"]) + len(cfg["late_cases"])

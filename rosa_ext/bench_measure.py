@@ -287,59 +287,137 @@ def _warm_imports(method: str, device: str) -> None:
         pass
 
 
-def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str, reps: int,
-            truth: Optional[torch.Tensor] = None, row_budget_s: float = 20.0) -> Dict[str, Any]:
-    """One row of the table (see ``benchmarks/README.md`` for the columns).
+def measure_memory(method: str, inp: Dict[str, Any], device: str) -> Dict[str, Any]:
+    """Extra peak memory of one update of ``method`` on ``inp`` (+ the first call's result).
 
-    Memory: CUDA -- ``max_memory_allocated`` during the second call (after warm-up and
-    Triton autotuning) minus the allocated memory before it (inputs, W); CPU -- peak
-    RSS during the *first* call over the RSS just before it (Linux ``clear_refs``/VmHWM),
-    meant to run in a fresh process per row (``--one``) so earlier rows' freed memory
-    doesn't hide the growth. ``truth``: the fp64 update to compare against (computed if None).
+    CUDA: ``max_memory_allocated`` during a second call (after warm-up and Triton
+    autotuning) minus the memory allocated before it (inputs, W). CPU: the peak of
+    torch's tensor allocations during a second call (:func:`torch_cpu_alloc_peak_mb`)
+    and, beside it, the growth of peak RSS during the *first* call over the RSS just
+    before it (Linux ``clear_refs``/VmHWM) -- meaningful in a fresh process only.
+    Returns dict(extra_mem_mb, rss_extra_mb (CPU), mem_how, first_s, update, iterations, ran).
     """
-    d, V = MODELS[model]
-    if method == REFERENCE and reference_bytes(T, d, V, mode) > REFERENCE_MAX_BYTES:
-        raise MemoryError(f"reference would need ~{reference_bytes(T, d, V, mode) / 2 ** 30:.0f} GB")
-    inp = make_inputs(d, V, T, mode, getattr(torch, dtype), device)
-    update, pair_factory = runner(method, inp)
+    update = runner(method, inp)[0]
     _warm_imports(method, device)
     sync(device)
     rss0 = rss_mark() if device == "cpu" else None
     t0 = time.perf_counter()
     upd, iters, ran = update()
     sync(device)
-    first_s = time.perf_counter() - t0
-    mem_how = "none"
-    extra_mb = float("nan")
+    out: Dict[str, Any] = dict(first_s=time.perf_counter() - t0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         upd, iters, ran = update()
         sync(device)
-        extra_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        mem_how = "cuda max_memory_allocated - allocated before (2nd call)"
+        out.update(extra_mem_mb=round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 2),
+                   mem_how="cuda max_memory_allocated - allocated before (2nd call)")
     else:
-        rss_mb = (_proc_status_kb("VmHWM") - rss0) / 1024.0 if rss0 is not None else float("nan")
-        (upd, iters, ran), extra_mb = torch_cpu_alloc_peak_mb(update)
-        mem_how = "torch CPU allocations peak (profiler), 2nd call"
-    times = time_calls(update, reps, device, budget_s=max(0.0, row_budget_s - first_s))
-    row: Dict[str, Any] = dict(method=method, ran=ran, model=model, d=d, V=V, T=T, mode=mode, dtype=dtype,
-                               device=device, **spread(times), reps=len(times), times_ms=[round(t, 3) for t in times],
-                               iterations=int(iters), extra_mem_mb=round(extra_mb, 2), mem_how=mem_how)
-    if device == "cpu":
-        row["rss_extra_mb"] = round(rss_mb, 2)
+        rss = (_proc_status_kb("VmHWM") - rss0) / 1024.0 if rss0 is not None else float("nan")
+        (upd, iters, ran), mb = torch_cpu_alloc_peak_mb(update)
+        out.update(extra_mem_mb=round(mb, 2), rss_extra_mb=round(rss, 2),
+                   mem_how="torch CPU allocations peak (profiler), 2nd call; RSS: 1st call")
+    out.update(update=upd, iterations=int(iters), ran=ran)
+    return out
+
+
+def rel_error(upd: torch.Tensor, truth: torch.Tensor) -> float:
+    """||upd - truth|| / ||truth|| in float64."""
+    truth = truth.double().cpu()
+    return float((upd.double().cpu() - truth).norm() / truth.norm().clamp_min(1e-300))
+
+
+def measure_case(methods: List[str], model: str, T: int, mode: str, dtype: str, device: str, reps: int,
+                 truth: Optional[torch.Tensor] = None, row_budget_s: float = 20.0,
+                 memory: Optional[Dict[str, Dict[str, Any]]] = None,
+                 on_error: Optional[Callable[[str, Exception], None]] = None, verbose: bool = False
+                 ) -> List[Dict[str, Any]]:
+    """Rows of one case: every method on the SAME input tensors, timed round-robin.
+
+    Each method runs once untimed (warm-up, accuracy, and -- unless ``memory`` already
+    has its entry, e.g. from a fresh subprocess -- its memory), then rounds of one timed
+    call per method until ``reps`` rounds, a method leaving the rotation once it has 3
+    samples and has spent ``row_budget_s``. Interleaving makes the load of a shared
+    machine hit all methods alike, so the ratios (speedups) are fair even when absolute
+    times drift. Then the same for the JVP+VJP pairs. A method that raises is reported
+    through ``on_error`` and dropped.
+    """
+    d, V = MODELS[model]
+    inp = make_inputs(d, V, T, mode, getattr(torch, dtype), device)
     if truth is None:
         truth = truth_update(inp)
-    truth = truth.double().cpu()
-    row["rel_error"] = float((upd.double().cpu() - truth).norm() / truth.norm().clamp_min(1e-300))
-    flops = useful_flops(ran, mode, T, d, V, int(iters))
-    if flops is not None:
-        row["update_gflops"] = flops / (row["median_ms"] * 1e-3) / 1e9
-    pair = pair_factory()
-    if pair is not None:
-        pair()
-        pt = spread(time_calls(pair, reps, device, budget_s=row_budget_s / 2))
-        row["pair_ms"] = pt["median_ms"]
-        row["pair_min_ms"], row["pair_max_ms"] = pt["min_ms"], pt["max_ms"]
-        row["pair_gflops"] = 4.0 * T * d * V / (pt["median_ms"] * 1e-3) / 1e9
-    return row
+    memory = dict(memory or {})
+    rows: Dict[str, Dict[str, Any]] = {}
+    fns: Dict[str, Any] = {}
+    for m in methods:
+        try:
+            if m == REFERENCE and reference_bytes(T, d, V, mode) > REFERENCE_MAX_BYTES:
+                raise MemoryError(f"reference would need ~{reference_bytes(T, d, V, mode) / 2 ** 30:.0f} GB")
+            if m in memory:
+                fns[m] = runner(m, inp)
+                upd, iters, ran = fns[m][0]()
+                sync(device)
+                mem = memory[m]
+            else:
+                mem = measure_memory(m, inp, device)
+                fns[m] = runner(m, inp)
+                upd, iters, ran = mem.pop("update"), mem.pop("iterations"), mem.pop("ran")
+            mem = {k: v for k, v in mem.items() if k not in ("update", "iterations", "ran", "first_s")}
+            rows[m] = dict(method=m, ran=ran, model=model, d=d, V=V, T=T, mode=mode, dtype=dtype, device=device,
+                           iterations=int(iters), rel_error=rel_error(upd, truth), **mem)
+            if verbose:
+                print(f"    warm-up {m:<22} ran={ran} it={int(iters)} err={rows[m]['rel_error']:.1e}", flush=True)
+        except Exception as e:  # noqa: BLE001 -- reported, the other methods go on
+            if on_error is None:
+                raise
+            on_error(m, e)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if verbose:
+        print(f"    timing {len(rows)} methods round-robin (up to {reps} rounds)...", flush=True)
+    times = _round_robin({m: fns[m][0] for m in rows}, reps, device, row_budget_s)
+    for m, ts in times.items():
+        r = rows[m]
+        r.update(**spread(ts), reps=len(ts), times_ms=[round(t, 3) for t in ts])
+        flops = useful_flops(r["ran"], mode, T, d, V, r["iterations"])
+        if flops is not None:
+            r["update_gflops"] = flops / (r["median_ms"] * 1e-3) / 1e9
+    pairs = {}
+    for m in rows:
+        pf = fns[m][1]()
+        if pf is not None:
+            pf()
+            pairs[m] = pf
+    for m, ts in _round_robin(pairs, reps, device, row_budget_s / 2).items():
+        pt = spread(ts)
+        rows[m].update(pair_ms=pt["median_ms"], pair_min_ms=pt["min_ms"], pair_max_ms=pt["max_ms"],
+                       pair_gflops=4.0 * T * d * V / (pt["median_ms"] * 1e-3) / 1e9)
+    return [rows[m] for m in methods if m in rows]
+
+
+def _round_robin(fns: Dict[str, Callable[[], Any]], reps: int, device: str, budget_s: float,
+                 min_reps: int = 3) -> Dict[str, List[float]]:
+    """Wall times (ms) per name: rounds of one call each, a name leaving after ``reps``
+    samples, or after ``min_reps`` once it has spent ``budget_s`` seconds."""
+    times: Dict[str, List[float]] = {m: [] for m in fns}
+    spent = {m: 0.0 for m in fns}
+    active = list(fns)
+    while active:
+        for m in list(active):
+            sync(device)
+            t0 = time.perf_counter()
+            fns[m]()
+            sync(device)
+            dt = time.perf_counter() - t0
+            times[m].append(1000.0 * dt)
+            spent[m] += dt
+            n = len(times[m])
+            if n >= reps or (n >= min_reps and spent[m] >= budget_s):
+                active.remove(m)
+    return times
+
+
+def measure(method: str, model: str, T: int, mode: str, dtype: str, device: str, reps: int,
+            truth: Optional[torch.Tensor] = None, row_budget_s: float = 20.0) -> Dict[str, Any]:
+    """One row on its own (see :func:`measure_case`; ``benchmarks/README.md`` for the columns)."""
+    return measure_case([method], model, T, mode, dtype, device, reps, truth, row_budget_s)[0]
