@@ -232,12 +232,19 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
             d, V = MODELS[model]
             print(f"[{k}/{total}] {model} d={d} V={V} T={T} {mode} {dtype}  "
                   f"(t={time.perf_counter() - t_start:.0f}s)", flush=True)
-            truth = truth_update(make_inputs(d, V, T, mode, getattr(torch, dtype), device)).cpu()
             todo = [m for m in methods if m != REFERENCE or _reference_ok(cfg, case)]
             errors: Dict[str, str] = {}
 
             def fail(method: str, e: BaseException) -> None:
                 errors[method] = f"{type(e).__name__}: {e}"
+            try:
+                truth = truth_update(make_inputs(d, V, T, mode, getattr(torch, dtype), device)).cpu()
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory in fp64: report, go on
+                for method in todo:
+                    fail(method, RuntimeError(f"fp64 truth failed: {type(e).__name__}: {e}"))
+                todo = []
+                if device == "cuda":
+                    torch.cuda.empty_cache()
 
             memory: Dict[str, Dict[str, Any]] = {}
             if cfg["subprocess_memory"]:
@@ -251,8 +258,14 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
                     except Exception as e:  # noqa: BLE001
                         fail(method, e)
                 todo = [m for m in todo if m not in errors]
-            rows = measure_case(todo, model, T, mode, dtype, device, reps, truth, cfg["row_budget_s"],
-                                memory=memory, on_error=fail, verbose=True)
+            rows: List[Dict[str, Any]] = []
+            if todo:
+                try:
+                    rows = measure_case(todo, model, T, mode, dtype, device, reps, truth, cfg["row_budget_s"],
+                                        memory=memory, on_error=fail, verbose=True)
+                except Exception as e:  # noqa: BLE001 -- the case failed as a whole (e.g. making its inputs)
+                    for method in todo:
+                        fail(method, e)
             for method in methods:
                 row = next((r for r in rows if r["method"] == method), None)
                 if row is None and method in errors:

@@ -67,8 +67,13 @@ def torch_func_update(hidden, weight, targets, reward: float, *, mode: str, lora
                       max_iter: int = 16, tol: float = 1e-5) -> CGResult:
     """The alternative's whole update: (J^T J + damping I) d = J^T g by Python CG on torch.func products.
 
-    Args/shapes as :func:`rosa_ext.rosa_update` (one conversation). Returns the CG result
-    (``x`` is the flat update, (P,)).
+    Args (one conversation, as :func:`rosa_ext.rosa_update`): hidden (T, d) and weight
+    (V, d) in the model dtype (cast to fp32 -- fp64 stays fp64 -- inside, as part of the
+    timed work); targets (T,) int64; reward a float; lora_a (d,), lora_b (V,) or None.
+    Returns the CG result: ``x`` is the flat update, (P,) fp32 (P = d + V lora, d hidden);
+    ``iterations`` CG iterations (<= max_iter).
+    Memory: the T x V logits, softmax and tangents live at once (the vjp closure keeps
+    the forward graph for the whole solve), O(T V) floats.
     """
     op = TorchFuncOperator(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                            lora_scale=lora_scale, bias=bias, beta=beta)
