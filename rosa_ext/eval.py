@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .interact import DEFAULT_FEEDBACK, Problem, start_messages
+from .interact import DEFAULT_FEEDBACK, Problem, answer_token_span, start_messages
 from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff
 from .op import DEFAULT_BETA, DEFAULT_DAMPING, rosa_update
 from .pg_baseline import DEFAULT_LR, pg_step
@@ -142,8 +142,14 @@ def chat_tensor(tokenizer, messages: List[Dict[str, str]]) -> torch.Tensor:
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new_tokens: int, do_sample: bool,
-                   temperature: float, seed: int) -> List[torch.Tensor]:
-    """Left-padded batched ``generate``; returns each response's ids (cut after the first EOS, kept)."""
+                   temperature: float, seed: int, capture: bool = False, shift: Optional[torch.Tensor] = None):
+    """Left-padded batched ``generate``; returns each response's ids (cut after the first EOS, kept).
+
+    With ``capture=True`` it returns ``(responses, hiddens)``: ``hiddens[i]`` (n_i, d) are the
+    lm_head inputs that predicted response i's tokens, recorded by a hook during generation
+    (so the update needs no second forward of the body). ``shift`` (B, d), if given, is
+    subtracted (hidden-mode adapters add it before lm_head), leaving the base body's outputs.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     L = max(p.numel() for p in prompts)
@@ -159,13 +165,28 @@ def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new
         torch.manual_seed(seed)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        out = model.generate(ids.to(dev), attention_mask=att.to(dev), **kw)[:, L:].cpu()
+    steps: List[torch.Tensor] = []
+    handle = None
+    if capture:
+        def grab(module, args, out):
+            steps.append(args[0][:, -1, :].detach().float().clone())
+        handle = model.lm_head.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids.to(dev), attention_mask=att.to(dev), **kw)[:, L:].cpu()
+    finally:
+        if handle is not None:
+            handle.remove()
     res = []
     for row in out:
         hit = torch.nonzero(row == eos).flatten() if eos is not None else torch.empty(0)
         res.append(row[: int(hit[0]) + 1] if hit.numel() else row)
-    return res
+    if not capture:
+        return res
+    allh = torch.stack(steps, 1)  # (B, steps, d)
+    if shift is not None:
+        allh = allh - shift.float().unsqueeze(1)
+    return res, [allh[i, : r.numel()] for i, r in enumerate(res)]
 
 
 # --------------------------------------------------------------------------- records
@@ -193,19 +214,7 @@ class Conversation:
     solved_at: Optional[int] = None
     last_prompt: Optional[torch.Tensor] = None
     last_resp: Optional[torch.Tensor] = None
-
-
-def _answer_start(tokenizer, resp: torch.Tensor) -> Optional[int]:
-    """Index of the first response token of the last ``\\boxed`` (None without one)."""
-    toks = resp.tolist()
-    text = tokenizer.decode(toks, skip_special_tokens=True)
-    pos = text.rfind("\\boxed")
-    if pos < 0:
-        return None
-    for i in range(len(toks)):
-        if len(tokenizer.decode(toks[: i + 1], skip_special_tokens=True)) > pos:
-            return i
-    return None
+    last_hidden: Optional[torch.Tensor] = None  # (n, d) base lm_head inputs that predicted last_resp
 
 
 def _head_logp(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: Optional[BatchedHead], c: int
@@ -234,23 +243,28 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
     for j, s in enumerate(seqs):  # right padding: causal attention leaves real positions exact
         ids[j, : s.numel()] = s
         att[j, : s.numel()] = 1
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    with torch.no_grad():
-        hid = body(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
     T = max(s.numel() - st for s, st in zip(seqs, starts))
     d = W.shape[1]
-    H = torch.zeros((len(idx), T, d), dtype=hid.dtype, device=dev)
+    H = torch.zeros((len(idx), T, d), dtype=torch.float32, device=dev)
     Y = torch.zeros((len(idx), T), dtype=torch.long, device=dev)
     M = torch.zeros((len(idx), T), dtype=torch.bool, device=dev)
+    if all(convs[i].last_hidden is not None for i in idx):
+        for j, i in enumerate(idx):  # recorded during generation: no second body forward
+            H[j, : convs[i].last_hidden.shape[0]] = convs[i].last_hidden.to(dev)
+    else:
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        with torch.no_grad():
+            hid = body(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
+        for j, (s, st) in enumerate(zip(seqs, starts)):
+            H[j, : s.numel() - st] = hid[j, st - 1: s.numel() - 1].float()
     for j, (s, st) in enumerate(zip(seqs, starts)):
         n = s.numel() - st
-        H[j, :n] = hid[j, st - 1: s.numel() - 1]
         Y[j, :n] = s[st:].to(dev)
-        first = 0
-        if spec.update_on == "answer_span":
-            a = _answer_start(tokenizer, s[st:])
-            first = 0 if a is None else a
-        M[j, first:n] = True
+        span = answer_token_span(tokenizer, s[st:].tolist()) if spec.update_on == "answer_span" else None
+        if span is None:
+            M[j, :n] = True
+        else:
+            M[j, span[0]: span[1]] = True
     rows = torch.tensor(idx, device=dev)
     rewards = torch.tensor([convs[i].turns[-1].reward for i in idx], dtype=torch.float32)
     before = ([_head_logp(H[j, M[j]], W, Y[j, M[j]], adapter, c) for j, c in enumerate(idx)]
@@ -289,14 +303,15 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
 
 def first_turn(model, tokenizer, problems: Sequence[Problem], *, seed: int, max_new_tokens: int, do_sample: bool,
                temperature: float, batch_size: int, progress: Optional[Callable[[int], None]] = None
-               ) -> List[torch.Tensor]:
-    """Turn-1 responses (no adapter), shared by all methods of one seed."""
-    out: List[torch.Tensor] = []
+               ) -> List[Any]:
+    """Turn-1 ``(response ids, hidden (n, d))`` pairs (no adapter), shared by all methods of one seed."""
+    out: List[Any] = []
     for c0 in range(0, len(problems), batch_size):
         chunk = problems[c0: c0 + batch_size]
         prompts = [chat_tensor(tokenizer, start_messages(p)) for p in chunk]
-        out += generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              temperature=temperature, seed=seed * 100003 + c0)
+        resps, hids = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature, seed=seed * 100003 + c0, capture=True)
+        out += list(zip(resps, hids))
         if progress is not None:
             progress(len(chunk))
     return out
@@ -311,7 +326,7 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
     Args:
         problems: the problems (n). spec: the method. turns: K.
         seed: sampling seed (and the LoRA init seed).
-        first: precomputed turn-1 responses (from :func:`first_turn` with the same seed/decoding).
+        first: precomputed turn-1 ``(response, hidden)`` pairs (:func:`first_turn`, same seed/decoding).
         progress: called with the number of generated answers after each batch.
     Returns:
         n :class:`Conversation` records (``solved_at`` 0-based or None).
@@ -328,24 +343,30 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
                 chunk = active[c0: c0 + batch_size]
                 prompts = [chat_tensor(tokenizer, convs[i].messages) for i in chunk]
                 if k == 0 and first is not None:
-                    resps = [first[i] for i in chunk]
+                    resps, hids = [first[i][0] for i in chunk], [first[i][1] for i in chunk]
                 else:
-                    if adapter is not None:
-                        adapter.rows = torch.tensor(chunk, device=adapter.a.device) if k > 0 else None
+                    shift = None
+                    if adapter is not None and k > 0:
+                        adapter.rows = torch.tensor(chunk, device=adapter.a.device)
+                        shift = adapter.delta[adapter.rows] if adapter.mode == "hidden" else None
                     try:
-                        resps = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                               do_sample=do_sample, temperature=temperature,
-                                               seed=seed * 100003 + k * 1009 + c0)
+                        resps, hids = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                     do_sample=do_sample, temperature=temperature,
+                                                     seed=seed * 100003 + k * 1009 + c0, capture=adapter is not None,
+                                                     shift=shift) if adapter is not None else (
+                            generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                           do_sample=do_sample, temperature=temperature,
+                                           seed=seed * 100003 + k * 1009 + c0), [None] * len(chunk))
                     finally:
                         if adapter is not None:
                             adapter.rows = None
-                for i, p, r in zip(chunk, prompts, resps):
+                for i, p, r, hd in zip(chunk, prompts, resps, hids):
                     c = convs[i]
                     text = tokenizer.decode(r, skip_special_tokens=True)
                     rew = float(reward_fn(c.problem, text))
                     c.turns.append(TurnLog(text=text, reward=rew, correct=is_correct(c.problem, text),
                                            tokens=int(r.numel())))
-                    c.last_prompt, c.last_resp = p, r
+                    c.last_prompt, c.last_resp, c.last_hidden = p, r, hd
                     c.messages.append({"role": "assistant", "content": text})
                     if c.turns[-1].correct:
                         c.solved_at = k
@@ -501,6 +522,8 @@ def run_experiment(model, tokenizer, problems: Sequence[Problem], specs: Sequenc
                 # Answers that solved problems never needed: count them so the bar ends at its total.
                 bar.update(max(0, done0 + len(problems) * (turns - 1) - bar.n))
                 runs[spec.name][seed] = convs
+                if on_done is not None:
+                    on_done({k: v for k, v in runs.items() if v})
     finally:
         bar.close()
     return runs
@@ -548,29 +571,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         if val is not None:
             over[key] = val
     specs = [replace(METHODS[m], **over) for m in names]
-    dev, test = heldout_split(n_test=max(240, args.problems), n_dev=max(60, args.problems if args.split == "dev" else 60))
+    if args.split == "dev" and args.problems > 60:
+        raise SystemExit("rosa_ext.eval: the dev split has 60 problems")
+    dev, test = heldout_split(n_dev=60, n_test=max(240, args.problems))  # test: a prefix-stable list
     problems = (test if args.split == "test" else dev)[: args.problems]
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     load_s = time.perf_counter() - t0
-    runs = run_experiment(model, tok, problems, specs, turns=args.turns, seeds=args.seeds,
-                          max_new_tokens=args.max_new_tokens, do_sample=args.decoding == "sample",
-                          temperature=args.temperature, batch_size=args.batch_size, quiet=args.quiet)
-    wall = time.perf_counter() - t0
-    summary = summarize(runs, args.turns, n_boot=args.n_boot)
-    table = markdown_table(summary, args.turns)
-    print(table)
-    print(f"wall time {wall:.0f} s (model load {load_s:.0f} s)")
-    if args.out:
+    command = "python -m rosa_ext.eval " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(runs: Dict[str, Dict[int, List[Conversation]]], final: bool) -> Dict[str, Any]:
+        wall = time.perf_counter() - t0
+        summary = summarize(runs, args.turns, n_boot=args.n_boot if final else min(args.n_boot, 500))
+        if not args.out:
+            return summary
         os.makedirs(args.out, exist_ok=True)
-        meta = {"command": "python -m rosa_ext.eval " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "args": vars(args), "methods": [asdict(s) for s in specs], "n_problems": len(problems),
-                "feedback_prompt": DEFAULT_FEEDBACK, "wall_s": wall, "load_s": load_s, "versions": _versions()}
+        meta = {"command": command, "complete": final, "args": vars(args), "methods": [asdict(s) for s in specs],
+                "n_problems": len(problems), "feedback_prompt": DEFAULT_FEEDBACK, "wall_s": wall, "load_s": load_s,
+                "versions": _versions()}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"meta": meta, "summary": summary}, f, indent=1)
         with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(f"`{meta['command']}` — {len(problems)} problems x {len(args.seeds)} seeds, K={args.turns}, "
-                    f"{args.decoding} decoding, wall {wall:.0f} s\n\n" + table)
+            f.write(f"`{command}` — {len(problems)} problems x {len(args.seeds)} seeds, K={args.turns}, "
+                    f"{args.decoding} decoding, wall {wall:.0f} s{'' if final else ' (PARTIAL)'}\n\n"
+                    + markdown_table(summary, args.turns))
         with open(os.path.join(args.out, "runs.jsonl"), "w") as f:
             for name, seedruns in runs.items():
                 for seed, convs in seedruns.items():
@@ -581,6 +605,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         plot(summary, args.turns, os.path.join(args.out, "accuracy_vs_turn.png"),
              f"SmolLM2-135M-Instruct, {len(problems)} problems x {len(args.seeds)} seeds, {args.decoding}"
              if args.model == "smollm2" else f"{args.model} model")
+        return summary
+
+    runs = run_experiment(model, tok, problems, specs, turns=args.turns, seeds=args.seeds,
+                          max_new_tokens=args.max_new_tokens, do_sample=args.decoding == "sample",
+                          temperature=args.temperature, batch_size=args.batch_size, quiet=args.quiet,
+                          on_done=(lambda r: write(r, False)) if args.out else None)
+    summary = write(runs, True)
+    print(markdown_table(summary, args.turns))
+    print(f"wall time {time.perf_counter() - t0:.0f} s (model load {load_s:.0f} s)")
+    if args.out:
         print(f"wrote {args.out}/results.json, results.md, accuracy_vs_turn.png, runs.jsonl")
     return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -109,24 +109,47 @@ def response_logp(model, ids: torch.Tensor, start: int) -> float:
     return float(lp.mean())
 
 
-def answer_span_mask(tokenizer, ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
-    """(T,) bool mask of the response tokens from the last ``\\boxed`` on, or None if no box.
+def answer_token_span(tokenizer, response_ids: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """Token range ``[first, last)`` of the *content* of the final ``\\boxed{...}`` in a response.
 
-    Token boundaries come from decoding growing prefixes of the response (responses
-    are short, so the quadratic cost is negligible).
+    These are the tokens of the answer itself (``12`` in ``... \\boxed{12}.``): the
+    tokens whose decoded characters overlap the box's content. None without a closed
+    box or with an empty one. Token boundaries come from decoding growing prefixes
+    (responses are short, so the quadratic cost is negligible).
     """
-    resp = ids[0, start:].tolist()
-    text = tokenizer.decode(resp, skip_special_tokens=True)
-    pos = text.rfind("\\boxed")
-    if pos < 0:
+    toks = [int(t) for t in response_ids]
+    text = tokenizer.decode(toks, skip_special_tokens=True)
+    content = boxed_answer(text)
+    if not content:
         return None
-    first = len(resp) - 1
-    for i in range(len(resp)):
-        if len(tokenizer.decode(resp[:i + 1], skip_special_tokens=True)) > pos:
+    box = text.rfind("\\boxed")
+    lo = text.index("{", box) + 1
+    depth, hi = 1, lo
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[hi], 0)
+        hi += 1
+    hi -= 1  # text[lo:hi] is the content
+    first = last = None
+    for i in range(len(toks)):
+        n = len(tokenizer.decode(toks[: i + 1], skip_special_tokens=True))
+        if first is None and n > lo:
             first = i
+        if n >= hi:
+            last = i + 1
             break
+    if first is None or last is None or last <= first:
+        return None
+    return first, last
+
+
+def answer_span_mask(tokenizer, ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
+    """(T,) bool mask over ``ids`` (1, T) of the final boxed answer's content tokens
+    (:func:`answer_token_span` of the response ``ids[0, start:]``), or None without a box."""
+    span = answer_token_span(tokenizer, ids[0, start:].tolist())
+    if span is None:
+        return None
     mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device)
-    mask[start + first:] = True
+    mask[start + span[0]: start + span[1]] = True
     return mask
 
 
@@ -160,7 +183,8 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
         feedback_prompt: the user's message after a wrong answer.
         max_new_tokens, do_sample, temperature, seed: decoding (sampling is seeded per turn).
         update_on: "response" (every response token enters the target) or "answer_span"
-            (only the tokens from the final ``\\boxed`` on; all tokens if there is none).
+            (only the final boxed answer's content tokens, :func:`answer_token_span`; all
+            response tokens when there is no box).
             "answer" is accepted as an alias of "answer_span".
         few_shot: messages put before the question (default :data:`FEW_SHOT`, ``[]`` for none).
         measure_logp: record the response's mean log-prob before/after each update.

@@ -29,35 +29,30 @@ def R(spec, beta=1.0, damping=1e-2, on="response", **kw):
     return replace(spec, beta=beta, damping=damping, update_on=on, **kw)
 
 
+# In priority order (the CPU budget may cut the tail). The greedy baseline is not
+# re-run: its answers after turn 1 never changed on the first 40 dev problems
+# (levers_run1.json: accuracy 35% at every turn, Correction Uplift 0), so on any
+# prefix of them its accuracy equals the shared first-turn accuracy.
 CONFIGS = [
-    ("baseline", B, "greedy"),
-    ("rosa-lora b1 l1e-2 resp", R(RL), "greedy"),
-    ("rosa-lora b1 l1e-1 resp", R(RL, damping=0.1), "greedy"),
     ("rosa-lora b1 l1e-1 answer", R(RL, damping=0.1, on="answer_span"), "greedy"),
-    ("rosa-lora b1 l1e-2 answer", R(RL, on="answer_span"), "greedy"),
-    ("rosa-hidden b1 l1e-1 resp", R(RH, damping=0.1), "greedy"),
     ("rosa-hidden b1 l1e-1 answer", R(RH, damping=0.1, on="answer_span"), "greedy"),
+    ("pg lr1 answer", R(PG, lr=1.0, on="answer_span"), "greedy"),
+    ("rosa-lora b1 l1e-2 answer", R(RL, on="answer_span"), "greedy"),
     ("rosa-lora b0.3 l1e-1 answer", R(RL, beta=0.3, damping=0.1, on="answer_span"), "greedy"),
-    ("rosa-lora b3 l1e-1 answer", R(RL, beta=3.0, damping=0.1, on="answer_span"), "greedy"),
-    ("rosa-lora b1 l1 answer", R(RL, damping=1.0, on="answer_span"), "greedy"),
-    ("rosa-lora b1 l1e-2 resp clip0.3", R(RL, max_norm=0.3), "greedy"),
-    ("pg lr0.1 resp", R(PG, lr=0.1), "greedy"),
-    ("pg lr1 resp", R(PG, lr=1.0), "greedy"),
-    ("pg lr10 resp", R(PG, lr=10.0), "greedy"),
+    ("rosa-lora b1 l1e-1 resp", R(RL, damping=0.1), "greedy"),
+    ("pg lr10 answer", R(PG, lr=10.0, on="answer_span"), "greedy"),
     ("baseline", B, "sample"),
-    ("rosa-lora b1 l1e-1 resp", R(RL, damping=0.1), "sample"),
     ("rosa-lora b1 l1e-1 answer", R(RL, damping=0.1, on="answer_span"), "sample"),
-    ("rosa-lora b1 l1e-2 resp", R(RL), "sample"),
-    ("pg lr1 resp", R(PG, lr=1.0), "sample"),
+    ("baseline", B, "greedy"),
 ]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--problems", type=int, default=40)
+    ap.add_argument("--problems", type=int, default=30)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=40)
     ap.add_argument("--only", nargs="*", default=None, help="config indices to run")
     ap.add_argument("--tag", default="levers")
@@ -73,6 +68,7 @@ def main() -> int:
         t0 = time.perf_counter()
         sample = decoding == "sample"
         if decoding not in firsts:
+            print(f"first turn ({decoding}) ...", flush=True)
             firsts[decoding] = first_turn(model, tok, problems, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                           do_sample=sample, temperature=0.7, batch_size=args.batch_size)
         convs = run_method(model, tok, problems, spec, turns=args.turns, seed=args.seed,

