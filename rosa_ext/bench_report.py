@@ -128,6 +128,15 @@ def write(result: Dict[str, Any], out: pathlib.Path, plot: bool = True) -> List[
     return paths
 
 
+def _plain_xticks(ax, xs) -> None:
+    """Ticks at the measured x values, as plain integers (log axes otherwise print 2x10^1)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+    xs = sorted(set(xs))
+    ax.xaxis.set_major_locator(FixedLocator(xs))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_png(result: Dict[str, Any], path: pathlib.Path) -> Optional[pathlib.Path]:
     """Latency vs T per method (one panel per model/mode/dtype), plus dual-vs-CG and batched panels."""
     try:
@@ -159,6 +168,7 @@ def plot_png(result: Dict[str, Any], path: pathlib.Path) -> Optional[pathlib.Pat
                             lw=2.2 if m == DEFAULT else 1.0, ls="--" if m in (BASELINE, REFERENCE) else "-")
         ax.set(xscale="log", yscale="log", xlabel="response tokens T", ylabel="whole update, ms (median, min-max)",
                title=f"{model} {mode} {dtype}")
+        _plain_xticks(ax, [r["T"] for r in rows if (r["model"], r["mode"], r["dtype"]) == (model, mode, dtype)])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     k = len(combos)
@@ -174,6 +184,7 @@ def plot_png(result: Dict[str, Any], path: pathlib.Path) -> Optional[pathlib.Pat
         r0 = result["solvers"][0]
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="update ms",
                title=f"dual vs CG ({r0['model']}, d={r0['d']}, V={r0['V']}); ring = auto")
+        _plain_xticks(ax, [r["T"] for r in result["solvers"]])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     if "batched" in extra:
@@ -186,6 +197,7 @@ def plot_png(result: Dict[str, Any], path: pathlib.Path) -> Optional[pathlib.Pat
         b0 = result["batched"][0]
         ax.set(xscale="log", yscale="log", xlabel="conversations B", ylabel="ms",
                title=f"batched (T<={b0['T']} each, {b0['model']})")
+        _plain_xticks(ax, [b["B"] for b in result["batched"]])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axs[k:]:
