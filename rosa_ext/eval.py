@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .interact import DEFAULT_FEEDBACK, Problem, answer_token_span, start_messages
-from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff
+from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff, seed_spread
 from .op import DEFAULT_BETA, DEFAULT_DAMPING, rosa_update
 from .pg_baseline import DEFAULT_LR, pg_step
 from .rewards import centered, dense_reward, is_correct, rule_reward
@@ -412,6 +412,12 @@ def summarize(runs: Dict[str, Dict[int, List[Conversation]]], turns: int, n_boot
             "accuracy": {"value": acc[0], "ci95": [acc[1], acc[2]]},
             "correction_uplift": {"value": upl[0], "ci95": [upl[1], upl[2]]},
             "first_turn_accuracy": accuracy(pooled, 1),
+            "seed_spread": {
+                "accuracy": seed_spread({str(s): [c.solved_at for c in convs] for s, convs in seedruns.items()},
+                                        lambda x: accuracy(x, turns)),
+                "correction_uplift": seed_spread({str(s): [c.solved_at for c in convs]
+                                                  for s, convs in seedruns.items()},
+                                                 lambda x: correction_uplift(x, turns))},
             "per_seed": {str(s): {"accuracy": accuracy([c.solved_at for c in convs], turns),
                                   "correction_uplift": correction_uplift([c.solved_at for c in convs], turns)}
                          for s, convs in seedruns.items()},
@@ -432,8 +438,9 @@ def summarize(runs: Dict[str, Dict[int, List[Conversation]]], turns: int, n_boot
 def markdown_table(summary: Dict[str, Any], turns: int) -> str:
     """The results table (markdown)."""
     lines = [f"| method | Acc@1 | Acc@{turns} [95% CI] | Correction Uplift@{turns} [95% CI] | "
+             f"Acc@{turns} over seeds (mean ± sd) | Uplift over seeds (mean ± sd) | "
              f"Acc - baseline [95% CI] | update ms | median ‖δ‖ | mean Δ log p |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         a, u = e["accuracy"], e["correction_uplift"]
         diff = e.get("accuracy_minus_baseline")
@@ -443,8 +450,20 @@ def markdown_table(summary: Dict[str, Any], turns: int) -> str:
         lp = f"{e['logp_change_mean']:+.3f}" if e["logp_change_mean"] is not None else "-"
         lines.append(f"| {name} | {100 * e['first_turn_accuracy']:.1f} | {100 * a['value']:.1f} "
                      f"[{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}] | {100 * u['value']:.1f} "
-                     f"[{100 * u['ci95'][0]:.1f}, {100 * u['ci95'][1]:.1f}] | {ds} | {ms} | {nm} | {lp} |")
+                     f"[{100 * u['ci95'][0]:.1f}, {100 * u['ci95'][1]:.1f}] | {sp(e, 'accuracy')} | "
+                     f"{sp(e, 'correction_uplift')} | {ds} | {ms} | {nm} | {lp} |")
+    lines += ["", "Accuracy within k turns (%), seeds pooled:", "",
+              "| method | " + " | ".join(f"k={k}" for k in range(1, turns + 1)) + " |",
+              "|---|" + "---|" * turns]
+    for name, e in summary.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in e["accuracy_curve"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def sp(e: Dict[str, Any], key: str) -> str:
+    """'mean ± sd (n seeds)' in percent."""
+    s = e.get("seed_spread", {}).get(key)
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['n']})" if s else "-"
 
 
 def plot(summary: Dict[str, Any], turns: int, path: str, title: str) -> None:
@@ -499,8 +518,10 @@ def load_model(name: str):
 
 def run_experiment(model, tokenizer, problems: Sequence[Problem], specs: Sequence[MethodSpec], *, turns: int,
                    seeds: Sequence[int], max_new_tokens: int, do_sample: bool, temperature: float, batch_size: int,
-                   quiet: bool = False) -> Dict[str, Dict[int, List[Conversation]]]:
-    """Every method x seed on ``problems``; a tqdm bar counts generated answers."""
+                   quiet: bool = False, on_done: Optional[Callable[[Dict[str, Dict[int, List[Conversation]]]], None]]
+                   = None) -> Dict[str, Dict[int, List[Conversation]]]:
+    """Every method x seed on ``problems``; a tqdm bar counts generated answers.
+    ``on_done(runs so far)`` is called after each (seed, method), e.g. to save partial results."""
     from tqdm.auto import tqdm
 
     # Upper bound of answers: turn 1 once per seed, then <= turns - 1 per problem and method.

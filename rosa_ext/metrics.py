@@ -124,3 +124,22 @@ def paired_bootstrap_diff(a: Dict[str, List[SolvedAt]], b: Dict[str, List[Solved
     lo = diffs[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
     hi = diffs[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
     return est, lo, hi
+
+
+def seed_spread(per_seed: Dict[str, List[SolvedAt]], metric: Callable[[Sequence[SolvedAt]], float]
+                ) -> Dict[str, float]:
+    """Spread of a metric over seeds: ``{"mean", "std", "min", "max", "n"}``.
+
+    Args:
+        per_seed: seed -> that seed's ``solved_at`` over all problems.
+        metric: applied to each seed's list separately.
+    ``std`` is the sample standard deviation (ddof=1; 0.0 for a single seed). Unlike
+    :func:`bootstrap_ci` (problem sampling), this shows the variation that comes from the
+    seed alone (sampled decoding, the LoRA ``a`` draw).
+    """
+    if not per_seed:
+        raise ValueError("seed_spread: no seeds")
+    vals = [metric(per_seed[k]) for k in sorted(per_seed)]
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": m, "std": sd, "min": min(vals), "max": max(vals), "n": len(vals)}

@@ -34,13 +34,15 @@ def R(spec, beta=1.0, damping=1e-2, on="response", **kw):
 # (levers_run1.json: accuracy 35% at every turn, Correction Uplift 0), so on any
 # prefix of them its accuracy equals the shared first-turn accuracy.
 CONFIGS = [
+    ("rosa-lora b0.1 l1e-1 answer", R(RL, beta=0.1, damping=0.1, on="answer_span"), "greedy"),
+    ("pg lr10 answer", R(PG, lr=10.0, on="answer_span"), "greedy"),
+    ("rosa-hidden b0.1 l1e-1 answer", R(RH, beta=0.1, damping=0.1, on="answer_span"), "greedy"),
     ("rosa-lora b1 l1e-1 answer", R(RL, damping=0.1, on="answer_span"), "greedy"),
     ("rosa-hidden b1 l1e-1 answer", R(RH, damping=0.1, on="answer_span"), "greedy"),
     ("pg lr1 answer", R(PG, lr=1.0, on="answer_span"), "greedy"),
-    ("rosa-lora b1 l1e-2 answer", R(RL, on="answer_span"), "greedy"),
     ("rosa-lora b0.3 l1e-1 answer", R(RL, beta=0.3, damping=0.1, on="answer_span"), "greedy"),
+    ("rosa-lora b1 l1e-2 answer", R(RL, on="answer_span"), "greedy"),
     ("rosa-lora b1 l1e-1 resp", R(RL, damping=0.1), "greedy"),
-    ("pg lr10 answer", R(PG, lr=10.0, on="answer_span"), "greedy"),
     ("baseline", B, "sample"),
     ("rosa-lora b1 l1e-1 answer", R(RL, damping=0.1, on="answer_span"), "sample"),
     ("baseline", B, "greedy"),
