@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -129,6 +130,30 @@ void check(const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("cg (CUDA) ") + what + ": " + cudaGetErrorString(e));
 }
 
+// Makes `device` current for the launches and restores the previous device after.
+// This module links its own (static) CUDA runtime, whose current device need not
+// follow torch's, and a launch into another device's stream fails.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) throw std::invalid_argument("cg (CUDA): device index must be >= 0, got " + std::to_string(device));
+    if (cudaGetDevice(&prev_) != cudaSuccess) check("cudaGetDevice");
+    if (prev_ != device) {
+      if (cudaSetDevice(device) != cudaSuccess) check("cudaSetDevice");
+    } else {
+      prev_ = -1;
+    }
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
 template <typename T>
 void init_t(uintptr_t b, uintptr_t x, uintptr_t r, uintptr_t p, uintptr_t ap, uintptr_t state, int64_t n,
             double damping, double tol, bool x0_given, cudaStream_t s) {
@@ -158,24 +183,34 @@ void step_t(uintptr_t x, uintptr_t r, uintptr_t p, uintptr_t ap, uintptr_t state
   check("update_p");
 }
 
-void check_dtype(const std::string& dtype) {
+void check_args(const std::string& dtype, int64_t n, std::initializer_list<uintptr_t> vectors, uintptr_t state) {
   if (dtype != "float32" && dtype != "float64")
     throw std::invalid_argument("cg: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+  if (n < 0) throw std::invalid_argument("cg: n must be >= 0, got " + std::to_string(n));
+  if (state == 0) throw std::invalid_argument("cg (CUDA): the state pointer is null");
+  if (n > 0)
+    for (uintptr_t v : vectors)
+      if (v == 0) throw std::invalid_argument("cg (CUDA): a vector pointer is null while n > 0");
 }
 
 }  // namespace
 
 void cg_cuda_init(uintptr_t b, uintptr_t x, uintptr_t r, uintptr_t p, uintptr_t ap, uintptr_t state, int64_t n,
-                  const std::string& dtype, double damping, double tol, bool x0_given, uintptr_t stream) {
-  check_dtype(dtype);
+                  const std::string& dtype, double damping, double tol, bool x0_given, int device,
+                  uintptr_t stream) {
+  check_args(dtype, n, {b, x, r, p, ap}, state);
+  if (!(damping >= 0.0) || !std::isfinite(damping)) throw std::invalid_argument("cg: damping must be >= 0 and finite");
+  if (!(tol >= 0.0)) throw std::invalid_argument("cg: tol must be >= 0");
+  DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == "float32") init_t<float>(b, x, r, p, ap, state, n, damping, tol, x0_given, s);
   else init_t<double>(b, x, r, p, ap, state, n, damping, tol, x0_given, s);
 }
 
 void cg_cuda_step(uintptr_t x, uintptr_t r, uintptr_t p, uintptr_t ap, uintptr_t state, int64_t n,
-                  const std::string& dtype, double damping, uintptr_t stream) {
-  check_dtype(dtype);
+                  const std::string& dtype, double damping, int device, uintptr_t stream) {
+  check_args(dtype, n, {x, r, p, ap}, state);
+  DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == "float32") step_t<float>(x, r, p, ap, state, n, damping, s);
   else step_t<double>(x, r, p, ap, state, n, damping, s);

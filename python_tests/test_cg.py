@@ -23,7 +23,12 @@ def _spd(n, cond=None, dtype=torch.float64, seed=0):
 
 
 def test_extension_is_built():
+    # the import at the top of this file already fails the module if _C is missing
     assert callable(_C.cg_cpu) and isinstance(_C.has_cuda(), bool)
+    assert _C.__version__ not in ("", "unknown")
+    if _C.has_cuda():
+        assert callable(_C.cg_cuda_step) and _C.CG_STATE_SIZE >= 7
+        assert "80" in _C.cuda_architectures and "90" in _C.cuda_architectures
 
 
 @pytest.mark.parametrize("dtype,tol,atol", [(torch.float64, 1e-12, 1e-9), (torch.float32, 1e-6, 1e-4)])
@@ -103,6 +108,29 @@ def test_matvec_errors_propagate():
         cg_compiled(broken, b, max_iter=3)
     with pytest.raises(ValueError, match="shape"):
         cg_compiled(lambda v: v[:-1], b, max_iter=3)
+    with pytest.raises(ValueError, match="float64"):  # no silent cast of the operator's output
+        cg_compiled(lambda v: v.float(), b, max_iter=3)
+    with pytest.raises(ValueError, match="matvec must return a tensor"):
+        cg_compiled(lambda v: v.numpy(), b, max_iter=3)
+
+
+def test_callback_runs_without_holding_up_other_threads():
+    """The C++ loop releases the GIL; the matvec callback re-acquires it (and may run torch ops)."""
+    import threading
+    A, b = _spd(50), torch.randn(50, dtype=torch.float64)
+    out = {}
+
+    def solve(k):
+        out[k] = cg_compiled(lambda v: A @ v, b, damping=0.1, max_iter=200, tol=1e-12)
+
+    threads = [threading.Thread(target=solve, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = torch.linalg.solve(A + 0.1 * torch.eye(50, dtype=torch.float64), b)
+    for k in range(4):
+        torch.testing.assert_close(out[k].x, want, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("b,exc,match", [
@@ -119,10 +147,25 @@ def test_bad_x0_and_options():
     b = torch.randn(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="x0"):
         cg_compiled(lambda v: v, b, x0=torch.zeros(4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="x0"):
+        cg_compiled(lambda v: v, b, x0=torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="tol"):
+        cg_compiled(lambda v: v, b, tol=float("nan"))
     with pytest.raises(ValueError, match="damping"):
         cg_compiled(lambda v: v, b, damping=-1.0)
     with pytest.raises(ValueError, match="max_iter"):
         cg_compiled(lambda v: v, b, max_iter=-1)
+
+
+def test_noncontiguous_b_and_float32_same_iterates_as_float64():
+    A = _spd(30)
+    b2 = torch.randn(30, 2, dtype=torch.float64)
+    res = cg_compiled(lambda v: A @ v, b2[:, 1], damping=0.2, max_iter=200, tol=1e-12)
+    torch.testing.assert_close(res.x, torch.linalg.solve(A + 0.2 * torch.eye(30, dtype=torch.float64), b2[:, 1]))
+    r32 = cg_compiled(lambda v: A.float() @ v, b2[:, 1].float(), damping=0.2, max_iter=5, tol=0.0)
+    r64 = cg_compiled(lambda v: A @ v, b2[:, 1], damping=0.2, max_iter=5, tol=0.0)
+    assert r32.x.dtype == torch.float32 and r32.iterations == r64.iterations == 5
+    torch.testing.assert_close(r32.x.double(), r64.x, rtol=1e-4, atol=1e-5)
 
 
 def test_public_cg_uses_the_extension(monkeypatch):
@@ -147,50 +190,92 @@ def test_rosa_update_cg_runs_compiled_and_matches_dual(mode, monkeypatch):
 
 
 # -- CUDA (run when a GPU is lent) ------------------------------------------------------------
-needs_cuda_ext = pytest.mark.skipif(not _C.has_cuda(), reason="rosa_ext._C built without nvcc")
+# On a CUDA machine these fail (not skip) if _C was built without nvcc: they test the CUDA solver.
+
+
+def _need_cuda_ext():
+    assert _C.has_cuda(), "rosa_ext._C was built without CUDA (nvcc not found at install time)"
 
 
 @pytest.mark.gpu
-@needs_cuda_ext
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
-def test_cuda_matches_cpu(dtype, atol):
-    A, b = _spd(300, dtype=dtype), torch.randn(300, dtype=dtype)
+@pytest.mark.parametrize("dtype,tol,atol", [(torch.float64, 1e-10, 1e-8), (torch.float32, 1e-5, 1e-3)])
+def test_cuda_matches_dense_and_cpu(dtype, tol, atol):
+    _need_cuda_ext()
+    n = 300
+    A, b = _spd(n, dtype=dtype), torch.randn(n, dtype=dtype)
     Ac, bc = A.cuda(), b.cuda()
-    res = cg_compiled(lambda v: Ac @ v, bc, damping=0.1, max_iter=300, tol=1e-10)
-    want = torch.linalg.solve(A.double() + 0.1 * torch.eye(300, dtype=torch.float64), b.double())
+    res = cg_compiled(lambda v: Ac @ v, bc, damping=0.1, max_iter=300, tol=tol)
+    assert res.x.device == bc.device and res.x.dtype == dtype
+    assert isinstance(res.iterations, torch.Tensor) and res.iterations.device == bc.device
+    want = torch.linalg.solve(A.double() + 0.1 * torch.eye(n, dtype=torch.float64), b.double())
     torch.testing.assert_close(res.x.double().cpu(), want, rtol=0, atol=atol)
-    assert 0 < int(res.iterations) < 300 and float(res.residual) <= 1.01e-10 or dtype == torch.float32
+    assert 0 < int(res.iterations) < 300 and float(res.residual) <= tol * 1.01
+    # same iterates as the C++ solver (fixed iteration count, tol = 0)
+    g = cg_compiled(lambda v: Ac @ v, bc, damping=0.1, max_iter=7, tol=0.0)
+    c = cg_compiled(lambda v: A @ v, b, damping=0.1, max_iter=7, tol=0.0)
+    assert int(g.iterations) == c.iterations == 7
+    torch.testing.assert_close(g.x.cpu(), c.x, rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=1e-5 if dtype == torch.float32 else 1e-11)
 
 
 @pytest.mark.gpu
-@needs_cuda_ext
+def test_cuda_edge_cases():
+    _need_cuda_ext()
+    A = _spd(10).cuda()
+    z = cg_compiled(lambda v: A @ v, torch.zeros(10, dtype=torch.float64, device="cuda"), max_iter=5,
+                    x0=torch.ones(10, dtype=torch.float64, device="cuda"))
+    assert int(z.iterations) == 0 and float(z.residual) == 0.0 and int(torch.count_nonzero(z.x)) == 0
+    b = torch.randn(10, dtype=torch.float64, device="cuda")
+    r0 = cg_compiled(lambda v: A @ v, b, max_iter=0)
+    assert int(r0.iterations) == 0 and int(torch.count_nonzero(r0.x)) == 0
+    assert float(r0.residual) == pytest.approx(1.0)
+    exact = torch.linalg.solve(A, b)
+    rx = cg_compiled(lambda v: A @ v, b, max_iter=20, tol=1e-10, x0=exact)
+    assert int(rx.iterations) == 0
+    torch.testing.assert_close(rx.x, exact)
+    D = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0], dtype=torch.float64, device="cuda")
+    early = cg_compiled(lambda v: D * v, torch.ones(5, dtype=torch.float64, device="cuda"), max_iter=50, tol=1e-10)
+    assert int(early.iterations) == 2  # two distinct eigenvalues; later launches were frozen
+    torch.testing.assert_close(early.x, 1 / D)
+
+
+@pytest.mark.gpu
 def test_cuda_loop_has_no_host_sync():
+    _need_cuda_ext()
     from rosa_ext._cg_compiled import cg_cuda_launch, finish_cuda
     A = _spd(500).cuda()
     b = torch.randn(500, dtype=torch.float64, device="cuda")
+    cg_cuda_launch(lambda v: A @ v, b, damping=0.1, max_iter=2, tol=1e-10)  # load the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         x, state = cg_cuda_launch(lambda v: A @ v, b, damping=0.1, max_iter=40, tol=1e-10)
-        res = finish_cuda(x, b, state, check_finite=False)
+        res = finish_cuda(x, state, check_finite=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     want = torch.linalg.solve(A + 0.1 * torch.eye(500, dtype=torch.float64, device="cuda"), b)
     torch.testing.assert_close(res.x, want, rtol=1e-6, atol=1e-6)
+    assert 0 < int(res.iterations) < 40
 
 
 @pytest.mark.gpu
-@needs_cuda_ext
-def test_cuda_nan_flag():
+def test_cuda_nan_flag_and_errors():
+    _need_cuda_ext()
     b = torch.randn(64, dtype=torch.float64, device="cuda")
     with pytest.raises(FloatingPointError, match="NaN/Inf"):
         cg_compiled(lambda v: v * float("nan"), b, max_iter=5)
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        cg_compiled(lambda v: v, torch.full((8,), float("inf"), dtype=torch.float64, device="cuda"), max_iter=5)
+    with pytest.raises(ValueError, match="matvec must return"):
+        cg_compiled(lambda v: v.cpu(), b, max_iter=2)
+    with pytest.raises(ValueError, match="x0"):
+        cg_compiled(lambda v: v, b, x0=torch.zeros(64, dtype=torch.float64))
 
 
 @pytest.mark.gpu
-@needs_cuda_ext
 def test_cuda_graph_capture_and_replay():
-    from rosa_ext._cg_compiled import cg_cuda_launch
+    _need_cuda_ext()
+    from rosa_ext._cg_compiled import STATE_ITERS, cg_cuda_launch
     n = 256
     A = _spd(n).cuda()
     b = torch.randn(n, dtype=torch.float64, device="cuda")
@@ -205,8 +290,27 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         cg_cuda_launch(lambda v: A @ v, b, damping=0.1, max_iter=60, tol=1e-12, out=x, state=state)
     eye = torch.eye(n, dtype=torch.float64, device="cuda")
-    for _ in range(2):  # replay with a new right-hand side in the same buffer
-        b.copy_(torch.randn(n, dtype=torch.float64, device="cuda"))
+    for k in range(3):  # replay with new right-hand sides in the same buffer (the last: b = 0)
+        b.copy_(torch.randn(n, dtype=torch.float64, device="cuda") if k < 2 else torch.zeros_like(b))
         graph.replay()
         torch.testing.assert_close(x, torch.linalg.solve(A + 0.1 * eye, b), rtol=1e-6, atol=1e-6)
-        assert int(state[5]) < 60  # stopped early on the device
+        iters = int(state[STATE_ITERS])
+        assert (0 < iters < 60) if k < 2 else iters == 0  # stopped early on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_cuda_rosa_update_cg_runs_compiled_and_matches_dual(mode, backend, monkeypatch):
+    _need_cuda_ext()
+    if backend == "triton":
+        pytest.importorskip("triton")
+    calls = []
+    real = _C.cg_cuda_step
+    monkeypatch.setattr(_C, "cg_cuda_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inp = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+           for k, v in make_inputs(mode=mode, T=9, dtype=torch.float32).items()}
+    a = rosa_update(**inp, reward=-1.0, mode=mode, solver="cg", backend=backend, max_iter=60, tol=1e-6)
+    d = rosa_update(**inp, reward=-1.0, mode=mode, solver="dual", backend=backend)
+    assert calls and a.solver == "cg" and 0 < a.iterations < 60
+    torch.testing.assert_close(a.update, d.update, rtol=1e-3, atol=1e-4)

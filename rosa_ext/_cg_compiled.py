@@ -3,30 +3,38 @@
 The extension takes raw pointers, so this module owns the work vectors
 (x, r, p, Ap as torch tensors) and hands their addresses over:
 
-- CPU: one C++ call runs the whole loop and calls back into Python for each
-  matvec (``Ap <- A p``).
+- CPU: one C++ call runs the whole loop (without the GIL) and calls back into
+  Python for each matvec (``Ap <- A p``).
 - CUDA: the host loop only *launches* work on the current stream: the torch
-  matvec, then ``_C.cg_cuda_step``. alpha, beta, the iteration count and the
-  convergence flag live in a float64 state vector on the device; once the
-  residual is under ``tol`` the flag freezes x, r and p, so the host never reads
-  a value inside the loop and the ``max_iter`` launches can be captured in a CUDA
-  graph. The matvecs after convergence still run (their cost is the price of
-  no host sync; pass a tighter ``max_iter`` if that matters).
+  matvec, then ``_C.cg_cuda_step`` (4 small kernels). alpha, beta, the iteration
+  count and the convergence flag live in a float64 state vector on the device;
+  once the residual is under ``tol`` the flag freezes x, r and p, so the host
+  never reads a value inside the loop and the ``max_iter`` launches can be
+  captured in a CUDA graph. The matvecs after convergence still run (their cost
+  is the price of no host sync; pass a tighter ``max_iter`` if that matters).
+
+State layout (float64, ``_C.CG_STATE_SIZE`` entries, csrc/cg_cuda.h): index
+``STATE_RR`` r.r, ``STATE_BB`` b.b, ``STATE_ITERS`` iterations run, ``STATE_BAD``
+1.0 once NaN/Inf was seen.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from . import _C
 from .cg import CGResult, Matvec, _check
 
+#: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
+STATE_RR, STATE_BB, STATE_ITERS, STATE_BAD = 0, 1, 5, 6
 
-def _check_tensor(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
-    if t.shape != b.shape or t.dtype != b.dtype or t.device != b.device:
-        raise ValueError(f"cg: `{name}` must match b: shape {tuple(b.shape)}, {b.dtype}, {b.device}; got "
-                         f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+
+def _check_like(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.shape != b.shape or t.dtype != b.dtype or t.device != b.device:
+        got = (f"{tuple(t.shape)}, {t.dtype}, {t.device}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise ValueError(f"cg: `{name}` must match b: shape {tuple(b.shape)}, {b.dtype}, {b.device}; got {got}")
 
 
 def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -34,28 +42,35 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
     """Solve (A + damping I) x = b with the compiled solver of ``rosa_ext._C``.
 
     Args:
-        matvec: v (n,) -> A v (n,) (same dtype/device), A symmetric positive semi-definite.
+        matvec: v (n,) -> A v (n,), same dtype and device as v; A symmetric positive
+            semi-definite. Called ``max_iter`` times on CUDA (plus once for ``x0``).
         b: (n,) float32 or float64 right-hand side, on the CPU or a CUDA device.
         damping: lambda >= 0 added to A's diagonal.
-        max_iter: iteration cap (fixed number of launches on CUDA).
-        tol: stop once ||r|| <= tol * ||b||.
-        x0: optional (n,) initial guess.
+        max_iter: iteration cap (a fixed number of launches on CUDA).
+        tol: stop once ||r|| <= tol * ||b|| (r the recursively updated residual).
+        x0: optional (n,) initial guess, like b.
     Returns:
-        :class:`~rosa_ext.cg.CGResult`. On CUDA ``iterations`` and ``residual`` are 0-dim
-        device tensors (reading them synchronises once); on the CPU plain numbers.
+        :class:`~rosa_ext.cg.CGResult` with x (n,) like b. On CUDA ``iterations``
+        (int64) and ``residual`` (float64) are 0-dim device tensors; on the CPU
+        plain numbers.
     Raises:
         FloatingPointError: the operator (or b) produced NaN/Inf. On CUDA this is
-            detected on the device and raised when the result is finalised
-            (``check_finite=True`` reads one flag at the end; see :func:`finish_cuda`).
-        ValueError / TypeError: bad shapes, dtypes, devices; a matvec returning a wrong shape.
+            detected on the device and checked with one read after the loop.
+        ValueError / TypeError: bad shapes, dtypes, devices (before any work);
+            a matvec returning a wrong shape/dtype/device.
+        RuntimeError: a CUDA tensor while ``_C`` was built without CUDA.
     """
     _check(b, damping, max_iter, tol)
-    if x0 is not None:
-        _check_tensor("x0", x0, b)
-    if b.device.type == "cuda":
-        return _cg_cuda(matvec, b, damping, max_iter, tol, x0, check_finite=True)
-    if b.device.type != "cpu":
+    if b.device.type not in ("cpu", "cuda"):
         raise ValueError(f"cg: the compiled solver runs on cpu or cuda tensors, got {b.device}")
+    if x0 is not None:
+        _check_like("x0", x0, b)
+    if b.device.type == "cuda":
+        if not _C.has_cuda():
+            raise RuntimeError("cg: rosa_ext._C was built without CUDA (nvcc not found at build time); "
+                               "reinstall on a machine with nvcc, or use rosa_ext.cg.cg_python")
+        x, state = cg_cuda_launch(matvec, b, damping=damping, max_iter=max_iter, tol=tol, x0=x0)
+        return finish_cuda(x, state, check_finite=True)
     return _cg_cpu(matvec, b, damping, max_iter, tol, x0)
 
 
@@ -63,75 +78,102 @@ def _dtype_name(b: torch.Tensor) -> str:
     return "float32" if b.dtype == torch.float32 else "float64"
 
 
-def _apply_into(matvec: Matvec, p: torch.Tensor, ap: torch.Tensor) -> None:
-    out = matvec(p)
-    if not isinstance(out, torch.Tensor) or out.shape != p.shape:
-        raise ValueError(f"cg: matvec must return a tensor of shape {tuple(p.shape)}, got "
-                         f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}")
-    ap.copy_(out)
+def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
+    """matvec(v), checked to be a tensor of v's shape, dtype and device (no sync)."""
+    out = matvec(v)
+    if (not isinstance(out, torch.Tensor) or out.shape != v.shape or out.dtype != v.dtype
+            or out.device != v.device):
+        got = (f"{tuple(out.shape)}, {out.dtype}, {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"cg: matvec must return a tensor of shape {tuple(v.shape)}, {v.dtype} on "
+                         f"{v.device} (like its input); got {got}")
+    return out
 
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
             x0: Optional[torch.Tensor]) -> CGResult:
-    b = b.contiguous()
+    b = b.detach().contiguous()
     x = torch.zeros_like(b) if x0 is None else x0.detach().clone().contiguous()
     r, p, ap = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
+
+    def apply() -> None:  # called by C++ with the GIL held: ap <- A p
+        ap.copy_(_matvec_checked(matvec, p))
+
     with torch.no_grad():
-        iters, residual, _ = _C.cg_cpu(lambda: _apply_into(matvec, p, ap), b.data_ptr(), x.data_ptr(),
-                                       r.data_ptr(), p.data_ptr(), ap.data_ptr(), b.numel(), _dtype_name(b),
-                                       float(damping), int(max_iter), float(tol), x0 is not None)
+        iters, residual, _ = _C.cg_cpu(apply, b.data_ptr(), x.data_ptr(), r.data_ptr(), p.data_ptr(),
+                                       ap.data_ptr(), b.numel(), _dtype_name(b), float(damping),
+                                       int(max_iter), float(tol), x0 is not None)
     return CGResult(x, int(iters), float(residual))
-
-
-def _cg_cuda(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
-             x0: Optional[torch.Tensor], *, check_finite: bool) -> CGResult:
-    if not _C.has_cuda():
-        raise RuntimeError("cg: rosa_ext._C was built without CUDA (nvcc not found at build time); "
-                           "reinstall on a machine with nvcc, or use rosa_ext.cg.cg_python")
-    x, state = cg_cuda_launch(matvec, b, damping=damping, max_iter=max_iter, tol=tol, x0=x0)
-    return finish_cuda(x, b, state, check_finite=check_finite)
 
 
 def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter: int, tol: float,
                    x0: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                   state: Optional[torch.Tensor] = None):
+                   state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the whole CUDA solve on the current stream; no host sync, graph-capturable.
 
-    Returns ``(x, state)``: x (n,) and the float64 device state (see csrc/cg_cuda.h:
-    state[5] iterations, state[0] r.r, state[1] b.b, state[6] NaN flag). Pass
-    preallocated ``out``/``state`` to capture it in a CUDA graph with static buffers.
+    Args:
+        matvec, b, damping, max_iter, tol, x0: as :func:`cg_compiled` (b on a CUDA device).
+        out: optional (n,) buffer like b that receives x (a static buffer for graph capture).
+        state: optional float64 (``_C.CG_STATE_SIZE``,) buffer on b's device.
+    Returns:
+        ``(x, state)``: x (n,) and the float64 device state (module docstring). damping,
+        tol and max_iter are baked into a captured graph; b, x0 and A's data are read
+        at replay.
     """
-    stream = torch.cuda.current_stream(b.device).cuda_stream
-    n, dt = b.numel(), _dtype_name(b)
-    b = b.contiguous()
-    x = out if out is not None else torch.empty_like(b)
+    _check(b, damping, max_iter, tol)
+    if b.device.type != "cuda":
+        raise ValueError(f"cg_cuda_launch: b must be a CUDA tensor, got {b.device}")
     if x0 is not None:
-        x.copy_(x0)
-    r, p, ap = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
-    if state is None:
-        state = torch.empty(_C.CG_STATE_SIZE, dtype=torch.float64, device=b.device)
-    with torch.no_grad():
+        _check_like("x0", x0, b)
+    if out is not None:
+        _check_like("out", out, b)
+        if not out.is_contiguous():
+            raise ValueError("cg_cuda_launch: `out` must be contiguous")
+    n_state = _C.CG_STATE_SIZE
+    if state is not None and (state.shape != (n_state,) or state.dtype != torch.float64
+                              or state.device != b.device or not state.is_contiguous()):
+        raise ValueError(f"cg_cuda_launch: `state` must be a contiguous float64 ({n_state},) tensor on "
+                         f"{b.device}; got {tuple(state.shape)}, {state.dtype}, {state.device}")
+    dev = b.device.index if b.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    n, dt, damping = b.numel(), _dtype_name(b), float(damping)
+    with torch.no_grad(), torch.cuda.device(dev):
+        b = b.detach().contiguous()
+        x = out if out is not None else torch.empty_like(b)
         if x0 is not None:
-            _apply_into(matvec, x, ap)  # ap = A x0
-        _C.cg_cuda_init(b.data_ptr(), x.data_ptr(), r.data_ptr(), p.data_ptr(), ap.data_ptr(), state.data_ptr(),
-                        n, dt, float(damping), float(tol), x0 is not None, stream)
+            x.copy_(x0)
+        r, p, ap = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
+        if state is None:
+            state = torch.empty(n_state, dtype=torch.float64, device=b.device)
+        xp, rp, pp, sp = x.data_ptr(), r.data_ptr(), p.data_ptr(), state.data_ptr()
+        if x0 is not None:
+            ap.copy_(_matvec_checked(matvec, x))  # ap = A x0
+        _C.cg_cuda_init(b.data_ptr(), xp, rp, pp, ap.data_ptr(), sp, n, dt, damping, float(tol), x0 is not None,
+                        dev, stream)
         for _ in range(int(max_iter)):
-            _apply_into(matvec, p, ap)
-            _C.cg_cuda_step(x.data_ptr(), r.data_ptr(), p.data_ptr(), ap.data_ptr(), state.data_ptr(), n, dt,
-                            float(damping), stream)
+            av = _matvec_checked(matvec, p)
+            if not av.is_contiguous():  # else read in place: no copy kernel
+                ap.copy_(av)
+                av = ap
+            # av stays alive until the step is enqueued; a later reuse of its memory by
+            # the caching allocator is ordered after it on this stream.
+            _C.cg_cuda_step(xp, rp, pp, av.data_ptr(), sp, n, dt, damping, dev, stream)
         # b = 0: the solution is 0 whatever x0 was (device-side select, no sync)
-        x.copy_(torch.where(state[1] > 0, x, torch.zeros_like(x)))
+        x.copy_(torch.where(state[STATE_BB] > 0, x, torch.zeros_like(x)))
     return x, state
 
 
-def finish_cuda(x: torch.Tensor, b: torch.Tensor, state: torch.Tensor, *, check_finite: bool = True) -> CGResult:
-    """Turn a launched solve into a :class:`CGResult`.
+def finish_cuda(x: torch.Tensor, state: torch.Tensor, *, check_finite: bool = True) -> CGResult:
+    """Turn a launched solve (:func:`cg_cuda_launch`) into a :class:`CGResult`.
 
-    ``iterations``/``residual`` stay 0-dim device tensors. With ``check_finite`` one
-    flag is read (a single sync after the loop) and NaN/Inf raises FloatingPointError.
+    ``iterations`` (int64) and ``residual`` (float64, ||r|| / ||b||, 0 when b = 0)
+    stay 0-dim device tensors. With ``check_finite`` one flag is read (the single
+    sync of the solve) and NaN/Inf raises FloatingPointError; without it nothing
+    is read.
     """
-    if check_finite and bool(state[6] != 0):
+    if check_finite and bool(state[STATE_BAD] != 0):
         raise FloatingPointError("cg: the operator or b produced NaN/Inf (detected on the device)")
-    bb = state[1]
-    residual = torch.where(bb > 0, torch.sqrt(state[0] / torch.where(bb > 0, bb, 1.0)), torch.zeros_like(bb))
-    return CGResult(x, state[5].to(torch.int64), residual)
+    bb = state[STATE_BB]
+    residual = torch.where(bb > 0, torch.sqrt(state[STATE_RR] / torch.where(bb > 0, bb, 1.0)),
+                           torch.zeros_like(bb))
+    return CGResult(x, state[STATE_ITERS].to(torch.int64), residual)
