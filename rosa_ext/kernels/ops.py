@@ -1,0 +1,196 @@
+"""Tensor-level API of the Triton kernels: no HeadProblem, plain tensors in and out.
+
+Shapes: T tokens (packed over B >= 1 conversations), hidden size d, vocabulary V.
+
+- ``hidden`` (T, d) and ``weight`` (V, d): one dtype of fp32 / bf16 / fp16, any strides
+  (fp64 is refused: use ``rosa_ext.backends.torch_chunked`` for fp64 models).
+- ``bias`` (V,) any float dtype or None; ``targets`` (T,) int64 token ids.
+- ``seg`` (T,) int, conversation of each token, sorted (tokens of one conversation are
+  contiguous); None means one conversation (B = 1).
+- LoRA rank 1: ``lora_a`` (d,) or (B, d), ``lora_b`` (V,) or (B, V), scale ``lora_scale``;
+  they add s (a_seg . h_t) b_seg to the logits. Both or neither.
+- Every result is fp32 (accumulation is fp32 whatever the model dtype).
+
+The JVP/VJP are of p_t = softmax(z_t)[y_t] (ROSA_SPEC.md section 2) w.r.t. the LoRA
+parameters [a, b] (mode "lora", P = d + V per conversation) or a hidden-state shift
+(mode "hidden", P = d). Pass the :func:`stats` result as ``st`` to skip the stats pass
+when calling them repeatedly (a CG loop): a JVP is then one row-reduction pass over W,
+a VJP one column-reduction pass (plus one GEMV over W in hidden mode).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..backends.base import HeadStats
+from .matvec import weight_matvec, weight_rmatvec
+from .reductions import column_reduce as _column_reduce
+from .reductions import row_reduce as _row_reduce
+from .stats_pass import lse_and_pib
+
+
+def _rows(x: Optional[torch.Tensor], width: int, name: str) -> Optional[torch.Tensor]:
+    """(width,) or (B, width) -> (B, width) fp32."""
+    if x is None:
+        return None
+    if x.dim() == 1 and x.shape[0] == width:
+        return x.reshape(1, width).float()
+    if x.dim() == 2 and x.shape[1] == width:
+        return x.float()
+    raise ValueError(f"rosa_ext.kernels: `{name}` must be ({width},) or (B, {width}), got {tuple(x.shape)}")
+
+
+def _segments(hidden: torch.Tensor, seg: Optional[torch.Tensor], num: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(seg int32 (T,), offsets int32 (B + 1,), B) on the device of ``hidden``."""
+    T = hidden.shape[0]
+    if seg is None:
+        if num > 1:
+            raise ValueError(f"rosa_ext.kernels: {num} conversations given (rows of lora/u) but no `seg`")
+        return (torch.zeros(T, dtype=torch.int32, device=hidden.device),
+                torch.tensor([0, T], dtype=torch.int32, device=hidden.device), 1)
+    if seg.shape != (T,) or seg.dtype.is_floating_point or seg.device != hidden.device:
+        raise ValueError(f"rosa_ext.kernels: `seg` must be an integer ({T},) tensor on {hidden.device}, got "
+                         f"{tuple(seg.shape)} {seg.dtype} on {seg.device}")
+    B = max(num, int(seg.max()) + 1)
+    if int(seg.min()) < 0 or (T > 1 and not bool((seg[1:] >= seg[:-1]).all())):
+        raise ValueError("rosa_ext.kernels: `seg` must be >= 0 and sorted (each conversation's tokens contiguous)")
+    counts = torch.bincount(seg.long(), minlength=B)
+    offsets = torch.zeros(B + 1, dtype=torch.int32, device=hidden.device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return seg.to(torch.int32).contiguous(), offsets, B
+
+
+def _lora(hidden, weight, lora_a, lora_b, seg32):
+    """(a (B, d), b (B, V), ah (T,)) fp32, or Nones."""
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("rosa_ext.kernels: give both lora_a and lora_b, or neither")
+    if lora_a is None:
+        return None, None, None
+    a = _rows(lora_a, hidden.shape[1], "lora_a")
+    b = _rows(lora_b, weight.shape[0], "lora_b")
+    ah = (hidden.float() * (a[0] if a.shape[0] == 1 else a[seg32.long()])).sum(1)
+    return a, b, ah
+
+
+def _num(*xs: Optional[torch.Tensor]) -> int:
+    return max([1] + [x.shape[0] for x in xs if x is not None and x.dim() == 2])
+
+
+def stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+          lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+          seg: Optional[torch.Tensor] = None) -> HeadStats:
+    """One pass over W -> HeadStats(lse, logp, ah, pib), each (T,) fp32 (ah/pib None without LoRA).
+
+    lse_t = logsumexp(z_t), logp_t = z_t[y_t] - lse_t (<= 0), ah_t = a_seg . h_t, pib_t = pi_t . b_seg.
+    """
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"rosa_ext.kernels.stats: targets must be ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    seg32, _, B = _segments(hidden, seg, _num(lora_a, lora_b))
+    a, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
+    lse, pib = lse_and_pib(hidden, weight, seg32, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
+    y = targets.long()
+    z_y = (hidden.float() * weight[y].float()).sum(1)
+    if bias is not None:
+        z_y = z_y + bias[y].float()
+    if b is not None:
+        z_y = z_y + lora_scale * ah * (b[0, y] if b.shape[0] == 1 else b[seg32.long(), y])
+    return HeadStats(lse=lse, logp=torch.clamp(z_y - lse, max=0.0), ah=ah, pib=pib)
+
+
+def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, u: torch.Tensor, *,
+               bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
+               lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+               seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """R(u)_t = pi_t . u_seg for u (V,) or (B, V), given lse (T,) from :func:`stats` -> (T,) fp32."""
+    V = weight.shape[0]
+    u2 = _rows(u, V, "u")
+    seg32, _, _ = _segments(hidden, seg, _num(u2, lora_a, lora_b))
+    _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
+    return _row_reduce(hidden, weight, seg32, lse, u2, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
+
+
+def column_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, *,
+                  bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
+                  lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+                  seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C(w) = sum_t w_t pi_t for w (T,) -> (V,) fp32, or (B, V) per conversation when ``seg`` is given."""
+    seg32, off, _ = _segments(hidden, seg, _num(lora_a, lora_b))
+    _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
+    out = _column_reduce(hidden, weight, off, lse, w, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
+    return out[0] if seg is None else out
+
+
+def _params(v: torch.Tensor, P: int, B: int) -> torch.Tensor:
+    v2 = _rows(v, P, "v")
+    if v2.shape[0] not in (1, B):
+        raise ValueError(f"rosa_ext.kernels: v has {v2.shape[0]} rows for {B} conversations")
+    return v2.expand(B, P)
+
+
+def _setup(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale, extra=None):
+    if mode not in ("lora", "hidden"):
+        raise ValueError(f"rosa_ext.kernels: mode must be 'lora' or 'hidden', got {mode!r}")
+    if mode == "lora" and lora_a is None:
+        raise ValueError("rosa_ext.kernels: mode='lora' needs lora_a and lora_b")
+    seg32, off, B = _segments(hidden, seg, _num(lora_a, lora_b, extra))
+    a, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
+    if st is None:
+        st = stats(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg)
+    if a is not None:
+        a, b = a.expand(B, -1), b.expand(B, -1)
+    kw = dict(bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
+    return seg32.long(), off, B, a, b, st, kw
+
+
+def jvp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, v: torch.Tensor, *, mode: str,
+        bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
+        lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0, seg: Optional[torch.Tensor] = None,
+        st: Optional[HeadStats] = None) -> torch.Tensor:
+    """u = J v: v (P,) or (B, P) (P = d + V laid out [v_a, v_b] for "lora", d for "hidden") -> (T,) fp32."""
+    seg_l, _, B, a, b, st, kw = _setup(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale,
+                                       v if v.dim() == 2 else None)
+    d, V = hidden.shape[1], weight.shape[0]
+    y = targets.long()
+    p = torch.exp(st.logp)
+    seg32 = seg_l.to(torch.int32)
+    if mode == "lora":
+        v2 = _params(v, d + V, B)
+        va, vb = v2[:, :d], v2[:, d:]
+        hv = (hidden.float() * va[seg_l]).sum(1)
+        row = _row_reduce(hidden, weight, seg32, st.lse, vb, **kw)
+        return lora_scale * p * ((b[seg_l, y] - st.pib) * hv + st.ah * (vb[seg_l, y] - row))
+    v2 = _params(v, d, B)
+    uv = weight_matvec(weight, v2) if weight.dtype != torch.float32 else v2 @ weight.T  # (B, V) = W v
+    if a is not None:  # W_eff = W + s b a^T
+        uv = uv + lora_scale * (v2 * a).sum(1, keepdim=True) * b
+    return p * (uv[seg_l, y] - _row_reduce(hidden, weight, seg32, st.lse, uv, **kw))
+
+
+def vjp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, u: torch.Tensor, *, mode: str,
+        bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
+        lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0, seg: Optional[torch.Tensor] = None,
+        st: Optional[HeadStats] = None) -> torch.Tensor:
+    """J^T u: u (T,) -> (P,) fp32, or (B, P) per conversation when ``seg`` is given."""
+    if u.shape != (hidden.shape[0],):
+        raise ValueError(f"rosa_ext.kernels.vjp: u must be ({hidden.shape[0]},), got {tuple(u.shape)}")
+    seg_l, off, B, a, b, st, kw = _setup(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale)
+    y = targets.long()
+    up = u.float() * torch.exp(st.logp)
+
+    def scatter_minus_column(w: torch.Tensor) -> torch.Tensor:
+        q = -_column_reduce(hidden, weight, off, st.lse, w, **kw)
+        q.index_put_((seg_l, y), w, accumulate=True)
+        return q
+
+    if mode == "lora":
+        coef = lora_scale * up * (b[seg_l, y] - st.pib)
+        grad_a = torch.zeros(B, hidden.shape[1], dtype=torch.float32, device=hidden.device).index_add_(
+            0, seg_l, coef.unsqueeze(1) * hidden.float())
+        grad = torch.cat([grad_a, scatter_minus_column(lora_scale * up * st.ah)], dim=1)
+    else:
+        q = scatter_minus_column(up)
+        grad = weight_rmatvec(weight, q) if weight.dtype != torch.float32 else q @ weight
+        if a is not None:
+            grad = grad + lora_scale * (q * b).sum(1, keepdim=True) * a
+    return grad[0] if seg is None else grad
