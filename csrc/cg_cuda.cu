@@ -125,10 +125,15 @@ __global__ void k_update_p(T* p, const T* r, int64_t n, const double* st) {
     p[i] = T((double)r[i] + beta * (double)p[i]);
 }
 
-void check(const char* what) {
-  cudaError_t e = cudaGetLastError();  // launch errors only: never synchronises
-  if (e != cudaSuccess) throw std::runtime_error(std::string("cg (CUDA) ") + what + ": " + cudaGetErrorString(e));
+void check_status(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear it, so that it is not reported again by the next check
+    throw std::runtime_error(std::string("cg (CUDA) ") + what + ": " + cudaGetErrorString(e));
+  }
 }
+
+// After a launch: launch errors only (cudaGetLastError never synchronises).
+void check(const char* what) { check_status(cudaGetLastError(), what); }
 
 // Makes `device` current for the launches and restores the previous device after.
 // This module links its own (static) CUDA runtime, whose current device need not
@@ -137,9 +142,9 @@ class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     if (device < 0) throw std::invalid_argument("cg (CUDA): device index must be >= 0, got " + std::to_string(device));
-    if (cudaGetDevice(&prev_) != cudaSuccess) check("cudaGetDevice");
+    check_status(cudaGetDevice(&prev_), "cudaGetDevice");
     if (prev_ != device) {
-      if (cudaSetDevice(device) != cudaSuccess) check("cudaSetDevice");
+      check_status(cudaSetDevice(device), "cudaSetDevice");
     } else {
       prev_ = -1;
     }
@@ -158,7 +163,7 @@ template <typename T>
 void init_t(uintptr_t b, uintptr_t x, uintptr_t r, uintptr_t p, uintptr_t ap, uintptr_t state, int64_t n,
             double damping, double tol, bool x0_given, cudaStream_t s) {
   double* st = reinterpret_cast<double*>(state);
-  if (cudaMemsetAsync(st, 0, kStateSize * sizeof(double), s) != cudaSuccess) check("memset");
+  check_status(cudaMemsetAsync(st, 0, kStateSize * sizeof(double), s), "memset");
   k_init<T><<<grid_for(n), kThreads, 0, s>>>(reinterpret_cast<const T*>(b), reinterpret_cast<T*>(x),
                                             reinterpret_cast<T*>(r), reinterpret_cast<T*>(p),
                                             reinterpret_cast<const T*>(ap), n, damping, x0_given, st);
