@@ -6,8 +6,8 @@ Qwen2.5-0.5B head (d=896, V=151936), T in {64, 256, 1024, 4096}, bf16 and fp32, 
 lora and hidden: milliseconds of the stats pass, one JVP+VJP pair and a whole
 rosa_update (solver cg and dual), Triton beside the chunked torch backend; TFLOP/s of
 the pair and its share of the 4*T*d*V roofline at the data-sheet dense peak (H100 SXM:
-989 TFLOP/s bf16; 67 TFLOP/s fp32 without TF32, which the fp32 kernels use for
-exactness: input_precision="ieee"); extra memory over the inputs
+989 TFLOP/s bf16; fp32: 67 TFLOP/s with the default exact input_precision="ieee",
+494.7 TFLOP/s TF32 with ``--fp32-precision tf32x3`` or ``tf32``); extra memory over the inputs
 (torch.cuda.max_memory_allocated) of the pair and of the whole update; the relative
 difference of the Triton and torch cg updates (a correctness check at full size).
 
@@ -32,7 +32,11 @@ import time
 import torch
 
 #: Dense data-sheet peaks used for the roofline share (H100 SXM; H200 has the same compute).
+#: fp32 depends on the kernels' fp32 dot precision (--fp32-precision): "ieee" runs on the FP32
+#: cores (67 TFLOP/s); "tf32" / "tf32x3" on the TF32 tensor cores (494.7 TFLOP/s dense; tf32x3
+#: does three TF32 products per fp32 one, so its best case is a third of that share).
 PEAK = {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}
+PEAK_FP32 = {"ieee": 67e12, "tf32": 494.7e12, "tf32x3": 494.7e12}
 D_MODEL, VOCAB = 896, 151936
 PRIORITY = [("bfloat16", 1024), ("bfloat16", 256), ("bfloat16", 4096), ("bfloat16", 64),
             ("float32", 1024), ("float32", 256), ("float32", 64), ("float32", 4096)]
@@ -143,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=["triton", "torch"])
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop starting new (dtype, T) cases after this many seconds")
+    ap.add_argument("--fp32-precision", choices=["ieee", "tf32x3", "tf32"], default="ieee",
+                    help="tl.dot input_precision of the fp32 kernels (rosa_ext.kernels.set_fp32_precision)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -150,12 +156,15 @@ def main(argv=None) -> int:
         return 2
     import triton
 
+    import rosa_ext.kernels as K
+    K.set_fp32_precision(args.fp32_precision)
+    PEAK["float32"] = PEAK_FP32[args.fp32_precision]
     order = [c for c in PRIORITY if c[0] in args.dtypes and c[1] in args.T]
     order += [(dt, T) for dt in args.dtypes for T in args.T if (dt, T) not in order]
     backends = sorted(args.backends, key=lambda b: b != "torch")  # torch first: its update is the reference
     result = dict(benchmark="kernels_gpu", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, cuda=torch.version.cuda, commit=_commit(), d=D_MODEL, V=VOCAB,
-                  peak_flops=PEAK, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  peak_flops=PEAK, fp32_precision=args.fp32_precision, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   rows=[], skipped=[])
     path = None
     if args.out is not None:
