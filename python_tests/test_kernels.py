@@ -369,3 +369,25 @@ def test_gpu_real_head_sizes_match_torch_backend(dtype, mode):
     ref = rosa_update(h, W, y, -1.0, backend="torch", **kw)
     err = (t.update - ref.update).norm() / ref.update.norm()
     assert err < (1e-3 if dtype == torch.bfloat16 else 1e-4), err
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_vocab_splits_merged(scale):
+    """V = 300 spans two vocabulary splits (256 columns each), the last tile partial: the
+    (splits, N) partials of the stats and row passes are merged in torch. scale=30 peaks the
+    softmax so most splits hold only exp(-large) mass (the rescale path of the merge)."""
+    from rosa_ext.kernels._tiles import vocab_splits
+    T, d, V = 5, 16, 300
+    assert vocab_splits(T, V)[0] == 2
+    h, W, c, a, b, y = _case(T, d, V, torch.float32, True, True, scale=scale, seed=3)
+    st = K.stats(h, W, y, bias=c, lora_a=a, lora_b=b)
+    z = _dense(h, W, c, a, b)
+    pi = torch.softmax(z, 1)
+    tol = 2e-5 * scale
+    torch.testing.assert_close(st.lse.double(), torch.logsumexp(z, 1), rtol=tol, atol=tol)
+    torch.testing.assert_close(st.pib.double(), pi @ b.double(), rtol=tol, atol=tol)
+    u, w = torch.randn(V), torch.randn(T)
+    torch.testing.assert_close(K.row_reduce(h, W, st.lse, u, bias=c, lora_a=a, lora_b=b).double(),
+                               pi @ u.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(K.column_reduce(h, W, st.lse, w, bias=c, lora_a=a, lora_b=b).double(),
+                               w.double() @ pi, rtol=tol, atol=tol)
