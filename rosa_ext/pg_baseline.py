@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 #: Default learning rate of the PG step (see the module docstring).
-DEFAULT_LR = 1.0
+DEFAULT_LR = 10.0
 
 
 @dataclass
