@@ -157,8 +157,8 @@ def _reference_ok(cfg: Dict[str, Any], case: Case) -> bool:
 
 
 def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Optional[int] = None,
-        threads: int = 0, budget_s: Optional[float] = None, sections: Tuple[str, ...] = ("cases", "solvers", "batched")
-        ) -> Dict[str, Any]:
+        threads: int = 0, budget_s: Optional[float] = None, sections: Tuple[str, ...] = ("cases", "solvers", "batched"),
+        solver_T: Optional[List[int]] = None) -> Dict[str, Any]:
     """Run a preset on ``device``; returns the result dict and (``out``) writes JSON/markdown/PNG.
 
     Args:
@@ -171,6 +171,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         budget_s: wall-clock budget (default: the preset's); cases/sections not started
             before it runs out are listed under ``skipped``.
         sections: which of "cases", "solvers", "batched" to run.
+        solver_T: T values of the dual-vs-CG sweep (default: the preset's).
     """
     cfg = PRESETS[preset]
     if threads > 0:
@@ -290,7 +291,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
               f"({s['model']}, {s['dtype']}; t={time.perf_counter() - t_start:.0f}s)", flush=True)
         try:
             if sec == "solvers":
-                result["solvers"] = solver_sweep(device, s["model"], s["dtype"], s["T"], ["lora", "hidden"],
+                result["solvers"] = solver_sweep(device, s["model"], s["dtype"], solver_T or s["T"], ["lora", "hidden"],
                                                  max(3, reps // 2), budget_s=cfg["row_budget_s"])
             else:
                 result["batched"] = batched_sweep(device, s["model"], s["dtype"], s["B"], s["T"], ["lora", "hidden"],
@@ -321,9 +322,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget in seconds (default: preset's)")
     p.add_argument("--sections", default="cases,solvers,batched", help="comma list of cases,solvers,batched")
+    p.add_argument("--solver-T", default=None, help="comma list of T for the dual-vs-CG sweep (default: preset's)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run(a.preset, device, a.out, a.reps, a.threads, a.budget_s, tuple(a.sections.split(",")))
+    run(a.preset, device, a.out, a.reps, a.threads, a.budget_s, tuple(a.sections.split(",")),
+        [int(t) for t in a.solver_T.split(",")] if a.solver_T else None)
     return 0
 
 
