@@ -84,9 +84,10 @@ def logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, 
 
 
 #: (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) tried on Hopper (H100/H200) for the heads
-#: the project targets (d 576-4096, V 50k-152k). Kept short so that autotuning one shape costs
-#: seconds, not minutes; configs whose operands overflow shared memory (fp32) are skipped by the
-#: autotuner (OutOfResources).
+#: the project targets (d 576-4096, V 50k-152k), bf16/fp16 operands (wgmma) and fp32 with
+#: "tf32"/"tf32x3". All compile for sm_90 with at most 192 KiB of shared memory (checked ahead
+#: of time, python_tests/test_kernels.py). Each config costs a compile (3-6 s) per kernel and
+#: specialisation on first use, so the list is short.
 _HOPPER = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 4, 3),
@@ -98,14 +99,60 @@ _HOPPER = [
     (32, 128, 128, 4, 3),
     (16, 128, 128, 4, 3),
 ]
+#: Exact fp32 ("ieee": FMA, no tensor cores): small tiles. The large tiles above take 10-45 s
+#: each to compile for fp32 ieee and cannot be faster on FMA units, so they are pruned.
+_HOPPER_FP32_IEEE = [
+    (64, 64, 32, 4, 3),
+    (64, 128, 32, 8, 3),
+    (32, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),
+]
+
+
+def _config(bt, bv, bd, w, s):
+    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
 
 
 def tile_configs():
-    """Autotune configs (a single small config under the interpreter, to keep CPU tests fast)."""
+    """Autotune configs (a single small config under the interpreter, to keep CPU tests fast).
+
+    The union of the half-precision and fp32-ieee lists; :func:`prune_configs` keeps the list
+    that fits the launch's operand dtype and token count."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bt, bv, bd, w, s in _HOPPER]
+    return [_config(*c) for c in _HOPPER] + [_config(*c) for c in _HOPPER_FP32_IEEE]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of the logits-tile kernels (Triton <= 3.5 passes no kwargs; 3.6+ does).
+
+    fp32 operands with "ieee" precision keep the small-tile list, everything else the wgmma list;
+    token tiles taller than twice the padded token count are dropped (decode-sized updates)."""
+    if len(configs) <= 1:
+        return configs
+    args = {**named_args, **kwargs}
+    h = args.get("h_ptr")
+    is_fp32 = bool(args.get("IS_FP32", getattr(h, "dtype", None) == torch.float32))
+    ieee = is_fp32 and args.get("PRECISION", fp32_precision()) == "ieee"
+    pool = {tuple(c) for c in (_HOPPER_FP32_IEEE if ieee else _HOPPER)}
+    n = int(args.get("N", 1 << 20))
+    tall = 2 * max(16, triton.next_power_of_2(max(1, n)))
+
+    def key(c):
+        k = c.kwargs
+        return (k["BLOCK_T"], k["BLOCK_V"], k["BLOCK_D"], c.num_warps, c.num_stages)
+
+    keep = [c for c in configs if key(c) in pool and c.kwargs["BLOCK_T"] <= tall]
+    if not keep:
+        keep = [c for c in configs if key(c) in pool] or list(configs)
+        keep = [min(keep, key=lambda c: c.kwargs["BLOCK_T"])]
+    return keep
+
+
+#: Autotune key of the logits-tile kernels. N_BUCKET is a plain (non-constexpr) launch argument:
+#: as a constexpr it would recompile every config for every token bucket.
+AUTOTUNE_KEY = ["N_BUCKET", "D", "V", "PRECISION"]
+PRUNE = {"early_config_prune": prune_configs}
 
 
 def n_bucket(n: int) -> int:

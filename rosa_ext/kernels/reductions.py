@@ -21,15 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (check_model, fp32_precision, interpreter_safe, load_rows, logits_tile, lora_args,
-                     n_bucket, tile_configs, vocab_splits)
+from ._tiles import (AUTOTUNE_KEY, PRUNE, check_model, fp32_precision, interpreter_safe, load_rows,
+                     logits_tile, lora_args, n_bucket, tile_configs, vocab_splits)
 
 
-@triton.autotune(configs=tile_configs(), key=["N_BUCKET", "D", "V"])
+@triton.autotune(configs=tile_configs(), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _row_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, u_ptr, out_ptr,
                 N, D, V, chunk, s_hn, s_hd, s_wv, s_wd, s_lb, s_u, lora_scale,
-                N_BUCKET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                N_BUCKET, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                 SINGLE: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -59,11 +59,11 @@ def _row_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, u_ptr,
     tl.store(out_ptr + split * N + offs_t, acc, mask=mask_t)
 
 
-@triton.autotune(configs=tile_configs(), key=["N_BUCKET", "D", "V"])
+@triton.autotune(configs=tile_configs(), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _column_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, lse_ptr, wt_ptr, off_ptr, out_ptr,
                    N, D, V, s_hn, s_hd, s_wv, s_wd, s_lb, s_out, lora_scale,
-                   N_BUCKET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                   N_BUCKET, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_v = tl.program_id(0)
