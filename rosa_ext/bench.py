@@ -121,7 +121,8 @@ def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "rosa_ext.bench", "--one", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(res.stderr.strip()[-1500:])
+        # A negative return code is a signal (e.g. -9: killed, typically for memory), with no stderr.
+        raise RuntimeError(f"memory subprocess exited with code {res.returncode}: {res.stderr.strip()[-1500:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

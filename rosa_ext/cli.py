@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from .op import DEFAULT_DAMPING
+from .op import DEFAULT_BETA, DEFAULT_DAMPING
 
 #: The demo's problems (question, answer): small arithmetic that the 135M model gets
 #: wrong on its first greedy try, so every problem shows at least one update.
@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--problems", type=int, default=3, help=f"how many demo problems (max {len(DEMO_PROBLEMS)})")
     d.add_argument("--turns", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=32)
-    d.add_argument("--beta", type=float, default=0.1,
-                   help="KL coefficient; 0.1 lets one update overturn a confident wrong answer (the experiment's setting)")
+    d.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                   help="KL coefficient (the op's default and the experiment's setting; 0.1 moves answers more "
+                        "but a second LoRA update can overshoot and the answers degenerate)")
     d.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
     d.add_argument("--update-on", choices=["response", "answer_span"], default="answer_span",
                    help="which response tokens enter the ROSA target (answer_span: the boxed answer's own tokens)")
