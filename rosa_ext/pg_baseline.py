@@ -12,9 +12,11 @@ shift ``delta``), so the two differ only in how the step is computed:
 
 ``pi_ref`` is the base model (adapter off); at the first update the KL term is
 0. The token *mean* (not the sum) keeps the step size independent of the
-response length. ``lr`` is ours to pick: the default :data:`DEFAULT_LR` was
-chosen on the development problems (``benchmarks/experiment/levers.py``,
-results in ``benchmarks/results/experiment/README.md``); the paper gives none.
+response length. ``lr`` is ours to pick and the paper gives none: the default
+:data:`DEFAULT_LR` is set by hand, not tuned (a PG lever run was planned in
+``benchmarks/experiment/levers.py`` but not completed); the committed experiment
+reports PG's update norm and log-prob change beside ROSA's
+(``benchmarks/results/experiment/README.md``).
 
 :func:`pg_step` is the functional step (any tensors, also batched by looping);
 :class:`PGSession` wraps it with the same ``update``/``reset``/``detach``
