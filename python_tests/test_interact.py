@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rosa_ext
-from rosa_ext.interact import DEFAULT_FEEDBACK, Problem, answer_span_mask, interact
+from rosa_ext.interact import DEFAULT_FEEDBACK, Problem, answer_span_mask, interact, response_logp
 from rosa_ext.models import smollm2_path
 from rosa_ext.rewards import rule_reward
 
@@ -81,6 +81,21 @@ def test_answer_span_mask(tiny_chat):
     assert tok.decode(ids[0][mask]) == "42"  # only the answer's own tokens
     assert not mask[: prompt.shape[1]].any() and not mask[-1]
     assert answer_span_mask(tok, torch.cat([prompt, prompt], 1), prompt.shape[1]) is None
+
+
+def test_response_logp_over_a_mask(tiny_chat):
+    model, tok = tiny_chat
+    prompt = tok("Question?", return_tensors="pt")["input_ids"]
+    resp = tok(" so the total is \\boxed{42}.", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids, start = torch.cat([prompt, resp], 1), prompt.shape[1]
+    mask = answer_span_mask(tok, ids, start)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    per_token = lp[torch.arange(start - 1, ids.shape[1] - 1), ids[0, start:]]
+    assert response_logp(model, ids, start) == pytest.approx(float(per_token.mean()), abs=1e-5)
+    want = float(per_token[mask[start:]].mean())
+    assert response_logp(model, ids, start, mask) == pytest.approx(want, abs=1e-5)
+    assert want != pytest.approx(float(per_token.mean()), abs=1e-5)  # the mask matters
 
 
 def test_cli_demo_tiny(capsys):

@@ -72,6 +72,7 @@ def demo(args: argparse.Namespace) -> int:
     session = attach(model, mode=args.mode, beta=args.beta, damping=args.damping)
     problems = [Problem(q, a) for q, a in DEMO_PROBLEMS[: args.problems]]
     solved = 0
+    target = "answer-token" if args.update_on == "answer_span" else "response"
     try:
         for i, prob in enumerate(problems):
             print(f"\n[{i + 1}/{len(problems)}] {prob.question}  (answer: {prob.answer})", flush=True)
@@ -79,8 +80,8 @@ def demo(args: argparse.Namespace) -> int:
             def show(k: int, rec) -> None:
                 line = f"  turn {k + 1}: reward {rec.reward:+.0f}  answer: {_short(rec.text)}"
                 if rec.update_ms is not None:
-                    line += (f"\n          ROSA update {rec.update_ms:.0f} ms, response log-prob "
-                             f"{rec.logp_before:.3f} -> {rec.logp_after:.3f}")
+                    line += (f"\n          ROSA update {rec.update_ms:.0f} ms (body forward + step), "
+                             f"{target} log-prob {rec.logp_before:.3f} -> {rec.logp_after:.3f}")
                 print(line, flush=True)
 
             res = interact(model, tok, prob, rule_reward, turns=args.turns, session=session,

@@ -45,8 +45,10 @@ class TurnRecord:
     """One turn of :func:`interact`.
 
     ``update_ms`` is the wall time of the adapter's update after this turn (None when
-    none ran); ``logp_before``/``logp_after`` the response's mean token log-prob under the
-    model before/after that update (None unless measured); ``update_norm`` ||delta||.
+    none ran; it includes the session's one no-grad body forward); ``logp_before``/``logp_after``
+    the mean log-prob of the update's target tokens (the whole response, or the answer span
+    with ``update_on="answer_span"``) under the model before/after that update (None unless
+    measured); ``update_norm`` ||delta||.
     """
 
     text: str
@@ -102,11 +104,17 @@ def chat_ids(tokenizer, messages: List[Dict[str, str]], device: torch.device) ->
     return enc["input_ids"].to(device)
 
 
-def response_logp(model, ids: torch.Tensor, start: int) -> float:
-    """Mean log-prob of ``ids[0, start:]`` under ``model`` (one forward)."""
+def response_logp(model, ids: torch.Tensor, start: int, mask: Optional[torch.Tensor] = None) -> float:
+    """Mean log-prob of ``ids[0, start:]`` under ``model`` (one forward).
+
+    ``mask`` (T,) bool over ``ids`` (1, T): average only over the masked response tokens
+    (e.g. :func:`answer_span_mask`, the tokens an ``update_on="answer_span"`` update targets).
+    """
     with torch.no_grad():
         logits = model(ids).logits[0, start - 1:-1].float()
-    lp = torch.log_softmax(logits, -1).gather(1, ids[0, start:, None])
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, start:, None]).squeeze(1)
+    if mask is not None:
+        lp = lp[mask[start:].to(lp.device)]
     return float(lp.mean())
 
 
@@ -254,12 +262,13 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
         elif adapter is not None and k < turns - 1 and resp.numel() > 0:
             ids = torch.cat([prompt, resp.unsqueeze(0)], dim=1)
             kw: Dict[str, Any] = {"response_start": start}
+            mask = None
             if update_on == "answer_span":
                 mask = answer_span_mask(tokenizer, ids, start)
                 if mask is not None:
                     kw = {"response_mask": mask}
             if measure_logp:
-                rec.logp_before = response_logp(model, ids, start)
+                rec.logp_before = response_logp(model, ids, start, mask)
             t0 = time.perf_counter()
             step = adapter.update(ids, reward, **kw)
             rec.update_ms = 1000.0 * (time.perf_counter() - t0)
@@ -267,7 +276,7 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
             if isinstance(upd, torch.Tensor):
                 rec.update_norm = float(torch.linalg.vector_norm(upd.float()))
             if measure_logp:
-                rec.logp_after = response_logp(model, ids, start)
+                rec.logp_after = response_logp(model, ids, start, mask)
         if on_turn is not None:
             on_turn(k, rec)
         if rec.correct or k == turns - 1:

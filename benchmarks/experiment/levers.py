@@ -58,7 +58,9 @@ CONFIGS_RUN4 = [
     ("rosa-lora b1 l0.01 answer", R(RL, beta=1.0, damping=0.01, on="answer_span"), "greedy"),
     ("rosa-lora b0.3 l0.1 answer", R(RL, beta=0.3, damping=0.1, on="answer_span"), "greedy"),
     ("rosa-hidden b0.3 l0.01 answer", R(RH, beta=0.3, damping=0.01, on="answer_span"), "greedy"),
-    ("pg lr30 answer", R(PG, lr=30.0, on="answer_span"), "greedy"),
+    # PG at lr 10 (the committed run) degenerated the answers (14% boxed after turn 1):
+    ("pg lr1 answer", R(PG, lr=1.0, on="answer_span"), "greedy"),
+    ("pg lr0.1 answer", R(PG, lr=0.1, on="answer_span"), "greedy"),
 ]
 RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4}
 
