@@ -83,6 +83,26 @@ def test_answer_span_mask(tiny_chat):
     assert answer_span_mask(tok, torch.cat([prompt, prompt], 1), prompt.shape[1]) is None
 
 
+@pytest.mark.parametrize("resp, want", [
+    (" \\boxed{42}. Then \\boxed{4", "42"),      # unclosed last box: the closed one before it (crashed before)
+    (" \\boxed{42} and \\boxed", "42"),          # a last \\boxed with no brace at all
+    (" \\boxed {7}.", "7"),                        # whitespace before the brace, as boxed_answer allows
+    (" \\boxed{4", None),                          # only an unclosed box
+    (" \\boxed{ }", None),                         # empty box
+])
+def test_answer_token_span_agrees_with_boxed_answer(tiny_chat, resp, want):
+    from rosa_ext.interact import answer_token_span
+    from rosa_ext.rewards import boxed_answer
+    _, tok = tiny_chat
+    ids = tok(resp, add_special_tokens=False)["input_ids"]
+    assert (boxed_answer(tok.decode(ids)) or None) == want  # the reward reads the same box
+    span = answer_token_span(tok, ids)
+    if want is None:
+        assert span is None
+    else:
+        assert "".join(tok.decode(ids[span[0]:span[1]]).split()) == want
+
+
 def test_response_logp_over_a_mask(tiny_chat):
     model, tok = tiny_chat
     prompt = tok("Question?", return_tensors="pt")["input_ids"]

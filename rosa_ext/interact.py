@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .op import DEFAULT_BETA, DEFAULT_DAMPING
-from .rewards import boxed_answer, is_correct
+from .rewards import boxed_span, is_correct
 
 #: Appended after the question (the rule-based reward reads the final \boxed{}).
 ANSWER_INSTRUCTION = " Put the final answer in \\boxed{}."
@@ -128,16 +128,10 @@ def answer_token_span(tokenizer, response_ids: Sequence[int]) -> Optional[Tuple[
     """
     toks = [int(t) for t in response_ids]
     text = tokenizer.decode(toks, skip_special_tokens=True)
-    content = boxed_answer(text)
-    if not content:
+    span = boxed_span(text)  # the box boxed_answer reads (an unclosed last box falls back)
+    if span is None or not text[span[0]:span[1]].strip():
         return None
-    box = text.rfind("\\boxed")
-    lo = text.index("{", box) + 1
-    depth, hi = 1, lo
-    while depth:
-        depth += {"{": 1, "}": -1}.get(text[hi], 0)
-        hi += 1
-    hi -= 1  # text[lo:hi] is the content
+    lo, hi = span  # text[lo:hi] is the content
     first = last = None
     for i in range(len(toks)):
         n = len(tokenizer.decode(toks[: i + 1], skip_special_tokens=True))

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 _BOX = "\\boxed"
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
-def boxed_answer(text: str) -> Optional[str]:
-    """The content of the last ``\\boxed{...}`` in ``text`` (nested braces matched), or None.
-
-    Whitespace inside is removed (``\\boxed{ 4 2 }`` -> ``"42"``); an unclosed box
-    gives None.
-    """
+def boxed_span(text: str) -> Optional[Tuple[int, int]]:
+    """Character range ``[lo, hi)`` of the content of the last *closed* ``\\boxed{...}``
+    in ``text`` (nested braces matched; an unclosed last box falls back to the one before),
+    or None. :func:`boxed_answer` reads this span."""
     if not isinstance(text, str):
-        raise TypeError(f"boxed_answer: expected a str, got {type(text).__name__}")
+        raise TypeError(f"boxed_span: expected a str, got {type(text).__name__}")
     start = text.rfind(_BOX)
     while start != -1:
         i = start + len(_BOX)
@@ -41,10 +39,22 @@ def boxed_answer(text: str) -> Optional[str]:
                 elif text[j] == "}":
                     depth -= 1
                     if depth == 0:
-                        return "".join(text[i + 1:j].split())
+                        return i + 1, j
                 j += 1
         start = text.rfind(_BOX, 0, start)
     return None
+
+
+def boxed_answer(text: str) -> Optional[str]:
+    """The content of the last ``\\boxed{...}`` in ``text`` (nested braces matched), or None.
+
+    Whitespace inside is removed (``\\boxed{ 4 2 }`` -> ``"42"``); an unclosed box
+    gives None.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"boxed_answer: expected a str, got {type(text).__name__}")
+    span = boxed_span(text)
+    return None if span is None else "".join(text[span[0]:span[1]].split())
 
 
 def normalize_answer(ans: str) -> str:
