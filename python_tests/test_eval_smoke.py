@@ -118,3 +118,45 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
     rows = (out / "runs.jsonl").read_text().splitlines()
     assert len(rows) == 5 * 2 * 4
     assert "| rosa-lora |" in (out / "results.md").read_text()
+
+
+def _merge_runs_module():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "experiment" / "merge_runs.py"
+    spec = importlib.util.spec_from_file_location("merge_runs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merge_runs_pools_separately_run_seeds(tmp_path):
+    """benchmarks/experiment/merge_runs.py: seeds from two files, a seed filter, duplicates refused."""
+    merge = _merge_runs_module()
+
+    def rec(method, seed, j, solved_at):
+        turns = [{"text": "x", "reward": -1.0, "correct": False, "tokens": 1}] * (2 if solved_at is None else solved_at)
+        turns = turns + ([{"text": "\\boxed{1}", "reward": 1.0, "correct": True, "tokens": 1}]
+                         if solved_at is not None else [])
+        return {"method": method, "seed": seed, "problem": j, "question": f"q{j}", "answer": "1",
+                "solved_at": solved_at, "turns": turns}
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    # seed 0 in a (plus a seed 9 to filter out), seed 1 in b; 4 problems
+    a.write_text("\n".join(json.dumps(rec(m, s, j, st)) for m, s, sol in
+                           [("baseline", 0, [0, None, None, None]), ("rosa-lora", 0, [0, 1, None, None]),
+                            ("baseline", 9, [0, 0, 0, 0])] for j, st in enumerate(sol)) + "\n")
+    b.write_text("\n".join(json.dumps(rec(m, 1, j, st)) for m, sol in
+                           [("baseline", [0, None, None, None]), ("rosa-lora", [0, 1, 1, None])]
+                           for j, st in enumerate(sol)) + "\n")
+    out = tmp_path / "out"
+    assert merge.main(["--turns", "2", "--out", str(out), "--n-boot", "50", f"{a}:0", str(b)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["seeds"] == {"baseline": [0, 1], "rosa-lora": [0, 1]}
+    s = res["summary"]
+    assert s["baseline"]["accuracy"]["value"] == pytest.approx(2 / 8)
+    assert s["rosa-lora"]["accuracy"]["value"] == pytest.approx(5 / 8)
+    assert s["rosa-lora"]["accuracy_minus_baseline"]["value"] == pytest.approx(3 / 8)
+    assert (out / "accuracy_vs_turn.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="appears twice"):
+        merge.main(["--turns", "2", "--out", str(out), f"{a}:0", f"{a}:0"])
