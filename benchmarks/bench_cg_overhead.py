@@ -5,7 +5,7 @@ One command on a GPU machine (JSON on stdout, progress on stderr):
     python benchmarks/bench_cg_overhead.py [--out benchmarks/results/]
 
 For n in {1e3, 1e4, 1e5, 2e5} it times ``--iters`` iterations of the compiled solver
-(``rosa_ext._cg_compiled.cg_cuda_launch``) on a diagonal operator (one elementwise
+(``rosa_ext.cg.compiled.cg_cuda_launch``) on a diagonal operator (one elementwise
 kernel) with eigenvalues log-spaced over [1e-6, 1] and tol = 0, so that no iteration
 converges or underflows and every one does the full work (``iterations_run`` checks
 it), subtracts ``--iters`` bare matvecs, and reports microseconds per iteration:
@@ -74,7 +74,7 @@ def _capture(fn) -> torch.cuda.CUDAGraph:
 
 def _row(n: int, dtype: torch.dtype, iters: int, reps: int) -> dict:
     from rosa_ext import _C
-    from rosa_ext._cg_compiled import STATE_ITERS, cg_cuda_launch
+    from rosa_ext.cg.compiled import STATE_ITERS, cg_cuda_launch
     from rosa_ext.cg import cg_python
 
     # condition number 1e6: CG is far from converged after a few hundred iterations

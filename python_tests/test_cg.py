@@ -6,7 +6,7 @@ import torch
 
 from rosa_ext import _C, rosa_update
 from rosa_ext import cg as cg_mod
-from rosa_ext._cg_compiled import cg_compiled
+from rosa_ext.cg.compiled import cg_compiled
 from rosa_ext.cg import cg, cg_python
 
 from _helpers import make_inputs
@@ -242,7 +242,7 @@ def test_cuda_edge_cases():
 @pytest.mark.gpu
 def test_cuda_loop_has_no_host_sync():
     _need_cuda_ext()
-    from rosa_ext._cg_compiled import cg_cuda_launch, finish_cuda
+    from rosa_ext.cg.compiled import cg_cuda_launch, finish_cuda
     A = _spd(500).cuda()
     b = torch.randn(500, dtype=torch.float64, device="cuda")
     cg_cuda_launch(lambda v: A @ v, b, damping=0.1, max_iter=2, tol=1e-10)  # load the kernels first
@@ -275,7 +275,7 @@ def test_cuda_nan_flag_and_errors():
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_replay():
     _need_cuda_ext()
-    from rosa_ext._cg_compiled import STATE_ITERS, cg_cuda_launch
+    from rosa_ext.cg.compiled import STATE_ITERS, cg_cuda_launch
     n = 256
     A = _spd(n).cuda()
     b = torch.randn(n, dtype=torch.float64, device="cuda")

@@ -8,9 +8,8 @@ Public API:
     attach                      plug into a transformers / PEFT model
     interact                    the multi-turn feedback loop
 """
+from ._version import __version__
 from .op import RosaStep, rosa_update
-
-__version__ = "0.1.0"
 
 __all__ = ["RosaStep", "rosa_update", "__version__"]
 

@@ -11,84 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
-MODES = ("lora", "hidden")
-SOLVERS = ("auto", "cg", "dual")
-BACKENDS = ("auto", "torch", "triton")
-
-RewardLike = Union[float, int, Sequence[float], torch.Tensor]
-
-
-@dataclass
-class HeadProblem:
-    """Packed inputs of one (possibly batched) update.
-
-    Shapes (N = packed response tokens, B = conversations, d = hidden size,
-    V = vocabulary size):
-
-    - ``hidden``  (N, d) model dtype, lm_head inputs of the response positions
-    - ``weight``  (V, d) model dtype, lm_head weight (never modified)
-    - ``bias``    (V,) or None
-    - ``targets`` (N,) int64, observed response tokens
-    - ``seg``     (N,) int64, conversation index of each row (sorted)
-    - ``offsets`` list of B+1 ints, rows of conversation b are offsets[b]:offsets[b+1]
-    - ``reward``  (B,) compute dtype
-    - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None
-    - ``compute_dtype`` float64 if the model is float64, else float32
-    """
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    targets: torch.Tensor
-    seg: torch.Tensor
-    offsets: List[int]
-    reward: torch.Tensor
-    mode: str
-    lora_a: Optional[torch.Tensor]
-    lora_b: Optional[torch.Tensor]
-    lora_scale: float
-    beta: float
-    damping: float
-    max_iter: int
-    tol: float
-    solver: str
-    backend: str
-    batched: bool
-    compute_dtype: torch.dtype
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.targets.shape[0])
-
-    @property
-    def num_conversations(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def num_params(self) -> int:
-        """Parameters moved per conversation: d + V (lora) or d (hidden)."""
-        return self.hidden_size + (self.vocab_size if self.mode == "lora" else 0)
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    @property
-    def max_len(self) -> int:
-        return max(self.offsets[i + 1] - self.offsets[i] for i in range(self.num_conversations))
+from .common.types import BACKENDS, MODES, SOLVERS, HeadProblem, RewardLike
 
 
 def _fail(msg: str) -> None:

@@ -40,7 +40,7 @@ REFERENCE = "reference"
 def compiled_cg_available() -> bool:
     """True when the compiled CG extension ``rosa_ext._C`` imports."""
     try:
-        from . import _cg_compiled  # noqa: F401
+        from .cg import compiled  # noqa: F401
     except Exception:
         return False
     return True

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._problem import HeadProblem
+from .common.types import HeadProblem
 from .target import residual_target
 
 

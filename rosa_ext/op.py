@@ -6,7 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._problem import RewardLike, build_problem
+from ._problem import build_problem
+from .common.types import RewardLike
 from .backends import get_backend
 from .jacobian import RosaOperator
 from .solvers import choose_solver, solve_cg, solve_dual

@@ -12,7 +12,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ._problem import HeadProblem, RewardLike, build_problem
+from ._problem import build_problem
+from .common.types import HeadProblem, RewardLike
 from .op import (DEFAULT_BETA, DEFAULT_DAMPING, DEFAULT_MAX_ITER, DEFAULT_TOL, RosaStep)
 from .target import residual_target
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ._problem import MODES
+from .common.types import MODES
 from .op import DEFAULT_BETA, DEFAULT_DAMPING, DEFAULT_MAX_ITER, DEFAULT_TOL, RosaStep, rosa_update
 
 _STATE_VERSION = 1

@@ -10,7 +10,7 @@ from typing import Tuple, Union
 
 import torch
 
-from ._problem import HeadProblem
+from .common.types import HeadProblem
 from .cg import cg
 from .jacobian import RosaOperator
 

@@ -1,26 +1,9 @@
 """Backend registry and the per-token cache shared by all backends."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-
-@dataclass
-class HeadStats:
-    """Per-token cache of one stats pass (ROSA_SPEC.md section 3), compute dtype.
-
-    - ``lse``  (N,) log-sum-exp of the logits z_t
-    - ``logp`` (N,) log p_t = z_t[y_t] - lse_t
-    - ``ah``   (N,) a_seg . h_t, or None without LoRA
-    - ``pib``  (N,) pi_t . b_seg, or None without LoRA
-    """
-
-    lse: torch.Tensor
-    logp: torch.Tensor
-    ah: Optional[torch.Tensor]
-    pib: Optional[torch.Tensor]
+from ..common.types import HeadStats  # noqa: F401  (re-exported)
 
 
 def triton_available(device: torch.device) -> bool:

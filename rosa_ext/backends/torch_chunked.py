@@ -12,8 +12,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from .._problem import HeadProblem
-from .base import HeadStats
+from ..common.types import HeadProblem
+from ..common.types import HeadStats
 
 #: Target size, in elements, of one (N, chunk) logits tile (32 MB in fp32).
 DEFAULT_TILE_ELEMENTS = 1 << 23

@@ -21,11 +21,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._problem import HeadProblem
+from ..common.types import HeadProblem
 from ..kernels import matvec as MV
 from ..kernels import reductions as K
 from ..kernels.stats_pass import lse_and_pib
-from .base import HeadStats
+from ..common.types import HeadStats
 from .torch_chunked import TorchChunkedBackend
 
 

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..backends.base import HeadStats
+from ..common.types import HeadStats
 from .matvec import weight_matvec, weight_rmatvec
 from .reductions import column_reduce as _column_reduce
 from .reductions import row_reduce as _row_reduce

@@ -23,8 +23,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C
-from .cg import CGResult, Matvec, _check
+from .. import _C
+from ..common.types import CGResult, Matvec
+from .args import check_cg_args
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
 STATE_RR, STATE_BB, STATE_ITERS, STATE_BAD = 0, 1, 5, 6
@@ -50,7 +51,7 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
         tol: stop once ||r|| <= tol * ||b|| (r the recursively updated residual).
         x0: optional (n,) initial guess, like b.
     Returns:
-        :class:`~rosa_ext.cg.CGResult` with x (n,) like b. On CUDA ``iterations``
+        :class:`~rosa_ext.common.types.CGResult` with x (n,) like b. On CUDA ``iterations``
         (int64) and ``residual`` (float64) are 0-dim device tensors; on the CPU
         plain numbers.
     Raises:
@@ -60,7 +61,7 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
             a matvec returning a wrong shape/dtype/device.
         RuntimeError: a CUDA tensor while ``_C`` was built without CUDA.
     """
-    _check(b, damping, max_iter, tol)
+    check_cg_args(b, damping, max_iter, tol)
     if b.device.type not in ("cpu", "cuda"):
         raise ValueError(f"cg: the compiled solver runs on cpu or cuda tensors, got {b.device}")
     if x0 is not None:
@@ -120,7 +121,7 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
         tol and max_iter are baked into a captured graph; b, x0 and A's data are read
         at replay.
     """
-    _check(b, damping, max_iter, tol)
+    check_cg_args(b, damping, max_iter, tol)
     if b.device.type != "cuda":
         raise ValueError(f"cg_cuda_launch: b must be a CUDA tensor, got {b.device}")
     if x0 is not None:

@@ -1,0 +1,126 @@
+"""Shared data types: the packed problem, the per-token cache, the CG result.
+
+``HeadProblem`` is what the core layer builds from user inputs (``rosa_ext.core.problem``)
+and what the backends and the Jacobian algebra consume; ``HeadStats`` is a backend's
+per-token cache (MATH.md section 3); ``CGResult`` is what every CG implementation returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+
+MODES = ("lora", "hidden")
+SOLVERS = ("auto", "cg", "dual")
+BACKENDS = ("auto", "torch", "triton")
+
+#: A reward: one number, or one per conversation of a batch.
+RewardLike = Union[float, int, Sequence[float], torch.Tensor]
+
+#: A CG operator: v (n,) -> A v (n,), same dtype and device as v.
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class HeadProblem:
+    """Packed inputs of one (possibly batched) update.
+
+    Shapes (N = packed response tokens, B = conversations, d = hidden size,
+    V = vocabulary size):
+
+    - ``hidden``  (N, d) model dtype, lm_head inputs of the response positions
+    - ``weight``  (V, d) model dtype, lm_head weight (never modified)
+    - ``bias``    (V,) or None
+    - ``targets`` (N,) int64, observed response tokens
+    - ``seg``     (N,) int64, conversation index of each row (sorted)
+    - ``offsets`` list of B+1 ints, rows of conversation b are offsets[b]:offsets[b+1]
+    - ``reward``  (B,) compute dtype
+    - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None
+    - ``compute_dtype`` float64 if the model is float64, else float32
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    targets: torch.Tensor
+    seg: torch.Tensor
+    offsets: List[int]
+    reward: torch.Tensor
+    mode: str
+    lora_a: Optional[torch.Tensor]
+    lora_b: Optional[torch.Tensor]
+    lora_scale: float
+    beta: float
+    damping: float
+    max_iter: int
+    tol: float
+    solver: str
+    backend: str
+    batched: bool
+    compute_dtype: torch.dtype
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def num_conversations(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def num_params(self) -> int:
+        """Parameters moved per conversation: d + V (lora) or d (hidden)."""
+        return self.hidden_size + (self.vocab_size if self.mode == "lora" else 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def lengths(self) -> List[int]:
+        """Tokens of each conversation (B ints)."""
+        return [self.offsets[i + 1] - self.offsets[i] for i in range(self.num_conversations)]
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+
+@dataclass
+class HeadStats:
+    """Per-token cache of one stats pass (MATH.md section 3), compute dtype.
+
+    - ``lse``  (N,) log-sum-exp of the logits z_t
+    - ``logp`` (N,) log p_t = z_t[y_t] - lse_t
+    - ``ah``   (N,) a_seg . h_t, or None without LoRA
+    - ``pib``  (N,) pi_t . b_seg, or None without LoRA
+    """
+
+    lse: torch.Tensor
+    logp: torch.Tensor
+    ah: Optional[torch.Tensor]
+    pib: Optional[torch.Tensor]
+
+
+@dataclass
+class CGResult:
+    """Result of one CG solve.
+
+    ``x`` has the shape and dtype of ``b``. ``iterations`` and ``residual``
+    (the final ||b - (A + damping I) x|| / ||b||, 0 when b = 0) may be 0-dim
+    tensors on the solve's device so that reading them is the caller's choice
+    (it synchronises a CUDA stream); use int()/float() to read.
+    """
+
+    x: torch.Tensor
+    iterations: Union[int, torch.Tensor]
+    residual: Union[float, torch.Tensor]
