@@ -51,7 +51,7 @@ def triton_usable(device: str) -> bool:
     if device != "cuda":
         return False
     try:
-        from .backends.base import triton_available
+        from .backends import triton_available
         return triton_available(torch.device("cuda"))
     except Exception:
         return False

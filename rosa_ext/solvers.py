@@ -85,7 +85,7 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
                                  "(check the inputs' scale or raise `damping`)")
     a_packed = op.unpack(alpha)
     if prob.mode == "hidden":
-        update = op._segment_sum(a_packed.unsqueeze(1) * rows)
+        update = op.segment_sum(a_packed.unsqueeze(1) * rows)
     else:
         update = op.vjp(a_packed)
     e = gpad - (G0 @ alpha.unsqueeze(-1)).squeeze(-1) - prob.damping * alpha

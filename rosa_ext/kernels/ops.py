@@ -3,7 +3,7 @@
 Shapes: T tokens (packed over B >= 1 conversations), hidden size d, vocabulary V.
 
 - ``hidden`` (T, d) and ``weight`` (V, d): one dtype of fp32 / bf16 / fp16, any strides
-  (fp64 is refused: use ``rosa_ext.backends.torch_chunked`` for fp64 models).
+  (fp64 is refused: the torch backend serves fp64 models).
 - ``bias`` (V,) any float dtype or None; ``targets`` (T,) int64 token ids.
 - ``seg`` (T,) int, conversation of each token, sorted (tokens of one conversation are
   contiguous); None means one conversation (B = 1).
@@ -11,9 +11,10 @@ Shapes: T tokens (packed over B >= 1 conversations), hidden size d, vocabulary V
   they add s (a_seg . h_t) b_seg to the logits. Both or neither.
 - Every result is fp32 (accumulation is fp32 whatever the model dtype).
 
-The JVP/VJP are of p_t = softmax(z_t)[y_t] (ROSA_SPEC.md section 2) w.r.t. the LoRA
+The JVP/VJP are of p_t = softmax(z_t)[y_t] (MATH.md section 2) w.r.t. the LoRA
 parameters [a, b] (mode "lora", P = d + V per conversation) or a hidden-state shift
-(mode "hidden", P = d). Pass the :func:`stats` result as ``st`` to skip the stats pass
+(mode "hidden", P = d); their algebra is :mod:`rosa_ext.common.jacobian`, the one the
+core operator uses, here on the Triton primitives (:mod:`.primitives`). Pass the :func:`stats` result as ``st`` to skip the stats pass
 when calling them repeatedly (a CG loop): a JVP is then one row-reduction pass over W,
 a VJP one column-reduction pass (plus one GEMV over W in hidden mode).
 """
@@ -23,11 +24,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..common.types import HeadStats
-from .matvec import weight_matvec, weight_rmatvec
+from ..common import defaults
+from ..common import jacobian as J
+from ..common.types import HeadProblem, HeadStats
+from .primitives import TritonPrimitives, stats_from_tensors
 from .reductions import column_reduce as _column_reduce
 from .reductions import row_reduce as _row_reduce
-from .stats_pass import lse_and_pib
 
 
 def _rows(x: Optional[torch.Tensor], width: int, name: str) -> Optional[torch.Tensor]:
@@ -78,8 +80,8 @@ def _num(*xs: Optional[torch.Tensor]) -> int:
 
 
 def stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
-          lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
-          seg: Optional[torch.Tensor] = None) -> HeadStats:
+          lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
+          lora_scale: float = defaults.LORA_SCALE, seg: Optional[torch.Tensor] = None) -> HeadStats:
     """One pass over W -> HeadStats(lse, logp, ah, pib), each (T,) fp32 (ah/pib None without LoRA).
 
     lse_t = logsumexp(z_t), logp_t = z_t[y_t] - lse_t (<= 0), ah_t = a_seg . h_t, pib_t = pi_t . b_seg.
@@ -87,20 +89,13 @@ def stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, 
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"rosa_ext.kernels.stats: targets must be ({hidden.shape[0]},), got {tuple(targets.shape)}")
     seg32, _, B = _segments(hidden, seg, _num(lora_a, lora_b))
-    a, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
-    lse, pib = lse_and_pib(hidden, weight, seg32, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
-    y = targets.long()
-    z_y = (hidden.float() * weight[y].float()).sum(1)
-    if bias is not None:
-        z_y = z_y + bias[y].float()
-    if b is not None:
-        z_y = z_y + lora_scale * ah * (b[0, y] if b.shape[0] == 1 else b[seg32.long(), y])
-    return HeadStats(lse=lse, logp=torch.clamp(z_y - lse, max=0.0), ah=ah, pib=pib)
+    _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
+    return stats_from_tensors(hidden, weight, targets, seg32, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
 
 
 def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, u: torch.Tensor, *,
                bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-               lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+               lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
                seg: Optional[torch.Tensor] = None) -> torch.Tensor:
     """R(u)_t = pi_t . u_seg for u (V,) or (B, V), given lse (T,) from :func:`stats` -> (T,) fp32."""
     V = weight.shape[0]
@@ -112,7 +107,7 @@ def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, u:
 
 def column_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, *,
                   bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-                  lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
+                  lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
                   seg: Optional[torch.Tensor] = None) -> torch.Tensor:
     """C(w) = sum_t w_t pi_t for w (T,) -> (V,) fp32, or (B, V) per conversation when ``seg`` is given."""
     seg32, off, _ = _segments(hidden, seg, _num(lora_a, lora_b))
@@ -128,69 +123,45 @@ def _params(v: torch.Tensor, P: int, B: int) -> torch.Tensor:
     return v2.expand(B, P)
 
 
-def _setup(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale, extra=None):
+def _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale, extra=None
+                   ) -> Tuple[J.Linearization, TritonPrimitives]:
+    """The packed problem of the tensor-level call, its stats and the Triton primitives over it."""
     if mode not in ("lora", "hidden"):
         raise ValueError(f"rosa_ext.kernels: mode must be 'lora' or 'hidden', got {mode!r}")
     if mode == "lora" and lora_a is None:
         raise ValueError("rosa_ext.kernels: mode='lora' needs lora_a and lora_b")
     seg32, off, B = _segments(hidden, seg, _num(lora_a, lora_b, extra))
-    a, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
+    a, b, _ = _lora(hidden, weight, lora_a, lora_b, seg32)
     if st is None:
         st = stats(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg)
     if a is not None:
         a, b = a.expand(B, -1), b.expand(B, -1)
-    kw = dict(bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
-    return seg32.long(), off, B, a, b, st, kw
+    prob = HeadProblem(hidden=hidden, weight=weight, bias=bias, targets=targets.long(), seg=seg32.long(),
+                       offsets=off.tolist(), reward=torch.zeros(B, device=hidden.device), mode=mode, lora_a=a,
+                       lora_b=b, lora_scale=float(lora_scale), beta=defaults.BETA, damping=defaults.DAMPING,
+                       max_iter=defaults.MAX_ITER, tol=defaults.TOL, solver="cg", backend="triton",
+                       batched=seg is not None, compute_dtype=torch.float32)
+    return J.Linearization.at(prob, st), TritonPrimitives(index=(seg32, off))
 
 
 def jvp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, v: torch.Tensor, *, mode: str,
         bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-        lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0, seg: Optional[torch.Tensor] = None,
-        st: Optional[HeadStats] = None) -> torch.Tensor:
+        lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
+        seg: Optional[torch.Tensor] = None, st: Optional[HeadStats] = None) -> torch.Tensor:
     """u = J v: v (P,) or (B, P) (P = d + V laid out [v_a, v_b] for "lora", d for "hidden") -> (T,) fp32."""
-    seg_l, _, B, a, b, st, kw = _setup(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale,
-                                       v if v.dim() == 2 else None)
-    d, V = hidden.shape[1], weight.shape[0]
-    y = targets.long()
-    p = torch.exp(st.logp)
-    seg32 = seg_l.to(torch.int32)
-    if mode == "lora":
-        v2 = _params(v, d + V, B)
-        va, vb = v2[:, :d], v2[:, d:]
-        hv = (hidden.float() * va[seg_l]).sum(1)
-        row = _row_reduce(hidden, weight, seg32, st.lse, vb, **kw)
-        return lora_scale * p * ((b[seg_l, y] - st.pib) * hv + st.ah * (vb[seg_l, y] - row))
-    v2 = _params(v, d, B)
-    uv = weight_matvec(weight, v2) if weight.dtype != torch.float32 else v2 @ weight.T  # (B, V) = W v
-    if a is not None:  # W_eff = W + s b a^T
-        uv = uv + lora_scale * (v2 * a).sum(1, keepdim=True) * b
-    return p * (uv[seg_l, y] - _row_reduce(hidden, weight, seg32, st.lse, uv, **kw))
+    lin, prims = _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale,
+                                v if v.dim() == 2 else None)
+    prob = lin.prob
+    return J.jvp(lin, prims, _params(v, prob.num_params, prob.num_conversations))
 
 
 def vjp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, u: torch.Tensor, *, mode: str,
         bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-        lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0, seg: Optional[torch.Tensor] = None,
-        st: Optional[HeadStats] = None) -> torch.Tensor:
+        lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
+        seg: Optional[torch.Tensor] = None, st: Optional[HeadStats] = None) -> torch.Tensor:
     """J^T u: u (T,) -> (P,) fp32, or (B, P) per conversation when ``seg`` is given."""
     if u.shape != (hidden.shape[0],):
         raise ValueError(f"rosa_ext.kernels.vjp: u must be ({hidden.shape[0]},), got {tuple(u.shape)}")
-    seg_l, off, B, a, b, st, kw = _setup(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale)
-    y = targets.long()
-    up = u.float() * torch.exp(st.logp)
-
-    def scatter_minus_column(w: torch.Tensor) -> torch.Tensor:
-        q = -_column_reduce(hidden, weight, off, st.lse, w, **kw)
-        q.index_put_((seg_l, y), w, accumulate=True)
-        return q
-
-    if mode == "lora":
-        coef = lora_scale * up * (b[seg_l, y] - st.pib)
-        grad_a = torch.zeros(B, hidden.shape[1], dtype=torch.float32, device=hidden.device).index_add_(
-            0, seg_l, coef.unsqueeze(1) * hidden.float())
-        grad = torch.cat([grad_a, scatter_minus_column(lora_scale * up * st.ah)], dim=1)
-    else:
-        q = scatter_minus_column(up)
-        grad = weight_rmatvec(weight, q) if weight.dtype != torch.float32 else q @ weight
-        if a is not None:
-            grad = grad + lora_scale * (q * b).sum(1, keepdim=True) * a
+    lin, prims = _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale)
+    grad = J.vjp(lin, prims, u.float())
     return grad[0] if seg is None else grad

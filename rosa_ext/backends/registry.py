@@ -1,15 +1,16 @@
-"""Backend registry and the per-token cache shared by all backends."""
+"""Backend registry: names -> implementations of :class:`~rosa_ext.backends.protocol.Backend`."""
 from __future__ import annotations
+
+import os
 
 import torch
 
-from ..common.types import HeadStats  # noqa: F401  (re-exported)
+from .protocol import Backend
 
 
 def triton_available(device: torch.device) -> bool:
     """True when the Triton backend can run on ``device``."""
     if device.type != "cuda":
-        import os
         if os.environ.get("TRITON_INTERPRET") != "1":
             return False
     try:
@@ -19,7 +20,7 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def get_backend(name: str, device: torch.device):
+def get_backend(name: str, device: torch.device) -> Backend:
     """Resolve a backend name ("auto", "torch", "triton") to a backend object.
 
     "auto" picks Triton on CUDA when it imports, else the portable chunked

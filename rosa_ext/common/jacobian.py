@@ -1,0 +1,166 @@
+"""J and J^T of p(theta) for both parameterisations, written once (MATH.md sections 2-3).
+
+The algebra here turns a backend's streaming primitives (:class:`HeadPrimitives`) into
+the JVP, the VJP, the explicit rows of J that are only d wide, and the T x T Gram matrix
+J J^T. It is used by the core operator (:class:`rosa_ext.core.operator.RosaOperator`,
+any backend) and by the tensor-level API of :mod:`rosa_ext.kernels` (the Triton kernels),
+so the formulas exist in one place.
+
+Parameter vectors are (B, P): P = d + V laid out ``[delta_a, delta_b]`` (lora) or P = d
+(hidden), one row per conversation; token vectors are (N,), packed over the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from .types import HeadProblem, HeadStats
+
+
+class HeadPrimitives(Protocol):
+    """The streaming reductions over the vocabulary a backend provides (MATH.md section 3).
+
+    - ``row_reduce(prob, st, u)``: u (B, V) -> (N,), ``pi_t . u[seg_t]``
+    - ``column_reduce(prob, st, w)``: w (N,) -> (B, V), ``sum_{t in b} w_t pi_t``
+    - ``weight_matvec(prob, v)``: v (B, d) -> (B, V), ``W v``
+    - ``weight_rmatvec(prob, q)``: q (B, V) -> (B, d), ``q W``
+    - ``pi_weight(prob, st)`` -> (N, d), ``pi_t W`` (dual solver, hidden mode)
+    - ``pi_gram(prob, st)`` -> (B, Tmax, Tmax), ``pi_t . pi_u`` within each conversation
+    All results in the problem's compute dtype.
+    """
+
+    def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor: ...
+
+    def column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor: ...
+
+    def weight_matvec(self, prob: HeadProblem, v: torch.Tensor) -> torch.Tensor: ...
+
+    def weight_rmatvec(self, prob: HeadProblem, q: torch.Tensor) -> torch.Tensor: ...
+
+    def pi_weight(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
+
+    def pi_gram(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
+
+
+@dataclass
+class Linearization:
+    """What the algebra needs at the current parameters, compute dtype (N packed tokens).
+
+    - ``prob``, ``stats``: the packed problem and the backend's per-token cache
+    - ``p`` (N,): probability of each observed token
+    - ``h`` (N, d): lm_head inputs in the compute dtype
+    - ``by`` (N,) or None: ``b_seg[y_t]``, the LoRA b entry of each observed token
+    """
+
+    prob: HeadProblem
+    stats: HeadStats
+    p: torch.Tensor
+    h: torch.Tensor
+    by: Optional[torch.Tensor]
+
+    @classmethod
+    def at(cls, prob: HeadProblem, stats: HeadStats) -> "Linearization":
+        by = None if prob.lora_b is None else prob.lora_b[prob.seg, prob.targets]
+        return cls(prob=prob, stats=stats, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype), by=by)
+
+
+def segment_sum(prob: HeadProblem, rows: torch.Tensor) -> torch.Tensor:
+    """Sum (N, k) rows per conversation -> (B, k)."""
+    B = prob.num_conversations
+    if B == 1:
+        return rows.sum(0, keepdim=True)
+    return torch.zeros(B, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, prob.seg, rows)
+
+
+def scatter_minus_column(lin: Linearization, prims: HeadPrimitives, w: torch.Tensor) -> torch.Tensor:
+    """scatter_add(y, w) - C(w) -> (B, V): the VJP through the softmax (MATH.md section 3)."""
+    prob = lin.prob
+    q = -prims.column_reduce(prob, lin.stats, w)
+    q.index_put_((prob.seg, prob.targets), w, accumulate=True)
+    return q
+
+
+def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Tensor:
+    """u = J v for v (B, P) -> (N,)."""
+    prob, st = lin.prob, lin.stats
+    s, seg, y = prob.lora_scale, prob.seg, prob.targets
+    d = prob.hidden_size
+    if prob.mode == "lora":
+        va, vb = v[:, :d], v[:, d:]
+        hv = (lin.h * va[seg]).sum(1)
+        row = prims.row_reduce(prob, st, vb)
+        return s * lin.p * ((lin.by - st.pib) * hv + st.ah * (vb[seg, y] - row))
+    u_vocab = prims.weight_matvec(prob, v)  # (B, V) = W v
+    if prob.lora_b is not None:  # W_eff = W + s b a^T
+        u_vocab = u_vocab + s * (v * prob.lora_a).sum(1, keepdim=True) * prob.lora_b
+    return lin.p * (u_vocab[seg, y] - prims.row_reduce(prob, st, u_vocab))
+
+
+def vjp(lin: Linearization, prims: HeadPrimitives, u: torch.Tensor) -> torch.Tensor:
+    """J^T u for u (N,) -> (B, P)."""
+    prob, st = lin.prob, lin.stats
+    s = prob.lora_scale
+    if prob.mode == "lora":
+        coef_a = s * u * lin.p * (lin.by - st.pib)
+        grad_a = segment_sum(prob, coef_a.unsqueeze(1) * lin.h)
+        grad_b = scatter_minus_column(lin, prims, s * u * lin.p * st.ah)
+        return torch.cat([grad_a, grad_b], dim=1)
+    q = scatter_minus_column(lin, prims, u * lin.p)
+    grad = prims.weight_rmatvec(prob, q)
+    if prob.lora_b is not None:
+        grad = grad + s * (q * prob.lora_b).sum(1, keepdim=True) * prob.lora_a
+    return grad
+
+
+def jacobian_rows(lin: Linearization, prims: HeadPrimitives) -> torch.Tensor:
+    """Explicit rows of J that are only d wide -> (N, d).
+
+    hidden: J_t = p_t (W_eff[y_t] - W_eff^T pi_t)  (one extra pass for pi W)
+    lora:   J_t,a = s p_t (b_{y_t} - pi_t.b) h_t   (no pass needed)
+    """
+    prob, st = lin.prob, lin.stats
+    s, seg = prob.lora_scale, prob.seg
+    if prob.mode == "lora":
+        return (s * lin.p * (lin.by - st.pib)).unsqueeze(1) * lin.h
+    w_y = prob.weight[prob.targets].to(prob.compute_dtype)
+    pi_w = prims.pi_weight(prob, st)
+    if prob.lora_b is not None:
+        a = prob.lora_a[seg]
+        w_y = w_y + s * lin.by.unsqueeze(1) * a
+        pi_w = pi_w + s * st.pib.unsqueeze(1) * a
+    return lin.p.unsqueeze(1) * (w_y - pi_w)
+
+
+def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch.Tensor:
+    """J J^T within each conversation -> (B, Tmax, Tmax), zero-padded.
+
+    ``rows`` are :func:`jacobian_rows`. For lora the b-block adds (MATH.md section 4)
+    s^2 p_t p_u (a.h_t)(a.h_u) [1(y_t = y_u) - pi_u[y_t] - pi_t[y_u] + pi_t.pi_u].
+    """
+    prob, st = lin.prob, lin.stats
+    B, Tm, off = prob.num_conversations, prob.max_len, prob.offsets
+    cd = prob.compute_dtype
+    G = torch.zeros(B, Tm, Tm, dtype=cd, device=prob.device)
+    pipi = prims.pi_gram(prob, st) if prob.mode == "lora" else None
+    for b in range(B):
+        sl = slice(off[b], off[b + 1])
+        n = off[b + 1] - off[b]
+        Jb = rows[sl]
+        G[b, :n, :n] = Jb @ Jb.T
+        if pipi is None:
+            continue
+        y = prob.targets[sl]
+        h = lin.h[sl]
+        # cross[u, t] = pi_u[y_t] = exp(z_u[y_t] - lse_u)
+        z = h @ prob.weight[y].to(cd).T
+        if prob.bias is not None:
+            z = z + prob.bias[y].to(cd).unsqueeze(0)
+        z = z + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
+        cross = torch.exp(z - st.lse[sl].unsqueeze(1))
+        same = (y.unsqueeze(0) == y.unsqueeze(1)).to(cd)
+        m = same - cross - cross.T + pipi[b, :n, :n]
+        c = prob.lora_scale * lin.p[sl] * st.ah[sl]
+        G[b, :n, :n] += c.unsqueeze(1) * m * c.unsqueeze(0)
+    return G

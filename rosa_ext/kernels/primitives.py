@@ -1,0 +1,100 @@
+"""The backend primitives (MATH.md section 3) over the Triton kernels, on a packed problem.
+
+:class:`TritonPrimitives` runs the stats pass and the two streaming reductions as the fused
+kernels of :mod:`.stats_pass` and :mod:`.reductions` (logits tiles recomputed on chip, never
+stored; no atomics, deterministic) and the W v / q W products as the GEMVs of :mod:`.matvec`
+for bf16/fp16 (one read of W, where torch must widen W to fp32 first) or torch's GEMV for fp32
+(already at the bandwidth roof). fp32/bf16/fp16 problems only (fp64 is the torch backend's).
+It serves both the Triton backend of :mod:`rosa_ext.backends` and the tensor-level API of
+:mod:`rosa_ext.kernels.ops`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..common.types import HeadProblem, HeadStats
+from . import matvec as MV
+from . import reductions as K
+from .stats_pass import lse_and_pib
+
+
+def stats_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seg32: torch.Tensor, *,
+                       bias: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], ah: Optional[torch.Tensor],
+                       lora_scale: float) -> HeadStats:
+    """One fused pass over W -> HeadStats(lse, logp, ah, pib), each (N,) fp32.
+
+    ``seg32`` (N,) int32 conversation of each token, ``lora_b`` (B, V) fp32 with ``ah`` (N,) = a_seg . h_t
+    (both or neither). logp_t = z_t[y_t] - lse_t (<= 0), pib_t = pi_t . b_seg.
+    """
+    lse, pib = lse_and_pib(hidden, weight, seg32, bias=bias, lora_b=lora_b, ah=ah, lora_scale=lora_scale)
+    y = targets.long()
+    z_y = (hidden.float() * weight[y].float()).sum(1)
+    if bias is not None:
+        z_y = z_y + bias[y].float()
+    if lora_b is not None:
+        by = lora_b[0, y] if lora_b.shape[0] == 1 else lora_b[seg32.long(), y]
+        z_y = z_y + lora_scale * ah * by.float()
+    return HeadStats(lse=lse, logp=torch.clamp(z_y - lse, max=0.0), ah=ah, pib=pib)
+
+
+class TritonPrimitives:
+    """Row/column reductions, stats and GEMVs of a packed fp32/bf16/fp16 problem on Triton kernels.
+
+    ``index``: optional precomputed ``(seg int32 (N,), offsets int32 (B + 1,))`` on the device;
+    otherwise derived from the problem once and cached.
+    """
+
+    name = "triton"
+
+    def __init__(self, index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        self._cache_key: Optional[HeadProblem] = None
+        self._given = index
+        self._cache: Tuple[torch.Tensor, torch.Tensor] = ()
+
+    def index(self, prob: HeadProblem) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(seg int32 (N,), offsets int32 (B + 1,)) on the device, cached per problem."""
+        if self._given is not None:
+            return self._given
+        if self._cache_key is not prob:
+            seg = prob.seg.to(torch.int32).contiguous()
+            off = torch.tensor(prob.offsets, dtype=torch.int32, device=prob.device)
+            self._cache_key, self._cache = prob, (seg, off)
+        return self._cache
+
+    @staticmethod
+    def _kw(prob: HeadProblem, ah: Optional[torch.Tensor]):
+        return dict(bias=prob.bias, lora_b=prob.lora_b if ah is not None else None, ah=ah,
+                    lora_scale=prob.lora_scale)
+
+    def stats(self, prob: HeadProblem) -> HeadStats:
+        """lse, log p, a.h, pi.b per token, (N,) fp32 each, from one fused pass over W."""
+        seg, _ = self.index(prob)
+        h = prob.hidden
+        ah = None
+        if prob.lora_a is not None:
+            ah = (h.float() * prob.lora_a[prob.seg].float()).sum(1)
+        return stats_from_tensors(h, prob.weight, prob.targets, seg, **self._kw(prob, ah))
+
+    def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        """(pi_t . u[seg_t]) for u (B, V) -> (N,) fp32."""
+        seg, _ = self.index(prob)
+        return K.row_reduce(prob.hidden, prob.weight, seg, st.lse, u, **self._kw(prob, st.ah))
+
+    def column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """sum_{t in b} w_t pi_t for w (N,) -> (B, V) fp32."""
+        _, off = self.index(prob)
+        return K.column_reduce(prob.hidden, prob.weight, off, st.lse, w, **self._kw(prob, st.ah))
+
+    def weight_matvec(self, prob: HeadProblem, v: torch.Tensor) -> torch.Tensor:
+        """W v for v (B, d) -> (B, V) fp32 (Triton GEMV for bf16/fp16, torch's for fp32)."""
+        if prob.weight.dtype == torch.float32:
+            return v @ prob.weight.T
+        return MV.weight_matvec(prob.weight, v)
+
+    def weight_rmatvec(self, prob: HeadProblem, q: torch.Tensor) -> torch.Tensor:
+        """q W for q (B, V) -> (B, d) fp32 (Triton GEMV for bf16/fp16, torch's for fp32)."""
+        if prob.weight.dtype == torch.float32:
+            return q @ prob.weight
+        return MV.weight_rmatvec(prob.weight, q)
