@@ -101,9 +101,9 @@ def _commit() -> str:
 
 def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, inputs: dict, ref_update=None):
     from rosa_ext import rosa_update
-    from rosa_ext._problem import build_problem
+    from rosa_ext.core.problem import build_problem
     from rosa_ext.backends import get_backend
-    from rosa_ext.jacobian import RosaOperator
+    from rosa_ext.core.operator import RosaOperator
 
     h, y, a, b = inputs["h"], inputs["y"], inputs["a"], inputs["b"]
     prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=8.0, bias=None, beta=1.0,

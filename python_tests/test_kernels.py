@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import rosa_ext.kernels as K  # noqa: E402
 from rosa_ext import rosa_update  # noqa: E402
-from rosa_ext._problem import build_problem  # noqa: E402
+from rosa_ext.core.problem import build_problem  # noqa: E402
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend  # noqa: E402
 from rosa_ext.backends.triton_backend import TritonBackend  # noqa: E402
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference  # noqa: E402

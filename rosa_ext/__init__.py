@@ -9,7 +9,7 @@ Public API:
     interact                    the multi-turn feedback loop
 """
 from ._version import __version__
-from .op import RosaStep, rosa_update
+from .core.op import RosaStep, rosa_update
 
 __all__ = ["RosaStep", "rosa_update", "__version__"]
 

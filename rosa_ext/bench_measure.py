@@ -181,9 +181,9 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         return update, lambda: None
 
     def pair_factory():
-        from ._problem import build_problem
+        from .core.problem import build_problem
         from .backends import get_backend
-        from .jacobian import RosaOperator
+        from .core.operator import RosaOperator
         prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
                              max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend, mask=None)
         op = RosaOperator(prob, get_backend(prob.backend, prob.device))

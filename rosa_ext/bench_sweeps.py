@@ -33,8 +33,8 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
                  budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, T, cg_ms, dual_ms (medians), cg iterations, auto's choice, faster, cost-model flops."""
     from . import rosa_update
-    from ._problem import build_problem
-    from .solvers import DUAL_MAX_TOKENS, choose_solver
+    from .core.problem import build_problem
+    from .core.solvers import DUAL_MAX_TOKENS, choose_solver
     d, V = MODELS[model]
     rows = []
     for mode in modes:

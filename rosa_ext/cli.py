@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from .op import DEFAULT_BETA, DEFAULT_DAMPING
+from .common import defaults
 
 #: The demo's problems (question, answer): small arithmetic that the 135M model gets
 #: wrong on its first greedy try, so every problem shows at least one update.
@@ -107,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--problems", type=int, default=3, help=f"how many demo problems (max {len(DEMO_PROBLEMS)})")
     d.add_argument("--turns", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=32)
-    d.add_argument("--beta", type=float, default=DEFAULT_BETA,
+    d.add_argument("--beta", type=float, default=defaults.BETA,
                    help="KL coefficient (the op's default and the experiment's setting; 0.1 moves answers more "
                         "but a second LoRA update can overshoot and the answers degenerate)")
-    d.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
+    d.add_argument("--damping", type=float, default=defaults.DAMPING)
     d.add_argument("--update-on", choices=["response", "answer_span"], default="answer_span",
                    help="which response tokens enter the ROSA target (answer_span: the boxed answer's own tokens)")
     d.add_argument("--sample", action="store_true", help="sample (temperature 0.7, seeded) instead of greedy")

@@ -44,7 +44,8 @@ import torch
 
 from .interact import DEFAULT_FEEDBACK, Problem, answer_token_span, start_messages
 from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff, seed_spread
-from .op import DEFAULT_BETA, DEFAULT_DAMPING, rosa_update
+from .common import defaults
+from .core.op import rosa_update
 from .pg_baseline import DEFAULT_LR, pg_step
 from .rewards import centered, dense_reward, is_correct, rule_reward
 
@@ -62,8 +63,8 @@ class MethodSpec:
     kind: str
     mode: str = "lora"
     reward: str = "rule"
-    beta: float = DEFAULT_BETA
-    damping: float = DEFAULT_DAMPING
+    beta: float = defaults.BETA
+    damping: float = defaults.DAMPING
     lr: float = DEFAULT_LR
     update_on: str = "response"
     max_norm: Optional[float] = None
@@ -75,7 +76,7 @@ class MethodSpec:
 #: lever runs 1 and 3), the op's default beta = 1 and damping = 0.1. beta = 0.1 moved
 #: the answers more but a second LoRA update overshot (mean log-prob change -100,
 #: answers degenerating to "4444...", lever run 3). PG uses the same tokens and parameters.
-_ROSA = dict(beta=DEFAULT_BETA, update_on="answer_span")
+_ROSA = dict(beta=defaults.BETA, update_on="answer_span")
 METHODS: Dict[str, MethodSpec] = {
     "baseline": MethodSpec("baseline", "none"),
     "rosa-lora": MethodSpec("rosa-lora", "rosa", "lora", **_ROSA),

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .op import DEFAULT_BETA, DEFAULT_DAMPING
+from .common import defaults
 from .rewards import boxed_span, is_correct
 
 #: Appended after the question (the rule-based reward reads the final \boxed{}).
@@ -163,8 +163,8 @@ def start_messages(problem: Problem, few_shot: Optional[List[Dict[str, str]]] = 
 
 
 def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], float], turns: int = 5, *,
-             session: Any = None, adapter: Any = None, mode: Optional[str] = None, beta: float = DEFAULT_BETA,
-             damping: float = DEFAULT_DAMPING, feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
+             session: Any = None, adapter: Any = None, mode: Optional[str] = None, beta: float = defaults.BETA,
+             damping: float = defaults.DAMPING, feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
              do_sample: bool = False, temperature: float = 0.7, seed: int = 0, update_on: str = "response",
              few_shot: Optional[List[Dict[str, str]]] = None, measure_logp: bool = True,
              is_solved: Callable[[Any, str], bool] = is_correct,

@@ -12,10 +12,11 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ._problem import build_problem
+from .common import defaults
 from .common.types import HeadProblem, RewardLike
-from .op import (DEFAULT_BETA, DEFAULT_DAMPING, DEFAULT_MAX_ITER, DEFAULT_TOL, RosaStep)
-from .target import residual_target
+from .core.op import RosaStep
+from .core.problem import build_problem
+from .core.target import residual_target
 
 F64 = torch.float64
 
@@ -73,10 +74,10 @@ def vjp_reference(prob: HeadProblem, u: torch.Tensor, b: int = 0) -> torch.Tenso
 
 def rosa_update_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor] = None,
-                          lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
-                          bias: Optional[torch.Tensor] = None, beta: float = DEFAULT_BETA,
-                          damping: float = DEFAULT_DAMPING, max_iter: int = DEFAULT_MAX_ITER,
-                          tol: float = DEFAULT_TOL, solver: str = "auto", backend: str = "auto",
+                          lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
+                          bias: Optional[torch.Tensor] = None, beta: float = defaults.BETA,
+                          damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER,
+                          tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
                           mask: Optional[torch.Tensor] = None) -> RosaStep:
     """Same signature and result type as :func:`rosa_ext.rosa_update`, computed exactly in float64.
 

@@ -27,7 +27,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .common.types import MODES
-from .op import DEFAULT_BETA, DEFAULT_DAMPING, DEFAULT_MAX_ITER, DEFAULT_TOL, RosaStep, rosa_update
+from .common import defaults
+from .core.op import RosaStep, rosa_update
 
 _STATE_VERSION = 1
 
@@ -518,9 +519,10 @@ class RosaSession:
                 f"updates={self.num_updates}, peft={self._peft is not None})")
 
 
-def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = DEFAULT_BETA,
-           damping: float = DEFAULT_DAMPING, max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-           solver: str = "auto", backend: str = "auto", lora_scale: float = 8.0, seed: int = 0) -> RosaSession:
+def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
+           damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL,
+           solver: str = defaults.SOLVER, backend: str = defaults.BACKEND, lora_scale: float = defaults.LORA_SCALE,
+           seed: int = 0) -> RosaSession:
     """Attach ROSA to a causal LM with an ``lm_head``; returns the :class:`RosaSession`.
 
     Args:

@@ -6,22 +6,12 @@ from typing import Optional, Union
 
 import torch
 
-from ._problem import build_problem
-from .common.types import RewardLike
-from .backends import get_backend
-from .jacobian import RosaOperator
-from .solvers import choose_solver, solve_cg, solve_dual
-
-#: Defaults, documented in the README ("Defaults"). beta: the paper finds results
-#: insensitive to it; damping: ridge term that keeps the step bounded when some
-#: p_t is tiny -- 0.1 because 1e-2 overshoots on a real model (SmolLM2-135M, LoRA,
-#: r=-1: the target asks for a mean p change of -0.16, the 1e-2 step moved the
-#: response's mean log-prob from -0.60 to -2.41 and generation degenerated; 0.1 gave
-#: -1.06, hidden mode -0.86; README "Defaults"); max_iter/tol: CG budget (CG is exact after T + 1 iterations).
-DEFAULT_BETA = 1.0
-DEFAULT_DAMPING = 0.1
-DEFAULT_MAX_ITER = 16
-DEFAULT_TOL = 1e-5
+from ..backends import get_backend
+from ..common import defaults
+from ..common.types import RewardLike
+from .operator import RosaOperator
+from .problem import build_problem
+from .solvers import CGImpl, choose_solver, solve_cg, solve_dual
 
 
 @dataclass
@@ -87,12 +77,12 @@ class RosaStep:
 
 def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor] = None,
-                lora_b: Optional[torch.Tensor] = None, lora_scale: float = 8.0,
-                bias: Optional[torch.Tensor] = None, beta: float = DEFAULT_BETA,
-                damping: float = DEFAULT_DAMPING, max_iter: int = DEFAULT_MAX_ITER,
-                tol: float = DEFAULT_TOL, solver: str = "auto", backend: str = "auto",
-                mask: Optional[torch.Tensor] = None) -> RosaStep:
-    """One ROSA step: solve (J^T J + damping I) d = J^T g (ROSA_SPEC.md section 1).
+                lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
+                bias: Optional[torch.Tensor] = None, beta: float = defaults.BETA,
+                damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER,
+                tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
+                mask: Optional[torch.Tensor] = None, cg_impl: Optional[CGImpl] = None) -> RosaStep:
+    """One ROSA step: solve (J^T J + damping I) d = J^T g (MATH.md section 1).
 
     Args:
         hidden: (T, d) inputs of lm_head at the positions that predict the response
@@ -110,10 +100,12 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         beta: KL coefficient (> 0); r / beta sets the target's re-weighting.
         damping: lambda > 0 of the damped normal equations.
         max_iter, tol: CG iteration cap and relative-residual tolerance.
-        solver: "auto" (cost model, see :func:`rosa_ext.solvers.choose_solver`),
+        solver: "auto" (cost model, see :func:`rosa_ext.core.solvers.choose_solver`),
             "cg" (matrix-free) or "dual" (exact, via the T x T Gram matrix).
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         mask: (T,) or (B, T) bool; False rows (padding, prompt tokens) are ignored.
+        cg_impl: the CG implementation the "cg" solver runs (default :func:`rosa_ext.cg.cg`, the
+            compiled solver when built; :func:`rosa_ext.cg.cg_python` is the Python loop).
     Returns:
         :class:`RosaStep`; add ``step.update`` to the parameters to apply it.
     Raises:
@@ -128,7 +120,7 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if chosen == "dual":
         upd, iters, res = solve_dual(op)
     else:
-        upd, iters, res = solve_cg(op)
+        upd, iters, res = solve_cg(op, cg_impl)
     if not prob.batched:
         upd = upd[0]
     return RosaStep(update=upd, mode=prob.mode, solver=chosen, backend=be.name,

@@ -6,46 +6,59 @@
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .common.types import HeadProblem
-from .cg import cg
-from .jacobian import RosaOperator
+from ..cg import cg as default_cg
+from ..common.types import CGResult, HeadProblem
+from .operator import RosaOperator
 
 #: Above this many tokens in one conversation the T x T Gram matrix is not
 #: formed (T^2 memory, T^3 Cholesky) and "auto" uses CG.
 DUAL_MAX_TOKENS = 4096
 
 Scalar = Union[int, float, torch.Tensor]
+#: A CG implementation: ``cg(matvec, b, *, damping, max_iter, tol) -> CGResult`` (rosa_ext.cg).
+CGImpl = Callable[..., CGResult]
 
 
-def choose_solver(prob: HeadProblem) -> str:
-    """Pick "dual" or "cg" by estimated flops.
+def solver_costs(mode: str, lengths: Sequence[int], d: int, V: int, max_iter: int) -> Dict[str, float]:
+    """Estimated flops of each solver beyond the shared stats pass (MATH.md section 4).
 
-    CG costs a stats pass (2NdV) plus ``max_iter`` iterations of a row and a
-    column pass (4NdV). The dual costs the stats pass, one pass for the Gram
-    matrix (hidden: pi W, 4NdV; lora: pi pi^T, 2NdV + 2 sum_b T_b^2 V), one
-    VJP (lora, 2NdV) and a Cholesky (sum_b T_b^3 / 3). Ties go to the dual,
-    which is exact.
+    CG: ``max_iter`` iterations of a row and a column pass (4NdV). Dual: one pass for the
+    Gram matrix (hidden: pi W, 4NdV; lora: pi pi^T, 2NdV + 2 sum_b T_b^2 V), one VJP
+    (lora, 2NdV) and a Cholesky (sum_b T_b^3 / 3).
     """
-    N, d, V = prob.num_tokens, prob.hidden_size, prob.vocab_size
-    lens = [prob.offsets[i + 1] - prob.offsets[i] for i in range(prob.num_conversations)]
-    if max(lens) > DUAL_MAX_TOKENS:
-        return "cg"
-    sq = sum(t * t for t in lens)
-    chol = sum(t ** 3 for t in lens) / 3
-    if prob.mode == "hidden":
+    N = sum(lengths)
+    sq = sum(t * t for t in lengths)
+    chol = sum(t ** 3 for t in lengths) / 3
+    if mode == "hidden":
         dual = 4 * N * d * V + 2 * sq * d + chol
     else:
         dual = 2 * N * d * V + 2 * sq * V + 2 * sq * d + 2 * N * d * V + chol
-    cg_cost = max(1, prob.max_iter) * 4 * N * d * V
-    return "dual" if dual <= cg_cost else "cg"
+    return {"dual": float(dual), "cg": float(max(1, max_iter) * 4 * N * d * V)}
 
 
-def solve_cg(op: RosaOperator) -> Tuple[torch.Tensor, Scalar, Scalar]:
-    """Matrix-free CG on the normal equations. Returns (update (B, P), iterations, residual)."""
+def choose_solver(prob: HeadProblem) -> str:
+    """Pick "dual" or "cg" by :func:`solver_costs`; ties go to the dual, which is exact.
+
+    Conversations longer than :data:`DUAL_MAX_TOKENS` always take CG.
+    """
+    lens = prob.lengths
+    if max(lens) > DUAL_MAX_TOKENS:
+        return "cg"
+    cost = solver_costs(prob.mode, lens, prob.hidden_size, prob.vocab_size, prob.max_iter)
+    return "dual" if cost["dual"] <= cost["cg"] else "cg"
+
+
+def solve_cg(op: RosaOperator, cg: Optional[CGImpl] = None) -> Tuple[torch.Tensor, Scalar, Scalar]:
+    """Matrix-free CG on the normal equations. Returns (update (B, P), iterations, residual).
+
+    ``cg``: the CG implementation (default :func:`rosa_ext.cg.cg`, compiled when built; e.g.
+    :func:`rosa_ext.cg.cg_python` for the Python loop).
+    """
+    cg = default_cg if cg is None else cg
     prob = op.prob
     B, P = prob.num_conversations, prob.num_params
     rhs = op.vjp(op.g).reshape(-1)
@@ -70,7 +83,7 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
     eye = torch.eye(Tm, dtype=G0.dtype, device=G0.device)
     G = G0 + prob.damping * eye
     # padding rows/cols of short conversations: make them identity so the factor exists
-    lens = torch.tensor([prob.offsets[i + 1] - prob.offsets[i] for i in range(B)], device=G0.device)
+    lens = torch.tensor(prob.lengths, device=G0.device)
     pad = torch.arange(Tm, device=G0.device).unsqueeze(0) >= lens.unsqueeze(1)
     G = G + torch.diag_embed(pad.to(G.dtype))
     gpad = op.pack(op.g)

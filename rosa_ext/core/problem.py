@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .common.types import BACKENDS, MODES, SOLVERS, HeadProblem, RewardLike
+from ..common.types import BACKENDS, MODES, SOLVERS, HeadProblem, RewardLike
 
 
 def _fail(msg: str) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import jacobian as J
-from .common.types import HeadProblem
+from ..common import jacobian as J
+from ..common.types import HeadProblem
 from .target import residual_target
 
 
