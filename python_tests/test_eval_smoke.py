@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rosa_ext.models import smollm2_path
+from rosa_ext.integrations.models import smollm2_path
 from rosa_ext.problems import FAMILIES, heldout_split, make_problems
 from rosa_ext.rewards import is_correct
 
@@ -48,7 +48,7 @@ def test_pg_step_direction():
 
 @pytest.fixture(scope="module")
 def tiny_chat():
-    from rosa_ext.models import load_smollm2_tokenizer, tiny_causal_lm
+    from rosa_ext.integrations.models import load_smollm2_tokenizer, tiny_causal_lm
     tok = load_smollm2_tokenizer()
     return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=32, seed=1), tok
 
@@ -93,7 +93,7 @@ def test_batched_rosa_matches_session(tiny_chat, mode):
         for j, c in enumerate(convs):
             s.reset()
             if mode == "lora":
-                s.a = (ad.a[j] - 0).clone()  # the session's own init differs; use the batched one
+                s.adapter.a[0].copy_(ad.a[j])  # the session's own init differs; use the batched one
             st = s.update(torch.cat([c.last_prompt, c.last_resp]), -1.0, response_start=c.last_prompt.numel())
             assert float(st.update.norm()) == pytest.approx(c.turns[-1].update_norm, rel=1e-3, abs=1e-9)
             assert c.turns[-1].logp_after <= c.turns[-1].logp_before

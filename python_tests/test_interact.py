@@ -5,7 +5,7 @@ import torch
 
 import rosa_ext
 from rosa_ext.interact import DEFAULT_FEEDBACK, Problem, answer_span_mask, interact, response_logp
-from rosa_ext.models import smollm2_path
+from rosa_ext.integrations.models import smollm2_path
 from rosa_ext.rewards import rule_reward
 
 pytestmark = [pytest.mark.skipif(smollm2_path() is None,
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.skipif(smollm2_path() is None,
 
 @pytest.fixture(scope="module")
 def tiny_chat():
-    from rosa_ext.models import load_smollm2_tokenizer, tiny_causal_lm
+    from rosa_ext.integrations.models import load_smollm2_tokenizer, tiny_causal_lm
     tok = load_smollm2_tokenizer()
     return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=32, seed=1), tok
 

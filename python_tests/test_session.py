@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import rosa_ext
-from rosa_ext import session as session_mod
-from rosa_ext.models import load_smollm2, smollm2_path, tiny_causal_lm
+from rosa_ext.integrations import session as session_mod
+from rosa_ext.integrations.models import load_smollm2, smollm2_path, tiny_causal_lm
 
 ARCHS = [("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True), ("llama", False), ("llama", True)]
 P0 = 12  # prompt length of the test exchanges
@@ -283,7 +283,7 @@ def test_bad_response_spec(kwargs, exc, match):
     s = rosa_ext.attach(model, mode="lora")
     with pytest.raises(exc, match=match):
         s.update(ids, reward=-1.0, **kwargs)
-    assert s.num_updates == 0 and not s._active
+    assert s.num_updates == 0 and not s.adapter.active
     s.detach()
 
 

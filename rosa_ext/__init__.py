@@ -17,7 +17,7 @@ __all__ = ["RosaStep", "rosa_update", "__version__"]
 def __getattr__(name: str):
     # Lazy: importing rosa_ext must not import transformers.
     if name in ("attach", "RosaSession"):
-        from . import session
+        from .integrations import session
         return getattr(session, name)
     if name == "interact":
         from .interact import interact

@@ -37,7 +37,7 @@ def _load(model_name: str, seed: int):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from .models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+    from .integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
 
     if smollm2_path() is None:
         raise SystemExit("rosa-ext demo: SmolLM2-135M-Instruct is not installed; run "

@@ -513,7 +513,7 @@ def load_model(name: str):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from .models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+    from .integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
 
     if smollm2_path() is None:
         raise SystemExit("rosa_ext.eval: SmolLM2-135M-Instruct is not installed; run "

@@ -208,7 +208,7 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
     adapter = session if session is not None else adapter
     own = None
     if adapter is None and mode is not None:
-        from .session import attach
+        from .integrations.session import attach
         own = adapter = attach(model, mode=mode, beta=beta, damping=damping)
     try:
         return _loop(model, tokenizer, prob, reward_fn, int(turns), adapter, feedback_prompt, max_new_tokens,

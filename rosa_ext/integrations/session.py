@@ -2,7 +2,7 @@
 
 ``session = rosa_ext.attach(model, mode="lora" | "hidden")`` hooks the model's
 ``lm_head``; ``session.update(input_ids, reward, response_start=...)`` runs one
-ROSA step (ROSA_SPEC.md section 1) on that exchange; later forwards and
+ROSA step (MATH.md section 1) on that exchange; later forwards and
 ``model.generate`` see the adapted head. Nothing of the model is modified
 unless it is a ``PeftModel`` whose r=1 LoRA on ``lm_head`` ROSA then moves in
 place (its values at ``attach`` are kept and put back by ``reset``/``detach``).
@@ -21,95 +21,18 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .common.types import MODES
-from .common import defaults
-from .core.op import RosaStep, rosa_update
+from ..common import defaults
+from ..common.types import MODES
+from ..core.op import RosaStep, rosa_update
+from .background import BackgroundRunner, UpdateHandle
+from .head_hooks import HeadAdapter
+from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
 
 _STATE_VERSION = 1
-
-
-def _find_lm_head(model: torch.nn.Module) -> torch.nn.Module:
-    base = _base_model(model)
-    head = getattr(base, "lm_head", None)
-    if head is None and hasattr(base, "get_output_embeddings"):
-        head = base.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"attach: {type(model).__name__} has no `lm_head` (output embedding); ROSA "
-                         "adapts a causal LM's vocabulary head")
-    return head
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PeftModel (or the model itself)."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model()
-    return model
-
-
-def _find_body(model: torch.nn.Module) -> torch.nn.Module:
-    base = _base_model(model)
-    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    if not isinstance(body, torch.nn.Module) or body is base:
-        raise ValueError(f"attach: cannot find the decoder body of {type(base).__name__} "
-                         "(expected `get_decoder()` or `.model`)")
-    return body
-
-
-def _head_weight(head: torch.nn.Module) -> torch.Tensor:
-    layer = getattr(head, "base_layer", head)  # PEFT LoRA wraps the Linear in base_layer
-    w = getattr(layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"attach: lm_head {type(head).__name__} has no 2-D `weight`")
-    return w
-
-
-def _peft_lora(head: torch.nn.Module):
-    """(lora_A Linear, lora_B Linear, scale) of a PEFT LoRA lm_head, or None."""
-    if not (hasattr(head, "lora_A") and hasattr(head, "base_layer")):
-        return None
-    names = getattr(head, "active_adapters", None) or list(head.lora_A.keys())
-    if isinstance(names, str):
-        names = [names]
-    names = [n for n in names if n in head.lora_A]
-    if len(names) != 1:
-        raise ValueError(f"attach: the PEFT lm_head must have exactly one active LoRA adapter, got {names}")
-    name = names[0]
-    A, Bm = head.lora_A[name], head.lora_B[name]
-    if A.weight.shape[0] != 1:
-        raise ValueError(f"attach: the PEFT LoRA on lm_head must have r=1 (ROSA moves a rank-1 "
-                         f"adapter), got r={A.weight.shape[0]}")
-    return A, Bm, float(head.scaling[name])
-
-
-class UpdateHandle:
-    """A background update in flight (``session.update(..., non_blocking=True)``).
-
-    ``wait()`` returns the :class:`RosaStep` or raises the update's error. The
-    session waits automatically before its next forward, update, reset or save.
-    """
-
-    def __init__(self, future: Future, event: Optional["torch.cuda.Event"], session: "RosaSession") -> None:
-        self._future = future
-        self._event = event
-        self._session = session
-
-    def done(self) -> bool:
-        """True when the host part finished (the GPU may still be working)."""
-        return self._future.done()
-
-    def wait(self) -> RosaStep:
-        """Block until the update is applied; orders the current CUDA stream after it."""
-        if self._session._pending is self:  # its error (if any) surfaces here, once
-            self._session._pending = None
-        step = self._future.result()
-        if self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
-        return step
 
 
 class RosaSession:
@@ -124,17 +47,15 @@ class RosaSession:
             raise TypeError(f"attach: expected a torch.nn.Module, got {type(model).__name__}")
         if getattr(model, "_rosa_session", None) is not None:
             raise RuntimeError("attach: this model already has a ROSA session; detach() it first")
-        cfg = getattr(_base_model(model), "config", None)
+        cfg = getattr(base_model(model), "config", None)
         if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
             raise NotImplementedError("attach: models with final logit soft-capping are not supported "
                                       "(the logits are not an affine function of lm_head's input)")
-        self.model = model
         self.mode = mode
-        self.head = _find_lm_head(model)
-        self.body = _find_body(model)
-        self.weight = _head_weight(self.head)
-        layer = getattr(self.head, "base_layer", self.head)
-        self.bias = getattr(layer, "bias", None)
+        self.head = find_lm_head(model)
+        self.body = find_body(model)
+        self.weight = head_weight(self.head)
+        self.bias = head_bias(self.head)
         self.options = dict(beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                             backend=backend)
         V, d = self.weight.shape
@@ -142,7 +63,7 @@ class RosaSession:
         dev = self.weight.device
         self.state_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
-        self._peft = _peft_lora(self.head)
+        self._peft = peft_lora(self.head)
         if self._peft is not None and mode == "lora":
             A, Bm, scale = self._peft
             self.lora_scale = scale
@@ -150,78 +71,38 @@ class RosaSession:
         else:
             self.lora_scale = float(lora_scale)
             self._peft_init = None
-        # Own parameters (compute dtype). lora: a ~ U(-1/sqrt(d), 1/sqrt(d)) as PEFT's
-        # kaiming_uniform(a=sqrt(5)) init of lora_A, b = 0; hidden: delta = 0.
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        bound = 1.0 / math.sqrt(d)
-        self._a0 = ((torch.rand(d, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(
-            self.state_dtype).to(dev)
-        self.a = self._a0.clone()
-        self.b = torch.zeros(V, dtype=self.state_dtype, device=dev)
-        self.delta = torch.zeros(d, dtype=self.state_dtype, device=dev)
+        self.model = model
         self.num_updates = 0
         self.last_step: Optional[RosaStep] = None
-        self._active = False  # False: hooks pass values through untouched (bitwise base outputs)
-        self._cast: Dict[str, torch.Tensor] = {}
-        self._pending: Optional[UpdateHandle] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
-        self._handles = []
-        # Every use of the head waits for a background update first (PEFT's own LoRA
-        # forward included), so a pending update is never half-visible.
-        self._handles.append(self.head.register_forward_pre_hook(self._wait_hook))
-        if mode == "hidden":
-            self._handles.append(self.head.register_forward_pre_hook(self._shift_hook))
-        elif self._peft is None:
-            self._handles.append(self.head.register_forward_hook(self._lora_hook))
+        self._runner = BackgroundRunner(dev)
+        # Own parameters (compute dtype) on hooks of lm_head: a ~ PEFT's lora_A init, b = 0;
+        # delta = 0. Every use of the head waits for a background update first (PEFT's own
+        # LoRA forward included), so a pending update is never half-visible.
+        self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=V, hidden_size=d, lora_scale=self.lora_scale,
+                                   seed=seed, dtype=self.state_dtype, device=dev,
+                                   lora_hook=self._peft is None, before_forward=self._runner.wait)
         model._rosa_session = self
 
-    # -- hooks ---------------------------------------------------------------------
-    def _wait_hook(self, module, args):
-        self._wait_pending()
-        return None
+    @property
+    def a(self) -> torch.Tensor:
+        """(d,) the own LoRA's ``a`` (lora_A), compute dtype (a view)."""
+        return self.adapter.a[0]
 
-    def _shift_hook(self, module, args):
-        self._wait_pending()
-        if not self._active:
-            return None
-        x = args[0]
-        shift = self._cast_of("delta", self.delta, x.dtype)
-        return (x + shift,) + tuple(args[1:])
+    @property
+    def b(self) -> torch.Tensor:
+        """(V,) the own LoRA's ``b`` (lora_B), compute dtype (a view)."""
+        return self.adapter.b[0]
 
-    def _lora_hook(self, module, args, out):
-        self._wait_pending()
-        if not self._active:
-            return None
-        x = args[0]
-        a = self._cast_of("a", self.a, x.dtype)
-        b = self._cast_of("b", self.b, out.dtype)
-        return out + (self.lora_scale * (x @ a)).unsqueeze(-1) * b
-
-    def _cast_of(self, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        c = self._cast.get(key)
-        if c is None or c.dtype != dtype:
-            c = t.to(dtype)
-            self._cast[key] = c
-        return c
+    @property
+    def delta(self) -> torch.Tensor:
+        """(d,) the hidden shift, compute dtype (a view)."""
+        return self.adapter.delta[0]
 
     # -- background updates ---------------------------------------------------------
-    def _wait_pending(self) -> None:
-        pending = self._pending
-        if pending is None:
-            return
-        if threading.current_thread() is getattr(self, "_worker_thread", None):
-            return  # the worker's own forward
-        self._pending = None
-        pending.wait()
-
     def wait(self) -> Optional[RosaStep]:
         """Wait for a background update, if any; returns its step (raises its error)."""
-        pending = self._pending
-        if pending is None:
-            return None
-        self._pending = None
-        return pending.wait()
+        return self._runner.wait()
 
     # -- input checks ------------------------------------------------------------------
     def _response_positions(self, input_ids: torch.Tensor, response_start: Optional[int],
@@ -332,7 +213,7 @@ class RosaSession:
                 hidden = h[0, pos - 1]
             return self._step(hidden, ids[pos], r, includes_shift=False)
 
-        return self._run(job, non_blocking)
+        return self._run(job, non_blocking, borrowed=(ids, pos, attention_mask))
 
     def update_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, reward: float, *,
                            includes_shift: bool = False, non_blocking: bool = False
@@ -356,7 +237,8 @@ class RosaSession:
             raise ValueError(f"update_from_hidden: `hidden` is on {hidden.device}, lm_head on {self.weight.device}")
         self.wait()
         h = hidden.detach()
-        return self._run(lambda: self._step(h, targets, r, includes_shift=includes_shift), non_blocking)
+        return self._run(lambda: self._step(h, targets, r, includes_shift=includes_shift), non_blocking,
+                         borrowed=(h, targets))
 
     def _step(self, hidden: torch.Tensor, targets: torch.Tensor, reward: float, *,
               includes_shift: bool) -> RosaStep:
@@ -364,7 +246,7 @@ class RosaSession:
         bias = None if self.bias is None else self.bias.detach()
         hidden = hidden.to(W.dtype)
         if self.mode == "hidden":
-            if not includes_shift and self._active:
+            if not includes_shift and self.adapter.active:
                 hidden = hidden + self.delta.to(hidden.dtype)
             lora_a = lora_b = None
             scale = self.lora_scale
@@ -374,7 +256,7 @@ class RosaSession:
             step = rosa_update(hidden, W, targets, reward, mode="hidden", lora_a=lora_a, lora_b=lora_b,
                                lora_scale=scale, bias=bias, **self.options)
             with self._lock:
-                self.delta += step.delta.to(self.delta.dtype)
+                self.delta.add_(step.delta.to(self.delta.dtype))
         elif self._peft is not None:
             A, Bm, scale = self._peft
             step = rosa_update(hidden, W, targets, reward, mode="lora", lora_a=A.weight.detach(),
@@ -386,53 +268,30 @@ class RosaSession:
             step = rosa_update(hidden, W, targets, reward, mode="lora", lora_a=self.a, lora_b=self.b,
                                lora_scale=self.lora_scale, bias=bias, **self.options)
             with self._lock:
-                self.a += step.delta_a.to(self.a.dtype)
-                self.b += step.delta_b.to(self.b.dtype)
+                self.a.add_(step.delta_a.to(self.a.dtype))
+                self.b.add_(step.delta_b.to(self.b.dtype))
         with self._lock:
-            self._cast.clear()
-            self._active = True
+            self.adapter.changed()
+            self.adapter.active = True
             self.num_updates += 1
             self.last_step = step
         return step
 
-    def _run(self, job, non_blocking: bool) -> Union[RosaStep, UpdateHandle]:
+    def _run(self, job, non_blocking: bool, borrowed=()) -> Union[RosaStep, UpdateHandle]:
         if not non_blocking:
             return job()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosa-update")
-        cuda = self.weight.device.type == "cuda"
-        event = torch.cuda.Event() if cuda else None
-        side = torch.cuda.Stream(device=self.weight.device) if cuda else None
-        if cuda:
-            side.wait_stream(torch.cuda.current_stream(self.weight.device))
-
-        def work() -> RosaStep:
-            self._worker_thread = threading.current_thread()
-            if not cuda:
-                return job()
-            with torch.cuda.stream(side):
-                step = job()
-                event.record(side)
-            return step
-
-        handle = UpdateHandle(self._executor.submit(work), event, self)
-        self._pending = handle
-        return handle
+        return self._runner.submit(job, borrowed)
 
     # -- state --------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every update: the model's outputs become bitwise those of the base model."""
         self.wait()
         with torch.no_grad(), self._lock:
-            self.a.copy_(self._a0)
-            self.b.zero_()
-            self.delta.zero_()
+            self.adapter.reset()
             if self._peft_init is not None:
                 A, Bm, _ = self._peft
                 A.weight.copy_(self._peft_init[0])
                 Bm.weight.copy_(self._peft_init[1])
-            self._cast.clear()
-            self._active = False
             self.num_updates = 0
             self.last_step = None
 
@@ -481,8 +340,8 @@ class RosaSession:
                 self.a.copy_(state["a"])
                 self.b.copy_(state["b"])
             self.num_updates = int(state.get("num_updates", 0))
-            self._cast.clear()
-            self._active = self.num_updates > 0
+            self.adapter.changed()
+            self.adapter.active = self.num_updates > 0
             self.last_step = None
 
     def detach(self) -> None:
@@ -497,18 +356,14 @@ class RosaSession:
                 with torch.no_grad():
                     A.weight.copy_(self._peft_init[0])
                     Bm.weight.copy_(self._peft_init[1])
-            for h in self._handles:
-                h.remove()
-            self._handles = []
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            self.adapter.remove()
+            self._runner.shutdown()
             try:
                 del self.model._rosa_session
             except AttributeError:
                 pass
             self.model = None
-            self._active = False
+            self.adapter.active = False
 
     def _check_attached(self) -> None:
         if self.model is None:
