@@ -12,10 +12,9 @@ Python matvec and differ by nothing measurable).
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -75,19 +74,6 @@ def parse_method(method: str) -> Tuple[str, str, bool]:
     backend, rest = body.split("/", 1)
     solver, *flags = rest.split()
     return backend, solver, "pyCG" in flags
-
-
-@contextlib.contextmanager
-def python_cg_loop() -> Iterator[None]:
-    """Make :func:`rosa_ext.rosa_update` use :func:`rosa_ext.cg.cg_python` (not ``_C``)."""
-    from . import solvers
-    from .cg import cg_python
-    saved = solvers.cg
-    solvers.cg = cg_python
-    try:
-        yield
-    finally:
-        solvers.cg = saved
 
 
 def sync(device: str) -> None:
@@ -170,13 +156,14 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         return update, lambda: None
 
     from . import rosa_update
+    from .cg import cg_python
     backend, solver, pyloop = parse_method(method)
+    cg_impl = cg_python if pyloop else None  # None: the package's default CG (compiled _C when built)
 
     def update():
-        with python_cg_loop() if pyloop else contextlib.nullcontext():
-            s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
-                            tol=TOL, solver=solver, backend=backend)
-            return s.update, s.iterations, f"{s.backend}/{s.solver}"
+        s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
+                        tol=TOL, solver=solver, backend=backend, cg_impl=cg_impl)
+        return s.update, s.iterations, f"{s.backend}/{s.solver}"
     if solver != "cg":
         return update, lambda: None
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -90,7 +90,7 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 bias: Optional[torch.Tensor] = None, beta: float = DEFAULT_BETA,
                 damping: float = DEFAULT_DAMPING, max_iter: int = DEFAULT_MAX_ITER,
                 tol: float = DEFAULT_TOL, solver: str = "auto", backend: str = "auto",
-                mask: Optional[torch.Tensor] = None) -> RosaStep:
+                mask: Optional[torch.Tensor] = None, cg_impl: Optional[Callable] = None) -> RosaStep:
     """One ROSA step: solve (J^T J + damping I) d = J^T g (ROSA_SPEC.md section 1).
 
     Args:
@@ -113,6 +113,9 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             "cg" (matrix-free) or "dual" (exact, via the T x T Gram matrix).
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         mask: (T,) or (B, T) bool; False rows (padding, prompt tokens) are ignored.
+        cg_impl: the CG function to use, default :func:`rosa_ext.cg.cg`; e.g.
+            :func:`rosa_ext.cg.cg_python` for the Python loop. Same signature as
+            :func:`rosa_ext.cg.cg`; used only when the CG solver runs.
     Returns:
         :class:`RosaStep`; add ``step.update`` to the parameters to apply it.
     Raises:
@@ -127,7 +130,7 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if chosen == "dual":
         upd, iters, res = solve_dual(op)
     else:
-        upd, iters, res = solve_cg(op)
+        upd, iters, res = solve_cg(op, cg_impl)
     if not prob.batched:
         upd = upd[0]
     return RosaStep(update=upd, mode=prob.mode, solver=chosen, backend=be.name,

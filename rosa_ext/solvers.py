@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -44,8 +44,11 @@ def choose_solver(prob: HeadProblem) -> str:
     return "dual" if dual <= cg_cost else "cg"
 
 
-def solve_cg(op: RosaOperator) -> Tuple[torch.Tensor, Scalar, Scalar]:
-    """Matrix-free CG on the normal equations. Returns (update (B, P), iterations, residual)."""
+def solve_cg(op: RosaOperator, cg_impl: Optional[Callable] = None) -> Tuple[torch.Tensor, Scalar, Scalar]:
+    """Matrix-free CG on the normal equations. Returns (update (B, P), iterations, residual).
+
+    ``cg_impl``: the CG function (signature of :func:`rosa_ext.cg.cg`); None: :func:`rosa_ext.cg.cg`.
+    """
     prob = op.prob
     B, P = prob.num_conversations, prob.num_params
     rhs = op.vjp(op.g).reshape(-1)
@@ -53,7 +56,8 @@ def solve_cg(op: RosaOperator) -> Tuple[torch.Tensor, Scalar, Scalar]:
     def matvec(v: torch.Tensor) -> torch.Tensor:
         return op.vjp(op.jvp(v.reshape(B, P))).reshape(-1)
 
-    res = cg(matvec, rhs, damping=prob.damping, max_iter=prob.max_iter, tol=prob.tol)
+    res = (cg if cg_impl is None else cg_impl)(matvec, rhs, damping=prob.damping, max_iter=prob.max_iter,
+                                                tol=prob.tol)
     return res.x.reshape(B, P), res.iterations, res.residual
 
 
