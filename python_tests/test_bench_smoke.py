@@ -1,4 +1,4 @@
-"""The benchmark CLI (``python -m rosa_ext.bench``) runs end to end on the tiny preset.
+"""The benchmark CLI (``python benchmarks/bench_update.py``) runs end to end on the tiny preset.
 
 Checks the JSON fields, that every method ran, and that every row's reported
 accuracy is what the method promises: exact solves agree with the float64
@@ -6,11 +6,18 @@ update, CG rows either converged (then they are accurate) or hit ``max_iter``
 (then the package's CG is no worse than the torch.func alternative's).
 """
 import json
+import pathlib
+import sys
 
 import pytest
 
-from rosa_ext import bench
-from rosa_ext.bench_measure import BASELINE, DEFAULT, MAX_ITER, REFERENCE, methods_for
+# The benchmarks live outside the package, in benchmarks/, and import each other by plain name.
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import bench_update  # noqa: E402
+from update_measure import BASELINE, DEFAULT, MAX_ITER, REFERENCE, methods_for  # noqa: E402
 
 ROW_FIELDS = {"method", "ran", "model", "d", "V", "T", "mode", "dtype", "median_ms", "min_ms", "max_ms", "reps",
               "iterations", "rel_error", "extra_mem_mb", "speedup_vs_torch_func"}
@@ -21,7 +28,7 @@ TOP_FIELDS = {"device", "device_name", "torch", "triton", "python", "commit", "d
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return bench.run("tiny", "cpu", out, reps=2, threads=1), out
+    return bench_update.run("tiny", "cpu", out, reps=2, threads=1), out
 
 
 def test_files_and_fields(result, capsys):

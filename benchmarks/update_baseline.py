@@ -14,8 +14,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .cg import CGResult, cg_python
-from .target import residual_target
+from rosa_ext.cg import CGResult, cg_python
+from rosa_ext.target import residual_target
 
 
 def _p_function(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mode: str,

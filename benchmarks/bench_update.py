@@ -1,10 +1,10 @@
-"""Update-latency benchmarks: ``python -m rosa_ext.bench --preset tiny|cpu|gpu [--out DIR]``.
+"""Update-latency benchmarks: ``python benchmarks/bench_update.py --preset tiny|cpu|gpu [--out DIR]``.
 
 For every case (head d x V, T response tokens, mode, dtype) it times, on the same
 inputs in the same run, one whole ROSA update (stats + solve) and one JVP+VJP pair for
 
 - ``torch.func+CG``: the obvious alternative a user would write
-  (:mod:`rosa_ext.bench_baseline`: torch.func through the full T x V logits + a Python CG);
+  (:mod:`update_baseline`: torch.func through the full T x V logits + a Python CG);
 - ``rosa default``: :func:`rosa_ext.rosa_update` as shipped (solver="auto", backend="auto");
 - ``rosa torch/cg``, ``rosa torch/dual``: the portable chunked backend with each solver;
 - ``rosa triton/cg``, ``rosa triton/dual``: the Triton backend (CUDA, when triton imports);
@@ -34,11 +34,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import bench_report
-from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
+import update_report
+from update_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
                             TOL, compiled_cg_available, make_inputs, measure_case, measure_memory, methods_for,
                             reference_bytes, runner, time_calls, triton_usable, truth_update)
-from .bench_sweeps import batched_sweep, solver_sweep
+from update_sweeps import batched_sweep, solver_sweep
 
 __all__ = ["PRESETS", "MODELS", "MAX_ITER", "run", "main", "make_inputs", "runner", "truth_update", "methods_for"]
 
@@ -118,7 +118,7 @@ def _versions() -> Dict[str, Any]:
 
 def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
     """CPU memory of one method in a fresh process (so freed memory of earlier rows can't hide it)."""
-    cmd = [sys.executable, "-m", "rosa_ext.bench", "--one", json.dumps(spec)]
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         # A negative return code is a signal (e.g. -9: killed, typically for memory), with no stderr.
@@ -193,7 +193,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         peaks = {dt: cpu_peak / 1000.0 for dt in ("float32", "bfloat16")}
         peak_note = (f"% peak: of a 2048^3 fp32 matmul at {torch.get_num_threads()} thread(s), best of 5, measured "
                      f"at the start of this run: {cpu_peak:.1f} GFLOP/s")
-    print(f"rosa_ext.bench preset={preset} device={device} ({name}) threads={torch.get_num_threads()} "
+    print(f"bench_update preset={preset} device={device} ({name}) threads={torch.get_num_threads()} "
           f"methods={methods} budget={budget:.0f}s", flush=True)
     if cpu_peak is not None:
         print(f"  CPU peak (2048^3 fp32 matmul, best of 5): {cpu_peak:.1f} GFLOP/s", flush=True)
@@ -217,13 +217,13 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
 
     def save(final: bool = False) -> None:
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
-        bench_report.add_speedups(result["rows"])
+        update_report.add_speedups(result["rows"])
         for r in result["rows"]:
             if "pair_gflops" in r and peaks:
                 r["pair_pct_of_peak"] = 100.0 * r["pair_gflops"] / (1000.0 * peaks[r["dtype"]])
-        result["targets"] = bench_report.check_targets(result["rows"], device, name)
+        result["targets"] = update_report.check_targets(result["rows"], device, name)
         if out is not None:
-            bench_report.write(result, out, plot=final)
+            update_report.write(result, out, plot=final)
 
     def run_cases(cases: List[Case], start_k: int, total: int) -> None:
         for k, case in enumerate(cases, start_k):
@@ -305,9 +305,9 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         run_cases(cfg["late_cases"], len(cfg["cases"]) + 1, total)
     save(final=True)
     print()
-    print(bench_report.markdown(result))
+    print(update_report.markdown(result))
     if out is not None:
-        print(f"\nwrote {', '.join(str(p) for p in sorted(out.glob(bench_report.stem(result) + '.*')))}")
+        print(f"\nwrote {', '.join(str(p) for p in sorted(out.glob(update_report.stem(result) + '.*')))}")
     return result
 
 
@@ -315,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--one"]:
         return _child(argv[1])
-    p = argparse.ArgumentParser(prog="python -m rosa_ext.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_update.py", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--reps", type=int, default=None, help="timed repeats per row (default: the preset's)")

@@ -1,4 +1,4 @@
-"""Reports of :mod:`rosa_ext.bench`: speedups, target checks, markdown, JSON and PNG."""
+"""Reports of ``benchmarks/bench_update.py``: speedups, target checks, markdown, JSON and PNG."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import math
 import pathlib
 from typing import Any, Dict, List, Optional
 
-from .bench_measure import BASELINE, DEFAULT, REFERENCE
+from update_measure import BASELINE, DEFAULT, REFERENCE
 
 CASE_KEYS = ("model", "T", "mode", "dtype")
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs, sync, time_calls)
+from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs, sync, time_calls
 
 
 def _cost_model(mode: str, T: int, d: int, V: int) -> Dict[str, float]:
@@ -32,9 +32,9 @@ def _cost_model(mode: str, T: int, d: int, V: int) -> Dict[str, float]:
 def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List[str], reps: int,
                  budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, T, cg_ms, dual_ms (medians), cg iterations, auto's choice, faster, cost-model flops."""
-    from . import rosa_update
-    from ._problem import build_problem
-    from .solvers import DUAL_MAX_TOKENS, choose_solver
+    from rosa_ext import rosa_update
+    from rosa_ext._problem import build_problem
+    from rosa_ext.solvers import DUAL_MAX_TOKENS, choose_solver
     d, V = MODELS[model]
     rows = []
     for mode in modes:
@@ -68,7 +68,7 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
 def batched_sweep(device: str, model: str, dtype: str, Bs: List[int], T: int, modes: List[str], reps: int,
                   budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, B, T, batched_ms, separate_ms, speedup, max relative difference of the updates."""
-    from . import rosa_update
+    from rosa_ext import rosa_update
     d, V = MODELS[model]
     dt = getattr(torch, dtype)
     rows = []

@@ -1,6 +1,6 @@
 """One benchmark row: inputs, the methods compared, timing, memory, accuracy.
 
-Used by :mod:`rosa_ext.bench` (the CLI) and ``benchmarks/test_bench_update.py``.
+Used by ``benchmarks/bench_update.py`` (the CLI) and ``benchmarks/test_bench_update.py``.
 
 A *method* is a name such as ``"torch.func+CG"``, ``"rosa default"``,
 ``"rosa torch/cg"``, ``"rosa triton/dual"``, ``"rosa triton/cg pyCG"`` or
@@ -39,7 +39,7 @@ REFERENCE = "reference"
 def compiled_cg_available() -> bool:
     """True when the compiled CG extension ``rosa_ext._C`` imports."""
     try:
-        from . import _cg_compiled  # noqa: F401
+        from rosa_ext import _cg_compiled  # noqa: F401
     except Exception:
         return False
     return True
@@ -50,7 +50,7 @@ def triton_usable(device: str) -> bool:
     if device != "cuda":
         return False
     try:
-        from .backends.base import triton_available
+        from rosa_ext.backends.base import triton_available
         return triton_available(torch.device("cuda"))
     except Exception:
         return False
@@ -114,7 +114,7 @@ def truth_update(inp: Dict[str, Any]) -> torch.Tensor:
     It agrees with the float64 torch.func reference (the ``reference`` rows report
     their error against it).
     """
-    from . import rosa_update
+    from rosa_ext import rosa_update
     f64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
     args, kw = _args(f64)
     return rosa_update(*args, **kw, damping=DAMPING, beta=BETA, lora_scale=LORA_SCALE,
@@ -135,7 +135,7 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
     """
     args, kw = _args(inp)
     if method == BASELINE:
-        from .bench_baseline import TorchFuncOperator, torch_func_update
+        from update_baseline import TorchFuncOperator, torch_func_update
 
         def update():
             r = torch_func_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING,
@@ -148,15 +148,15 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
             return lambda: op.vjp(op.jvp(v))
         return update, pair_factory
     if method == REFERENCE:
-        from .reference import rosa_update_reference
+        from rosa_ext.reference import rosa_update_reference
 
         def update():
             s = rosa_update_reference(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING)
             return s.update, 0, "float64 torch.func Jacobian + dense solve"
         return update, lambda: None
 
-    from . import rosa_update
-    from .cg import cg_python
+    from rosa_ext import rosa_update
+    from rosa_ext.cg import cg_python
     backend, solver, pyloop = parse_method(method)
     cg_impl = cg_python if pyloop else None  # None: the package's default CG (compiled _C when built)
 
@@ -168,9 +168,9 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         return update, lambda: None
 
     def pair_factory():
-        from ._problem import build_problem
-        from .backends import get_backend
-        from .jacobian import RosaOperator
+        from rosa_ext._problem import build_problem
+        from rosa_ext.backends import get_backend
+        from rosa_ext.jacobian import RosaOperator
         prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
                              max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend, mask=None)
         op = RosaOperator(prob, get_backend(prob.backend, prob.device))
