@@ -21,23 +21,20 @@ tables on the terminal; ``--out DIR`` writes ``<cpu|gpu>_<preset>_<date>.{json,m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+import common
 import update_report
 from update_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
                             TOL, compiled_cg_available, make_inputs, measure_case, measure_memory, methods_for,
-                            reference_bytes, runner, time_calls, triton_usable, truth_update)
+                            reference_bytes, runner, triton_usable, truth_update)
 from update_sweeps import batched_sweep, solver_sweep
 
 __all__ = ["PRESETS", "MODELS", "MAX_ITER", "run", "main", "make_inputs", "runner", "truth_update", "methods_for"]
@@ -74,46 +71,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_peak_gflops(n: int = 2048) -> float:
     """Best of 5 n^3 fp32 matmuls at the current thread count, GFLOP/s."""
     a = torch.randn(n, n)
     a @ a
-    t = min(time_calls(lambda: a @ a, 5, "cpu"))
+    t = min(common.wall_times_ms(lambda: a @ a, 5, "cpu"))
     return 2 * n ** 3 / (t * 1e-3) / 1e9
-
-
-def _commit() -> str:
-    """Short HEAD sha, plus ``+dirty:<files>`` for uncommitted changes to the package's sources."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=root,
-                                      stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "diff", "--name-only", "HEAD", "--", "rosa_ext"], text=True,
-                                        cwd=root, stderr=subprocess.DEVNULL).split()
-        return sha + (f"+dirty:{','.join(pathlib.Path(f).name for f in dirty)}" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def _versions() -> Dict[str, Any]:
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception:
-        tv = None
-    return dict(torch=torch.__version__, triton=tv, python=platform.python_version(),
-                cuda=torch.version.cuda if torch.cuda.is_available() else None)
 
 
 def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -179,7 +142,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         torch.set_num_threads(threads)
     reps = reps or cfg["reps"]
     budget = cfg["budget_s"] if budget_s is None else budget_s
-    t_start = time.perf_counter()
+    clock = common.Stopwatch()
     methods = methods_for(device)
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -188,7 +151,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
                      else f"unknown GPU {name}: no % of peak")
         cpu_peak = None
     else:
-        name = _cpu_name()
+        name = common.cpu_name()
         cpu_peak = _cpu_peak_gflops()
         peaks = {dt: cpu_peak / 1000.0 for dt in ("float32", "bfloat16")}
         peak_note = (f"% peak: of a 2048^3 fp32 matmul at {torch.get_num_threads()} thread(s), best of 5, measured "
@@ -197,10 +160,11 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
           f"methods={methods} budget={budget:.0f}s", flush=True)
     if cpu_peak is not None:
         print(f"  CPU peak (2048^3 fp32 matmul, best of 5): {cpu_peak:.1f} GFLOP/s", flush=True)
+    env = common.versions()
     result: Dict[str, Any] = dict(
         preset=preset, device=device, device_name=name, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        **_versions(), compiled_cg=compiled_cg_available(), triton_backend=triton_usable(device),
-        commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{k: env[k] for k in ("torch", "triton", "python", "cuda")}, compiled_cg=compiled_cg_available(), triton_backend=triton_usable(device),
+        commit=common.commit(), date=common.utc_now(),
         settings=dict(max_iter=MAX_ITER, tol=TOL, damping=DAMPING, beta=BETA, reward=REWARD, lora_scale=LORA_SCALE,
                       reps=reps, row_budget_s=cfg["row_budget_s"]),
         methods=methods, peak_note=peak_note, cpu_peak_gflops=cpu_peak,
@@ -216,7 +180,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         rows=[], solvers=[], batched=[], targets=[], skipped=[], wall_s=0.0)
 
     def save(final: bool = False) -> None:
-        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        result["wall_s"] = round(clock.elapsed_s(), 1)
         update_report.add_speedups(result["rows"])
         for r in result["rows"]:
             if "pair_gflops" in r and peaks:
@@ -228,12 +192,12 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
     def run_cases(cases: List[Case], start_k: int, total: int) -> None:
         for k, case in enumerate(cases, start_k):
             model, T, mode, dtype = case
-            if time.perf_counter() - t_start > budget:
+            if clock.elapsed_s() > budget:
                 result["skipped"].append(f"{model} T={T} {mode} {dtype}")
                 continue
             d, V = MODELS[model]
             print(f"[{k}/{total}] {model} d={d} V={V} T={T} {mode} {dtype}  "
-                  f"(t={time.perf_counter() - t_start:.0f}s)", flush=True)
+                  f"(t={clock.elapsed_s():.0f}s)", flush=True)
             todo = [m for m in methods if m != REFERENCE or _reference_ok(cfg, case)]
             errors: Dict[str, str] = {}
 
@@ -284,12 +248,12 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
     for sec in ("solvers", "batched"):
         if sec not in sections:
             continue
-        if time.perf_counter() - t_start > budget:
+        if clock.elapsed_s() > budget:
             result["skipped"].append(f"section {sec}")
             continue
         s = cfg[sec]
         print(f"{'dual vs CG by T' if sec == 'solvers' else 'batched vs separate calls'} "
-              f"({s['model']}, {s['dtype']}; t={time.perf_counter() - t_start:.0f}s)", flush=True)
+              f"({s['model']}, {s['dtype']}; t={clock.elapsed_s():.0f}s)", flush=True)
         try:
             if sec == "solvers":
                 result["solvers"] = solver_sweep(device, s["model"], s["dtype"], solver_T or s["T"], ["lora", "hidden"],

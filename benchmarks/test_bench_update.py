@@ -8,7 +8,8 @@ Kept small: 3 rounds per benchmark. The full tables come from ``python benchmark
 import pytest
 import torch
 
-from update_measure import MAX_ITER, MODELS, make_inputs, methods_for, runner, sync, truth_update
+from common import sync
+from update_measure import MAX_ITER, MODELS, make_inputs, methods_for, runner, truth_update
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

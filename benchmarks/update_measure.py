@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from common import sync, timed_call_s
+
 #: Head sizes (d, V) of real models, plus scaled-down CPU heads.
 MODELS: Dict[str, Tuple[int, int]] = {
     "qwen2.5-0.5b": (896, 151936), "qwen3-0.6b": (1024, 151936), "qwen2.5-7b": (3584, 152064),
@@ -74,11 +76,6 @@ def parse_method(method: str) -> Tuple[str, str, bool]:
     backend, rest = body.split("/", 1)
     solver, *flags = rest.split()
     return backend, solver, "pyCG" in flags
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -242,20 +239,6 @@ def torch_cpu_alloc_peak_mb(fn: Callable[[], Any]) -> Tuple[Any, float]:
 
 
 # ----------------------------------------------------------------------------- timing
-def time_calls(fn: Callable[[], Any], reps: int, device: str, budget_s: float = float("inf"),
-               min_reps: int = 3) -> List[float]:
-    """Wall times (ms) of ``fn``: ``reps`` calls, fewer (but >= ``min_reps``) once ``budget_s`` is spent."""
-    out: List[float] = []
-    t_all = time.perf_counter()
-    while len(out) < reps and (len(out) < min_reps or time.perf_counter() - t_all < budget_s):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(1000.0 * (time.perf_counter() - t0))
-    return out
-
-
 def spread(times: List[float]) -> Dict[str, float]:
     """median, min, max and (>= 4 samples) the interquartile range, ms."""
     out = dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
@@ -391,11 +374,7 @@ def _round_robin(fns: Dict[str, Callable[[], Any]], reps: int, device: str, budg
     active = list(fns)
     while active:
         for m in list(active):
-            sync(device)
-            t0 = time.perf_counter()
-            fns[m]()
-            sync(device)
-            dt = time.perf_counter() - t0
+            dt = timed_call_s(fns[m], device)
             times[m].append(1000.0 * dt)
             spent[m] += dt
             n = len(times[m])

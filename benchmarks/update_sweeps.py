@@ -16,7 +16,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs, sync, time_calls
+from common import sync, wall_times_ms
+from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs
 
 
 def _cost_model(mode: str, T: int, d: int, V: int) -> Dict[str, float]:
@@ -52,7 +53,7 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
                 fn = lambda s=solver: rosa_update(*args, **kw, solver=s)  # noqa: E731
                 res[solver] = fn()  # warm-up
                 sync(device)
-                times = time_calls(fn, reps, device, budget_s=budget_s, min_reps=1)
+                times = wall_times_ms(fn, reps, device, budget_s=budget_s, min_reps=1)
                 row[f"{solver}_ms"] = statistics.median(times)
                 row[f"{solver}_reps"] = len(times)
             row["cg_iterations"] = res["cg"].iterations
@@ -101,8 +102,8 @@ def batched_sweep(device: str, model: str, dtype: str, Bs: List[int], T: int, mo
             u1 = s1.update.double()
             ub = torch.stack([s.update for s in sb]).double()
             diff = float(((u1 - ub).norm(dim=1) / ub.norm(dim=1).clamp_min(1e-300)).max())
-            t1 = statistics.median(time_calls(one, reps, device, budget_s=budget_s, min_reps=1))
-            tb = statistics.median(time_calls(many, reps, device, budget_s=budget_s, min_reps=1))
+            t1 = statistics.median(wall_times_ms(one, reps, device, budget_s=budget_s, min_reps=1))
+            tb = statistics.median(wall_times_ms(many, reps, device, budget_s=budget_s, min_reps=1))
             rows.append(dict(mode=mode, B=B, T=T, tokens=int(lens.sum()), model=model, d=d, V=V, dtype=dtype,
                              batched_ms=t1, separate_ms=tb, speedup=tb / t1, solver_batched=s1.solver,
                              max_rel_diff=diff))

@@ -7,6 +7,7 @@ update, CG rows either converged (then they are accurate) or hit ``max_iter``
 """
 import json
 import pathlib
+import re
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
 import bench_update  # noqa: E402
+import common  # noqa: E402
 from update_measure import BASELINE, DEFAULT, MAX_ITER, REFERENCE, methods_for  # noqa: E402
 
 ROW_FIELDS = {"method", "ran", "model", "d", "V", "T", "mode", "dtype", "median_ms", "min_ms", "max_ms", "reps",
@@ -71,3 +73,17 @@ def test_sweeps(result):
         assert b["max_rel_diff"] < 1e-4, b  # one batched call == B separate calls
     assert any(t["case"].startswith("tiny T=32") for t in res["targets"])
     assert all(r["method"] != DEFAULT or r["ran"] == "torch/dual" for r in res["rows"])
+
+
+def test_common_environment_and_timers():
+    """benchmarks/common.py: what every benchmark script records, and its wall-clock timer."""
+    assert re.fullmatch(r"[0-9a-f]{7,40}(\+dirty:\S+)?|unknown", common.commit()), common.commit()
+    v = common.versions()
+    assert {"torch", "triton", "python", "cuda", "transformers", "rosa_ext", "platform", "cpu", "gpu"} <= set(v)
+    assert v["torch"] and v["python"] and v["cpu"]
+    calls = []
+    assert len(common.wall_times_ms(lambda: calls.append(1), 5)) == 5 == len(calls)
+    times = common.wall_times_ms(lambda: None, 50, budget_s=0.0, min_reps=2)  # budget spent: stop at min_reps
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    assert common.Stopwatch().elapsed_s() >= 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", common.utc_now())
