@@ -1,4 +1,4 @@
-"""Per-iteration overhead of the compiled CUDA CG (issue 5): everything but the matvec.
+"""Per-iteration overhead of the compiled CUDA CG: everything but the matvec.
 
 One command on a GPU machine (JSON on stdout, progress on stderr):
 

@@ -1,4 +1,4 @@
-"""Triton kernel benchmark on a GPU (issue 4): one command,
+"""Triton kernel benchmark on a GPU: one command,
 
     python benchmarks/bench_kernels_gpu.py --out benchmarks/results/
 
@@ -15,7 +15,7 @@ Cases run most important first (bf16 T=1024, the target) and the JSON is rewritt
 every case, so ``--budget-s`` (stop starting new cases) or a killed run still leaves the
 finished rows. The first call of each (T, dtype) includes Triton's autotuning (compiles
 every config of rosa_ext/kernels/_tiles.py): that is done in a warm-up, never timed.
-Targets (issue 4): pair < 1.2 ms at T=1024 bf16, extra memory < 64 MB.
+Targets: pair < 1.2 ms at T=1024 bf16, extra memory < 64 MB.
 """
 from __future__ import annotations
 

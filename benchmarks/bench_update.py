@@ -12,8 +12,8 @@ inputs in the same run, one whole ROSA update (stats + solve) and one JVP+VJP pa
   one (CUDA, when ``_C`` is built; all other CG rows use ``_C`` whenever it is built);
 - ``reference``: the float64 torch.func Jacobian + dense solve (small P = #params only).
 
-Columns, memory and error definitions: ``benchmarks/README.md``. Extra sections
-(issue 9): dual vs CG as a function of T with the solver ``auto`` picks, and B
+Columns, memory and error definitions: ``benchmarks/README.md``. Extra sections:
+dual vs CG as a function of T with the solver ``auto`` picks, and B
 conversations in one batched call vs B calls. Outputs: progress lines and the
 tables on the terminal; ``--out DIR`` writes ``<cpu|gpu>_<preset>_<date>.{json,md,png}``
 (JSON rewritten after every case, so an interrupted run keeps what it measured).

@@ -1,6 +1,6 @@
 """The obvious alternative a user would write: torch.func through the full logits + Python CG.
 
-This is the comparison point of the benchmarks (issue 7), written the way the
+This is the comparison point of the benchmarks, written the way the
 paper's description suggests: ``p(theta)`` is computed through the full T x V
 logits, each CG matvec is ``torch.func.jvp`` followed by the ``torch.func.vjp``
 closure (which keeps the T x V softmax graph alive), and the loop is

@@ -183,7 +183,7 @@ def reference_bytes(T: int, d: int, V: int, mode: str) -> float:
 
 
 def useful_flops(ran: str, mode: str, T: int, d: int, V: int, iters: int) -> Optional[float]:
-    """Flops of the algorithm that ran, counted as in ROSA_SPEC.md section 4 (None: not counted).
+    """Flops of the algorithm that ran, counted as in MATH.md section 4 (None: not counted).
 
     CG (ours or torch.func's): stats pass 2TdV + right-hand-side VJP 2TdV + 4TdV per
     iteration. Dual: stats 2TdV + hidden: pi W 4TdV; lora: pi pi^T 2T^2 V + VJP 2TdV;

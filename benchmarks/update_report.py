@@ -25,7 +25,7 @@ def add_speedups(rows: List[Dict[str, Any]]) -> None:
 
 
 def check_targets(rows: List[Dict[str, Any]], device: str, device_name: str) -> List[Dict[str, Any]]:
-    """The issue's targets, checked on the measured rows.
+    """The performance targets, checked on the measured rows.
 
     CPU: the default path (solver="auto", backend="auto") >= 5x faster than the
     torch.func alternative at equal accuracy (its error <= max(2 x the alternative's

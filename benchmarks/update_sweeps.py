@@ -1,4 +1,4 @@
-"""Issue-9 benchmark sections: dual vs CG as a function of T, and batched updates.
+"""Extra sections of the update benchmark: dual vs CG as a function of T, and batched updates.
 
 - :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
   with ``solver="dual"`` (the device's default backend), the solver ``"auto"`` picks
