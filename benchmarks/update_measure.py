@@ -155,11 +155,12 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
     from rosa_ext import rosa_update
     from rosa_ext.cg import cg_python
     backend, solver, pyloop = parse_method(method)
-    cg_impl = cg_python if pyloop else None  # None: the package's default CG (compiled _C when built)
+    # pyCG: the Python loop; otherwise the package's default CG (the compiled _C one when built)
+    cg_kw = dict(cg_impl=cg_python) if pyloop else {}
 
     def update():
         s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
-                        tol=TOL, solver=solver, backend=backend, cg_impl=cg_impl)
+                        tol=TOL, solver=solver, backend=backend, **cg_kw)
         return s.update, s.iterations, f"{s.backend}/{s.solver}"
     if solver != "cg":
         return update, lambda: None
