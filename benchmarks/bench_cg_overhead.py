@@ -1,4 +1,4 @@
-"""Per-iteration overhead of the compiled CUDA CG (issue 5): everything but the matvec.
+"""Per-iteration overhead of the compiled CUDA CG: everything but the matvec.
 
 One command on a GPU machine (JSON on stdout, progress on stderr):
 
@@ -25,36 +25,20 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
-import subprocess
 import sys
 
 import torch
+
+import common
 
 TARGET_US = 20.0
 DAMPING = 1e-7
 SIZES = (1_000, 10_000, 100_000, 200_000)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=pathlib.Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
-
-
 def _time_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn() over ``reps`` runs (CUDA events on the current stream)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    """Median milliseconds of fn() over ``reps`` runs (CUDA events on the current stream; upper median)."""
+    times = sorted(common.cuda_times_ms(fn, reps))
     return times[len(times) // 2]
 
 
@@ -137,11 +121,12 @@ def main(argv=None) -> int:
         print(f"n={n:>7}  overhead {row['overhead_us_eager']:6.1f} us/iter eager, "
               f"{row['overhead_us_graph']:6.1f} us/iter graph; matvec {row['matvec_us_eager']:5.1f} us; "
               f"python CG {row['python_cg_us_per_iter']:7.1f} us/iter", file=sys.stderr, flush=True)
-    result = dict(benchmark="cg_overhead", device=torch.cuda.get_device_name(), dtype=args.dtype,
+    env = common.versions()
+    result = dict(benchmark="cg_overhead", device=env["gpu"], dtype=args.dtype,
                   target_us=TARGET_US, meets_target=all(r["meets_target"] for r in rows),
-                  torch=torch.__version__, cuda=torch.version.cuda, rosa_ext_C=_C.__version__,
-                  cuda_architectures=_C.cuda_architectures, python=platform.python_version(),
-                  commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  torch=env["torch"], cuda=env["cuda"], rosa_ext_C=_C.__version__,
+                  cuda_architectures=_C.cuda_architectures, python=env["python"],
+                  commit=common.commit(), date=common.utc_now(),
                   rows=rows)
     text = json.dumps(result, indent=1)
     print(text)

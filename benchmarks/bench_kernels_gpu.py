@@ -1,4 +1,4 @@
-"""Triton kernel benchmark on a GPU (issue 4): one command,
+"""Triton kernel benchmark on a GPU: one command,
 
     python benchmarks/bench_kernels_gpu.py --out benchmarks/results/
 
@@ -15,7 +15,7 @@ Cases run most important first (bf16 T=1024, the target) and the JSON is rewritt
 every case, so ``--budget-s`` (stop starting new cases) or a killed run still leaves the
 finished rows. The first call of each (T, dtype) includes Triton's autotuning (compiles
 every config of rosa_ext/kernels/_tiles.py): that is done in a warm-up, never timed.
-Targets (issue 4): pair < 1.2 ms at T=1024 bf16, extra memory < 64 MB.
+Targets: pair < 1.2 ms at T=1024 bf16, extra memory < 64 MB.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import json
 import math
 import pathlib
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
+
+import common
 
 #: Dense data-sheet peaks used for the roofline share (H100 SXM; H200 has the same compute).
 #: fp32 depends on the kernels' fp32 dot precision (--fp32-precision): "ieee" runs on the FP32
@@ -44,19 +44,7 @@ PRIORITY = [("bfloat16", 1024), ("bfloat16", 256), ("bfloat16", 4096), ("bfloat1
 
 def _ms(fn, min_reps=5, max_reps=50, budget_s=0.5):
     """Median milliseconds of ``fn`` (CUDA events), after 2 warm-up calls."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    t0 = time.perf_counter()
-    while len(out) < max_reps and (len(out) < min_reps or time.perf_counter() - t0 < budget_s):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return statistics.median(common.cuda_times_ms(fn, max_reps, min_reps=min_reps, budget_s=budget_s, warmup=2))
 
 
 def _extra_mb(fn) -> float:
@@ -88,17 +76,6 @@ def _best_configs() -> dict:
     return out
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                      stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "rosa_ext"],
-                               stderr=subprocess.DEVNULL).returncode != 0
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
 def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, inputs: dict, ref_update=None):
     from rosa_ext import rosa_update
     from rosa_ext.core.problem import build_problem
@@ -109,12 +86,12 @@ def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, input
     prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=8.0, bias=None, beta=1.0,
                          damping=0.1, max_iter=16, tol=1e-5, solver="cg", backend=backend, mask=None)
     be = get_backend(backend, prob.device)
-    t_w = time.perf_counter()
+    warm_clock = common.Stopwatch()
     op = RosaOperator(prob, be)  # warm-up: autotunes the stats kernel on the first call per shape
     v = torch.randn(1, prob.num_params, device="cuda")
     op.vjp(op.jvp(v))  # warm-up: autotunes the row / column kernels
     torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t_w
+    warm_s = warm_clock.elapsed_s()
     pair_mb = _extra_mb(lambda: op.vjp(op.jvp(v)))
     t_stats = _ms(lambda: be.stats(prob))
     t_pair = _ms(lambda: op.vjp(op.jvp(v)))
@@ -154,17 +131,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels_gpu: needs a CUDA device", file=sys.stderr)
         return 2
-    import triton
-
     import rosa_ext.kernels as K
     K.set_fp32_precision(args.fp32_precision)
     PEAK["float32"] = PEAK_FP32[args.fp32_precision]
     order = [c for c in PRIORITY if c[0] in args.dtypes and c[1] in args.T]
     order += [(dt, T) for dt in args.dtypes for T in args.T if (dt, T) not in order]
     backends = sorted(args.backends, key=lambda b: b != "torch")  # torch first: its update is the reference
-    result = dict(benchmark="kernels_gpu", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=triton.__version__, cuda=torch.version.cuda, commit=_commit(), d=D_MODEL, V=VOCAB,
-                  peak_flops=PEAK, fp32_precision=args.fp32_precision, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    env = common.versions()
+    result = dict(benchmark="kernels_gpu", device=env["gpu"], torch=env["torch"],
+                  triton=env["triton"], cuda=env["cuda"], commit=common.commit(), d=D_MODEL, V=VOCAB,
+                  peak_flops=PEAK, fp32_precision=args.fp32_precision, date=common.utc_now(),
                   rows=[], skipped=[])
     path = None
     if args.out is not None:
@@ -176,10 +152,10 @@ def main(argv=None) -> int:
         if path is not None:
             path.write_text(json.dumps(result, indent=1))
 
-    t_start = time.perf_counter()
+    clock = common.Stopwatch()
     weights = {}
     for dtype, T in order:
-        if time.perf_counter() - t_start > args.budget_s:
+        if clock.elapsed_s() > args.budget_s:
             result["skipped"].append(dict(dtype=dtype, T=T, reason="budget"))
             continue
         dt = getattr(torch, dtype)
@@ -220,7 +196,7 @@ def main(argv=None) -> int:
         print(f"target ({r['mode']}): pair {r['pair_ms']:.3f} ms (< 1.2), +{r['pair_extra_mem_mb']:.1f} MB (< 64): "
               f"{'MET' if ok else 'NOT MET'}")
         result.setdefault("target_met", {})[r["mode"]] = ok
-    result["wall_s"] = time.perf_counter() - t_start
+    result["wall_s"] = clock.elapsed_s()
     dump()
     if path is not None:
         print(f"wrote {path}")

@@ -12,4 +12,4 @@ python -m pytest python_tests -q -x -m "gpu or not gpu" 2>&1 | tail -15 | tee "$
 python benchmarks/bench_cg_overhead.py --out "$OUT" 2>&1 | tail -8
 python benchmarks/bench_kernels_gpu.py --out "$OUT" 2>&1 | tail -40
 # the update benchmark stops starting new cases after --budget-s (writes JSON after every case)
-timeout 590 python -m rosa_ext.bench --preset gpu --out "$OUT" --budget-s "${BENCH_BUDGET_S:-420}" 2>&1 | tail -80
+timeout 590 python benchmarks/bench_update.py --preset gpu --out "$OUT" --budget-s "${BENCH_BUDGET_S:-420}" 2>&1 | tail -80

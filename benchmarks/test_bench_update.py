@@ -3,12 +3,13 @@
 Times one whole update and one JVP+VJP pair per method, on the CPU preset's head
 (d=256, V=32000, T=256, fp32) or, on CUDA, the Qwen2.5-0.5B head (T=1024, bf16).
 Accuracy is checked beside each timing (relative error vs the exact fp64 dual solve).
-Kept small: 3 rounds per benchmark. The full tables come from ``python -m rosa_ext.bench``.
+Kept small: 3 rounds per benchmark. The full tables come from ``python benchmarks/bench_update.py``.
 """
 import pytest
 import torch
 
-from rosa_ext.bench_measure import MAX_ITER, MODELS, make_inputs, methods_for, runner, sync, truth_update
+from common import sync
+from update_measure import MAX_ITER, MODELS, make_inputs, methods_for, runner, truth_update
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

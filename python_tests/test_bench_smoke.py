@@ -1,4 +1,4 @@
-"""The benchmark CLI (``python -m rosa_ext.bench``) runs end to end on the tiny preset.
+"""The benchmark CLI (``python benchmarks/bench_update.py``) runs end to end on the tiny preset.
 
 Checks the JSON fields, that every method ran, and that every row's reported
 accuracy is what the method promises: exact solves agree with the float64
@@ -6,11 +6,20 @@ update, CG rows either converged (then they are accurate) or hit ``max_iter``
 (then the package's CG is no worse than the torch.func alternative's).
 """
 import json
+import pathlib
+import re
+import sys
 
 import pytest
 
-from rosa_ext import bench
-from rosa_ext.bench_measure import BASELINE, DEFAULT, MAX_ITER, REFERENCE, methods_for
+# The benchmarks live outside the package, in benchmarks/, and import each other by plain name.
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import bench_update  # noqa: E402
+import common  # noqa: E402
+from update_measure import BASELINE, DEFAULT, MAX_ITER, REFERENCE, methods_for  # noqa: E402
 
 ROW_FIELDS = {"method", "ran", "model", "d", "V", "T", "mode", "dtype", "median_ms", "min_ms", "max_ms", "reps",
               "iterations", "rel_error", "extra_mem_mb", "speedup_vs_torch_func"}
@@ -21,7 +30,7 @@ TOP_FIELDS = {"device", "device_name", "torch", "triton", "python", "commit", "d
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return bench.run("tiny", "cpu", out, reps=2, threads=1), out
+    return bench_update.run("tiny", "cpu", out, reps=2, threads=1), out
 
 
 def test_files_and_fields(result, capsys):
@@ -64,3 +73,17 @@ def test_sweeps(result):
         assert b["max_rel_diff"] < 1e-4, b  # one batched call == B separate calls
     assert any(t["case"].startswith("tiny T=32") for t in res["targets"])
     assert all(r["method"] != DEFAULT or r["ran"] == "torch/dual" for r in res["rows"])
+
+
+def test_common_environment_and_timers():
+    """benchmarks/common.py: what every benchmark script records, and its wall-clock timer."""
+    assert re.fullmatch(r"[0-9a-f]{7,40}(\+dirty:\S+)?|unknown", common.commit()), common.commit()
+    v = common.versions()
+    assert {"torch", "triton", "python", "cuda", "transformers", "rosa_ext", "platform", "cpu", "gpu"} <= set(v)
+    assert v["torch"] and v["python"] and v["cpu"]
+    calls = []
+    assert len(common.wall_times_ms(lambda: calls.append(1), 5)) == 5 == len(calls)
+    times = common.wall_times_ms(lambda: None, 50, budget_s=0.0, min_reps=2)  # budget spent: stop at min_reps
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    assert common.Stopwatch().elapsed_s() >= 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", common.utc_now())

@@ -214,3 +214,23 @@ def test_public_names():
     from rosa_ext import RosaStep, reference, cg  # noqa: F401
     assert callable(reference.rosa_update_reference)
     assert callable(cg.cg)
+
+
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_cg_impl_argument(mode):
+    """``cg_impl`` replaces the CG function of the CG solver (and is ignored by the dual)."""
+    from rosa_ext.cg import cg_python
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return cg_python(*args, **kw)
+
+    inp = make_inputs(mode=mode)
+    default = rosa_update(**inp, reward=-1.0, mode=mode, solver="cg", **EXACT)
+    got = rosa_update(**inp, reward=-1.0, mode=mode, solver="cg", cg_impl=spy, **EXACT)
+    assert calls == [dict(damping=0.1, max_iter=EXACT["max_iter"], tol=EXACT["tol"])]
+    torch.testing.assert_close(got.update, default.update)
+    assert got.iterations == default.iterations
+    rosa_update(**inp, reward=-1.0, mode=mode, solver="dual", cg_impl=spy)
+    assert len(calls) == 1

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, replace
 
 import torch
@@ -20,6 +19,9 @@ import torch
 from rosa_ext.eval import METHODS, first_turn, load_model, run_method
 from rosa_ext.metrics import accuracy_curve, correction_uplift
 from rosa_ext.problems import heldout_split
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: common
+import common  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "results", "experiment")
 
@@ -104,7 +106,7 @@ def main() -> int:
     configs = RUNS[args.run]
     todo = [configs[int(i)] for i in args.only] if args.only else configs
     for name, spec, decoding in todo:
-        t0 = time.perf_counter()
+        clock = common.Stopwatch()
         sample = decoding == "sample"
         if decoding not in firsts:
             print(f"first turn ({decoding}) ...", flush=True)
@@ -123,7 +125,7 @@ def main() -> int:
                "mean_dlogp": sum(dl) / len(dl) if dl else None, "boxed_rate": boxed,
                "repeat_rate": repeat_rate(convs),
                "update_ms": sum(t.update_ms for t in ups) / len(ups) if ups else None,
-               "seconds": time.perf_counter() - t0,
+               "seconds": clock.elapsed_s(),
                "example": [t.text for t in max(convs, key=lambda c: len(c.turns)).turns]}
         rows.append(row)
         curve = " ".join(f"{100 * v:.0f}" for v in row["acc_curve"])

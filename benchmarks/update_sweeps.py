@@ -1,4 +1,4 @@
-"""Issue-9 benchmark sections: dual vs CG as a function of T, and batched updates.
+"""Extra sections of the update benchmark: dual vs CG as a function of T, and batched updates.
 
 - :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
   with ``solver="dual"`` (the device's default backend), the solver ``"auto"`` picks
@@ -16,25 +16,23 @@ from typing import Any, Dict, List
 
 import torch
 
-from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs, sync, time_calls)
+from common import sync, wall_times_ms
+from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs
 
 
 def _cost_model(mode: str, T: int, d: int, V: int) -> Dict[str, float]:
-    """Flops the cost model of :func:`rosa_ext.solvers.choose_solver` assigns (one conversation)."""
-    chol = T ** 3 / 3
-    if mode == "hidden":
-        dual = 4 * T * d * V + 2 * T * T * d + chol
-    else:
-        dual = 4 * T * d * V + 2 * T * T * V + 2 * T * T * d + chol
-    return dict(model_dual_gflop=dual / 1e9, model_cg_gflop=MAX_ITER * 4 * T * d * V / 1e9)
+    """Flops the cost model of ``solver="auto"`` assigns (one conversation; rosa_ext.core.solvers.solver_costs)."""
+    from rosa_ext.core.solvers import solver_costs
+    cost = solver_costs(mode, [T], d, V, MAX_ITER)
+    return dict(model_dual_gflop=cost["dual"] / 1e9, model_cg_gflop=cost["cg"] / 1e9)
 
 
 def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List[str], reps: int,
                  budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, T, cg_ms, dual_ms (medians), cg iterations, auto's choice, faster, cost-model flops."""
-    from . import rosa_update
-    from .core.problem import build_problem
-    from .core.solvers import DUAL_MAX_TOKENS, choose_solver
+    from rosa_ext import rosa_update
+    from rosa_ext.core.problem import build_problem
+    from rosa_ext.core.solvers import DUAL_MAX_TOKENS, choose_solver
     d, V = MODELS[model]
     rows = []
     for mode in modes:
@@ -52,7 +50,7 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
                 fn = lambda s=solver: rosa_update(*args, **kw, solver=s)  # noqa: E731
                 res[solver] = fn()  # warm-up
                 sync(device)
-                times = time_calls(fn, reps, device, budget_s=budget_s, min_reps=1)
+                times = wall_times_ms(fn, reps, device, budget_s=budget_s, min_reps=1)
                 row[f"{solver}_ms"] = statistics.median(times)
                 row[f"{solver}_reps"] = len(times)
             row["cg_iterations"] = res["cg"].iterations
@@ -68,7 +66,7 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
 def batched_sweep(device: str, model: str, dtype: str, Bs: List[int], T: int, modes: List[str], reps: int,
                   budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, B, T, batched_ms, separate_ms, speedup, max relative difference of the updates."""
-    from . import rosa_update
+    from rosa_ext import rosa_update
     d, V = MODELS[model]
     dt = getattr(torch, dtype)
     rows = []
@@ -101,8 +99,8 @@ def batched_sweep(device: str, model: str, dtype: str, Bs: List[int], T: int, mo
             u1 = s1.update.double()
             ub = torch.stack([s.update for s in sb]).double()
             diff = float(((u1 - ub).norm(dim=1) / ub.norm(dim=1).clamp_min(1e-300)).max())
-            t1 = statistics.median(time_calls(one, reps, device, budget_s=budget_s, min_reps=1))
-            tb = statistics.median(time_calls(many, reps, device, budget_s=budget_s, min_reps=1))
+            t1 = statistics.median(wall_times_ms(one, reps, device, budget_s=budget_s, min_reps=1))
+            tb = statistics.median(wall_times_ms(many, reps, device, budget_s=budget_s, min_reps=1))
             rows.append(dict(mode=mode, B=B, T=T, tokens=int(lens.sum()), model=model, d=d, V=V, dtype=dtype,
                              batched_ms=t1, separate_ms=tb, speedup=tb / t1, solver_batched=s1.solver,
                              max_rel_diff=diff))

@@ -1,10 +1,10 @@
-"""Update-latency benchmarks: ``python -m rosa_ext.bench --preset tiny|cpu|gpu [--out DIR]``.
+"""Update-latency benchmarks: ``python benchmarks/bench_update.py --preset tiny|cpu|gpu [--out DIR]``.
 
 For every case (head d x V, T response tokens, mode, dtype) it times, on the same
 inputs in the same run, one whole ROSA update (stats + solve) and one JVP+VJP pair for
 
 - ``torch.func+CG``: the obvious alternative a user would write
-  (:mod:`rosa_ext.bench_baseline`: torch.func through the full T x V logits + a Python CG);
+  (:mod:`update_baseline`: torch.func through the full T x V logits + a Python CG);
 - ``rosa default``: :func:`rosa_ext.rosa_update` as shipped (solver="auto", backend="auto");
 - ``rosa torch/cg``, ``rosa torch/dual``: the portable chunked backend with each solver;
 - ``rosa triton/cg``, ``rosa triton/dual``: the Triton backend (CUDA, when triton imports);
@@ -12,8 +12,8 @@ inputs in the same run, one whole ROSA update (stats + solve) and one JVP+VJP pa
   one (CUDA, when ``_C`` is built; all other CG rows use ``_C`` whenever it is built);
 - ``reference``: the float64 torch.func Jacobian + dense solve (small P = #params only).
 
-Columns, memory and error definitions: ``benchmarks/README.md``. Extra sections
-(issue 9): dual vs CG as a function of T with the solver ``auto`` picks, and B
+Columns, memory and error definitions: ``benchmarks/README.md``. Extra sections:
+dual vs CG as a function of T with the solver ``auto`` picks, and B
 conversations in one batched call vs B calls. Outputs: progress lines and the
 tables on the terminal; ``--out DIR`` writes ``<cpu|gpu>_<preset>_<date>.{json,md,png}``
 (JSON rewritten after every case, so an interrupted run keeps what it measured).
@@ -21,24 +21,21 @@ tables on the terminal; ``--out DIR`` writes ``<cpu|gpu>_<preset>_<date>.{json,m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import bench_report
-from .bench_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
+import common
+import update_report
+from update_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
                             TOL, compiled_cg_available, make_inputs, measure_case, measure_memory, methods_for,
-                            reference_bytes, runner, time_calls, triton_usable, truth_update)
-from .bench_sweeps import batched_sweep, solver_sweep
+                            reference_bytes, runner, triton_usable, truth_update)
+from update_sweeps import batched_sweep, solver_sweep
 
 __all__ = ["PRESETS", "MODELS", "MAX_ITER", "run", "main", "make_inputs", "runner", "truth_update", "methods_for"]
 
@@ -74,51 +71,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_peak_gflops(n: int = 2048) -> float:
     """Best of 5 n^3 fp32 matmuls at the current thread count, GFLOP/s."""
     a = torch.randn(n, n)
     a @ a
-    t = min(time_calls(lambda: a @ a, 5, "cpu"))
+    t = min(common.wall_times_ms(lambda: a @ a, 5, "cpu"))
     return 2 * n ** 3 / (t * 1e-3) / 1e9
-
-
-def _commit() -> str:
-    """Short HEAD sha, plus ``+dirty:<files>`` for uncommitted changes to the package's sources."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=root,
-                                      stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "diff", "--name-only", "HEAD", "--", "rosa_ext"], text=True,
-                                        cwd=root, stderr=subprocess.DEVNULL).split()
-        return sha + (f"+dirty:{','.join(pathlib.Path(f).name for f in dirty)}" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def _versions() -> Dict[str, Any]:
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception:
-        tv = None
-    return dict(torch=torch.__version__, triton=tv, python=platform.python_version(),
-                cuda=torch.version.cuda if torch.cuda.is_available() else None)
 
 
 def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
     """CPU memory of one method in a fresh process (so freed memory of earlier rows can't hide it)."""
-    cmd = [sys.executable, "-m", "rosa_ext.bench", "--one", json.dumps(spec)]
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         # A negative return code is a signal (e.g. -9: killed, typically for memory), with no stderr.
@@ -179,7 +142,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         torch.set_num_threads(threads)
     reps = reps or cfg["reps"]
     budget = cfg["budget_s"] if budget_s is None else budget_s
-    t_start = time.perf_counter()
+    clock = common.Stopwatch()
     methods = methods_for(device)
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -188,19 +151,20 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
                      else f"unknown GPU {name}: no % of peak")
         cpu_peak = None
     else:
-        name = _cpu_name()
+        name = common.cpu_name()
         cpu_peak = _cpu_peak_gflops()
         peaks = {dt: cpu_peak / 1000.0 for dt in ("float32", "bfloat16")}
         peak_note = (f"% peak: of a 2048^3 fp32 matmul at {torch.get_num_threads()} thread(s), best of 5, measured "
                      f"at the start of this run: {cpu_peak:.1f} GFLOP/s")
-    print(f"rosa_ext.bench preset={preset} device={device} ({name}) threads={torch.get_num_threads()} "
+    print(f"bench_update preset={preset} device={device} ({name}) threads={torch.get_num_threads()} "
           f"methods={methods} budget={budget:.0f}s", flush=True)
     if cpu_peak is not None:
         print(f"  CPU peak (2048^3 fp32 matmul, best of 5): {cpu_peak:.1f} GFLOP/s", flush=True)
+    env = common.versions()
     result: Dict[str, Any] = dict(
         preset=preset, device=device, device_name=name, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        **_versions(), compiled_cg=compiled_cg_available(), triton_backend=triton_usable(device),
-        commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{k: env[k] for k in ("torch", "triton", "python", "cuda")}, compiled_cg=compiled_cg_available(), triton_backend=triton_usable(device),
+        commit=common.commit(), date=common.utc_now(),
         settings=dict(max_iter=MAX_ITER, tol=TOL, damping=DAMPING, beta=BETA, reward=REWARD, lora_scale=LORA_SCALE,
                       reps=reps, row_budget_s=cfg["row_budget_s"]),
         methods=methods, peak_note=peak_note, cpu_peak_gflops=cpu_peak,
@@ -216,24 +180,24 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         rows=[], solvers=[], batched=[], targets=[], skipped=[], wall_s=0.0)
 
     def save(final: bool = False) -> None:
-        result["wall_s"] = round(time.perf_counter() - t_start, 1)
-        bench_report.add_speedups(result["rows"])
+        result["wall_s"] = round(clock.elapsed_s(), 1)
+        update_report.add_speedups(result["rows"])
         for r in result["rows"]:
             if "pair_gflops" in r and peaks:
                 r["pair_pct_of_peak"] = 100.0 * r["pair_gflops"] / (1000.0 * peaks[r["dtype"]])
-        result["targets"] = bench_report.check_targets(result["rows"], device, name)
+        result["targets"] = update_report.check_targets(result["rows"], device, name)
         if out is not None:
-            bench_report.write(result, out, plot=final)
+            update_report.write(result, out, plot=final)
 
     def run_cases(cases: List[Case], start_k: int, total: int) -> None:
         for k, case in enumerate(cases, start_k):
             model, T, mode, dtype = case
-            if time.perf_counter() - t_start > budget:
+            if clock.elapsed_s() > budget:
                 result["skipped"].append(f"{model} T={T} {mode} {dtype}")
                 continue
             d, V = MODELS[model]
             print(f"[{k}/{total}] {model} d={d} V={V} T={T} {mode} {dtype}  "
-                  f"(t={time.perf_counter() - t_start:.0f}s)", flush=True)
+                  f"(t={clock.elapsed_s():.0f}s)", flush=True)
             todo = [m for m in methods if m != REFERENCE or _reference_ok(cfg, case)]
             errors: Dict[str, str] = {}
 
@@ -284,12 +248,12 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
     for sec in ("solvers", "batched"):
         if sec not in sections:
             continue
-        if time.perf_counter() - t_start > budget:
+        if clock.elapsed_s() > budget:
             result["skipped"].append(f"section {sec}")
             continue
         s = cfg[sec]
         print(f"{'dual vs CG by T' if sec == 'solvers' else 'batched vs separate calls'} "
-              f"({s['model']}, {s['dtype']}; t={time.perf_counter() - t_start:.0f}s)", flush=True)
+              f"({s['model']}, {s['dtype']}; t={clock.elapsed_s():.0f}s)", flush=True)
         try:
             if sec == "solvers":
                 result["solvers"] = solver_sweep(device, s["model"], s["dtype"], solver_T or s["T"], ["lora", "hidden"],
@@ -305,9 +269,9 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         run_cases(cfg["late_cases"], len(cfg["cases"]) + 1, total)
     save(final=True)
     print()
-    print(bench_report.markdown(result))
+    print(update_report.markdown(result))
     if out is not None:
-        print(f"\nwrote {', '.join(str(p) for p in sorted(out.glob(bench_report.stem(result) + '.*')))}")
+        print(f"\nwrote {', '.join(str(p) for p in sorted(out.glob(update_report.stem(result) + '.*')))}")
     return result
 
 
@@ -315,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--one"]:
         return _child(argv[1])
-    p = argparse.ArgumentParser(prog="python -m rosa_ext.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_update.py", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--reps", type=int, default=None, help="timed repeats per row (default: the preset's)")

@@ -1,4 +1,4 @@
-"""Reports of :mod:`rosa_ext.bench`: speedups, target checks, markdown, JSON and PNG."""
+"""Reports of ``benchmarks/bench_update.py``: speedups, target checks, markdown, JSON and PNG."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import math
 import pathlib
 from typing import Any, Dict, List, Optional
 
-from .bench_measure import BASELINE, DEFAULT, REFERENCE
+from update_measure import BASELINE, DEFAULT, REFERENCE
 
 CASE_KEYS = ("model", "T", "mode", "dtype")
 
@@ -25,7 +25,7 @@ def add_speedups(rows: List[Dict[str, Any]]) -> None:
 
 
 def check_targets(rows: List[Dict[str, Any]], device: str, device_name: str) -> List[Dict[str, Any]]:
-    """The issue's targets, checked on the measured rows.
+    """The performance targets, checked on the measured rows.
 
     CPU: the default path (solver="auto", backend="auto") >= 5x faster than the
     torch.func alternative at equal accuracy (its error <= max(2 x the alternative's

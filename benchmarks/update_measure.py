@@ -1,6 +1,6 @@
 """One benchmark row: inputs, the methods compared, timing, memory, accuracy.
 
-Used by :mod:`rosa_ext.bench` (the CLI) and ``benchmarks/test_bench_update.py``.
+Used by ``benchmarks/bench_update.py`` (the CLI) and ``benchmarks/test_bench_update.py``.
 
 A *method* is a name such as ``"torch.func+CG"``, ``"rosa default"``,
 ``"rosa torch/cg"``, ``"rosa triton/dual"``, ``"rosa triton/cg pyCG"`` or
@@ -12,12 +12,13 @@ Python matvec and differ by nothing measurable).
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from common import sync, timed_call_s
 
 #: Head sizes (d, V) of real models, plus scaled-down CPU heads.
 MODELS: Dict[str, Tuple[int, int]] = {
@@ -40,7 +41,7 @@ REFERENCE = "reference"
 def compiled_cg_available() -> bool:
     """True when the compiled CG extension ``rosa_ext._C`` imports."""
     try:
-        from .cg import compiled  # noqa: F401
+        from rosa_ext.cg import compiled  # noqa: F401
     except Exception:
         return False
     return True
@@ -51,7 +52,7 @@ def triton_usable(device: str) -> bool:
     if device != "cuda":
         return False
     try:
-        from .backends import triton_available
+        from rosa_ext.backends import triton_available
         return triton_available(torch.device("cuda"))
     except Exception:
         return False
@@ -75,24 +76,6 @@ def parse_method(method: str) -> Tuple[str, str, bool]:
     backend, rest = body.split("/", 1)
     solver, *flags = rest.split()
     return backend, solver, "pyCG" in flags
-
-
-@contextlib.contextmanager
-def python_cg_loop() -> Iterator[None]:
-    """Make :func:`rosa_ext.rosa_update` use :func:`rosa_ext.cg.cg_python` (not ``_C``)."""
-    from . import solvers
-    from .cg import cg_python
-    saved = solvers.cg
-    solvers.cg = cg_python
-    try:
-        yield
-    finally:
-        solvers.cg = saved
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -128,7 +111,7 @@ def truth_update(inp: Dict[str, Any]) -> torch.Tensor:
     It agrees with the float64 torch.func reference (the ``reference`` rows report
     their error against it).
     """
-    from . import rosa_update
+    from rosa_ext import rosa_update
     f64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
     args, kw = _args(f64)
     return rosa_update(*args, **kw, damping=DAMPING, beta=BETA, lora_scale=LORA_SCALE,
@@ -149,7 +132,7 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
     """
     args, kw = _args(inp)
     if method == BASELINE:
-        from .bench_baseline import TorchFuncOperator, torch_func_update
+        from update_baseline import TorchFuncOperator, torch_func_update
 
         def update():
             r = torch_func_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING,
@@ -162,28 +145,30 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
             return lambda: op.vjp(op.jvp(v))
         return update, pair_factory
     if method == REFERENCE:
-        from .reference import rosa_update_reference
+        from rosa_ext.reference import rosa_update_reference
 
         def update():
             s = rosa_update_reference(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING)
             return s.update, 0, "float64 torch.func Jacobian + dense solve"
         return update, lambda: None
 
-    from . import rosa_update
+    from rosa_ext import rosa_update
+    from rosa_ext.cg import cg_python
     backend, solver, pyloop = parse_method(method)
+    # pyCG: the Python loop; otherwise the package's default CG (the compiled _C one when built)
+    cg_kw = dict(cg_impl=cg_python) if pyloop else {}
 
     def update():
-        with python_cg_loop() if pyloop else contextlib.nullcontext():
-            s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
-                            tol=TOL, solver=solver, backend=backend)
-            return s.update, s.iterations, f"{s.backend}/{s.solver}"
+        s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
+                        tol=TOL, solver=solver, backend=backend, **cg_kw)
+        return s.update, s.iterations, f"{s.backend}/{s.solver}"
     if solver != "cg":
         return update, lambda: None
 
     def pair_factory():
-        from .core.problem import build_problem
-        from .backends import get_backend
-        from .core.operator import RosaOperator
+        from rosa_ext.core.problem import build_problem
+        from rosa_ext.backends import get_backend
+        from rosa_ext.core.operator import RosaOperator
         prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
                              max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend, mask=None)
         op = RosaOperator(prob, get_backend(prob.backend, prob.device))
@@ -199,7 +184,7 @@ def reference_bytes(T: int, d: int, V: int, mode: str) -> float:
 
 
 def useful_flops(ran: str, mode: str, T: int, d: int, V: int, iters: int) -> Optional[float]:
-    """Flops of the algorithm that ran, counted as in ROSA_SPEC.md section 4 (None: not counted).
+    """Flops of the algorithm that ran, counted as in MATH.md section 4 (None: not counted).
 
     CG (ours or torch.func's): stats pass 2TdV + right-hand-side VJP 2TdV + 4TdV per
     iteration. Dual: stats 2TdV + hidden: pi W 4TdV; lora: pi pi^T 2T^2 V + VJP 2TdV;
@@ -255,20 +240,6 @@ def torch_cpu_alloc_peak_mb(fn: Callable[[], Any]) -> Tuple[Any, float]:
 
 
 # ----------------------------------------------------------------------------- timing
-def time_calls(fn: Callable[[], Any], reps: int, device: str, budget_s: float = float("inf"),
-               min_reps: int = 3) -> List[float]:
-    """Wall times (ms) of ``fn``: ``reps`` calls, fewer (but >= ``min_reps``) once ``budget_s`` is spent."""
-    out: List[float] = []
-    t_all = time.perf_counter()
-    while len(out) < reps and (len(out) < min_reps or time.perf_counter() - t_all < budget_s):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(1000.0 * (time.perf_counter() - t0))
-    return out
-
-
 def spread(times: List[float]) -> Dict[str, float]:
     """median, min, max and (>= 4 samples) the interquartile range, ms."""
     out = dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
@@ -404,11 +375,7 @@ def _round_robin(fns: Dict[str, Callable[[], Any]], reps: int, device: str, budg
     active = list(fns)
     while active:
         for m in list(active):
-            sync(device)
-            t0 = time.perf_counter()
-            fns[m]()
-            sync(device)
-            dt = time.perf_counter() - t0
+            dt = timed_call_s(fns[m], device)
             times[m].append(1000.0 * dt)
             spent[m] += dt
             n = len(times[m])

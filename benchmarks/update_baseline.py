@@ -1,6 +1,6 @@
 """The obvious alternative a user would write: torch.func through the full logits + Python CG.
 
-This is the comparison point of the benchmarks (issue 7), written the way the
+This is the comparison point of the benchmarks, written the way the
 paper's description suggests: ``p(theta)`` is computed through the full T x V
 logits, each CG matvec is ``torch.func.jvp`` followed by the ``torch.func.vjp``
 closure (which keeps the T x V softmax graph alive), and the loop is
@@ -14,8 +14,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .cg import CGResult, cg_python
-from .core.target import residual_target
+from rosa_ext.cg import CGResult, cg_python
+from rosa_ext.core.target import residual_target
 
 
 def _p_function(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mode: str,
