@@ -2,7 +2,7 @@
 
 - :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
   with ``solver="dual"`` (the device's default backend), the solver ``"auto"`` picks
-  for that problem (:func:`rosa_ext.solvers.choose_solver`, the cost model, not a
+  for that problem (:func:`rosa_ext.core.solvers.choose_solver`, the cost model, not a
   timing), the cost model's flop estimates, and which one was measured faster.
 - :func:`batched_sweep`: B conversations of ragged length (<= T tokens, mask) with
   rewards alternating +-1 in ONE ``rosa_update`` call ((B, T, d) hidden, (B, T) mask,

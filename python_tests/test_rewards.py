@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from rosa_ext.interact import Problem
-from rosa_ext.rewards import (boxed_answer, centered, dense_reward, is_correct, judge_reward, normalize_answer,
+from rosa_ext.harness.problems import Problem
+from rosa_ext.harness.rewards import (boxed_answer, centered, dense_reward, is_correct, judge_reward, normalize_answer,
                               rule_reward)
 
 

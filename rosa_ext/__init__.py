@@ -20,6 +20,6 @@ def __getattr__(name: str):
         from .integrations import session
         return getattr(session, name)
     if name == "interact":
-        from .interact import interact
+        from .harness.conversation import interact
         return interact
     raise AttributeError(f"module 'rosa_ext' has no attribute {name!r}")

@@ -1,5 +1,6 @@
+"""``python -m rosa_ext demo``: the command line of :mod:`rosa_ext.harness.cli`."""
 import sys
 
-from .cli import main
+from .harness.cli import main
 
 sys.exit(main())

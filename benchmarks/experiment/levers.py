@@ -16,9 +16,9 @@ from dataclasses import asdict, replace
 
 import torch
 
-from rosa_ext.eval import METHODS, first_turn, load_model, run_method
-from rosa_ext.metrics import accuracy_curve, correction_uplift
-from rosa_ext.problems import heldout_split
+from rosa_ext.harness.experiment import METHODS, first_turn, load_model, run_method
+from rosa_ext.harness.metrics import accuracy_curve, correction_uplift
+from rosa_ext.harness.problems import heldout_split
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: common
 import common  # noqa: E402
@@ -34,7 +34,7 @@ def R(spec, beta=1.0, damping=1e-2, on="response", **kw):
 # In priority order (the CPU budget may cut the tail). Run 3 (this list) starts from
 # beta 0.1, damping 0.1, answer-span target (PG lr 10) and varies one lever at a time.
 # Only its first two rows ran (levers_run3.json): beta 0.1 overshot on the second LoRA
-# update (answers degenerate to "4444..."), so the committed run (rosa_ext.eval.METHODS)
+# update (answers degenerate to "4444..."), so the committed run (rosa_ext.harness.experiment.METHODS)
 # went back to beta 1. The greedy baseline is known flat on the dev problems
 # (levers_run1.json: 35% at every turn), so it is not re-run.
 CONFIGS_RUN3 = [
@@ -70,7 +70,7 @@ RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4}
 def repeat_rate(convs) -> float:
     """Fraction of answers after turn 1 whose boxed number was already given (and rejected)
     earlier in the same conversation: what a pure 'push the wrong answer down' update can fix."""
-    from rosa_ext.rewards import boxed_answer
+    from rosa_ext.harness.rewards import boxed_answer
     n = rep = 0
     for c in convs:
         seen = set()

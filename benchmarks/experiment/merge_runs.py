@@ -1,4 +1,4 @@
-"""Merge the ``runs.jsonl`` of several ``python -m rosa_ext.eval`` invocations (e.g. seeds run
+"""Merge the ``runs.jsonl`` of several ``python -m rosa_ext.harness.experiment`` invocations (e.g. seeds run
 separately) into one summary: ``results.json``, ``results.md``, ``accuracy_vs_turn.png`` and
 the merged ``runs.jsonl`` in ``--out``.
 
@@ -6,7 +6,7 @@ the merged ``runs.jsonl`` in ``--out``.
 
 ``RUNS.jsonl:0,1`` keeps only those seeds of that file (e.g. the complete seeds of an
 interrupted run); a (method, seed) pair given twice is an error. The statistics are those of
-:func:`rosa_ext.eval.summarize` (bootstrap over problems, seeds pooled; paired difference to
+:func:`rosa_ext.harness.experiment.summarize` (bootstrap over problems, seeds pooled; paired difference to
 the baseline).
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import os
 import sys
 from typing import Dict, List, Optional, Set
 
-from rosa_ext.eval import Conversation, TurnLog, markdown_table, plot, summarize
-from rosa_ext.interact import Problem
+from rosa_ext.harness.conversation import TurnRecord
+from rosa_ext.harness.experiment import Conversation, markdown_table, plot, summarize
+from rosa_ext.harness.problems import Problem
 
 
 def load(path: str, seeds: Optional[Set[int]]) -> Dict[str, Dict[int, List[dict]]]:
@@ -59,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(sizes) != 1:
         raise SystemExit(f"merge_runs: runs cover different numbers of problems: {sorted(sizes)}")
     runs = {m: {s: [Conversation(problem=Problem(r["question"], r["answer"]), messages=[],
-                                 turns=[TurnLog(**t) for t in r["turns"]], solved_at=r["solved_at"])
+                                 turns=[TurnRecord(**t) for t in r["turns"]], solved_at=r["solved_at"])
                     for r in recs] for s, recs in sorted(seedruns.items())}
             for m, seedruns in merged.items()}
     order = ["baseline"] + [m for m in runs if m != "baseline"]

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from .common import defaults
+from ..common import defaults
 
 #: The demo's problems (question, answer): small arithmetic that the 135M model gets
 #: wrong on its first greedy try, so every problem shows at least one update.
@@ -37,7 +37,7 @@ def _load(model_name: str, seed: int):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from .integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+    from ..integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
 
     if smollm2_path() is None:
         raise SystemExit("rosa-ext demo: SmolLM2-135M-Instruct is not installed; run "
@@ -56,8 +56,9 @@ def _load(model_name: str, seed: int):
 
 
 def demo(args: argparse.Namespace) -> int:
-    from . import attach
-    from .interact import Problem, interact
+    from ..integrations.session import attach
+    from .conversation import interact
+    from .problems import Problem
     from .rewards import rule_reward
 
     torch.manual_seed(args.seed)

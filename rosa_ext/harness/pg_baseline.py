@@ -20,7 +20,7 @@ less format damage, the same uplift (``benchmarks/results/experiment/README.md``
 
 :func:`pg_step` is the functional step (any tensors, also batched by looping);
 :class:`PGSession` wraps it with the same ``update``/``reset``/``detach``
-interface as :class:`rosa_ext.session.RosaSession` so :func:`rosa_ext.interact.interact`
+interface as :class:`rosa_ext.integrations.session.RosaSession` so :func:`rosa_ext.harness.conversation.interact`
 can run it.
 """
 from __future__ import annotations
@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..common import defaults
+from ..integrations.head_hooks import HeadAdapter
+from ..integrations.model_lookup import find_body, find_lm_head, head_bias, head_weight
 
 #: Default learning rate of the PG step (see the module docstring).
 DEFAULT_LR = 10.0
@@ -59,7 +63,7 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 def pg_step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: float, *, mode: str,
             lr: float = DEFAULT_LR, beta: float = 1.0, lora_a: Optional[torch.Tensor] = None,
             lora_b: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None,
-            lora_scale: float = 8.0, bias: Optional[torch.Tensor] = None) -> PGStep:
+            lora_scale: float = defaults.LORA_SCALE, bias: Optional[torch.Tensor] = None) -> PGStep:
     """One single-sample policy-gradient step on the lm_head adapter.
 
     Args:
@@ -114,55 +118,33 @@ class PGSession:
     """The PG baseline as a session on a live model: hooks ``lm_head`` like ROSA's session.
 
     Args:
-        model: a transformers causal LM with ``lm_head`` (possibly tied).
+        model: a transformers causal LM with ``lm_head`` (possibly tied), or a PeftModel.
         mode: "lora" or "hidden". lr, beta: see :func:`pg_step`. lora_scale: s.
         seed: seed of lora_A's init (``U(-1/sqrt(d), 1/sqrt(d))`` as PEFT; ``b = 0``).
     """
 
     def __init__(self, model: torch.nn.Module, mode: str = "lora", *, lr: float = DEFAULT_LR, beta: float = 1.0,
-                 lora_scale: float = 8.0, seed: int = 0) -> None:
+                 lora_scale: float = defaults.LORA_SCALE, seed: int = 0) -> None:
         if mode not in ("lora", "hidden"):
             raise ValueError(f"PGSession: mode must be 'lora' or 'hidden', got {mode!r}")
-        head = getattr(model, "lm_head", None)
-        body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-        if head is None or body is None:
-            raise ValueError(f"PGSession: {type(model).__name__} needs `lm_head` and a decoder body")
-        self.model, self.head, self.body, self.mode = model, head, body, mode
+        self.model, self.mode = model, mode
+        self.head = find_lm_head(model, "PGSession")
+        self.body = find_body(model, "PGSession")
+        self.weight = head_weight(self.head, "PGSession")
+        self.bias = head_bias(self.head)
         self.lr, self.beta, self.lora_scale = float(lr), float(beta), float(lora_scale)
-        W = head.weight
-        V, d = W.shape
-        self.dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-        gen = torch.Generator().manual_seed(int(seed))
-        self._a0 = ((torch.rand(d, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(d)).to(self.dtype)
-        self._a0 = self._a0.to(W.device)
-        self.reset()
-        if mode == "hidden":
-            self._handle = head.register_forward_pre_hook(self._pre)
-        else:
-            self._handle = head.register_forward_hook(self._post)
-
-    def _pre(self, module, args):
-        if not self.active:
-            return None
-        return (args[0] + self.delta.to(args[0].dtype),) + tuple(args[1:])
-
-    def _post(self, module, args, out):
-        if not self.active:
-            return None
-        x = args[0]
-        return out + (self.lora_scale * (x @ self.a.to(x.dtype))).unsqueeze(-1) * self.b.to(out.dtype)
+        V, d = self.weight.shape
+        self.dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=V, hidden_size=d, lora_scale=lora_scale,
+                                   seed=seed, dtype=self.dtype, device=self.weight.device)
 
     def reset(self) -> None:
         """Back to the base model (a to its init, b = 0, delta = 0)."""
-        W = self.head.weight
-        self.a = self._a0.clone()
-        self.b = torch.zeros(W.shape[0], dtype=self.dtype, device=W.device)
-        self.delta = torch.zeros(W.shape[1], dtype=self.dtype, device=W.device)
-        self.active = False
+        self.adapter.reset()
 
     def detach(self) -> None:
         """Remove the hook; the model is as before."""
-        self._handle.remove()
+        self.adapter.remove()
 
     def update(self, input_ids: torch.Tensor, reward: float, *, response_start: Optional[int] = None,
                response_mask: Optional[torch.Tensor] = None) -> PGStep:
@@ -179,16 +161,9 @@ class PGSession:
             raise ValueError("PGSession.update: the response must be non-empty and start after position 0")
         with torch.no_grad():
             h = self.body(input_ids=ids.unsqueeze(0), use_cache=False).last_hidden_state[0, pos - 1]
-        W = self.head.weight
-        bias = getattr(self.head, "bias", None)
-        step = pg_step(h, W, ids[pos], reward, mode=self.mode, lr=self.lr, beta=self.beta, lora_a=self.a,
-                       lora_b=self.b, delta=self.delta, lora_scale=self.lora_scale, bias=bias)
-        d = W.shape[1]
-        if self.mode == "lora":
-            self.a = self.a + step.update[:d].to(self.dtype)
-            self.b = self.b + step.update[d:].to(self.dtype)
-        else:
-            self.delta = self.delta + step.update.to(self.dtype)
-        self.active = True
+        ad = self.adapter
+        step = pg_step(h, self.weight, ids[pos], reward, mode=self.mode, lr=self.lr, beta=self.beta,
+                       lora_a=ad.a[0], lora_b=ad.b[0], delta=ad.delta[0], lora_scale=self.lora_scale,
+                       bias=self.bias)
+        ad.apply(torch.zeros(1, dtype=torch.long, device=self.weight.device), step.update.unsqueeze(0))
         return step
-
