@@ -27,9 +27,8 @@ import json
 import pathlib
 import sys
 
-import torch
-
 import common
+import torch
 
 TARGET_US = 20.0
 DAMPING = 1e-7
@@ -58,8 +57,8 @@ def _capture(fn) -> torch.cuda.CUDAGraph:
 
 def _row(n: int, dtype: torch.dtype, iters: int, reps: int) -> dict:
     from rosa_ext import _C
-    from rosa_ext.cg.compiled import STATE_ITERS, cg_cuda_launch
     from rosa_ext.cg import cg_python
+    from rosa_ext.cg.compiled import STATE_ITERS, cg_cuda_launch
 
     # condition number 1e6: CG is far from converged after a few hundred iterations
     diag = torch.logspace(-6, 0, n, dtype=dtype, device="cuda")[torch.randperm(n, device="cuda")]

@@ -27,9 +27,8 @@ import pathlib
 import statistics
 import sys
 
-import torch
-
 import common
+import torch
 
 #: Dense data-sheet peaks used for the roofline share (H100 SXM; H200 has the same compute).
 #: fp32 depends on the kernels' fp32 dot precision (--fp32-precision): "ieee" runs on the FP32
@@ -78,13 +77,15 @@ def _best_configs() -> dict:
 
 def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, inputs: dict, ref_update=None):
     from rosa_ext import rosa_update
-    from rosa_ext.core.problem import build_problem
     from rosa_ext.backends import get_backend
     from rosa_ext.core.operator import RosaOperator
+    from rosa_ext.core.problem import build_problem
 
     h, y, a, b = inputs["h"], inputs["y"], inputs["a"], inputs["b"]
-    prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=8.0, bias=None, beta=1.0,
-                         damping=0.1, max_iter=16, tol=1e-5, solver="cg", backend=backend, mask=None)
+    from rosa_ext.common import defaults
+    prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=defaults.LORA_SCALE, bias=None,
+                         beta=defaults.BETA, damping=defaults.DAMPING, max_iter=defaults.MAX_ITER, tol=defaults.TOL,
+                         solver="cg", backend=backend, mask=None)
     be = get_backend(backend, prob.device)
     warm_clock = common.Stopwatch()
     op = RosaOperator(prob, be)  # warm-up: autotunes the stats kernel on the first call per shape
@@ -95,7 +96,7 @@ def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, input
     pair_mb = _extra_mb(lambda: op.vjp(op.jvp(v)))
     t_stats = _ms(lambda: be.stats(prob))
     t_pair = _ms(lambda: op.vjp(op.jvp(v)))
-    del op
+    op = None  # free the operator's cache before the next measurements
     kw = dict(mode=mode, lora_a=a, lora_b=b, damping=0.1, backend=backend, max_iter=16, tol=1e-5)
     res = {}
     upd_mb = _extra_mb(lambda: res.setdefault("cg", rosa_update(h, W, y, -1.0, solver="cg", **kw)))

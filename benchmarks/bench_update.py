@@ -28,13 +28,29 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
 import common
+import torch
 import update_report
-from update_measure import (BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, REFERENCE, REFERENCE_MAX_BYTES, REWARD,
-                            TOL, compiled_cg_available, make_inputs, measure_case, measure_memory, methods_for,
-                            reference_bytes, runner, triton_usable, truth_update)
+from update_measure import (
+    BETA,
+    DAMPING,
+    LORA_SCALE,
+    MAX_ITER,
+    MODELS,
+    REFERENCE,
+    REFERENCE_MAX_BYTES,
+    REWARD,
+    TOL,
+    compiled_cg_available,
+    make_inputs,
+    measure_case,
+    measure_memory,
+    methods_for,
+    reference_bytes,
+    runner,
+    triton_usable,
+    truth_update,
+)
 from update_sweeps import batched_sweep, solver_sweep
 
 __all__ = ["PRESETS", "MODELS", "MAX_ITER", "run", "main", "make_inputs", "runner", "truth_update", "methods_for"]

@@ -7,7 +7,6 @@ Kept small: 3 rounds per benchmark. The full tables come from ``python benchmark
 """
 import pytest
 import torch
-
 from common import sync
 from update_measure import MAX_ITER, MODELS, make_inputs, methods_for, runner, truth_update
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from rosa_ext.cg import CGResult, cg_python
+from rosa_ext.common import defaults
 from rosa_ext.core.target import residual_target
 
 
@@ -48,7 +49,7 @@ class TorchFuncOperator:
     """J v and J^T u of p(theta) by torch.func through the full logits (the alternative)."""
 
     def __init__(self, hidden, weight, targets, reward: float, *, mode: str, lora_a=None, lora_b=None,
-                 lora_scale: float = 8.0, bias=None, beta: float = 1.0) -> None:
+                 lora_scale: float = defaults.LORA_SCALE, bias=None, beta: float = defaults.BETA) -> None:
         self.p_of, P = _p_function(hidden, weight, targets, mode, lora_a, lora_b, lora_scale, bias)
         cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.theta0 = torch.zeros(P, dtype=cd, device=weight.device)
@@ -63,8 +64,9 @@ class TorchFuncOperator:
 
 
 def torch_func_update(hidden, weight, targets, reward: float, *, mode: str, lora_a=None, lora_b=None,
-                      lora_scale: float = 8.0, bias=None, beta: float = 1.0, damping: float = 0.1,
-                      max_iter: int = 16, tol: float = 1e-5) -> CGResult:
+                      lora_scale: float = defaults.LORA_SCALE, bias=None, beta: float = defaults.BETA,
+                      damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER,
+                      tol: float = defaults.TOL) -> CGResult:
     """The alternative's whole update: (J^T J + damping I) d = J^T g by Python CG on torch.func products.
 
     Args (one conversation, as :func:`rosa_ext.rosa_update`): hidden (T, d) and weight

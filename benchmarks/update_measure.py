@@ -17,16 +17,19 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-
 from common import sync, timed_call_s
+
+from rosa_ext.common import defaults
 
 #: Head sizes (d, V) of real models, plus scaled-down CPU heads.
 MODELS: Dict[str, Tuple[int, int]] = {
     "qwen2.5-0.5b": (896, 151936), "qwen3-0.6b": (1024, 151936), "qwen2.5-7b": (3584, 152064),
     "llama-3-8b": (4096, 128256), "cpu-small": (256, 32000), "cpu-sweep": (128, 8000), "tiny": (32, 500)}
 
-#: Solver settings shared by every method (the package's defaults).
-MAX_ITER, TOL, DAMPING, BETA, REWARD, LORA_SCALE = 16, 1e-5, 0.1, 1.0, -1.0, 8.0
+#: Every method runs with the package defaults (rosa_ext.common.defaults) and reward -1.
+MAX_ITER, TOL, DAMPING, BETA, LORA_SCALE = (defaults.MAX_ITER, defaults.TOL, defaults.DAMPING, defaults.BETA,
+                                            defaults.LORA_SCALE)
+REWARD = -1.0
 
 #: The fp64 reference builds the T x P Jacobian through a vmapped torch.func pass that holds
 #: about 3 T^2 V fp64 numbers (measured: 3.2 GB at T=64, V=32000) and a P x P matrix.
@@ -166,9 +169,9 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         return update, lambda: None
 
     def pair_factory():
-        from rosa_ext.core.problem import build_problem
         from rosa_ext.backends import get_backend
         from rosa_ext.core.operator import RosaOperator
+        from rosa_ext.core.problem import build_problem
         prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
                              max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend, mask=None)
         op = RosaOperator(prob, get_backend(prob.backend, prob.device))

@@ -15,7 +15,6 @@ import statistics
 from typing import Any, Dict, List
 
 import torch
-
 from common import sync, wall_times_ms
 from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs
 

@@ -1,4 +1,4 @@
-"""rosa-ext: fast ROSA test-time policy adaptation (see README.md and ROSA_SPEC.md).
+"""rosa-ext: fast ROSA test-time policy adaptation (see README.md and rosa_ext/MATH.md).
 
 Public API:
     rosa_update, RosaStep       the functional op

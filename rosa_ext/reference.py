@@ -1,4 +1,4 @@
-"""Float64 reference of the ROSA update (ROSA_SPEC.md section 5).
+"""Float64 reference of the ROSA update (MATH.md section 5).
 
 Deliberately naive: full (T, V) logits in float64, ``torch.func.jvp`` /
 ``torch.func.vjp`` of the exact map theta -> p(theta), the explicit Jacobian,

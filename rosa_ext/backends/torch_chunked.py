@@ -1,4 +1,4 @@
-"""Portable backend: the streaming reductions of ROSA_SPEC.md section 3 in plain torch.
+"""Portable backend: the streaming reductions of MATH.md section 3 in plain torch.
 
 Works wherever torch does. The vocabulary is processed in chunks of
 ``chunk_size`` columns; each chunk recomputes its (N, chunk) tile of logits
@@ -12,8 +12,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ..common.types import HeadProblem
-from ..common.types import HeadStats
+from ..common.jacobian import observed_logp
+from ..common.types import HeadProblem, HeadStats
 
 #: Target size, in elements, of one (N, chunk) logits tile (32 MB in fp32).
 DEFAULT_TILE_ELEMENTS = 1 << 23
@@ -62,7 +62,7 @@ class TorchChunkedBackend:
 
     # -- primitives ---------------------------------------------------------------
     def stats(self, prob: HeadProblem) -> HeadStats:
-        """One pass over W: online log-sum-exp, p_t, a.h_t, pi_t.b (spec section 3)."""
+        """One pass over W: online log-sum-exp, p_t, a.h_t, pi_t.b (MATH.md section 3)."""
         cd = prob.compute_dtype
         h = self._hidden(prob)
         N = prob.num_tokens
@@ -84,13 +84,11 @@ class TorchChunkedBackend:
                 sb = sb * rescale + (e * bc).sum(1)
             m = m_new
         lse = m + torch.log(s)
-        z_y = (h * prob.weight[prob.targets].to(cd)).sum(1)
-        if prob.bias is not None:
-            z_y = z_y + prob.bias[prob.targets].to(cd)
-        if prob.lora_b is not None:
-            z_y = z_y + prob.lora_scale * ah * prob.lora_b[prob.seg, prob.targets]
+        by = None if prob.lora_b is None else prob.lora_b[prob.seg, prob.targets]
+        logp = observed_logp(h, prob.weight, prob.targets, lse, bias=prob.bias, ah=ah, by=by,
+                             lora_scale=prob.lora_scale)
         pib = None if sb is None else sb / s
-        return HeadStats(lse=lse, logp=torch.clamp(z_y - lse, max=0.0), ah=ah, pib=pib)
+        return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib)
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(pi_t . u[seg_t]) for u (B, V) -> (N,)."""

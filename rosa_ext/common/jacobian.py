@@ -66,6 +66,23 @@ class Linearization:
         return cls(prob=prob, stats=stats, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype), by=by)
 
 
+def observed_logp(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, *,
+                  bias: Optional[torch.Tensor], ah: Optional[torch.Tensor], by: Optional[torch.Tensor],
+                  lora_scale: float) -> torch.Tensor:
+    """log p_t = z_t[y_t] - lse_t (clamped to <= 0) of the observed tokens, in h's dtype.
+
+    h (N, d) lm_head inputs in the compute dtype, weight (V, d), targets (N,), lse (N,),
+    bias (V,) or None, and for a LoRA term ah (N,) = a_seg . h_t with by (N,) = b_seg[y_t].
+    """
+    y = targets
+    z_y = (h * weight[y].to(h.dtype)).sum(1)
+    if bias is not None:
+        z_y = z_y + bias[y].to(h.dtype)
+    if by is not None:
+        z_y = z_y + lora_scale * ah * by.to(h.dtype)
+    return torch.clamp(z_y - lse, max=0.0)
+
+
 def segment_sum(prob: HeadProblem, rows: torch.Tensor) -> torch.Tensor:
     """Sum (N, k) rows per conversation -> (B, k)."""
     B = prob.num_conversations

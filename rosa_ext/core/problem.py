@@ -1,4 +1,4 @@
-"""Validated, flattened inputs of one ROSA update (ROSA_SPEC.md sections 1-2).
+"""Validated, flattened inputs of one ROSA update (MATH.md sections 1-2).
 
 `build_problem` is the single place where user inputs are checked. Every
 error is raised before anything is allocated or modified, and says which

@@ -1,4 +1,4 @@
-"""The two solvers of the damped least-squares problem (ROSA_SPEC.md sections 1 and 4).
+"""The two solvers of the damped least-squares problem (MATH.md sections 1 and 4).
 
 - ``solve_cg``:   (J^T J + lambda I) d = J^T g, matrix-free, one JVP + one VJP per iteration
 - ``solve_dual``: d = J^T (J J^T + lambda I)^{-1} g, exact, via the T x T Gram matrix
@@ -79,7 +79,7 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
     prob = op.prob
     rows = op.jacobian_rows()
     G0 = op.gram(rows)
-    B, Tm = G0.shape[0], G0.shape[1]
+    Tm = G0.shape[1]
     eye = torch.eye(Tm, dtype=G0.dtype, device=G0.device)
     G = G0 + prob.damping * eye
     # padding rows/cols of short conversations: make them identity so the factor exists

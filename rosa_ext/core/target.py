@@ -1,4 +1,4 @@
-"""The ROSA regression target (ROSA_SPEC.md section 1, paper Eq. 3).
+"""The ROSA regression target (MATH.md section 1, paper Eq. 3).
 
     p*_t = p_t e^{r/beta} / (1 - p_t + p_t e^{r/beta}),   g_t = p*_t - p_t
 

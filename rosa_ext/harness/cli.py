@@ -109,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--turns", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--beta", type=float, default=defaults.BETA,
-                   help="KL coefficient (the op's default and the experiment's setting; 0.1 moves answers more "
-                        "but a second LoRA update can overshoot and the answers degenerate)")
-    d.add_argument("--damping", type=float, default=defaults.DAMPING)
+                   help="KL coefficient beta of the ROSA target")
+    d.add_argument("--damping", type=float, default=defaults.DAMPING, help="ridge lambda of the ROSA step")
     d.add_argument("--update-on", choices=["response", "answer_span"], default="answer_span",
                    help="which response tokens enter the ROSA target (answer_span: the boxed answer's own tokens)")
     d.add_argument("--sample", action="store_true", help="sample (temperature 0.7, seeded) instead of greedy")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -73,12 +72,8 @@ class MethodSpec:
     max_norm: Optional[float] = None
 
 
-#: Settings of the committed run (chosen on the dev split, see
-#: benchmarks/results/experiment/README.md): the target is the boxed answer's own
-#: tokens (the whole response also pushes down the "\\boxed{}" format and broke it:
-#: lever runs 1 and 3), the op's default beta = 1 and damping = 0.1. beta = 0.1 moved
-#: the answers more but a second LoRA update overshot (mean log-prob change -100,
-#: answers degenerating to "4444...", lever run 3). PG uses the same tokens and parameters.
+#: The methods' settings, chosen on the development split (benchmarks/results/experiment/README.md
+#: says how): ROSA and PG update on the boxed answer's own tokens, ROSA with the op's defaults.
 _ROSA = dict(beta=defaults.BETA, update_on="answer_span")
 METHODS: Dict[str, MethodSpec] = {
     "baseline": MethodSpec("baseline", "none"),
@@ -539,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--out", default=None, help="output folder (results.json/.md, png, runs.jsonl)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on a shared CPU 2 threads ran 2.5-5x slower than 1, measured)")
+                   help="torch threads")
     p.add_argument("--quiet", action="store_true")
     return p
 

@@ -12,11 +12,9 @@ shift ``delta``), so the two differ only in how the step is computed:
 
 ``pi_ref`` is the base model (adapter off); at the first update the KL term is
 0. The token *mean* (not the sum) keeps the step size independent of the
-response length. ``lr`` is ours to pick and the paper gives none: the default
-:data:`DEFAULT_LR` was set by hand before any tuning, and the committed experiment
-ran with it (it degenerates the answers after a few turns). Lever run 4 on the dev
-problems (``benchmarks/experiment/levers.py --run 4``) tried lr 1 and 0.1 afterwards:
-less format damage, the same uplift (``benchmarks/results/experiment/README.md``).
+response length. ``lr`` is ours to pick and the paper gives none: :data:`DEFAULT_LR`
+is set by hand (``benchmarks/results/experiment/README.md`` reports runs with other step
+sizes).
 
 :func:`pg_step` is the functional step (any tensors, also batched by looping);
 :class:`PGSession` wraps it with the same ``update``/``reset``/``detach``

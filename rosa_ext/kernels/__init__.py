@@ -1,4 +1,4 @@
-"""Triton kernels of the ROSA update, usable on their own (ROSA_SPEC.md section 3).
+"""Triton kernels of the ROSA update, usable on their own (MATH.md section 3).
 
 Tensor-level API (:mod:`rosa_ext.kernels.ops`; shapes and dtypes there): T tokens packed
 over B >= 1 conversations (``seg``), hidden size d, vocabulary V; fp32/bf16/fp16
@@ -20,8 +20,7 @@ fp32 dot precision: :func:`set_fp32_precision`). Runs on CUDA, or on the CPU und
 """
 from __future__ import annotations
 
-from . import matvec, reductions
-from . import stats_pass
+from . import matvec, reductions, stats_pass
 from ._tiles import fp32_precision, set_fp32_precision
 from .matvec import weight_matvec, weight_rmatvec
 from .ops import column_reduce, jvp, row_reduce, stats, vjp

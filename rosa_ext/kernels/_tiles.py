@@ -1,7 +1,7 @@
 """Shared Triton pieces: the recomputed logits tile, row loads, tile configs, launch helpers.
 
 z[t, v] = h_t . W_v (+ c_v) (+ s (a . h_t) b[seg_t, v]), accumulated in fp32 with
-``tl.dot`` over the hidden dimension in BLOCK_D chunks (ROSA_SPEC.md section 3: tiles
+``tl.dot`` over the hidden dimension in BLOCK_D chunks (MATH.md section 3: tiles
 are recomputed from H, W and the per-token cache, never stored).
 
 Precision: bf16/fp16 operands go to the tensor cores with fp32 accumulation; fp32

@@ -14,9 +14,10 @@ Shapes: T tokens (packed over B >= 1 conversations), hidden size d, vocabulary V
 The JVP/VJP are of p_t = softmax(z_t)[y_t] (MATH.md section 2) w.r.t. the LoRA
 parameters [a, b] (mode "lora", P = d + V per conversation) or a hidden-state shift
 (mode "hidden", P = d); their algebra is :mod:`rosa_ext.common.jacobian`, the one the
-core operator uses, here on the Triton primitives (:mod:`.primitives`). Pass the :func:`stats` result as ``st`` to skip the stats pass
-when calling them repeatedly (a CG loop): a JVP is then one row-reduction pass over W,
-a VJP one column-reduction pass (plus one GEMV over W in hidden mode).
+core operator uses, here on the Triton primitives (:mod:`.primitives`). Pass the
+:func:`stats` result as ``st`` to skip the stats pass when calling them repeatedly (a CG
+loop): a JVP is then one row-reduction pass over W, a VJP one column-reduction pass (plus
+one GEMV over W in hidden mode).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..common.jacobian import observed_logp
 from ..common.types import HeadProblem, HeadStats
 from . import matvec as MV
 from . import reductions as K
@@ -30,13 +31,11 @@ def stats_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     """
     lse, pib = lse_and_pib(hidden, weight, seg32, bias=bias, lora_b=lora_b, ah=ah, lora_scale=lora_scale)
     y = targets.long()
-    z_y = (hidden.float() * weight[y].float()).sum(1)
-    if bias is not None:
-        z_y = z_y + bias[y].float()
+    by = None
     if lora_b is not None:
         by = lora_b[0, y] if lora_b.shape[0] == 1 else lora_b[seg32.long(), y]
-        z_y = z_y + lora_scale * ah * by.float()
-    return HeadStats(lse=lse, logp=torch.clamp(z_y - lse, max=0.0), ah=ah, pib=pib)
+    logp = observed_logp(hidden.float(), weight, y, lse, bias=bias, ah=ah, by=by, lora_scale=lora_scale)
+    return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib)
 
 
 class TritonPrimitives:

@@ -1,4 +1,4 @@
-"""The two streaming reductions of ROSA_SPEC.md section 3, recomputing pi tiles on chip.
+"""The two streaming reductions of MATH.md section 3, recomputing pi tiles on chip.
 
 pi[t, v] = exp(z[t, v] - lse_t) with z recomputed from H (N, d), W (V, d), the optional
 bias and the rank-1 LoRA term, so the N x V logits never exist in memory. Tokens are
@@ -21,8 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (AUTOTUNE_KEY, PRUNE, check_model, fp32_precision, interpreter_safe, load_rows,
-                     logits_tile, lora_args, n_bucket, tile_configs, vocab_splits)
+from ._tiles import (
+    AUTOTUNE_KEY,
+    PRUNE,
+    check_model,
+    fp32_precision,
+    interpreter_safe,
+    load_rows,
+    logits_tile,
+    lora_args,
+    n_bucket,
+    tile_configs,
+    vocab_splits,
+)
 
 
 @triton.autotune(configs=tile_configs(), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)

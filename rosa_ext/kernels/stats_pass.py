@@ -1,4 +1,4 @@
-"""The stats pass (ROSA_SPEC.md section 3): one sweep over W, online softmax per token.
+"""The stats pass (MATH.md section 3): one sweep over W, online softmax per token.
 
 Flash-decoding style: programs over (token tile, vocabulary split); each keeps a running
 max m, sum s = sum exp(z - m) and (LoRA) sb = sum exp(z - m) b over its split, and
@@ -14,8 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (AUTOTUNE_KEY, PRUNE, check_model, fp32_precision, interpreter_safe, load_rows,
-                     logits_tile, lora_args, n_bucket, tile_configs, vocab_splits)
+from ._tiles import (
+    AUTOTUNE_KEY,
+    PRUNE,
+    check_model,
+    fp32_precision,
+    interpreter_safe,
+    load_rows,
+    logits_tile,
+    lora_args,
+    n_bucket,
+    tile_configs,
+    vocab_splits,
+)
 
 
 @triton.autotune(configs=tile_configs(), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)

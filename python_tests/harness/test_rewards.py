@@ -4,8 +4,15 @@ import math
 import pytest
 
 from rosa_ext.harness.problems import Problem
-from rosa_ext.harness.rewards import (boxed_answer, centered, dense_reward, is_correct, judge_reward, normalize_answer,
-                              rule_reward)
+from rosa_ext.harness.rewards import (
+    boxed_answer,
+    centered,
+    dense_reward,
+    is_correct,
+    judge_reward,
+    normalize_answer,
+    rule_reward,
+)
 
 
 @pytest.mark.parametrize("text,want", [

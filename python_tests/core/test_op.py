@@ -1,15 +1,14 @@
-"""rosa_update against the float64 reference (ROSA_SPEC.md section 5)."""
+"""rosa_update against the float64 reference (MATH.md section 5)."""
 import pytest
 import torch
+from _helpers import make_inputs, mean_logp_after
 
 import rosa_ext
 from rosa_ext import rosa_update
-from rosa_ext.core.problem import build_problem
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
 from rosa_ext.core.operator import RosaOperator
+from rosa_ext.core.problem import build_problem
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference
-
-from _helpers import make_inputs, mean_logp_after
 
 EXACT = dict(max_iter=500, tol=1e-13)
 
@@ -198,7 +197,7 @@ def test_step_views():
     hid = rosa_update(**make_inputs(mode="hidden"), reward=-1.0, mode="hidden")
     assert hid.delta.shape == (d,)
     with pytest.raises(AttributeError, match="mode='lora' only"):
-        hid.delta_a
+        _ = hid.delta_a
 
 
 def test_peft_shaped_lora_weights():
@@ -211,7 +210,7 @@ def test_peft_shaped_lora_weights():
 
 def test_public_names():
     assert rosa_ext.rosa_update is rosa_update
-    from rosa_ext import RosaStep, reference, cg  # noqa: F401
+    from rosa_ext import RosaStep, cg, reference  # noqa: F401
     assert callable(reference.rosa_update_reference)
     assert callable(cg.cg)
 

@@ -5,19 +5,21 @@ tiny; V is never a multiple of the tile (interpreter tile: 16 tokens x 32 vocab 
 Half-precision inputs are compared with float64 math on the *same rounded* inputs: the kernels
 multiply exactly and accumulate in fp32, so one fp32-level tolerance serves every dtype.
 """
+import pathlib
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from _helpers import make_inputs  # noqa: E402
+
 import rosa_ext.kernels as K  # noqa: E402
 from rosa_ext import rosa_update  # noqa: E402
-from rosa_ext.core.problem import build_problem  # noqa: E402
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend  # noqa: E402
 from rosa_ext.backends.triton_backend import TritonBackend  # noqa: E402
+from rosa_ext.core.problem import build_problem  # noqa: E402
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference  # noqa: E402
-
-from _helpers import make_inputs  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = 3e-5  # fp32 accumulation of exact products, against float64 on the rounded inputs
@@ -377,7 +379,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the GPU tests compile and run the kernels for real")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \

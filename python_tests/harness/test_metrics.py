@@ -1,8 +1,15 @@
 """Paper Appendix D.3 metrics (Accuracy within K turns, Correction Uplift) and their intervals."""
 import pytest
 
-from rosa_ext.harness.metrics import (accuracy, accuracy_curve, bootstrap_ci, correction_uplift, normal_ci,
-                              paired_bootstrap_diff, seed_spread)
+from rosa_ext.harness.metrics import (
+    accuracy,
+    accuracy_curve,
+    bootstrap_ci,
+    correction_uplift,
+    normal_ci,
+    paired_bootstrap_diff,
+    seed_spread,
+)
 
 
 def test_metrics_paper_definitions():

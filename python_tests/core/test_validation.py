@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+from _helpers import make_inputs
 
 from rosa_ext import rosa_update
 from rosa_ext.reference import rosa_update_reference
-
-from _helpers import make_inputs
 
 
 def _call(fn=rosa_update, mode="lora", **over):

@@ -1,15 +1,13 @@
-"""The compiled CG of rosa_ext._C (issue 5): against dense solves and numpy,
+"""The compiled CG of rosa_ext._C: against dense solves and numpy,
 edge cases, errors; on CUDA (when lent) no host sync in the loop and graph capture."""
 import numpy as np
 import pytest
 import torch
+from _helpers import make_inputs
 
 from rosa_ext import _C, rosa_update
-from rosa_ext import cg as cg_mod
-from rosa_ext.cg.compiled import cg_compiled
 from rosa_ext.cg import cg, cg_python
-
-from _helpers import make_inputs
+from rosa_ext.cg.compiled import cg_compiled
 
 
 def _spd(n, cond=None, dtype=torch.float64, seed=0):
