@@ -31,9 +31,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import common
 import torch
 import update_report
+from update_dense import dense_bytes
 from update_measure import (
+    BASELINE,
     BETA,
     DAMPING,
+    DENSE,
     LORA_SCALE,
     MAX_ITER,
     MODELS,
@@ -42,6 +45,7 @@ from update_measure import (
     REWARD,
     TOL,
     compiled_cg_available,
+    dense_max_bytes,
     make_inputs,
     measure_case,
     measure_memory,
@@ -74,6 +78,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 solvers=dict(model="cpu-sweep", dtype="float32", T=[64, 256, 1024, 2048, 4096, 8192]),
                 batched=dict(model="cpu-small", dtype="float32", B=[1, 4, 16, 64], T=64), subprocess_memory=True,
                 budget_s=3600.0),
+    # real heads on the CPU against the dense peer (the package's default path and the dense solve
+    # only: CG and torch.func rows would take minutes each here). The update-memory budget is 2 GB:
+    # the dense solve needs T x V floats and does not fit it at T=4096 on the Qwen2.5-0.5B head.
+    "heads": dict(cases=[(mdl, T, m, "float32") for mdl, Ts in (("smollm2-135m", (64, 256, 1024)),
+                                                                ("qwen2.5-0.5b", (64, 256, 1024, 4096)))
+                         for T in Ts for m in ("lora", "hidden")],
+                  late_cases=[], reps=5, row_budget_s=30.0, reference_max_T=0, reference_max_P=0,
+                  methods=["dense solve", "rosa default"], dense_cap_gb=2.0,
+                  solvers=None, batched=None, subprocess_memory=True, budget_s=5400.0),
     # one H100/H200 call (< 10 min): Qwen2.5-0.5B head first (bf16, the target case), then
     # the sweeps, then fp32 and the larger heads at T=1024 while the time budget lasts
     "gpu": dict(cases=[("qwen2.5-0.5b", T, m, "bfloat16") for m in ("lora", "hidden") for T in (64, 256, 1024, 4096)],
@@ -112,6 +125,11 @@ def _child(spec_json: str) -> int:
         torch.set_num_threads(spec["threads"])
     d, V = MODELS[spec["model"]]
     inp = make_inputs(d, V, spec["T"], spec["mode"], getattr(torch, spec["dtype"]), spec["device"])
+    if spec["method"] == DENSE:
+        cap = dense_max_bytes(spec["device"], spec.get("dense_cap_gb"))
+        if dense_bytes(spec["T"], d, V, spec["mode"]) > cap:
+            raise SystemExit(f"does not fit: the dense solve needs ~{dense_bytes(spec['T'], d, V, spec['mode']) / 2 ** 30:.1f}"
+                             f" GB of T x V buffers, over the {cap / 2 ** 30:.1f} GB allowed")
     mem = measure_memory(spec["method"], inp, spec["device"])
     print(json.dumps({k: v for k, v in mem.items() if k != "update"}))
     return 0
@@ -159,7 +177,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
     reps = reps or cfg["reps"]
     budget = cfg["budget_s"] if budget_s is None else budget_s
     clock = common.Stopwatch()
-    methods = methods_for(device)
+    methods = [m for m in methods_for(device) if m in cfg.get("methods", methods_for(device))]
     if device == "cuda":
         name = torch.cuda.get_device_name()
         peaks = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
@@ -214,7 +232,8 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
             d, V = MODELS[model]
             print(f"[{k}/{total}] {model} d={d} V={V} T={T} {mode} {dtype}  "
                   f"(t={clock.elapsed_s():.0f}s)", flush=True)
-            todo = [m for m in methods if m != REFERENCE or _reference_ok(cfg, case)]
+            todo = [m for m in methods if (m != REFERENCE or _reference_ok(cfg, case))
+                    and (m != BASELINE or T * d * V <= cfg.get("baseline_max_tdv", float("inf")))]
             errors: Dict[str, str] = {}
 
             def fail(method: str, e: BaseException) -> None:
@@ -232,7 +251,7 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
             if cfg["subprocess_memory"]:
                 for method in todo:
                     spec = dict(method=method, model=model, T=T, mode=mode, dtype=dtype, device=device,
-                                threads=threads)
+                                threads=threads, dense_cap_gb=cfg.get("dense_cap_gb"))
                     try:
                         memory[method] = _memory_in_subprocess(spec)
                         print(f"    memory {method:<22} +{memory[method]['extra_mem_mb']:.1f} MB "
@@ -244,7 +263,8 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
             if todo:
                 try:
                     rows = measure_case(todo, model, T, mode, dtype, device, reps, truth, cfg["row_budget_s"],
-                                        memory=memory, on_error=fail, verbose=True)
+                                        memory=memory, on_error=fail, verbose=True,
+                                        dense_cap_gb=cfg.get("dense_cap_gb"))
                 except Exception as e:  # noqa: BLE001 -- the case failed as a whole (e.g. making its inputs)
                     for method in todo:
                         fail(method, e)
@@ -263,6 +283,8 @@ def run(preset: str, device: str, out: Optional[pathlib.Path] = None, reps: Opti
         run_cases(cfg["cases"], 1, total)
     for sec in ("solvers", "batched"):
         if sec not in sections:
+            continue
+        if not cfg.get(sec):
             continue
         if clock.elapsed_s() > budget:
             result["skipped"].append(f"section {sec}")

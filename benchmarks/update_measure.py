@@ -18,13 +18,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from common import sync, timed_call_s
+from update_dense import dense_bytes
 
 from rosa_ext.common import defaults
 
 #: Head sizes (d, V) of real models, plus scaled-down CPU heads.
 MODELS: Dict[str, Tuple[int, int]] = {
     "qwen2.5-0.5b": (896, 151936), "qwen3-0.6b": (1024, 151936), "qwen2.5-7b": (3584, 152064),
-    "llama-3-8b": (4096, 128256), "cpu-small": (256, 32000), "cpu-sweep": (128, 8000), "tiny": (32, 500)}
+    "llama-3-8b": (4096, 128256), "smollm2-135m": (576, 49152), "cpu-small": (256, 32000), "cpu-sweep": (128, 8000),
+    "tiny": (32, 500)}
 
 #: Every method runs with the package defaults (rosa_ext.common.defaults) and reward -1.
 MAX_ITER, TOL, DAMPING, BETA, LORA_SCALE = (defaults.MAX_ITER, defaults.TOL, defaults.DAMPING, defaults.BETA,
@@ -36,6 +38,8 @@ REWARD = -1.0
 REFERENCE_MAX_BYTES = 4 * 2 ** 30
 
 BASELINE = "torch.func+CG"
+#: The dense solve a competent user writes (update_dense.py): T x V logits, explicit J, Gram, Cholesky.
+DENSE = "dense solve"
 DEFAULT = "rosa default"
 REFERENCE = "reference"
 
@@ -63,7 +67,7 @@ def triton_usable(device: str) -> bool:
 
 def methods_for(device: str) -> List[str]:
     """Methods that can run on ``device``, in table order."""
-    out = [BASELINE, DEFAULT, "rosa torch/cg", "rosa torch/dual"]
+    out = [BASELINE, DENSE, DEFAULT, "rosa torch/cg", "rosa torch/dual"]
     if triton_usable(device):
         out += ["rosa triton/cg", "rosa triton/dual"]
     if device == "cuda" and compiled_cg_available():
@@ -147,6 +151,13 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
             v = torch.randn_like(op.theta0)
             return lambda: op.vjp(op.jvp(v))
         return update, pair_factory
+    if method == DENSE:
+        from update_dense import dense_update
+
+        def update():
+            u = dense_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING)
+            return u, 0, "dense logits+J+Gram"
+        return update, lambda: None
     if method == REFERENCE:
         from rosa_ext.reference import rosa_update_reference
 
@@ -180,6 +191,25 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
     return update, pair_factory
 
 
+def dense_max_bytes(device: str, cap_gb: Optional[float] = None) -> float:
+    """Memory the dense peer may use: ``cap_gb`` when given (a preset's update-memory budget), else
+    60% of the GPU's memory, or of the machine's RAM on the CPU.
+
+    Above it the ``dense solve`` row reports that it does not fit instead of running (the
+    package's path runs there; that is the point of streaming over the vocabulary).
+    """
+    if cap_gb is not None:
+        return cap_gb * 2 ** 30
+    if device == "cuda":
+        return 0.6 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        return 0.6 * kb * 1024.0
+    except (OSError, StopIteration):
+        return 8.0 * 2 ** 30
+
+
 def reference_bytes(T: int, d: int, V: int, mode: str) -> float:
     """Rough peak memory of the fp64 reference (see :data:`REFERENCE_MAX_BYTES`)."""
     P = d if mode == "hidden" else d + V
@@ -193,6 +223,9 @@ def useful_flops(ran: str, mode: str, T: int, d: int, V: int, iters: int) -> Opt
     iteration. Dual: stats 2TdV + hidden: pi W 4TdV; lora: pi pi^T 2T^2 V + VJP 2TdV;
     plus the T^3/3 Cholesky.
     """
+    if ran.startswith("dense"):
+        extra = 2.0 * T * d * V if mode == "hidden" else 2.0 * T * T * V + 2.0 * T * V
+        return 2.0 * T * d * V + extra + T ** 3 / 3.0
     if ran.endswith("cg") or ran.endswith("cg_python"):
         return (4.0 + 4.0 * iters) * T * d * V
     if ran.endswith("dual"):
@@ -304,8 +337,8 @@ def rel_error(upd: torch.Tensor, truth: torch.Tensor) -> float:
 def measure_case(methods: List[str], model: str, T: int, mode: str, dtype: str, device: str, reps: int,
                  truth: Optional[torch.Tensor] = None, row_budget_s: float = 20.0,
                  memory: Optional[Dict[str, Dict[str, Any]]] = None,
-                 on_error: Optional[Callable[[str, Exception], None]] = None, verbose: bool = False
-                 ) -> List[Dict[str, Any]]:
+                 on_error: Optional[Callable[[str, Exception], None]] = None, verbose: bool = False,
+                 dense_cap_gb: Optional[float] = None) -> List[Dict[str, Any]]:
     """Rows of one case: every method on the SAME input tensors, timed round-robin.
 
     Each method runs once untimed (warm-up, accuracy, and -- unless ``memory`` already
@@ -327,6 +360,10 @@ def measure_case(methods: List[str], model: str, T: int, mode: str, dtype: str, 
         try:
             if m == REFERENCE and reference_bytes(T, d, V, mode) > REFERENCE_MAX_BYTES:
                 raise MemoryError(f"reference would need ~{reference_bytes(T, d, V, mode) / 2 ** 30:.0f} GB")
+            cap = dense_max_bytes(device, dense_cap_gb)
+            if m == DENSE and dense_bytes(T, d, V, mode) > cap:
+                raise MemoryError(f"does not fit: the dense solve needs ~{dense_bytes(T, d, V, mode) / 2 ** 30:.1f} GB "
+                                  f"of T x V buffers, over the {cap / 2 ** 30:.1f} GB allowed")
             if m in memory:
                 fns[m] = runner(m, inp)
                 upd, iters, ran = fns[m][0]()

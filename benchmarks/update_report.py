@@ -6,7 +6,7 @@ import math
 import pathlib
 from typing import Any, Dict, List, Optional
 
-from update_measure import BASELINE, DEFAULT, REFERENCE
+from update_measure import BASELINE, DEFAULT, DENSE, REFERENCE
 
 CASE_KEYS = ("model", "T", "mode", "dtype")
 
@@ -16,12 +16,14 @@ def _case(row: Dict[str, Any]) -> tuple:
 
 
 def add_speedups(rows: List[Dict[str, Any]]) -> None:
-    """``speedup_vs_torch_func`` = baseline median / row median, per case (rows without a baseline: absent)."""
-    base = {_case(r): r for r in rows if r["method"] == BASELINE and "median_ms" in r}
-    for r in rows:
-        b = base.get(_case(r))
-        if b is not None and "median_ms" in r:
-            r["speedup_vs_torch_func"] = b["median_ms"] / r["median_ms"]
+    """Per case: ``speedup_vs_torch_func`` and ``speedup_vs_dense`` = the peer's median / the row's median
+    (absent where the peer did not run)."""
+    for peer, key in ((BASELINE, "speedup_vs_torch_func"), (DENSE, "speedup_vs_dense")):
+        base = {_case(r): r for r in rows if r["method"] == peer and "median_ms" in r}
+        for r in rows:
+            b = base.get(_case(r))
+            if b is not None and "median_ms" in r:
+                r[key] = b["median_ms"] / r["median_ms"]
 
 
 def check_targets(rows: List[Dict[str, Any]], device: str, device_name: str) -> List[Dict[str, Any]]:
@@ -32,8 +34,8 @@ def check_targets(rows: List[Dict[str, Any]], device: str, device_name: str) -> 
     error, 1e-5)), every case. GPU (H100): Qwen2.5-0.5B head, T=1024, bf16, each mode:
     whole update < 15 ms, < 64 MB extra memory, >= 100x faster than the alternative.
     """
+    out = _dense_targets(rows, device)
     base = {_case(r): r for r in rows if r["method"] == BASELINE and "median_ms" in r}
-    out = []
     for r in rows:
         if r["method"] != DEFAULT or "median_ms" not in r or _case(r) not in base:
             continue
@@ -56,6 +58,38 @@ def check_targets(rows: List[Dict[str, Any]], device: str, device_name: str) -> 
     return out
 
 
+#: The CPU targets against the dense peer: ours / dense time at most this, per mode, fp32.
+DENSE_RATIO_TARGET = {"lora": 1.0, "hidden": 0.8}
+
+
+def _dense_targets(rows: List[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
+    """The default path against the dense solve: time ratio (ours / dense) within
+    :data:`DENSE_RATIO_TARGET` and extra memory no larger, in every fp32 case where the dense
+    solve ran; where it did not fit, the default path ran (with its extra memory)."""
+    if device != "cpu":
+        return []
+    dense = {_case(r): r for r in rows if r["method"] == DENSE}
+    out = []
+    for r in rows:
+        if r["method"] != DEFAULT or "median_ms" not in r or r["dtype"] != "float32" or _case(r) not in dense:
+            continue
+        d = dense[_case(r)]
+        case = f"{r['model']} T={r['T']} {r['mode']} {r['dtype']}"
+        if "median_ms" not in d:
+            out.append(dict(target="default runs where the dense solve does not fit", case=case,
+                            value=f"{r['median_ms']:.0f} ms, +{r['extra_mem_mb']:.0f} MB; dense: {d.get('error', '')[:60]}",
+                            met=True))
+            continue
+        ratio = r["median_ms"] / d["median_ms"]
+        lim = DENSE_RATIO_TARGET[r["mode"]]
+        out.append(dict(target=f"CPU default / dense time <= {lim}", case=case, value=f"{ratio:.2f}",
+                        met=bool(ratio <= lim)))
+        out.append(dict(target="CPU default extra memory <= dense's", case=case,
+                        value=f"{r['extra_mem_mb']:.1f} MB vs {d['extra_mem_mb']:.1f} MB",
+                        met=bool(r["extra_mem_mb"] <= d["extra_mem_mb"])))
+    return out
+
+
 def _f(x: Optional[float], fmt: str) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -71,20 +105,22 @@ def markdown(result: Dict[str, Any]) -> str:
              f"tol {s['tol']}, lora_scale {s['lora_scale']}; up to {s['reps']} timed repeats per row. "
              f"{result['peak_note']}. Memory: {result['mem_note']}. Error: {result['error_note']}.", "",
              "| model (d, V) | T | mode | dtype | method (ran) | median ms [min, max] | n | CG it | rel. error | "
-             "extra MB (RSS) | update GFLOP/s | pair ms | pair GFLOP/s (% peak) | speedup vs torch.func |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "extra MB (RSS) | update GFLOP/s | pair ms | pair GFLOP/s (% peak) | speedup vs torch.func | "
+             "speedup vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['T']} | {r['mode']} | {r['dtype']} | {r['method']} | "
-                         f"FAILED: {r['error'][:80]} |||||||||")
+                         f"FAILED: {r['error'][:80]} ||||||||||")
             continue
         gf = f"{r['pair_gflops']:.1f} ({r.get('pair_pct_of_peak', float('nan')):.1f}%)" if "pair_gflops" in r else ""
         sp = f"{r['speedup_vs_torch_func']:.1f}x" if "speedup_vs_torch_func" in r else ""
+        sd = f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else ""
         lines.append(f"| {r['model']} ({r['d']}, {r['V']}) | {r['T']} | {r['mode']} | {r['dtype']} | {r['method']} "
                      f"({r['ran']}) | {r['median_ms']:.1f} [{r['min_ms']:.1f}, {r['max_ms']:.1f}] | {r['reps']} | "
                      f"{r['iterations']} | {r['rel_error']:.1e} | {r['extra_mem_mb']:.1f}"
                      f"{' (%.0f)' % r['rss_extra_mb'] if 'rss_extra_mb' in r else ''} | "
-                     f"{_f(r.get('update_gflops'), '.1f')} | {_f(r.get('pair_ms'), '.2f')} | {gf} | {sp} |")
+                     f"{_f(r.get('update_gflops'), '.1f')} | {_f(r.get('pair_ms'), '.2f')} | {gf} | {sp} | {sd} |")
     if result.get("targets"):
         lines += ["", "**Targets**", "", "| target | case | measured | met |", "|---|---|---|---|"]
         lines += [f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else 'NO'} |"
@@ -165,7 +201,7 @@ def plot_png(result: Dict[str, Any], path: pathlib.Path) -> Optional[pathlib.Pat
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                             yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
                             marker="o", ms=3, capsize=2, label=m,
-                            lw=2.2 if m == DEFAULT else 1.0, ls="--" if m in (BASELINE, REFERENCE) else "-")
+                            lw=2.2 if m == DEFAULT else 1.0, ls="--" if m in (BASELINE, DENSE, REFERENCE) else "-")
         ax.set(xscale="log", yscale="log", xlabel="response tokens T", ylabel="whole update, ms (median, min-max)",
                title=f"{model} {mode} {dtype}")
         _plain_xticks(ax, [r["T"] for r in rows if (r["model"], r["mode"], r["dtype"]) == (model, mode, dtype)])
