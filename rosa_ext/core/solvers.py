@@ -114,12 +114,12 @@ def _spectral_alpha(op: RosaOperator, rows: torch.Tensor, G0: torch.Tensor, g: t
         mu, U = torch.linalg.eigh(G0[b, :n, :n].to(torch.float64))
         keep = mu > n * eps * mu.max()
         U, mu = U[:, keep], mu[keep]
-    ab = U @ ((U.T @ gb) / (mu + lam))
-    if prob.mode == "hidden":
+    alpha = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+    alpha[:n] = (U @ ((U.T @ gb) / (mu + lam))).to(g.dtype)
+    if prob.mode == "hidden":  # the residual of the alpha returned (compute dtype), in float64
+        ab = alpha[:n].to(torch.float64)
         e = gb - Jb @ (Jb.T @ ab) - lam * ab
         parts = (float((Jb.T @ e).square().sum()), float((Jb.T @ gb).square().sum()))
-    alpha = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
-    alpha[:n] = ab.to(g.dtype)
     return alpha, parts
 
 
