@@ -26,8 +26,8 @@ import torch
 
 from .. import _C
 from ..common import validation as V
-from ..common.validation import RosaNumericalError
 from ..common.types import CGResult, Matvec
+from ..common.validation import RosaNumericalError
 from .args import breakdown, check_cg_args, non_finite
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
