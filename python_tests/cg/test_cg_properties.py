@@ -131,3 +131,19 @@ def test_requires_grad_b_gives_no_graph():
     for impl in IMPLS:
         res = impl(lambda v: A @ v, b, damping=0.1, max_iter=30)
         assert not res.x.requires_grad
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda f: f.__name__)
+def test_operator_and_scalar_forms(impl):
+    b = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RosaError, match="callable") as info:
+        impl(3, b)
+    assert info.value.argument == "matvec"
+    with pytest.raises(RosaError, match="matvec must return") as info:
+        impl(lambda v: v[:-1], b)
+    assert info.value.argument == "matvec"
+    with pytest.raises(RosaError, match="max_iter"):
+        impl(lambda v: v, b, max_iter=10 ** 30)
+    # one-element tensors are read as numbers
+    res = impl(lambda v: v, b, damping=torch.tensor(1.0), max_iter=torch.tensor(5), tol=torch.tensor(0.0))
+    torch.testing.assert_close(res.x, b / 2)

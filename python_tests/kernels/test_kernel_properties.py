@@ -228,3 +228,14 @@ def test_low_level_column_reduce_clamps_offsets():
     with pytest.raises(RosaError, match="lse"):
         from rosa_ext.kernels.reductions import row_reduce
         row_reduce(h, W, torch.zeros(5, dtype=torch.int32), lse[:2], torch.zeros(1, 7))
+
+
+def test_cpu_tensors_without_the_interpreter_are_named(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, W, y = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine")
+    for call in (lambda: K.stats(h, W, y), lambda: K.weight_matvec(W, torch.randn(1, 4))):
+        with pytest.raises(RosaError, match="CUDA") as info:
+            call()
+        assert info.value.argument in ("hidden", "weight")

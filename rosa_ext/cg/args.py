@@ -12,10 +12,16 @@ from ..common.validation import RosaNumericalError
 
 
 def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None, *,
-                  values: bool = True) -> Tuple[float, int, float]:
-    """Check b (1-D float32/float64), damping (>= 0), max_iter (int >= 0), tol (>= 0), x0 (like b)
-    -> (damping, max_iter, tol). With ``values`` also that b and x0 are finite (one sync)."""
-    return V.cg_args("cg", b, damping, max_iter, tol, x0, values=values)
+                  values: bool = True, matvec: Any = None) -> Tuple[float, int, float]:
+    """Check matvec (callable), b (1-D float32/float64), damping (>= 0), max_iter (int >= 0),
+    tol (>= 0), x0 (like b) -> (damping, max_iter, tol). With ``values`` also that b and x0 are
+    finite (one sync)."""
+    return V.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
+
+
+def checked_matvec(matvec: Any, v: Any):
+    """matvec(v), checked to be a tensor like v (no sync)."""
+    return V.matvec_output("cg", matvec(v), v)
 
 
 def breakdown(iteration: int, pap: Optional[float] = None) -> RosaNumericalError:

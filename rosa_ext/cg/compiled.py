@@ -68,7 +68,7 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
     cuda = isinstance(b, torch.Tensor) and b.device.type == "cuda"
     cpu = isinstance(b, torch.Tensor) and b.device.type == "cpu"
     # the values of b and x0 are checked here on the CPU, on the device on CUDA (no extra sync)
-    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=cpu)
+    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=cpu, matvec=matvec)
     if b.device.type not in ("cpu", "cuda"):
         V.fail("cg", "b", f"the compiled solver runs on cpu or cuda tensors, got `b` on {b.device}")
     if cuda:
@@ -86,14 +86,7 @@ def _dtype_name(b: torch.Tensor) -> str:
 
 def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
     """matvec(v), checked to be a tensor of v's shape, dtype and device (no sync)."""
-    out = matvec(v)
-    if (not isinstance(out, torch.Tensor) or out.shape != v.shape or out.dtype != v.dtype
-            or out.device != v.device):
-        got = (f"{tuple(out.shape)}, {out.dtype}, {out.device}" if isinstance(out, torch.Tensor)
-               else type(out).__name__)
-        raise ValueError(f"cg: matvec must return a tensor of shape {tuple(v.shape)}, {v.dtype} on "
-                         f"{v.device} (like its input); got {got}")
-    return out
+    return V.matvec_output("cg", matvec(v), v)
 
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
@@ -133,7 +126,7 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
         tol and max_iter are baked into a captured graph; b, x0 and A's data are read
         at replay.
     """
-    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=False)  # no sync
+    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=False, matvec=matvec)  # no sync
     if b.device.type != "cuda":
         V.fail("cg_cuda_launch", "b", f"`b` must be a CUDA tensor, got {b.device}")
     if out is not None:

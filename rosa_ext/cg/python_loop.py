@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..common.types import CGResult, Matvec
-from .args import breakdown, check_cg_args, non_finite
+from .args import breakdown, check_cg_args, checked_matvec, non_finite
 
 
 def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -31,14 +31,14 @@ def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter
             is not positive definite along a search direction (breakdown).
     The result carries no autograd graph.
     """
-    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0)
+    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, matvec=matvec)
     with torch.no_grad():
         b = b.detach()
         x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
         bnorm = torch.linalg.vector_norm(b)
         if float(bnorm) == 0.0:
             return CGResult(torch.zeros_like(b), 0, 0.0)
-        r = b - (matvec(x) + damping * x) if x0 is not None else b.clone()
+        r = b - (checked_matvec(matvec, x) + damping * x) if x0 is not None else b.clone()
         p = r.clone()
         rr = torch.dot(r, r)
         stop = tol * float(bnorm)
@@ -49,7 +49,7 @@ def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter
                 raise non_finite("in the initial residual b - A x0" if it == 0 else f"at iteration {it}")
             if it >= max_iter or math.sqrt(rr_f) <= stop:
                 break
-            ap = matvec(p) + damping * p
+            ap = checked_matvec(matvec, p) + damping * p
             pap = float(torch.dot(p, ap))
             if not math.isfinite(pap):
                 raise non_finite(f"at iteration {it}")

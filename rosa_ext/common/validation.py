@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, Dict, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import torch
@@ -82,13 +83,18 @@ def _show(x: Any) -> str:
 
 
 # -- scalars ----------------------------------------------------------------------------------
+#: The largest int an option may take (the compiled solver's iteration count is an int64).
+MAX_INT = 2 ** 62
+
 def real(who: str, name: str, x: Any, *, minimum: Optional[float] = None, strict: bool = False,
          dtype: Optional[torch.dtype] = None) -> float:
     """A finite real number (bools, strings, None, complex refused) -> float.
 
     ``minimum``: lower bound, exclusive when ``strict``. ``dtype``: the value must also be
-    finite once cast to this floating dtype (the compute dtype it will be used in).
+    finite once cast to this floating dtype (the compute dtype it will be used in). A one-element
+    real tensor is read as its value.
     """
+    x = _scalar_of(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         fail(who, name, f"`{name}` must be a real number, got {_show(x)}", RosaTypeError)
     cond = "finite" if minimum is None else f"{'>' if strict else '>='} {minimum:g} and finite"
@@ -104,8 +110,16 @@ def real(who: str, name: str, x: Any, *, minimum: Optional[float] = None, strict
     return v
 
 
-def integer(who: str, name: str, x: Any, *, minimum: Optional[int] = 0, maximum: Optional[int] = None) -> int:
+def _scalar_of(x: Any) -> Any:
+    """A one-element real (not bool, not complex) tensor -> its Python value; anything else as is."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype != torch.bool and not x.is_complex():
+        return x.item()
+    return x
+
+
+def integer(who: str, name: str, x: Any, *, minimum: Optional[int] = 0, maximum: Optional[int] = MAX_INT) -> int:
     """An int (an integral float such as 16.0 is accepted; bools are not) -> int."""
+    x = _scalar_of(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         fail(who, name, f"`{name}` must be an int, got {_show(x)}", RosaTypeError)
     rng = ("" if minimum is None else f" >= {minimum}") + ("" if maximum is None else f" and <= {maximum}")
@@ -306,12 +320,15 @@ def session_state(who: str, state: Any, *, version: int, mode: str, vocab_size: 
 
 # -- conjugate gradient -----------------------------------------------------------------------
 def cg_args(who: str, b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None, *,
-            values: bool = True) -> Tuple[float, int, float]:
+            values: bool = True, matvec: Any = None) -> Tuple[float, int, float]:
     """Check the arguments of a CG solve -> (damping, max_iter, tol).
 
-    b: 1-D float32/float64 tensor; x0: None or a tensor like b. With ``values`` also that b and
-    x0 are finite (one sync; the compiled CUDA solver checks that on the device instead).
+    matvec: callable (when given); b: 1-D float32/float64 tensor; x0: None or a tensor like b. With
+    ``values`` also that b and x0 are finite (one sync; the compiled CUDA solver checks that on the
+    device instead).
     """
+    if matvec is not None and not callable(matvec):
+        fail(who, "matvec", f"`matvec` must be a callable v -> A v, got {_show(matvec)}", RosaTypeError)
     if not isinstance(b, torch.Tensor) or b.dim() != 1:
         fail(who, "b", f"`b` must be a 1-D tensor, got {_show(b)}")
     if b.dtype not in (torch.float32, torch.float64):
@@ -326,6 +343,15 @@ def cg_args(who: str, b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = N
         if x0 is not None:
             finite(who, "x0", x0)
     return damping, max_iter, tol
+
+
+def matvec_output(who: str, out: Any, v: torch.Tensor) -> torch.Tensor:
+    """What a CG operator returned for v: a tensor of v's shape, dtype and device (no sync)."""
+    if (not isinstance(out, torch.Tensor) or out.shape != v.shape or out.dtype != v.dtype
+            or out.device != v.device):
+        fail(who, "matvec", f"matvec must return a tensor of shape {tuple(v.shape)}, {v.dtype} on {v.device} "
+                            f"(like its input); got {_show(out)}")
+    return out
 
 
 def like(who: str, name: str, t: Any, b: torch.Tensor) -> None:
@@ -354,12 +380,20 @@ def kernel_model(who: str, hidden: Any, weight: Any, bias: Any = None) -> Tuple[
         fail(who, "hidden", f"need at least one token, one hidden unit and one vocabulary entry, got hidden "
                             f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
     same_device(who, "weight", weight, hidden.device, "hidden")
+    kernel_device(who, "hidden", hidden)
     if bias is not None:
         float_tensor(who, "bias", bias)
         same_device(who, "bias", bias, hidden.device, "hidden")
         if tuple(bias.shape) != (V,):
             fail(who, "bias", f"`bias` must be ({V},), got {tuple(bias.shape)}")
     return int(T), int(d), int(V)
+
+
+def kernel_device(who: str, name: str, x: torch.Tensor) -> None:
+    """The Triton kernels run on CUDA tensors, or anywhere under TRITON_INTERPRET=1 (the CPU tests)."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        fail(who, name, f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                        f"imported), got `{name}` on {x.device}; on the CPU use rosa_update(backend='torch')")
 
 
 def kernel_vector(who: str, name: str, x: Any, size: int, device: torch.device) -> torch.Tensor:

@@ -433,10 +433,12 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
         beta, damping, max_iter, tol, solver, backend: passed to :func:`rosa_ext.rosa_update`.
         lora_scale: s = alpha / r of the session's own adapter (PEFT's scaling otherwise).
         seed: seed of the own adapter's ``a`` init (PEFT-like uniform, ``b = 0``).
-    Raises:
-        ValueError: no lm_head, unknown mode, a PEFT lm_head LoRA with r != 1.
-        RuntimeError: the model already has a session.
-    Nothing is modified when it raises.
+    Raises (README, "Errors"):
+        RosaTypeError / RosaInputError (TypeError / ValueError): a bad option (each is checked
+            here, not at the first update: mode, beta, damping, max_iter, tol, solver, backend,
+            lora_scale, seed), no lm_head, a PEFT lm_head LoRA with r != 1.
+        RosaStateError (RuntimeError): the model already has a session.
+    Nothing is modified (no hook installed) when it raises.
     """
     return RosaSession(model, mode, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                        backend=backend, lora_scale=lora_scale, seed=seed)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.validation import RosaInputError, RosaTypeError
+from ..common.validation import RosaInputError, RosaTypeError, kernel_device
 from ._tiles import INTERPRET, interpreter_safe
 
 
@@ -74,6 +74,7 @@ def _check(weight: torch.Tensor, x: torch.Tensor, axis: int, name: str) -> None:
         raise RosaTypeError(f"rosa_ext.kernels.{name}: weight must be a (V, d) fp32/bf16/fp16 tensor, got "
                             f"{getattr(weight, 'shape', type(weight).__name__)} {getattr(weight, 'dtype', '')}",
                             "weight")
+    kernel_device(f"rosa_ext.kernels.{name}", "weight", weight)
     arg, width = ("x" if name == "weight_matvec" else "q"), weight.shape[axis]
     if (not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != width or not x.is_floating_point()
             or x.device != weight.device):
