@@ -168,6 +168,10 @@ def _bad(p):
         (K.jvp, "st", dict(v=torch.zeros(d), mode="hidden", st="stats")),
         (K.vjp, "u", dict(u=torch.zeros(T + 1), mode="hidden")),
         (K.vjp, "targets", dict(u=torch.zeros(T), mode="hidden", targets=torch.full_like(y, -2))),
+        (K.row_reduce, "u", dict(lse=lse, u=torch.zeros(3, Vs), lora_a=torch.zeros(2, d), lora_b=torch.zeros(2, Vs),
+                                 seg=torch.zeros(T, dtype=torch.long))),
+        (K.jvp, "v", dict(v=torch.zeros(3, d), mode="hidden", lora_a=torch.zeros(2, d), lora_b=torch.zeros(2, Vs),
+                          seg=torch.zeros(T, dtype=torch.long))),
         (K.weight_matvec, "x", dict(x=torch.zeros(1, d + 1))),
         (K.weight_rmatvec, "q", dict(q=torch.zeros(1, Vs + 1))),
     ]

@@ -453,6 +453,15 @@ def kernel_lora(who: str, lora_a: Any, lora_b: Any, d: int, V: int, device: torc
     return rows
 
 
+def kernel_tables_agree(who: str, rows: Dict[str, int]) -> None:
+    """Per-conversation tables ({name: rows}) have one row (shared) or the same number B of rows."""
+    multi = {name: n for name, n in rows.items() if n != 1}
+    if len(set(multi.values())) > 1:
+        names = sorted(multi, key=lambda k: multi[k])
+        fail(who, names[-1], f"per-conversation inputs disagree on the number of conversations: "
+                             f"{multi} rows (each must have 1 row or the same B rows)")
+
+
 def kernel_stats(who: str, st: Any, T: int, device: torch.device, lora: bool) -> None:
     """A HeadStats of this call's T tokens: lse and logp (T,), and ah, pib (T,) with a LoRA term."""
     if not all(hasattr(st, k) for k in ("lse", "logp", "ah", "pib")):

@@ -60,6 +60,7 @@ def _validate(who: str, hidden, weight, *, bias=None, targets=None, lora_a=None,
     rows = V.kernel_lora(who, lora_a, lora_b, d, Vs, dev)
     for name, (x, width) in (tables or {}).items():
         rows[name] = V.kernel_rows(who, name, x, width, dev)
+    V.kernel_tables_agree(who, rows)
     for name, x in (tokens or {}).items():
         V.kernel_vector(who, name, x, T, dev)
     if lse is not None:
@@ -76,31 +77,20 @@ def _validate(who: str, hidden, weight, *, bias=None, targets=None, lora_a=None,
     V.kernel_ranges(who, Vs, targets=targets, seg=seg, rows=rows)
 
 
-def _rows(x: Optional[torch.Tensor], width: int, name: str) -> Optional[torch.Tensor]:
-    """(width,) or (B, width) -> (B, width) fp32."""
+def _rows(x: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """(width,) or (B, width) -> (B, width) fp32 (shapes checked by :func:`_validate`)."""
     if x is None:
         return None
-    if x.dim() == 1 and x.shape[0] == width:
-        return x.reshape(1, width).float()
-    if x.dim() == 2 and x.shape[1] == width:
-        return x.float()
-    raise ValueError(f"rosa_ext.kernels: `{name}` must be ({width},) or (B, {width}), got {tuple(x.shape)}")
+    return x.reshape(1, width).float() if x.dim() == 1 else x.float()
 
 
 def _segments(hidden: torch.Tensor, seg: Optional[torch.Tensor], num: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(seg int32 (T,), offsets int32 (B + 1,), B) on the device of ``hidden``."""
+    """(seg int32 (T,), offsets int32 (B + 1,), B) on the device of ``hidden`` (seg checked by :func:`_validate`)."""
     T = hidden.shape[0]
     if seg is None:
-        if num > 1:
-            raise ValueError(f"rosa_ext.kernels: {num} conversations given (rows of lora/u) but no `seg`")
         return (torch.zeros(T, dtype=torch.int32, device=hidden.device),
                 torch.tensor([0, T], dtype=torch.int32, device=hidden.device), 1)
-    if seg.shape != (T,) or seg.dtype.is_floating_point or seg.device != hidden.device:
-        raise ValueError(f"rosa_ext.kernels: `seg` must be an integer ({T},) tensor on {hidden.device}, got "
-                         f"{tuple(seg.shape)} {seg.dtype} on {seg.device}")
     B = max(num, int(seg.max()) + 1)
-    if int(seg.min()) < 0 or (T > 1 and not bool((seg[1:] >= seg[:-1]).all())):
-        raise ValueError("rosa_ext.kernels: `seg` must be >= 0 and sorted (each conversation's tokens contiguous)")
     counts = torch.bincount(seg.long(), minlength=B)
     offsets = torch.zeros(B + 1, dtype=torch.int32, device=hidden.device)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
@@ -109,12 +99,10 @@ def _segments(hidden: torch.Tensor, seg: Optional[torch.Tensor], num: int) -> Tu
 
 def _lora(hidden, weight, lora_a, lora_b, seg32):
     """(a (B, d), b (B, V), ah (T,)) fp32, or Nones."""
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError("rosa_ext.kernels: give both lora_a and lora_b, or neither")
     if lora_a is None:
         return None, None, None
-    a = _rows(lora_a, hidden.shape[1], "lora_a")
-    b = _rows(lora_b, weight.shape[0], "lora_b")
+    a = _rows(lora_a, hidden.shape[1])
+    b = _rows(lora_b, weight.shape[0])
     ah = (hidden.float() * (a[0] if a.shape[0] == 1 else a[seg32.long()])).sum(1)
     return a, b, ah
 
@@ -150,7 +138,7 @@ def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, u:
     """R(u)_t = pi_t . u_seg for u (V,) or (B, V), given lse (T,) from :func:`stats` -> (T,) fp32."""
     _validate("rosa_ext.kernels.row_reduce", hidden, weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
               lora_scale=lora_scale, seg=seg, lse=lse, tables={"u": (u, weight.shape[0])})
-    u2 = _rows(u, weight.shape[0], "u")
+    u2 = _rows(u, weight.shape[0])
     seg32, _, _ = _segments(hidden, seg, _num(u2, lora_a, lora_b))
     _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
     return _row_reduce(hidden, weight, seg32, lse, u2, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
@@ -179,19 +167,12 @@ def _num_params(hidden: torch.Tensor, weight: torch.Tensor, mode: str) -> int:
 
 
 def _params(v: torch.Tensor, P: int, B: int) -> torch.Tensor:
-    v2 = _rows(v, P, "v")
-    if v2.shape[0] not in (1, B):
-        raise ValueError(f"rosa_ext.kernels: v has {v2.shape[0]} rows for {B} conversations")
-    return v2.expand(B, P)
+    return _rows(v, P).expand(B, P)
 
 
 def _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale, extra=None
                    ) -> Tuple[J.Linearization, TritonPrimitives]:
     """The packed problem of the tensor-level call, its stats and the Triton primitives over it."""
-    if mode not in ("lora", "hidden"):
-        raise ValueError(f"rosa_ext.kernels: mode must be 'lora' or 'hidden', got {mode!r}")
-    if mode == "lora" and lora_a is None:
-        raise ValueError("rosa_ext.kernels: mode='lora' needs lora_a and lora_b")
     seg32, off, B = _segments(hidden, seg, _num(lora_a, lora_b, extra))
     a, b, _ = _lora(hidden, weight, lora_a, lora_b, seg32)
     if st is None:
