@@ -112,7 +112,7 @@ def _spectral_alpha(op: RosaOperator, rows: torch.Tensor, G0: torch.Tensor, g: t
         U, mu = U[:, keep], S[keep] ** 2
     else:
         mu, U = torch.linalg.eigh(G0[b, :n, :n].to(torch.float64))
-        keep = mu > n * eps * mu.max()
+        keep = mu > n * eps * mu.max().clamp_min(0)
         U, mu = U[:, keep], mu[keep]
     alpha = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
     alpha[:n] = (U @ ((U.T @ gb) / (mu + lam))).to(g.dtype)
