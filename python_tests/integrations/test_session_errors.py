@@ -152,6 +152,26 @@ def test_attach_lora_scale_zero_and_triton_without_cuda(model64, monkeypatch):
     assert info.value.argument == "backend" and _hooks(model64) == 0
 
 
+def test_values_beyond_float32_are_refused_up_front_on_a_float32_model():
+    model = tiny_causal_lm("qwen2", vocab_size=V, hidden_size=D, num_layers=1)
+    for kw in (dict(damping=1e300), dict(lora_scale=-1e39)):
+        with pytest.raises(rosa_ext.RosaInputError, match="overflows"):
+            rosa_ext.attach(model, mode="lora", **kw)
+    s = rosa_ext.attach(model, mode="hidden", damping=1e30)
+    try:
+        with pytest.raises(rosa_ext.RosaInputError, match="overflows") as info:
+            s.update(_ids(0, 6), 1e300, response_start=2, non_blocking=True)  # not in the background
+        assert info.value.argument == "reward"
+        h = torch.full((3, D), 1e300, dtype=torch.float64)
+        with pytest.raises(rosa_ext.RosaNonFiniteError) as info:
+            s.update_from_hidden(h, torch.zeros(3, dtype=torch.long), 1.0, non_blocking=True)
+        assert info.value.argument == "hidden" and s.num_updates == 0
+        s.update(_ids(0, 6), -1.0, response_start=2)  # a damping of 1e30 is valid: a tiny step
+        assert s.num_updates == 1 and bool(torch.isfinite(s.delta).all())
+    finally:
+        s.detach()
+
+
 def test_second_attach_and_detached_use_are_state_errors(model64):
     s = rosa_ext.attach(model64, mode="hidden")
     try:
@@ -172,6 +192,7 @@ def _update_bad(T: int):
         ("input_ids", ids.reshape(1, 1, -1)),
         ("reward", NAN), ("reward", "good"), ("reward", None), ("reward", True), ("reward", 1 + 1j),
         ("reward", 10 ** 400), ("reward", torch.tensor([1.0, 2.0])), ("reward", torch.tensor(True)),
+        ("reward", -math.inf),
         ("reward", [1.0]),
         ("response_start", 0), ("response_start", T), ("response_start", "abc"), ("response_start", 2.5),
         ("response_start", True),

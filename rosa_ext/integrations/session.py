@@ -175,13 +175,13 @@ class RosaSession:
                                           f"range [{lo}, {hi}]")
         return ids.long()
 
-    @staticmethod
-    def _check_reward(reward: Any, who: str = "update") -> float:
+    def _check_reward(self, reward: Any, who: str = "update") -> float:
         if isinstance(reward, torch.Tensor) and reward.numel() != 1:
             V.fail(who, "reward", f"one reward per update, got shape {tuple(reward.shape)}")
         if isinstance(reward, (list, tuple)):
             V.fail(who, "reward", f"`reward` must be one number, got {type(reward).__name__}", V.RosaTypeError)
-        return float(V.rewards(who, reward, 1)[0])
+        # finite in the compute dtype too (checked here, not in a background update)
+        return V.real(who, "reward", float(V.rewards(who, reward, 1)[0]), dtype=self.state_dtype)
 
     # -- the update -----------------------------------------------------------------------
     def update(self, input_ids: torch.Tensor, reward: float, *, response_start: Optional[int] = None,
