@@ -268,6 +268,98 @@ def finite_result(who: str, update: torch.Tensor, damping: float) -> None:
              RosaNumericalError)
 
 
+# -- session updates (RosaSession.update / update_from_hidden) ---------------------------------
+def token_ids(who: str, input_ids: Any, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """One exchange's token ids, (T,) or (1, T) int64/int32 in [0, V) with T >= 2 -> (T,) int64."""
+    ids = tensor(who, "input_ids", input_ids)
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            fail(who, "input_ids", f"one conversation per session: `input_ids` must be (T,) or (1, T), got "
+                                   f"{tuple(ids.shape)} (for many conversations call rosa_update with a batch, "
+                                   "or keep one session state per user)")
+        ids = ids[0]
+    if ids.dim() != 1:
+        fail(who, "input_ids", f"`input_ids` must be (T,) or (1, T), got {tuple(input_ids.shape)}")
+    index_tensor(who, "input_ids", ids)
+    same_device(who, "input_ids", ids, device, "the model's lm_head")
+    if ids.numel() < 2:
+        fail(who, "input_ids", "`input_ids` need a prompt and a response (T >= 2)")
+    lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
+    if lo < 0 or hi >= vocab_size:
+        fail(who, "input_ids", f"token ids of `input_ids` must be in [0, {vocab_size}), got range [{lo}, {hi}]")
+    return ids.long()
+
+
+def response_positions(who: str, ids: torch.Tensor, response_start: Any, response_mask: Any) -> torch.Tensor:
+    """Exactly one of ``response_start`` (int in [1, T-1]) or ``response_mask`` ((T,) / (1, T) bool,
+    False at 0, not all False) -> the (N,) positions of the response tokens in ids (T,)."""
+    T = ids.shape[0]
+    if (response_start is None) == (response_mask is None):
+        fail(who, "response_start", "give exactly one of `response_start` (index of the first response token) "
+                                    "or `response_mask` ((T,) bool)")
+    if response_start is not None:
+        start = integer(who, "response_start", response_start, minimum=None)
+        if not 1 <= start < T:
+            fail(who, "response_start", f"`response_start` must be in [1, {T - 1}] (the prompt needs at least one "
+                                        f"token and the response at least one), got {start}")
+        return torch.arange(start, T, device=ids.device)
+    m = tensor(who, "response_mask", response_mask)
+    if m.dim() == 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.shape != (T,):
+        fail(who, "response_mask", f"`response_mask` must have shape ({T},) like input_ids, got "
+                                   f"{tuple(response_mask.shape)}")
+    if m.dtype != torch.bool:
+        fail(who, "response_mask", f"`response_mask` must be bool, got {m.dtype}", RosaTypeError)
+    same_device(who, "response_mask", m, ids.device, "input_ids")
+    if bool(m[0]):
+        fail(who, "response_mask", "`response_mask[0]` must be False (no position predicts the first token)")
+    pos = torch.nonzero(m).flatten()
+    if pos.numel() == 0:
+        fail(who, "response_mask", "`response_mask` selects no response token")
+    return pos
+
+
+def one_reward(who: str, reward: Any, dtype: torch.dtype) -> float:
+    """The reward of one update: a real number (or one-element real tensor), finite in ``dtype``."""
+    if isinstance(reward, torch.Tensor) and reward.numel() != 1:
+        fail(who, "reward", f"one reward per update, got shape {tuple(reward.shape)}")
+    if isinstance(reward, (list, tuple)):
+        fail(who, "reward", f"`reward` must be one number, got {type(reward).__name__}", RosaTypeError)
+    return real(who, "reward", float(rewards(who, reward, 1)[0]), dtype=dtype)
+
+
+def attention_mask(who: str, am: Any, ids: torch.Tensor) -> None:
+    """None, or a real tensor with one entry per token of ids, on its device."""
+    if am is None:
+        return
+    am = tensor(who, "attention_mask", am)
+    if am.numel() != ids.numel() or am.is_complex():
+        fail(who, "attention_mask", f"`attention_mask` must be a real tensor with one entry per token "
+                                    f"({ids.numel()}), got {am.dtype} {tuple(am.shape)}")
+    same_device(who, "attention_mask", am, ids.device, "input_ids")
+
+
+def hidden_rows(who: str, hidden: Any, targets: Any, *, hidden_size: int, vocab_size: int,
+                device: torch.device, head_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """update_from_hidden's inputs: hidden (N, d) floating, finite also once cast to the head's dtype;
+    targets (N,) int64/int32 in [0, V); N >= 1; both on the head's device."""
+    hidden = float_tensor(who, "hidden", hidden)
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or hidden.shape[0] == 0:
+        fail(who, "hidden", f"`hidden` must be (N, {hidden_size}) with N >= 1, got {tuple(hidden.shape)}")
+    same_device(who, "hidden", hidden, device, "the model's lm_head")
+    targets = index_tensor(who, "targets", targets)
+    if targets.shape != hidden.shape[:1]:
+        fail(who, "targets", f"`targets` must be ({hidden.shape[0]},) like the rows of `hidden`, got "
+                             f"{tuple(targets.shape)}")
+    same_device(who, "targets", targets, device, "the model's lm_head")
+    index_range(who, "targets", targets, vocab_size, "token id")
+    finite(who, "hidden", hidden)
+    if hidden.dtype != head_dtype and not bool(torch.isfinite(hidden.detach().to(head_dtype)).all()):
+        fail(who, "hidden", f"`hidden` overflows {head_dtype} (the lm_head dtype)", RosaNonFiniteError)
+    return hidden, targets
+
+
 # -- session state ----------------------------------------------------------------------------
 def session_state(who: str, state: Any, *, version: int, mode: str, vocab_size: int, hidden_size: int,
                   lora_scale: float, check_zero: bool) -> Tuple[int, Dict[str, torch.Tensor]]:

@@ -124,65 +124,6 @@ class RosaSession:
         """Wait for a background update, if any; returns its step (raises its error)."""
         return self._runner.wait()
 
-    # -- input checks (helpers and error types: rosa_ext.common.validation) ---------------
-    def _response_positions(self, input_ids: torch.Tensor, response_start: Optional[int],
-                            response_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Validate and return the (N,) indices of the response tokens in input_ids (T,)."""
-        T = input_ids.shape[0]
-        if (response_start is None) == (response_mask is None):
-            V.fail("update", "response_start", "give exactly one of `response_start` (index of the first "
-                                               "response token) or `response_mask` ((T,) bool)")
-        if response_start is not None:
-            start = V.integer("update", "response_start", response_start, minimum=None)
-            if not 1 <= start < T:
-                V.fail("update", "response_start", f"`response_start` must be in [1, {T - 1}] (the prompt needs "
-                       f"at least one token and the response at least one), got {start}")
-            return torch.arange(start, T, device=input_ids.device)
-        m = V.tensor("update", "response_mask", response_mask)
-        if m.dim() == 2 and m.shape[0] == 1:
-            m = m[0]
-        if m.shape != (T,):
-            V.fail("update", "response_mask", f"`response_mask` must have shape ({T},) like input_ids, got "
-                                              f"{tuple(response_mask.shape)}")
-        if m.dtype != torch.bool:
-            V.fail("update", "response_mask", f"`response_mask` must be bool, got {m.dtype}", V.RosaTypeError)
-        V.same_device("update", "response_mask", m, input_ids.device, "input_ids")
-        if bool(m[0]):
-            V.fail("update", "response_mask", "`response_mask[0]` must be False (no position predicts the first "
-                                              "token)")
-        pos = torch.nonzero(m).flatten()
-        if pos.numel() == 0:
-            V.fail("update", "response_mask", "`response_mask` selects no response token")
-        return pos
-
-    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = V.tensor("update", "input_ids", input_ids)
-        if ids.dim() == 2:
-            if ids.shape[0] != 1:
-                V.fail("update", "input_ids", f"one conversation per session: `input_ids` must be (T,) or (1, T), "
-                                              f"got {tuple(ids.shape)} (for many conversations call rosa_update "
-                                              "with a batch, or keep one session state per user)")
-            ids = ids[0]
-        if ids.dim() != 1:
-            V.fail("update", "input_ids", f"`input_ids` must be (T,) or (1, T), got {tuple(input_ids.shape)}")
-        V.index_tensor("update", "input_ids", ids)
-        V.same_device("update", "input_ids", ids, self.weight.device, "the model's lm_head")
-        if ids.numel() < 2:
-            V.fail("update", "input_ids", "`input_ids` need a prompt and a response (T >= 2)")
-        lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
-        if lo < 0 or hi >= self.vocab_size:
-            V.fail("update", "input_ids", f"token ids of `input_ids` must be in [0, {self.vocab_size}), got "
-                                          f"range [{lo}, {hi}]")
-        return ids.long()
-
-    def _check_reward(self, reward: Any, who: str = "update") -> float:
-        if isinstance(reward, torch.Tensor) and reward.numel() != 1:
-            V.fail(who, "reward", f"one reward per update, got shape {tuple(reward.shape)}")
-        if isinstance(reward, (list, tuple)):
-            V.fail(who, "reward", f"`reward` must be one number, got {type(reward).__name__}", V.RosaTypeError)
-        # finite in the compute dtype too (checked here, not in a background update)
-        return V.real(who, "reward", float(V.rewards(who, reward, 1)[0]), dtype=self.state_dtype)
-
     # -- the update -----------------------------------------------------------------------
     def update(self, input_ids: torch.Tensor, reward: float, *, response_start: Optional[int] = None,
                response_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -204,16 +145,11 @@ class RosaSession:
         :func:`rosa_ext.rosa_update` on the response positions. Bad input raises
         before anything changes (README, "Errors").
         """
-        self._check_attached()
-        ids = self._check_ids(input_ids)
-        pos = self._response_positions(ids, response_start, response_mask)
-        r = self._check_reward(reward)
-        if attention_mask is not None:
-            am = V.tensor("update", "attention_mask", attention_mask)
-            if am.numel() != ids.numel() or am.is_complex():
-                V.fail("update", "attention_mask", f"`attention_mask` must be a real tensor with one entry per "
-                                                   f"token ({ids.numel()}), got {am.dtype} {tuple(am.shape)}")
-            V.same_device("update", "attention_mask", am, ids.device, "input_ids")
+        self._check_attached()  # every argument, before the step runs or is queued:
+        ids = V.token_ids("update", input_ids, self.vocab_size, self.weight.device)
+        pos = V.response_positions("update", ids, response_start, response_mask)
+        r = V.one_reward("update", reward, self.state_dtype)
+        V.attention_mask("update", attention_mask, ids)
         V.boolean("update", "non_blocking", non_blocking)
         self.wait()
 
@@ -243,23 +179,9 @@ class RosaSession:
         """
         who = "update_from_hidden"
         self._check_attached()
-        r = self._check_reward(reward, who)
-        hidden = V.float_tensor(who, "hidden", hidden)
-        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or hidden.shape[0] == 0:
-            V.fail(who, "hidden", f"`hidden` must be (N, {self.hidden_size}) with N >= 1, got {tuple(hidden.shape)}")
-        V.same_device(who, "hidden", hidden, self.weight.device, "the model's lm_head")
-        targets = V.index_tensor(who, "targets", targets)
-        if targets.shape != hidden.shape[:1]:
-            V.fail(who, "targets", f"`targets` must be ({hidden.shape[0]},) like the rows of `hidden`, got "
-                                   f"{tuple(targets.shape)}")
-        V.same_device(who, "targets", targets, self.weight.device, "the model's lm_head")
-        V.index_range(who, "targets", targets, self.vocab_size, "token id")
-        V.finite(who, "hidden", hidden)
-        if hidden.dtype != self.weight.dtype:
-            h32 = hidden.detach().to(self.weight.dtype)
-            if not bool(torch.isfinite(h32).all()):
-                V.fail(who, "hidden", f"`hidden` overflows {self.weight.dtype} (the lm_head dtype)",
-                       V.RosaNonFiniteError)
+        r = V.one_reward(who, reward, self.state_dtype)
+        hidden, targets = V.hidden_rows(who, hidden, targets, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                                        device=self.weight.device, head_dtype=self.weight.dtype)
         V.boolean(who, "includes_shift", includes_shift)
         V.boolean(who, "non_blocking", non_blocking)
         self.wait()
