@@ -86,6 +86,7 @@ def _show(x: Any) -> str:
 #: The largest int an option may take (the compiled solver's iteration count is an int64).
 MAX_INT = 2 ** 62
 
+
 def real(who: str, name: str, x: Any, *, minimum: Optional[float] = None, strict: bool = False,
          dtype: Optional[torch.dtype] = None) -> float:
     """A finite real number (bools, strings, None, complex refused) -> float.
@@ -122,7 +123,8 @@ def integer(who: str, name: str, x: Any, *, minimum: Optional[int] = 0, maximum:
     x = _scalar_of(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         fail(who, name, f"`{name}` must be an int, got {_show(x)}", RosaTypeError)
-    rng = ("" if minimum is None else f" >= {minimum}") + ("" if maximum is None else f" and <= {maximum}")
+    bounds = ([] if minimum is None else [f">= {minimum}"]) + ([] if maximum is None else [f"<= {maximum}"])
+    rng = (" " + " and ".join(bounds)) if bounds else ""
     if not isinstance(x, numbers.Integral):
         try:
             ok = math.isfinite(float(x)) and float(x) == int(x)
