@@ -305,3 +305,17 @@ def test_lora_a_zero_is_refused_like_none_but_not_with_a_nonzero_b():
     ref = rosa_update_reference(**dict(inp, lora_a=torch.zeros(12, dtype=torch.float64)), reward=1.0, mode="lora")
     torch.testing.assert_close(got.update, ref.update, rtol=0, atol=1e-9)
     assert got.delta_a.abs().max() > 0
+
+
+@pytest.mark.parametrize("solver", ["dual", "cg"])
+def test_inf_weight_hidden_from_the_logits_is_named(solver):
+    """-inf in a weight entry that no logit shows (every token's softmax weighs it by 0) still
+    reaches the hidden-mode Jacobian through W^T pi: named, not a linear-algebra error."""
+    from _helpers import make_inputs
+    inp = make_inputs(mode="hidden", dtype=torch.float32)
+    inp["hidden"][:, 0] = inp["hidden"][:, 0].abs() + 0.1
+    inp["weight"][3, 0] = -math.inf
+    inp["targets"][inp["targets"] == 3] = 4
+    with pytest.raises(rosa_ext.RosaNonFiniteError, match="Jacobian is not finite") as info:
+        rosa_update(**inp, reward=-1.0, mode="hidden", solver=solver)
+    assert info.value.argument == "weight"

@@ -262,6 +262,12 @@ def finite_logits(who: str, dtype: torch.dtype, *values: torch.Tensor) -> None:
                             f"NaN/Inf, or values so large that the logits overflow {dtype}", RosaNonFiniteError)
 
 
+def nonfinite_jacobian(who: str) -> NoReturn:
+    """Raise the error of a Jacobian with NaN/Inf although the logits were finite."""
+    fail(who, "weight", "the Jacobian is not finite although the logits are: `weight` (or `bias`, the LoRA "
+                        "term) holds NaN/Inf in entries the softmax weighs by 0 (e.g. -inf)", RosaNonFiniteError)
+
+
 def finite_result(who: str, update: torch.Tensor, damping: float) -> None:
     """The step is finite (one device sync)."""
     if not bool(torch.isfinite(update).all()):

@@ -11,8 +11,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from ..cg import cg as default_cg
+from ..common import validation as V
 from ..common.types import CGResult, HeadProblem
-from ..common.validation import RosaNumericalError
+from ..common.validation import RosaNonFiniteError, RosaNumericalError
 from .operator import RosaOperator
 
 #: Above this many tokens in one conversation the T x T Gram matrix is not
@@ -67,7 +68,12 @@ def solve_cg(op: RosaOperator, cg: Optional[CGImpl] = None) -> Tuple[torch.Tenso
     def matvec(v: torch.Tensor) -> torch.Tensor:
         return op.vjp(op.jvp(v.reshape(B, P))).reshape(-1)
 
-    res = cg(matvec, rhs, damping=prob.damping, max_iter=prob.max_iter, tol=prob.tol)
+    try:
+        res = cg(matvec, rhs, damping=prob.damping, max_iter=prob.max_iter, tol=prob.tol)
+    except RosaNonFiniteError as e:
+        if e.argument != "b":
+            raise
+        V.nonfinite_jacobian("rosa_update")  # the right-hand side J^T g: the inputs, not the solve
     return res.x.reshape(B, P), res.iterations, res.residual
 
 
@@ -150,7 +156,11 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
     num, den = _residual_parts(G0, gpad, alpha, prob.damping, pad)
     limit = DUAL_RESIDUAL_LIMIT[G0.dtype]
     ok = (info == 0) & torch.isfinite(alpha).all(1) & (num <= (limit * limit) * den)
-    bad = (~ok).nonzero().flatten().tolist()  # the one host sync of the acceptance test
+    finite = torch.isfinite(G0).flatten(1).all(1)
+    ok_list, finite_list = torch.stack([ok, finite]).tolist()  # the one host sync of the acceptance test
+    if not all(finite_list):
+        V.nonfinite_jacobian("rosa_update")
+    bad = [b for b, good in enumerate(ok_list) if not good]
     if bad:
         alpha = alpha.clone()
         exact = {}
