@@ -7,11 +7,21 @@ Public API:
     rosa_ext.kernels            Triton kernels (stats, row/column reductions, jvp, vjp)
     attach                      plug into a transformers / PEFT model
     interact                    the multi-turn feedback loop
+    RosaError and subclasses    the errors of every entry point (README, "Errors")
 """
 from ._version import __version__
+from .common.validation import (
+    RosaError,
+    RosaInputError,
+    RosaNonFiniteError,
+    RosaNumericalError,
+    RosaStateError,
+    RosaTypeError,
+)
 from .core.op import RosaStep, rosa_update
 
-__all__ = ["RosaStep", "rosa_update", "__version__"]
+__all__ = ["RosaStep", "rosa_update", "__version__", "RosaError", "RosaInputError", "RosaTypeError",
+           "RosaNonFiniteError", "RosaNumericalError", "RosaStateError"]
 
 
 def __getattr__(name: str):

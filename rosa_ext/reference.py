@@ -2,8 +2,9 @@
 
 Deliberately naive: full (T, V) logits in float64, ``torch.func.jvp`` /
 ``torch.func.vjp`` of the exact map theta -> p(theta), the explicit Jacobian,
-and a dense solve of the P x P normal equations. Every fast path is tested
-against it. Memory is O(T*V + P^2): small problems only.
+and the damped least-squares step from its SVD (:func:`ridge_solve`; exact for any
+damping, also where the P x P normal equations are singular). Every fast path is
+tested against it. Memory is O(T*V + T*P): small problems only.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .common import defaults
+from .common import validation as V
 from .common.types import HeadProblem, RewardLike
 from .core.op import RosaStep
 from .core.problem import build_problem
@@ -72,6 +74,21 @@ def vjp_reference(prob: HeadProblem, u: torch.Tensor, b: int = 0) -> torch.Tenso
     return pullback(u.to(F64))[0]
 
 
+def ridge_solve(J: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
+    """argmin ||J d - g||^2 + damping ||d||^2 = V diag(s / (s^2 + damping)) U^T g from the SVD of J.
+
+    Exact for any damping > 0, also when J^T J is singular (P > T, repeated tokens) and damping
+    is tiny, where a dense solve of the P x P normal equations returns an arbitrary solution;
+    singular values below max(T, P) eps s_max (numerically zero) are dropped, as a pseudo-inverse does.
+    """
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    if S.numel() == 0:
+        return torch.zeros(J.shape[1], dtype=J.dtype, device=J.device)
+    keep = S > max(J.shape) * torch.finfo(J.dtype).eps * S.max()
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]
+    return Vh.T @ ((S / (S * S + damping)) * (U.T @ g))
+
+
 def rosa_update_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor] = None,
                           lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
@@ -84,6 +101,14 @@ def rosa_update_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``max_iter``, ``tol``, ``solver`` and ``backend`` are accepted (and validated)
     for signature compatibility; the solve is always a dense exact one.
     """
+    with torch.no_grad():
+        return _reference(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
+                          lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
+                          tol=tol, solver=solver, backend=backend, mask=mask)
+
+
+def _reference(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
+               max_iter, tol, solver, backend, mask) -> RosaStep:
     prob = build_problem(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                          lora_scale=lora_scale, bias=bias, beta=beta, damping=damping,
                          max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
@@ -92,13 +117,14 @@ def rosa_update_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     for b in range(prob.num_conversations):
         p_of, theta0 = _prob_map(prob, b)
         p = p_of(theta0)
+        V.finite_logits("rosa_update_reference", F64, p)
         logp = torch.log(p)
         r = prob.reward[b].to(F64).expand_as(p)
         g = residual_target(logp, r, prob.beta)
         J = jacobian_reference(prob, b)
         A = J.T @ J + prob.damping * torch.eye(J.shape[1], dtype=F64, device=J.device)
         rhs = J.T @ g
-        delta = torch.linalg.solve(A, rhs)
+        delta = ridge_solve(J, g, prob.damping)
         res = rhs - A @ delta
         num += float(res @ res)
         den += float(rhs @ rhs)

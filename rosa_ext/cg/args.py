@@ -1,17 +1,38 @@
-"""Argument checks shared by every CG implementation (Python loop, compiled)."""
+"""Argument checks shared by every CG implementation (Python loop, compiled).
+
+The checks themselves live with every other public entry point's in
+:mod:`rosa_ext.common.validation` (README, "Errors").
+"""
 from __future__ import annotations
 
-import torch
+from typing import Any, Optional, Tuple
+
+from ..common import validation as V
+from ..common.validation import RosaNumericalError
 
 
-def check_cg_args(b: torch.Tensor, damping: float, max_iter: int, tol: float) -> None:
-    if not isinstance(b, torch.Tensor) or b.dim() != 1:
-        raise ValueError(f"cg: `b` must be a 1-D tensor, got {getattr(b, 'shape', type(b))}")
-    if b.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"cg: `b` must be float32 or float64, got {b.dtype}")
-    if not (damping >= 0 and damping < float("inf")):
-        raise ValueError(f"cg: `damping` must be >= 0 and finite, got {damping}")
-    if int(max_iter) != max_iter or max_iter < 0:
-        raise ValueError(f"cg: `max_iter` must be an int >= 0, got {max_iter}")
-    if not (tol >= 0):
-        raise ValueError(f"cg: `tol` must be >= 0, got {tol}")
+def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None, *,
+                  values: bool = True, matvec: Any = None) -> Tuple[float, int, float]:
+    """Check matvec (callable), b (1-D float32/float64), damping (>= 0), max_iter (int >= 0),
+    tol (>= 0), x0 (like b) -> (damping, max_iter, tol). With ``values`` also that b and x0 are
+    finite (one sync)."""
+    return V.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
+
+
+def checked_matvec(matvec: Any, v: Any):
+    """matvec(v), checked to be a tensor like v (no sync)."""
+    return V.matvec_output("cg", matvec(v), v)
+
+
+def breakdown(iteration: int, pap: Optional[float] = None) -> RosaNumericalError:
+    """The error of a CG step along which A + damping I is not positive definite."""
+    value = "" if pap is None else f" = {pap:.3g}"
+    return RosaNumericalError(
+        f"cg: breakdown at iteration {iteration}: p^T (A + damping I) p{value} <= 0, so A + damping I is "
+        "not positive definite along the search direction (A must be symmetric positive semi-definite, "
+        "with damping > 0 if A is singular)", "matvec")
+
+
+def non_finite(where: str) -> RosaNumericalError:
+    """The error of a CG solve that met NaN/Inf."""
+    return RosaNumericalError(f"cg: the operator produced NaN/Inf ({where})", "matvec")

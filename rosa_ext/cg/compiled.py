@@ -19,23 +19,23 @@ State layout (float64, ``_C.CG_STATE_SIZE`` entries, csrc/cg_cuda.h): index
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _C
+from ..common import validation as V
 from ..common.types import CGResult, Matvec
-from .args import check_cg_args
+from ..common.validation import RosaNumericalError
+from .args import breakdown, check_cg_args, non_finite
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
 STATE_RR, STATE_BB, STATE_ITERS, STATE_BAD = 0, 1, 5, 6
 
 
 def _check_like(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.shape != b.shape or t.dtype != b.dtype or t.device != b.device:
-        got = (f"{tuple(t.shape)}, {t.dtype}, {t.device}" if isinstance(t, torch.Tensor)
-               else type(t).__name__)
-        raise ValueError(f"cg: `{name}` must match b: shape {tuple(b.shape)}, {b.dtype}, {b.device}; got {got}")
+    V.like("cg", name, t, b)
 
 
 def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -55,23 +55,28 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
         (int64) and ``residual`` (float64) are 0-dim device tensors; on the CPU
         plain numbers.
     Raises:
-        FloatingPointError: the operator (or b) produced NaN/Inf. On CUDA this is
+        RosaTypeError / RosaInputError (TypeError / ValueError): bad shapes, dtypes, devices,
+            options (named; before any work); a matvec returning a wrong shape/dtype/device.
+        RosaNonFiniteError (a FloatingPointError): NaN/Inf in b or x0 (on CUDA: detected on the
+            device, raised after the loop).
+        RosaNumericalError (a FloatingPointError): the operator produced NaN/Inf, or A + damping I
+            is not positive definite along a search direction (breakdown). On CUDA this is
             detected on the device and checked with one read after the loop.
-        ValueError / TypeError: bad shapes, dtypes, devices (before any work);
-            a matvec returning a wrong shape/dtype/device.
         RuntimeError: a CUDA tensor while ``_C`` was built without CUDA.
+    The result carries no autograd graph.
     """
-    check_cg_args(b, damping, max_iter, tol)
+    cuda = isinstance(b, torch.Tensor) and b.device.type == "cuda"
+    cpu = isinstance(b, torch.Tensor) and b.device.type == "cpu"
+    # the values of b and x0 are checked here on the CPU, on the device on CUDA (no extra sync)
+    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=cpu, matvec=matvec)
     if b.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"cg: the compiled solver runs on cpu or cuda tensors, got {b.device}")
-    if x0 is not None:
-        _check_like("x0", x0, b)
-    if b.device.type == "cuda":
+        V.fail("cg", "b", f"the compiled solver runs on cpu or cuda tensors, got `b` on {b.device}")
+    if cuda:
         if not _C.has_cuda():
             raise RuntimeError("cg: rosa_ext._C was built without CUDA (nvcc not found at build time); "
                                "reinstall on a machine with nvcc, or use rosa_ext.cg.cg_python")
         x, state = cg_cuda_launch(matvec, b, damping=damping, max_iter=max_iter, tol=tol, x0=x0)
-        return finish_cuda(x, state, check_finite=True)
+        return finish_cuda(x, state, check_finite=True, max_iter=max_iter, tol=tol)
     return _cg_cpu(matvec, b, damping, max_iter, tol, x0)
 
 
@@ -81,14 +86,7 @@ def _dtype_name(b: torch.Tensor) -> str:
 
 def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
     """matvec(v), checked to be a tensor of v's shape, dtype and device (no sync)."""
-    out = matvec(v)
-    if (not isinstance(out, torch.Tensor) or out.shape != v.shape or out.dtype != v.dtype
-            or out.device != v.device):
-        got = (f"{tuple(out.shape)}, {out.dtype}, {out.device}" if isinstance(out, torch.Tensor)
-               else type(out).__name__)
-        raise ValueError(f"cg: matvec must return a tensor of shape {tuple(v.shape)}, {v.dtype} on "
-                         f"{v.device} (like its input); got {got}")
-    return out
+    return V.matvec_output("cg", matvec(v), v)
 
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
@@ -101,9 +99,16 @@ def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol:
         ap.copy_(_matvec_checked(matvec, p))
 
     with torch.no_grad():
-        iters, residual, _ = _C.cg_cpu(apply, b.data_ptr(), x.data_ptr(), r.data_ptr(), p.data_ptr(),
-                                       ap.data_ptr(), b.numel(), _dtype_name(b), float(damping),
-                                       int(max_iter), float(tol), x0 is not None)
+        try:
+            iters, residual, broke = _C.cg_cpu(apply, b.data_ptr(), x.data_ptr(), r.data_ptr(), p.data_ptr(),
+                                               ap.data_ptr(), b.numel(), _dtype_name(b), float(damping),
+                                               int(max_iter), float(tol), x0 is not None)
+        except _C.NonFiniteError as e:  # b was checked above: the operator produced it
+            raise RosaNumericalError(str(e), "matvec") from None
+    if not math.isfinite(residual):  # e.g. A x0 gave NaN: the loop never ran
+        raise non_finite("in the initial residual b - A x0" if iters == 0 else f"at iteration {iters}")
+    if broke:
+        raise breakdown(int(iters), float(torch.dot(p.double(), ap.double()) + damping * torch.dot(p.double(), p.double())))
     return CGResult(x, int(iters), float(residual))
 
 
@@ -121,20 +126,18 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
         tol and max_iter are baked into a captured graph; b, x0 and A's data are read
         at replay.
     """
-    check_cg_args(b, damping, max_iter, tol)
+    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=False, matvec=matvec)  # no sync
     if b.device.type != "cuda":
-        raise ValueError(f"cg_cuda_launch: b must be a CUDA tensor, got {b.device}")
-    if x0 is not None:
-        _check_like("x0", x0, b)
+        V.fail("cg_cuda_launch", "b", f"`b` must be a CUDA tensor, got {b.device}")
     if out is not None:
         _check_like("out", out, b)
         if not out.is_contiguous():
-            raise ValueError("cg_cuda_launch: `out` must be contiguous")
+            V.fail("cg_cuda_launch", "out", "`out` must be contiguous")
     n_state = _C.CG_STATE_SIZE
     if state is not None and (state.shape != (n_state,) or state.dtype != torch.float64
                               or state.device != b.device or not state.is_contiguous()):
-        raise ValueError(f"cg_cuda_launch: `state` must be a contiguous float64 ({n_state},) tensor on "
-                         f"{b.device}; got {tuple(state.shape)}, {state.dtype}, {state.device}")
+        V.fail("cg_cuda_launch", "state", f"`state` must be a contiguous float64 ({n_state},) tensor on "
+                                          f"{b.device}; got {tuple(state.shape)}, {state.dtype}, {state.device}")
     dev = b.device.index if b.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(dev).cuda_stream
     n, dt, damping = b.numel(), _dtype_name(b), float(damping)
@@ -164,16 +167,23 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
     return x, state
 
 
-def finish_cuda(x: torch.Tensor, state: torch.Tensor, *, check_finite: bool = True) -> CGResult:
+def finish_cuda(x: torch.Tensor, state: torch.Tensor, *, check_finite: bool = True,
+                max_iter: Optional[int] = None, tol: Optional[float] = None) -> CGResult:
     """Turn a launched solve (:func:`cg_cuda_launch`) into a :class:`CGResult`.
 
     ``iterations`` (int64) and ``residual`` (float64, ||r|| / ||b||, 0 when b = 0)
-    stay 0-dim device tensors. With ``check_finite`` one flag is read (the single
-    sync of the solve) and NaN/Inf raises FloatingPointError; without it nothing
-    is read.
+    stay 0-dim device tensors. With ``check_finite`` one read of the state (the single
+    sync of the solve) raises RosaNumericalError on NaN/Inf and, given the solve's
+    ``max_iter`` and ``tol``, on a breakdown (the loop stopped before ``max_iter``
+    with the residual above ``tol``: A + damping I not positive definite along p);
+    without it nothing is read.
     """
-    if check_finite and bool(state[STATE_BAD] != 0):
-        raise FloatingPointError("cg: the operator or b produced NaN/Inf (detected on the device)")
+    if check_finite:
+        bad, iters, rr, bb = state[[STATE_BAD, STATE_ITERS, STATE_RR, STATE_BB]].tolist()
+        if bad != 0:
+            raise non_finite("or b / x0 held NaN/Inf; detected on the device")
+        if max_iter is not None and tol is not None and bb > 0 and iters < max_iter and rr > tol * tol * bb:
+            raise breakdown(int(iters))
     bb = state[STATE_BB]
     residual = torch.where(bb > 0, torch.sqrt(state[STATE_RR] / torch.where(bb > 0, bb, 1.0)),
                            torch.zeros_like(bb))

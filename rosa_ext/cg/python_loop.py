@@ -4,12 +4,13 @@ The portable solver, and the baseline the benchmarks compare the compiled one ag
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from ..common.types import CGResult, Matvec
-from .args import check_cg_args
+from .args import breakdown, check_cg_args, checked_matvec, non_finite
 
 
 def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -22,30 +23,43 @@ def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter
         damping: lambda >= 0 added to A's diagonal.
         max_iter: iteration cap (0 returns x0 or zeros).
         tol: stop once ||r|| <= tol * ||b||.
+        x0: optional (n,) initial guess, like b.
     Raises:
-        FloatingPointError: the operator produced NaN/Inf.
+        RosaTypeError / RosaInputError: bad arguments (named), before any work.
+        RosaNonFiniteError (a FloatingPointError): NaN/Inf in b or x0.
+        RosaNumericalError (a FloatingPointError): the operator produced NaN/Inf, or A + damping I
+            is not positive definite along a search direction (breakdown).
+    The result carries no autograd graph.
     """
-    check_cg_args(b, damping, max_iter, tol)
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b - (matvec(x) + damping * x) if x0 is not None else b.clone()
-    bnorm = torch.linalg.vector_norm(b)
-    if float(bnorm) == 0.0:
-        return CGResult(torch.zeros_like(b), 0, 0.0)
-    p = r.clone()
-    rr = torch.dot(r, r)
-    it = 0
-    while it < max_iter and float(torch.sqrt(rr)) > tol * float(bnorm):
-        ap = matvec(p) + damping * p
-        pap = torch.dot(p, ap)
-        if not torch.isfinite(pap):
-            raise FloatingPointError(f"cg: the operator returned NaN/Inf at iteration {it}")
-        if float(pap) <= 0:
-            break
-        alpha = rr / pap
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = torch.dot(r, r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-        it += 1
-    return CGResult(x, it, float(torch.sqrt(rr) / bnorm))
+    damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, matvec=matvec)
+    with torch.no_grad():
+        b = b.detach()
+        x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
+        bnorm = torch.linalg.vector_norm(b)
+        if float(bnorm) == 0.0:
+            return CGResult(torch.zeros_like(b), 0, 0.0)
+        r = b - (checked_matvec(matvec, x) + damping * x) if x0 is not None else b.clone()
+        p = r.clone()
+        rr = torch.dot(r, r)
+        stop = tol * float(bnorm)
+        it = 0
+        while True:
+            rr_f = float(rr)  # the convergence test's sync; NaN/Inf here means the operator produced it
+            if not math.isfinite(rr_f):
+                raise non_finite("in the initial residual b - A x0" if it == 0 else f"at iteration {it}")
+            if it >= max_iter or math.sqrt(rr_f) <= stop:
+                break
+            ap = checked_matvec(matvec, p) + damping * p
+            pap = float(torch.dot(p, ap))
+            if not math.isfinite(pap):
+                raise non_finite(f"at iteration {it}")
+            if pap <= 0:
+                raise breakdown(it, pap)
+            alpha = rr / pap
+            x = x + alpha * p
+            r = r - alpha * ap
+            rr_new = torch.dot(r, r)
+            p = r + (rr_new / rr) * p
+            rr = rr_new
+            it += 1
+        return CGResult(x, it, float(torch.sqrt(rr) / bnorm))

@@ -8,6 +8,7 @@ import torch
 
 from ..backends import get_backend
 from ..common import defaults
+from ..common import validation as V
 from ..common.types import RewardLike
 from .operator import RosaOperator
 from .problem import build_problem
@@ -108,19 +109,33 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             compiled solver when built; :func:`rosa_ext.cg.cg_python` is the Python loop).
     Returns:
         :class:`RosaStep`; add ``step.update`` to the parameters to apply it.
-    Raises:
-        ValueError / TypeError: bad input, before any work is done.
+    Raises (README, "Errors"; the types are in :mod:`rosa_ext.common.validation`):
+        RosaTypeError / RosaInputError (TypeError / ValueError): bad input, before any work is done.
+        RosaNonFiniteError (a ValueError and FloatingPointError): NaN/Inf in an input, or logits
+            that overflow the compute dtype (checked on the stats pass's output).
+        RosaNumericalError (FloatingPointError): the solve broke down (see MATH.md section 4).
+    The result never carries an autograd graph (the op runs under ``torch.no_grad()``).
     """
+    with torch.no_grad():
+        return _rosa_update(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
+                            lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
+                            tol=tol, solver=solver, backend=backend, mask=mask, cg_impl=cg_impl)
+
+
+def _rosa_update(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
+                 max_iter, tol, solver, backend, mask, cg_impl) -> RosaStep:
     prob = build_problem(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                          lora_scale=lora_scale, bias=bias, beta=beta, damping=damping,
                          max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
     be = get_backend(prob.backend, prob.device)
     op = RosaOperator(prob, be)
+    V.finite_logits("rosa_update", prob.compute_dtype, op.stats.lse, op.stats.logp)
     chosen = choose_solver(prob) if prob.solver == "auto" else prob.solver
     if chosen == "dual":
         upd, iters, res = solve_dual(op)
     else:
         upd, iters, res = solve_cg(op, cg_impl)
+    V.finite_result("rosa_update", upd, prob.damping)
     if not prob.batched:
         upd = upd[0]
     return RosaStep(update=upd, mode=prob.mode, solver=chosen, backend=be.name,

@@ -1,78 +1,43 @@
 """Validated, flattened inputs of one ROSA update (MATH.md sections 1-2).
 
-`build_problem` is the single place where user inputs are checked. Every
-error is raised before anything is allocated or modified, and says which
-argument was wrong and how. The result, a :class:`HeadProblem`, is what the
+`build_problem` checks every input of :func:`rosa_ext.rosa_update` (with the helpers and
+error types of :mod:`rosa_ext.common.validation`, shared by every public entry point). Every
+error is raised before anything is allocated or modified, and names the argument that was
+wrong and the expected form. The result, a :class:`HeadProblem`, is what the
 backends and solvers consume: the response tokens of all conversations are
 concatenated ("packed") into N rows, with `seg` telling which conversation a
 row belongs to, so one pass over the head weight serves the whole batch.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
-from ..common.types import BACKENDS, MODES, SOLVERS, HeadProblem, RewardLike
+from ..common import validation as V
+from ..common.types import MODES, HeadProblem, RewardLike
+
+WHO = "rosa_update"
 
 
-def _fail(msg: str) -> None:
-    raise ValueError(f"rosa_update: {msg}")
+def _fail(msg: str, argument: Optional[str] = None) -> None:
+    V.fail(WHO, argument, msg)
 
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"rosa_update: `{name}` must be a torch.Tensor, got {type(x).__name__}")
-    return x
+    return V.tensor(WHO, name, x)
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"rosa_update: `{name}` must be a floating-point tensor, got {x.dtype}")
+    V.float_tensor(WHO, name, x)
 
 
 def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    if x.device != device:
-        _fail(f"`{name}` is on {x.device} but `weight` is on {device}; put all inputs on one device")
+    V.same_device(WHO, name, x, device, "weight")
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        _fail(f"`{name}` contains NaN or Inf")
-
-
-def _positive_number(name: str, x: object, allow_zero: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"rosa_update: `{name}` must be a real number, got {type(x).__name__}")
-    v = float(x)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        _fail(f"`{name}` must be {'>= 0' if allow_zero else '> 0'} and finite, got {x!r}")
-    return v
-
-
-def _reward_vector(reward: RewardLike, batch: int, batched: bool, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
-    if isinstance(reward, torch.Tensor):
-        r = reward.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-    elif isinstance(reward, numbers.Real) and not isinstance(reward, bool):
-        r = torch.tensor([float(reward)], dtype=torch.float64)
-    elif isinstance(reward, (list, tuple)):
-        try:
-            r = torch.tensor([float(v) for v in reward], dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise TypeError("rosa_update: `reward` must be a number or a sequence of numbers") from None
-    else:
-        raise TypeError(f"rosa_update: `reward` must be a float (or a (B,) tensor for a batch), "
-                        f"got {type(reward).__name__}")
-    if r.numel() == 1 and batch > 1:
-        r = r.expand(batch)
-    if r.numel() != batch:
-        _fail(f"`reward` has {r.numel()} values but there are {batch} conversations")
-    if not bool(torch.isfinite(r).all()):
-        _fail(f"`reward` must be finite, got {r.tolist() if batched else float(r[0])}")
-    return r.to(device=device, dtype=dtype)
+    V.finite(WHO, name, x)
 
 
 def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, batched: bool,
@@ -93,7 +58,7 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
         m = x
     else:
         want = f"({width},)" + (f" or ({batch}, {width})" if batched else f", (1, {width}) or ({width}, 1)")
-        _fail(f"`{name}` must have shape {want}, got {tuple(x.shape)}")
+        _fail(f"`{name}` must have shape {want}, got {tuple(x.shape)}", name)
     _check_finite(name, m)
     m = m.detach().to(dtype)
     if m.shape[0] == 1 and batch > 1:
@@ -107,20 +72,9 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   beta: float, damping: float, max_iter: int, tol: float, solver: str,
                   backend: str, mask: Optional[torch.Tensor]) -> HeadProblem:
     """Check every input of :func:`rosa_ext.rosa_update` and pack it. See module doc."""
-    if mode not in MODES:
-        _fail(f"unknown mode {mode!r}; expected one of {MODES}")
-    if solver not in SOLVERS:
-        _fail(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    if backend not in BACKENDS:
-        _fail(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    beta = _positive_number("beta", beta)
-    damping = _positive_number("damping", damping)
-    tol = _positive_number("tol", tol, allow_zero=True)
-    lora_scale = float(lora_scale)
-    if not math.isfinite(lora_scale):
-        _fail(f"`lora_scale` must be finite, got {lora_scale}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        _fail(f"`max_iter` must be an int >= 0, got {max_iter!r}")
+    mode = V.choice(WHO, "mode", mode, MODES)
+    opts = V.solver_options(WHO, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
+                            backend=backend, lora_scale=lora_scale)
 
     weight = _check_tensor("weight", weight)
     hidden = _check_tensor("hidden", hidden)
@@ -128,64 +82,82 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     _check_float("weight", weight)
     _check_float("hidden", hidden)
     device = weight.device
-    if weight.dim() != 2:
-        _fail(f"`weight` must be (V, d), got shape {tuple(weight.shape)}")
-    V, d = weight.shape
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        _fail(f"`weight` must be (V, d) with V >= 1 and d >= 1, got shape {tuple(weight.shape)}", "weight")
+    Vs, d = weight.shape
     _check_device("hidden", hidden, device)
     _check_device("targets", targets, device)
     if hidden.dtype != weight.dtype:
         _fail(f"`hidden` is {hidden.dtype} but `weight` is {weight.dtype}; they must match "
-              f"(the model's lm_head input and weight dtype)")
+              f"(the model's lm_head input and weight dtype)", "hidden")
     if hidden.dim() not in (2, 3) or hidden.shape[-1] != d:
         _fail(f"`hidden` must be (T, d) or (B, T, d) with d={d} (weight is {tuple(weight.shape)}), "
-              f"got {tuple(hidden.shape)}")
+              f"got {tuple(hidden.shape)}", "hidden")
     batched = hidden.dim() == 3
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"rosa_update: `targets` must be int64 token ids, got {targets.dtype}")
+    if batched and hidden.shape[0] == 0:
+        _fail(f"`hidden` holds no conversation (B = 0), got shape {tuple(hidden.shape)}", "hidden")
+    V.index_tensor(WHO, "targets", targets)
     if targets.shape != hidden.shape[:-1]:
         _fail(f"`targets` must have shape {tuple(hidden.shape[:-1])} to match `hidden`, "
-              f"got {tuple(targets.shape)}")
+              f"got {tuple(targets.shape)}", "targets")
     if mask is not None:
         mask = _check_tensor("mask", mask)
         _check_device("mask", mask, device)
         if mask.dtype != torch.bool:
-            raise TypeError(f"rosa_update: `mask` must be a bool tensor, got {mask.dtype}")
+            V.fail(WHO, "mask", f"`mask` must be a bool tensor, got {mask.dtype}", V.RosaTypeError)
         if mask.shape != targets.shape:
-            _fail(f"`mask` must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+            _fail(f"`mask` must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}", "mask")
     if bias is not None:
         bias = _check_tensor("bias", bias)
         _check_float("bias", bias)
         _check_device("bias", bias, device)
-        if bias.shape != (V,):
-            _fail(f"`bias` must be ({V},), got {tuple(bias.shape)}")
+        if bias.shape != (Vs,):
+            _fail(f"`bias` must be ({Vs},), got {tuple(bias.shape)}", "bias")
         _check_finite("bias", bias)
+
+    compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    # damping and lora_scale enter tensors of the compute dtype: they must be finite there
+    V.real(WHO, "damping", opts["damping"], dtype=compute_dtype)
+    V.real(WHO, "lora_scale", opts["lora_scale"], dtype=compute_dtype)
 
     hidden3 = hidden if batched else hidden.unsqueeze(0)
     targets2 = (targets if batched else targets.unsqueeze(0)).long()
     mask2 = None if mask is None else (mask if batched else mask.unsqueeze(0))
     B, T = targets2.shape
     if T == 0:
-        _fail("the response is empty (T = 0); there is nothing to update on")
+        _fail("the response is empty (T = 0); there is nothing to update on", "targets")
     counts = [T] * B if mask2 is None else mask2.sum(dim=1).tolist()
     for b, n in enumerate(counts):
         if n == 0:
-            _fail("`mask` selects no response token" + (f" in conversation {b}" if batched else ""))
+            _fail("`mask` selects no response token" + (f" in conversation {b}" if batched else ""), "mask")
     sel_targets = targets2.reshape(-1) if mask2 is None else targets2[mask2]
-    lo, hi = int(sel_targets.min()), int(sel_targets.max())
-    if lo < 0 or hi >= V:
-        _fail(f"`targets` holds token id {hi if hi >= V else lo}, outside the vocabulary [0, {V})")
+    lo, hi = (int(v) for v in torch.stack([sel_targets.min(), sel_targets.max()]).tolist())
+    if lo < 0 or hi >= Vs:
+        _fail(f"`targets` holds token id {hi if hi >= Vs else lo}, outside the vocabulary [0, {Vs})", "targets")
     sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
     _check_finite("hidden", sel_hidden)
 
-    compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    r = _reward_vector(reward, B, batched, compute_dtype, device)
+    r = V.rewards(WHO, reward, B)
+    # a reward beyond the compute dtype's range would become +-inf there
+    for v in r.tolist():
+        V.real(WHO, "reward", v, dtype=compute_dtype)
+    r = r.to(device=device, dtype=compute_dtype)
     a = _lora_matrix("lora_a", lora_a, B, d, batched, device, compute_dtype)
-    bvec = _lora_matrix("lora_b", lora_b, B, V, batched, device, compute_dtype)
-    if mode == "lora" and a is None:
-        _fail("mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 the "
-              "Jacobian is zero. Initialise it as LoRA does (random), and `lora_b` to zeros")
+    bvec = _lora_matrix("lora_b", lora_b, B, Vs, batched, device, compute_dtype)
+    if mode == "lora":
+        if a is None:
+            _fail("mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 and b = 0 the "
+                  "Jacobian is zero. Initialise it as LoRA does (random), and `lora_b` to zeros", "lora_a")
+        if opts["lora_scale"] == 0:
+            _fail("`lora_scale` must be nonzero in mode='lora' (with s = 0 the Jacobian is zero)", "lora_scale")
+        # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None
+        dead = (a == 0).all(1) & ((bvec == 0).all(1) if bvec is not None else torch.ones_like(a[:, 0], dtype=torch.bool))
+        if bool(dead.any()):
+            which = f" (conversation {int(dead.nonzero()[0, 0])})" if batched else ""
+            _fail(f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA at a = 0, "
+                  "b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA does (random)", "lora_a")
     if a is not None and bvec is None:
-        bvec = torch.zeros(B, V, dtype=compute_dtype, device=device)
+        bvec = torch.zeros(B, Vs, dtype=compute_dtype, device=device)
     if bvec is not None and a is None:
         a = torch.zeros(B, d, dtype=compute_dtype, device=device)
 
@@ -195,6 +167,6 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     seg = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
     return HeadProblem(hidden=sel_hidden, weight=weight, bias=bias, targets=sel_targets.contiguous(),
                        seg=seg, offsets=offsets, reward=r, mode=mode, lora_a=a, lora_b=bvec,
-                       lora_scale=lora_scale, beta=beta, damping=damping, max_iter=int(max_iter),
-                       tol=tol, solver=solver, backend=backend, batched=batched,
-                       compute_dtype=compute_dtype)
+                       lora_scale=opts["lora_scale"], beta=opts["beta"], damping=opts["damping"],
+                       max_iter=opts["max_iter"], tol=opts["tol"], solver=opts["solver"],
+                       backend=opts["backend"], batched=batched, compute_dtype=compute_dtype)

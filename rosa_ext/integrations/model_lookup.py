@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..common.validation import RosaInputError
+
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PeftModel (or the model itself)."""
@@ -21,8 +23,8 @@ def find_lm_head(model: torch.nn.Module, who: str = "attach") -> torch.nn.Module
     if head is None and hasattr(base, "get_output_embeddings"):
         head = base.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{who}: {type(model).__name__} has no `lm_head` (output embedding); ROSA "
-                         "adapts a causal LM's vocabulary head")
+        raise RosaInputError(f"{who}: {type(model).__name__} has no `lm_head` (output embedding); ROSA "
+                             "adapts a causal LM's vocabulary head", "model")
     return head
 
 
@@ -31,8 +33,8 @@ def find_body(model: torch.nn.Module, who: str = "attach") -> torch.nn.Module:
     base = base_model(model)
     body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
     if not isinstance(body, torch.nn.Module) or body is base:
-        raise ValueError(f"{who}: cannot find the decoder body of {type(base).__name__} "
-                         "(expected `get_decoder()` or `.model`)")
+        raise RosaInputError(f"{who}: cannot find the decoder body of {type(base).__name__} "
+                             "(expected `get_decoder()` or `.model`)", "model")
     return body
 
 
@@ -41,7 +43,7 @@ def head_weight(head: torch.nn.Module, who: str = "attach") -> torch.Tensor:
     layer = getattr(head, "base_layer", head)
     w = getattr(layer, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"{who}: lm_head {type(head).__name__} has no 2-D `weight`")
+        raise RosaInputError(f"{who}: lm_head {type(head).__name__} has no 2-D `weight`", "model")
     return w
 
 
@@ -63,10 +65,11 @@ def peft_lora(head: torch.nn.Module, who: str = "attach"
         names = [names]
     names = [n for n in names if n in head.lora_A]
     if len(names) != 1:
-        raise ValueError(f"{who}: the PEFT lm_head must have exactly one active LoRA adapter, got {names}")
+        raise RosaInputError(f"{who}: the PEFT lm_head must have exactly one active LoRA adapter, got {names}",
+                             "model")
     name = names[0]
     A, Bm = head.lora_A[name], head.lora_B[name]
     if A.weight.shape[0] != 1:
-        raise ValueError(f"{who}: the PEFT LoRA on lm_head must have r=1 (ROSA moves a rank-1 "
-                         f"adapter), got r={A.weight.shape[0]}")
+        raise RosaInputError(f"{who}: the PEFT LoRA on lm_head must have r=1 (ROSA moves a rank-1 "
+                             f"adapter), got r={A.weight.shape[0]}", "model")
     return A, Bm, float(head.scaling[name])

@@ -19,13 +19,14 @@ so outputs are bitwise those of the base model.
 """
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any, Dict, Optional, Union
 
 import torch
 
+from ..backends import triton_available
 from ..common import defaults
+from ..common import validation as V
 from ..common.types import MODES
 from ..core.op import RosaStep, rosa_update
 from .background import BackgroundRunner, UpdateHandle
@@ -41,35 +42,54 @@ class RosaSession:
     def __init__(self, model: torch.nn.Module, mode: str, *, beta: float, damping: float,
                  max_iter: int, tol: float, solver: str, backend: str, lora_scale: float,
                  seed: int) -> None:
-        if mode not in MODES:
-            raise ValueError(f"attach: mode must be one of {MODES}, got {mode!r}")
+        # every argument is checked before anything is installed (README, "Errors")
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"attach: expected a torch.nn.Module, got {type(model).__name__}")
+            V.fail("attach", "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}",
+                   V.RosaTypeError)
+        mode = V.choice("attach", "mode", mode, MODES)
+        opts = V.solver_options("attach", beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
+                                backend=backend, lora_scale=lora_scale)
+        seed = V.seed("attach", seed)
         if getattr(model, "_rosa_session", None) is not None:
-            raise RuntimeError("attach: this model already has a ROSA session; detach() it first")
+            V.fail("attach", "model", "this model already has a ROSA session; detach() it first", V.RosaStateError)
         cfg = getattr(base_model(model), "config", None)
         if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
             raise NotImplementedError("attach: models with final logit soft-capping are not supported "
                                       "(the logits are not an affine function of lm_head's input)")
+        head = find_lm_head(model)
+        weight = head_weight(head)
+        if weight.shape[0] == 0 or weight.shape[1] == 0:
+            V.fail("attach", "model", f"the lm_head weight is empty, shape {tuple(weight.shape)}")
+        state_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        V.real("attach", "damping", opts["damping"], dtype=state_dtype)
+        V.real("attach", "lora_scale", opts["lora_scale"], dtype=state_dtype)
+        if opts["backend"] == "triton" and not triton_available(weight.device):
+            V.fail("attach", "backend", f"backend='triton' needs the `triton` package and a CUDA model (the "
+                                        f"lm_head is on {weight.device}); use backend='auto' or 'torch'")
+        peft = peft_lora(head)
+        own_scale = opts.pop("lora_scale")
+        scale = peft[2] if peft is not None else own_scale
+        if mode == "lora" and scale == 0:
+            V.fail("attach", "lora_scale", "the LoRA scale must be nonzero in mode='lora' (with s = 0 the "
+                                           "adapter has no effect and the Jacobian is zero)")
         self.mode = mode
-        self.head = find_lm_head(model)
+        self.head = head
         self.body = find_body(model)
-        self.weight = head_weight(self.head)
+        self.weight = weight
         self.bias = head_bias(self.head)
-        self.options = dict(beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                            backend=backend)
-        V, d = self.weight.shape
-        self.vocab_size, self.hidden_size = V, d
+        self.options = opts
+        Vs, d = self.weight.shape
+        self.vocab_size, self.hidden_size = Vs, d
         dev = self.weight.device
-        self.state_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.state_dtype = state_dtype
 
-        self._peft = peft_lora(self.head)
+        self._peft = peft
         if self._peft is not None and mode == "lora":
             A, Bm, scale = self._peft
             self.lora_scale = scale
             self._peft_init = (A.weight.detach().clone(), Bm.weight.detach().clone())
         else:
-            self.lora_scale = float(lora_scale)
+            self.lora_scale = own_scale
             self._peft_init = None
         self.model = model
         self.num_updates = 0
@@ -79,7 +99,7 @@ class RosaSession:
         # Own parameters (compute dtype) on hooks of lm_head: a ~ PEFT's lora_A init, b = 0;
         # delta = 0. Every use of the head waits for a background update first (PEFT's own
         # LoRA forward included), so a pending update is never half-visible.
-        self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=V, hidden_size=d, lora_scale=self.lora_scale,
+        self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=Vs, hidden_size=d, lora_scale=self.lora_scale,
                                    seed=seed, dtype=self.state_dtype, device=dev,
                                    lora_hook=self._peft is None, before_forward=self._runner.wait)
         model._rosa_session = self
@@ -104,77 +124,6 @@ class RosaSession:
         """Wait for a background update, if any; returns its step (raises its error)."""
         return self._runner.wait()
 
-    # -- input checks ------------------------------------------------------------------
-    def _response_positions(self, input_ids: torch.Tensor, response_start: Optional[int],
-                            response_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Validate and return the (N,) indices of the response tokens in input_ids (T,)."""
-        T = input_ids.shape[0]
-        if (response_start is None) == (response_mask is None):
-            raise ValueError("update: give exactly one of `response_start` (index of the first "
-                             "response token) or `response_mask` ((T,) bool)")
-        if response_start is not None:
-            if isinstance(response_start, bool) or int(response_start) != response_start:
-                raise TypeError(f"update: `response_start` must be an int, got {response_start!r}")
-            response_start = int(response_start)
-            if not 1 <= response_start < T:
-                raise ValueError(f"update: `response_start` must be in [1, {T - 1}] (the prompt needs "
-                                 f"at least one token and the response at least one), got {response_start}")
-            return torch.arange(response_start, T, device=input_ids.device)
-        m = response_mask
-        if not isinstance(m, torch.Tensor):
-            raise TypeError("update: `response_mask` must be a torch.Tensor")
-        if m.dim() == 2 and m.shape[0] == 1:
-            m = m[0]
-        if m.shape != (T,):
-            raise ValueError(f"update: `response_mask` must have shape ({T},) like input_ids, got "
-                             f"{tuple(response_mask.shape)}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"update: `response_mask` must be bool, got {m.dtype}")
-        if m.device != input_ids.device:
-            raise ValueError(f"update: `response_mask` is on {m.device} but input_ids on {input_ids.device}")
-        if bool(m[0]):
-            raise ValueError("update: `response_mask[0]` must be False (no position predicts the first token)")
-        pos = torch.nonzero(m).flatten()
-        if pos.numel() == 0:
-            raise ValueError("update: `response_mask` selects no response token")
-        return pos
-
-    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"update: `input_ids` must be a torch.Tensor, got {type(input_ids).__name__}")
-        ids = input_ids
-        if ids.dim() == 2:
-            if ids.shape[0] != 1:
-                raise ValueError(f"update: one conversation per session: input_ids must be (T,) or (1, T), "
-                                 f"got {tuple(ids.shape)} (for many conversations call rosa_update "
-                                 "with a batch, or keep one session state per user)")
-            ids = ids[0]
-        if ids.dim() != 1:
-            raise ValueError(f"update: input_ids must be (T,) or (1, T), got {tuple(input_ids.shape)}")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"update: input_ids must be int64 token ids, got {ids.dtype}")
-        if ids.device != self.weight.device:
-            raise ValueError(f"update: input_ids are on {ids.device} but the model's lm_head is on "
-                             f"{self.weight.device}")
-        if ids.numel() < 2:
-            raise ValueError("update: input_ids need a prompt and a response (T >= 2)")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"update: token ids must be in [0, {self.vocab_size}), got range [{lo}, {hi}]")
-        return ids.long()
-
-    @staticmethod
-    def _check_reward(reward: Any) -> float:
-        if isinstance(reward, torch.Tensor):
-            if reward.numel() != 1:
-                raise ValueError(f"update: one reward per update, got shape {tuple(reward.shape)}")
-            reward = reward.item()
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-            raise TypeError(f"update: `reward` must be a float, got {type(reward).__name__}")
-        if not math.isfinite(float(reward)):
-            raise ValueError(f"update: `reward` must be finite, got {reward}")
-        return float(reward)
-
     # -- the update -----------------------------------------------------------------------
     def update(self, input_ids: torch.Tensor, reward: float, *, response_start: Optional[int] = None,
                response_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -194,15 +143,14 @@ class RosaSession:
             The :class:`RosaStep` (already applied to the session), or a handle.
         Runs one no-grad forward of the model body (never the T x V logits), then
         :func:`rosa_ext.rosa_update` on the response positions. Bad input raises
-        before anything changes.
+        before anything changes (README, "Errors").
         """
-        self._check_attached()
-        ids = self._check_ids(input_ids)
-        pos = self._response_positions(ids, response_start, response_mask)
-        r = self._check_reward(reward)
-        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                           or attention_mask.numel() != ids.numel()):
-            raise ValueError("update: `attention_mask` must be a tensor with one entry per token")
+        self._check_attached()  # every argument, before the step runs or is queued:
+        ids = V.token_ids("update", input_ids, self.vocab_size, self.weight.device)
+        pos = V.response_positions("update", ids, response_start, response_mask)
+        r = V.one_reward("update", reward, self.state_dtype)
+        V.attention_mask("update", attention_mask, ids)
+        V.boolean("update", "non_blocking", non_blocking)
         self.wait()
 
         def job() -> RosaStep:
@@ -221,20 +169,21 @@ class RosaSession:
         """One ROSA step from hidden states the caller already holds (e.g. from generation).
 
         Args:
-            hidden: (N, d) lm_head inputs at the positions that predict ``targets``.
-                By default these are the base body's outputs (``includes_shift=False``)
-                and the session adds its current hidden shift; pass True if they were
-                captured after the shift.
+            hidden: (N, d) floating-point lm_head inputs at the positions that predict ``targets``
+                (cast to the head's dtype). By default these are the base body's outputs
+                (``includes_shift=False``) and the session adds its current hidden shift; pass
+                True if they were captured after the shift.
             targets: (N,) int64 response tokens.
             reward: the feedback r.
+        Every argument is checked here, before the step is run or queued.
         """
+        who = "update_from_hidden"
         self._check_attached()
-        r = self._check_reward(reward)
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
-            raise ValueError(f"update_from_hidden: `hidden` must be (N, {self.hidden_size}), got "
-                             f"{tuple(getattr(hidden, 'shape', ()))}")
-        if hidden.device != self.weight.device:
-            raise ValueError(f"update_from_hidden: `hidden` is on {hidden.device}, lm_head on {self.weight.device}")
+        r = V.one_reward(who, reward, self.state_dtype)
+        hidden, targets = V.hidden_rows(who, hidden, targets, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                                        device=self.weight.device, head_dtype=self.weight.dtype)
+        V.boolean(who, "includes_shift", includes_shift)
+        V.boolean(who, "non_blocking", non_blocking)
         self.wait()
         h = hidden.detach()
         return self._run(lambda: self._step(h, targets, r, includes_shift=includes_shift), non_blocking,
@@ -242,6 +191,7 @@ class RosaSession:
 
     def _step(self, hidden: torch.Tensor, targets: torch.Tensor, reward: float, *,
               includes_shift: bool) -> RosaStep:
+        """Run the op, then apply its step: every cast is made before the first write."""
         W = self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
         hidden = hidden.to(W.dtype)
@@ -255,22 +205,20 @@ class RosaSession:
                 lora_a, lora_b = A.weight.detach().reshape(-1), Bm.weight.detach().reshape(-1)
             step = rosa_update(hidden, W, targets, reward, mode="hidden", lora_a=lora_a, lora_b=lora_b,
                                lora_scale=scale, bias=bias, **self.options)
-            with self._lock:
-                self.delta.add_(step.delta.to(self.delta.dtype))
+            writes = [(self.delta, step.delta.to(self.delta.dtype))]
         elif self._peft is not None:
             A, Bm, scale = self._peft
             step = rosa_update(hidden, W, targets, reward, mode="lora", lora_a=A.weight.detach(),
                                lora_b=Bm.weight.detach(), lora_scale=scale, bias=bias, **self.options)
-            with torch.no_grad(), self._lock:
-                A.weight.add_(step.delta_a.reshape(A.weight.shape).to(A.weight.dtype))
-                Bm.weight.add_(step.delta_b.reshape(Bm.weight.shape).to(Bm.weight.dtype))
+            writes = [(A.weight, step.delta_a.reshape(A.weight.shape).to(A.weight.dtype)),
+                      (Bm.weight, step.delta_b.reshape(Bm.weight.shape).to(Bm.weight.dtype))]
         else:
             step = rosa_update(hidden, W, targets, reward, mode="lora", lora_a=self.a, lora_b=self.b,
                                lora_scale=self.lora_scale, bias=bias, **self.options)
-            with self._lock:
-                self.a.add_(step.delta_a.to(self.a.dtype))
-                self.b.add_(step.delta_b.to(self.b.dtype))
-        with self._lock:
+            writes = [(self.a, step.delta_a.to(self.a.dtype)), (self.b, step.delta_b.to(self.b.dtype))]
+        with torch.no_grad(), self._lock:
+            for target, d in writes:
+                target.add_(d)
             self.adapter.changed()
             self.adapter.active = True
             self.num_updates += 1
@@ -284,8 +232,17 @@ class RosaSession:
 
     # -- state --------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every update: the model's outputs become bitwise those of the base model."""
-        self.wait()
+        """Forget every update: the model's outputs become bitwise those of the base model.
+
+        A pending background update is waited for first. If it failed, the session is still
+        reset, and then its error is raised (once): after ``reset()`` returns *or raises*, the
+        session is at the base model.
+        """
+        error: Optional[BaseException] = None
+        try:
+            self.wait()
+        except Exception as e:  # raised below, after the reset
+            error = e
         with torch.no_grad(), self._lock:
             self.adapter.reset()
             if self._peft_init is not None:
@@ -294,6 +251,8 @@ class RosaSession:
                 Bm.weight.copy_(self._peft_init[1])
             self.num_updates = 0
             self.last_step = None
+        if error is not None:
+            raise error
 
     def state_dict(self) -> Dict[str, Any]:
         """This conversation's adaptation (d + V numbers at most), on the CPU."""
@@ -313,35 +272,42 @@ class RosaSession:
         return sd
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore an adaptation saved by :meth:`state_dict` (validated before anything changes)."""
+        """Restore an adaptation saved by :meth:`state_dict`; atomic: all of it or nothing.
+
+        Every key is checked first (the version, mode, sizes and ``lora_scale`` must match this
+        session; ``num_updates`` an int >= 0, and 0 only with a zero ``delta`` / ``b``; the
+        tensors finite with the right shape) and converted to the session's dtype and device;
+        only then is anything written (PEFT's ``lora_A``/``lora_B`` included). A failed pending
+        background update raises here, before the load.
+        """
+        who = "load_state_dict"
         self._check_attached()
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError("load_state_dict: not a rosa_ext session state (missing or unknown `version`)")
-        if state.get("mode") != self.mode:
-            raise ValueError(f"load_state_dict: state is for mode={state.get('mode')!r}, session is {self.mode!r}")
-        if (state.get("vocab_size"), state.get("hidden_size")) != (self.vocab_size, self.hidden_size):
-            raise ValueError(f"load_state_dict: state is for V={state.get('vocab_size')}, d={state.get('hidden_size')}; "
-                             f"this model has V={self.vocab_size}, d={self.hidden_size}")
-        keys = ("delta",) if self.mode == "hidden" else ("a", "b")
-        for k in keys:
-            t = state.get(k)
-            want = self.hidden_size if k in ("delta", "a") else self.vocab_size
-            if not isinstance(t, torch.Tensor) or t.shape != (want,) or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"load_state_dict: `{k}` must be a finite ({want},) tensor")
+        num, tensors = V.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
+                                       vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                                       lora_scale=self.lora_scale, check_zero=self._peft is None or
+                                       self.mode == "hidden")
+        if self.mode == "hidden":
+            pairs = [("delta", self.delta, tensors["delta"])]
+        elif self._peft is not None:
+            A, Bm, _ = self._peft
+            pairs = [("a", A.weight, tensors["a"].reshape(A.weight.shape)),
+                     ("b", Bm.weight, tensors["b"].reshape(Bm.weight.shape))]
+        else:
+            pairs = [("a", self.a, tensors["a"]), ("b", self.b, tensors["b"])]
+        staged = []
+        for key, dst, src in pairs:
+            src = src.detach().to(device=dst.device, dtype=dst.dtype)
+            if not bool(torch.isfinite(src).all()):  # e.g. a float32 state into a float16 PEFT adapter
+                V.fail(who, f"state[{key!r}]", f"`state[{key!r}]` overflows {dst.dtype}, the dtype it is loaded "
+                                               "into", V.RosaNonFiniteError)
+            staged.append((dst, src))
         self.wait()
         with torch.no_grad(), self._lock:
-            if self.mode == "hidden":
-                self.delta.copy_(state["delta"])
-            elif self._peft is not None:
-                A, Bm, _ = self._peft
-                A.weight.copy_(state["a"].reshape(A.weight.shape))
-                Bm.weight.copy_(state["b"].reshape(Bm.weight.shape))
-            else:
-                self.a.copy_(state["a"])
-                self.b.copy_(state["b"])
-            self.num_updates = int(state.get("num_updates", 0))
+            for dst, src in staged:
+                dst.copy_(src)
+            self.num_updates = num
             self.adapter.changed()
-            self.adapter.active = self.num_updates > 0
+            self.adapter.active = num > 0
             self.last_step = None
 
     def detach(self) -> None:
@@ -367,7 +333,7 @@ class RosaSession:
 
     def _check_attached(self) -> None:
         if self.model is None:
-            raise RuntimeError("this ROSA session was detached")
+            raise V.RosaStateError("this ROSA session was detached; attach() the model again")
 
     def __repr__(self) -> str:
         return (f"RosaSession(mode={self.mode!r}, d={self.hidden_size}, V={self.vocab_size}, "
@@ -389,10 +355,12 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
         beta, damping, max_iter, tol, solver, backend: passed to :func:`rosa_ext.rosa_update`.
         lora_scale: s = alpha / r of the session's own adapter (PEFT's scaling otherwise).
         seed: seed of the own adapter's ``a`` init (PEFT-like uniform, ``b = 0``).
-    Raises:
-        ValueError: no lm_head, unknown mode, a PEFT lm_head LoRA with r != 1.
-        RuntimeError: the model already has a session.
-    Nothing is modified when it raises.
+    Raises (README, "Errors"):
+        RosaTypeError / RosaInputError (TypeError / ValueError): a bad option (each is checked
+            here, not at the first update: mode, beta, damping, max_iter, tol, solver, backend,
+            lora_scale, seed), no lm_head, a PEFT lm_head LoRA with r != 1.
+        RosaStateError (RuntimeError): the model already has a session.
+    Nothing is modified (no hook installed) when it raises.
     """
     return RosaSession(model, mode, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                        backend=backend, lora_scale=lora_scale, seed=seed)

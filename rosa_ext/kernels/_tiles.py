@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.validation import RosaInputError, RosaTypeError
+
 #: True when kernels run in the Triton interpreter (CPU tests): one small tile config.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -34,7 +36,8 @@ def set_fp32_precision(precision: str) -> None:
     """Set the fp32 dot precision: "ieee" (exact, default), "tf32" or "tf32x3" (faster)."""
     global _fp32_precision
     if precision not in _FP32_PRECISIONS:
-        raise ValueError(f"rosa_ext.kernels: fp32 precision must be one of {_FP32_PRECISIONS}, got {precision!r}")
+        raise RosaInputError(f"rosa_ext.kernels: fp32 precision must be one of {_FP32_PRECISIONS}, got "
+                             f"{precision!r}", "precision")
     _fp32_precision = precision
 
 
@@ -177,15 +180,15 @@ def vocab_splits(N: int, V: int) -> Tuple[int, int]:
 def check_model(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[int, int, int]:
     """Validate hidden (N, d) / weight (V, d) / bias (V,); return (N, d, V)."""
     if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"rosa_ext.kernels: hidden/weight must share a dtype in fp32/bf16/fp16, got "
-                        f"{hidden.dtype}/{weight.dtype} (fp64 runs on the torch backend)")
+        raise RosaTypeError(f"rosa_ext.kernels: hidden/weight must share a dtype in fp32/bf16/fp16, got "
+                            f"{hidden.dtype}/{weight.dtype} (fp64 runs on the torch backend)", "hidden")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"rosa_ext.kernels: hidden must be (N, d) and weight (V, d), got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise RosaInputError(f"rosa_ext.kernels: hidden must be (N, d) and weight (V, d), got "
+                             f"{tuple(hidden.shape)} and {tuple(weight.shape)}", "hidden")
     N, D = hidden.shape
     V = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"rosa_ext.kernels: bias must be ({V},), got {tuple(bias.shape)}")
+        raise RosaInputError(f"rosa_ext.kernels: bias must be ({V},), got {tuple(bias.shape)}", "bias")
     return int(N), int(D), int(V)
 
 
@@ -204,11 +207,11 @@ def lora_args(hidden: torch.Tensor, lora_b: Optional[torch.Tensor], ah: Optional
         dummy = hidden.new_empty(1, dtype=torch.float32)
         return False, dummy, dummy, 0
     if lora_b is None or ah is None:
-        raise ValueError("rosa_ext.kernels: lora_b (B, V) and ah (N,) go together")
+        raise RosaInputError("rosa_ext.kernels: lora_b (B, V) and ah (N,) go together", "lora_b")
     lb = lora_b.reshape(1, -1) if lora_b.dim() == 1 else lora_b
     if lb.dim() != 2 or lb.shape[1] != V:
-        raise ValueError(f"rosa_ext.kernels: lora_b must be (B, {V}), got {tuple(lora_b.shape)}")
+        raise RosaInputError(f"rosa_ext.kernels: lora_b must be (B, {V}), got {tuple(lora_b.shape)}", "lora_b")
     if ah.shape != (hidden.shape[0],):
-        raise ValueError(f"rosa_ext.kernels: ah must be ({hidden.shape[0]},), got {tuple(ah.shape)}")
+        raise RosaInputError(f"rosa_ext.kernels: ah must be ({hidden.shape[0]},), got {tuple(ah.shape)}", "ah")
     lb = lb.float().contiguous()
     return True, lb, ah.float().contiguous(), lb.stride(0)

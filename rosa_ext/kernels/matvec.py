@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.validation import RosaInputError, RosaTypeError, kernel_device
 from ._tiles import INTERPRET, interpreter_safe
 
 
@@ -66,18 +67,25 @@ def _rmatvec_kernel(w_ptr, q_ptr, part_ptr, D, V, B, chunk, s_wv, s_wd, s_q,
     tl.store(part_ptr + (split * B + b) * D + offs_d, tl.sum(acc, 0), mask=md)
 
 
-def _check(weight: torch.Tensor, x: torch.Tensor, width: int, name: str) -> None:
-    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"rosa_ext.kernels.{name}: weight must be (V, d) fp32/bf16/fp16, got "
-                        f"{tuple(weight.shape)} {weight.dtype}")
-    if x.dim() != 2 or x.shape[1] != width or not x.is_floating_point() or x.device != weight.device:
-        raise ValueError(f"rosa_ext.kernels.{name}: expected a (B, {width}) float tensor on {weight.device}, "
-                         f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+def _check(weight: torch.Tensor, x: torch.Tensor, axis: int, name: str) -> None:
+    """weight (V, d) fp32/bf16/fp16; x (B, weight.shape[axis]) float on its device."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        raise RosaTypeError(f"rosa_ext.kernels.{name}: weight must be a (V, d) fp32/bf16/fp16 tensor, got "
+                            f"{getattr(weight, 'shape', type(weight).__name__)} {getattr(weight, 'dtype', '')}",
+                            "weight")
+    kernel_device(f"rosa_ext.kernels.{name}", "weight", weight)
+    arg, width = ("x" if name == "weight_matvec" else "q"), weight.shape[axis]
+    if (not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != width or not x.is_floating_point()
+            or x.device != weight.device):
+        raise RosaInputError(f"rosa_ext.kernels.{name}: `{arg}` must be a (B, {width}) float tensor on "
+                             f"{weight.device}, got {getattr(x, 'shape', type(x).__name__)} "
+                             f"{getattr(x, 'dtype', '')} on {getattr(x, 'device', '')}", arg)
 
 
 def weight_matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """W x for every row of x: weight (V, d) fp32/bf16/fp16, x (B, d) -> (B, V) fp32."""
-    _check(weight, x, weight.shape[1], "weight_matvec")
+    _check(weight, x, 1, "weight_matvec")
     V, D = weight.shape
     (weight,) = interpreter_safe(weight)
     x = x.float().contiguous()
@@ -97,7 +105,7 @@ def weight_rmatvec(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     Programs over (d tile, vocabulary split of ``_RMATVEC_CHUNK`` rows, conversation); the
     (splits, B, d) partials are summed in torch (deterministic, no atomics)."""
-    _check(weight, q, weight.shape[0], "weight_rmatvec")
+    _check(weight, q, 0, "weight_rmatvec")
     V, D = weight.shape
     (weight,) = interpreter_safe(weight)
     q = q.float().contiguous()

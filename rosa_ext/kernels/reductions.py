@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.validation import RosaInputError
 from ._tiles import (
     AUTOTUNE_KEY,
     PRUNE,
@@ -81,8 +82,8 @@ def _column_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, lse_ptr, wt_ptr, off_
     b = tl.program_id(1)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
-    t_begin = tl.load(off_ptr + b)
-    t_end = tl.load(off_ptr + b + 1)
+    t_begin = tl.maximum(tl.load(off_ptr + b), 0)  # clamped to [0, N]: offsets are not checked on
+    t_end = tl.minimum(tl.load(off_ptr + b + 1), N)  # the host (no sync), and never read out of bounds
     bv = 0.0
     if HAS_LORA:  # one conversation per program: its b row, broadcast over tokens
         bv = tl.load(lb_ptr + b * s_lb + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
@@ -114,7 +115,10 @@ def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, ls
     """
     N, D, V = check_model(hidden, weight, bias)
     if u.dim() != 2 or u.shape[1] != V:
-        raise ValueError(f"rosa_ext.kernels.row_reduce: u must be (B, {V}), got {tuple(u.shape)}")
+        raise RosaInputError(f"rosa_ext.kernels.row_reduce: u must be (B, {V}), got {tuple(u.shape)}", "u")
+    if lse.shape != (N,) or seg.shape != (N,):
+        raise RosaInputError(f"rosa_ext.kernels.row_reduce: lse and seg must be ({N},), got {tuple(lse.shape)} "
+                             f"and {tuple(seg.shape)}", "lse")
     hidden, weight, bias = interpreter_safe(hidden, weight, bias)
     has_lora, lb, ah_, s_lb = lora_args(hidden, lora_b, ah, V)
     u = u.float().contiguous()
@@ -143,15 +147,19 @@ def column_reduce(hidden: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
     """
     N, D, V = check_model(hidden, weight, bias)
     if w.shape != (N,) or lse.shape != (N,):
-        raise ValueError(f"rosa_ext.kernels.column_reduce: w and lse must be ({N},), got "
-                         f"{tuple(w.shape)} and {tuple(lse.shape)}")
+        raise RosaInputError(f"rosa_ext.kernels.column_reduce: w and lse must be ({N},), got "
+                             f"{tuple(w.shape)} and {tuple(lse.shape)}", "w")
+    if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype.is_floating_point:
+        raise RosaInputError(f"rosa_ext.kernels.column_reduce: offsets must be an integer (B + 1,) tensor, got "
+                             f"{tuple(offsets.shape)} {offsets.dtype}", "offsets")
     hidden, weight, bias = interpreter_safe(hidden, weight, bias)
     has_lora, lb, ah_, s_lb = lora_args(hidden, lora_b, ah, V)
     B = offsets.numel() - 1
     if has_lora and lb.shape[0] == 1:
         s_lb = 0  # one b row serves every conversation
     elif has_lora and lb.shape[0] != B:
-        raise ValueError(f"rosa_ext.kernels.column_reduce: lora_b has {lb.shape[0]} rows for {B} conversations")
+        raise RosaInputError(f"rosa_ext.kernels.column_reduce: lora_b has {lb.shape[0]} rows for {B} conversations",
+                             "lora_b")
     out = torch.empty(B, V, dtype=torch.float32, device=hidden.device)
     grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]), B)  # noqa: E731
     _column_kernel[grid](hidden, weight, bias if bias is not None else out, lb, ah_, lse.float().contiguous(),
