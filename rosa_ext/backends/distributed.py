@@ -21,6 +21,7 @@ primitive              what crosses ranks                            numbers (N 
 ``pi_gram``            SUM                                           B Tmax^2
 ``gather_targets``     SUM (only the owner of y_t is non-zero)       N
 ``target_rows``        SUM (only the owner of y_t is non-zero)       N x (row size)
+``target_logits``      SUM (the owner of y_t fills column t)         B Tmax^2
 ``scatter_targets``    nothing: only the owner writes                0
 ``sum_vocab``          SUM                                           B
 =====================  ============================================  ==========================
@@ -228,3 +229,18 @@ class DistributedBackend:
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         """x (B, V_local) -> (B, 1), the sum over the whole vocabulary: SUM."""
         return self.comm.all_sum(x.sum(-1, keepdim=True), "sum_vocab")
+
+    def target_logits(self, prob: HeadProblem, h: torch.Tensor) -> torch.Tensor:
+        """[b, u, t] = h_u . W[y_t] + c[y_t] -> (B, Tmax, Tmax): the owner of y_t fills column t; SUM."""
+        _, own, idx = self._view(prob)
+        B, Tm, off, cd = prob.num_conversations, prob.max_len, prob.offsets, prob.compute_dtype
+        w_y = self._mask(own, prob.weight[idx].to(cd))
+        c_y = None if prob.bias is None else self._mask(own, prob.bias[idx].to(cd))
+        out = torch.zeros(B, Tm, Tm, dtype=cd, device=h.device)
+        for b in range(B):
+            sl = slice(off[b], off[b + 1])
+            z = h[sl] @ w_y[sl].T
+            if c_y is not None:
+                z = z + c_y[sl].unsqueeze(0)
+            out[b, :off[b + 1] - off[b], :off[b + 1] - off[b]] = z
+        return self.comm.all_sum(out, "target_logits")

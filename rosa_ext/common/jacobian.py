@@ -35,7 +35,7 @@ class HeadPrimitives(Protocol):
     - ``pi_weight(prob, st)`` -> (N, d), ``pi_t W`` (dual solver, hidden mode)
     - ``pi_gram(prob, st)`` -> (B, Tmax, Tmax), ``pi_t . pi_u`` within each conversation
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
-      ``target_rows``, ``scatter_targets``, ``centered_row_reduce``, ``sum_vocab``)
+      ``target_rows``, ``scatter_targets``, ``centered_row_reduce``, ``sum_vocab``, ``target_logits``)
     All results in the problem's compute dtype (``target_rows``: the table's dtype or the
     compute dtype).
     """
@@ -63,6 +63,8 @@ class HeadPrimitives(Protocol):
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor: ...
 
+    def target_logits(self, prob: HeadProblem, h: torch.Tensor) -> torch.Tensor: ...
+
 
 class WholeVocabulary:
     """The target-indexed primitives of a backend that holds the whole vocabulary (one process).
@@ -72,8 +74,11 @@ class WholeVocabulary:
     - ``scatter_targets(prob, q, w)``: q (B, V) += w_t at (seg_t, y_t), in place; returns q
     - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - pi_t) . u[seg_t]``
     - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
+    - ``target_logits(prob, h)``: h (N, d) compute dtype -> (B, Tmax, Tmax), ``[b, u, t] =
+      h_u . W[y_t] + c[y_t]`` for tokens u, t of conversation b (the logit of one observed token
+      at another position, without a LoRA term; zero-padded)
 
-    A vocabulary-parallel backend overrides all five: only the rank that owns ``y_t`` reads or
+    A vocabulary-parallel backend overrides all six: only the rank that owns ``y_t`` reads or
     writes it, and every result that is a sum over V is summed across the shards (MATH.md
     section 7).
     """
@@ -93,6 +98,18 @@ class WholeVocabulary:
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)
+
+    def target_logits(self, prob: HeadProblem, h: torch.Tensor) -> torch.Tensor:
+        B, Tm, off, cd = prob.num_conversations, prob.max_len, prob.offsets, prob.compute_dtype
+        out = torch.zeros(B, Tm, Tm, dtype=cd, device=h.device)
+        for b in range(B):
+            sl = slice(off[b], off[b + 1])
+            n, y = off[b + 1] - off[b], prob.targets[sl]
+            z = h[sl] @ prob.weight[y].to(cd).T
+            if prob.bias is not None:
+                z = z + prob.bias[y].to(cd).unsqueeze(0)
+            out[b, :n, :n] = z
+        return out
 
 
 #: The one-process indexing, for callers that have no backend at hand.
@@ -217,9 +234,7 @@ def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch
     cd = prob.compute_dtype
     G = torch.zeros(B, Tm, Tm, dtype=cd, device=prob.device)
     pipi = prims.pi_gram(prob, st) if prob.mode == "lora" else None
-    if pipi is not None:  # W[y_t] and c[y_t] of every token, for the cross logits below
-        w_rows = prims.target_rows(prob, prob.weight)
-        c_rows = None if prob.bias is None else prims.target_rows(prob, prob.bias)
+    zc = prims.target_logits(prob, lin.h) if pipi is not None else None  # z_u[y_t] without the LoRA term
     for b in range(B):
         sl = slice(off[b], off[b + 1])
         n = off[b + 1] - off[b]
@@ -228,12 +243,8 @@ def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch
         if pipi is None:
             continue
         y = prob.targets[sl]
-        h = lin.h[sl]
         # cross[u, t] = pi_u[y_t] = exp(z_u[y_t] - lse_u)
-        z = h @ w_rows[sl].to(cd).T
-        if c_rows is not None:
-            z = z + c_rows[sl].to(cd).unsqueeze(0)
-        z = z + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
+        z = zc[b, :n, :n] + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
         cross = torch.exp(z - st.lse[sl].unsqueeze(1))
         same = (y.unsqueeze(0) == y.unsqueeze(1)).to(cd)
         m = same - cross - cross.T + pipi[b, :n, :n]

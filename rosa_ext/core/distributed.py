@@ -30,7 +30,7 @@ import functools
 import numbers
 import zlib
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -177,9 +177,16 @@ def _resolve_group(weight: Any, process_group: Any) -> Tuple[Any, Optional[int]]
         raise RuntimeError("rosa_update: a vocabulary-parallel update (a DTensor `weight`, or `process_group` / "
                            "`vocab_start` / `vocab_size`) needs torch.distributed initialised "
                            "(torch.distributed.init_process_group)")
+    not_member = ValueError(f"rosa_update: this process (global rank {dist.get_rank()}) is not a member of "
+                            "`process_group`; call the update on the ranks that hold the head's rows, with the "
+                            "group they form")
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to a non-member
+        raise not_member
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"rosa_update: `process_group` must be a torch.distributed.ProcessGroup, got "
                         f"{type(process_group).__name__}")
+    if process_group is not None and dist.get_rank(process_group) < 0:
+        raise not_member
     mdim = None
     group = process_group
     if is_dtensor(weight):
@@ -192,8 +199,7 @@ def _resolve_group(weight: Any, process_group: Any) -> Tuple[Any, Optional[int]]
                                  "group or no process_group")
         group = group_dt
     if dist.get_rank(group) < 0:
-        raise ValueError(f"rosa_update: this process (global rank {dist.get_rank()}) is not a member of "
-                         "`process_group`; call the update on the ranks that hold the head's rows")
+        raise not_member
     return group, mdim
 
 
@@ -335,6 +341,40 @@ def _verdict(table: List[List[int]]) -> Tuple[Optional[Tuple[type, str]], List[i
         return (ValueError, f"{pre}`targets` holds token id {hi if hi >= V else lo}, outside the vocabulary "
                 f"[0, {V}) of the whole head"), [], 0
     return None, starts, V
+
+
+#: Bytes each rank contributes to the validation all-gather (one int64 record).
+RECORD_BYTES = 8 * (len(_LAYOUT) + len(_REPLICATED) + _MSG_WORDS)
+
+
+def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, elem_bytes: int, iterations: int = 0,
+                  lora_term: bool = False) -> int:
+    """Bytes one rank contributes to the collectives of one vocabulary-parallel update (MATH.md
+    section 7), as :data:`rosa_ext.backends.distributed.traffic` counts them.
+
+    Args:
+        mode, solver: "lora"/"hidden" and the solver that ran ("dual"/"cg").
+        lengths: tokens of each conversation (N = their sum, B conversations, Tmax the longest).
+        d: hidden size; elem_bytes: 4 (fp32/bf16/fp16 models) or 8 (fp64).
+        iterations: CG iterations that ran (the matvecs of the compiled CG; the update's
+            ``step.iterations``). Assumes a non-zero reward (r = 0 stops CG before its first
+            inner product).
+        lora_term: hidden mode with a LoRA term in the logits (``lora_a`` / ``lora_b`` given).
+    With N tokens, e = elem_bytes, L = 1 with a LoRA term (always in lora mode), else 0:
+    validation ``RECORD_BYTES``; stats ``(3 + L) N e``; b[y_t] ``L N e``; then
+    dual hidden ``2 N d e``, dual lora ``2 B Tmax^2 e``, CG hidden
+    ``(it + 1)(B d + L B) e + it N e``, CG lora ``16 + it (N e + 24)``.
+    """
+    N, B, Tm, e = sum(lengths), len(lengths), max(lengths), int(elem_bytes)
+    L = 1 if (mode == "lora" or lora_term) else 0
+    total = RECORD_BYTES + (3 + L) * N * e + L * N * e
+    if solver == "dual":
+        total += 2 * N * d * e if mode == "hidden" else 2 * B * Tm * Tm * e
+    elif mode == "hidden":
+        total += (iterations + 1) * (B * d + L * B) * e + iterations * N * e
+    else:
+        total += 16 + iterations * (N * e + 24)
+    return total
 
 
 def prepare_vocab_parallel(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw: Dict[str, Any], *,

@@ -27,10 +27,12 @@ import torch
 
 from ..common import defaults
 from ..common.types import MODES
+from ..core.distributed import is_dtensor
 from ..core.op import RosaStep, rosa_update
 from .background import BackgroundRunner, UpdateHandle
 from .head_hooks import HeadAdapter
 from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
+from .sharded_head import ShardedHeadAdapter, head_adapter
 
 _STATE_VERSION = 1
 
@@ -64,6 +66,10 @@ class RosaSession:
         self.state_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
         self._peft = peft_lora(self.head)
+        if self._peft is not None and is_dtensor(self.weight):  # vocabulary-parallel head (MATH.md section 7)
+            raise NotImplementedError("attach: a PEFT LoRA on a vocabulary-parallel (ColwiseParallel) lm_head is not "
+                                      "supported; attach to the model without the PEFT adapter (ROSA then keeps its "
+                                      "own rank-1 LoRA, b sharded like the head)")
         if self._peft is not None and mode == "lora":
             A, Bm, scale = self._peft
             self.lora_scale = scale
@@ -79,9 +85,11 @@ class RosaSession:
         # Own parameters (compute dtype) on hooks of lm_head: a ~ PEFT's lora_A init, b = 0;
         # delta = 0. Every use of the head waits for a background update first (PEFT's own
         # LoRA forward included), so a pending update is never half-visible.
-        self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=V, hidden_size=d, lora_scale=self.lora_scale,
-                                   seed=seed, dtype=self.state_dtype, device=dev,
-                                   lora_hook=self._peft is None, before_forward=self._runner.wait)
+        # (head_adapter: this rank's rows of b on a vocabulary-parallel head, MATH.md section 7)
+        self.adapter: HeadAdapter = head_adapter(self.head, self.weight, mode, 1, vocab_size=V, hidden_size=d,
+                                                 lora_scale=self.lora_scale, seed=seed, dtype=self.state_dtype,
+                                                 device=dev, lora_hook=self._peft is None,
+                                                 before_forward=self._runner.wait)
         model._rosa_session = self
 
     @property
@@ -301,6 +309,8 @@ class RosaSession:
         sd: Dict[str, Any] = {"version": _STATE_VERSION, "mode": self.mode, "num_updates": self.num_updates,
                               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                               "lora_scale": self.lora_scale}
+        if isinstance(self.adapter, ShardedHeadAdapter):  # this rank's rows of b (MATH.md section 7)
+            sd["vocab_start"], sd["vocab_rows"] = self.adapter.vocab_start, self.adapter.rows_held
         if self.mode == "hidden":
             sd["delta"] = self.delta.detach().cpu().clone()
         elif self._peft is not None:
@@ -322,10 +332,14 @@ class RosaSession:
         if (state.get("vocab_size"), state.get("hidden_size")) != (self.vocab_size, self.hidden_size):
             raise ValueError(f"load_state_dict: state is for V={state.get('vocab_size')}, d={state.get('hidden_size')}; "
                              f"this model has V={self.vocab_size}, d={self.hidden_size}")
+        if isinstance(self.adapter, ShardedHeadAdapter) and (state.get("vocab_start"), state.get("vocab_rows")) != (
+                self.adapter.vocab_start, self.adapter.rows_held):
+            raise ValueError(f"load_state_dict: state holds rows from {state.get('vocab_start')} ({state.get('vocab_rows')} "
+                             f"rows); this rank holds rows from {self.adapter.vocab_start} ({self.adapter.rows_held} rows)")
         keys = ("delta",) if self.mode == "hidden" else ("a", "b")
         for k in keys:
             t = state.get(k)
-            want = self.hidden_size if k in ("delta", "a") else self.vocab_size
+            want = self.hidden_size if k in ("delta", "a") else self.adapter.V  # V, or this rank's rows
             if not isinstance(t, torch.Tensor) or t.shape != (want,) or not bool(torch.isfinite(t).all()):
                 raise ValueError(f"load_state_dict: `{k}` must be a finite ({want},) tensor")
         self.wait()
