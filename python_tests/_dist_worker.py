@@ -179,6 +179,9 @@ def bad(ctx: Ctx, what: str) -> Dict[str, Any]:
     if what == "small_group":  # ranks 0, 1 of a 3-way split form the group; the vocabulary has V rows
         group = dist.new_group([0, 1])
         vocab_size = V
+    if what == "cg_impl":  # the caller's CG cannot run on the sharded [a, b] (lora mode)
+        from rosa_ext.cg import cg_python
+        kw.update(solver="cg", cg_impl=cg_python)
     if what == "dtensor_group":  # a DTensor over every rank, but a process group of rank 0 only
         from torch.distributed.tensor import Shard, distribute_tensor
         group = dist.new_group([0])
@@ -245,6 +248,36 @@ def session(ctx: Ctx, mode: str, output: str = "replicate") -> Dict[str, Any]:
     return out
 
 
+def parallel_body(ctx: Ctx) -> Dict[str, Any]:
+    """A model whose body is tensor-parallel too: synchronous updates work, background ones are
+    refused (the body's collectives and the update's would interleave across threads)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return dict(skip=f"transformers is not installed ({e})")
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import rosa_ext
+    from rosa_ext.integrations.models import tiny_causal_lm
+    V = 61
+    ref = tiny_causal_lm("qwen2", vocab_size=V, hidden_size=16, num_layers=1, dtype=F64)
+    tp = tiny_causal_lm("qwen2", vocab_size=V, hidden_size=16, num_layers=1, dtype=F64)
+    parallelize_module(tp, ctx.mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate()),
+                                      "model.layers.0.mlp.up_proj": ColwiseParallel(),
+                                      "model.layers.0.mlp.gate_proj": ColwiseParallel(),
+                                      "model.layers.0.mlp.down_proj": RowwiseParallel()})
+    ids = torch.randint(0, V, (1, 14), generator=torch.Generator().manual_seed(4))
+    s_ref, s_tp = rosa_ext.attach(ref, mode="lora"), rosa_ext.attach(tp, mode="lora")
+    s_ref.update(ids, reward=-1.0, response_start=6)
+    s_tp.update(ids, reward=-1.0, response_start=6)
+    out = dict(err_logits=_maxerr(tp(ids).logits, ref(ids).logits))
+    out.update(expect_error(lambda: s_tp.update(ids, reward=1.0, response_start=6, non_blocking=True)))
+    out["num_updates"] = s_tp.num_updates
+    s_tp.detach()
+    return out
+
+
 def suite(name: str, ctx: Ctx) -> Dict[str, Callable[[], Dict[str, Any]]]:
     """The cases of ``name``: parts joined by "+" (``core``, ``dtensor``, ``session``, ``gpu``)."""
     parts = set(name.split("+"))
@@ -264,7 +297,7 @@ def suite(name: str, ctx: Ctx) -> Dict[str, Callable[[], Dict[str, Any]]]:
         cases["match/hidden/cg/lora-term"] = lambda: match(ctx, "hidden", "cg", lora_term=True, batched=False)
         cases["match/lora/auto"] = lambda: match(ctx, "lora", "auto")
         cases["match/hidden/cg/fp32"] = lambda: match(ctx, "hidden", "cg", dtype=torch.float32)
-        for w in ["gap", "overlap", "target", "vocab_size", "not_replicated", "one_rank", "small_group"]:
+        for w in ["gap", "overlap", "target", "vocab_size", "not_replicated", "one_rank", "cg_impl", "small_group"]:
             if w != "small_group" or ctx.world == 3:
                 cases[f"bad/{w}"] = lambda w=w: bad(ctx, w)
     if "dtensor" in parts:
@@ -277,6 +310,7 @@ def suite(name: str, ctx: Ctx) -> Dict[str, Callable[[], Dict[str, Any]]]:
         cases["session/lora"] = lambda: session(ctx, "lora")
         cases["session/hidden"] = lambda: session(ctx, "hidden")
         cases["session/lora/sharded-logits"] = lambda: session(ctx, "lora", output="shard")
+        cases["session/parallel-body"] = lambda: parallel_body(ctx)
     return cases
 
 

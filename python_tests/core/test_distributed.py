@@ -28,6 +28,7 @@ BAD = {  # case -> (what every rank must raise, a phrase of the message)
     "vocab_size": (ValueError, "the vocabulary has 24 rows"),
     "not_replicated": (ValueError, "hidden must be the same on every rank"),
     "one_rank": (ValueError, "`bias` must be"),
+    "cg_impl": (ValueError, "`cg_impl` is not supported on a vocabulary-parallel head"),
 }
 
 

@@ -42,3 +42,14 @@ def test_session_on_colwise_parallel_head(run, case):
             assert r["logits_width"] == 61 and r["generate_equal"]
         assert r["reset_bitwise"] and r["detach_bitwise"], r
         assert r["reload_err"] == 0.0, r
+
+
+def test_background_update_refused_when_the_body_is_tensor_parallel(run):
+    res = run.case("session/parallel-body")
+    for rank, r in res.items():
+        if "skip" in r:
+            pytest.skip(r["skip"])
+        assert "error" not in r, f"rank {rank}: {r.get('error')}\n{r.get('traceback')}"
+        assert r["err_logits"] <= TOL, r  # a synchronous update on a TP body + TP head
+        assert r["raised"] == "ValueError" and "non_blocking" in r["message"], r
+        assert r["num_updates"] == 1, "the refused update changed nothing"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import sys
 import zlib
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -55,9 +56,15 @@ def _dtensor_api():
 
 
 def is_dtensor(x: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor``."""
-    api = _dtensor_api() if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else None
-    return api is not None and isinstance(x, api[0])
+    """True for a ``torch.distributed.tensor.DTensor``. Never imports DTensor (a slow import): a
+    DTensor can only exist once its module was imported."""
+    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
+        return False
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "DTensor") and isinstance(x, mod.DTensor):
+            return True
+    return False
 
 
 def wants_vocab_parallel(weight: Any, process_group: Any, vocab_start: Any, vocab_size: Any) -> bool:
@@ -197,7 +204,7 @@ def _resolve_group(weight: Any, process_group: Any) -> Tuple[Any, Optional[int]]
                 raise ValueError(f"rosa_update: `process_group` has {len(mine)} ranks {mine[:8]} but `weight` is "
                                  f"sharded over {len(theirs)} ranks {theirs[:8]} (its device mesh); pass the mesh's "
                                  "group or no process_group")
-        group = group_dt
+        group = group_dt if process_group is None else process_group  # the same ranks
     if dist.get_rank(group) < 0:
         raise not_member
     return group, mdim
@@ -246,7 +253,12 @@ def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw:
         # build_problem checks everything on the local rows; the targets are global ids, checked
         # against the whole vocabulary once the layout is known (so it gets valid stand-ins here)
         stand_in = torch.zeros_like(targets) if isinstance(targets, torch.Tensor) else targets
-        prob = build_problem(hidden, local_w, stand_in, reward, **kw)
+        try:
+            prob = build_problem(hidden, local_w, stand_in, reward, **kw)
+        except (ValueError, TypeError) as e:
+            hint = (f" [vocabulary-parallel: `weight`, `bias` and `lora_b` hold this rank's {out.rows} rows; the other "
+                    "inputs are whole and the same on every rank]")
+            raise type(e)(str(e) + hint) from e
         t2 = (targets if prob.batched else targets.unsqueeze(0)).long()
         mask = kw["mask"]
         m2 = None if mask is None else (mask if prob.batched else mask.unsqueeze(0))

@@ -66,7 +66,10 @@ class RosaSession:
         self.state_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
         self._peft = peft_lora(self.head)
-        if self._peft is not None and is_dtensor(self.weight):  # vocabulary-parallel head (MATH.md section 7)
+        # vocabulary-parallel head (MATH.md section 7): a tensor-parallel body issues collectives of
+        # its own, which a background update's would interleave with (refused in _run)
+        self._parallel_body = is_dtensor(self.weight) and any(is_dtensor(p) for p in self.body.parameters())
+        if self._peft is not None and is_dtensor(self.weight):
             raise NotImplementedError("attach: a PEFT LoRA on a vocabulary-parallel (ColwiseParallel) lm_head is not "
                                       "supported; attach to the model without the PEFT adapter (ROSA then keeps its "
                                       "own rank-1 LoRA, b sharded like the head)")
@@ -197,7 +200,8 @@ class RosaSession:
                 (e.g. only the answer span). Exactly one of the two.
             attention_mask: optional (1, T) mask passed to the body forward.
             non_blocking: run in the background (side CUDA stream / worker thread) and
-                return an :class:`UpdateHandle`; the next forward waits for it.
+                return an :class:`UpdateHandle`; the next forward waits for it. Refused when the
+                model's body is tensor-parallel (its collectives would interleave with the update's).
         Returns:
             The :class:`RosaStep` (already applied to the session), or a handle.
         Runs one no-grad forward of the model body (never the T x V logits), then
@@ -288,6 +292,10 @@ class RosaSession:
     def _run(self, job, non_blocking: bool, borrowed=()) -> Union[RosaStep, UpdateHandle]:
         if not non_blocking:
             return job()
+        if self._parallel_body:
+            raise ValueError("update: non_blocking=True is not supported when the model's body is tensor-parallel: "
+                             "the background update's collectives (and its body forward's) would interleave with "
+                             "the model's own across threads; update synchronously")
         return self._runner.submit(job, borrowed)
 
     # -- state --------------------------------------------------------------------------
