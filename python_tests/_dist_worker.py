@@ -79,7 +79,9 @@ def make_inputs(ctx: Ctx, *, dtype=F64, B: int = 3, T: int = 6, d: int = 8, V: i
 
 def _gather_equal(t: torch.Tensor) -> bool:
     """True when ``t`` is bitwise the same on every rank."""
-    t = t.contiguous()
+    t = t.detach().contiguous()
+    if dist.get_backend() == "gloo":  # gloo's all_gather takes CPU tensors only
+        t = t.cpu()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
     return all(torch.equal(parts[0], p) for p in parts)

@@ -350,8 +350,11 @@ def _verdict(table: List[List[int]]) -> Tuple[Optional[Tuple[type, str]], List[i
     lo = min(r[L["lo"]] for r in table)
     hi = max(r[L["hi"]] for r in table)
     if lo < 0 or hi >= V:
+        hint = "" if lo < 0 or claims else (f" (the {world} ranks' rows cover [0, {V}); if the vocabulary is larger, "
+                                             "process_group is not the group the head is split over: pass vocab_size "
+                                             "to have that checked)")
         return (ValueError, f"{pre}`targets` holds token id {hi if hi >= V else lo}, outside the vocabulary "
-                f"[0, {V}) of the whole head"), [], 0
+                f"[0, {V}) of the whole head{hint}"), [], 0
     return None, starts, V
 
 
