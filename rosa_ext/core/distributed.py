@@ -30,7 +30,7 @@ import functools
 import numbers
 import sys
 import zlib
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -280,9 +280,11 @@ def _record(loc: _Local) -> List[int]:
     if ok:
         prob, y = loc.prob, loc.targets
         lo, hi = int(y.min()), int(y.max())
-        opts = (prob.mode, prob.solver, prob.backend, str(prob.compute_dtype), str(prob.hidden.dtype), prob.beta,
-                prob.damping, prob.tol, prob.max_iter, prob.lora_scale, prob.batched, prob.bias is None,
-                prob.lora_b is None)
+        # every scalar option of the problem (a new one is covered without a change here), the dtypes,
+        # and which optional tensors are present
+        opts = tuple((f.name, getattr(prob, f.name)) for f in fields(prob)
+                     if isinstance(getattr(prob, f.name), (str, int, float, bool, torch.dtype)))
+        opts += (str(prob.hidden.dtype), prob.bias is None, prob.lora_b is None)
         fp = [_crc((prob.offsets, prob.hidden_size)), _checksum(prob.hidden), _checksum(y), _checksum(prob.reward),
               _checksum(prob.lora_a), _crc(opts)]
     layout = [int(ok), 0 if ok else _exc_code(loc.error), loc.start, loc.coord, loc.start_claim, loc.rows,
