@@ -12,14 +12,14 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ..common.jacobian import observed_logp
+from ..common.jacobian import WholeVocabulary, observed_logp
 from ..common.types import HeadProblem, HeadStats
 
 #: Target size, in elements, of one (N, chunk) logits tile (32 MB in fp32).
 DEFAULT_TILE_ELEMENTS = 1 << 23
 
 
-class TorchChunkedBackend:
+class TorchChunkedBackend(WholeVocabulary):
     """Chunked-vocabulary torch implementation of the backend primitives."""
 
     name = "torch"

@@ -4,7 +4,8 @@ Public entry point: :func:`cg`. It runs the compiled solver of
 ``rosa_ext._C`` (C++ on the CPU, CUDA kernels with device-side scalars on
 the GPU; :mod:`rosa_ext.cg.compiled`) when the extension is built, else
 :func:`cg_python` (:mod:`rosa_ext.cg.python_loop`), the plain torch loop that is
-also the baseline of the benchmarks.
+also the baseline of the benchmarks. :func:`cg_sharded` (:mod:`rosa_ext.cg.sharded`) is the
+same recurrence on a vector split across processes (a vocabulary-parallel head, MATH.md section 7).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 
 from ..common.types import CGResult, Matvec
 from .python_loop import cg_python
+from .sharded import cg_sharded
 
-__all__ = ["cg", "cg_python", "CGResult", "Matvec"]
+__all__ = ["cg", "cg_python", "cg_sharded", "CGResult", "Matvec"]
 
 _warned_no_cuda = False
 

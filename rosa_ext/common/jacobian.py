@@ -8,6 +8,12 @@ so the formulas exist in one place.
 
 Parameter vectors are (B, P): P = d + V laid out ``[delta_a, delta_b]`` (lora) or P = d
 (hidden), one row per conversation; token vectors are (N,), packed over the batch.
+
+Every place where the algebra indexes a vocabulary-sized table by the observed tokens goes
+through a primitive of :class:`WholeVocabulary` (gather at the targets, scatter at the targets,
+the centred row reduction, sums over the vocabulary): a backend that holds the whole vocabulary
+inherits the plain indexing, a vocabulary-parallel one (``rosa_ext.backends.distributed``)
+replaces it by owner-only indexing and a sum across shards (MATH.md section 7).
 """
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ class HeadPrimitives(Protocol):
     - ``weight_rmatvec(prob, q)``: q (B, V) -> (B, d), ``q W``
     - ``pi_weight(prob, st)`` -> (N, d), ``pi_t W`` (dual solver, hidden mode)
     - ``pi_gram(prob, st)`` -> (B, Tmax, Tmax), ``pi_t . pi_u`` within each conversation
-    All results in the problem's compute dtype.
+    - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
+      ``target_rows``, ``scatter_targets``, ``centered_row_reduce``, ``sum_vocab``, ``target_logits``)
+    All results in the problem's compute dtype (``target_rows``: the table's dtype or the
+    compute dtype).
     """
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor: ...
@@ -42,6 +51,69 @@ class HeadPrimitives(Protocol):
     def pi_weight(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
 
     def pi_gram(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
+
+    # -- indexing by the observed tokens (WholeVocabulary gives the one-process versions) --
+    def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor: ...
+
+    def target_rows(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor: ...
+
+    def scatter_targets(self, prob: HeadProblem, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+    def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor: ...
+
+    def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor: ...
+
+    def target_logits(self, prob: HeadProblem, h: torch.Tensor) -> torch.Tensor: ...
+
+
+class WholeVocabulary:
+    """The target-indexed primitives of a backend that holds the whole vocabulary (one process).
+
+    - ``gather_targets(prob, table)``: table (B, V) -> (N,), ``table[seg_t, y_t]``
+    - ``target_rows(prob, table)``: table (V, ...) -> (N, ...), ``table[y_t]`` (e.g. W[y_t], c[y_t])
+    - ``scatter_targets(prob, q, w)``: q (B, V) += w_t at (seg_t, y_t), in place; returns q
+    - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - pi_t) . u[seg_t]``
+    - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
+    - ``target_logits(prob, h)``: h (N, d) compute dtype -> (B, Tmax, Tmax), ``[b, u, t] =
+      h_u . W[y_t] + c[y_t]`` for tokens u, t of conversation b (the logit of one observed token
+      at another position, without a LoRA term; zero-padded)
+
+    A vocabulary-parallel backend overrides all six: only the rank that owns ``y_t`` reads or
+    writes it, and every result that is a sum over V is summed across the shards (MATH.md
+    section 7).
+    """
+
+    def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor:
+        return table[prob.seg, prob.targets]
+
+    def target_rows(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor:
+        return table[prob.targets]
+
+    def scatter_targets(self, prob: HeadProblem, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        q.index_put_((prob.seg, prob.targets), w, accumulate=True)
+        return q
+
+    def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        return u[prob.seg, prob.targets] - self.row_reduce(prob, st, u)
+
+    def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1, keepdim=True)
+
+    def target_logits(self, prob: HeadProblem, h: torch.Tensor) -> torch.Tensor:
+        B, Tm, off, cd = prob.num_conversations, prob.max_len, prob.offsets, prob.compute_dtype
+        out = torch.zeros(B, Tm, Tm, dtype=cd, device=h.device)
+        for b in range(B):
+            sl = slice(off[b], off[b + 1])
+            n, y = off[b + 1] - off[b], prob.targets[sl]
+            z = h[sl] @ prob.weight[y].to(cd).T
+            if prob.bias is not None:
+                z = z + prob.bias[y].to(cd).unsqueeze(0)
+            out[b, :n, :n] = z
+        return out
+
+
+#: The one-process indexing, for callers that have no backend at hand.
+WHOLE_VOCABULARY = WholeVocabulary()
 
 
 @dataclass
@@ -61,8 +133,10 @@ class Linearization:
     by: Optional[torch.Tensor]
 
     @classmethod
-    def at(cls, prob: HeadProblem, stats: HeadStats) -> "Linearization":
-        by = None if prob.lora_b is None else prob.lora_b[prob.seg, prob.targets]
+    def at(cls, prob: HeadProblem, stats: HeadStats, prims: Optional[HeadPrimitives] = None) -> "Linearization":
+        """``prims``: the backend (its :meth:`~WholeVocabulary.gather_targets`); default one process."""
+        prims = WHOLE_VOCABULARY if prims is None else prims
+        by = None if prob.lora_b is None else prims.gather_targets(prob, prob.lora_b)
         return cls(prob=prob, stats=stats, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype), by=by)
 
 
@@ -95,24 +169,23 @@ def scatter_minus_column(lin: Linearization, prims: HeadPrimitives, w: torch.Ten
     """scatter_add(y, w) - C(w) -> (B, V): the VJP through the softmax (MATH.md section 3)."""
     prob = lin.prob
     q = -prims.column_reduce(prob, lin.stats, w)
-    q.index_put_((prob.seg, prob.targets), w, accumulate=True)
-    return q
+    return prims.scatter_targets(prob, q, w)
 
 
 def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Tensor:
     """u = J v for v (B, P) -> (N,)."""
     prob, st = lin.prob, lin.stats
-    s, seg, y = prob.lora_scale, prob.seg, prob.targets
+    s, seg = prob.lora_scale, prob.seg
     d = prob.hidden_size
     if prob.mode == "lora":
         va, vb = v[:, :d], v[:, d:]
         hv = (lin.h * va[seg]).sum(1)
-        row = prims.row_reduce(prob, st, vb)
-        return s * lin.p * ((lin.by - st.pib) * hv + st.ah * (vb[seg, y] - row))
+        centered = prims.centered_row_reduce(prob, st, vb)  # vb[seg, y] - pi . vb
+        return s * lin.p * ((lin.by - st.pib) * hv + st.ah * centered)
     u_vocab = prims.weight_matvec(prob, v)  # (B, V) = W v
     if prob.lora_b is not None:  # W_eff = W + s b a^T
         u_vocab = u_vocab + s * (v * prob.lora_a).sum(1, keepdim=True) * prob.lora_b
-    return lin.p * (u_vocab[seg, y] - prims.row_reduce(prob, st, u_vocab))
+    return lin.p * prims.centered_row_reduce(prob, st, u_vocab)  # u[seg, y] - pi . u
 
 
 def vjp(lin: Linearization, prims: HeadPrimitives, u: torch.Tensor) -> torch.Tensor:
@@ -127,7 +200,7 @@ def vjp(lin: Linearization, prims: HeadPrimitives, u: torch.Tensor) -> torch.Ten
     q = scatter_minus_column(lin, prims, u * lin.p)
     grad = prims.weight_rmatvec(prob, q)
     if prob.lora_b is not None:
-        grad = grad + s * (q * prob.lora_b).sum(1, keepdim=True) * prob.lora_a
+        grad = grad + s * prims.sum_vocab(prob, q * prob.lora_b) * prob.lora_a
     return grad
 
 
@@ -141,7 +214,7 @@ def jacobian_rows(lin: Linearization, prims: HeadPrimitives) -> torch.Tensor:
     s, seg = prob.lora_scale, prob.seg
     if prob.mode == "lora":
         return (s * lin.p * (lin.by - st.pib)).unsqueeze(1) * lin.h
-    w_y = prob.weight[prob.targets].to(prob.compute_dtype)
+    w_y = prims.target_rows(prob, prob.weight).to(prob.compute_dtype)
     pi_w = prims.pi_weight(prob, st)
     if prob.lora_b is not None:
         a = prob.lora_a[seg]
@@ -161,6 +234,7 @@ def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch
     cd = prob.compute_dtype
     G = torch.zeros(B, Tm, Tm, dtype=cd, device=prob.device)
     pipi = prims.pi_gram(prob, st) if prob.mode == "lora" else None
+    zc = prims.target_logits(prob, lin.h) if pipi is not None else None  # z_u[y_t] without the LoRA term
     for b in range(B):
         sl = slice(off[b], off[b + 1])
         n = off[b + 1] - off[b]
@@ -169,12 +243,8 @@ def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch
         if pipi is None:
             continue
         y = prob.targets[sl]
-        h = lin.h[sl]
         # cross[u, t] = pi_u[y_t] = exp(z_u[y_t] - lse_u)
-        z = h @ prob.weight[y].to(cd).T
-        if prob.bias is not None:
-            z = z + prob.bias[y].to(cd).unsqueeze(0)
-        z = z + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
+        z = zc[b, :n, :n] + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
         cross = torch.exp(z - st.lse[sl].unsqueeze(1))
         same = (y.unsqueeze(0) == y.unsqueeze(1)).to(cd)
         m = same - cross - cross.T + pipi[b, :n, :n]

@@ -6,8 +6,8 @@ per-token cache (MATH.md section 3); ``CGResult`` is what every CG implementatio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -20,6 +20,26 @@ RewardLike = Union[float, int, Sequence[float], torch.Tensor]
 
 #: A CG operator: v (n,) -> A v (n,), same dtype and device as v.
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This process's rows of a vocabulary-parallel lm_head (MATH.md section 7).
+
+    - ``start``: the first global vocabulary row held here; the rows are ``[start, start + rows)``
+    - ``rows``: V_local, the number of rows held here (>= 1)
+    - ``vocab_size``: V, the whole vocabulary (the shards of the group tile ``[0, V)``)
+    - ``rank``, ``world_size``: this process's rank in the group and the group's size
+    - ``comm``: what carries the collectives (opaque here: a
+      :class:`rosa_ext.backends.distributed.VocabComm`)
+    """
+
+    start: int
+    rows: int
+    vocab_size: int
+    rank: int
+    world_size: int
+    comm: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -38,6 +58,9 @@ class HeadProblem:
     - ``reward``  (B,) compute dtype
     - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None
     - ``compute_dtype`` float64 if the model is float64, else float32
+    - ``shard`` None (this process holds the whole vocabulary), or this rank's
+      :class:`VocabShard` of a vocabulary-parallel head: then ``weight``, ``bias`` and ``lora_b``
+      hold the local rows (V = V_local above) and ``targets`` stay global token ids
     """
 
     hidden: torch.Tensor
@@ -59,6 +82,7 @@ class HeadProblem:
     backend: str
     batched: bool
     compute_dtype: torch.dtype
+    shard: Optional[VocabShard] = None
 
     @property
     def num_tokens(self) -> int:
@@ -77,8 +101,13 @@ class HeadProblem:
         return int(self.weight.shape[0])
 
     @property
+    def global_vocab_size(self) -> int:
+        """V of the whole head: ``vocab_size``, or the global V of a vocabulary-parallel head."""
+        return self.vocab_size if self.shard is None else self.shard.vocab_size
+
+    @property
     def num_params(self) -> int:
-        """Parameters moved per conversation: d + V (lora) or d (hidden)."""
+        """Parameters moved per conversation: d + V (lora) or d (hidden); V local when sharded."""
         return self.hidden_size + (self.vocab_size if self.mode == "lora" else 0)
 
     @property

@@ -370,17 +370,22 @@ def hidden_rows(who: str, hidden: Any, targets: Any, *, hidden_size: int, vocab_
 
 # -- session state ----------------------------------------------------------------------------
 def session_state(who: str, state: Any, *, version: int, mode: str, vocab_size: int, hidden_size: int,
-                  lora_scale: float, check_zero: bool) -> Tuple[int, Dict[str, torch.Tensor]]:
+                  lora_scale: float, check_zero: bool, shard: Optional[Tuple[int, int]] = None
+                  ) -> Tuple[int, Dict[str, torch.Tensor]]:
     """Check a :meth:`RosaSession.state_dict` before anything is loaded -> (num_updates, tensors).
 
     ``tensors`` holds ``delta`` (hidden mode) or ``a`` and ``b`` (lora mode), as given. With
     ``check_zero`` a state with ``num_updates == 0`` must hold a zero ``delta`` / ``b`` (it would
-    otherwise load but have no effect).
+    otherwise load but have no effect). ``shard`` = (vocab_start, rows) of this rank on a
+    vocabulary-parallel head: the state must hold the same rows of ``b`` (keys ``vocab_start``,
+    ``vocab_rows``).
     """
     if not isinstance(state, Mapping):
         fail(who, "state", f"`state` must be a dict from state_dict(), got {_show(state)}", RosaTypeError)
     tensor_keys = ("delta",) if mode == "hidden" else ("a", "b")
     want = ("version", "mode", "num_updates", "vocab_size", "hidden_size", "lora_scale") + tensor_keys
+    if shard is not None:
+        want += ("vocab_start", "vocab_rows")
     missing = [k for k in want if k not in state]
     extra = [k for k in state if k not in want]
     if "version" in missing or isinstance(state.get("version"), bool) or state.get("version") != version:
@@ -397,6 +402,9 @@ def session_state(who: str, state: Any, *, version: int, mode: str, vocab_size: 
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) != have:
             fail(who, f"state[{k!r}]", f"state is for V={state['vocab_size']!r}, d={state['hidden_size']!r}; "
                                        f"this model has V={vocab_size}, d={hidden_size}")
+    if shard is not None and (state["vocab_start"], state["vocab_rows"]) != tuple(shard):
+        fail(who, "state['vocab_start']", f"the state holds rows from {state['vocab_start']!r} ({state['vocab_rows']!r} "
+                                          f"rows); this rank holds rows from {shard[0]} ({shard[1]} rows)")
     s = real(who, "state['lora_scale']", state["lora_scale"])
     if s != lora_scale:
         fail(who, "state['lora_scale']", f"state was saved with lora_scale={s:g}, this session has "
@@ -406,7 +414,7 @@ def session_state(who: str, state: Any, *, version: int, mode: str, vocab_size: 
     for k in tensor_keys:
         name = f"state[{k!r}]"
         t = float_tensor(who, name, state[k])
-        size = vocab_size if k == "b" else hidden_size
+        size = (vocab_size if shard is None else shard[1]) if k == "b" else hidden_size
         if tuple(t.shape) != (size,):
             fail(who, name, f"`{name}` must be a ({size},) tensor, got shape {tuple(t.shape)}")
         finite(who, name, t)

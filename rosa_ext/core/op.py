@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -10,6 +10,7 @@ from ..backends import get_backend
 from ..common import defaults
 from ..common import validation as V
 from ..common.types import RewardLike
+from .distributed import prepare_vocab_parallel, wants_vocab_parallel
 from .operator import RosaOperator
 from .problem import build_problem
 from .solvers import CGImpl, choose_solver, solve_cg, solve_dual
@@ -82,7 +83,9 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 bias: Optional[torch.Tensor] = None, beta: float = defaults.BETA,
                 damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER,
                 tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
-                mask: Optional[torch.Tensor] = None, cg_impl: Optional[CGImpl] = None) -> RosaStep:
+                mask: Optional[torch.Tensor] = None, cg_impl: Optional[CGImpl] = None,
+                process_group: Optional[Any] = None, vocab_start: Optional[int] = None,
+                vocab_size: Optional[int] = None) -> RosaStep:
     """One ROSA step: solve (J^T J + damping I) d = J^T g (MATH.md section 1).
 
     Args:
@@ -106,11 +109,21 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         mask: (T,) or (B, T) bool; False rows (padding, prompt tokens) are ignored.
         cg_impl: the CG implementation the "cg" solver runs (default :func:`rosa_ext.cg.cg`, the
-            compiled solver when built; :func:`rosa_ext.cg.cg_python` is the Python loop).
+            compiled solver when built; :func:`rosa_ext.cg.cg_python` is the Python loop). Hidden
+            mode only on a vocabulary-parallel head.
+        process_group, vocab_start, vocab_size: a vocabulary-parallel head (MATH.md section 7;
+            :mod:`rosa_ext.core.distributed`): ``weight`` (and ``bias``, ``lora_b``) hold this rank's
+            rows ``[vocab_start, vocab_start + V_local)`` of the head, ``process_group`` (default:
+            the default group) is the group the head is split over, ``vocab_size`` the global V
+            (checked when given); ``hidden``, ``targets`` (global ids), ``reward``, ``lora_a`` and
+            ``mask`` are the same on every rank. A ``weight`` that is a DTensor sharded on dim 0
+            (``ColwiseParallel``) needs none of the three. Every rank gets the step of the unsharded
+            call: ``delta`` / ``delta_a`` identical on all ranks, ``delta_b`` this rank's rows.
     Returns:
         :class:`RosaStep`; add ``step.update`` to the parameters to apply it.
     Raises (README, "Errors"; the types are in :mod:`rosa_ext.common.validation`):
-        RosaTypeError / RosaInputError (TypeError / ValueError): bad input, before any work is done.
+        RosaTypeError / RosaInputError (TypeError / ValueError): bad input, before any work is done
+            (vocabulary-parallel: the same error on every rank of the group).
         RosaNonFiniteError (a ValueError and FloatingPointError): NaN/Inf in an input, or logits
             that overflow the compute dtype (checked on the stats pass's output).
         RosaNumericalError (FloatingPointError): the solve broke down (see MATH.md section 4).
@@ -119,15 +132,20 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     with torch.no_grad():
         return _rosa_update(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                             lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
-                            tol=tol, solver=solver, backend=backend, mask=mask, cg_impl=cg_impl)
+                            tol=tol, solver=solver, backend=backend, mask=mask, cg_impl=cg_impl,
+                            process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
 
 
 def _rosa_update(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
-                 max_iter, tol, solver, backend, mask, cg_impl) -> RosaStep:
-    prob = build_problem(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
-                         lora_scale=lora_scale, bias=bias, beta=beta, damping=damping,
-                         max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
-    be = get_backend(prob.backend, prob.device)
+                 max_iter, tol, solver, backend, mask, cg_impl, process_group, vocab_start, vocab_size) -> RosaStep:
+    kw = dict(mode=mode, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, bias=bias, beta=beta,
+              damping=damping, max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
+    if wants_vocab_parallel(weight, process_group, vocab_start, vocab_size):  # MATH.md section 7
+        prob, be, cg_impl = prepare_vocab_parallel(hidden, weight, targets, reward, kw, process_group=process_group,
+                                                   vocab_start=vocab_start, vocab_size=vocab_size, cg_impl=cg_impl)
+    else:
+        prob = build_problem(hidden, weight, targets, reward, **kw)
+        be = get_backend(prob.backend, prob.device)
     op = RosaOperator(prob, be)
     V.finite_logits("rosa_update", prob.compute_dtype, op.stats.lse, op.stats.logp)
     chosen = choose_solver(prob) if prob.solver == "auto" else prob.solver

@@ -29,7 +29,7 @@ class RosaOperator:
         self.prob = prob
         self.backend = backend
         self.stats = backend.stats(prob)
-        self.lin = J.Linearization.at(prob, self.stats)
+        self.lin = J.Linearization.at(prob, self.stats, backend)
         self.p = self.lin.p
         self.g = residual_target(self.stats.logp, prob.reward[prob.seg], prob.beta)
 

@@ -50,7 +50,7 @@ def choose_solver(prob: HeadProblem) -> str:
     lens = prob.lengths
     if max(lens) > DUAL_MAX_TOKENS:
         return "cg"
-    cost = solver_costs(prob.mode, lens, prob.hidden_size, prob.vocab_size, prob.max_iter)
+    cost = solver_costs(prob.mode, lens, prob.hidden_size, prob.global_vocab_size, prob.max_iter)
     return "dual" if cost["dual"] <= cost["cg"] else "cg"
 
 

@@ -70,9 +70,13 @@ class HeadAdapter:
         self._before = before_forward
         self._cast: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
         self._handles: List = []
-        if before_forward is not None:
+        self._install(head, lora_hook, before_forward is not None)
+
+    def _install(self, head: torch.nn.Module, lora_hook: bool, before: bool) -> None:
+        """Register the hooks on ``head`` (a subclass may place them differently)."""
+        if before:
             self._handles.append(head.register_forward_pre_hook(self._before_hook))
-        if mode == "hidden":
+        if self.mode == "hidden":
             self._handles.append(head.register_forward_pre_hook(self._shift_hook))
         elif lora_hook:
             self._handles.append(head.register_forward_hook(self._lora_hook))

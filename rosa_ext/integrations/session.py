@@ -20,7 +20,7 @@ so outputs are bitwise those of the base model.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -28,10 +28,12 @@ from ..backends import triton_available
 from ..common import defaults
 from ..common import validation as V
 from ..common.types import MODES
+from ..core.distributed import is_dtensor
 from ..core.op import RosaStep, rosa_update
 from .background import BackgroundRunner, UpdateHandle
 from .head_hooks import HeadAdapter
 from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
+from .sharded_head import ShardedHeadAdapter, head_adapter
 
 _STATE_VERSION = 1
 
@@ -84,6 +86,13 @@ class RosaSession:
         self.state_dtype = state_dtype
 
         self._peft = peft
+        # vocabulary-parallel head (MATH.md section 7): a tensor-parallel body issues collectives of
+        # its own, which a background update's would interleave with (refused in _run)
+        self._parallel_body = is_dtensor(self.weight) and any(is_dtensor(p) for p in self.body.parameters())
+        if self._peft is not None and is_dtensor(self.weight):
+            raise NotImplementedError("attach: a PEFT LoRA on a vocabulary-parallel (ColwiseParallel) lm_head is not "
+                                      "supported; attach to the model without the PEFT adapter (ROSA then keeps its "
+                                      "own rank-1 LoRA, b sharded like the head)")
         if self._peft is not None and mode == "lora":
             A, Bm, scale = self._peft
             self.lora_scale = scale
@@ -99,9 +108,11 @@ class RosaSession:
         # Own parameters (compute dtype) on hooks of lm_head: a ~ PEFT's lora_A init, b = 0;
         # delta = 0. Every use of the head waits for a background update first (PEFT's own
         # LoRA forward included), so a pending update is never half-visible.
-        self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=Vs, hidden_size=d, lora_scale=self.lora_scale,
-                                   seed=seed, dtype=self.state_dtype, device=dev,
-                                   lora_hook=self._peft is None, before_forward=self._runner.wait)
+        # (head_adapter: this rank's rows of b on a vocabulary-parallel head, MATH.md section 7)
+        self.adapter: HeadAdapter = head_adapter(self.head, self.weight, mode, 1, vocab_size=Vs, hidden_size=d,
+                                                 lora_scale=self.lora_scale, seed=seed, dtype=self.state_dtype,
+                                                 device=dev, lora_hook=self._peft is None,
+                                                 before_forward=self._runner.wait)
         model._rosa_session = self
 
     @property
@@ -138,7 +149,8 @@ class RosaSession:
                 (e.g. only the answer span). Exactly one of the two.
             attention_mask: optional (1, T) mask passed to the body forward.
             non_blocking: run in the background (side CUDA stream / worker thread) and
-                return an :class:`UpdateHandle`; the next forward waits for it.
+                return an :class:`UpdateHandle`; the next forward waits for it. Refused when the
+                model's body is tensor-parallel (its collectives would interleave with the update's).
         Returns:
             The :class:`RosaStep` (already applied to the session), or a handle.
         Runs one no-grad forward of the model body (never the T x V logits), then
@@ -228,6 +240,10 @@ class RosaSession:
     def _run(self, job, non_blocking: bool, borrowed=()) -> Union[RosaStep, UpdateHandle]:
         if not non_blocking:
             return job()
+        if self._parallel_body:
+            V.fail("update", "non_blocking", "non_blocking=True is not supported when the model's body is "
+                   "tensor-parallel: the background update's collectives (and its body forward's) would interleave "
+                   "with the model's own across threads; update synchronously")
         return self._runner.submit(job, borrowed)
 
     # -- state --------------------------------------------------------------------------
@@ -260,6 +276,8 @@ class RosaSession:
         sd: Dict[str, Any] = {"version": _STATE_VERSION, "mode": self.mode, "num_updates": self.num_updates,
                               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                               "lora_scale": self.lora_scale}
+        if isinstance(self.adapter, ShardedHeadAdapter):  # this rank's rows of b (MATH.md section 7)
+            sd["vocab_start"], sd["vocab_rows"] = self.adapter.vocab_start, self.adapter.rows_held
         if self.mode == "hidden":
             sd["delta"] = self.delta.detach().cpu().clone()
         elif self._peft is not None:
@@ -270,6 +288,12 @@ class RosaSession:
             sd["a"] = self.a.cpu().clone()
             sd["b"] = self.b.cpu().clone()
         return sd
+
+    def _shard(self) -> Optional[Tuple[int, int]]:
+        """(vocab_start, rows) of this rank's rows of ``b`` on a vocabulary-parallel head, else None."""
+        if isinstance(self.adapter, ShardedHeadAdapter):
+            return self.adapter.vocab_start, self.adapter.rows_held
+        return None
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore an adaptation saved by :meth:`state_dict`; atomic: all of it or nothing.
@@ -285,7 +309,7 @@ class RosaSession:
         num, tensors = V.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
                                        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                                        lora_scale=self.lora_scale, check_zero=self._peft is None or
-                                       self.mode == "hidden")
+                                       self.mode == "hidden", shard=self._shard())
         if self.mode == "hidden":
             pairs = [("delta", self.delta, tensors["delta"])]
         elif self._peft is not None:

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..common.jacobian import observed_logp
+from ..common.jacobian import WholeVocabulary, observed_logp
 from ..common.types import HeadProblem, HeadStats
 from . import matvec as MV
 from . import reductions as K
@@ -38,7 +38,7 @@ def stats_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib)
 
 
-class TritonPrimitives:
+class TritonPrimitives(WholeVocabulary):
     """Row/column reductions, stats and GEMVs of a packed fp32/bf16/fp16 problem on Triton kernels.
 
     ``index``: optional precomputed ``(seg int32 (N,), offsets int32 (B + 1,))`` on the device;
