@@ -93,7 +93,7 @@ def _maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def match(ctx: Ctx, mode: str, solver: str, *, batched: bool = True, lora_term: bool = False, dtype=F64,
           bias: bool = True, peft_shapes: bool = False, max_iter: int = 5, dtensor: bool = False,
-          backend: str = "auto") -> Dict[str, Any]:
+          backend: str = "auto", damping_mode: str = "absolute") -> Dict[str, Any]:
     """The sharded call against the unsharded one on the same inputs."""
     x = make_inputs(ctx, dtype=dtype)
     H, W, c, y, a, b, mask, r = (x[k] for k in ("hidden", "weight", "bias", "targets", "lora_a", "lora_b", "mask", "reward"))
@@ -107,7 +107,7 @@ def match(ctx: Ctx, mode: str, solver: str, *, batched: bool = True, lora_term: 
         else:
             a, b = a[0], b[0]
     use_lora = mode == "lora" or lora_term
-    kw = dict(mode=mode, solver=solver, max_iter=max_iter, mask=mask, backend=backend)
+    kw = dict(mode=mode, solver=solver, max_iter=max_iter, mask=mask, backend=backend, damping_mode=damping_mode)
     ref = rosa_update(H, W, y, r, bias=c, **kw, **(dict(lora_a=a, lora_b=b) if use_lora else {}))
     if dtensor:
         from torch.distributed.tensor import Shard, distribute_tensor
@@ -141,7 +141,7 @@ def match(ctx: Ctx, mode: str, solver: str, *, batched: bool = True, lora_term: 
     out["bytes"] = measured["bytes"]
     out["by_label"] = measured["by_label"]
     out["bytes_formula"] = traffic_bytes(mode, st.solver, lengths, d, elem_bytes=8 if dtype == F64 else 4,
-                                         iterations=st.iterations, lora_term=lora_term)
+                                         iterations=st.iterations, lora_term=lora_term, damping_mode=damping_mode)
     return out
 
 
@@ -299,6 +299,10 @@ def suite(name: str, ctx: Ctx) -> Dict[str, Callable[[], Dict[str, Any]]]:
         cases["match/hidden/cg/lora-term"] = lambda: match(ctx, "hidden", "cg", lora_term=True, batched=False)
         cases["match/lora/auto"] = lambda: match(ctx, "lora", "auto")
         cases["match/hidden/cg/fp32"] = lambda: match(ctx, "hidden", "cg", dtype=torch.float32)
+        for mode in ("lora", "hidden"):  # relative damping (MATH.md section 6): the ridge from the whole J
+            for solver in ("dual", "cg"):
+                cases[f"match/{mode}/{solver}/relative"] = (
+                    lambda m=mode, s=solver: match(ctx, m, s, damping_mode="relative"))
         for w in ["gap", "overlap", "target", "vocab_size", "not_replicated", "one_rank", "cg_impl", "small_group"]:
             if w != "small_group" or ctx.world == 3:
                 cases[f"bad/{w}"] = lambda w=w: bad(ctx, w)

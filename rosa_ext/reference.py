@@ -95,23 +95,27 @@ def rosa_update_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           bias: Optional[torch.Tensor] = None, beta: float = defaults.BETA,
                           damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER,
                           tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
-                          mask: Optional[torch.Tensor] = None) -> RosaStep:
+                          mask: Optional[torch.Tensor] = None,
+                          damping_mode: str = defaults.DAMPING_MODE) -> RosaStep:
     """Same signature and result type as :func:`rosa_ext.rosa_update`, computed exactly in float64.
 
     ``max_iter``, ``tol``, ``solver`` and ``backend`` are accepted (and validated)
-    for signature compatibility; the solve is always a dense exact one.
+    for signature compatibility; the solve is always a dense exact one. With
+    ``damping_mode="relative"`` the ridge is ``damping * mean_t ||J_t||^2`` of each conversation,
+    from the explicit J (``damping`` where J is exactly zero; MATH.md section 6).
     """
     with torch.no_grad():
         return _reference(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                           lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
-                          tol=tol, solver=solver, backend=backend, mask=mask)
+                          tol=tol, solver=solver, backend=backend, mask=mask, damping_mode=damping_mode)
 
 
 def _reference(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
-               max_iter, tol, solver, backend, mask) -> RosaStep:
+               max_iter, tol, solver, backend, mask, damping_mode) -> RosaStep:
     prob = build_problem(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                          lora_scale=lora_scale, bias=bias, beta=beta, damping=damping,
-                         max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
+                         max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask,
+                         damping_mode=damping_mode)
     updates, logps, gs = [], [], []
     num = den = 0.0
     for b in range(prob.num_conversations):
@@ -122,9 +126,13 @@ def _reference(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_sc
         r = prob.reward[b].to(F64).expand_as(p)
         g = residual_target(logp, r, prob.beta)
         J = jacobian_reference(prob, b)
-        A = J.T @ J + prob.damping * torch.eye(J.shape[1], dtype=F64, device=J.device)
+        lam = prob.damping
+        if prob.damping_mode == "relative":  # MATH.md section 6: damping times mean_t ||J_t||^2
+            mean_diag = float((J * J).sum(1).mean())
+            lam = prob.damping * mean_diag if mean_diag > 0 else prob.damping
+        A = J.T @ J + lam * torch.eye(J.shape[1], dtype=F64, device=J.device)
         rhs = J.T @ g
-        delta = ridge_solve(J, g, prob.damping)
+        delta = ridge_solve(J, g, lam)
         res = rhs - A @ delta
         num += float(res @ res)
         den += float(rhs @ rhs)

@@ -20,7 +20,8 @@ TIMEOUT = 240.0
 TOL = 1e-8
 MATCH = ["match/lora/dual/batched", "match/lora/cg/batched", "match/hidden/dual/batched", "match/hidden/cg/batched",
          "match/lora/cg/single-peft-shapes", "match/hidden/dual/lora-term", "match/hidden/cg/lora-term",
-         "match/lora/auto", "after_bad"]
+         "match/lora/auto", "match/lora/dual/relative", "match/lora/cg/relative", "match/hidden/dual/relative",
+         "match/hidden/cg/relative", "after_bad"]
 DTENSOR = ["dtensor/lora/dual", "dtensor/hidden/cg"]  # the 2-rank group (DTensor's import is slow)
 BAD = {  # case -> (what every rank must raise, a phrase of the message)
     "gap": (RosaInputError, "held by no rank"),

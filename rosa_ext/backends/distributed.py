@@ -198,10 +198,20 @@ class DistributedBackend:
         lp, _, _ = self._view(prob)
         return self.comm.all_sum(self.local.pi_weight(lp, st), "pi_weight")
 
-    def pi_gram(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """pi_t . pi_u within each conversation -> (B, Tmax, Tmax): SUM."""
-        lp, _, _ = self._view(prob)
-        return self.comm.all_sum(self.local.pi_gram(lp, st), "pi_gram")
+    def _owned_targets_view(self, prob: HeadProblem) -> HeadProblem:
+        """The local view with the targets of tokens another rank owns set to -1 (never dropped)."""
+        lp, own, idx = self._view(prob)
+        return replace(lp, targets=torch.where(own, idx, torch.full_like(idx, -1)))
+
+    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor:
+        """pi_t . pi_u (or q_t . q_u: the owner drops the target entry) within each conversation
+        -> (B, Tmax, Tmax): SUM."""
+        lp = self._owned_targets_view(prob) if drop_targets else self._view(prob)[0]
+        return self.comm.all_sum(self.local.pi_gram(lp, st, drop_targets), "pi_gram")
+
+    def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
+        """q_t . q_t per token -> (N,): SUM (the owner drops the target entry)."""
+        return self.comm.all_sum(self.local.pi_sqnorm(self._owned_targets_view(prob), st), "pi_sqnorm")
 
     # -- indexing by the observed tokens (owner only, then SUM) ----------------------------------
     def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor:

@@ -118,12 +118,33 @@ class TorchChunkedBackend(WholeVocabulary):
             out += pi @ wc
         return out
 
-    def pi_gram(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """pi_t . pi_u for t, u in the same conversation -> (B, Tmax, Tmax), zero-padded."""
+    @staticmethod
+    def _drop_targets(prob: HeadProblem, v0: int, v1: int, pi: torch.Tensor) -> torch.Tensor:
+        """The tile with pi_t[y_t] set to 0 (q_t = pi_t - p_t e_{y_t}). Targets outside [0, V) --
+        a vocabulary-parallel backend marks the tokens another rank owns so -- are never dropped."""
+        hit = (prob.targets >= v0) & (prob.targets < v1)
+        rows = torch.nonzero(hit).flatten()
+        return pi.index_put((rows, prob.targets[rows] - v0), torch.zeros((), dtype=pi.dtype, device=pi.device))
+
+    def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
+        """q_t . q_t = sum_{v != y_t} pi_t[v]^2 for every token -> (N,) (relative damping, LoRA mode)."""
+        out = torch.zeros(prob.num_tokens, dtype=prob.compute_dtype, device=prob.device)
+        for v0, v1, _, pi in self._probs(prob, st):
+            q = self._drop_targets(prob, v0, v1, pi)
+            out += (q * q).sum(1)
+        return out
+
+    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor:
+        """pi_t . pi_u for t, u in the same conversation -> (B, Tmax, Tmax), zero-padded.
+
+        ``drop_targets``: q_t . q_u instead, q_t = pi_t with its own target entry zeroed (the LoRA
+        Gram without cancellation when p_t is near 1, MATH.md section 4)."""
         B, Tm = prob.num_conversations, prob.max_len
         out = torch.zeros(B, Tm, Tm, dtype=prob.compute_dtype, device=prob.device)
         off = prob.offsets
-        for _, _, _, pi in self._probs(prob, st):
+        for v0, v1, _, pi in self._probs(prob, st):
+            if drop_targets:
+                pi = self._drop_targets(prob, v0, v1, pi)
             for b in range(B):
                 blk = pi[off[b]:off[b + 1]]
                 n = blk.shape[0]

@@ -5,8 +5,8 @@ Same primitives as :class:`~rosa_ext.backends.torch_chunked.TorchChunkedBackend`
 
 - ``stats``, ``row_reduce``, ``column_reduce``, ``weight_matvec``, ``weight_rmatvec``:
   :class:`rosa_ext.kernels.primitives.TritonPrimitives` (fused kernels, logits tiles never stored).
-- ``pi_weight`` (pi W, N x d) and ``pi_gram`` (pi pi^T per conversation): used once per
-  update by the dual solver, they run on the chunked torch backend. A fused pi W kernel
+- ``pi_weight`` (pi W, N x d), ``pi_gram`` (pi pi^T per conversation) and ``pi_sqnorm``: used once
+  per update (the dual solver; CG with relative damping), they run on the chunked torch backend. A fused pi W kernel
   would hold an N-tile x d accumulator (d = 896..4096 does not fit on chip) or recompute the
   logits once per d-slice, so it does not pay.
 - float64 problems run entirely on the torch backend (no fp64 tensor-core dot in Triton).
@@ -57,6 +57,10 @@ class TritonBackend(TritonPrimitives):
         """pi_t W -> (N, d) (chunked torch, see module doc)."""
         return self._torch.pi_weight(prob, st)
 
-    def pi_gram(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """pi_t . pi_u within each conversation -> (B, Tmax, Tmax) (chunked torch)."""
-        return self._torch.pi_gram(prob, st)
+    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor:
+        """pi_t . pi_u (or q_t . q_u) within each conversation -> (B, Tmax, Tmax) (chunked torch)."""
+        return self._torch.pi_gram(prob, st, drop_targets)
+
+    def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
+        """q_t . q_t per token -> (N,) (chunked torch; once per update: relative damping with CG)."""
+        return self._torch.pi_sqnorm(prob, st)

@@ -6,6 +6,8 @@ and the benchmarks (README, "Defaults"; MATH.md section 1).
 - ``DAMPING``: the ridge lambda of the damped normal equations. 0.1 rather than 1e-2: on
   SmolLM2-135M-Instruct (LoRA, reward -1) the 1e-2 step moved the response's mean log-prob
   from -0.60 to -2.41 and generation degenerated, 0.1 gave -1.06.
+- ``DAMPING_MODE``: "absolute" (the ridge is ``DAMPING``) or "relative" (``DAMPING`` times the mean of
+  diag(J J^T), MATH.md section 6).
 - ``MAX_ITER``, ``TOL``: CG's iteration cap and relative-residual tolerance (CG is exact after
   T + 1 iterations in exact arithmetic).
 - ``LORA_SCALE``: s = lora_alpha / r of the rank-1 LoRA (the paper: alpha 8, r 1).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 BETA: float = 1.0
 DAMPING: float = 0.1
+DAMPING_MODE: str = "absolute"
 MAX_ITER: int = 16
 TOL: float = 1e-5
 LORA_SCALE: float = 8.0

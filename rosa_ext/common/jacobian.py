@@ -33,7 +33,10 @@ class HeadPrimitives(Protocol):
     - ``weight_matvec(prob, v)``: v (B, d) -> (B, V), ``W v``
     - ``weight_rmatvec(prob, q)``: q (B, V) -> (B, d), ``q W``
     - ``pi_weight(prob, st)`` -> (N, d), ``pi_t W`` (dual solver, hidden mode)
-    - ``pi_gram(prob, st)`` -> (B, Tmax, Tmax), ``pi_t . pi_u`` within each conversation
+    - ``pi_gram(prob, st, drop_targets)`` -> (B, Tmax, Tmax), ``pi_t . pi_u`` within each
+      conversation; with ``drop_targets`` ``q_t . q_u``, q_t = pi_t without its target entry
+      (the LoRA Gram without cancellation, MATH.md section 4)
+    - ``pi_sqnorm(prob, st)`` -> (N,), ``q_t . q_t`` (the LoRA Gram diagonal, relative damping with CG)
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
       ``target_rows``, ``scatter_targets``, ``centered_row_reduce``, ``sum_vocab``, ``target_logits``)
     All results in the problem's compute dtype (``target_rows``: the table's dtype or the
@@ -50,7 +53,9 @@ class HeadPrimitives(Protocol):
 
     def pi_weight(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
 
-    def pi_gram(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
+    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor: ...
+
+    def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
 
     # -- indexing by the observed tokens (WholeVocabulary gives the one-process versions) --
     def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor: ...
@@ -227,27 +232,48 @@ def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch
     """J J^T within each conversation -> (B, Tmax, Tmax), zero-padded.
 
     ``rows`` are :func:`jacobian_rows`. For lora the b-block adds (MATH.md section 4)
-    s^2 p_t p_u (a.h_t)(a.h_u) [1(y_t = y_u) - pi_u[y_t] - pi_t[y_u] + pi_t.pi_u].
+    s^2 p_t p_u (a.h_t)(a.h_u) (e_{y_t} - pi_t).(e_{y_u} - pi_u), evaluated with q_t = pi_t less
+    its target entry as ``(1-p_t)(1-p_u) 1(y_t = y_u) - (1-p_t) q_u[y_t] - (1-p_u) q_t[y_u] + q_t.q_u``:
+    the expanded ``1 - pi_u[y_t] - pi_t[y_u] + pi_t.pi_u`` cancels to rounding noise in fp32 once
+    1 - p_t < ~1e-3 (a confident answer token).
     """
     prob, st = lin.prob, lin.stats
     B, Tm, off = prob.num_conversations, prob.max_len, prob.offsets
     cd = prob.compute_dtype
     G = torch.zeros(B, Tm, Tm, dtype=cd, device=prob.device)
-    pipi = prims.pi_gram(prob, st) if prob.mode == "lora" else None
-    zc = prims.target_logits(prob, lin.h) if pipi is not None else None  # z_u[y_t] without the LoRA term
+    qq = prims.pi_gram(prob, st, drop_targets=True) if prob.mode == "lora" else None
+    zc = prims.target_logits(prob, lin.h) if qq is not None else None  # z_u[y_t] without the LoRA term
+    omp = -torch.expm1(st.logp)  # 1 - p_t without cancellation
     for b in range(B):
         sl = slice(off[b], off[b + 1])
         n = off[b + 1] - off[b]
         Jb = rows[sl]
         G[b, :n, :n] = Jb @ Jb.T
-        if pipi is None:
+        if qq is None:
             continue
         y = prob.targets[sl]
-        # cross[u, t] = pi_u[y_t] = exp(z_u[y_t] - lse_u)
-        z = zc[b, :n, :n] + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
-        cross = torch.exp(z - st.lse[sl].unsqueeze(1))
         same = (y.unsqueeze(0) == y.unsqueeze(1)).to(cd)
-        m = same - cross - cross.T + pipi[b, :n, :n]
+        # qcross[u, t] = q_u[y_t] = pi_u[y_t] = exp(z_u[y_t] - lse_u) where y_t != y_u, else 0
+        z = zc[b, :n, :n] + prob.lora_scale * st.ah[sl].unsqueeze(1) * lin.by[sl].unsqueeze(0)
+        qcross = torch.exp(z - st.lse[sl].unsqueeze(1)) * (1 - same)
+        o = omp[sl]
+        m = (o.unsqueeze(1) * o.unsqueeze(0) * same - o.unsqueeze(1) * qcross.T
+             - o.unsqueeze(0) * qcross + qq[b, :n, :n])
         c = prob.lora_scale * lin.p[sl] * st.ah[sl]
         G[b, :n, :n] += c.unsqueeze(1) * m * c.unsqueeze(0)
     return G
+
+
+def gram_diag(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch.Tensor:
+    """||J_t||^2 per token -> (N,): the diagonal of J J^T without forming it (MATH.md section 6).
+
+    hidden: ||rows_t||^2. lora: ||J_t,a||^2 + (s p_t (a.h_t))^2 ||e_{y_t} - pi_t||^2, the last factor
+    as (1 - p_t)^2 + q_t.q_t (one pass over the vocabulary, :meth:`HeadPrimitives.pi_sqnorm`).
+    ``rows`` are :func:`jacobian_rows`.
+    """
+    diag = (rows * rows).sum(1)
+    if lin.prob.mode == "lora":
+        c = lin.prob.lora_scale * lin.p * lin.stats.ah
+        omp = -torch.expm1(lin.stats.logp)
+        diag = diag + c * c * (omp * omp + prims.pi_sqnorm(lin.prob, lin.stats))
+    return diag

@@ -14,6 +14,9 @@ import torch
 MODES = ("lora", "hidden")
 SOLVERS = ("auto", "cg", "dual")
 BACKENDS = ("auto", "torch", "triton")
+#: "absolute": the ridge is ``damping``; "relative": ``damping * mean_t ||J_t||^2`` of each
+#: conversation (Levenberg-Marquardt scaling, MATH.md section 6).
+DAMPING_MODES = ("absolute", "relative")
 
 #: A reward: one number, or one per conversation of a batch.
 RewardLike = Union[float, int, Sequence[float], torch.Tensor]
@@ -58,6 +61,7 @@ class HeadProblem:
     - ``reward``  (B,) compute dtype
     - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None
     - ``compute_dtype`` float64 if the model is float64, else float32
+    - ``damping_mode`` how ``damping`` sets the ridge (MATH.md section 6)
     - ``shard`` None (this process holds the whole vocabulary), or this rank's
       :class:`VocabShard` of a vocabulary-parallel head: then ``weight``, ``bias`` and ``lora_b``
       hold the local rows (V = V_local above) and ``targets`` stay global token ids
@@ -82,6 +86,7 @@ class HeadProblem:
     backend: str
     batched: bool
     compute_dtype: torch.dtype
+    damping_mode: str = "absolute"
     shard: Optional[VocabShard] = None
 
     @property

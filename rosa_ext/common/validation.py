@@ -37,7 +37,7 @@ from typing import Any, Dict, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
-from .types import BACKENDS, SOLVERS
+from .types import BACKENDS, DAMPING_MODES, SOLVERS
 
 
 # -- error types ------------------------------------------------------------------------------
@@ -228,7 +228,8 @@ def rewards(who: str, reward: Any, batch: int) -> torch.Tensor:
 
 # -- the options of one update (rosa_update, attach) ------------------------------------------
 def solver_options(who: str, *, beta: Any, damping: Any, max_iter: Any, tol: Any, solver: Any, backend: Any,
-                   lora_scale: Any, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+                   lora_scale: Any, damping_mode: Any = "absolute", dtype: Optional[torch.dtype] = None
+                   ) -> Dict[str, Any]:
     """Check the scalar options of :func:`rosa_ext.rosa_update` -> normalised dict.
 
     ``dtype``: the compute dtype, when known; ``damping`` and ``lora_scale`` must be finite in it.
@@ -238,6 +239,7 @@ def solver_options(who: str, *, beta: Any, damping: Any, max_iter: Any, tol: Any
         backend=choice(who, "backend", backend, BACKENDS),
         beta=real(who, "beta", beta, minimum=0.0, strict=True),
         damping=real(who, "damping", damping, minimum=0.0, strict=True, dtype=dtype),
+        damping_mode=choice(who, "damping_mode", damping_mode, DAMPING_MODES),
         tol=real(who, "tol", tol, minimum=0.0),
         max_iter=integer(who, "max_iter", max_iter, minimum=0),
         lora_scale=real(who, "lora_scale", lora_scale, dtype=dtype),

@@ -366,7 +366,7 @@ RECORD_BYTES = 8 * (len(_LAYOUT) + len(_REPLICATED) + _MSG_WORDS)
 
 
 def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, elem_bytes: int, iterations: int = 0,
-                  lora_term: bool = False) -> int:
+                  lora_term: bool = False, damping_mode: str = "absolute") -> int:
     """Bytes one rank contributes to the collectives of one vocabulary-parallel update (MATH.md
     section 7), as :data:`rosa_ext.backends.distributed.traffic` counts them.
 
@@ -378,6 +378,8 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
             ``step.iterations``). Assumes a non-zero reward (r = 0 stops CG before its first
             inner product).
         lora_term: hidden mode with a LoRA term in the logits (``lora_a`` / ``lora_b`` given).
+        damping_mode: "relative" adds, for CG, the Gram diagonal (MATH.md section 6): hidden
+            ``2 N d e`` (the rows of J), lora ``N e`` (q_t . q_t); the dual reads it off its Gram matrix.
     With N tokens, e = elem_bytes, L = 1 with a LoRA term (always in lora mode), else 0:
     validation ``RECORD_BYTES``; stats ``(3 + L) N e``; b[y_t] ``L N e``; then
     dual hidden ``2 N d e``, dual lora ``2 B Tmax^2 e``, CG hidden
@@ -392,6 +394,8 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
         total += (iterations + 1) * (B * d + L * B) * e + iterations * N * e
     else:
         total += 16 + iterations * (N * e + 24)
+    if solver == "cg" and damping_mode == "relative":
+        total += 2 * N * d * e if mode == "hidden" else N * e
     return total
 
 

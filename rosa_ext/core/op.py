@@ -85,8 +85,8 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
                 mask: Optional[torch.Tensor] = None, cg_impl: Optional[CGImpl] = None,
                 process_group: Optional[Any] = None, vocab_start: Optional[int] = None,
-                vocab_size: Optional[int] = None) -> RosaStep:
-    """One ROSA step: solve (J^T J + damping I) d = J^T g (MATH.md section 1).
+                vocab_size: Optional[int] = None, damping_mode: str = defaults.DAMPING_MODE) -> RosaStep:
+    """One ROSA step: solve (J^T J + lambda I) d = J^T g (MATH.md sections 1 and 6).
 
     Args:
         hidden: (T, d) inputs of lm_head at the positions that predict the response
@@ -102,7 +102,10 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         lora_scale: s = lora_alpha / r (paper: alpha 8, r 1).
         bias: (V,) lm_head bias or None.
         beta: KL coefficient (> 0); r / beta sets the target's re-weighting.
-        damping: lambda > 0 of the damped normal equations.
+        damping: > 0, sets the ridge lambda of the damped normal equations (see ``damping_mode``).
+        damping_mode: "absolute" (lambda = ``damping``) or "relative" (lambda = ``damping`` times
+            the mean of diag(J J^T) = mean_t ||J_t||^2, one value per conversation:
+            Levenberg-Marquardt scaling, invariant to the scale of J; MATH.md section 6).
         max_iter, tol: CG iteration cap and relative-residual tolerance.
         solver: "auto" (cost model, see :func:`rosa_ext.core.solvers.choose_solver`),
             "cg" (matrix-free) or "dual" (exact, via the T x T Gram matrix).
@@ -133,13 +136,16 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         return _rosa_update(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
                             lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
                             tol=tol, solver=solver, backend=backend, mask=mask, cg_impl=cg_impl,
-                            process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+                            process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
+                            damping_mode=damping_mode)
 
 
 def _rosa_update(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
-                 max_iter, tol, solver, backend, mask, cg_impl, process_group, vocab_start, vocab_size) -> RosaStep:
+                 max_iter, tol, solver, backend, mask, cg_impl, process_group, vocab_start, vocab_size,
+                 damping_mode) -> RosaStep:
     kw = dict(mode=mode, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, bias=bias, beta=beta,
-              damping=damping, max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask)
+              damping=damping, max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask,
+              damping_mode=damping_mode)
     if wants_vocab_parallel(weight, process_group, vocab_start, vocab_size):  # MATH.md section 7
         prob, be, cg_impl = prepare_vocab_parallel(hidden, weight, targets, reward, kw, process_group=process_group,
                                                    vocab_start=vocab_start, vocab_size=vocab_size, cg_impl=cg_impl)

@@ -8,6 +8,8 @@ Gram matrix J J^T. Vectors of parameters are (B, P): P = d + V laid out
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..common import jacobian as J
@@ -48,6 +50,28 @@ class RosaOperator:
     def gram(self, rows: torch.Tensor) -> torch.Tensor:
         """J J^T within each conversation -> (B, Tmax, Tmax), zero-padded."""
         return J.gram(self.lin, self.backend, rows)
+
+    def gram_diag(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """||J_t||^2 per token -> (N,) (:func:`rosa_ext.common.jacobian.gram_diag`; ``rows`` are
+        :meth:`jacobian_rows`, one pi W pass in hidden mode when not given)."""
+        return J.gram_diag(self.lin, self.backend, self.jacobian_rows() if rows is None else rows)
+
+    def ridge(self, diag: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The ridge lambda of each conversation -> (B,) compute dtype (MATH.md section 6).
+
+        damping_mode "absolute": ``damping``. "relative": ``damping * mean_t ||J_t||^2`` over the
+        conversation's tokens, from ``diag`` ((N,) :meth:`gram_diag`, computed when not given); a
+        conversation whose J is exactly zero (its step is zero anyway) keeps ``damping``.
+        """
+        prob = self.prob
+        lam = torch.full((prob.num_conversations,), prob.damping, dtype=prob.compute_dtype, device=prob.device)
+        if prob.damping_mode == "absolute":
+            return lam
+        if diag is None:
+            diag = self.gram_diag()
+        counts = torch.tensor(prob.lengths, dtype=prob.compute_dtype, device=prob.device)
+        mean = self.segment_sum(diag.unsqueeze(1))[:, 0] / counts
+        return torch.where(mean > 0, prob.damping * mean, lam)
 
     def segment_sum(self, rows: torch.Tensor) -> torch.Tensor:
         """Sum (N, k) rows per conversation -> (B, k)."""

@@ -70,11 +70,11 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor],
                   lora_b: Optional[torch.Tensor], lora_scale: float, bias: Optional[torch.Tensor],
                   beta: float, damping: float, max_iter: int, tol: float, solver: str,
-                  backend: str, mask: Optional[torch.Tensor]) -> HeadProblem:
+                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = "absolute") -> HeadProblem:
     """Check every input of :func:`rosa_ext.rosa_update` and pack it. See module doc."""
     mode = V.choice(WHO, "mode", mode, MODES)
     opts = V.solver_options(WHO, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                            backend=backend, lora_scale=lora_scale)
+                            backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
 
     weight = _check_tensor("weight", weight)
     hidden = _check_tensor("hidden", hidden)
@@ -169,4 +169,5 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                        seg=seg, offsets=offsets, reward=r, mode=mode, lora_a=a, lora_b=bvec,
                        lora_scale=opts["lora_scale"], beta=opts["beta"], damping=opts["damping"],
                        max_iter=opts["max_iter"], tol=opts["tol"], solver=opts["solver"],
-                       backend=opts["backend"], batched=batched, compute_dtype=compute_dtype)
+                       backend=opts["backend"], batched=batched, compute_dtype=compute_dtype,
+                       damping_mode=opts["damping_mode"])

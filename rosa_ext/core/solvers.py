@@ -64,12 +64,20 @@ def solve_cg(op: RosaOperator, cg: Optional[CGImpl] = None) -> Tuple[torch.Tenso
     prob = op.prob
     B, P = prob.num_conversations, prob.num_params
     rhs = op.vjp(op.g).reshape(-1)
+    if prob.damping_mode == "absolute":
+        damping = prob.damping
 
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        return op.vjp(op.jvp(v.reshape(B, P))).reshape(-1)
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            return op.vjp(op.jvp(v.reshape(B, P))).reshape(-1)
+    else:  # one ridge per conversation (MATH.md section 6): added inside the matvec, CG's own damping 0
+        damping, lam = 0.0, op.ridge().unsqueeze(1)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            v2 = v.reshape(B, P)
+            return (op.vjp(op.jvp(v2)) + lam * v2).reshape(-1)
 
     try:
-        res = cg(matvec, rhs, damping=prob.damping, max_iter=prob.max_iter, tol=prob.tol)
+        res = cg(matvec, rhs, damping=damping, max_iter=prob.max_iter, tol=prob.tol)
     except RosaNonFiniteError as e:
         if e.argument != "b":
             raise
@@ -83,17 +91,18 @@ def solve_cg(op: RosaOperator, cg: Optional[CGImpl] = None) -> Tuple[torch.Tenso
 DUAL_RESIDUAL_LIMIT = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-def _residual_parts(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, damping: float,
+def _residual_parts(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: torch.Tensor,
                     pad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per conversation ``(||J^T e||^2, ||J^T g||^2)`` with ``e = g - (G0 + lambda I) alpha``, from G0."""
-    e = g - (G0 @ alpha.unsqueeze(-1)).squeeze(-1) - damping * alpha
+    """Per conversation ``(||J^T e||^2, ||J^T g||^2)`` with ``e = g - (G0 + lambda_b I) alpha``, from G0
+    (``lam`` (B,): each conversation's ridge)."""
+    e = g - (G0 @ alpha.unsqueeze(-1)).squeeze(-1) - lam.unsqueeze(1) * alpha
     e = e.masked_fill(pad, 0.0)
     num = torch.einsum("bt,btu,bu->b", e, G0, e).clamp_min(0)
     den = torch.einsum("bt,btu,bu->b", g, G0, g).clamp_min(0)
     return num, den
 
 
-def _spectral_alpha(op: RosaOperator, rows: torch.Tensor, G0: torch.Tensor, g: torch.Tensor, b: int
+def _spectral_alpha(op: RosaOperator, rows: torch.Tensor, G0: torch.Tensor, g: torch.Tensor, b: int, lam: float
                     ) -> Tuple[torch.Tensor, Optional[Tuple[float, float]]]:
     """The fallback of the dual solve for conversation ``b``, in float64 (MATH.md section 4).
 
@@ -107,7 +116,6 @@ def _spectral_alpha(op: RosaOperator, rows: torch.Tensor, G0: torch.Tensor, g: t
     """
     prob = op.prob
     n = prob.lengths[b]
-    lam = prob.damping
     eps = torch.finfo(prob.compute_dtype).eps
     gb = g[b, :n].to(torch.float64)
     parts = None
@@ -144,7 +152,9 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
     G0 = op.gram(rows)
     Tm = G0.shape[1]
     eye = torch.eye(Tm, dtype=G0.dtype, device=G0.device)
-    G = G0 + prob.damping * eye
+    # the ridge of each conversation; relative damping reads ||J_t||^2 off the Gram diagonal (section 6)
+    lam = op.ridge(op.unpack(G0.diagonal(dim1=1, dim2=2)) if prob.damping_mode == "relative" else None)
+    G = G0 + lam.view(-1, 1, 1) * eye
     # padding rows/cols of short conversations: make them identity so the factor exists
     lens = torch.tensor(prob.lengths, device=G0.device)
     pad = torch.arange(Tm, device=G0.device).unsqueeze(0) >= lens.unsqueeze(1)
@@ -153,7 +163,7 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
     L, info = torch.linalg.cholesky_ex(G)
     alpha = torch.cholesky_solve(gpad.unsqueeze(-1), L).squeeze(-1)
     alpha = alpha.masked_fill(pad, 0.0)
-    num, den = _residual_parts(G0, gpad, alpha, prob.damping, pad)
+    num, den = _residual_parts(G0, gpad, alpha, lam, pad)
     limit = DUAL_RESIDUAL_LIMIT[G0.dtype]
     ok = (info == 0) & torch.isfinite(alpha).all(1) & (num <= (limit * limit) * den)
     finite = torch.isfinite(G0).flatten(1).all(1)
@@ -165,13 +175,13 @@ def solve_dual(op: RosaOperator) -> Tuple[torch.Tensor, int, torch.Tensor]:
         alpha = alpha.clone()
         exact = {}
         for b in bad:
-            alpha[b], parts = _spectral_alpha(op, rows, G0, gpad, b)
+            alpha[b], parts = _spectral_alpha(op, rows, G0, gpad, b, float(lam[b]))
             if parts is not None:
                 exact[b] = parts
         if not bool(torch.isfinite(alpha).all()):
             raise RosaNumericalError(f"rosa_update: the dual solve gave NaN/Inf even in float64 (damping="
                                      f"{prob.damping:g}); check the scale of the inputs", "damping")
-        num, den = _residual_parts(G0, gpad, alpha, prob.damping, pad)
+        num, den = _residual_parts(G0, gpad, alpha, lam, pad)
         for b, (nb, db) in exact.items():
             num[b], den[b] = nb, db
     a_packed = op.unpack(alpha)

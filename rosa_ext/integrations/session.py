@@ -43,14 +43,14 @@ class RosaSession:
 
     def __init__(self, model: torch.nn.Module, mode: str, *, beta: float, damping: float,
                  max_iter: int, tol: float, solver: str, backend: str, lora_scale: float,
-                 seed: int) -> None:
+                 seed: int, damping_mode: str = defaults.DAMPING_MODE) -> None:
         # every argument is checked before anything is installed (README, "Errors")
         if not isinstance(model, torch.nn.Module):
             V.fail("attach", "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}",
                    V.RosaTypeError)
         mode = V.choice("attach", "mode", mode, MODES)
         opts = V.solver_options("attach", beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                                backend=backend, lora_scale=lora_scale)
+                                backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
         seed = V.seed("attach", seed)
         if getattr(model, "_rosa_session", None) is not None:
             V.fail("attach", "model", "this model already has a ROSA session; detach() it first", V.RosaStateError)
@@ -367,7 +367,7 @@ class RosaSession:
 def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
            damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL,
            solver: str = defaults.SOLVER, backend: str = defaults.BACKEND, lora_scale: float = defaults.LORA_SCALE,
-           seed: int = 0) -> RosaSession:
+           seed: int = 0, damping_mode: str = defaults.DAMPING_MODE) -> RosaSession:
     """Attach ROSA to a causal LM with an ``lm_head``; returns the :class:`RosaSession`.
 
     Args:
@@ -376,15 +376,17 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
             ROSA moves in lora mode).
         mode: "lora" (rank-1 LoRA on lm_head, alpha 8 as in the paper) or "hidden"
             (one shift vector added to lm_head's input).
-        beta, damping, max_iter, tol, solver, backend: passed to :func:`rosa_ext.rosa_update`.
+        beta, damping, damping_mode, max_iter, tol, solver, backend: passed to
+            :func:`rosa_ext.rosa_update` (``damping_mode="relative"``: the ridge is ``damping`` times
+            the mean of diag(J J^T) of each update, MATH.md section 6).
         lora_scale: s = alpha / r of the session's own adapter (PEFT's scaling otherwise).
         seed: seed of the own adapter's ``a`` init (PEFT-like uniform, ``b = 0``).
     Raises (README, "Errors"):
         RosaTypeError / RosaInputError (TypeError / ValueError): a bad option (each is checked
-            here, not at the first update: mode, beta, damping, max_iter, tol, solver, backend,
+            here, not at the first update: mode, beta, damping, damping_mode, max_iter, tol, solver, backend,
             lora_scale, seed), no lm_head, a PEFT lm_head LoRA with r != 1.
         RosaStateError (RuntimeError): the model already has a session.
     Nothing is modified (no hook installed) when it raises.
     """
     return RosaSession(model, mode, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                       backend=backend, lora_scale=lora_scale, seed=seed)
+                       backend=backend, lora_scale=lora_scale, seed=seed, damping_mode=damping_mode)
