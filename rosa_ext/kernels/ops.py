@@ -23,7 +23,9 @@ A solver that calls the kernels repeatedly on one problem validates it once inst
 values with one sync and carries what the kernels need on the device (seg as int32, the
 conversations' offsets, B, ``a . h_t``); every function accepts it as ``prob=`` and then checks
 only the shapes of its per-call arguments (``lse``, ``u``, ``w``, ``v``, ``st``): **no host sync**,
-so a loop of them is CUDA-graph capturable. With ``prob`` the model arguments are taken from
+so a loop of them is CUDA-graph capturable (capture after one eager call of each function: the
+first launch of a kernel for a new shape compiles and autotunes, which a capture cannot hold;
+``rosa_ext.attach`` warms the kernels up for its head). With ``prob`` the model arguments are taken from
 it: the positional ones must be the very tensors it was prepared with (checked by identity),
 the keyword ones may be omitted. A :class:`KernelProblem` keeps values derived from its tensors
 (``a . h_t``, the stats when ``st`` is not passed): prepare again after changing them in place.
