@@ -360,13 +360,15 @@ for tag, dt, prec, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", (128, 128, 
                                               s_hn=I, s_wv=I, s_lb=I, s_out=I, lora_scale=F, flag_ptr="*fp64"),
          dict(flags, SINGLE=True, SCATTER=True, HAS_FLAG=True, **tile), opts),
     ]
-cases += [
-    ("bf16", matvec._matvec_kernel, dict(w_ptr="*bf16", x_ptr=P, out_ptr=P, flag_ptr="*fp64", D=I, V=I, s_wv=I, s_x=I,
-                                         s_out=I), dict(HAS_FLAG=True, BLOCK_V=64, BLOCK_D=128), dict(num_warps=4, num_stages=3)),
-    ("bf16", matvec._rmatvec_kernel, dict(w_ptr="*bf16", q_ptr=P, part_ptr=P, flag_ptr="*fp64", D=I, V=I, B=I, chunk=I,
-                                          s_wv=I, s_q=I), dict(HAS_FLAG=True, BLOCK_V=64, BLOCK_D=128),
-     dict(num_warps=4, num_stages=3)),
-]
+for tag, dt in (("bf16", "bf16"), ("fp32", "fp32")):  # the GEMVs, run-flag on (fp32: the flagged hidden-mode CG)
+    cases += [
+        (tag, matvec._matvec_kernel, dict(w_ptr=f"*{dt}", x_ptr=P, out_ptr=P, flag_ptr="*fp64", D=I, V=I, s_wv=I, s_x=I,
+                                          s_out=I), dict(HAS_FLAG=True, BLOCK_V=64, BLOCK_D=128),
+         dict(num_warps=4, num_stages=3)),
+        (tag, matvec._rmatvec_kernel, dict(w_ptr=f"*{dt}", q_ptr=P, part_ptr=P, flag_ptr="*fp64", D=I, V=I, B=I, chunk=I,
+                                           s_wv=I, s_q=I), dict(HAS_FLAG=True, BLOCK_V=64, BLOCK_D=128),
+         dict(num_warps=4, num_stages=3)),
+    ]
 for tag, kern, sig, const, opts in cases:
     fn = kern.fn  # below @triton.autotune
     names = list(fn.arg_names)
@@ -407,7 +409,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for tag in ("bf16", "fp32-tf32x3"):
         for name in ("_stats_kernel", "_row_kernel", "_column_kernel"):
             assert got[(tag, name)][:2] == ("wgmma", "pipelined"), (tag, name, got[(tag, name)])
-    assert {("bf16", "_matvec_kernel"), ("bf16", "_rmatvec_kernel")} <= set(got)
+    assert {(t, k) for t in ("bf16", "fp32") for k in ("_matvec_kernel", "_rmatvec_kernel")} <= set(got)
     assert all(shared <= 227 * 1024 for _, _, shared in got.values()), got
 
 

@@ -59,7 +59,9 @@ class TritonPrimitives(WholeVocabulary):
             return self._given
         if self._cache_key is not prob:
             seg = prob.seg.to(torch.int32).contiguous()
-            off = torch.tensor(prob.offsets, dtype=torch.int32, device=prob.device)
+            # from the sorted seg on the device (no host-to-device copy of prob.offsets, no sync)
+            steps = torch.arange(prob.num_conversations + 1, device=prob.device, dtype=prob.seg.dtype)
+            off = torch.searchsorted(prob.seg.contiguous(), steps).to(torch.int32)
             self._cache_key, self._cache = prob, (seg, off)
         return self._cache
 
