@@ -9,7 +9,10 @@ operands use ``tl.dot(..., input_precision=fp32_precision())``, "tf32x3" by defa
 fp32 product is split into three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), about
 2^-21 relative error per product against fp32's 2^-24, accumulated in fp32 -- the same order
 as fp32 accumulation over d >= 64 terms, so the fp32 path keeps the torch backend's
-tolerances at roughly 3x fewer tensor-core flops than "ieee" has FMA flops.
+tolerances. (A CPU emulation of the split on 256 x 8192 logits of d = 896, |z| up to ~20:
+rms logit error 5.3e-7 and log-sum-exp error <= 3.3e-6, against 4.1e-7 / 3.7e-6 for exact
+products with fp32 accumulation; one TF32 product: 3.1e-3 / 1.7e-2. The Triton interpreter
+ignores ``input_precision``, so only the GPU tests measure the kernels themselves.)
 :func:`set_fp32_precision` selects "ieee" (exact fp32 products on the FMA units, ~7x slower on
 Hopper) or "tf32" (one TF32 product, ~1e-3 relative error: faster, not fp32-accurate).
 
