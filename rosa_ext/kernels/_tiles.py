@@ -277,6 +277,10 @@ def autotuned(configs, key, **kw):
 _tuned: set = set()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def launch(kernel, grid, args: Sequence, meta: Dict, flag: Optional[torch.Tensor]) -> None:
     """``kernel[grid](*args, flag_ptr=..., HAS_FLAG=..., **meta)`` for a flag-aware autotuned kernel.
 
@@ -302,7 +306,9 @@ def launch(kernel, grid, args: Sequence, meta: Dict, flag: Optional[torch.Tensor
         kernel[grid](*args, flag_ptr=f if f is not None else torch.empty(1, dtype=torch.float64, device=dev),
                      HAS_FLAG=f is not None, **meta)
 
-    if flag is not None and key not in _tuned and not INTERPRET:  # (one config under the interpreter)
+    # (one config under the interpreter; under CUDA-graph capture nothing can be tuned, and an extra
+    # launch would be replayed every time)
+    if flag is not None and key not in _tuned and not INTERPRET and not _capturing(dev):
         go(None)
     _tuned.add(key)
     go(flag)
