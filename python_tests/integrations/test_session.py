@@ -355,7 +355,7 @@ def test_cuda_background_update_on_side_stream(mode):
     """On CUDA, non_blocking runs on a side stream; the next forward is ordered after it."""
     model = tiny_causal_lm("qwen2").cuda()
     ids = _exchange(model).cuda()
-    s = rosa_ext.attach(model, mode=mode)
+    s = rosa_ext.attach(model, mode=mode, warmup=False)
     s.update(ids, reward=-1.0, response_start=P0)
     want = model(ids).logits
     s.reset()
@@ -365,4 +365,33 @@ def test_cuda_background_update_on_side_stream(mode):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     out = model.generate(ids[:, :P0], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape[1] == P0 + 4
+    s.detach()
+
+
+def test_attach_warmup_is_a_no_op_on_the_cpu(monkeypatch):
+    """warmup=True (the default) compiles and autotunes the Triton kernels on CUDA only."""
+    import rosa_ext.integrations.session as S
+    calls = []
+    monkeypatch.setattr(S, "rosa_update", lambda *a, **k: calls.append(1))
+    model = tiny_causal_lm("qwen2")
+    s = rosa_ext.attach(model, mode="lora", warmup=True)
+    s.detach()
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_cuda_attach_warmup_leaves_nothing_to_tune_in_the_first_update(mode):
+    from rosa_ext.kernels import matvec, reductions, stats_pass
+    kernels = [stats_pass._stats_kernel, reductions._row_kernel, reductions._column_kernel, matvec._matvec_kernel,
+               matvec._rmatvec_kernel]
+    model = tiny_causal_lm("qwen2").cuda()
+    s = rosa_ext.attach(model, mode=mode)  # warmup=True
+    before = [dict(k.cache) for k in kernels]
+    assert any(before)
+    ids = _exchange(model).cuda()
+    for solver in ("cg", "dual"):
+        s.options["solver"] = solver
+        s.update(ids, reward=-1.0, response_start=P0)
+    assert [dict(k.cache) for k in kernels] == before  # no new autotune key: nothing tuned during updates
     s.detach()

@@ -123,7 +123,8 @@ ATTACH_BAD = [
     ("tol", -1e-3), ("tol", None), ("tol", NAN), ("solver", "newton"), ("solver", None), ("backend", "cuda"),
     ("backend", 1), ("lora_scale", "8"), ("lora_scale", None), ("lora_scale", "abc"), ("lora_scale", NAN),
     ("lora_scale", True), ("seed", "x"), ("seed", -1), ("seed", 2.5), ("seed", 2 ** 64), ("seed", None),
-    ("seed", True), ("model", "not a model"), ("model", torch.nn.Linear(3, 3)),
+    ("seed", True), ("model", "not a model"), ("model", torch.nn.Linear(3, 3)), ("warmup", "yes"), ("warmup", 1),
+    ("warmup", None),
 ]
 
 

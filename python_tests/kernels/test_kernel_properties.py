@@ -132,6 +132,32 @@ def test_random_valid_jvp_vjp_match_the_reference(p, mode, cached):
         torch.testing.assert_close(vj[b].double(), vjp_reference(prob, u[sl], b), rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=10, **SETTINGS)
+@given(p=packed(), mode=st.sampled_from(["lora", "hidden"]))
+def test_random_prepared_calls_equal_plain_calls(p, mode):
+    """prepare() once, then prob= calls (no value check, no host sync): bitwise the plain calls' results."""
+    if mode == "lora" and p["lora_a"] is None:
+        mode = "hidden"
+    h, W, y = p["hidden"], p["weight"], p["targets"]
+    kw = _kw(p, "bias", "lora_a", "lora_b", "seg")
+    prob = K.prepare(h, W, y, **kw)
+    assert prob.num_conversations == p["B"] and prob.offsets[-1] == h.shape[0]
+    g = torch.Generator().manual_seed(5)
+    B, Vs, d = p["B"], W.shape[0], h.shape[1]
+    u = torch.randn(B, Vs, generator=g) if p["seg"] is not None else torch.randn(Vs, generator=g)
+    w = torch.randn(h.shape[0], generator=g)
+    P = d + (Vs if mode == "lora" else 0)
+    v = torch.randn(B, P, generator=g) if p["seg"] is not None else torch.randn(P, generator=g)
+    st_p, st_q = K.stats(h, W, y, prob=prob), K.stats(h, W, y, **kw)
+    pairs = [(st_p.lse, st_q.lse), (st_p.logp, st_q.logp),
+             (K.row_reduce(h, W, st_p.lse, u, prob=prob), K.row_reduce(h, W, st_q.lse, u, **kw)),
+             (K.column_reduce(h, W, st_p.lse, w, prob=prob), K.column_reduce(h, W, st_q.lse, w, **kw)),
+             (K.jvp(h, W, y, v, mode=mode, prob=prob), K.jvp(h, W, y, v, mode=mode, **kw)),
+             (K.vjp(h, W, y, w, mode=mode, st=st_p, prob=prob), K.vjp(h, W, y, w, mode=mode, st=st_q, **kw))]
+    for a, b in pairs:
+        assert torch.equal(a, b)
+
+
 def _bad(p):
     """(function, argument, keyword overrides) of one call with one bad argument."""
     h, W, y = p["hidden"], p["weight"], p["targets"]

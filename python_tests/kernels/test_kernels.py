@@ -338,40 +338,58 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rosa_ext.kernels import matvec, reductions, stats_pass
 P, I, F = "*fp32", "i32", "fp32"
-tile = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=64)
-flags = dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, IS_FP32=False, PRECISION="ieee")
-model = dict(h_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", lb_ptr=P, ah_ptr=P)
 ints = dict(N=I, D=I, V=I)
-cases = [
-    (stats_pass._stats_kernel, dict(model, seg_ptr="*i32", m_out=P, s_out=P, sb_out=P, **ints, chunk=I, s_hn=I,
-                                    s_wv=I, s_lb=I, lora_scale=F), dict(flags, SINGLE=False, **tile)),
-    (reductions._row_kernel, dict(model, seg_ptr="*i32", lse_ptr=P, u_ptr=P, out_ptr=P, **ints, chunk=I, s_hn=I,
-                                  s_wv=I, s_lb=I, s_u=I, lora_scale=F), dict(flags, SINGLE=True, **tile)),
-    (reductions._column_kernel, dict(model, lse_ptr=P, wt_ptr=P, off_ptr="*i32", out_ptr=P, **ints, s_hn=I, s_wv=I,
-                                     s_lb=I, s_out=I, lora_scale=F), dict(flags, **tile)),
-    (matvec._matvec_kernel, dict(w_ptr="*bf16", x_ptr=P, out_ptr=P, D=I, V=I, s_wv=I, s_x=I, s_out=I),
-     dict(BLOCK_V=64, BLOCK_D=128)),
-    (matvec._rmatvec_kernel, dict(w_ptr="*bf16", q_ptr=P, part_ptr=P, D=I, V=I, B=I, chunk=I, s_wv=I, s_q=I),
-     dict(BLOCK_V=64, BLOCK_D=128)),
-]
-for kern, sig, const in cases:
+cases = []
+# (tag, operand dtype, fp32 precision, (BLOCK_T, BLOCK_V, BLOCK_D, warps, stages)): bf16 on the wgmma list,
+# fp32 with the default "tf32x3" on the first config of the fp32 tensor-core list
+for tag, dt, prec, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", (128, 128, 64, 8, 3)),
+                                            ("fp32-tf32x3", "fp32", "tf32x3", (128, 128, 32, 8, 3))]:
+    tile = dict(BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd)
+    flags = dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, IS_FP32=dt == "fp32", PRECISION=prec)
+    model = dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", lb_ptr=P, ah_ptr=P)
+    opts = dict(num_warps=nw, num_stages=ns)
+    cases += [
+        (tag, stats_pass._stats_kernel, dict(model, seg_ptr="*i32", m_out=P, s_out=P, sb_out=P, **ints, s_hn=I, s_wv=I,
+                                             s_lb=I, n_lb=I, lora_scale=F), dict(flags, SINGLE=False, **tile), opts),
+        # the JVP's pass inside the compiled CG: run flag on, per-conversation u rows
+        (tag, reductions._row_kernel, dict(model, seg_ptr="*i32", lse_ptr=P, u_ptr=P, out_ptr=P, **ints, s_hn=I, s_wv=I,
+                                           s_lb=I, n_lb=I, s_u=I, n_u=I, lora_scale=F, flag_ptr="*fp64"),
+         dict(flags, SINGLE=False, HAS_FLAG=True, **tile), opts),
+        # the VJP's fused scatter - column pass, run flag on
+        (tag, reductions._column_kernel, dict(model, lse_ptr=P, wt_ptr=P, y_ptr="*i64", off_ptr="*i32", out_ptr=P, **ints,
+                                              s_hn=I, s_wv=I, s_lb=I, s_out=I, lora_scale=F, flag_ptr="*fp64"),
+         dict(flags, SINGLE=True, SCATTER=True, HAS_FLAG=True, **tile), opts),
+    ]
+for tag, dt in (("bf16", "bf16"), ("fp32", "fp32")):  # the GEMVs, run-flag on (fp32: the flagged hidden-mode CG)
+    cases += [
+        (tag, matvec._matvec_kernel, dict(w_ptr=f"*{dt}", x_ptr=P, out_ptr=P, flag_ptr="*fp64", D=I, V=I, s_wv=I, s_x=I,
+                                          s_out=I), dict(HAS_FLAG=True, BLOCK_V=64, BLOCK_D=128),
+         dict(num_warps=4, num_stages=3)),
+        (tag, matvec._rmatvec_kernel, dict(w_ptr=f"*{dt}", q_ptr=P, part_ptr=P, flag_ptr="*fp64", D=I, V=I, B=I, chunk=I,
+                                           s_wv=I, s_q=I), dict(HAS_FLAG=True, BLOCK_V=64, BLOCK_D=128),
+         dict(num_warps=4, num_stages=3)),
+    ]
+for tag, kern, sig, const, opts in cases:
     fn = kern.fn  # below @triton.autotune
     names = list(fn.arg_names)
     const = dict(const, **{n: 1 for n in ("s_hd", "s_wd") if n in names})  # unit strides, as at launch
     # what a launch with the Qwen head (d = 896, 16-byte aligned buffers) specialises on
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in ("N", "V", "B", "lora_scale")}
+    odd = ("N", "V", "B", "lora_scale", "n_lb", "n_u")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in odd}
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     ttgir = out.asm["ttgir"]
     dots = "warp_group_dot" in ttgir
     piped = "async_copy_global_to_local" in ttgir
-    print(fn.__name__, "wgmma" if dots else "-", "pipelined" if piped else "-", flush=True)
+    print(tag, fn.__name__, "wgmma" if dots else "-", "pipelined" if piped else "-", out.metadata.shared, flush=True)
 """
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter skips codegen: compile every kernel family for sm_90 (bf16, LoRA, bias) and
-    check that the logits tiles use wgmma with cp.async-pipelined loads of H and W."""
+    """The interpreter skips codegen: compile every kernel family for sm_90 -- bf16 and fp32 with the
+    default "tf32x3" precision, LoRA, bias, the run flag, the fused scatter -- and check that the logits
+    tiles use wgmma with cp.async-pipelined loads of H and W, within an H100/H200 block's 227 KiB of
+    shared memory."""
     import os
     import subprocess
     import sys
@@ -381,15 +399,18 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \
             and "rosa_ext" not in r.stderr:
         pytest.skip(f"this triton's ahead-of-time compile API differs: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-    for name in ("_stats_kernel", "_row_kernel", "_column_kernel"):
-        assert lines[name] == "wgmma pipelined", (name, lines[name])
-    assert set(lines) >= {"_matvec_kernel", "_rmatvec_kernel"}
+    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    got = {(tag, name): (dots, piped, int(shared)) for tag, name, dots, piped, shared in rows}
+    for tag in ("bf16", "fp32-tf32x3"):
+        for name in ("_stats_kernel", "_row_kernel", "_column_kernel"):
+            assert got[(tag, name)][:2] == ("wgmma", "pipelined"), (tag, name, got[(tag, name)])
+    assert {(t, k) for t in ("bf16", "fp32") for k in ("_matvec_kernel", "_rmatvec_kernel")} <= set(got)
+    assert all(shared <= 227 * 1024 for _, _, shared in got.values()), got
 
 
 # -- GPU (when lent) ---------------------------------------------------------------------------
@@ -442,9 +463,9 @@ def test_vocab_splits_merged(scale):
     """V = 300 spans two vocabulary splits (256 columns each), the last tile partial: the
     (splits, N) partials of the stats and row passes are merged in torch. scale=30 peaks the
     softmax so most splits hold only exp(-large) mass (the rescale path of the merge)."""
-    from rosa_ext.kernels._tiles import vocab_splits
+    from rosa_ext.kernels._tiles import DEFAULT_SMS, split_plan
     T, d, V = 5, 16, 300
-    assert vocab_splits(T, V)[0] == 2
+    assert split_plan(T, V, 16, DEFAULT_SMS)[0] == 2
     h, W, c, a, b, y = _case(T, d, V, torch.float32, True, True, scale=scale, seed=3)
     st = K.stats(h, W, y, bias=c, lora_a=a, lora_b=b)
     z = _dense(h, W, c, a, b)

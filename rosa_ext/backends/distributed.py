@@ -23,6 +23,7 @@ primitive              what crosses ranks                            numbers (N 
 ``target_rows``        SUM (only the owner of y_t is non-zero)       N x (row size)
 ``target_logits``      SUM (the owner of y_t fills column t)         B Tmax^2
 ``scatter_targets``    nothing: only the owner writes                0
+``scatter_minus_c.``   nothing: the local columns, owner's scatter   0
 ``sum_vocab``          SUM                                           B
 =====================  ============================================  ==========================
 
@@ -229,6 +230,12 @@ class DistributedBackend:
         _, own, idx = self._view(prob)
         q.index_put_((prob.seg[own], idx[own]), w[own], accumulate=True)
         return q
+
+    def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """scatter(y, w) - C(w) -> (B, V_local): this rank's columns, then the owner-only scatter; no
+        communication. (Not the local backend's fused version: its problem's targets are remapped
+        to a valid local row for the tokens this rank does not own.)"""
+        return self.scatter_targets(prob, -self.column_reduce(prob, st, w), w)
 
     def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(e_{y_t} - pi_t) . u[seg_t] for u (B, V_local) -> (N,): one SUM for both terms."""

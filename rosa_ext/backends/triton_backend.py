@@ -3,10 +3,20 @@
 Same primitives as :class:`~rosa_ext.backends.torch_chunked.TorchChunkedBackend`
 (MATH.md section 3), for fp32/bf16/fp16 models with fp32 accumulation:
 
+<<<<<<< HEAD
 - ``stats``, ``row_reduce``, ``column_reduce``, ``weight_matvec``, ``weight_rmatvec``:
   :class:`rosa_ext.kernels.primitives.TritonPrimitives` (fused kernels, logits tiles never stored).
 - ``pi_weight`` (pi W, N x d), ``pi_gram`` (pi pi^T per conversation) and ``pi_sqnorm``: used once
   per update (the dual solver; CG with relative damping), they run on the chunked torch backend. A fused pi W kernel
+=======
+- ``stats``, ``row_reduce``, ``column_reduce``, ``scatter_minus_column`` (the VJP's
+  ``scatter(y, w) - C(w)`` in one column pass, no ``index_put_``), ``weight_matvec``,
+  ``weight_rmatvec``: :class:`rosa_ext.kernels.primitives.TritonPrimitives` (fused kernels,
+  logits tiles never stored; the reductions and GEMVs skip their work once the compiled CUDA
+  CG has converged, :mod:`rosa_ext.common.device_flag`).
+- ``pi_weight`` (pi W, N x d) and ``pi_gram`` (pi pi^T per conversation): used once per
+  update by the dual solver, they run on the chunked torch backend. A fused pi W kernel
+>>>>>>> wip13-gpu
   would hold an N-tile x d accumulator (d = 896..4096 does not fit on chip) or recompute the
   logits once per d-slice, so it does not pay.
 - float64 problems run entirely on the torch backend (no fp64 tensor-core dot in Triton).
@@ -44,6 +54,12 @@ class TritonBackend(TritonPrimitives):
     def column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
         """sum_{t in b} w_t pi_t for w (N,) -> (B, V)."""
         return self._torch.column_reduce(prob, st, w) if self._fp64(prob) else super().column_reduce(prob, st, w)
+
+    def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """scatter(y, w) - C(w) -> (B, V): one fused column pass (no ``index_put_``)."""
+        if self._fp64(prob):
+            return self._torch.scatter_minus_column(prob, st, w)
+        return super().scatter_minus_column(prob, st, w)
 
     def weight_matvec(self, prob: HeadProblem, v: torch.Tensor) -> torch.Tensor:
         """W v for v (B, d) -> (B, V) compute dtype."""

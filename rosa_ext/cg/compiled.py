@@ -10,12 +10,17 @@ The extension takes raw pointers, so this module owns the work vectors
   count and the convergence flag live in a float64 state vector on the device;
   once the residual is under ``tol`` the flag freezes x, r and p, so the host
   never reads a value inside the loop and the ``max_iter`` launches can be
-  captured in a CUDA graph. The matvecs after convergence still run (their cost
-  is the price of no host sync; pass a tighter ``max_iter`` if that matters).
+  captured in a CUDA graph. The matvecs after convergence are still launched, but
+  the loop publishes the state's ``STATE_ACTIVE`` entry as the run flag of
+  :mod:`rosa_ext.common.device_flag` around them: the flag-aware Triton passes of
+  :mod:`rosa_ext.kernels` launched by the matvec read it on the device and, once it
+  is 0, store zeros instead of passing over W (their result is ignored by then). Other
+  work in the matvec (torch ops) still runs.
 
 State layout (float64, ``_C.CG_STATE_SIZE`` entries, csrc/cg_cuda.h): index
-``STATE_RR`` r.r, ``STATE_BB`` b.b, ``STATE_ITERS`` iterations run, ``STATE_BAD``
-1.0 once NaN/Inf was seen.
+``STATE_RR`` r.r, ``STATE_BB`` b.b, ``STATE_ACTIVE`` 1.0 while iterating and 0.0 once
+converged, broken down or non-finite (it never returns to 1 within a solve),
+``STATE_ITERS`` iterations run, ``STATE_BAD`` 1.0 once NaN/Inf was seen.
 """
 from __future__ import annotations
 
@@ -25,13 +30,14 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _C
+from ..common import device_flag
 from ..common import validation as V
 from ..common.types import CGResult, Matvec
 from ..common.validation import RosaNumericalError
 from .args import breakdown, check_cg_args, non_finite
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
-STATE_RR, STATE_BB, STATE_ITERS, STATE_BAD = 0, 1, 5, 6
+STATE_RR, STATE_BB, STATE_ACTIVE, STATE_ITERS, STATE_BAD = 0, 1, 4, 5, 6
 
 
 def _check_like(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
@@ -154,14 +160,17 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
             ap.copy_(_matvec_checked(matvec, x))  # ap = A x0
         _C.cg_cuda_init(b.data_ptr(), xp, rp, pp, ap.data_ptr(), sp, n, dt, damping, float(tol), x0 is not None,
                         dev, stream)
-        for _ in range(int(max_iter)):
-            av = _matvec_checked(matvec, p)
-            if not av.is_contiguous():  # else read in place: no copy kernel
-                ap.copy_(av)
-                av = ap
-            # av stays alive until the step is enqueued; a later reuse of its memory by
-            # the caching allocator is ordered after it on this stream.
-            _C.cg_cuda_step(xp, rp, pp, av.data_ptr(), sp, n, dt, damping, dev, stream)
+        # the run flag (set by cg_cuda_init, so never published around A x0 above): once it is 0,
+        # the Triton passes in the matvec skip their work on the device (module docstring)
+        with device_flag.publish(state[STATE_ACTIVE:STATE_ACTIVE + 1]):
+            for _ in range(int(max_iter)):
+                av = _matvec_checked(matvec, p)
+                if not av.is_contiguous():  # else read in place: no copy kernel
+                    ap.copy_(av)
+                    av = ap
+                # av stays alive until the step is enqueued; a later reuse of its memory by
+                # the caching allocator is ordered after it on this stream.
+                _C.cg_cuda_step(xp, rp, pp, av.data_ptr(), sp, n, dt, damping, dev, stream)
         # b = 0: the solution is 0 whatever x0 was (device-side select, no sync)
         x.copy_(torch.where(state[STATE_BB] > 0, x, torch.zeros_like(x)))
     return x, state

@@ -38,7 +38,8 @@ class HeadPrimitives(Protocol):
       (the LoRA Gram without cancellation, MATH.md section 4)
     - ``pi_sqnorm(prob, st)`` -> (N,), ``q_t . q_t`` (the LoRA Gram diagonal, relative damping with CG)
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
-      ``target_rows``, ``scatter_targets``, ``centered_row_reduce``, ``sum_vocab``, ``target_logits``)
+      ``target_rows``, ``scatter_targets``, ``scatter_minus_column``, ``centered_row_reduce``,
+      ``sum_vocab``, ``target_logits``)
     All results in the problem's compute dtype (``target_rows``: the table's dtype or the
     compute dtype).
     """
@@ -64,6 +65,8 @@ class HeadPrimitives(Protocol):
 
     def scatter_targets(self, prob: HeadProblem, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
+    def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor: ...
+
     def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor: ...
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor: ...
@@ -77,13 +80,16 @@ class WholeVocabulary:
     - ``gather_targets(prob, table)``: table (B, V) -> (N,), ``table[seg_t, y_t]``
     - ``target_rows(prob, table)``: table (V, ...) -> (N, ...), ``table[y_t]`` (e.g. W[y_t], c[y_t])
     - ``scatter_targets(prob, q, w)``: q (B, V) += w_t at (seg_t, y_t), in place; returns q
+    - ``scatter_minus_column(prob, st, w)``: w (N,) -> (B, V), ``scatter(y, w) - C(w)`` (the VJP
+      through the softmax); here the column reduction then ``scatter_targets``, a backend may fuse
+      the two (the Triton backend does: one pass, no ``index_put_``)
     - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - pi_t) . u[seg_t]``
     - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
     - ``target_logits(prob, h)``: h (N, d) compute dtype -> (B, Tmax, Tmax), ``[b, u, t] =
       h_u . W[y_t] + c[y_t]`` for tokens u, t of conversation b (the logit of one observed token
       at another position, without a LoRA term; zero-padded)
 
-    A vocabulary-parallel backend overrides all six: only the rank that owns ``y_t`` reads or
+    A vocabulary-parallel backend overrides all of them: only the rank that owns ``y_t`` reads or
     writes it, and every result that is a sum over V is summed across the shards (MATH.md
     section 7).
     """
@@ -97,6 +103,9 @@ class WholeVocabulary:
     def scatter_targets(self, prob: HeadProblem, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         q.index_put_((prob.seg, prob.targets), w, accumulate=True)
         return q
+
+    def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        return self.scatter_targets(prob, -self.column_reduce(prob, st, w), w)
 
     def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         return u[prob.seg, prob.targets] - self.row_reduce(prob, st, u)
@@ -171,10 +180,9 @@ def segment_sum(prob: HeadProblem, rows: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_minus_column(lin: Linearization, prims: HeadPrimitives, w: torch.Tensor) -> torch.Tensor:
-    """scatter_add(y, w) - C(w) -> (B, V): the VJP through the softmax (MATH.md section 3)."""
-    prob = lin.prob
-    q = -prims.column_reduce(prob, lin.stats, w)
-    return prims.scatter_targets(prob, q, w)
+    """scatter_add(y, w) - C(w) -> (B, V): the VJP through the softmax (MATH.md section 3);
+    the backend's primitive (fused into one pass on the Triton backend)."""
+    return prims.scatter_minus_column(lin.prob, lin.stats, w)
 
 
 def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Tensor:

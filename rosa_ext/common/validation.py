@@ -534,20 +534,34 @@ def kernel_index(who: str, name: str, x: Any, T: int, device: torch.device, what
 
 
 def kernel_ranges(who: str, V: int, targets: Optional[torch.Tensor] = None, seg: Optional[torch.Tensor] = None,
-                  rows: Optional[Dict[str, int]] = None) -> None:
-    """The value checks of the kernel API (one device sync each): targets in [0, V); seg >= 0,
-    sorted, and below the rows of every (B, .) table in ``rows`` (name -> rows; 1 broadcasts)."""
-    if targets is not None:
-        index_range(who, "targets", targets, V, "token id")
+                  rows: Optional[Dict[str, int]] = None) -> Optional[torch.Tensor]:
+    """The value checks of the kernel API, with one device sync for all of them: targets in [0, V);
+    seg >= 0, sorted, and below the rows of every (B, .) table in ``rows`` (name -> rows; 1
+    broadcasts). Returns ``seg`` as an int64 CPU tensor (the same transfer; the caller derives the
+    conversations' offsets from it), or None without ``seg``."""
+    parts = []
+    if targets is not None and targets.numel():
+        parts.append(torch.stack([targets.min(), targets.max()]).to(torch.int64))
+    if seg is not None:
+        parts.append(seg.reshape(-1).to(torch.int64))
+    if not parts:
+        return None
+    host = torch.cat(parts).cpu()  # the one sync
+    if targets is not None and targets.numel():
+        lo, hi = int(host[0]), int(host[1])
+        if lo < 0 or hi >= V:
+            fail(who, "targets", f"`targets` holds token id {hi if hi >= V else lo}, outside [0, {V})")
+        host = host[2:]
     if seg is None:
-        return
-    if seg.numel():
-        lo, hi = (int(v) for v in torch.stack([seg.min(), seg.max()]).tolist())
-        if lo < 0 or (seg.numel() > 1 and not bool((seg[1:] >= seg[:-1]).all())):
+        return None
+    if host.numel():
+        if int(host.min()) < 0 or (host.numel() > 1 and not bool((host[1:] >= host[:-1]).all())):
             fail(who, "seg", "`seg` must be >= 0 and sorted (each conversation's tokens contiguous)")
+        hi = int(host.max())
         for name, n in (rows or {}).items():
             if n != 1 and hi >= n:
                 fail(who, "seg", f"`seg` holds conversation {hi} but `{name}` has only {n} rows")
+    return host
 
 
 def kernel_lora(who: str, lora_a: Any, lora_b: Any, d: int, V: int, device: torch.device) -> Dict[str, int]:

@@ -43,7 +43,7 @@ class RosaSession:
 
     def __init__(self, model: torch.nn.Module, mode: str, *, beta: float, damping: float,
                  max_iter: int, tol: float, solver: str, backend: str, lora_scale: float,
-                 seed: int, damping_mode: str = defaults.DAMPING_MODE) -> None:
+                 seed: int, damping_mode: str = defaults.DAMPING_MODE, warmup: bool = True) -> None:
         # every argument is checked before anything is installed (README, "Errors")
         if not isinstance(model, torch.nn.Module):
             V.fail("attach", "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}",
@@ -52,6 +52,7 @@ class RosaSession:
         opts = V.solver_options("attach", beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                                 backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
         seed = V.seed("attach", seed)
+        V.boolean("attach", "warmup", warmup)
         if getattr(model, "_rosa_session", None) is not None:
             V.fail("attach", "model", "this model already has a ROSA session; detach() it first", V.RosaStateError)
         cfg = getattr(base_model(model), "config", None)
@@ -104,6 +105,8 @@ class RosaSession:
         self.num_updates = 0
         self.last_step: Optional[RosaStep] = None
         self._lock = threading.Lock()
+        if warmup:  # before any hook is installed: a failure here leaves the model untouched
+            self._warmup()
         self._runner = BackgroundRunner(dev)
         # Own parameters (compute dtype) on hooks of lm_head: a ~ PEFT's lora_A init, b = 0;
         # delta = 0. Every use of the head waits for a background update first (PEFT's own
@@ -114,6 +117,47 @@ class RosaSession:
                                                  device=dev, lora_hook=self._peft is None,
                                                  before_forward=self._runner.wait)
         model._rosa_session = self
+
+    # -- warm-up (attach(..., warmup=True)) ---------------------------------------------------------
+    #: Token counts of the warm-up updates: one per autotune bucket of the Triton kernels
+    #: (rosa_ext.kernels._tiles.N_BUCKETS) up to the dual solve's limit.
+    WARMUP_TOKENS = (16, 64, 256, 1024, 4096)
+
+    def _warmup(self) -> None:
+        """Compile and autotune the Triton kernels of this session's updates (CUDA only).
+
+        Runs :func:`rosa_update` -- exactly the calls :meth:`update` makes, with the session's options
+        and the solvers ``auto`` may pick -- on dummy problems of the session's head, one per token
+        bucket of the kernels' autotune key, so the first real update pays neither compilation nor
+        autotuning. A no-op on the CPU, on the torch backend and on a vocabulary-parallel head (the
+        warm-up would issue collectives). Nothing of the session or the model changes. Triton caches
+        compiled kernels and (Triton >= 3.2) the tuning on disk, so a later process is fast."""
+        W = self.weight.detach()
+        if W.device.type != "cuda" or self.options["backend"] == "torch" or is_dtensor(W) \
+                or not triton_available(W.device):
+            return
+        Vs, d = W.shape
+        g = torch.Generator(device=W.device).manual_seed(0)
+        opts = {k: v for k, v in self.options.items() if k != "solver"}
+        solvers = ("cg", "dual") if self.options["solver"] == "auto" else (self.options["solver"],)
+        bias = None if self.bias is None else self.bias.detach()
+        if self.mode == "hidden":
+            lora = {}
+            if self._peft is not None:
+                A, Bm, scale = self._peft
+                lora = dict(lora_a=A.weight.detach().reshape(-1), lora_b=Bm.weight.detach().reshape(-1),
+                            lora_scale=scale)
+        else:
+            a = torch.randn(d, generator=g, device=W.device, dtype=self.state_dtype) / d ** 0.5
+            lora = dict(lora_a=a, lora_b=torch.zeros(Vs, device=W.device, dtype=self.state_dtype),
+                        lora_scale=self.lora_scale)
+        with torch.no_grad():
+            for T in self.WARMUP_TOKENS:
+                hidden = torch.randn(T, d, generator=g, device=W.device).to(W.dtype)
+                y = torch.randint(0, Vs, (T,), generator=g, device=W.device)
+                for solver in solvers:
+                    rosa_update(hidden, W, y, -1.0, mode=self.mode, bias=bias, solver=solver, **lora, **opts)
+        torch.cuda.synchronize(W.device)
 
     @property
     def a(self) -> torch.Tensor:
@@ -367,7 +411,7 @@ class RosaSession:
 def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
            damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL,
            solver: str = defaults.SOLVER, backend: str = defaults.BACKEND, lora_scale: float = defaults.LORA_SCALE,
-           seed: int = 0, damping_mode: str = defaults.DAMPING_MODE) -> RosaSession:
+           seed: int = 0, damping_mode: str = defaults.DAMPING_MODE, warmup: bool = True) -> RosaSession:
     """Attach ROSA to a causal LM with an ``lm_head``; returns the :class:`RosaSession`.
 
     Args:
@@ -381,6 +425,10 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
             the mean of diag(J J^T) of each update, MATH.md section 6).
         lora_scale: s = alpha / r of the session's own adapter (PEFT's scaling otherwise).
         seed: seed of the own adapter's ``a`` init (PEFT-like uniform, ``b = 0``).
+        warmup: on CUDA with the Triton backend, compile and autotune its kernels now, on dummy
+            updates of this head (one per autotune token bucket, 16..4096 tokens), so that the first
+            real update pays neither (the first attach on a machine takes a minute or more: every
+            tile config is compiled; Triton caches both on disk). A no-op on the CPU.
     Raises (README, "Errors"):
         RosaTypeError / RosaInputError (TypeError / ValueError): a bad option (each is checked
             here, not at the first update: mode, beta, damping, damping_mode, max_iter, tol, solver, backend,
@@ -389,4 +437,5 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
     Nothing is modified (no hook installed) when it raises.
     """
     return RosaSession(model, mode, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                       backend=backend, lora_scale=lora_scale, seed=seed, damping_mode=damping_mode)
+                       backend=backend, lora_scale=lora_scale, seed=seed, damping_mode=damping_mode,
+                       warmup=warmup)

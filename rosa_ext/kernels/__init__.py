@@ -12,18 +12,23 @@ over B >= 1 conversations (``seg``), hidden size d, vocabulary V; fp32/bf16/fp16
   shift (P = d), so another framework can run its own solver on them.
 - :func:`weight_matvec` (W x) / :func:`weight_rmatvec` (q W): fp32-accumulating GEMVs that
   read a bf16/fp16 W once.
+- :func:`prepare` -> :class:`KernelProblem`: check a problem once (one host sync) and pass it
+  as ``prob=`` to the functions above, which then never synchronise with the host (a solver
+  loop built on them is CUDA-graph capturable).
 
 Kernel families: :mod:`.stats_pass` (online softmax), :mod:`.reductions` (row / column
 reductions), :mod:`.matvec` (GEMVs), :mod:`._tiles` (the shared logits tile, tile configs,
-fp32 dot precision: :func:`set_fp32_precision`). Runs on CUDA, or on the CPU under
-``TRITON_INTERPRET=1`` (tests). fp64 models: use the torch backend (refused here).
+fp32 dot precision: :func:`set_fp32_precision`, "tf32x3" by default). Runs on CUDA, or on the CPU
+under ``TRITON_INTERPRET=1`` (tests). fp64 models: use the torch backend (refused here). Inside
+the compiled CUDA CG the reductions and GEMVs skip their work once it has converged
+(:mod:`rosa_ext.common.device_flag`).
 """
 from __future__ import annotations
 
 from . import matvec, reductions, stats_pass
 from ._tiles import fp32_precision, set_fp32_precision
 from .matvec import weight_matvec, weight_rmatvec
-from .ops import column_reduce, jvp, row_reduce, stats, vjp
+from .ops import KernelProblem, column_reduce, jvp, prepare, row_reduce, stats, vjp
 
-__all__ = ["stats", "row_reduce", "column_reduce", "jvp", "vjp", "weight_matvec", "weight_rmatvec",
-           "set_fp32_precision", "fp32_precision", "reductions", "matvec", "stats_pass"]
+__all__ = ["stats", "row_reduce", "column_reduce", "jvp", "vjp", "weight_matvec", "weight_rmatvec", "prepare",
+           "KernelProblem", "set_fp32_precision", "fp32_precision", "reductions", "matvec", "stats_pass"]

@@ -5,14 +5,34 @@ z[t, v] = h_t . W_v (+ c_v) (+ s (a . h_t) b[seg_t, v]), accumulated in fp32 wit
 are recomputed from H, W and the per-token cache, never stored).
 
 Precision: bf16/fp16 operands go to the tensor cores with fp32 accumulation; fp32
-operands use ``tl.dot(..., input_precision=fp32_precision())``, "ieee" by default (exact
-fp32 products, no TF32) so the fp32 path meets the torch backend's tolerances;
-:func:`set_fp32_precision` ("tf32", "tf32x3") trades that for speed.
+operands use ``tl.dot(..., input_precision=fp32_precision())``, "tf32x3" by default: each
+fp32 product is split into three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), about
+2^-21 relative error per product against fp32's 2^-24, accumulated in fp32 -- the same order
+as fp32 accumulation over d >= 64 terms, so the fp32 path keeps the torch backend's
+tolerances. (A CPU emulation of the split on 256 x 8192 logits of d = 896, |z| up to ~20:
+rms logit error 5.3e-7 and log-sum-exp error <= 3.3e-6, against 4.1e-7 / 3.7e-6 for exact
+products with fp32 accumulation; one TF32 product: 3.1e-3 / 1.7e-2. The Triton interpreter
+ignores ``input_precision``, so only the GPU tests measure the kernels themselves.)
+:func:`set_fp32_precision` selects "ieee" (exact fp32 products on the FMA units, ~7x slower on
+Hopper) or "tf32" (one TF32 product, ~1e-3 relative error: faster, not fp32-accurate).
+
+Launch plumbing shared by the kernel families (all without a host sync):
+
+- vocabulary splits (:func:`split_plan`) are chosen inside the launch grid from the autotuned
+  BLOCK_T and the device's SM count (a wave-quantised cost model); the kernels derive their split width from the grid
+  (:func:`split_range`), and the partial buffers are sized for the largest split count any
+  config can take (:func:`max_splits`);
+- a *run flag* (:func:`rosa_ext.common.device_flag`): a device scalar that, when 0, makes
+  every flag-aware kernel skip its work and store zeros (the compiled CUDA CG's "active" entry,
+  so the passes after convergence cost a launch, not a pass over W);
+- :func:`autotuned`: ``triton.autotune`` with the results also cached on disk (Triton >= 3.2).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -24,16 +44,19 @@ from ..common.validation import RosaInputError, RosaTypeError
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
-_fp32_precision = "ieee"
+#: The default fp32 dot precision (module docstring): ~fp32 accuracy on the TF32 tensor cores.
+DEFAULT_FP32_PRECISION = "tf32x3"
+_fp32_precision = DEFAULT_FP32_PRECISION
 
 
 def fp32_precision() -> str:
-    """``input_precision`` of ``tl.dot`` for fp32 operands ("ieee" unless changed)."""
+    """``input_precision`` of ``tl.dot`` for fp32 operands ("tf32x3" unless changed)."""
     return _fp32_precision
 
 
 def set_fp32_precision(precision: str) -> None:
-    """Set the fp32 dot precision: "ieee" (exact, default), "tf32" or "tf32x3" (faster)."""
+    """Set the fp32 dot precision: "tf32x3" (default, ~fp32 accuracy on tensor cores), "ieee"
+    (exact fp32 products on the FMA units) or "tf32" (fastest, ~1e-3 relative error)."""
     global _fp32_precision
     if precision not in _FP32_PRECISIONS:
         raise RosaInputError(f"rosa_ext.kernels: fp32 precision must be one of {_FP32_PRECISIONS}, got "
@@ -42,14 +65,60 @@ def set_fp32_precision(precision: str) -> None:
 
 
 @triton.jit
-def load_rows(ptr, seg, offs_t, offs_v, mask_t, mask_v, stride, SINGLE: tl.constexpr):
-    """fp32 tile of a (B, V) table: row seg_t for each token (SINGLE: row 0, shape (1, BLOCK_V))."""
+def load_rows(ptr, seg, offs_t, offs_v, mask_t, mask_v, stride, rows, SINGLE: tl.constexpr):
+    """fp32 tile of a (rows, V) table: row seg_t for each token (SINGLE: row 0, shape (1, BLOCK_V)).
+
+    A seg id outside [0, rows) reads nothing (0.0): no bad index can read out of bounds. A
+    table of one row shared by every conversation is passed with ``stride`` 0 and ``rows``
+    :data:`ANY_ROW` (every seg id then reads row 0): :func:`table_rows`."""
     if SINGLE:
         x = tl.load(ptr + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
     else:
-        x = tl.load(ptr + seg[:, None] * stride + offs_v[None, :],
-                    mask=mask_t[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        seg_ok = (seg >= 0) & (seg < rows)
+        row = tl.where(seg_ok, seg, 0).to(tl.int64)
+        x = tl.load(ptr + row[:, None] * stride + offs_v[None, :],
+                    mask=(mask_t & seg_ok)[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
     return x
+
+
+#: ``rows`` of a one-row table shared by every conversation (stride 0): any seg id reads row 0.
+ANY_ROW = 2 ** 31 - 1
+
+
+def table_rows(t: torch.Tensor) -> Tuple[int, int]:
+    """(row stride, rows) of a (rows, V) table as :func:`load_rows` takes them: (0, ANY_ROW) for
+    one row shared by every conversation."""
+    return (0, ANY_ROW) if t.shape[0] == 1 else (t.stride(0), t.shape[0])
+
+
+@triton.jit
+def loop_end(begin, end, flag_ptr, HAS_FLAG: tl.constexpr):
+    """``end``, or ``begin`` (an empty loop: the kernel stores zeros) when the run flag is 0.
+
+    The run flag is a device scalar of any dtype (:mod:`rosa_ext.common.device_flag`); it is read
+    once per program, so a skipped pass costs a launch and a store, not a pass over W."""
+    if HAS_FLAG:
+        end = tl.where(tl.load(flag_ptr) != 0, end, begin)
+    return end
+
+
+#: Split width granularity: a multiple of every BLOCK_V, so only the vocabulary's last tile is partial.
+SPLIT_ALIGN = 256
+_SPLIT_ALIGN_C = tl.constexpr(SPLIT_ALIGN)
+
+
+@triton.jit
+def split_range(V, split):
+    """[v_begin, v_end) of vocabulary split ``split`` of ``tl.num_programs(1)`` splits.
+
+    The width is a multiple of ALIGN (so of every BLOCK_V: only the vocabulary's last tile is
+    partial) and the same as :func:`split_plan`'s, so the grid of :func:`split_grid` holds
+    exactly the non-empty splits."""
+    n = tl.num_programs(1)
+    chunk = tl.cdiv(tl.cdiv(V, n), _SPLIT_ALIGN_C) * _SPLIT_ALIGN_C
+    v_begin = split * chunk
+    v_end = tl.minimum(v_begin + chunk, V)
+    return v_begin, v_end
 
 
 @triton.jit
@@ -87,9 +156,9 @@ def logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, 
 
 
 #: (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) tried on Hopper (H100/H200) for the heads
-#: the project targets (d 576-4096, V 50k-152k), bf16/fp16 operands (wgmma) and fp32 with
-#: "tf32"/"tf32x3". All compile for sm_90 with at most 192 KiB of shared memory (checked ahead
-#: of time, python_tests/test_kernels.py). Each config costs a compile (3-6 s) per kernel and
+#: the project targets (d 576-4096, V 50k-152k), bf16/fp16 operands (wgmma). All compile for
+#: sm_90 with at most 192 KiB of shared memory (checked ahead of time,
+#: python_tests/kernels/test_kernels.py). Each config costs a compile (3-6 s) per kernel and
 #: specialisation on first use, so the list is short.
 _HOPPER = [
     (128, 128, 64, 8, 3),
@@ -101,6 +170,21 @@ _HOPPER = [
     (64, 64, 64, 4, 4),
     (32, 128, 128, 4, 3),
     (16, 128, 128, 4, 3),
+]
+#: fp32 operands on the TF32 tensor cores ("tf32x3", the default, and "tf32"): fp32 tiles take
+#: twice the shared memory of bf16 ones, and tf32x3 keeps the hi/lo halves of each operand in
+#: registers. Chosen by compiling the stats, row and column kernels ahead of time for sm_90
+#: (tf32x3, LoRA + bias; ptxas -v; no GPU): the bf16 list's 128x256, 64x256 and 64x128x64x4
+#: tiles need 208-320 KiB of shared memory (a block may use 227 KiB) and most of its 64-deep
+#: 4-warp tiles spill 1-3.6 KB of registers. These use at most 128 KiB and spill nothing, except
+#: 128x128x32 (up to 272 bytes), 64x64x64 (112) and the decode-sized 16x128x64 (308, no wgmma).
+_HOPPER_FP32_TC = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 3),
+    (16, 128, 64, 4, 3),
 ]
 #: Exact fp32 ("ieee": FMA, no tensor cores): small tiles. The large tiles above take 10-45 s
 #: each to compile for fp32 ieee and cannot be faster on FMA units, so they are pruned.
@@ -119,27 +203,32 @@ def _config(bt, bv, bd, w, s):
 def tile_configs():
     """Autotune configs (a single small config under the interpreter, to keep CPU tests fast).
 
-    The union of the half-precision and fp32-ieee lists; :func:`prune_configs` keeps the list
-    that fits the launch's operand dtype and token count."""
+    The union of the half-precision, fp32 tensor-core and fp32-ieee lists; :func:`prune_configs`
+    keeps the list that fits the launch's operand dtype, fp32 precision and token bucket."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1)]
-    return [_config(*c) for c in _HOPPER] + [_config(*c) for c in _HOPPER_FP32_IEEE]
+    pools = _HOPPER + [c for c in _HOPPER_FP32_TC + _HOPPER_FP32_IEEE if c not in _HOPPER]
+    return [_config(*c) for c in dict.fromkeys(pools)]
 
 
 def prune_configs(configs, named_args, **kwargs):
     """``early_config_prune`` of the logits-tile kernels (Triton <= 3.5 passes no kwargs; 3.6+ does).
 
-    fp32 operands with "ieee" precision keep the small-tile list, everything else the wgmma list;
-    token tiles taller than twice the padded token count are dropped (decode-sized updates)."""
+    bf16/fp16 operands keep the wgmma list, fp32 ones the fp32 tensor-core list ("tf32x3", "tf32")
+    or the small-tile list ("ieee"); token tiles taller than twice the token bucket are dropped
+    (decode-sized updates). The pruning
+    depends only on the autotune key (the bucket, not N), so every launch of one key tunes the
+    same list."""
     if len(configs) <= 1:
         return configs
     args = {**named_args, **kwargs}
     h = args.get("h_ptr")
     is_fp32 = bool(args.get("IS_FP32", getattr(h, "dtype", None) == torch.float32))
-    ieee = is_fp32 and args.get("PRECISION", fp32_precision()) == "ieee"
-    pool = {tuple(c) for c in (_HOPPER_FP32_IEEE if ieee else _HOPPER)}
-    n = int(args.get("N", 1 << 20))
-    tall = 2 * max(16, triton.next_power_of_2(max(1, n)))
+    precision = args.get("PRECISION", fp32_precision())
+    pool = {tuple(c) for c in (_HOPPER if not is_fp32 else _HOPPER_FP32_IEEE if precision == "ieee"
+                               else _HOPPER_FP32_TC)}
+    bucket = int(args.get("N_BUCKET") or n_bucket(int(args.get("N", 1 << 20))))
+    tall = 2 * bucket
 
     def key(c):
         k = c.kwargs
@@ -152,29 +241,142 @@ def prune_configs(configs, named_args, **kwargs):
     return keep
 
 
-#: Autotune key of the logits-tile kernels. N_BUCKET is a plain (non-constexpr) launch argument:
-#: as a constexpr it would recompile every config for every token bucket.
-AUTOTUNE_KEY = ["N_BUCKET", "D", "V", "PRECISION"]
+#: Autotune key of the logits-tile kernels: the sizes and every specialisation that changes the
+#: work of a tile (the operand dtypes are added by Triton itself: it keys on every tensor
+#: argument's dtype). N_BUCKET is a plain (non-constexpr) launch argument: as a constexpr it
+#: would recompile every config for every token bucket. HAS_FLAG (the run flag) is left out on
+#: purpose: a flagged launch does the same work per tile, so it reuses the config tuned without
+#: the flag (:func:`ensure_tuned` makes sure that one was tuned first: tuning *with* a flag that
+#: is 0 would time empty kernels).
+AUTOTUNE_KEY = ["N_BUCKET", "D", "V", "PRECISION", "IS_FP32", "HAS_BIAS", "HAS_LORA", "SINGLE"]
 PRUNE = {"early_config_prune": prune_configs}
+
+#: Token-count buckets of the autotune key: powers of 4 from 16 to 16384 (a new bucket re-tunes,
+#: so they are coarse; tile choice stops changing beyond a few thousand tokens).
+N_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
 
 
 def n_bucket(n: int) -> int:
-    """Autotune key for the token count: next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(int(n)))
+    """Autotune key for the token count: the smallest of :data:`N_BUCKETS` >= n (the last above)."""
+    n = int(n)
+    for b in N_BUCKETS:
+        if n <= b:
+            return b
+    return N_BUCKETS[-1]
 
 
-#: Target number of programs along the token x vocab-split grid (about 2 waves of 132 SMs).
-_TARGET_PROGRAMS = 264
-#: Split width granularity: a multiple of every BLOCK_V, so only the vocabulary's last tile is partial.
-_SPLIT_ALIGN = 256
+def autotuned(configs, key, **kw):
+    """``triton.autotune`` whose results are also cached on disk (``cache_results``, Triton >= 3.2:
+    a new process on the same GPU, Triton and kernel source does not re-tune); the in-process
+    cache is Triton's own, one entry per key."""
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kw.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kw)
 
 
-def vocab_splits(N: int, V: int) -> Tuple[int, int]:
-    """(splits, chunk): vocabulary splits so that the (token tiles x splits) grid fills the GPU."""
-    token_tiles = max(1, triton.cdiv(int(N), 64))
-    splits = int(max(1, min(triton.cdiv(V, _SPLIT_ALIGN), triton.cdiv(_TARGET_PROGRAMS, token_tiles))))
-    chunk = triton.cdiv(triton.cdiv(V, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    return triton.cdiv(V, chunk), chunk
+_tuned: set = set()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def launch(kernel, grid, args: Sequence, meta: Dict, flag: Optional[torch.Tensor]) -> None:
+    """``kernel[grid](*args, flag_ptr=..., HAS_FLAG=..., **meta)`` for a flag-aware autotuned kernel.
+
+    ``flag``: the run flag (:mod:`rosa_ext.common.device_flag`), a 1-element tensor on the launch's
+    device, or None. It is passed as float64 (a view of the CUDA CG's state needs no copy; without
+    a flag an unread float64 placeholder), so flagged and unflagged launches share one autotune key.
+    The first flagged launch of a key that was never launched without the flag first runs it once
+    unflagged (result discarded): the autotuner then times real work, not kernels that a 0 flag
+    leaves empty; later flagged launches reuse that config and add no extra work."""
+    dev = args[0].device
+    if flag is not None:
+        if flag.numel() != 1 or flag.device != dev:
+            raise RosaInputError(f"rosa_ext.kernels: the run flag must be a 1-element tensor on {dev}, got "
+                                 f"{tuple(flag.shape)} on {flag.device}", "flag")
+        if flag.dtype != torch.float64:
+            flag = flag.reshape(1).to(torch.float64)
+    bound = dict(zip(kernel.arg_names, args))
+    bound.update(meta)
+    key = (id(kernel), str(dev)) + tuple(bound.get(k) for k in getattr(kernel, "keys", ())) + tuple(
+        str(v.dtype) for v in bound.values() if isinstance(v, torch.Tensor))
+
+    def go(f):
+        kernel[grid](*args, flag_ptr=f if f is not None else torch.empty(1, dtype=torch.float64, device=dev),
+                     HAS_FLAG=f is not None, **meta)
+
+    # (one config under the interpreter; under CUDA-graph capture nothing can be tuned, and an extra
+    # launch would be replayed every time)
+    if flag is not None and key not in _tuned and not INTERPRET and not _capturing(dev):
+        go(None)
+    _tuned.add(key)
+    go(flag)
+
+
+#: The split kernels' grid is at most this many waves of the device's SMs (a wave: one program
+#: per SM; the large tiles are register-bound to about one program per SM).
+MAX_WAVES = 8
+#: SM count assumed where no GPU is queried (the interpreter): an H100 SXM.
+DEFAULT_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached; :data:`DEFAULT_SMS` off CUDA)."""
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=4096)
+def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
+    """(splits, chunk): the vocabulary splits of the (token tiles x splits) grid of the stats and
+    row kernels, each ``chunk`` wide (a multiple of :data:`SPLIT_ALIGN`, none empty).
+
+    The count minimises the modelled time ``waves x chunk`` -- ``waves = ceil(tiles x splits / sms)``
+    rounds of one program per SM, each program streaming ``chunk`` vocabulary rows -- over the
+    counts up to :data:`MAX_WAVES` waves (and one more), ties to fewer splits (less to merge). So a small token count is spread
+    over the vocabulary until the SMs are busy (about two waves where the 256-row granularity
+    allows), and a large one gets one split. Cached: computed once per (N, V, BLOCK_T, SMs)."""
+    tiles = max(1, triton.cdiv(int(N), int(block_t)))
+    top = max(1, min(triton.cdiv(V, SPLIT_ALIGN), triton.cdiv(MAX_WAVES * sms, tiles) + 1))
+    best = None
+    for s in range(1, top + 1):
+        chunk = triton.cdiv(triton.cdiv(V, s), SPLIT_ALIGN) * SPLIT_ALIGN
+        n = triton.cdiv(V, chunk)
+        cost = triton.cdiv(tiles * n, sms) * chunk
+        if best is None or cost < best[0]:
+            best = (cost, n, chunk)
+    return best[1], best[2]
+
+
+def forced_splits(splits: int, V: int) -> int:
+    """A split count asked for explicitly (benchmarks), rounded as :func:`split_plan` rounds it so
+    that no split is empty."""
+    splits = max(1, min(int(splits), triton.cdiv(V, SPLIT_ALIGN)))
+    chunk = triton.cdiv(triton.cdiv(V, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(V, chunk)
+
+
+def max_splits(N: int, V: int, configs: Sequence, sms: int) -> int:
+    """The most splits any of ``configs`` can launch with (the rows of the partial buffers)."""
+    return max(split_plan(N, V, c.kwargs["BLOCK_T"], sms)[0] for c in configs)
+
+
+def split_grid(N: int, V: int, sms: int, record: Dict[str, int]):
+    """The launch grid (token tiles, splits) of the split kernels, computed from the config's
+    BLOCK_T; the split count of the last launch (the one whose result is kept: the autotuner
+    launches every config first when it tunes) is left in ``record["splits"]``."""
+    def grid(meta):
+        splits = split_plan(N, V, meta["BLOCK_T"], sms)[0]
+        record["splits"] = splits
+        return (triton.cdiv(N, meta["BLOCK_T"]), splits)
+    return grid
 
 
 def check_model(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[int, int, int]:

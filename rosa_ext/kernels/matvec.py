@@ -8,14 +8,14 @@ These are memory-bound (one pass over W, ~0.09 ms for the bf16 Qwen2.5-0.5B head
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..common.validation import RosaInputError, RosaTypeError, kernel_device
-from ._tiles import INTERPRET, interpreter_safe
+from ._tiles import INTERPRET, autotuned, interpreter_safe, launch, loop_end
 
 
 def _configs() -> List[triton.Config]:
@@ -26,16 +26,17 @@ def _configs() -> List[triton.Config]:
                                  (16, 512, 4, 2)]]
 
 
-@triton.autotune(configs=_configs(), key=["D", "V"])
+@autotuned(_configs(), ["D", "V"])
 @triton.jit
-def _matvec_kernel(w_ptr, x_ptr, out_ptr, D, V, s_wv, s_wd, s_x, s_out,
-                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+def _matvec_kernel(w_ptr, x_ptr, out_ptr, flag_ptr, D, V, s_wv, s_wd, s_x, s_out,
+                   HAS_FLAG: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_v = tl.program_id(0)
     b = tl.program_id(1)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    d_end = loop_end(0, D, flag_ptr, HAS_FLAG)  # run flag 0: store zeros
+    for d0 in range(0, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         md = offs_d < D
         w = tl.load(w_ptr + offs_v[:, None] * s_wv + offs_d[None, :] * s_wd,
@@ -45,10 +46,10 @@ def _matvec_kernel(w_ptr, x_ptr, out_ptr, D, V, s_wv, s_wd, s_x, s_out,
     tl.store(out_ptr + b * s_out + offs_v, tl.sum(acc, 1), mask=mask_v)
 
 
-@triton.autotune(configs=_configs(), key=["D", "V"])
+@autotuned(_configs(), ["D", "V"])
 @triton.jit
-def _rmatvec_kernel(w_ptr, q_ptr, part_ptr, D, V, B, chunk, s_wv, s_wd, s_q,
-                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rmatvec_kernel(w_ptr, q_ptr, part_ptr, flag_ptr, D, V, B, chunk, s_wv, s_wd, s_q,
+                    HAS_FLAG: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -56,6 +57,7 @@ def _rmatvec_kernel(w_ptr, q_ptr, part_ptr, D, V, B, chunk, s_wv, s_wd, s_q,
     md = offs_d < D
     v_begin = split * chunk
     v_end = tl.minimum(v_begin + chunk, V)
+    v_end = loop_end(v_begin, v_end, flag_ptr, HAS_FLAG)  # run flag 0: store zeros
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -83,8 +85,10 @@ def _check(weight: torch.Tensor, x: torch.Tensor, axis: int, name: str) -> None:
                              f"{getattr(x, 'dtype', '')} on {getattr(x, 'device', '')}", arg)
 
 
-def weight_matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """W x for every row of x: weight (V, d) fp32/bf16/fp16, x (B, d) -> (B, V) fp32."""
+def weight_matvec(weight: torch.Tensor, x: torch.Tensor, *, flag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W x for every row of x: weight (V, d) fp32/bf16/fp16, x (B, d) -> (B, V) fp32.
+
+    ``flag``: the run flag (:mod:`rosa_ext.common.device_flag`): zeros when it is 0."""
     _check(weight, x, 1, "weight_matvec")
     V, D = weight.shape
     (weight,) = interpreter_safe(weight)
@@ -92,7 +96,8 @@ def weight_matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     B = x.shape[0]
     out = torch.empty(B, V, dtype=torch.float32, device=weight.device)
     grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]), B)  # noqa: E731
-    _matvec_kernel[grid](weight, x, out, D, V, weight.stride(0), weight.stride(1), x.stride(0), out.stride(0))
+    launch(_matvec_kernel, grid, (weight, x, out), dict(D=D, V=V, s_wv=weight.stride(0), s_wd=weight.stride(1),
+                                                        s_x=x.stride(0), s_out=out.stride(0)), flag)
     return out
 
 
@@ -100,11 +105,12 @@ def weight_matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _RMATVEC_CHUNK = 2048
 
 
-def weight_rmatvec(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def weight_rmatvec(weight: torch.Tensor, q: torch.Tensor, *, flag: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q W for every row of q: weight (V, d) fp32/bf16/fp16, q (B, V) -> (B, d) fp32.
 
     Programs over (d tile, vocabulary split of ``_RMATVEC_CHUNK`` rows, conversation); the
-    (splits, B, d) partials are summed in torch (deterministic, no atomics)."""
+    (splits, B, d) partials are summed in torch (deterministic, no atomics). ``flag``: the run
+    flag: zeros when it is 0."""
     _check(weight, q, 0, "weight_rmatvec")
     V, D = weight.shape
     (weight,) = interpreter_safe(weight)
@@ -114,5 +120,6 @@ def weight_rmatvec(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     splits = triton.cdiv(V, chunk)
     part = torch.empty(splits, B, D, dtype=torch.float32, device=weight.device)
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), splits, B)  # noqa: E731
-    _rmatvec_kernel[grid](weight, q, part, D, V, B, chunk, weight.stride(0), weight.stride(1), q.stride(0))
+    launch(_rmatvec_kernel, grid, (weight, q, part), dict(D=D, V=V, B=B, chunk=chunk, s_wv=weight.stride(0),
+                                                         s_wd=weight.stride(1), s_q=q.stride(0)), flag)
     return part.sum(0)

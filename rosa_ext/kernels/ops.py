@@ -7,32 +7,48 @@ Shapes: T tokens (packed over B >= 1 conversations), hidden size d, vocabulary V
 - ``bias`` (V,) any float dtype or None; ``targets`` (T,) int64 token ids.
 - ``seg`` (T,) int, conversation of each token, sorted (tokens of one conversation are
   contiguous); None means one conversation (B = 1).
-- LoRA rank 1: ``lora_a`` (d,) or (B, d), ``lora_b`` (V,) or (B, V), scale ``lora_scale``;
-  they add s (a_seg . h_t) b_seg to the logits. Both or neither.
+- LoRA rank 1: ``lora_a`` (d,) or (B, d), ``lora_b`` (V,) or (B, V), scale ``lora_scale``
+  (default 8); they add s (a_seg . h_t) b_seg to the logits. Both or neither.
 - Every result is fp32 (accumulation is fp32 whatever the model dtype), and carries no
   autograd graph.
 
-Every function checks its arguments first (:func:`_validate`, with the helpers of
+Checking, and host syncs. A plain call checks all its arguments first (with the helpers of
 :mod:`rosa_ext.common.validation`): shapes, dtypes and devices without a host sync, then the
 index values (``targets`` in [0, V), ``seg`` sorted and below the rows of every (B, .) table)
-with one sync each, so that no kernel reads out of bounds; errors name the argument. Values
-are not checked for NaN/Inf here (that would cost a pass over W).
+with one sync, so that no kernel reads out of bounds; errors name the argument. Values are not
+checked for NaN/Inf here (that would cost a pass over W).
+
+A solver that calls the kernels repeatedly on one problem validates it once instead:
+``prob = prepare(hidden, weight, targets, seg=..., lora_a=..., ...)`` checks the shapes *and*
+values with one sync and carries what the kernels need on the device (seg as int32, the
+conversations' offsets, B, ``a . h_t``); every function accepts it as ``prob=`` and then checks
+only the shapes of its per-call arguments (``lse``, ``u``, ``w``, ``v``, ``st``): **no host sync**,
+so a loop of them is CUDA-graph capturable (capture after one eager call of each function: the
+first launch of a kernel for a new shape compiles and autotunes, which a capture cannot hold;
+``rosa_ext.attach`` warms the kernels up for its head). With ``prob`` the model arguments are taken from
+it: the positional ones must be the very tensors it was prepared with (checked by identity),
+the keyword ones may be omitted. A :class:`KernelProblem` keeps values derived from its tensors
+(``a . h_t``, the stats when ``st`` is not passed): prepare again after changing them in place.
+(The kernels themselves read nothing out of bounds whatever the seg ids or offsets: rows
+outside a table read 0, offsets are clamped.)
 
 The JVP/VJP are of p_t = softmax(z_t)[y_t] (MATH.md section 2) w.r.t. the LoRA
 parameters [a, b] (mode "lora", P = d + V per conversation) or a hidden-state shift
 (mode "hidden", P = d); their algebra is :mod:`rosa_ext.common.jacobian`, the one the
 core operator uses, here on the Triton primitives (:mod:`.primitives`). Pass the
 :func:`stats` result as ``st`` to skip the stats pass when calling them repeatedly (a CG
-loop): a JVP is then one row-reduction pass over W, a VJP one column-reduction pass (plus
-one GEMV over W in hidden mode).
+loop): a JVP is then one row-reduction pass over W, a VJP one fused column pass (plus
+one GEMV over W in hidden mode). Inside the compiled CUDA CG (:func:`rosa_ext.cg.cg`) these
+passes skip their work once it has converged (:mod:`rosa_ext.common.device_flag`).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..common import defaults
+from ..common import defaults, device_flag
 from ..common import jacobian as J
 from ..common import validation as V
 from ..common.types import HeadProblem, HeadStats
@@ -41,14 +57,63 @@ from .reductions import column_reduce as _column_reduce
 from .reductions import row_reduce as _row_reduce
 
 
-def _validate(who: str, hidden, weight, *, bias=None, targets=None, lora_a=None, lora_b=None,
-              lora_scale=defaults.LORA_SCALE, seg=None, lse=None, tables=None, tokens=None, st=None,
-              mode=None) -> None:
-    """Check one call's arguments before any kernel runs.
+@dataclass(eq=False)
+class KernelProblem:
+    """A packed problem checked once by :func:`prepare`; pass it as ``prob=`` to skip the checks.
+
+    Holds the tensors it was prepared with (``hidden``, ``weight``, ``targets`` or None,
+    ``bias``, ``lora_a``, ``lora_b``, ``seg`` as given) and, on their device: ``seg32`` (T,)
+    int32, ``offsets32`` (B + 1,) int32 (conversation b owns tokens offsets[b]:offsets[b+1]),
+    ``a`` (1 or B, d) / ``b`` (1 or B, V) fp32 and ``ah`` (T,) fp32 = a_seg . h_t (None
+    without LoRA); on the host ``num_conversations`` (B) and ``offsets`` (B + 1 ints).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    lora_a: Optional[torch.Tensor]
+    lora_b: Optional[torch.Tensor]
+    lora_scale: float
+    seg: Optional[torch.Tensor]
+    num_conversations: int
+    offsets: Tuple[int, ...]
+    seg32: torch.Tensor
+    seg64: torch.Tensor
+    offsets32: torch.Tensor
+    a: Optional[torch.Tensor]
+    b: Optional[torch.Tensor]
+    ah: Optional[torch.Tensor]
+    _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"KernelProblem(T={self.num_tokens}, d={self.hidden_size}, V={self.vocab_size}, "
+                f"B={self.num_conversations}, lora={self.lora_a is not None}, bias={self.bias is not None}, "
+                f"{self.weight.dtype}, {self.weight.device})")
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def _check_model(who: str, hidden, weight, *, bias, targets, lora_a, lora_b, lora_scale, seg,
+                 tables=None, tokens=None, lse=None, st=None, mode=None, num_conversations=None
+                 ) -> Tuple[Dict[str, int], Optional[torch.Tensor]]:
+    """Every check of a plain call (or of :func:`prepare`): shapes, dtypes and devices without a
+    sync, then the index values with one. Returns ({name: rows} of the (B, .) tables, the int64
+    CPU copy of ``seg`` or None).
 
     ``tables``: name -> (tensor, width) of (width,) / (B, width) per-conversation inputs (u, v);
-    ``tokens``: name -> tensor of (T,) per-token inputs (w, u). The value checks (one host sync
-    each) are the last step, :func:`rosa_ext.common.validation.kernel_ranges`.
+    ``tokens``: name -> tensor of (T,) per-token inputs (w, u).
     """
     T, d, Vs = V.kernel_model(who, hidden, weight, bias)
     dev = hidden.device
@@ -61,155 +126,242 @@ def _validate(who: str, hidden, weight, *, bias=None, targets=None, lora_a=None,
     for name, (x, width) in (tables or {}).items():
         rows[name] = V.kernel_rows(who, name, x, width, dev)
     V.kernel_tables_agree(who, rows)
-    for name, x in (tokens or {}).items():
-        V.kernel_vector(who, name, x, T, dev)
-    if lse is not None:
-        V.kernel_vector(who, "lse", lse, T, dev)
-    if st is not None:
-        V.kernel_stats(who, st, T, dev, lora=lora_a is not None)
+    if num_conversations is not None:
+        n = V.integer(who, "num_conversations", num_conversations, minimum=1)
+        multi = {k: r for k, r in rows.items() if r != 1}
+        if multi and n != max(multi.values()):
+            V.fail(who, "num_conversations", f"num_conversations={n} but the tables have {multi} rows")
+        rows["num_conversations"] = n
+    _check_call(who, T, dev, tokens=tokens, lse=lse, st=st, lora=lora_a is not None)
     if targets is not None:
         V.kernel_index(who, "targets", targets, T, dev, "token ids")
     if seg is not None:
         V.kernel_index(who, "seg", seg, T, dev, "conversation ids")
     elif max(rows.values(), default=1) > 1:
         V.fail(who, "seg", f"{max(rows.values())} conversations given (rows of {list(rows)}) but no `seg`")
-    # value checks: one host sync each (opt-out candidates on a hot path)
-    V.kernel_ranges(who, Vs, targets=targets, seg=seg, rows=rows)
+    # the value checks: one host sync for all of them
+    seg_host = V.kernel_ranges(who, Vs, targets=targets, seg=seg,
+                               rows={k: r for k, r in rows.items() if k != "num_conversations"})
+    if num_conversations is not None and seg_host is not None and int(seg_host.max()) >= rows["num_conversations"]:
+        V.fail(who, "seg", f"`seg` holds conversation {int(seg_host.max())} but num_conversations="
+                           f"{rows['num_conversations']}")
+    return rows, seg_host
+
+
+def _check_call(who: str, T: int, dev: torch.device, *, tokens=None, lse=None, st=None, lora: bool) -> None:
+    """The per-call arguments that are not tables: shapes and devices only (no sync)."""
+    for name, x in (tokens or {}).items():
+        V.kernel_vector(who, name, x, T, dev)
+    if lse is not None:
+        V.kernel_vector(who, "lse", lse, T, dev)
+    if st is not None:
+        V.kernel_stats(who, st, T, dev, lora=lora)
+
+
+def _build(hidden, weight, targets, *, bias, lora_a, lora_b, lora_scale, seg, rows, seg_host) -> KernelProblem:
+    """The KernelProblem of checked arguments; no host sync (the offsets come from the host copy
+    of seg made by the value check, the device offsets from a search on the device)."""
+    T, d = hidden.shape
+    Vs = weight.shape[0]
+    dev = hidden.device
+    if seg is None:
+        B = 1
+        offsets = (0, T)
+        seg64 = torch.zeros(T, dtype=torch.int64, device=dev)
+        off32 = torch.zeros(2, dtype=torch.int32, device=dev)
+        off32[1:] = T  # a fill, not a host-to-device copy
+    else:
+        B = max([1, (int(seg_host.max()) + 1) if seg_host.numel() else 1] + list(rows.values()))
+        counts = torch.bincount(seg_host, minlength=B).tolist()  # host tensor: no sync
+        acc = [0]
+        for c in counts:
+            acc.append(acc[-1] + int(c))
+        offsets = tuple(acc)
+        seg64 = seg.to(torch.int64).contiguous()
+        off32 = torch.searchsorted(seg64, torch.arange(B + 1, device=dev, dtype=torch.int64)).to(torch.int32)
+    a = _rows(lora_a, d)
+    b = _rows(lora_b, Vs)
+    ah = None
+    if a is not None:
+        ah = (hidden.float() * (a[0] if a.shape[0] == 1 else a[seg64])).sum(1)
+    return KernelProblem(hidden=hidden, weight=weight, targets=targets, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                         lora_scale=float(lora_scale), seg=seg, num_conversations=B, offsets=offsets,
+                         seg32=seg64.to(torch.int32), seg64=seg64, offsets32=off32, a=a, b=b, ah=ah)
 
 
 def _rows(x: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
-    """(width,) or (B, width) -> (B, width) fp32 (shapes checked by :func:`_validate`)."""
+    """(width,) or (B, width) -> (B, width) fp32 (shapes checked before)."""
     if x is None:
         return None
     return x.reshape(1, width).float() if x.dim() == 1 else x.float()
 
 
-def _segments(hidden: torch.Tensor, seg: Optional[torch.Tensor], num: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(seg int32 (T,), offsets int32 (B + 1,), B) on the device of ``hidden`` (seg checked by :func:`_validate`)."""
-    T = hidden.shape[0]
-    if seg is None:
-        return (torch.zeros(T, dtype=torch.int32, device=hidden.device),
-                torch.tensor([0, T], dtype=torch.int32, device=hidden.device), 1)
-    B = max(num, int(seg.max()) + 1)
-    counts = torch.bincount(seg.long(), minlength=B)
-    offsets = torch.zeros(B + 1, dtype=torch.int32, device=hidden.device)
-    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return seg.to(torch.int32).contiguous(), offsets, B
+def prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+            bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
+            lora_b: Optional[torch.Tensor] = None, lora_scale: Optional[float] = None,
+            seg: Optional[torch.Tensor] = None, num_conversations: Optional[int] = None) -> KernelProblem:
+    """Check a packed problem once (shapes, and values with one host sync) -> :class:`KernelProblem`.
+
+    Arguments as in the module docstring (``targets`` may be omitted when only
+    :func:`row_reduce` / :func:`column_reduce` will be called; ``lora_scale`` defaults to 8);
+    ``num_conversations``: B when some conversations of a batch have no token (default: the rows
+    of the (B, .) tables or the largest seg id + 1). Pass the result as ``prob=`` to the
+    functions of this module: they then run without any host sync.
+    """
+    who = "rosa_ext.kernels.prepare"
+    lora_scale = defaults.LORA_SCALE if lora_scale is None else lora_scale
+    rows, seg_host = _check_model(who, hidden, weight, bias=bias, targets=targets, lora_a=lora_a, lora_b=lora_b,
+                                  lora_scale=lora_scale, seg=seg, num_conversations=num_conversations)
+    return _build(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale,
+                  seg=seg, rows=rows, seg_host=seg_host)
 
 
-def _lora(hidden, weight, lora_a, lora_b, seg32):
-    """(a (B, d), b (B, V), ah (T,)) fp32, or Nones."""
-    if lora_a is None:
-        return None, None, None
-    a = _rows(lora_a, hidden.shape[1])
-    b = _rows(lora_b, weight.shape[0])
-    ah = (hidden.float() * (a[0] if a.shape[0] == 1 else a[seg32.long()])).sum(1)
-    return a, b, ah
+def _problem(who: str, prob: Optional[KernelProblem], hidden, weight, targets, *, needs_targets: bool, bias,
+             lora_a, lora_b, lora_scale, seg, tables=None, tokens=None, lse=None, st=None, mode=None
+             ) -> KernelProblem:
+    """The call's KernelProblem: checked and built (plain call, one sync), or ``prob`` after the
+    identity and per-call shape checks (no sync)."""
+    if prob is None:
+        scale = defaults.LORA_SCALE if lora_scale is None else lora_scale
+        rows, seg_host = _check_model(who, hidden, weight, bias=bias, targets=targets, lora_a=lora_a,
+                                      lora_b=lora_b, lora_scale=scale, seg=seg, tables=tables, tokens=tokens,
+                                      lse=lse, st=st, mode=mode)
+        return _build(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=scale, seg=seg,
+                      rows=rows, seg_host=seg_host)
+    if not isinstance(prob, KernelProblem):
+        V.fail(who, "prob", f"`prob` must be the KernelProblem of rosa_ext.kernels.prepare, got "
+                            f"{type(prob).__name__}", V.RosaTypeError)
+    given = dict(hidden=hidden, weight=weight, targets=targets, bias=bias, lora_a=lora_a, lora_b=lora_b, seg=seg)
+    for name, x in given.items():
+        if x is not None and x is not getattr(prob, name):
+            V.fail(who, name, f"`{name}` is not the tensor `prob` was prepared with: pass that very tensor, or "
+                              f"omit it (the keyword arguments) -- or prepare a new problem")
+    if lora_scale is not None and V.real(who, "lora_scale", lora_scale) != prob.lora_scale:
+        V.fail(who, "lora_scale", f"lora_scale={lora_scale} but `prob` was prepared with {prob.lora_scale}")
+    if needs_targets and prob.targets is None:
+        V.fail(who, "targets", "`prob` was prepared without targets; prepare it with them for this function")
+    if mode is not None:
+        V.choice(who, "mode", mode, ("lora", "hidden"))
+        if mode == "lora" and prob.lora_a is None:
+            V.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b (prepare `prob` with them)")
+    dev, B = prob.hidden.device, prob.num_conversations
+    for name, (x, width) in (tables or {}).items():
+        n = V.kernel_rows(who, name, x, width, dev)
+        if n not in (1, B):
+            V.fail(who, name, f"`{name}` has {n} rows; `prob` has {B} conversations (give 1 or {B} rows)")
+    _check_call(who, prob.num_tokens, dev, tokens=tokens, lse=lse, st=st, lora=prob.lora_a is not None)
+    return prob
 
 
-def _num(*xs: Optional[torch.Tensor]) -> int:
-    return max([1] + [x.shape[0] for x in xs if x is not None and x.dim() == 2])
+def _kw(p: KernelProblem) -> Dict[str, Any]:
+    return dict(bias=p.bias, lora_b=p.b, ah=p.ah, lora_scale=p.lora_scale)
 
 
+# -- the functions ----------------------------------------------------------------------------------
 @torch.no_grad()
 def stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
           lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
-          lora_scale: float = defaults.LORA_SCALE, seg: Optional[torch.Tensor] = None) -> HeadStats:
+          lora_scale: Optional[float] = None, seg: Optional[torch.Tensor] = None,
+          prob: Optional[KernelProblem] = None) -> HeadStats:
     """One pass over W -> HeadStats(lse, logp, ah, pib), each (T,) fp32 (ah/pib None without LoRA).
 
     lse_t = logsumexp(z_t), logp_t = z_t[y_t] - lse_t (<= 0), ah_t = a_seg . h_t, pib_t = pi_t . b_seg.
     """
-    _validate("rosa_ext.kernels.stats", hidden, weight, bias=bias, targets=targets, lora_a=lora_a, lora_b=lora_b,
-              lora_scale=lora_scale, seg=seg)
-    return _stats(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg)
+    p = _problem("rosa_ext.kernels.stats", prob, hidden, weight, targets, needs_targets=True, bias=bias,
+                 lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg)
+    return _stats(p)
 
 
-def _stats(hidden, weight, targets, *, bias, lora_a, lora_b, lora_scale, seg) -> HeadStats:
-    seg32, _, B = _segments(hidden, seg, _num(lora_a, lora_b))
-    _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
-    return stats_from_tensors(hidden, weight, targets, seg32, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
+def _stats(p: KernelProblem) -> HeadStats:
+    return stats_from_tensors(p.hidden, p.weight, p.targets, p.seg32, **_kw(p))
 
 
 @torch.no_grad()
 def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, u: torch.Tensor, *,
                bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-               lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
-               seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+               lora_b: Optional[torch.Tensor] = None, lora_scale: Optional[float] = None,
+               seg: Optional[torch.Tensor] = None, prob: Optional[KernelProblem] = None) -> torch.Tensor:
     """R(u)_t = pi_t . u_seg for u (V,) or (B, V), given lse (T,) from :func:`stats` -> (T,) fp32."""
-    _validate("rosa_ext.kernels.row_reduce", hidden, weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-              lora_scale=lora_scale, seg=seg, lse=lse, tables={"u": (u, weight.shape[0])})
-    u2 = _rows(u, weight.shape[0])
-    seg32, _, _ = _segments(hidden, seg, _num(u2, lora_a, lora_b))
-    _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
-    return _row_reduce(hidden, weight, seg32, lse, u2, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
+    p = _problem("rosa_ext.kernels.row_reduce", prob, hidden, weight, None, needs_targets=False, bias=bias,
+                 lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, lse=lse,
+                 tables={"u": (u, weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1)})
+    return _row_reduce(p.hidden, p.weight, p.seg32, lse, _rows(u, p.vocab_size), flag=device_flag.current(), **_kw(p))
 
 
 @torch.no_grad()
 def column_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, *,
                   bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-                  lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
-                  seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  lora_b: Optional[torch.Tensor] = None, lora_scale: Optional[float] = None,
+                  seg: Optional[torch.Tensor] = None, prob: Optional[KernelProblem] = None) -> torch.Tensor:
     """C(w) = sum_t w_t pi_t for w (T,) -> (V,) fp32, or (B, V) per conversation when ``seg`` is given."""
-    _validate("rosa_ext.kernels.column_reduce", hidden, weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-              lora_scale=lora_scale, seg=seg, lse=lse, tokens={"w": w})
-    seg32, off, _ = _segments(hidden, seg, _num(lora_a, lora_b))
-    _, b, ah = _lora(hidden, weight, lora_a, lora_b, seg32)
-    out = _column_reduce(hidden, weight, off, lse, w, bias=bias, lora_b=b, ah=ah, lora_scale=lora_scale)
-    return out[0] if seg is None else out
+    p = _problem("rosa_ext.kernels.column_reduce", prob, hidden, weight, None, needs_targets=False, bias=bias,
+                 lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, lse=lse, tokens={"w": w})
+    out = _column_reduce(p.hidden, p.weight, p.offsets32, lse, w, flag=device_flag.current(), **_kw(p))
+    return out[0] if p.seg is None else out
 
 
-def _num_params(hidden: torch.Tensor, weight: torch.Tensor, mode: str) -> int:
-    """P = d + V (lora) or d (hidden); 0 before the shapes are checked."""
+def _num_params(weight: Any, mode: Any) -> int:
+    """P = d + V (lora) or d (hidden); -1 before the shapes are checked."""
     try:
         return int(weight.shape[1]) + (int(weight.shape[0]) if mode == "lora" else 0)
     except (AttributeError, IndexError, TypeError):
-        return 0
+        return -1
 
 
-def _params(v: torch.Tensor, P: int, B: int) -> torch.Tensor:
-    return _rows(v, P).expand(B, P)
-
-
-def _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale, extra=None
-                   ) -> Tuple[J.Linearization, TritonPrimitives]:
-    """The packed problem of the tensor-level call, its stats and the Triton primitives over it."""
-    seg32, off, B = _segments(hidden, seg, _num(lora_a, lora_b, extra))
-    a, b, _ = _lora(hidden, weight, lora_a, lora_b, seg32)
+def _linearization(p: KernelProblem, mode: str, st: Optional[HeadStats]) -> Tuple[J.Linearization, TritonPrimitives]:
+    """The packed problem of the tensor-level call, its stats and the Triton primitives over it
+    (cached in ``p``: a loop that passes the same ``st`` builds them once)."""
+    cache = p._cache
     if st is None:
-        st = _stats(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg)
-    if a is not None:
-        a, b = a.expand(B, -1), b.expand(B, -1)
-    prob = HeadProblem(hidden=hidden, weight=weight, bias=bias, targets=targets.long(), seg=seg32.long(),
-                       offsets=off.tolist(), reward=torch.zeros(B, device=hidden.device), mode=mode, lora_a=a,
-                       lora_b=b, lora_scale=float(lora_scale), beta=defaults.BETA, damping=defaults.DAMPING,
-                       max_iter=defaults.MAX_ITER, tol=defaults.TOL, solver="cg", backend="triton",
-                       batched=seg is not None, compute_dtype=torch.float32)
-    return J.Linearization.at(prob, st), TritonPrimitives(index=(seg32, off))
+        if "stats" not in cache:
+            cache["stats"] = _stats(p)
+        st = cache["stats"]
+    hit = cache.get(("lin", mode))
+    if hit is not None and hit[0] is st:
+        return hit[1], hit[2]
+    head = cache.get(("head", mode))
+    if head is None:
+        B = p.num_conversations
+        a = None if p.a is None else p.a.expand(B, -1)
+        b = None if p.b is None else p.b.expand(B, -1)
+        head = HeadProblem(hidden=p.hidden, weight=p.weight, bias=p.bias, targets=p.targets.to(torch.int64),
+                           seg=p.seg64, offsets=list(p.offsets), reward=torch.zeros(B, device=p.hidden.device),
+                           mode=mode, lora_a=a, lora_b=b, lora_scale=p.lora_scale, beta=defaults.BETA,
+                           damping=defaults.DAMPING, max_iter=defaults.MAX_ITER, tol=defaults.TOL, solver="cg",
+                           backend="triton", batched=p.seg is not None, compute_dtype=torch.float32)
+        cache[("head", mode)] = head
+    prims = cache.get("prims")
+    if prims is None:
+        prims = cache["prims"] = TritonPrimitives(index=(p.seg32, p.offsets32))
+    lin = J.Linearization.at(head, st)
+    cache[("lin", mode)] = (st, lin, prims)
+    return lin, prims
 
 
 @torch.no_grad()
 def jvp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, v: torch.Tensor, *, mode: str,
         bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-        lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
-        seg: Optional[torch.Tensor] = None, st: Optional[HeadStats] = None) -> torch.Tensor:
+        lora_b: Optional[torch.Tensor] = None, lora_scale: Optional[float] = None,
+        seg: Optional[torch.Tensor] = None, st: Optional[HeadStats] = None,
+        prob: Optional[KernelProblem] = None) -> torch.Tensor:
     """u = J v: v (P,) or (B, P) (P = d + V laid out [v_a, v_b] for "lora", d for "hidden") -> (T,) fp32."""
-    _validate("rosa_ext.kernels.jvp", hidden, weight, bias=bias, targets=targets, lora_a=lora_a, lora_b=lora_b,
-              lora_scale=lora_scale, seg=seg, st=st, mode=mode,
-              tables={"v": (v, _num_params(hidden, weight, mode))})
-    lin, prims = _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale,
-                                v if v.dim() == 2 else None)
-    prob = lin.prob
-    return J.jvp(lin, prims, _params(v, prob.num_params, prob.num_conversations))
+    p = _problem("rosa_ext.kernels.jvp", prob, hidden, weight, targets, needs_targets=True, bias=bias,
+                 lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, st=st, mode=mode,
+                 tables={"v": (v, _num_params(weight, mode))})
+    lin, prims = _linearization(p, mode, st)
+    P, B = lin.prob.num_params, p.num_conversations
+    return J.jvp(lin, prims, _rows(v, P).expand(B, P))
 
 
 @torch.no_grad()
 def vjp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, u: torch.Tensor, *, mode: str,
         bias: Optional[torch.Tensor] = None, lora_a: Optional[torch.Tensor] = None,
-        lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
-        seg: Optional[torch.Tensor] = None, st: Optional[HeadStats] = None) -> torch.Tensor:
+        lora_b: Optional[torch.Tensor] = None, lora_scale: Optional[float] = None,
+        seg: Optional[torch.Tensor] = None, st: Optional[HeadStats] = None,
+        prob: Optional[KernelProblem] = None) -> torch.Tensor:
     """J^T u: u (T,) -> (P,) fp32, or (B, P) per conversation when ``seg`` is given."""
-    _validate("rosa_ext.kernels.vjp", hidden, weight, bias=bias, targets=targets, lora_a=lora_a, lora_b=lora_b,
-              lora_scale=lora_scale, seg=seg, st=st, mode=mode, tokens={"u": u})
-    lin, prims = _linearization(hidden, weight, targets, mode, lora_a, lora_b, seg, st, bias, lora_scale)
+    p = _problem("rosa_ext.kernels.vjp", prob, hidden, weight, targets, needs_targets=True, bias=bias,
+                 lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, st=st, mode=mode, tokens={"u": u})
+    lin, prims = _linearization(p, mode, st)
     grad = J.vjp(lin, prims, u.float())
-    return grad[0] if seg is None else grad
+    return grad[0] if p.seg is None else grad

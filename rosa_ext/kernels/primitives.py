@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..common import device_flag
 from ..common.jacobian import WholeVocabulary, observed_logp
 from ..common.types import HeadProblem, HeadStats
 from . import matvec as MV
@@ -58,7 +59,9 @@ class TritonPrimitives(WholeVocabulary):
             return self._given
         if self._cache_key is not prob:
             seg = prob.seg.to(torch.int32).contiguous()
-            off = torch.tensor(prob.offsets, dtype=torch.int32, device=prob.device)
+            # from the sorted seg on the device (no host-to-device copy of prob.offsets, no sync)
+            steps = torch.arange(prob.num_conversations + 1, device=prob.device, dtype=prob.seg.dtype)
+            off = torch.searchsorted(prob.seg.contiguous(), steps).to(torch.int32)
             self._cache_key, self._cache = prob, (seg, off)
         return self._cache
 
@@ -79,21 +82,34 @@ class TritonPrimitives(WholeVocabulary):
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(pi_t . u[seg_t]) for u (B, V) -> (N,) fp32."""
         seg, _ = self.index(prob)
-        return K.row_reduce(prob.hidden, prob.weight, seg, st.lse, u, **self._kw(prob, st.ah))
+        return K.row_reduce(prob.hidden, prob.weight, seg, st.lse, u, flag=device_flag.current(),
+                            **self._kw(prob, st.ah))
 
     def column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
         """sum_{t in b} w_t pi_t for w (N,) -> (B, V) fp32."""
         _, off = self.index(prob)
-        return K.column_reduce(prob.hidden, prob.weight, off, st.lse, w, **self._kw(prob, st.ah))
+        return K.column_reduce(prob.hidden, prob.weight, off, st.lse, w, flag=device_flag.current(),
+                               **self._kw(prob, st.ah))
+
+    def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """scatter(y, w) - C(w) -> (B, V) fp32 in one fused pass: the column kernel adds w_t where y_t
+        falls in its vocabulary tile (no ``index_put_``: deterministic, CUDA-graph capturable)."""
+        _, off = self.index(prob)
+        return K.column_reduce(prob.hidden, prob.weight, off, st.lse, w, targets=prob.targets,
+                               flag=device_flag.current(), **self._kw(prob, st.ah))
 
     def weight_matvec(self, prob: HeadProblem, v: torch.Tensor) -> torch.Tensor:
-        """W v for v (B, d) -> (B, V) fp32 (Triton GEMV for bf16/fp16, torch's for fp32)."""
-        if prob.weight.dtype == torch.float32:
+        """W v for v (B, d) -> (B, V) fp32 (Triton GEMV for bf16/fp16, and for fp32 under a run flag;
+        torch's for fp32 otherwise)."""
+        flag = device_flag.current()
+        if prob.weight.dtype == torch.float32 and flag is None:
             return v @ prob.weight.T
-        return MV.weight_matvec(prob.weight, v)
+        return MV.weight_matvec(prob.weight, v, flag=flag)
 
     def weight_rmatvec(self, prob: HeadProblem, q: torch.Tensor) -> torch.Tensor:
-        """q W for q (B, V) -> (B, d) fp32 (Triton GEMV for bf16/fp16, torch's for fp32)."""
-        if prob.weight.dtype == torch.float32:
+        """q W for q (B, V) -> (B, d) fp32 (Triton GEMV for bf16/fp16, and for fp32 under a run flag;
+        torch's for fp32 otherwise)."""
+        flag = device_flag.current()
+        if prob.weight.dtype == torch.float32 and flag is None:
             return q @ prob.weight
-        return MV.weight_rmatvec(prob.weight, q)
+        return MV.weight_rmatvec(prob.weight, q, flag=flag)

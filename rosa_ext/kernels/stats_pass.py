@@ -1,8 +1,9 @@
 """The stats pass (MATH.md section 3): one sweep over W, online softmax per token.
 
-Flash-decoding style: programs over (token tile, vocabulary split); each keeps a running
-max m, sum s = sum exp(z - m) and (LoRA) sb = sum exp(z - m) b over its split, and
-:func:`combine_stats` merges the (splits, N) partials in torch into lse_t and pi_t . b.
+Flash-decoding style: programs over (token tile, vocabulary split) -- the split count from the
+tuned BLOCK_T and the SM count (a wave-quantised cost model) -- each keeps a running max m, sum
+s = sum exp(z - m) and (LoRA) sb = sum exp(z - m) b over its split, and :func:`combine_stats`
+merges the (splits, N) partials in torch into lse_t and pi_t . b.
 Tokens are packed over B conversations; ``seg`` (N,) int32 gives each token's conversation
 (used to gather the LoRA b row of that conversation).
 """
@@ -17,22 +18,28 @@ import triton.language as tl
 from ._tiles import (
     AUTOTUNE_KEY,
     PRUNE,
+    autotuned,
     check_model,
+    forced_splits,
     fp32_precision,
     interpreter_safe,
     load_rows,
     logits_tile,
     lora_args,
+    max_splits,
     n_bucket,
+    sm_count,
+    split_grid,
+    split_range,
+    table_rows,
     tile_configs,
-    vocab_splits,
 )
 
 
-@triton.autotune(configs=tile_configs(), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@autotuned(tile_configs(), AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _stats_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, m_out, s_out, sb_out,
-                  N, D, V, chunk, s_hn, s_hd, s_wv, s_wd, s_lb, lora_scale,
+                  N, D, V, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
                   N_BUCKET, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                   SINGLE: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -47,14 +54,13 @@ def _stats_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, m_out, s_out,
     m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_T,), dtype=tl.float32)
     sb = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    v_begin = split * chunk
-    v_end = tl.minimum(v_begin + chunk, V)
+    v_begin, v_end = split_range(V, split)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         bv = 0.0
         if HAS_LORA:
-            bv = load_rows(lb_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_lb, SINGLE)
+            bv = load_rows(lb_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_lb, n_lb, SINGLE)
         z = logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, D,
                         s_hn, s_hd, s_wv, s_wd, lora_scale, HAS_BIAS, HAS_LORA, IS_FP32, PRECISION,
                         BLOCK_T, BLOCK_V, BLOCK_D)
@@ -74,27 +80,38 @@ def _stats_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, m_out, s_out,
 
 def stats_partials(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, *,
                    bias: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
-                   ah: Optional[torch.Tensor] = None, lora_scale: float = 0.0
+                   ah: Optional[torch.Tensor] = None, lora_scale: float = 0.0, splits: Optional[int] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Per-split online-softmax partials (m, s, sb), each (splits, N) fp32 (sb None without LoRA).
 
     Args: hidden (N, d) and weight (V, d) of one dtype (fp32/bf16/fp16, any strides), seg (N,)
-    int32 conversation of each token, bias (V,), lora_b (B, V) with ah (N,) = a_seg . h_t.
+    int32 conversation of each token, bias (V,), lora_b (B, V) with ah (N,) = a_seg . h_t (a seg
+    id outside lora_b's rows reads b = 0). The split count comes from the tuned BLOCK_T and the
+    SM count (:func:`rosa_ext.kernels._tiles.split_plan`; ``splits`` forces one, for benchmarks);
+    no host sync.
     """
     N, D, V = check_model(hidden, weight, bias)
     hidden, weight, bias = interpreter_safe(hidden, weight, bias)
     has_lora, lb, ah_, s_lb = lora_args(hidden, lora_b, ah, V)
-    splits, chunk = vocab_splits(N, V)
-    m = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
+    sms = sm_count(hidden.device)
+    rec = {}
+    if splits is None:  # from the tuned BLOCK_T, in the launch grid; the buffers fit every config
+        rows = max_splits(N, V, _stats_kernel.configs, sms)
+        grid = split_grid(N, V, sms, rec)
+    else:
+        rows = rec["splits"] = forced_splits(splits, V)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), rows)  # noqa: E731
+    m = torch.empty(rows, N, dtype=torch.float32, device=hidden.device)
     s = torch.empty_like(m)
     sb = torch.empty_like(m) if has_lora else m
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), splits)  # noqa: E731
-    _stats_kernel[grid](hidden, weight, bias if bias is not None else m, lb, ah_, seg, m, s, sb,
-                        N, D, V, chunk, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                        s_lb, float(lora_scale), N_BUCKET=n_bucket(N), HAS_BIAS=bias is not None,
-                        HAS_LORA=has_lora, SINGLE=(not has_lora) or lb.shape[0] == 1,
-                        IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision())
-    return m, s, (sb if has_lora else None)
+    single = (not has_lora) or lb.shape[0] == 1
+    s_lb, n_lb = table_rows(lb)
+    _stats_kernel[grid](
+        hidden, weight, bias if bias is not None else m, lb, ah_, seg, m, s, sb, N, D, V, hidden.stride(0),
+        hidden.stride(1), weight.stride(0), weight.stride(1), s_lb, n_lb, float(lora_scale), N_BUCKET=n_bucket(N),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, SINGLE=single, IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision())
+    n = rec["splits"]
+    return m[:n], s[:n], (sb[:n] if has_lora else None)
 
 
 def combine_stats(m: torch.Tensor, s: torch.Tensor, sb: Optional[torch.Tensor]
