@@ -20,8 +20,13 @@ import torch
 from ..common import defaults
 
 #: The demo's problems (question, answer): small arithmetic that the 135M model gets
-#: wrong on its first greedy try, so every problem shows at least one update.
+#: wrong on its first greedy try, so every problem shows at least one update. The first two
+#: are development-split problems (``rosa_ext.harness.problems.heldout_split``) where an update
+#: corrected the answer in the lever study (benchmarks/results/experiment/README.md); without an
+#: update the model repeats its wrong answer on them at every turn.
 DEMO_PROBLEMS = [
+    ("What is 16 - 8?", "8"),
+    ("What is 17 - 8?", "9"),
     ("What is 19 - 3?", "16"),
     ("Emma has 9 cards and gets 9 more. How many cards does Emma have now?", "18"),
     ("What is 21 - 4?", "17"),
