@@ -4,7 +4,8 @@ Runs each configuration of ``RUNS[--run]`` (a method spec plus decoding) on the
 dev split (disjoint from the held-out test set) and writes one row per
 configuration to ``benchmarks/results/experiment/<tag>.json`` as it goes.
 
-    python benchmarks/experiment/levers.py [--run 4] [--problems 60] [--turns 5] [--only INDEX ...] [--tag NAME]
+    python benchmarks/experiment/levers.py [--run 5] [--problems 60] [--turns 5] [--only INDEX ...] [--tag NAME]
+        [--append] [--sample]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from rosa_ext.harness.experiment import METHODS, first_turn, load_model, run_method
+from rosa_ext.harness.experiment import METHODS, attainment_summary, first_turn, load_model, repeat_count, run_method
 from rosa_ext.harness.metrics import accuracy_curve, correction_uplift
 from rosa_ext.harness.problems import heldout_split
 
@@ -64,24 +65,51 @@ CONFIGS_RUN4 = [
     ("pg lr1 answer", R(PG, lr=1.0, on="answer_span"), "greedy"),
     ("pg lr0.1 answer", R(PG, lr=0.1, on="answer_span"), "greedy"),
 ]
-RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4}
+
+
+# Run 5: damping relative to the Gram matrix (damping_mode="relative": lambda = damping x
+# mean_t ||J_t||^2, Levenberg-Marquardt scaling) against the absolute 0.1, on the answer-span
+# target, with the target attainment of every update measured. Priority order: the relative
+# lambda sweep at beta 1 for both parameterisations (with the absolute 0.1 LoRA row and the
+# baseline as references), then beta 0.3, then the remaining absolute rows.
+def Q(spec, lam, beta, dm="relative"):
+    return R(spec, beta=beta, damping=lam, on="answer_span", damping_mode=dm)
+
+
+def _name(kind, lam, beta, dm="relative"):
+    return f"{kind} {'rel' if dm == 'relative' else 'abs'}{lam:g} b{beta:g}"
+
+
+CONFIGS_RUN5 = [
+    (_name("rosa-lora", 0.1, 1), Q(RL, 0.1, 1.0), "greedy"),
+    (_name("rosa-hidden", 0.1, 1), Q(RH, 0.1, 1.0), "greedy"),
+    (_name("rosa-lora", 0.1, 1, "absolute"), Q(RL, 0.1, 1.0, "absolute"), "greedy"),
+    ("baseline", B, "greedy"),
+    (_name("rosa-lora", 0.3, 1), Q(RL, 0.3, 1.0), "greedy"),
+    (_name("rosa-hidden", 0.3, 1), Q(RH, 0.3, 1.0), "greedy"),
+    (_name("rosa-lora", 1.0, 1), Q(RL, 1.0, 1.0), "greedy"),
+    (_name("rosa-hidden", 1.0, 1), Q(RH, 1.0, 1.0), "greedy"),
+    (_name("rosa-lora", 0.03, 1), Q(RL, 0.03, 1.0), "greedy"),
+    (_name("rosa-hidden", 0.03, 1), Q(RH, 0.03, 1.0), "greedy"),
+    (_name("rosa-lora", 0.1, 0.3), Q(RL, 0.1, 0.3), "greedy"),
+    (_name("rosa-hidden", 0.1, 0.3), Q(RH, 0.1, 0.3), "greedy"),
+    (_name("rosa-lora", 0.3, 0.3), Q(RL, 0.3, 0.3), "greedy"),
+    (_name("rosa-hidden", 0.3, 0.3), Q(RH, 0.3, 0.3), "greedy"),
+    (_name("rosa-lora", 1.0, 0.3), Q(RL, 1.0, 0.3), "greedy"),
+    (_name("rosa-hidden", 1.0, 0.3), Q(RH, 1.0, 0.3), "greedy"),
+    (_name("rosa-hidden", 0.1, 1, "absolute"), Q(RH, 0.1, 1.0, "absolute"), "greedy"),
+    (_name("rosa-lora", 0.1, 0.3, "absolute"), Q(RL, 0.1, 0.3, "absolute"), "greedy"),
+    (_name("rosa-hidden", 0.1, 0.3, "absolute"), Q(RH, 0.1, 0.3, "absolute"), "greedy"),
+    (_name("rosa-lora", 0.03, 0.3), Q(RL, 0.03, 0.3), "greedy"),
+    (_name("rosa-hidden", 0.03, 0.3), Q(RH, 0.03, 0.3), "greedy"),
+]
+RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4, 5: CONFIGS_RUN5}
 
 
 def repeat_rate(convs) -> float:
     """Fraction of answers after turn 1 whose boxed number was already given (and rejected)
     earlier in the same conversation: what a pure 'push the wrong answer down' update can fix."""
-    from rosa_ext.harness.rewards import boxed_answer
-    n = rep = 0
-    for c in convs:
-        seen = set()
-        for k, t in enumerate(c.turns):
-            a = boxed_answer(t.text)
-            if k > 0:
-                n += 1
-                rep += a is not None and a in seen
-            if a is not None:
-                seen.add(a)
-    return rep / n if n else 0.0
+    return repeat_count(convs)["share"] or 0.0
 
 
 def main() -> int:
@@ -92,9 +120,12 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=40)
     ap.add_argument("--only", nargs="*", default=None, help="config indices to run")
-    ap.add_argument("--run", type=int, choices=sorted(RUNS), default=4, help="which list of configurations")
+    ap.add_argument("--run", type=int, choices=sorted(RUNS), default=5, help="which list of configurations")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     ap.add_argument("--tag", default="levers")
+    ap.add_argument("--append", action="store_true", help="add the rows to an existing <tag>.json")
+    ap.add_argument("--sample", action="store_true",
+                    help="run the selected configs with sampled decoding instead (temperature 0.7, --seed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # 2 threads ran 2.5-5x slower on a shared CPU
     dev, _ = heldout_split()
@@ -105,6 +136,13 @@ def main() -> int:
     firsts = {}
     configs = RUNS[args.run]
     todo = [configs[int(i)] for i in args.only] if args.only else configs
+    if args.sample:
+        todo = [(n, sp, "sample") for n, sp, _ in todo]
+    path = os.path.join(OUT, f"{args.tag}.json")
+    if args.append and os.path.exists(path):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    total = common.Stopwatch()
     for name, spec, decoding in todo:
         clock = common.Stopwatch()
         sample = decoding == "sample"
@@ -112,6 +150,8 @@ def main() -> int:
             print(f"first turn ({decoding}) ...", flush=True)
             firsts[decoding] = first_turn(model, tok, problems, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                           do_sample=sample, temperature=0.7, batch_size=args.batch_size)
+            print(f"  first turn {clock.elapsed_s():.0f}s", flush=True)
+            clock = common.Stopwatch()
         convs = run_method(model, tok, problems, spec, turns=args.turns, seed=args.seed,
                            max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=0.7,
                            batch_size=args.batch_size, first=firsts[decoding])
@@ -123,16 +163,20 @@ def main() -> int:
                "acc_curve": accuracy_curve(s, args.turns), "uplift": correction_uplift(s, args.turns),
                "median_norm": sorted(t.update_norm for t in ups)[len(ups) // 2] if ups else None,
                "mean_dlogp": sum(dl) / len(dl) if dl else None, "boxed_rate": boxed,
-               "repeat_rate": repeat_rate(convs),
+               "repeat_rate": repeat_rate(convs), "repeat": repeat_count(convs), **attainment_summary(ups),
+               "first_failures_corrected": sum(x is not None and x > 0 for x in s),
+               "first_failures": sum(x != 0 for x in s),
                "update_ms": sum(t.update_ms for t in ups) / len(ups) if ups else None,
                "seconds": clock.elapsed_s(),
                "example": [t.text for t in max(convs, key=lambda c: len(c.turns)).turns]}
         rows.append(row)
         curve = " ".join(f"{100 * v:.0f}" for v in row["acc_curve"])
+        att = row["attainment_median"]
         print(f"{name:34s} {decoding:6s} acc/turn {curve}  uplift {100 * row['uplift']:.0f}  "
-              f"|d| {row['median_norm'] or 0:.3g}  dlogp {row['mean_dlogp'] or 0:+.2f}  boxed {boxed:.2f}  repeat {row['repeat_rate']:.2f}  "
-              f"{row['seconds']:.0f}s", flush=True)
-        with open(os.path.join(OUT, f"{args.tag}.json"), "w") as f:
+              f"|d| {row['median_norm'] or 0:.3g}  dlogp {row['mean_dlogp'] or 0:+.2f}  "
+              f"attain {'-' if att is None else format(att, '.2f')}  boxed {boxed:.2f}  "
+              f"repeat {row['repeat_rate']:.2f}  {row['seconds']:.0f}s (total {total.elapsed_s():.0f}s)", flush=True)
+        with open(path, "w") as f:
             json.dump({"problems": args.problems, "turns": args.turns, "seed": args.seed, "rows": rows}, f, indent=1)
     return 0
 

@@ -108,13 +108,17 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
     from rosa_ext.harness.experiment import main
     out = tmp_path / "exp"
     assert main(["--model", "tiny", "--problems", "4", "--turns", "2", "--seeds", "0", "1", "--max-new-tokens", "4",
-                 "--batch-size", "3", "--n-boot", "50", "--quiet", "--out", str(out)]) == 0
+                 "--batch-size", "3", "--n-boot", "50", "--quiet", "--out", str(out), "--damping-mode", "relative"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["summary"]) == {"baseline", "pg", "rosa-lora", "rosa-hidden", "rosa-lora-dense"}
+    assert {m["damping_mode"] for m in res["meta"]["methods"]} == {"relative"}
+    assert "--damping-mode relative" in res["meta"]["command"]
     for name, e in res["summary"].items():
         assert len(e["accuracy_curve"]) == 2 and set(e["per_seed"]) == {"0", "1"}
+        assert e["repeat"]["later_answers"] >= 0
         if name != "baseline":
             assert e["updates"] > 0 and e["update_ms_mean"] > 0
+            assert e["attainment_median"] is not None
     assert res["meta"]["versions"]["torch"] == torch.__version__
     assert (out / "accuracy_vs_turn.png").stat().st_size > 1000
     rows = (out / "runs.jsonl").read_text().splitlines()
@@ -162,3 +166,100 @@ def test_merge_runs_pools_separately_run_seeds(tmp_path):
     assert (out / "accuracy_vs_turn.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="appears twice"):
         merge.main(["--turns", "2", "--out", str(out), f"{a}:0", f"{a}:0"])
+
+
+@needs_tok
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_relative_damping_and_attainment(tiny_chat, mode):
+    """damping_mode reaches the batched update and the session alike (same step); every update
+    records its target attainment."""
+    import dataclasses
+
+    import rosa_ext
+    from rosa_ext.harness.conversation import TurnRecord
+    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, attainment_summary, batched_adapter
+    from rosa_ext.harness.problems import Problem
+    model, tok = tiny_chat
+    g = torch.Generator().manual_seed(1)
+    c = Conversation(Problem("q", "1"), [])
+    c.turns.append(TurnRecord("x", -1.0, False, 4))
+    c.last_prompt = torch.randint(3, 500, (6,), generator=g)
+    c.last_resp = torch.randint(3, 500, (4,), generator=g)
+    spec = dataclasses.replace(METHODS[f"rosa-{mode}"], damping_mode="relative", damping=0.3, update_on="response")
+    ad = batched_adapter(model, mode, 1, seed=0)
+    _update_chunk(model, tok, [c], [0], spec, ad, measure_logp=True)
+    ad.remove()
+    t = c.turns[-1]
+    assert t.target_tokens == 4 and t.dlogp_target < 0 and t.dlogp_predicted < 0 and t.attainment is not None
+    assert t.dlogp_achieved == pytest.approx(t.logp_after - t.logp_before, abs=1e-5)
+    assert t.dlogp_target == pytest.approx(t.logp_target - t.logp_before, abs=1e-5)
+    assert attainment_summary([t])["attainment_median"] == t.attainment
+    s = rosa_ext.attach(model, mode=mode, beta=spec.beta, damping=0.3, damping_mode="relative")
+    try:
+        assert s.options["damping_mode"] == "relative"
+        if mode == "lora":
+            s.adapter.a[0].copy_(ad.a[0])  # the session's own init differs; use the batched one
+        st = s.update(torch.cat([c.last_prompt, c.last_resp]), -1.0, response_start=6)
+        assert float(st.update.norm()) == pytest.approx(t.update_norm, rel=1e-3)
+    finally:
+        s.detach()
+    # the absolute ridge takes a different step on the same input
+    c.turns[-1] = TurnRecord("x", -1.0, False, 4)
+    ad = batched_adapter(model, mode, 1, seed=0)
+    _update_chunk(model, tok, [c], [0], dataclasses.replace(spec, damping_mode="absolute"), ad, measure_logp=True)
+    ad.remove()
+    assert c.turns[-1].update_norm != pytest.approx(t.update_norm, rel=1e-3)
+    with pytest.raises(ValueError, match="damping_mode"):
+        rosa_ext.attach(model, mode=mode, damping_mode="lm")
+
+
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_attainment_prediction_is_jvp_over_p(mode):
+    """target_attainment's predicted change is (J delta)_t / p_t of the op's own Jacobian, and its
+    target is log p* - log p of the op's residual target."""
+    from types import SimpleNamespace
+
+    from rosa_ext import rosa_update
+    from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+    from rosa_ext.core.operator import RosaOperator
+    from rosa_ext.core.problem import build_problem
+    from rosa_ext.harness.experiment import target_attainment
+    g = torch.Generator().manual_seed(2)
+    T, d, V = 5, 16, 64
+    H, W = torch.randn(T, d, generator=g), torch.randn(V, d, generator=g) / 2
+    y = torch.randint(0, V, (T,), generator=g)
+    a, b, delta = torch.randn(d, generator=g) / 4, torch.randn(V, generator=g) / 10, torch.randn(d, generator=g) / 10
+    ad = SimpleNamespace(mode=mode, a=a[None], b=b[None], delta=delta[None], scale=8.0)
+    kw = dict(lora_a=a, lora_b=b, lora_scale=8.0) if mode == "lora" else {}
+    h_op = H if mode == "lora" else H + delta
+    step = rosa_update(h_op, W, y, -1.0, mode=mode, damping=0.3, damping_mode="relative", **kw)
+    res = target_attainment(H, W, y, ad, 0, step.update, -1.0, 1.0)
+    prob = build_problem(h_op, W, y, -1.0, mode=mode, lora_a=kw.get("lora_a"), lora_b=kw.get("lora_b"),
+                         lora_scale=8.0, bias=None, beta=1.0, damping=0.3, max_iter=16, tol=1e-5, solver="dual",
+                         backend="torch", mask=None, damping_mode="relative")
+    op = RosaOperator(prob, TorchChunkedBackend())
+    want = float((op.jvp(step.update[None]) / op.p).mean())
+    assert res["dlogp_predicted"] == pytest.approx(want, rel=1e-4)
+    assert res["dlogp_target"] == pytest.approx(float((torch.log(op.p + op.g) - op.stats.logp).mean()), rel=1e-4)
+    assert res["logp_before"] == pytest.approx(float(op.stats.logp.mean()), rel=1e-5)
+
+
+def test_repeat_count_and_attainment_summary():
+    from rosa_ext.harness.conversation import TurnRecord
+    from rosa_ext.harness.experiment import Conversation, attainment_summary, repeat_count
+    from rosa_ext.harness.problems import Problem
+
+    def conv(*texts):
+        return Conversation(Problem("q", "9"), [], [TurnRecord(t, -1.0, False, 1) for t in texts])
+
+    # later answers: 3 + 1 + 0; repeats: the second \boxed{3} and the second \boxed{5} (unboxed never counts)
+    cs = [conv("\\boxed{3}", "\\boxed{3}", "no box", "\\boxed{4}"), conv("\\boxed{5}", "\\boxed{5}"), conv("x")]
+    assert repeat_count(cs) == {"repeated": 2, "later_answers": 4, "share": 0.5}
+    assert repeat_count([conv("x")])["share"] is None
+    ups = [TurnRecord("x", -1.0, False, 1, attainment=a, dlogp_achieved=a * -0.1, dlogp_predicted=-0.05,
+                      dlogp_target=-0.1) for a in (0.2, 0.6, 1.0)]
+    s = attainment_summary(ups + [TurnRecord("x", -1.0, False, 1)])  # one update without the measurement
+    assert s["attainment_median"] == pytest.approx(0.6) and s["reached_half_target"] == pytest.approx(2 / 3)
+    assert s["predicted_over_target_median"] == pytest.approx(0.5)
+    assert s["achieved_over_predicted_median"] == pytest.approx(1.2)
+    assert attainment_summary([])["attainment_median"] is None

@@ -124,3 +124,22 @@ def test_cli_demo_tiny(capsys):
     assert main(["demo", "--model", "tiny", "--problems", "1", "--turns", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "turn 1: reward -1" in out and "ROSA update" in out and "solved 0/1" in out
+    assert "ROSA target" in out and "-> " in out  # rejected answer's p before/after/target, next answer
+
+
+def test_cli_demo_relative_damping(capsys):
+    from rosa_ext.harness.cli import main
+    assert main(["demo", "--model", "tiny", "--problems", "1", "--turns", "2", "--max-new-tokens", "4",
+                 "--damping-mode", "relative", "--damping", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "damping=0.1 (relative)" in out and "ROSA target" in out
+
+
+def test_turn_record_target(tiny_chat):
+    """logp_target is the mean of ROSA's log p* over the targeted tokens: below logp_before for r = -1."""
+    model, tok = tiny_chat
+    res = interact(model, tok, Problem("What is 2 + 2?", "4"), rule_reward, turns=2, mode="hidden",
+                   damping_mode="relative", max_new_tokens=5)
+    rec = res.turns[0]
+    assert rec.target_tokens == rec.tokens
+    assert rec.logp_target < rec.logp_before

