@@ -10,10 +10,12 @@ row belongs to, so one pass over the head weight serves the whole batch.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
+from ..common import defaults
 from ..common import validation as V
 from ..common.types import MODES, HeadProblem, RewardLike
 
@@ -70,11 +72,15 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor],
                   lora_b: Optional[torch.Tensor], lora_scale: float, bias: Optional[torch.Tensor],
                   beta: float, damping: float, max_iter: int, tol: float, solver: str,
-                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = "absolute") -> HeadProblem:
+                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = "absolute",
+                  keep_budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
+                  gram_budget_bytes: int = defaults.GRAM_BUDGET_BYTES) -> HeadProblem:
     """Check every input of :func:`rosa_ext.rosa_update` and pack it. See module doc."""
     mode = V.choice(WHO, "mode", mode, MODES)
     opts = V.solver_options(WHO, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                             backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
+    keep_budget_bytes = V.integer(WHO, "keep_budget_bytes", keep_budget_bytes, minimum=0, maximum=None)
+    gram_budget_bytes = V.integer(WHO, "gram_budget_bytes", gram_budget_bytes, minimum=0, maximum=None)
 
     weight = _check_tensor("weight", weight)
     hidden = _check_tensor("hidden", hidden)
@@ -170,4 +176,17 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                        lora_scale=opts["lora_scale"], beta=opts["beta"], damping=opts["damping"],
                        max_iter=opts["max_iter"], tol=opts["tol"], solver=opts["solver"],
                        backend=opts["backend"], batched=batched, compute_dtype=compute_dtype,
-                       damping_mode=opts["damping_mode"])
+                       damping_mode=opts["damping_mode"], keep_budget_bytes=keep_budget_bytes,
+                       gram_budget_bytes=gram_budget_bytes)
+
+
+def sub_problem(prob: HeadProblem, b0: int, b1: int) -> HeadProblem:
+    """Conversations ``b0 .. b1 - 1`` of a packed problem, as a problem of their own (views, no copy)."""
+    if b0 == 0 and b1 == prob.num_conversations:
+        return prob
+    off = prob.offsets
+    lo, hi = off[b0], off[b1]
+    return replace(prob, hidden=prob.hidden[lo:hi], targets=prob.targets[lo:hi], seg=prob.seg[lo:hi] - b0,
+                   offsets=[o - lo for o in off[b0:b1 + 1]], reward=prob.reward[b0:b1],
+                   lora_a=None if prob.lora_a is None else prob.lora_a[b0:b1],
+                   lora_b=None if prob.lora_b is None else prob.lora_b[b0:b1])
