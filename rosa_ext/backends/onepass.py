@@ -173,6 +173,15 @@ class _TargetIndex:
     def __init__(self, y: torch.Tensor, groups: Sequence[Tuple[int, int]], V: int, c: int) -> None:
         dev = y.device
         nch = -(-V // c)
+        self.c = c
+        if nch == 1:  # one chunk: no sort (targets outside [0, V) are still left out)
+            self.per, self.bnd = [], []
+            for lo, hi in groups:
+                yk = y[lo:hi]
+                inside = torch.nonzero((yk >= 0) & (yk < V)).flatten()
+                self.per.append((yk[inside], inside + lo))
+                self.bnd.append([0, inside.numel()])
+            return
         starts = torch.arange(0, nch + 1, device=dev) * c
         starts[-1] = V
         self.per = []
@@ -182,7 +191,6 @@ class _TargetIndex:
             self.per.append((ys, order + lo))
             bnds.append(torch.searchsorted(ys, starts))
         self.bnd = torch.stack(bnds).tolist() if bnds else []
-        self.c = c
 
     def rows_in_chunk(self, k: int, j: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(rows of group k whose target is in chunk j, the target's column in the chunk)."""

@@ -34,6 +34,7 @@ that `auto` decides by the same rules there; replace them with a measurement.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -156,7 +157,16 @@ def choose(mode: str, lengths: Sequence[int], d: int, V: int, *, max_iter: int, 
            gram_budget_bytes: int, backend: str = "torch", device: str = "cpu", dtype: torch.dtype = torch.float32,
            model_dtype: Optional[torch.dtype] = None, solver: str = "auto") -> Plan:
     """The plan an update runs. ``solver``: "auto" (module doc), or "dual" / "cg" forced (then only
-    the LoRA dual's keep-or-stream choice is made here, by the same rules)."""
+    the LoRA dual's keep-or-stream choice is made here, by the same rules). Cached: a session
+    repeats the same shapes."""
+    return _choose(mode, tuple(lengths), d, V, max_iter, keep_budget_bytes, gram_budget_bytes, backend, device, dtype,
+                   model_dtype, solver)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose(mode: str, lengths: Tuple[int, ...], d: int, V: int, max_iter: int, keep_budget_bytes: int,
+            gram_budget_bytes: int, backend: str, device: str, dtype: torch.dtype, model_dtype: Optional[torch.dtype],
+            solver: str) -> Plan:
     est = estimate(mode, lengths, d, V, max_iter=max_iter, backend=backend, device=device, dtype=dtype,
                    model_dtype=model_dtype)
     esz = 8 if dtype == torch.float64 else 4

@@ -90,16 +90,23 @@ def solver_costs(mode: str, lengths: Sequence[int], d: int, V: int, max_iter: in
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _linearize(prob: HeadProblem, backend, ps) -> RosaOperator:
-    """The operator at the current parameters from a one-pass primitive's per-token results
-    (no stats pass), after checking that the logits were finite."""
+def _linearize(prob: HeadProblem, backend, ps, check: bool = True) -> RosaOperator:
+    """The operator at the current parameters from a one-pass primitive's per-token results (no
+    stats pass). ``check``: that the logits were finite, here (one host sync); the dual folds it
+    into the sync of its acceptance test instead (:func:`_accept`)."""
     by = None if prob.lora_b is None else backend.gather_targets(prob, prob.lora_b)
     pib = None
     if ps.pib_off is not None:
         pib = ps.pib_off + torch.exp(ps.logp) * by  # pi . b = r . b + p b[y]
     st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=pib)
-    V.finite_logits(WHO, prob.compute_dtype, st.lse, st.logp)
+    if check:
+        V.finite_logits(WHO, prob.compute_dtype, st.lse, st.logp)
     return RosaOperator(prob, backend, stats=st, by=by)
+
+
+def _logits_finite(op: RosaOperator) -> torch.Tensor:
+    """Whether the pass's log-sum-exp and log p_t are finite (what :func:`V.finite_logits` checks)."""
+    return V.all_finite(op.stats.lse) & V.all_finite(op.stats.logp)
 
 
 def _relative_ridge(prob: HeadProblem, diag_mean: torch.Tensor) -> torch.Tensor:
@@ -123,24 +130,26 @@ def _factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam) -> Tuple[torch.Tensor
 def _dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam, info: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(||J^T e||^2, ||J^T g||^2, flags) of a dual solve, e = g - (G0 + lam I) alpha: the residual of
-    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored and finite,
-    G0 finite]."""
-    Ga = G0 @ alpha
-    e = g - Ga - lam * alpha
+    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored, G0 finite]. A
+    NaN/Inf alpha makes the residual NaN, which fails the acceptance test."""
+    e = g - G0 @ alpha - lam * alpha
     num = (e @ (G0 @ e)).clamp_min(0)
     den = (g @ (G0 @ g)).clamp_min(0)
-    ok = (info == 0) & torch.isfinite(alpha).all()
-    return num, den, torch.stack([ok, torch.isfinite(G0).all()])
+    return num, den, torch.stack([info == 0, V.all_finite(G0)])
 
 
-def _accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor], flags: List[torch.Tensor]
-            ) -> List[int]:
-    """The conversations whose solve must be redone in float64 (one host sync for all of them).
-    Raises for a non-finite Jacobian."""
+def _accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor], flags: List[torch.Tensor],
+            logits_finite: torch.Tensor) -> List[int]:
+    """The conversations whose solve must be redone in float64 (one host sync for all of them, which
+    also reads whether the pass's logits were finite). Raises for non-finite logits or Jacobian."""
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
     num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
-    good_list, finite_list = torch.stack([good, fl[:, 1]]).tolist()  # the one host sync of the check
+    B = len(nums)
+    both = torch.cat([good, fl[:, 1], logits_finite.reshape(1)]).tolist()  # the one host sync of the check
+    good_list, finite_list = both[:B], both[B:2 * B]
+    if not both[-1]:
+        V.nonfinite_logits(WHO, prob.compute_dtype)
     if not all(finite_list):
         V.nonfinite_jacobian(WHO)
     return [b for b, ok in enumerate(good_list) if not ok]
@@ -175,8 +184,7 @@ def _spectral_gram(G0: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) -
 
 
 def _relative_residual(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, torch.sqrt(num / torch.where(den > 0, den, torch.ones_like(den))),
-                       torch.zeros_like(den))
+    return torch.where(den > 0, torch.sqrt(num / den.clamp_min(torch.finfo(den.dtype).tiny)), 0.0)
 
 
 # ----------------------------------------------------------------------------- the dual solve
@@ -187,7 +195,7 @@ def _hidden_rows(prob: HeadProblem, backend, op: RosaOperator, hp: HiddenPass) -
 
 def _dual_hidden(prob: HeadProblem, backend) -> Solved:
     hp = backend.hidden_pass(prob)
-    op = _linearize(prob, backend, hp)
+    op = _linearize(prob, backend, hp, check=False)
     rows = _hidden_rows(prob, backend, op, hp)
     del hp
     g, off, d = op.g, prob.offsets, prob.hidden_size
@@ -215,20 +223,20 @@ def _dual_hidden(prob: HeadProblem, backend) -> Solved:
             # damping), which the dual form cannot produce (its step is J^T alpha).
             limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
             fine = num <= (limit * limit) * (lam * lam) * (delta @ delta)
-            fl = torch.stack([(info == 0) & torch.isfinite(delta).all() & fine, torch.isfinite(A0).all()])
+            fl = torch.stack([(info == 0) & fine, V.all_finite(A0)])
             update[b] = delta
         nums.append(num)
         dens.append(den)
         flags.append(fl)
     eps = torch.finfo(prob.compute_dtype).eps
-    for b in _accept(prob, nums, dens, flags):
+    for b in _accept(prob, nums, dens, flags, _logits_finite(op)):
         delta, nb, db = _spectral_hidden(rows[off[b]:off[b + 1]], g[off[b]:off[b + 1]], float(lams[b]), eps)
-        if not bool(torch.isfinite(delta).all()):
+        if not bool(V.all_finite(delta)):
             raise _not_finite(prob)
         update[b] = delta.to(update.dtype)
         nums[b] = torch.tensor(nb, dtype=update.dtype, device=update.device)
         dens[b] = torch.tensor(db, dtype=update.dtype, device=update.device)
-    res = _relative_residual(torch.stack(nums).sum(), torch.stack(dens).sum())
+    res = _relative_residual(sum(nums), sum(dens))
     return Solved(update, op.stats.logp, g, 0, res)
 
 
@@ -236,7 +244,7 @@ def _dual_lora_group(prob: HeadProblem, backend, keep: bool) -> Tuple[Solved, to
     """The LoRA dual of one group of conversations -> (Solved with the residual unset, sum of the
     residual numerators, sum of the denominators)."""
     gp: GramPass = backend.lora_gram_pass(prob, keep=keep)
-    op = _linearize(prob, backend, gp)
+    op = _linearize(prob, backend, gp, check=False)
     ca, cb = J.lora_factors_from_pass(op.lin, gp)
     h, g, off = op.lin.h, op.g, prob.offsets
     B, d, Vl = prob.num_conversations, prob.hidden_size, prob.vocab_size
@@ -262,10 +270,10 @@ def _dual_lora_group(prob: HeadProblem, backend, keep: bool) -> Tuple[Solved, to
         flags.append(fl)
         lams.append(lam)
     eps = torch.finfo(cd).eps
-    for b in _accept(prob, nums, dens, flags):
+    for b in _accept(prob, nums, dens, flags, _logits_finite(op)):
         lo, hi = off[b], off[b + 1]
         alpha = _spectral_gram(gp.gram[b], g[lo:hi], float(lams[b]), eps)
-        if not bool(torch.isfinite(alpha).all()):
+        if not bool(V.all_finite(alpha)):
             raise _not_finite(prob)
         alpha = alpha.to(cd)
         Ja = ca[lo:hi].unsqueeze(1) * h[lo:hi]
@@ -274,7 +282,7 @@ def _dual_lora_group(prob: HeadProblem, backend, keep: bool) -> Tuple[Solved, to
         nums[b], dens[b], _ = _dual_check(gp.gram[b], g[lo:hi], alpha, lams[b], torch.zeros((), dtype=torch.int32))
     gp.gram = []  # free the T x T matrices before the VJP
     backend.centered_column_reduce(prob, gp, wcol, out=update[:, d:])
-    return Solved(update, op.stats.logp, g, 0, 0.0), torch.stack(nums).sum(), torch.stack(dens).sum()
+    return Solved(update, op.stats.logp, g, 0, 0.0), sum(nums), sum(dens)
 
 
 def _dual_lora(prob: HeadProblem, backend, keep: bool) -> Solved:
