@@ -25,6 +25,12 @@ primitive              what crosses ranks                            numbers (N 
 ``scatter_targets``    nothing: only the owner writes                0
 ``scatter_minus_c.``   nothing: the local columns, owner's scatter   0
 ``sum_vocab``          SUM                                           B
+``hidden_pass``        MAX of the local lse, then one SUM of the     N, then N (d + 3 + L)
+                       weighted per-token results and r W
+``lora_gram_pass``     MAX; SUM per token; SUM of r_t . r_u and      N, 4N, 2 sum_b T_b^2
+                       r_t[y_u] per conversation
+``centered_column_r``  nothing: this rank's columns (kept tiles      0
+                       or one local pass), the owner's scatter
 =====================  ============================================  ==========================
 
 Every collective goes through :class:`VocabComm` (``torch.distributed`` on the given group),
