@@ -127,12 +127,12 @@ def markdown(result: Dict[str, Any]) -> str:
                   for t in result["targets"]]
     if result.get("solvers"):
         lines += ["", "**Dual vs CG by T** (auto = the cost model's pick; faster = measured)", "",
-                  "| model (d, V) | mode | T | CG ms (it) | dual ms | auto picks | faster | model GFLOP cg / dual | "
+                  "| model (d, V) | mode | T | CG ms (it) | dual ms | auto picks | faster | cost model ms cg / dual | "
                   "CG vs dual rel. diff |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["solvers"]:
             lines.append(f"| {r['model']} ({r['d']}, {r['V']}) {r['dtype']} | {r['mode']} | {r['T']} | "
                          f"{r['cg_ms']:.1f} ({r['cg_iterations']}) | {r['dual_ms']:.1f} | {r['auto_picks']} | "
-                         f"{r['faster']} | {r['model_cg_gflop']:.1f} / {r['model_dual_gflop']:.1f} | "
+                         f"{r['faster']} | {r['model_cg_ms']:.1f} / {r['model_dual_ms']:.1f} | "
                          f"{r['cg_vs_dual_rel_diff']:.1e} |")
     if result.get("batched"):
         lines += ["", "**Batched: one call with (B, T, d) + mask + (B,) rewards vs B calls**", "",

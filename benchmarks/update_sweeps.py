@@ -1,9 +1,10 @@
 """Extra sections of the update benchmark: dual vs CG as a function of T, and batched updates.
 
 - :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
-  with ``solver="dual"`` (the device's default backend), the solver ``"auto"`` picks
-  for that problem (:func:`rosa_ext.core.solvers.choose_solver`, the cost model, not a
-  timing), the cost model's flop estimates, and which one was measured faster.
+  with ``solver="dual"`` (the device's default backend), the plan ``"auto"`` picks
+  for that problem (:func:`rosa_ext.core.solvers.choose_plan`, the cost model of
+  :mod:`rosa_ext.core.cost_model`, not a timing), the cost model's estimates in ms, and which
+  one was measured faster.
 - :func:`batched_sweep`: B conversations of ragged length (<= T tokens, mask) with
   rewards alternating +-1 in ONE ``rosa_update`` call ((B, T, d) hidden, (B, T) mask,
   (B,) rewards) vs B separate calls on the unpadded conversations; the two results
@@ -19,19 +20,26 @@ from common import sync, wall_times_ms
 from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs
 
 
-def _cost_model(mode: str, T: int, d: int, V: int) -> Dict[str, float]:
-    """Flops the cost model of ``solver="auto"`` assigns (one conversation; rosa_ext.core.solvers.solver_costs)."""
-    from rosa_ext.core.solvers import solver_costs
-    cost = solver_costs(mode, [T], d, V, MAX_ITER)
-    return dict(model_dual_gflop=cost["dual"] / 1e9, model_cg_gflop=cost["cg"] / 1e9)
+def _cost_model(plan) -> Dict[str, float]:
+    """The seconds the cost model of ``solver="auto"`` estimates for the dual (its best allowed
+    plan) and for CG, in ms (rosa_ext.core.cost_model)."""
+    est = plan.estimates
+    if "dual" in est:  # hidden mode
+        dual = est["dual"]
+    elif "dual-keep" in plan.allowed and est["dual-keep"] <= est["dual-stream"]:
+        dual = est["dual-keep"]
+    else:
+        dual = est["dual-stream"]
+    return dict(model_dual_ms=dual * 1e3, model_cg_ms=est["cg"] * 1e3)
 
 
 def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List[str], reps: int,
                  budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, T, cg_ms, dual_ms (medians), cg iterations, auto's choice, faster, cost-model flops."""
     from rosa_ext import rosa_update
+    from rosa_ext.backends import get_backend
     from rosa_ext.core.problem import build_problem
-    from rosa_ext.core.solvers import DUAL_MAX_TOKENS, choose_solver
+    from rosa_ext.core.solvers import choose_plan
     d, V = MODELS[model]
     rows = []
     for mode in modes:
@@ -41,9 +49,10 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
             kw = dict(mode=mode, lora_a=inp["lora_a"], lora_b=inp["lora_b"], lora_scale=LORA_SCALE, beta=BETA,
                       damping=DAMPING, max_iter=MAX_ITER, tol=TOL)
             prob = build_problem(*args, **kw, bias=None, solver="auto", backend="auto", mask=None)
-            auto = choose_solver(prob)
+            plan = choose_plan(prob, get_backend("auto", prob.device).name)
+            auto = plan.solver
             row: Dict[str, Any] = dict(model=model, d=d, V=V, mode=mode, T=T, dtype=dtype, auto_picks=auto,
-                                       dual_max_tokens=DUAL_MAX_TOKENS, **_cost_model(mode, T, d, V))
+                                       auto_keeps=plan.keep, **_cost_model(plan))
             res = {}
             for solver in ("cg", "dual"):
                 fn = lambda s=solver: rosa_update(*args, **kw, solver=s)  # noqa: E731

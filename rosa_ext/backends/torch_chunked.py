@@ -5,6 +5,10 @@ Works wherever torch does. The vocabulary is processed in chunks of
 from H, W and the cached ``lse`` (flash-attention style), so peak extra
 memory is O(N*d + V + N*chunk) and the N x V logits never exist. Accumulation
 is in the compute dtype (fp32 for fp32/bf16/fp16 models, fp64 for fp64).
+
+The dual solver's one-pass primitives (``hidden_pass``, ``lora_gram_pass``,
+``centered_column_reduce``) live in :mod:`.onepass` (their own tile sizes, tuned for the CPU;
+``chunk_size``, when given, sets their vocabulary chunk too).
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ..common.jacobian import WholeVocabulary, observed_logp
-from ..common.types import HeadProblem, HeadStats
+from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
+from . import onepass
 
 #: Target size, in elements, of one (N, chunk) logits tile (32 MB in fp32).
 DEFAULT_TILE_ELEMENTS = 1 << 23
@@ -174,3 +179,19 @@ class TorchChunkedBackend(WholeVocabulary):
             v1 = min(prob.vocab_size, v0 + step)
             out += q[:, v0:v1] @ prob.weight[v0:v1].to(cd)
         return out
+
+    # -- the one-pass primitives of the dual solve (MATH.md section 4; :mod:`.onepass`) -----------
+    def hidden_pass(self, prob: HeadProblem) -> HiddenPass:
+        """lse, 1 - p_t, pi_t W and pi_t . b without the target entry: one pass, 4 N d V flops."""
+        return onepass.hidden_pass(prob, chunk=self.chunk_size)
+
+    def lora_gram_pass(self, prob: HeadProblem, keep: bool = False, raw: bool = False) -> GramPass:
+        """lse, 1 - p_t, pi_t . b without the target entry and the centred Gram of every conversation
+        in one pass; ``keep`` keeps the probability tiles for :meth:`centered_column_reduce`
+        (``raw``: the uncombined parts, for the vocabulary-parallel wrapper)."""
+        return onepass.lora_gram_pass(prob, keep=keep, raw=raw, chunk=self.chunk_size)
+
+    def centered_column_reduce(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
+                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sum_{t in b} w_t (e_{y_t} - pi_t) -> (B, V): a GEMV over the kept tiles, else one pass."""
+        return onepass.centered_column_reduce(prob, gp, w, out=out, chunk=self.chunk_size)

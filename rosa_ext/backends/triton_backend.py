@@ -3,29 +3,25 @@
 Same primitives as :class:`~rosa_ext.backends.torch_chunked.TorchChunkedBackend`
 (MATH.md section 3), for fp32/bf16/fp16 models with fp32 accumulation:
 
-<<<<<<< HEAD
-- ``stats``, ``row_reduce``, ``column_reduce``, ``weight_matvec``, ``weight_rmatvec``:
-  :class:`rosa_ext.kernels.primitives.TritonPrimitives` (fused kernels, logits tiles never stored).
-- ``pi_weight`` (pi W, N x d), ``pi_gram`` (pi pi^T per conversation) and ``pi_sqnorm``: used once
-  per update (the dual solver; CG with relative damping), they run on the chunked torch backend. A fused pi W kernel
-=======
 - ``stats``, ``row_reduce``, ``column_reduce``, ``scatter_minus_column`` (the VJP's
   ``scatter(y, w) - C(w)`` in one column pass, no ``index_put_``), ``weight_matvec``,
   ``weight_rmatvec``: :class:`rosa_ext.kernels.primitives.TritonPrimitives` (fused kernels,
   logits tiles never stored; the reductions and GEMVs skip their work once the compiled CUDA
   CG has converged, :mod:`rosa_ext.common.device_flag`).
-- ``pi_weight`` (pi W, N x d) and ``pi_gram`` (pi pi^T per conversation): used once per
-  update by the dual solver, they run on the chunked torch backend. A fused pi W kernel
->>>>>>> wip13-gpu
-  would hold an N-tile x d accumulator (d = 896..4096 does not fit on chip) or recompute the
-  logits once per d-slice, so it does not pay.
+- ``pi_weight`` (pi W, N x d), ``pi_gram`` (pi pi^T per conversation), ``pi_sqnorm`` and the dual
+  solver's one-pass primitives (``hidden_pass``, ``lora_gram_pass``, ``centered_column_reduce``,
+  :mod:`.onepass`): used once per update, they run on the chunked torch backend (fp32 torch
+  matmuls on the GPU; Triton kernels for them -- flash attention with K = V = W for the hidden
+  pass, a Gram on tensor cores -- are not written yet).
 - float64 problems run entirely on the torch backend (no fp64 tensor-core dot in Triton).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..common.types import HeadProblem, HeadStats
+from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..kernels.primitives import TritonPrimitives
 from .torch_chunked import TorchChunkedBackend
 
@@ -80,3 +76,16 @@ class TritonBackend(TritonPrimitives):
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """q_t . q_t per token -> (N,) (chunked torch; once per update: relative damping with CG)."""
         return self._torch.pi_sqnorm(prob, st)
+
+    def hidden_pass(self, prob: HeadProblem) -> HiddenPass:
+        """The dual's one hidden-mode pass (chunked torch, see module doc)."""
+        return self._torch.hidden_pass(prob)
+
+    def lora_gram_pass(self, prob: HeadProblem, keep: bool = False, raw: bool = False) -> GramPass:
+        """The dual's one LoRA pass (chunked torch, see module doc)."""
+        return self._torch.lora_gram_pass(prob, keep, raw)
+
+    def centered_column_reduce(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
+                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sum_{t in b} w_t (e_{y_t} - pi_t) -> (B, V) after :meth:`lora_gram_pass` (chunked torch)."""
+        return self._torch.centered_column_reduce(prob, gp, w, out)

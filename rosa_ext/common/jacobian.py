@@ -18,11 +18,11 @@ replaces it by owner-only indexing and a sum across shards (MATH.md section 7).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Tuple
 
 import torch
 
-from .types import HeadProblem, HeadStats
+from .types import GramPass, HeadProblem, HeadStats, HiddenPass
 
 
 class HeadPrimitives(Protocol):
@@ -37,6 +37,15 @@ class HeadPrimitives(Protocol):
       conversation; with ``drop_targets`` ``q_t . q_u``, q_t = pi_t without its target entry
       (the LoRA Gram without cancellation, MATH.md section 4)
     - ``pi_sqnorm(prob, st)`` -> (N,), ``q_t . q_t`` (the LoRA Gram diagonal, relative damping with CG)
+    - ``hidden_pass(prob)`` -> :class:`~rosa_ext.common.types.HiddenPass`: hidden mode's whole
+      vocabulary work in one online-softmax pass (lse, 1 - p_t, pi_t W and pi_t . b with the target
+      entry split off; 4 N d V flops, nothing N x V kept). The dual solver and hidden-mode CG.
+    - ``lora_gram_pass(prob, keep)`` -> :class:`~rosa_ext.common.types.GramPass`: LoRA mode's one
+      pass (lse, 1 - p_t, pi_t . b without the target entry, and per conversation the centred Gram
+      ``(e_{y_t} - pi_t) . (e_{y_u} - pi_u)``); ``keep`` keeps the probability tiles for the VJP
+    - ``centered_column_reduce(prob, gp, w, out=None)``: w (N,) -> (B, V),
+      ``sum_{t in b} w_t (e_{y_t} - pi_t)`` after a :meth:`lora_gram_pass` (a GEMV over its kept
+      tiles, or one streaming pass)
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
       ``target_rows``, ``scatter_targets``, ``scatter_minus_column``, ``centered_row_reduce``,
       ``sum_vocab``, ``target_logits``)
@@ -57,6 +66,13 @@ class HeadPrimitives(Protocol):
     def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor: ...
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
+
+    def hidden_pass(self, prob: HeadProblem) -> HiddenPass: ...
+
+    def lora_gram_pass(self, prob: HeadProblem, keep: bool = False) -> GramPass: ...
+
+    def centered_column_reduce(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
+                               out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     # -- indexing by the observed tokens (WholeVocabulary gives the one-process versions) --
     def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor: ...
@@ -147,10 +163,13 @@ class Linearization:
     by: Optional[torch.Tensor]
 
     @classmethod
-    def at(cls, prob: HeadProblem, stats: HeadStats, prims: Optional[HeadPrimitives] = None) -> "Linearization":
-        """``prims``: the backend (its :meth:`~WholeVocabulary.gather_targets`); default one process."""
+    def at(cls, prob: HeadProblem, stats: HeadStats, prims: Optional[HeadPrimitives] = None,
+           by: Optional[torch.Tensor] = None) -> "Linearization":
+        """``prims``: the backend (its :meth:`~WholeVocabulary.gather_targets`); default one process.
+        ``by``: b_seg[y_t] when the caller has it already."""
         prims = WHOLE_VOCABULARY if prims is None else prims
-        by = None if prob.lora_b is None else prims.gather_targets(prob, prob.lora_b)
+        if by is None and prob.lora_b is not None:
+            by = prims.gather_targets(prob, prob.lora_b)
         return cls(prob=prob, stats=stats, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype), by=by)
 
 
@@ -234,6 +253,30 @@ def jacobian_rows(lin: Linearization, prims: HeadPrimitives) -> torch.Tensor:
         w_y = w_y + s * lin.by.unsqueeze(1) * a
         pi_w = pi_w + s * st.pib.unsqueeze(1) * a
     return lin.p.unsqueeze(1) * (w_y - pi_w)
+
+
+def hidden_rows_from_pass(lin: Linearization, hp: HiddenPass, w_y: torch.Tensor) -> torch.Tensor:
+    """Hidden mode's rows of J from one :meth:`HeadPrimitives.hidden_pass` -> (N, d), in the
+    off-target form (no cancellation when p_t -> 1, MATH.md section 4):
+
+        J_t = p_t ((1 - p_t) W[y_t] - r_t W)  (+ s ((1 - p_t) b[y_t] - r_t . b) a_seg with a LoRA term)
+
+    ``w_y`` (N, d) compute dtype, W[y_t] (overwritten: J is built in its memory).
+    """
+    prob = lin.prob
+    J = w_y.mul_(hp.q.unsqueeze(1)).sub_(hp.pi_weight)
+    if prob.lora_b is not None:
+        a = prob.lora_a[0].unsqueeze(0) if prob.num_conversations == 1 else prob.lora_a[prob.seg]
+        J.add_((prob.lora_scale * (hp.q * lin.by - hp.pib_off)).unsqueeze(1) * a)
+    return J.mul_(lin.p.unsqueeze(1))
+
+
+def lora_factors_from_pass(lin: Linearization, gp: GramPass) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LoRA mode after one :meth:`HeadPrimitives.lora_gram_pass` -> (ca, cb), (N,) each:
+    J_t,a = ca_t h_t with ca = s p (b[y_t] - pi_t . b) = s p ((1 - p) b[y_t] - r_t . b), and
+    J_t,b = cb_t (e_{y_t} - pi_t) with cb = s p (a . h_t)."""
+    s = lin.prob.lora_scale
+    return s * lin.p * (gp.q * lin.by - gp.pib_off), s * lin.p * gp.ah
 
 
 def gram(lin: Linearization, prims: HeadPrimitives, rows: torch.Tensor) -> torch.Tensor:

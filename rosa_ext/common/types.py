@@ -11,6 +11,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .defaults import GRAM_BUDGET_BYTES, KEEP_BUDGET_BYTES
+
 MODES = ("lora", "hidden")
 SOLVERS = ("auto", "cg", "dual")
 BACKENDS = ("auto", "torch", "triton")
@@ -62,6 +64,8 @@ class HeadProblem:
     - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None
     - ``compute_dtype`` float64 if the model is float64, else float32
     - ``damping_mode`` how ``damping`` sets the ridge (MATH.md section 6)
+    - ``keep_budget_bytes``, ``gram_budget_bytes`` the memory the dual solve may hold
+      (:mod:`rosa_ext.common.defaults`)
     - ``shard`` None (this process holds the whole vocabulary), or this rank's
       :class:`VocabShard` of a vocabulary-parallel head: then ``weight``, ``bias`` and ``lora_b``
       hold the local rows (V = V_local above) and ``targets`` stay global token ids
@@ -88,6 +92,8 @@ class HeadProblem:
     compute_dtype: torch.dtype
     damping_mode: str = "absolute"
     shard: Optional[VocabShard] = None
+    keep_budget_bytes: int = KEEP_BUDGET_BYTES
+    gram_budget_bytes: int = GRAM_BUDGET_BYTES
 
     @property
     def num_tokens(self) -> int:
@@ -143,6 +149,54 @@ class HeadStats:
     logp: torch.Tensor
     ah: Optional[torch.Tensor]
     pib: Optional[torch.Tensor]
+
+
+@dataclass
+class HiddenPass:
+    """What a backend's one-pass hidden-mode primitive returns (MATH.md section 4), compute dtype.
+
+    ``r_t`` is pi_t without its target entry (the off-target distribution): working with it keeps
+    ``1 - p_t`` and J free of the cancellation of ``W[y_t] - pi_t W`` when p_t is near 1.
+
+    - ``lse`` (N,) log-sum-exp of the logits; ``logp`` (N,) log p_t
+    - ``q`` (N,) 1 - p_t = sum_{v != y_t} pi_t[v], summed directly (no cancellation)
+    - ``ah`` (N,) a_seg . h_t, or None without a LoRA term
+    - ``pib_off`` (N,) r_t . b_seg, or None without a LoRA term (pi_t . b = pib_off + p_t b[y_t])
+    - ``pi_weight`` (N, d) r_t W = sum_{v != y_t} pi_t[v] W_v (pi_t W = pi_weight + p_t W[y_t])
+    """
+
+    lse: torch.Tensor
+    logp: torch.Tensor
+    q: torch.Tensor
+    ah: Optional[torch.Tensor]
+    pib_off: Optional[torch.Tensor]
+    pi_weight: torch.Tensor
+
+
+@dataclass
+class GramPass:
+    """What a backend's one-pass LoRA Gram primitive returns (MATH.md section 4), compute dtype.
+
+    - ``lse``, ``logp``, ``q``, ``ah``, ``pib_off``: as :class:`HiddenPass`
+    - ``gram``: one (T_b, T_b) matrix per conversation, ``(e_{y_t} - pi_t) . (e_{y_u} - pi_u)`` for
+      tokens t, u of conversation b (the b-block of J J^T before the factors s p_t (a . h_t)),
+      evaluated in the off-target form ``q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] +
+      r_t . r_u``; the solver owns these matrices and may overwrite them
+    - ``kept``: the backend's handle on the probability tiles kept for the VJP (its
+      ``centered_column_reduce`` reads them), or None when they were streamed
+    - ``cross``: only from a backend asked for the raw parts (``raw=True``, the vocabulary-parallel
+      wrapper): then ``gram`` holds ``r_t . r_u`` and ``cross`` ``r_t[y_u]`` per conversation,
+      both normalised by this backend's own sums
+    """
+
+    lse: torch.Tensor
+    logp: torch.Tensor
+    q: torch.Tensor
+    ah: Optional[torch.Tensor]
+    pib_off: Optional[torch.Tensor]
+    gram: List[torch.Tensor]
+    kept: Any = None
+    cross: Optional[List[torch.Tensor]] = None
 
 
 @dataclass

@@ -182,9 +182,19 @@ def same_device(who: str, name: str, x: torch.Tensor, device: torch.device, ref:
         fail(who, name, f"`{name}` is on {x.device} but `{ref}` is on {device}; put all inputs on one device")
 
 
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: no NaN/Inf in the float tensor ``x`` (no host sync). One min/max reduction
+    (NaN propagates through both, +-Inf shows in one): about 10x cheaper on the CPU than
+    ``isfinite(x).all()``, which writes a bool tensor of x's size first."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    mn, mx = torch.aminmax(x)
+    return torch.isfinite(mn) & torch.isfinite(mx)
+
+
 def finite(who: str, name: str, x: torch.Tensor) -> None:
     """No NaN/Inf in ``x`` (one device sync)."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if x.numel() and not bool(all_finite(x)):
         fail(who, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)", RosaNonFiniteError)
 
 
@@ -259,9 +269,14 @@ def finite_logits(who: str, dtype: torch.dtype, *values: torch.Tensor) -> None:
     logits beyond the range of the compute dtype show up here; a full ``isfinite`` over W would
     cost one more pass over it.
     """
-    if not all(bool(torch.isfinite(v).all()) for v in values):
-        fail(who, "weight", f"the logits are not finite: `weight` (or `bias`, `hidden`, the LoRA term) holds "
-                            f"NaN/Inf, or values so large that the logits overflow {dtype}", RosaNonFiniteError)
+    if not all(bool(all_finite(v)) for v in values):
+        nonfinite_logits(who, dtype)
+
+
+def nonfinite_logits(who: str, dtype: torch.dtype) -> NoReturn:
+    """Raise the error of :func:`finite_logits` (for a caller that read the flag itself)."""
+    fail(who, "weight", f"the logits are not finite: `weight` (or `bias`, `hidden`, the LoRA term) holds "
+                        f"NaN/Inf, or values so large that the logits overflow {dtype}", RosaNonFiniteError)
 
 
 def nonfinite_jacobian(who: str) -> NoReturn:
@@ -272,7 +287,7 @@ def nonfinite_jacobian(who: str) -> NoReturn:
 
 def finite_result(who: str, update: torch.Tensor, damping: float) -> None:
     """The step is finite (one device sync)."""
-    if not bool(torch.isfinite(update).all()):
+    if not bool(all_finite(update)):
         fail(who, "damping", f"the step is not finite (NaN/Inf) with damping={damping:g}: the problem is too "
                              "ill-conditioned for the compute dtype; raise `damping` or use float64 inputs",
              RosaNumericalError)

@@ -378,24 +378,25 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
             ``step.iterations``). Assumes a non-zero reward (r = 0 stops CG before its first
             inner product).
         lora_term: hidden mode with a LoRA term in the logits (``lora_a`` / ``lora_b`` given).
-        damping_mode: "relative" adds, for CG, the Gram diagonal (MATH.md section 6): hidden
-            ``2 N d e`` (the rows of J), lora ``N e`` (q_t . q_t); the dual reads it off its Gram matrix.
+        damping_mode: "relative" adds, for LoRA CG, the Gram diagonal (MATH.md section 6): ``N e``
+            (q_t . q_t); the dual and hidden-mode CG read it off J or its Gram matrix.
     With N tokens, e = elem_bytes, L = 1 with a LoRA term (always in lora mode), else 0:
-    validation ``RECORD_BYTES``; stats ``(3 + L) N e``; b[y_t] ``L N e``; then
-    dual hidden ``2 N d e``, dual lora ``2 B Tmax^2 e``, CG hidden
-    ``(it + 1)(B d + L B) e + it N e``, CG lora ``16 + it (N e + 24)``.
+    validation ``RECORD_BYTES``; then
+
+    - the dual (both modes) and hidden-mode CG, which run one pass: MAX of the local log-sum-exp
+      ``N e``, one SUM of the per-token results ``(3 + L) N e`` and b[y_t] ``L N e``; hidden mode adds
+      ``2 N d e`` (pi W with the per-token SUM, and W[y_t]), lora ``2 sum_b T_b^2 e`` (the Gram and
+      the cross terms);
+    - LoRA CG: stats ``(3 + L) N e``, b[y_t] ``N e``, then ``16 + it (N e + 24)``.
     """
-    N, B, Tm, e = sum(lengths), len(lengths), max(lengths), int(elem_bytes)
+    N, e = sum(lengths), int(elem_bytes)
     L = 1 if (mode == "lora" or lora_term) else 0
-    total = RECORD_BYTES + (3 + L) * N * e + L * N * e
-    if solver == "dual":
-        total += 2 * N * d * e if mode == "hidden" else 2 * B * Tm * Tm * e
-    elif mode == "hidden":
-        total += (iterations + 1) * (B * d + L * B) * e + iterations * N * e
-    else:
-        total += 16 + iterations * (N * e + 24)
-    if solver == "cg" and damping_mode == "relative":
-        total += 2 * N * d * e if mode == "hidden" else N * e
+    if solver == "dual" or mode == "hidden":
+        total = RECORD_BYTES + (4 + 2 * L) * N * e
+        return total + (2 * N * d * e if mode == "hidden" else 2 * sum(t * t for t in lengths) * e)
+    total = RECORD_BYTES + (3 + 2 * L) * N * e + 16 + iterations * (N * e + 24)
+    if damping_mode == "relative":
+        total += N * e
     return total
 
 

@@ -11,9 +11,8 @@ from ..common import defaults
 from ..common import validation as V
 from ..common.types import RewardLike
 from .distributed import prepare_vocab_parallel, wants_vocab_parallel
-from .operator import RosaOperator
 from .problem import build_problem
-from .solvers import CGImpl, choose_solver, solve_cg, solve_dual
+from .solvers import CGImpl, choose_plan, run
 
 
 @dataclass
@@ -85,7 +84,9 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
                 mask: Optional[torch.Tensor] = None, cg_impl: Optional[CGImpl] = None,
                 process_group: Optional[Any] = None, vocab_start: Optional[int] = None,
-                vocab_size: Optional[int] = None, damping_mode: str = defaults.DAMPING_MODE) -> RosaStep:
+                vocab_size: Optional[int] = None, damping_mode: str = defaults.DAMPING_MODE,
+                keep_budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
+                gram_budget_bytes: int = defaults.GRAM_BUDGET_BYTES) -> RosaStep:
     """One ROSA step: solve (J^T J + lambda I) d = J^T g (MATH.md sections 1 and 6).
 
     Args:
@@ -107,8 +108,15 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             the mean of diag(J J^T) = mean_t ||J_t||^2, one value per conversation:
             Levenberg-Marquardt scaling, invariant to the scale of J; MATH.md section 6).
         max_iter, tol: CG iteration cap and relative-residual tolerance.
-        solver: "auto" (cost model, see :func:`rosa_ext.core.solvers.choose_solver`),
-            "cg" (matrix-free) or "dual" (exact, via the T x T Gram matrix).
+        solver: "auto" (the cost model of :mod:`rosa_ext.core.cost_model`: measured throughput per
+            backend and dtype, memory budgets first, ties to the exact dual), "cg" or "dual" (exact:
+            one pass over W, then the T x T -- or in hidden mode with T > d the d x d -- system).
+        keep_budget_bytes: the LoRA dual keeps its N x V probability tiles for the VJP when the
+            longest conversation's T x V numbers fit this (default 256 MB); otherwise it streams
+            them in a second pass. A batch that keeps them runs in groups of conversations.
+        gram_budget_bytes: ``solver="auto"`` takes the dual only while its T x T matrices (every
+            conversation's Gram matrix and one factor; hidden mode min(T, d)^2) fit this
+            (default 512 MB), CG otherwise.
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         mask: (T,) or (B, T) bool; False rows (padding, prompt tokens) are ignored.
         cg_impl: the CG implementation the "cg" solver runs (default :func:`rosa_ext.cg.cg`, the
@@ -137,31 +145,28 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                             lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
                             tol=tol, solver=solver, backend=backend, mask=mask, cg_impl=cg_impl,
                             process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                            damping_mode=damping_mode)
+                            damping_mode=damping_mode, keep_budget_bytes=keep_budget_bytes,
+                            gram_budget_bytes=gram_budget_bytes)
 
 
 def _rosa_update(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
                  max_iter, tol, solver, backend, mask, cg_impl, process_group, vocab_start, vocab_size,
-                 damping_mode) -> RosaStep:
+                 damping_mode, keep_budget_bytes, gram_budget_bytes) -> RosaStep:
     kw = dict(mode=mode, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, bias=bias, beta=beta,
               damping=damping, max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask,
-              damping_mode=damping_mode)
+              damping_mode=damping_mode, keep_budget_bytes=keep_budget_bytes, gram_budget_bytes=gram_budget_bytes)
     if wants_vocab_parallel(weight, process_group, vocab_start, vocab_size):  # MATH.md section 7
         prob, be, cg_impl = prepare_vocab_parallel(hidden, weight, targets, reward, kw, process_group=process_group,
                                                    vocab_start=vocab_start, vocab_size=vocab_size, cg_impl=cg_impl)
     else:
         prob = build_problem(hidden, weight, targets, reward, **kw)
         be = get_backend(prob.backend, prob.device)
-    op = RosaOperator(prob, be)
-    V.finite_logits("rosa_update", prob.compute_dtype, op.stats.lse, op.stats.logp)
-    chosen = choose_solver(prob) if prob.solver == "auto" else prob.solver
-    if chosen == "dual":
-        upd, iters, res = solve_dual(op)
-    else:
-        upd, iters, res = solve_cg(op, cg_impl)
+    plan = choose_plan(prob, be.name)
+    out = run(prob, be, plan, cg_impl)
+    upd = out.update
     V.finite_result("rosa_update", upd, prob.damping)
     if not prob.batched:
         upd = upd[0]
-    return RosaStep(update=upd, mode=prob.mode, solver=chosen, backend=be.name,
-                    hidden_size=prob.hidden_size, logp=op.stats.logp, target=op.g,
-                    _iterations=iters, _residual=res)
+    return RosaStep(update=upd, mode=prob.mode, solver=plan.solver, backend=be.name,
+                    hidden_size=prob.hidden_size, logp=out.logp, target=out.target,
+                    _iterations=out.iterations, _residual=out.residual)

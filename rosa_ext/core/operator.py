@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..common import jacobian as J
-from ..common.types import HeadProblem
+from ..common.types import HeadProblem, HeadStats
 from .target import residual_target
 
 
@@ -27,11 +27,14 @@ class RosaOperator:
         g: (N,) residual target p* - p (MATH.md section 1)
     """
 
-    def __init__(self, prob: HeadProblem, backend) -> None:
+    def __init__(self, prob: HeadProblem, backend, stats: Optional[HeadStats] = None,
+                 by: Optional[torch.Tensor] = None) -> None:
+        """``stats``: the per-token cache when the caller has it (a one-pass primitive made it);
+        otherwise the backend's stats pass runs. ``by``: b_seg[y_t] when the caller has it."""
         self.prob = prob
         self.backend = backend
-        self.stats = backend.stats(prob)
-        self.lin = J.Linearization.at(prob, self.stats, backend)
+        self.stats = backend.stats(prob) if stats is None else stats
+        self.lin = J.Linearization.at(prob, self.stats, backend, by=by)
         self.p = self.lin.p
         self.g = residual_target(self.stats.logp, prob.reward[prob.seg], prob.beta)
 

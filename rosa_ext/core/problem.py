@@ -10,10 +10,12 @@ row belongs to, so one pass over the head weight serves the whole batch.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ..common import defaults
 from ..common import validation as V
 from ..common.types import MODES, HeadProblem, RewardLike
 
@@ -36,12 +38,35 @@ def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
     V.same_device(WHO, name, x, device, "weight")
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    V.finite(WHO, name, x)
+class _ValueChecks:
+    """The checks of ``build_problem`` that read tensor values (finite entries, the targets' range, a
+    dead LoRA), queued as 0-dim tensors and read with ONE host synchronisation (:meth:`run`), then
+    raised in the order they were queued (each names its argument, as when checked one by one)."""
+
+    def __init__(self) -> None:
+        self.items: List[Tuple[torch.Tensor, Callable[[float], None]]] = []
+
+    def add(self, value: torch.Tensor, check: Callable[[float], None]) -> None:
+        self.items.append((value, check))
+
+    def finite(self, name: str, x: torch.Tensor) -> None:
+        if x.numel():
+            def bad(v: float, name: str = name) -> None:
+                if not v:
+                    V.fail(WHO, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)",
+                           V.RosaNonFiniteError)
+            self.add(V.all_finite(x), bad)
+
+    def run(self) -> None:
+        if not self.items:
+            return
+        vals = torch.stack([v.to(torch.float64) for v, _ in self.items]).tolist()  # the one host sync
+        for v, (_, check) in zip(vals, self.items):
+            check(v)
 
 
 def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, batched: bool,
-                 device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+                 device: torch.device, dtype: torch.dtype, checks: _ValueChecks) -> Optional[torch.Tensor]:
     """Accept (width,), PEFT's (1, width) / (width, 1), or (B, width) for a batch."""
     if x is None:
         return None
@@ -59,7 +84,7 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
     else:
         want = f"({width},)" + (f" or ({batch}, {width})" if batched else f", (1, {width}) or ({width}, 1)")
         _fail(f"`{name}` must have shape {want}, got {tuple(x.shape)}", name)
-    _check_finite(name, m)
+    checks.finite(name, m)
     m = m.detach().to(dtype)
     if m.shape[0] == 1 and batch > 1:
         m = m.expand(batch, width)
@@ -70,11 +95,16 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor],
                   lora_b: Optional[torch.Tensor], lora_scale: float, bias: Optional[torch.Tensor],
                   beta: float, damping: float, max_iter: int, tol: float, solver: str,
-                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = "absolute") -> HeadProblem:
+                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = "absolute",
+                  keep_budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
+                  gram_budget_bytes: int = defaults.GRAM_BUDGET_BYTES) -> HeadProblem:
     """Check every input of :func:`rosa_ext.rosa_update` and pack it. See module doc."""
     mode = V.choice(WHO, "mode", mode, MODES)
+    checks = _ValueChecks()
     opts = V.solver_options(WHO, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                             backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
+    keep_budget_bytes = V.integer(WHO, "keep_budget_bytes", keep_budget_bytes, minimum=0, maximum=None)
+    gram_budget_bytes = V.integer(WHO, "gram_budget_bytes", gram_budget_bytes, minimum=0, maximum=None)
 
     weight = _check_tensor("weight", weight)
     hidden = _check_tensor("hidden", hidden)
@@ -113,7 +143,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         _check_device("bias", bias, device)
         if bias.shape != (Vs,):
             _fail(f"`bias` must be ({Vs},), got {tuple(bias.shape)}", "bias")
-        _check_finite("bias", bias)
+        checks.finite("bias", bias)
 
     compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     # damping and lora_scale enter tensors of the compute dtype: they must be finite there
@@ -131,19 +161,24 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         if n == 0:
             _fail("`mask` selects no response token" + (f" in conversation {b}" if batched else ""), "mask")
     sel_targets = targets2.reshape(-1) if mask2 is None else targets2[mask2]
-    lo, hi = (int(v) for v in torch.stack([sel_targets.min(), sel_targets.max()]).tolist())
-    if lo < 0 or hi >= Vs:
-        _fail(f"`targets` holds token id {hi if hi >= Vs else lo}, outside the vocabulary [0, {Vs})", "targets")
+
+    def target_range(lo: float, hi: float) -> None:
+        if lo < 0 or hi >= Vs:
+            _fail(f"`targets` holds token id {int(hi if hi >= Vs else lo)}, outside the vocabulary [0, {Vs})",
+                  "targets")
+
+    checks.add(sel_targets.min(), lambda v: target_range(v, 0))
+    checks.add(sel_targets.max(), lambda v: target_range(0, v))
     sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
-    _check_finite("hidden", sel_hidden)
+    checks.finite("hidden", sel_hidden)
 
     r = V.rewards(WHO, reward, B)
     # a reward beyond the compute dtype's range would become +-inf there
     for v in r.tolist():
         V.real(WHO, "reward", v, dtype=compute_dtype)
     r = r.to(device=device, dtype=compute_dtype)
-    a = _lora_matrix("lora_a", lora_a, B, d, batched, device, compute_dtype)
-    bvec = _lora_matrix("lora_b", lora_b, B, Vs, batched, device, compute_dtype)
+    a = _lora_matrix("lora_a", lora_a, B, d, batched, device, compute_dtype, checks)
+    bvec = _lora_matrix("lora_b", lora_b, B, Vs, batched, device, compute_dtype, checks)
     if mode == "lora":
         if a is None:
             _fail("mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 and b = 0 the "
@@ -152,10 +187,16 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             _fail("`lora_scale` must be nonzero in mode='lora' (with s = 0 the Jacobian is zero)", "lora_scale")
         # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None
         dead = (a == 0).all(1) & ((bvec == 0).all(1) if bvec is not None else torch.ones_like(a[:, 0], dtype=torch.bool))
-        if bool(dead.any()):
-            which = f" (conversation {int(dead.nonzero()[0, 0])})" if batched else ""
-            _fail(f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA at a = 0, "
-                  "b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA does (random)", "lora_a")
+        first = torch.where(dead.any(), dead.to(torch.int64).argmax(), -1)
+
+        def not_dead(v: float) -> None:
+            if v >= 0:
+                which = f" (conversation {int(v)})" if batched else ""
+                _fail(f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA at a = 0, "
+                      "b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA does (random)", "lora_a")
+
+        checks.add(first, not_dead)
+    checks.run()
     if a is not None and bvec is None:
         bvec = torch.zeros(B, Vs, dtype=compute_dtype, device=device)
     if bvec is not None and a is None:
@@ -164,10 +205,26 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     offsets = [0]
     for n in counts:
         offsets.append(offsets[-1] + int(n))
-    seg = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
+    if B == 1:
+        seg = torch.zeros(offsets[-1], dtype=torch.int64, device=device)
+    else:
+        seg = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
     return HeadProblem(hidden=sel_hidden, weight=weight, bias=bias, targets=sel_targets.contiguous(),
                        seg=seg, offsets=offsets, reward=r, mode=mode, lora_a=a, lora_b=bvec,
                        lora_scale=opts["lora_scale"], beta=opts["beta"], damping=opts["damping"],
                        max_iter=opts["max_iter"], tol=opts["tol"], solver=opts["solver"],
                        backend=opts["backend"], batched=batched, compute_dtype=compute_dtype,
-                       damping_mode=opts["damping_mode"])
+                       damping_mode=opts["damping_mode"], keep_budget_bytes=keep_budget_bytes,
+                       gram_budget_bytes=gram_budget_bytes)
+
+
+def sub_problem(prob: HeadProblem, b0: int, b1: int) -> HeadProblem:
+    """Conversations ``b0 .. b1 - 1`` of a packed problem, as a problem of their own (views, no copy)."""
+    if b0 == 0 and b1 == prob.num_conversations:
+        return prob
+    off = prob.offsets
+    lo, hi = off[b0], off[b1]
+    return replace(prob, hidden=prob.hidden[lo:hi], targets=prob.targets[lo:hi], seg=prob.seg[lo:hi] - b0,
+                   offsets=[o - lo for o in off[b0:b1 + 1]], reward=prob.reward[b0:b1],
+                   lora_a=None if prob.lora_a is None else prob.lora_a[b0:b1],
+                   lora_b=None if prob.lora_b is None else prob.lora_b[b0:b1])

@@ -1,0 +1,211 @@
+"""The one-pass primitives of the dual solve (rosa_ext.backends.onepass) against dense float64 math.
+
+Small heads, many chunks (a ragged last one), blocks of rows and of the block-triangle Gram smaller
+than a conversation, lazy and eager rescaling (forced on every chunk), targets another rank owns.
+"""
+import pytest
+import torch
+from _helpers import make_inputs
+
+from rosa_ext.backends import onepass
+from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.core.problem import build_problem
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _problem(B=2, T=9, d=10, V=301, mode="lora", bias=True, lora_term=True, dtype=torch.float64, mask=True, seed=0,
+             logit_scale=2.0):
+    inp = make_inputs(T=T, d=d, V=V, mode="lora", B=B, seed=seed, logit_scale=logit_scale, bias=bias, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 17)
+    a = torch.randn(B, d, dtype=torch.float64, generator=g) / d ** 0.5
+    b = torch.randn(B, V, dtype=torch.float64, generator=g) * 0.3
+    m = None
+    if mask:
+        m = torch.ones(B, T, dtype=torch.bool)
+        m[0, :3] = False  # ragged: T_0 = T - 3
+    lora = dict(lora_a=a.to(dtype), lora_b=b.to(dtype)) if (mode == "lora" or lora_term) else dict(lora_a=None,
+                                                                                                   lora_b=None)
+    return build_problem(inp["hidden"], inp["weight"], inp["targets"], torch.full((B,), -1.0), mode=mode,
+                         lora_scale=3.0, bias=inp["bias"], beta=1.0, damping=0.1, max_iter=10, tol=1e-6,
+                         solver="dual", backend="torch", mask=m, **lora)
+
+
+def _dense(prob):
+    """Float64 truth: pi (N, V), r (off-target), p, lse."""
+    h = prob.hidden.double()
+    W = prob.weight.double()
+    z = h @ W.T
+    if prob.bias is not None:
+        z = z + prob.bias.double()
+    ah = None
+    if prob.lora_a is not None:
+        ah = (h * prob.lora_a.double()[prob.seg]).sum(1)
+        z = z + prob.lora_scale * ah.unsqueeze(1) * prob.lora_b.double()[prob.seg]
+    pi = torch.softmax(z, 1)
+    ar = torch.arange(prob.num_tokens)
+    y = prob.targets
+    r = pi.clone()
+    r[ar, y] = 0
+    return dict(pi=pi, r=r, p=pi[ar, y], lse=torch.logsumexp(z, 1), ah=ah)
+
+
+@pytest.fixture(params=["lazy", "eager"])
+def rescale(request, monkeypatch):
+    if request.param == "eager":  # the sync-free path other devices take
+        monkeypatch.setattr(onepass, "_lazy", lambda device: False)
+    return request.param
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(onepass, "HIDDEN_TILE_ELEMS", 7 * 40)
+    monkeypatch.setattr(onepass, "LORA_TILE_ELEMS", 7 * 40)
+    monkeypatch.setattr(onepass, "MIN_CHUNK", 16)
+    monkeypatch.setattr(onepass, "LORA_MIN_CHUNK", 16)
+    monkeypatch.setattr(onepass, "HIDDEN_ROW_BLOCK", 5)
+    monkeypatch.setattr(onepass, "gram_block", lambda T: 4)
+
+
+@pytest.mark.parametrize("lora_term", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_hidden_pass(small_tiles, rescale, lora_term, bias):
+    prob = _problem(mode="hidden", lora_term=lora_term, bias=bias)
+    t = _dense(prob)
+    hp = onepass.hidden_pass(prob)
+    assert torch.allclose(hp.lse, t["lse"], atol=1e-12, rtol=0)
+    assert torch.allclose(hp.logp, torch.log(t["p"]), atol=1e-12, rtol=0)
+    assert torch.allclose(hp.q, 1 - t["p"], atol=1e-13, rtol=0)
+    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    if lora_term:
+        assert torch.allclose(hp.pib_off, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
+        assert torch.allclose(hp.ah, t["ah"], atol=1e-12, rtol=0)
+    else:
+        assert hp.pib_off is None and hp.ah is None
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_gram_pass_and_vjp(small_tiles, rescale, keep, bias):
+    prob = _problem(bias=bias, T=11)
+    t = _dense(prob)
+    gp = onepass.lora_gram_pass(prob, keep=keep)
+    assert torch.allclose(gp.lse, t["lse"], atol=1e-12, rtol=0)
+    assert torch.allclose(gp.q, 1 - t["p"], atol=1e-13, rtol=0)
+    assert torch.allclose(gp.pib_off, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
+    E = torch.zeros_like(t["pi"])
+    E[torch.arange(prob.num_tokens), prob.targets] = 1
+    C = E - t["pi"]  # e_y - pi
+    off = prob.offsets
+    for k in range(prob.num_conversations):
+        Ck = C[off[k]:off[k + 1]]
+        assert torch.allclose(gp.gram[k], Ck @ Ck.T, atol=1e-12, rtol=0), k
+    assert (gp.kept is not None) == keep
+    w = torch.randn(prob.num_tokens, dtype=torch.float64)
+    got = onepass.centered_column_reduce(prob, gp, w)
+    want = torch.zeros(prob.num_conversations, prob.vocab_size, dtype=torch.float64).index_add_(
+        0, prob.seg, w.unsqueeze(1) * C)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
+def test_lora_gram_pass_raw(small_tiles, rescale):
+    prob = _problem(T=8)
+    t = _dense(prob)
+    for keep in (False, True):
+        gp = onepass.lora_gram_pass(prob, keep=keep, raw=True)
+        off = prob.offsets
+        for k in range(prob.num_conversations):
+            sl = slice(off[k], off[k + 1])
+            r = t["r"][sl]
+            assert torch.allclose(gp.gram[k], r @ r.T, atol=1e-12, rtol=0)
+            assert torch.allclose(gp.cross[k], r[:, prob.targets[sl]], atol=1e-12, rtol=0)  # r_t[y_u]
+
+
+def test_forced_rescale_every_chunk(small_tiles, monkeypatch):
+    """TAU tiny: the lazy path redoes (nearly) every tile with the running max."""
+    monkeypatch.setattr(onepass, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
+    prob = _problem(T=7)
+    t = _dense(prob)
+    hp = onepass.hidden_pass(prob)
+    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    for keep in (False, True):
+        gp = onepass.lora_gram_pass(prob, keep=keep)
+        w = torch.randn(prob.num_tokens, dtype=torch.float64)
+        got = onepass.centered_column_reduce(prob, gp, w)
+        E = torch.zeros_like(t["pi"])
+        E[torch.arange(prob.num_tokens), prob.targets] = 1
+        want = torch.zeros_like(got).index_add_(0, prob.seg, w.unsqueeze(1) * (E - t["pi"]))
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+        C = (E - t["pi"])[prob.offsets[1]:]
+        assert torch.allclose(gp.gram[1], C @ C.T, atol=1e-12, rtol=0)
+
+
+def test_logits_far_above_the_first_chunk(small_tiles):
+    """A later chunk's logits 60 above the first chunk's maximum (> TAU): rescale, no overflow."""
+    prob = _problem(T=6, bias=True)
+    prob.bias = prob.bias.clone()
+    prob.bias[150:] += 60.0
+    t = _dense(prob)
+    hp = onepass.hidden_pass(prob)
+    assert torch.allclose(hp.lse, t["lse"], atol=1e-12, rtol=0)
+    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    gp = onepass.lora_gram_pass(prob, keep=True)
+    assert all(bool(torch.isfinite(g).all()) for g in gp.gram)
+    f32 = _problem(T=6, bias=True, dtype=torch.float32)
+    f32.bias = prob.bias.float()
+    hp32 = onepass.hidden_pass(f32)
+    assert torch.allclose(hp32.lse.double(), t["lse"], atol=1e-4, rtol=0)
+
+
+def test_targets_owned_elsewhere_are_not_split(small_tiles):
+    """Targets outside [0, V) (another rank's tokens): no entry split off, 1 - p = 1, nothing scattered."""
+    prob = _problem(T=6)
+    prob.targets = prob.targets.clone()
+    prob.targets[::2] = -1
+    t = _dense(_problem(T=6))
+    out = prob.targets < 0
+    hp = onepass.hidden_pass(prob)
+    assert torch.equal(hp.q[out], torch.ones_like(hp.q[out]))
+    assert torch.allclose(hp.pi_weight[out], t["pi"][out] @ prob.weight.double(), atol=1e-12, rtol=0)
+    gp = onepass.lora_gram_pass(prob, keep=False)
+    w = torch.zeros(prob.num_tokens, dtype=torch.float64)
+    w[out] = 1.0
+    got = onepass.centered_column_reduce(prob, gp, w)
+    want = -torch.zeros_like(got).index_add_(0, prob.seg[out], t["pi"][out])
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("vec_max", [0, 512])
+def test_same_token_pairs(monkeypatch, vec_max):
+    monkeypatch.setattr(onepass, "SAME_TOKEN_VECTOR_MAX", vec_max)
+    y = torch.tensor([3] * 25 + [1, 2, 4, 7, 7, 7, 7, 9, 9, 5])
+    q = torch.rand(y.numel(), dtype=torch.float64)
+    M = torch.zeros(y.numel(), y.numel(), dtype=torch.float64)
+    onepass.same_token_pairs(M, y, q)
+    assert torch.allclose(M, torch.outer(q, q) * (y.unsqueeze(0) == y.unsqueeze(1)), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_models(dtype):
+    """bf16/fp16 weights are widened per chunk; results in float32 close to float64 math on the same numbers."""
+    prob = _problem(dtype=dtype, T=6)
+    t = _dense(prob)
+    hp = onepass.hidden_pass(prob)
+    assert hp.pi_weight.dtype == torch.float32
+    assert torch.allclose(hp.pi_weight.double(), t["r"] @ prob.weight.double(), atol=1e-5, rtol=0)
+    gp = onepass.lora_gram_pass(prob, keep=True)
+    C = torch.eye(prob.vocab_size, dtype=torch.float64)[prob.targets] - t["pi"]
+    assert torch.allclose(gp.gram[1].double(), C[prob.offsets[1]:] @ C[prob.offsets[1]:].T, atol=1e-5, rtol=0)
+
+
+def test_backend_methods_use_the_chunk_size():
+    prob = _problem(T=5)
+    t = _dense(prob)
+    be = TorchChunkedBackend(chunk_size=7)
+    hp = be.hidden_pass(prob)
+    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    gp = be.lora_gram_pass(prob, keep=True)
+    assert gp.kept.chunk == 7
+    w = torch.randn(prob.num_tokens, dtype=torch.float64)
+    assert torch.allclose(be.centered_column_reduce(prob, gp, w),
+                          onepass.centered_column_reduce(prob, onepass.lora_gram_pass(prob), w), atol=1e-12, rtol=0)
