@@ -5,8 +5,8 @@ from _helpers import make_inputs
 from test_batched import _batch, _single
 
 from rosa_ext import rosa_update
-from rosa_ext.common import defaults
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.common import defaults
 from rosa_ext.core.operator import RosaOperator
 from rosa_ext.core.problem import build_problem
 from rosa_ext.reference import jacobian_reference, rosa_update_reference

@@ -5,8 +5,8 @@ from _helpers import make_inputs, mean_logp_after
 
 import rosa_ext
 from rosa_ext import rosa_update
-from rosa_ext.common import defaults
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.common import defaults
 from rosa_ext.core.operator import RosaOperator
 from rosa_ext.core.problem import build_problem
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference
