@@ -75,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
         for mode in MODES:
             for solver in SOLVERS:
                 lk = dict(lora_a=x["lora_a"], lora_b=x["lora_b"][s:e]) if mode == "lora" else {}
-                kw = dict(mode=mode, solver=solver, backend="torch")
+                kw = dict(mode=mode, solver=solver, backend="torch", damping=0.1, damping_mode="absolute")
 
                 def call():
                     return rosa_update(x["hidden"], x["weight"][s:e], x["targets"], -1.0, vocab_start=s,

@@ -96,7 +96,7 @@ def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, input
     h, y, a, b = inputs["h"], inputs["y"], inputs["a"], inputs["b"]
     from rosa_ext.common import defaults
     prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=defaults.LORA_SCALE, bias=None,
-                         beta=defaults.BETA, damping=defaults.DAMPING, max_iter=defaults.MAX_ITER, tol=defaults.TOL,
+                         beta=defaults.BETA, damping=0.1, damping_mode="absolute", max_iter=defaults.MAX_ITER, tol=defaults.TOL,
                          solver="cg", backend=backend, mask=None)
     be = get_backend(backend, prob.device)
     warm_clock = common.Stopwatch()
@@ -109,7 +109,7 @@ def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, input
     t_stats = _ms(lambda: be.stats(prob))
     t_pair = _ms(lambda: op.vjp(op.jvp(v)))
     op = None  # free the operator's cache before the next measurements
-    kw = dict(mode=mode, lora_a=a, lora_b=b, damping=0.1, backend=backend, max_iter=16, tol=1e-5)
+    kw = dict(mode=mode, lora_a=a, lora_b=b, damping=0.1, damping_mode="absolute", backend=backend, max_iter=16, tol=1e-5)
     res = {}
     upd_mb = _extra_mb(lambda: res.setdefault("cg", rosa_update(h, W, y, -1.0, solver="cg", **kw)))
     t_cg = _ms(lambda: rosa_update(h, W, y, -1.0, solver="cg", **kw), min_reps=3, max_reps=10)
@@ -199,7 +199,8 @@ def section_early_exit(weight, args, result, clock, dump) -> None:
             if _over(args, clock, result, dict(section="early_exit", dtype=dtype, mode=mode)):
                 continue
             inp = _qwen_inputs(W, T, seed=7, lora=mode == "lora")
-            base = dict(mode=mode, lora_a=inp["a"], lora_b=inp["b"], solver="cg", backend="triton", damping=0.1)
+            base = dict(mode=mode, lora_a=inp["a"], lora_b=inp["b"], solver="cg", backend="triton", damping=0.1,
+                        damping_mode="absolute")
             tol, it = 1e-3, None
             for tol in (1e-3, 1e-2, 1e-1):  # a tolerance CG reaches well before 16 iterations
                 it = rosa_update(inp["h"], W, inp["y"], -1.0, max_iter=64, tol=tol, **base).iterations

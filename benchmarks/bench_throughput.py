@@ -49,7 +49,7 @@ def measure(dt: torch.dtype, N: int = 256, d: int = 512, V: int = 32768, target_
     y = torch.randint(0, V, (N,), generator=g)
     a = (torch.randn(d, generator=g, dtype=torch.float64) / d ** 0.5).to(dt)
     b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.01).to(dt)
-    common_kw = dict(lora_scale=8.0, bias=None, beta=1.0, damping=0.1, max_iter=16, tol=1e-30, backend="torch",
+    common_kw = dict(lora_scale=8.0, bias=None, beta=1.0, damping=0.1, damping_mode="absolute", max_iter=16, tol=1e-30, backend="torch",
                      mask=None)
     ph = build_problem(h, W, y, -1.0, mode="hidden", lora_a=None, lora_b=None, solver="dual", **common_kw)
     pl = build_problem(h, W, y, -1.0, mode="lora", lora_a=a, lora_b=b, solver="dual", **common_kw)
@@ -89,7 +89,8 @@ def measure(dt: torch.dtype, N: int = 256, d: int = 512, V: int = 32768, target_
     out["chol"] = T ** 3 / 3 / t3["chol"]
     # the package's CG pair in LoRA mode (matrix-free JVP + VJP): from 2 and 6 iterations
     import rosa_ext
-    kw = dict(mode="lora", lora_a=a, lora_b=b, solver="cg", backend="torch", tol=1e-30)
+    kw = dict(mode="lora", lora_a=a, lora_b=b, solver="cg", backend="torch", tol=1e-30, damping=0.1,
+              damping_mode="absolute")
     t4 = interleaved({"it2": lambda: rosa_ext.rosa_update(h, W, y, -1.0, max_iter=2, **kw),
                       "it6": lambda: rosa_ext.rosa_update(h, W, y, -1.0, max_iter=6, **kw)}, target_s)
     out["cg_pair"] = 4 * N * d * V / ((t4["it6"] - t4["it2"]) / 4)

@@ -28,9 +28,12 @@ MODELS: Dict[str, Tuple[int, int]] = {
     "llama-3-8b": (4096, 128256), "smollm2-135m": (576, 49152), "cpu-small": (256, 32000), "cpu-sweep": (128, 8000),
     "tiny": (32, 500)}
 
-#: Every method runs with the package defaults (rosa_ext.common.defaults) and reward -1.
-MAX_ITER, TOL, DAMPING, BETA, LORA_SCALE = (defaults.MAX_ITER, defaults.TOL, defaults.DAMPING, defaults.BETA,
-                                            defaults.LORA_SCALE)
+#: Every method runs with the package defaults (rosa_ext.common.defaults) and reward -1, except the
+#: damping: a fixed ridge (damping_mode="absolute", lambda = 0.1), which every peer (torch.func + CG,
+#: the dense solve) implements and which keeps results comparable across commits. The default
+#: relative ridge costs the dual one reduction of T numbers per conversation.
+MAX_ITER, TOL, BETA, LORA_SCALE = defaults.MAX_ITER, defaults.TOL, defaults.BETA, defaults.LORA_SCALE
+DAMPING, DAMPING_MODE = defaults.ABSOLUTE_DAMPING, "absolute"
 REWARD = -1.0
 
 #: The fp64 reference builds the T x P Jacobian through a vmapped torch.func pass that holds
@@ -121,7 +124,7 @@ def truth_update(inp: Dict[str, Any]) -> torch.Tensor:
     from rosa_ext import rosa_update
     f64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
     args, kw = _args(f64)
-    return rosa_update(*args, **kw, damping=DAMPING, beta=BETA, lora_scale=LORA_SCALE,
+    return rosa_update(*args, **kw, damping=DAMPING, damping_mode=DAMPING_MODE, beta=BETA, lora_scale=LORA_SCALE,
                        solver="dual", backend="torch").update
 
 
@@ -162,7 +165,8 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         from rosa_ext.reference import rosa_update_reference
 
         def update():
-            s = rosa_update_reference(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING)
+            s = rosa_update_reference(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING,
+                                      damping_mode=DAMPING_MODE)
             return s.update, 0, "float64 torch.func Jacobian + dense solve"
         return update, lambda: None
 
@@ -173,8 +177,8 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
     cg_kw = dict(cg_impl=cg_python) if pyloop else {}
 
     def update():
-        s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER,
-                        tol=TOL, solver=solver, backend=backend, **cg_kw)
+        s = rosa_update(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, damping_mode=DAMPING_MODE,
+                        max_iter=MAX_ITER, tol=TOL, solver=solver, backend=backend, **cg_kw)
         return s.update, s.iterations, f"{s.backend}/{s.solver}"
     if solver != "cg":
         return update, lambda: None
@@ -184,7 +188,8 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         from rosa_ext.core.operator import RosaOperator
         from rosa_ext.core.problem import build_problem
         prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
-                             max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend, mask=None)
+                             damping_mode=DAMPING_MODE, max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend,
+                             mask=None)
         op = RosaOperator(prob, get_backend(prob.backend, prob.device))
         v = torch.randn(1, prob.num_params, dtype=prob.compute_dtype, device=prob.device)
         return lambda: op.vjp(op.jvp(v))

@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 
 import torch
 from common import sync, wall_times_ms
-from update_measure import BETA, DAMPING, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs
+from update_measure import BETA, DAMPING, DAMPING_MODE, LORA_SCALE, MAX_ITER, MODELS, TOL, make_inputs
 
 
 def _cost_model(plan) -> Dict[str, float]:
@@ -47,7 +47,7 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
             inp = make_inputs(d, V, T, mode, getattr(torch, dtype), device)
             args = (inp["hidden"], inp["weight"], inp["targets"], inp["reward"])
             kw = dict(mode=mode, lora_a=inp["lora_a"], lora_b=inp["lora_b"], lora_scale=LORA_SCALE, beta=BETA,
-                      damping=DAMPING, max_iter=MAX_ITER, tol=TOL)
+                      damping=DAMPING, damping_mode=DAMPING_MODE, max_iter=MAX_ITER, tol=TOL)
             prob = build_problem(*args, **kw, bias=None, solver="auto", backend="auto", mask=None)
             plan = choose_plan(prob, get_backend("auto", prob.device).name)
             auto = plan.solver
@@ -88,7 +88,8 @@ def batched_sweep(device: str, model: str, dtype: str, Bs: List[int], T: int, mo
             lens[0] = T
             mask = (torch.arange(T).unsqueeze(0) < lens.unsqueeze(1)).to(device)
             r = torch.where(torch.arange(B) % 2 == 0, -1.0, 1.0)
-            kw = dict(mode=mode, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, max_iter=MAX_ITER, tol=TOL)
+            kw = dict(mode=mode, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, damping_mode=DAMPING_MODE,
+                      max_iter=MAX_ITER, tol=TOL)
             if mode == "lora":
                 A = base["lora_a"].unsqueeze(0).expand(B, d).contiguous()
                 Bv = base["lora_b"].unsqueeze(0).expand(B, V).contiguous()

@@ -5,7 +5,11 @@ the merged ``runs.jsonl`` in ``--out``.
     python benchmarks/experiment/merge_runs.py --turns 5 --out DIR RUNS.jsonl[:SEEDS] ...
 
 ``RUNS.jsonl:0,1`` keeps only those seeds of that file (e.g. the complete seeds of an
-interrupted run); a (method, seed) pair given twice is an error. The statistics are those of
+interrupted run); a (method, seed) pair given twice is an error. ``--reuse-greedy M1,M2`` copies the
+runs of methods that do not depend on the seed under greedy decoding (the baseline and the
+zero-initialised hidden shift: ``rosa_ext.harness.experiment.seed_dependent``) from their one seed to
+every seed another method covers -- what the experiment itself does within one greedy invocation.
+A method covering fewer seeds than the baseline is compared with the baseline's runs of its own seeds. The statistics are those of
 :func:`rosa_ext.harness.experiment.summarize` (bootstrap over problems, seeds pooled; paired difference to
 the baseline).
 """
@@ -46,6 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="merged runs")
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--reuse-greedy", default="", help="comma list of seed-independent methods of greedy runs "
+                    "whose one seed is reused for every other seed (see the module doc)")
     args = ap.parse_args(argv)
     merged: Dict[str, Dict[int, List[dict]]] = {}
     for spec in args.inputs:
@@ -56,6 +62,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if seed in merged.setdefault(method, {}):
                     raise SystemExit(f"merge_runs: method {method!r} seed {seed} appears twice")
                 merged[method][seed] = recs
+    reused: Dict[str, int] = {}
+    for method in [m for m in args.reuse_greedy.split(",") if m]:
+        have = merged.get(method, {})
+        if len(have) != 1:
+            raise SystemExit(f"merge_runs: --reuse-greedy {method}: needs exactly one seed of it, got {sorted(have)}")
+        (seed0, recs0), = have.items()
+        reused[method] = seed0
+        for seed in sorted({s for m in merged.values() for s in m} - {seed0}):
+            have[seed] = [dict(r, seed=seed) for r in recs0]
     sizes = {len(recs) for m in merged.values() for recs in m.values()}
     if len(sizes) != 1:
         raise SystemExit(f"merge_runs: runs cover different numbers of problems: {sorted(sizes)}")
@@ -68,13 +83,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = summarize(runs, args.turns, n_boot=args.n_boot)
     os.makedirs(args.out, exist_ok=True)
     meta = {"merged_from": args.inputs, "seeds": {m: sorted(s) for m, s in runs.items()},
+            "reused_greedy": {m: f"seed {s} reused for every seed" for m, s in reused.items()},
             "n_problems": sizes.pop(), "turns": args.turns}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary}, f, indent=1)
     table = markdown_table(summary, args.turns)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"Merged from {', '.join(f'`{x}`' for x in args.inputs)}; seeds per method: "
-                f"{meta['seeds']}\n\n" + table)
+                f"{meta['seeds']}" + (f"; reused (greedy, seed-independent): {meta['reused_greedy']}"
+                                      if reused else "") + "\n\n" + table)
     with open(os.path.join(args.out, "runs.jsonl"), "w") as f:
         for m in runs:
             for s in sorted(merged[m]):

@@ -6,6 +6,7 @@ from test_batched import _batch, _single
 
 from rosa_ext import rosa_update
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.common import defaults
 from rosa_ext.core.operator import RosaOperator
 from rosa_ext.core.problem import build_problem
 from rosa_ext.reference import jacobian_reference, rosa_update_reference
@@ -84,12 +85,17 @@ def test_validation():
         rosa_update(**inp, reward=-1.0, mode="hidden", damping_mode="lm")
 
 
-def test_absolute_is_default_bitwise():
+def test_defaults_are_relative_0p3_bitwise():
+    """The default ridge is the relative one at 0.3 (README, "Defaults"), and it differs from the
+    absolute ridge of the same value."""
+    assert (defaults.DAMPING_MODE, defaults.DAMPING) == ("relative", 0.3)
     inp = make_inputs(mode="lora", dtype=torch.float32, T=10, V=200)
     for solver in ("dual", "cg"):
         a = rosa_update(**inp, reward=-1.0, mode="lora", solver=solver)
-        b = rosa_update(**inp, reward=-1.0, mode="lora", solver=solver, damping_mode="absolute")
+        b = rosa_update(**inp, reward=-1.0, mode="lora", solver=solver, damping=0.3, damping_mode="relative")
+        c = rosa_update(**inp, reward=-1.0, mode="lora", solver=solver, damping=0.3, damping_mode="absolute")
         assert torch.equal(a.update, b.update)
+        assert not torch.allclose(a.update, c.update)
 
 
 def test_lora_gram_fp32_confident_tokens():

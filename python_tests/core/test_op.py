@@ -6,6 +6,7 @@ from _helpers import make_inputs, mean_logp_after
 import rosa_ext
 from rosa_ext import rosa_update
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.common import defaults
 from rosa_ext.core.operator import RosaOperator
 from rosa_ext.core.problem import build_problem
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference
@@ -77,16 +78,18 @@ def test_adversarial_inputs(case, mode):
 
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
-def test_p_near_zero_and_one(mode):
+@pytest.mark.parametrize("damping_mode,damping", [("absolute", 1e-3), ("relative", defaults.DAMPING)])
+def test_p_near_zero_and_one(mode, damping_mode, damping):
     inp = make_inputs(mode=mode, T=4, logit_scale=30.0)
     H, W = inp["hidden"], inp["weight"]
     z = H @ W.T
     # first two tokens: the argmax (p ~ 1); last two: the argmin (p ~ 0)
     inp["targets"] = torch.cat([z[:2].argmax(-1), z[2:].argmin(-1)])
-    ref = rosa_update_reference(**inp, reward=1.0, mode=mode, damping=1e-3)
+    kw = dict(damping=damping, damping_mode=damping_mode)
+    ref = rosa_update_reference(**inp, reward=1.0, mode=mode, **kw)
     p = ref.logp.exp()
     assert p[:2].min() > 0.99 and p[2:].max() < 1e-6
-    got = rosa_update(**inp, reward=1.0, mode=mode, damping=1e-3, solver="dual")
+    got = rosa_update(**inp, reward=1.0, mode=mode, solver="dual", **kw)
     torch.testing.assert_close(got.update, ref.update, rtol=0, atol=1e-8 * max(1.0, ref.update.abs().max().item()))
 
 
@@ -228,7 +231,8 @@ def test_cg_impl_argument(mode):
     inp = make_inputs(mode=mode)
     default = rosa_update(**inp, reward=-1.0, mode=mode, solver="cg", **EXACT)
     got = rosa_update(**inp, reward=-1.0, mode=mode, solver="cg", cg_impl=spy, **EXACT)
-    assert calls == [dict(damping=0.1, max_iter=EXACT["max_iter"], tol=EXACT["tol"])]
+    assert calls == [dict(damping=0.0 if defaults.DAMPING_MODE == "relative" else defaults.DAMPING,
+                          max_iter=EXACT["max_iter"], tol=EXACT["tol"])]
     torch.testing.assert_close(got.update, default.update)
     assert got.iterations == default.iterations
     rosa_update(**inp, reward=-1.0, mode=mode, solver="dual", cg_impl=spy)

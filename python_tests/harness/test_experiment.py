@@ -167,6 +167,23 @@ def test_merge_runs_pools_separately_run_seeds(tmp_path):
     with pytest.raises(SystemExit, match="appears twice"):
         merge.main(["--turns", "2", "--out", str(out), f"{a}:0", f"{a}:0"])
 
+    # a method with fewer seeds than the baseline is paired with the baseline's runs of its seeds
+    c = tmp_path / "c.jsonl"
+    c.write_text("\n".join(json.dumps(rec("pg", 1, j, st)) for j, st in enumerate([0, 0, 0, None])) + "\n")
+    assert merge.main(["--turns", "2", "--out", str(out), "--n-boot", "50", f"{a}:0", str(b), str(c)]) == 0
+    d = json.loads((out / "results.json").read_text())["summary"]["pg"]["accuracy_minus_baseline"]
+    assert d["seeds"] == [1] and d["value"] == pytest.approx(3 / 4 - 1 / 4)
+    assert "(seeds 1)" in (out / "results.md").read_text()
+
+    # --reuse-greedy: a seed-independent method's one seed stands for every seed
+    assert merge.main(["--turns", "2", "--out", str(out), "--n-boot", "50", "--reuse-greedy", "baseline",
+                       f"{a}:0", str(c)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["seeds"]["baseline"] == [0, 1]
+    assert res["summary"]["pg"]["accuracy_minus_baseline"]["value"] == pytest.approx(3 / 4 - 1 / 4)
+    with pytest.raises(SystemExit, match="exactly one seed"):
+        merge.main(["--turns", "2", "--out", str(out), "--reuse-greedy", "baseline", f"{a}:0", str(b)])
+
 
 @needs_tok
 @pytest.mark.parametrize("mode", ["lora", "hidden"])

@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .defaults import GRAM_BUDGET_BYTES, KEEP_BUDGET_BYTES
+from .defaults import DAMPING_MODE, GRAM_BUDGET_BYTES, KEEP_BUDGET_BYTES
 
 MODES = ("lora", "hidden")
 SOLVERS = ("auto", "cg", "dual")
@@ -90,7 +90,7 @@ class HeadProblem:
     backend: str
     batched: bool
     compute_dtype: torch.dtype
-    damping_mode: str = "absolute"
+    damping_mode: str = DAMPING_MODE
     shard: Optional[VocabShard] = None
     keep_budget_bytes: int = KEEP_BUDGET_BYTES
     gram_budget_bytes: int = GRAM_BUDGET_BYTES

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ..backends import get_backend
 from ..backends.distributed import DistributedBackend, VocabComm
 from ..cg.sharded import cg_sharded
+from ..common import defaults
 from ..common import validation as checks
 from ..common.types import HeadProblem, RewardLike, VocabShard
 from .problem import build_problem
@@ -366,7 +367,7 @@ RECORD_BYTES = 8 * (len(_LAYOUT) + len(_REPLICATED) + _MSG_WORDS)
 
 
 def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, elem_bytes: int, iterations: int = 0,
-                  lora_term: bool = False, damping_mode: str = "absolute") -> int:
+                  lora_term: bool = False, damping_mode: str = defaults.DAMPING_MODE) -> int:
     """Bytes one rank contributes to the collectives of one vocabulary-parallel update (MATH.md
     section 7), as :data:`rosa_ext.backends.distributed.traffic` counts them.
 

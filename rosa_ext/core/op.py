@@ -112,7 +112,7 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             backend and dtype, memory budgets first, ties to the exact dual), "cg" or "dual" (exact:
             one pass over W, then the T x T -- or in hidden mode with T > d the d x d -- system).
         keep_budget_bytes: the LoRA dual keeps its N x V probability tiles for the VJP when the
-            longest conversation's T x V numbers fit this (default 256 MB); otherwise it streams
+            longest conversation's T x V numbers fit this (default 1 GiB); otherwise it streams
             them in a second pass. A batch that keeps them runs in groups of conversations.
         gram_budget_bytes: ``solver="auto"`` takes the dual only while its T x T matrices (every
             conversation's Gram matrix and one factor; hidden mode min(T, d)^2) fit this

@@ -95,7 +95,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor],
                   lora_b: Optional[torch.Tensor], lora_scale: float, bias: Optional[torch.Tensor],
                   beta: float, damping: float, max_iter: int, tol: float, solver: str,
-                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = "absolute",
+                  backend: str, mask: Optional[torch.Tensor], damping_mode: str = defaults.DAMPING_MODE,
                   keep_budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
                   gram_budget_bytes: int = defaults.GRAM_BUDGET_BYTES) -> HeadProblem:
     """Check every input of :func:`rosa_ext.rosa_update` and pack it. See module doc."""

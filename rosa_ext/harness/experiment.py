@@ -415,8 +415,15 @@ def summarize(runs: Dict[str, Dict[int, List[Conversation]]], turns: int, n_boot
             / max(1, sum(len(c.turns) for convs in seedruns.values() for c in convs)),
         }
         if base is not None and name != "baseline":
-            d = paired_bootstrap_diff(bp, base, lambda s: accuracy(s, turns), n_boot=n_boot)
-            entry["accuracy_minus_baseline"] = {"value": d[0], "ci95": [d[1], d[2]]}
+            # paired on (problem, seed): against the baseline's runs of the same seeds only (a method
+            # may cover fewer seeds than the baseline, e.g. runs merged from an interrupted experiment)
+            common = [sd for sd in seedruns if sd in runs["baseline"]]
+            if common:
+                mine = bp if len(common) == len(seedruns) else by_problem({sd: seedruns[sd] for sd in common})
+                theirs = (base if len(common) == len(runs["baseline"])
+                          else by_problem({sd: runs["baseline"][sd] for sd in common}))
+                d = paired_bootstrap_diff(mine, theirs, lambda s: accuracy(s, turns), n_boot=n_boot)
+                entry["accuracy_minus_baseline"] = {"value": d[0], "ci95": [d[1], d[2]], "seeds": sorted(common)}
         out[name] = entry
     return out
 
@@ -472,6 +479,8 @@ def markdown_table(summary: Dict[str, Any], turns: int) -> str:
         a, u = e["accuracy"], e["correction_uplift"]
         diff = e.get("accuracy_minus_baseline")
         ds = f"{100 * diff['value']:+.1f} [{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}]" if diff else "-"
+        if diff and len(diff.get("seeds", ())) < len(summary.get("baseline", {}).get("per_seed", {})):
+            ds += " (seeds " + ",".join(str(x) for x in diff["seeds"]) + ")"
         ms = f"{e['update_ms_mean']:.0f}" if e["update_ms_mean"] is not None else "-"
         nm = f"{e['update_norm_median']:.3g}" if e["update_norm_median"] is not None else "-"
         lp = f"{e['logp_change_mean']:+.3f}" if e["logp_change_mean"] is not None else "-"
