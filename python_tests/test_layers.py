@@ -167,3 +167,18 @@ def test_no_tracker_references_in_code():
             if pat.search(line):
                 hits.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "tracker / run references belong in the results READMEs:\n" + "\n".join(hits)
+
+
+def _text_files() -> List[pathlib.Path]:
+    exts = {".py", ".md", ".toml", ".txt", ".cpp", ".cu", ".h", ".sh", ".cfg", ".yml", ".yaml"}
+    skip = {".git", "build", "_skbuild", "__pycache__", ".venv", "v"}
+    return [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in exts
+            and not any(part in skip for part in p.relative_to(ROOT).parts)]
+
+
+def test_no_merge_conflict_markers():
+    """A conflict left in a docstring or a document passes every other test; this one fails."""
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+    bad = [f"{p.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+           for p in _text_files() for text in [p.read_text(errors="replace")] for m in marker.finditer(text)]
+    assert not bad, f"merge conflict markers: {bad}"
