@@ -42,3 +42,15 @@ def mean_logp_after(inputs: Dict[str, object], step, mode: str, lora_scale: floa
     else:
         z = (H + step.delta.double()) @ W.T + z_bias
     return torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).mean().item()
+
+
+def shrink_onepass_tiles(monkeypatch, *, tile_elems: int, min_chunk: int, row_block: int, gram_block: int) -> None:
+    """Make the one-pass primitives (rosa_ext.backends.onepass) use tiny tiles on tiny problems:
+    many vocabulary chunks (a ragged last one), row blocks and Gram blocks below T."""
+    from rosa_ext.backends import onepass
+    monkeypatch.setattr(onepass, "HIDDEN_TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(onepass, "LORA_TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(onepass, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(onepass, "LORA_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(onepass, "HIDDEN_ROW_BLOCK", row_block)
+    monkeypatch.setattr(onepass, "gram_block", lambda T: gram_block)

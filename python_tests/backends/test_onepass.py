@@ -5,7 +5,7 @@ than a conversation, lazy and eager rescaling (forced on every chunk), targets a
 """
 import pytest
 import torch
-from _helpers import make_inputs
+from _helpers import make_inputs, shrink_onepass_tiles
 
 from rosa_ext.backends import onepass
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
@@ -59,12 +59,7 @@ def rescale(request, monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(onepass, "HIDDEN_TILE_ELEMS", 7 * 40)
-    monkeypatch.setattr(onepass, "LORA_TILE_ELEMS", 7 * 40)
-    monkeypatch.setattr(onepass, "MIN_CHUNK", 16)
-    monkeypatch.setattr(onepass, "LORA_MIN_CHUNK", 16)
-    monkeypatch.setattr(onepass, "HIDDEN_ROW_BLOCK", 5)
-    monkeypatch.setattr(onepass, "gram_block", lambda T: 4)
+    shrink_onepass_tiles(monkeypatch, tile_elems=7 * 40, min_chunk=16, row_block=5, gram_block=4)
 
 
 @pytest.mark.parametrize("lora_term", [False, True])

@@ -5,7 +5,7 @@ probability tiles kept or streamed (a kept batch runs in groups), forced rescali
 fallback; and the cost model behind ``solver="auto"``."""
 import pytest
 import torch
-from _helpers import make_inputs
+from _helpers import make_inputs, shrink_onepass_tiles
 
 from rosa_ext import rosa_update
 from rosa_ext.backends import onepass
@@ -22,12 +22,7 @@ EXACT = dict(max_iter=500, tol=1e-13)
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Many vocabulary chunks (a ragged last one), row blocks and Gram blocks below T."""
-    monkeypatch.setattr(onepass, "HIDDEN_TILE_ELEMS", 9 * 12)
-    monkeypatch.setattr(onepass, "LORA_TILE_ELEMS", 9 * 12)
-    monkeypatch.setattr(onepass, "MIN_CHUNK", 8)
-    monkeypatch.setattr(onepass, "LORA_MIN_CHUNK", 8)
-    monkeypatch.setattr(onepass, "HIDDEN_ROW_BLOCK", 4)
-    monkeypatch.setattr(onepass, "gram_block", lambda T: 3)
+    shrink_onepass_tiles(monkeypatch, tile_elems=9 * 12, min_chunk=8, row_block=4, gram_block=3)
 
 
 def _case(mode, *, B=3, T=9, d=12, V=61, lora_term=False, bias=True, seed=0, logit_scale=2.0):
