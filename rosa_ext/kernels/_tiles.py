@@ -368,6 +368,17 @@ def max_splits(N: int, V: int, configs: Sequence, sms: int) -> int:
     return max(split_plan(N, V, c.kwargs["BLOCK_T"], sms)[0] for c in configs)
 
 
+def split_launch(N: int, V: int, configs: Sequence, sms: int, splits: Optional[int]):
+    """(rows of the partial buffers, launch grid, record) of a split kernel: from the tuned BLOCK_T
+    and the SM count (:func:`max_splits`, :func:`split_grid`), or ``splits`` forced
+    (:func:`forced_splits`). ``record["splits"]`` holds the split count of the launch that ran."""
+    record: Dict[str, int] = {}
+    if splits is None:  # from the tuned BLOCK_T, in the launch grid; the buffers fit every config
+        return max_splits(N, V, configs, sms), split_grid(N, V, sms, record), record
+    rows = record["splits"] = forced_splits(splits, V)
+    return rows, (lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), rows)), record
+
+
 def split_grid(N: int, V: int, sms: int, record: Dict[str, int]):
     """The launch grid (token tiles, splits) of the split kernels, computed from the config's
     BLOCK_T; the split count of the last launch (the one whose result is kept: the autotuner

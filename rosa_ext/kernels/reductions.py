@@ -30,7 +30,6 @@ from ._tiles import (
     PRUNE,
     autotuned,
     check_model,
-    forced_splits,
     fp32_precision,
     interpreter_safe,
     launch,
@@ -38,10 +37,9 @@ from ._tiles import (
     logits_tile,
     loop_end,
     lora_args,
-    max_splits,
     n_bucket,
     sm_count,
-    split_grid,
+    split_launch,
     split_range,
     table_rows,
     tile_configs,
@@ -148,13 +146,7 @@ def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, ls
     s_u, n_u = table_rows(u)  # one row serves every conversation
     s_lb, n_lb = table_rows(lb)
     sms = sm_count(hidden.device)
-    rec = {}
-    if splits is None:  # from the tuned BLOCK_T, in the launch grid; the buffer fits every config
-        rows = max_splits(N, V, _row_kernel.configs, sms)
-        grid = split_grid(N, V, sms, rec)
-    else:
-        rows = rec["splits"] = forced_splits(splits, V)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), rows)  # noqa: E731
+    rows, grid, rec = split_launch(N, V, _row_kernel.configs, sms, splits)
     part = torch.empty(rows, N, dtype=torch.float32, device=hidden.device)
     args = (hidden, weight, bias if bias is not None else part, lb, ah_, seg, lse.float().contiguous(), u, part,
             N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), s_lb, n_lb,

@@ -20,16 +20,14 @@ from ._tiles import (
     PRUNE,
     autotuned,
     check_model,
-    forced_splits,
     fp32_precision,
     interpreter_safe,
     load_rows,
     logits_tile,
     lora_args,
-    max_splits,
     n_bucket,
     sm_count,
-    split_grid,
+    split_launch,
     split_range,
     table_rows,
     tile_configs,
@@ -94,13 +92,7 @@ def stats_partials(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor
     hidden, weight, bias = interpreter_safe(hidden, weight, bias)
     has_lora, lb, ah_, s_lb = lora_args(hidden, lora_b, ah, V)
     sms = sm_count(hidden.device)
-    rec = {}
-    if splits is None:  # from the tuned BLOCK_T, in the launch grid; the buffers fit every config
-        rows = max_splits(N, V, _stats_kernel.configs, sms)
-        grid = split_grid(N, V, sms, rec)
-    else:
-        rows = rec["splits"] = forced_splits(splits, V)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), rows)  # noqa: E731
+    rows, grid, rec = split_launch(N, V, _stats_kernel.configs, sms, splits)
     m = torch.empty(rows, N, dtype=torch.float32, device=hidden.device)
     s = torch.empty_like(m)
     sb = torch.empty_like(m) if has_lora else m
