@@ -56,22 +56,20 @@ class Solved:
 
 
 # ----------------------------------------------------------------------------- choosing
-def choose_plan(prob: HeadProblem, backend: str = "torch") -> cost_model.Plan:
-    """The plan of ``prob`` (its ``solver``: "auto" by the cost model; "dual"/"cg" as asked, the
-    LoRA dual keeping its tiles or not by the same rules). The global V decides, so every rank of
-    a vocabulary-parallel head takes the same plan."""
+def choose_plan(prob: HeadProblem, backend: str = "torch", solver: Optional[str] = None) -> cost_model.Plan:
+    """The plan of ``prob`` (``solver``, default ``prob.solver``: "auto" by the cost model;
+    "dual"/"cg" as asked, the LoRA dual keeping its tiles or not by the same rules). The global V
+    decides, so every rank of a vocabulary-parallel head takes the same plan."""
     return cost_model.choose(prob.mode, prob.lengths, prob.hidden_size, prob.global_vocab_size,
                              max_iter=prob.max_iter, keep_budget_bytes=prob.keep_budget_bytes,
                              gram_budget_bytes=prob.gram_budget_bytes, backend=backend, device=prob.device.type,
-                             dtype=prob.compute_dtype, model_dtype=prob.weight.dtype, solver=prob.solver)
+                             dtype=prob.compute_dtype, model_dtype=prob.weight.dtype,
+                             solver=prob.solver if solver is None else solver)
 
 
 def choose_solver(prob: HeadProblem, backend: str = "torch") -> str:
     """"dual" or "cg": what ``solver="auto"`` runs for ``prob`` (:func:`choose_plan`)."""
-    return cost_model.choose(prob.mode, prob.lengths, prob.hidden_size, prob.global_vocab_size,
-                             max_iter=prob.max_iter, keep_budget_bytes=prob.keep_budget_bytes,
-                             gram_budget_bytes=prob.gram_budget_bytes, backend=backend, device=prob.device.type,
-                             dtype=prob.compute_dtype, model_dtype=prob.weight.dtype).solver
+    return choose_plan(prob, backend, solver="auto").solver
 
 
 def solver_costs(mode: str, lengths: Sequence[int], d: int, V: int, max_iter: int, *, backend: str = "torch",
