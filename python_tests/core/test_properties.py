@@ -283,7 +283,11 @@ def test_empty_sizes_are_named(case):
 def test_overflowing_logits_and_nan_weight_raise_instead_of_a_zero_step():
     from _helpers import make_inputs
     inp = make_inputs(mode="hidden", dtype=torch.float32)
-    overflow = inp["weight"] * 1e38  # finite in float32, but the logits overflow it (not float64's)
+    # A logit that overflows float32 in ANY summation order: positive h and a positive row of W, so
+    # every partial sum of h . W[3] grows towards 12 x 1e38 (the GEMM's blocking cannot matter).
+    inp["hidden"] = inp["hidden"].abs() + 0.5
+    overflow = inp["weight"].clone()
+    overflow[3] = 1e38  # finite in float32, but the logit of row 3 is > 6e38 (not float64's)
     nan = inp["weight"].clone().index_fill_(0, torch.tensor([3]), NAN)  # a row no target uses
     for W, fns in ((overflow, (rosa_update,)), (nan, (rosa_update, rosa_update_reference))):
         for fn in fns:
