@@ -1,10 +1,10 @@
-"""The constants of the ``solver="auto"`` cost model (``rosa_ext/core/cost_model.py``), measured here.
+"""The constants of the ``solver="auto"`` cost model (``rosa_ext/plans/base.py``), measured here.
 
 ``python benchmarks/bench_throughput.py [--threads 1] [--out benchmarks/results]`` times, on the
 chunked torch backend of this machine (one shape, N=256, d=512, V=32768, fp32 and fp64), the tile
 GEMMs of the one-pass primitives, the one passes themselves (hidden; LoRA kept and streamed), the
 GEMV over kept tiles, a T=1024 Cholesky and the package's CG pair (LoRA mode, one JVP + one VJP),
-and derives the per-element and per-flop constants of ``cost_model.THROUGHPUT``. Each number is
+and derives the per-element and per-flop constants of ``rosa_ext.plans.base.THROUGHPUT``. Each number is
 the minimum over interleaved repetitions (CPU time of this thread), so a shared machine disturbs
 it little. It prints the entries to paste into ``THROUGHPUT`` and writes
 ``throughput_<cpu|gpu>_<date>.json`` with ``--out``.
@@ -21,8 +21,8 @@ from typing import Callable, Dict
 import common
 import torch
 
-from rosa_ext.backends import onepass
 from rosa_ext.core.problem import build_problem
+from rosa_ext.plans import dual_hidden, dual_lora, tiles
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], target_s: float) -> Dict[str, float]:
@@ -53,15 +53,15 @@ def measure(dt: torch.dtype, N: int = 256, d: int = 512, V: int = 32768, target_
                      mask=None)
     ph = build_problem(h, W, y, -1.0, mode="hidden", lora_a=None, lora_b=None, solver="dual", **common_kw)
     pl = build_problem(h, W, y, -1.0, mode="lora", lora_a=a, lora_b=b, solver="dual", **common_kw)
-    c = onepass._chunk_for(N, V, onepass.HIDDEN_TILE_ELEMS, onepass.MIN_CHUNK)
+    c = tiles.chunk_for(N, V, dual_hidden.HIDDEN_TILE_ELEMS, tiles.MIN_CHUNK)
     zT = torch.empty(c, N, dtype=dt)
     acc = torch.zeros(N, d, dtype=dt)
     G = torch.zeros(N, N, dtype=dt)
     nt = N * V
     t = interleaved({
-        "hidden_pass": lambda: onepass.hidden_pass(ph),
-        "lora_pass_stream": lambda: onepass.lora_gram_pass(pl, keep=False),
-        "lora_pass_keep": lambda: onepass.lora_gram_pass(pl, keep=True),
+        "hidden_pass": lambda: dual_hidden.local_hidden_pass(ph),
+        "lora_pass_stream": lambda: dual_lora.local_lora_gram_pass(pl, keep=False),
+        "lora_pass_keep": lambda: dual_lora.local_lora_gram_pass(pl, keep=True),
         "tile_gemm1": lambda: [torch.mm(W[v0:v0 + c], h.T, out=zT[:min(c, V - v0)]) for v0 in range(0, V, c)],
         "tile_gemm2": lambda: [acc.addmm_(zT[:min(c, V - v0)].T, W[v0:v0 + c]) for v0 in range(0, V, c)],
         "tile_gram": lambda: [G.addmm_(zT.T, zT) for _ in range(0, V, c)],
@@ -73,14 +73,14 @@ def measure(dt: torch.dtype, N: int = 256, d: int = 512, V: int = 32768, target_
     out["gemm2_GFs"] = f2 / t["tile_gemm2"] / 1e9
     out["gram_GFs"] = 2 * N * N * V / t["tile_gram"] / 1e9
     out["ew_hidden"] = (t["hidden_pass"] - t["tile_gemm1"] - t["tile_gemm2"]) / nt
-    blk = onepass.gram_block(N)
+    blk = dual_lora.gram_block(N)
     nb = -(-N // blk)
     tri = (nb * (nb + 1) / 2) / (nb * nb) if N > blk else 1.0
     out["ew_lora"] = (t["lora_pass_stream"] - t["tile_gemm1"] - t["tile_gram"] * tri) / nt
     out["keep_extra"] = max(0.0, (t["lora_pass_keep"] - t["lora_pass_stream"]) / nt)
-    gp = onepass.lora_gram_pass(pl, keep=True)
+    gp = dual_lora.local_lora_gram_pass(pl, keep=True)
     w = torch.randn(N, dtype=dt)
-    t2 = interleaved({"vjp_kept": lambda: onepass.centered_column_reduce(pl, gp, w)}, target_s / 4)
+    t2 = interleaved({"vjp_kept": lambda: dual_lora.local_centered_column_reduce(pl, gp, w)}, target_s / 4)
     out["kept_gemv"] = t2["vjp_kept"] / nt
     T = 1024
     A = torch.randn(T, T, dtype=dt)

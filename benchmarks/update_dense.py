@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from rosa_ext.common import defaults
-from rosa_ext.core.target import residual_target
+from rosa_ext.plans.target import residual_target
 
 
 def dense_bytes(T: int, d: int, V: int, mode: str) -> float:

@@ -185,14 +185,16 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
 
     def pair_factory():
         from rosa_ext.backends import get_backend
-        from rosa_ext.core.operator import RosaOperator
+        from rosa_ext.common import jacobian as J
         from rosa_ext.core.problem import build_problem
+        from rosa_ext.plans.base import linearize
         prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
                              damping_mode=DAMPING_MODE, max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend,
                              mask=None)
-        op = RosaOperator(prob, get_backend(prob.backend, prob.device))
+        be = get_backend(prob.backend, prob.device)
+        lin, _ = linearize(prob, be)  # what matrix-free CG (rosa_ext.plans.cg_lora) iterates on
         v = torch.randn(1, prob.num_params, dtype=prob.compute_dtype, device=prob.device)
-        return lambda: op.vjp(op.jvp(v))
+        return lambda: J.vjp(lin, be, J.jvp(lin, be, v))
     return update, pair_factory
 
 

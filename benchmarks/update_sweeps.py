@@ -2,8 +2,8 @@
 
 - :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
   with ``solver="dual"`` (the device's default backend), the plan ``"auto"`` picks
-  for that problem (:func:`rosa_ext.core.solvers.choose_plan`, the cost model of
-  :mod:`rosa_ext.core.cost_model`, not a timing), the cost model's estimates in ms, and which
+  for that problem (:func:`rosa_ext.plans.choose_plan`, the cost model of
+  :mod:`rosa_ext.plans.choose`, not a timing), the cost model's estimates in ms, and which
   one was measured faster.
 - :func:`batched_sweep`: B conversations of ragged length (<= T tokens, mask) with
   rewards alternating +-1 in ONE ``rosa_update`` call ((B, T, d) hidden, (B, T) mask,
@@ -22,7 +22,7 @@ from update_measure import BETA, DAMPING, DAMPING_MODE, LORA_SCALE, MAX_ITER, MO
 
 def _cost_model(plan) -> Dict[str, float]:
     """The seconds the cost model of ``solver="auto"`` estimates for the dual (its best allowed
-    plan) and for CG, in ms (rosa_ext.core.cost_model)."""
+    plan) and for CG, in ms (rosa_ext.plans.choose)."""
     est = plan.estimates
     if "dual" in est:  # hidden mode
         dual = est["dual"]
@@ -39,7 +39,7 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
     from rosa_ext import rosa_update
     from rosa_ext.backends import get_backend
     from rosa_ext.core.problem import build_problem
-    from rosa_ext.core.solvers import choose_plan
+    from rosa_ext.plans import choose_plan
     d, V = MODELS[model]
     rows = []
     for mode in modes:

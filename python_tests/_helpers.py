@@ -45,12 +45,31 @@ def mean_logp_after(inputs: Dict[str, object], step, mode: str, lora_scale: floa
 
 
 def shrink_onepass_tiles(monkeypatch, *, tile_elems: int, min_chunk: int, row_block: int, gram_block: int) -> None:
-    """Make the one-pass primitives (rosa_ext.backends.onepass) use tiny tiles on tiny problems:
+    """Make the one-pass plans (rosa_ext.plans.dual_hidden / dual_lora) use tiny tiles on tiny problems:
     many vocabulary chunks (a ragged last one), row blocks and Gram blocks below T."""
-    from rosa_ext.backends import onepass
-    monkeypatch.setattr(onepass, "HIDDEN_TILE_ELEMS", tile_elems)
-    monkeypatch.setattr(onepass, "LORA_TILE_ELEMS", tile_elems)
-    monkeypatch.setattr(onepass, "MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(onepass, "LORA_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(onepass, "HIDDEN_ROW_BLOCK", row_block)
-    monkeypatch.setattr(onepass, "gram_block", lambda T: gram_block)
+    from rosa_ext.plans import dual_hidden, dual_lora, tiles
+    monkeypatch.setattr(dual_hidden, "HIDDEN_TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(dual_lora, "LORA_TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(tiles, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(dual_lora, "LORA_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(dual_hidden, "HIDDEN_ROW_BLOCK", row_block)
+    monkeypatch.setattr(dual_lora, "gram_block", lambda T: gram_block)
+
+
+class LinearizedHead:
+    """J v, J^T u, the target g and the stats of a packed problem on a backend: what matrix-free CG
+    (rosa_ext.plans.cg_lora) runs, for tests that check the algebra itself."""
+
+    def __init__(self, prob, backend) -> None:
+        from rosa_ext.plans.base import linearize
+        self.prob, self.backend = prob, backend
+        self.lin, self.g = linearize(prob, backend)
+        self.stats, self.p = self.lin.stats, self.lin.p
+
+    def jvp(self, v):
+        from rosa_ext.common import jacobian as J
+        return J.jvp(self.lin, self.backend, v)
+
+    def vjp(self, u):
+        from rosa_ext.common import jacobian as J
+        return J.vjp(self.lin, self.backend, u)

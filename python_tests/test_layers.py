@@ -1,8 +1,8 @@
 """The package's shape: one-way layers, no import cycle, no benchmark code inside, no citation of a
 document the repository does not hold, no tracker references in the code.
 
-Layers, lowest first (README, "Layout"): common (leaf) < cg, kernels, backends < core < integrations
-< harness < the package's own ``__init__``/``__main__`` (the public facade). A module may import
+Layers, lowest first (README, "Layout"): common (leaf) < cg, kernels, backends < plans < core <
+integrations < harness < the package's own ``__init__``/``__main__`` (the public facade). A module may import
 only from its own layer or below; in the bottom layer kernels and cg import nothing but the leaf
 (and cg the compiled ``_C``), backends may use kernels. Every import counts, including the ones
 inside functions.
@@ -19,8 +19,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "rosa_ext"
 
-LAYER = {"common": 0, "_version": 0, "_C": 1, "cg": 1, "kernels": 1, "backends": 1, "core": 2, "reference": 2,
-         "integrations": 3, "harness": 4, "__init__": 5, "__main__": 5}
+LAYER = {"common": 0, "_version": 0, "_C": 1, "cg": 1, "kernels": 1, "backends": 1, "plans": 2, "core": 3,
+         "reference": 3, "integrations": 4, "harness": 5, "__init__": 6, "__main__": 6}
 #: Within the bottom layer: what each part may import besides itself.
 BOTTOM_ALLOWED = {"kernels": {"common", "_version"}, "cg": {"common", "_version", "_C"},
                   "backends": {"common", "_version", "kernels"}}
@@ -127,13 +127,17 @@ def test_no_import_cycle():
 
 
 def test_layer_checker_sees_a_violation(tmp_path, monkeypatch):
-    """The two checks above can fail: a kernels module importing core, and a two-module cycle."""
+    """The two checks above can fail: a kernels module importing core, a plan importing core, and a
+    two-module cycle."""
     fake = {"rosa_ext.kernels.x": {"rosa_ext.core.op"}, "rosa_ext.core.op": {"rosa_ext.kernels.x"}}
     monkeypatch.setattr(__import__(__name__), "_graph", lambda: fake)
     with pytest.raises(AssertionError, match="against the layering"):
         test_layers_only_import_downwards()
     with pytest.raises(AssertionError, match="import cycles"):
         test_no_import_cycle()
+    monkeypatch.setattr(__import__(__name__), "_graph", lambda: {"rosa_ext.plans.x": {"rosa_ext.core.problem"}})
+    with pytest.raises(AssertionError, match="plans.x -> rosa_ext.core.problem"):
+        test_layers_only_import_downwards()
 
 
 def test_no_benchmark_code_in_the_package():

@@ -18,7 +18,7 @@ from .common import validation as V
 from .common.types import HeadProblem, RewardLike
 from .core.op import RosaStep
 from .core.problem import build_problem
-from .core.target import residual_target
+from .plans.target import residual_target
 
 F64 = torch.float64
 

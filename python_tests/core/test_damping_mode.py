@@ -1,14 +1,15 @@
 """damping_mode="relative": lambda = damping * mean_t ||J_t||^2 per conversation (MATH.md section 6)."""
 import pytest
 import torch
-from _helpers import make_inputs
+from _helpers import LinearizedHead, make_inputs
 from test_batched import _batch, _single
 
 from rosa_ext import rosa_update
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
 from rosa_ext.common import defaults
-from rosa_ext.core.operator import RosaOperator
 from rosa_ext.core.problem import build_problem
+from rosa_ext.plans import cg_lora, dense, dual_hidden, dual_lora
+from rosa_ext.plans.base import linearize
 from rosa_ext.reference import jacobian_reference, rosa_update_reference
 
 EXACT = dict(max_iter=500, tol=1e-13)
@@ -50,10 +51,16 @@ def test_gram_diag_and_ridge(mode):
     prob = build_problem(inp["hidden"], inp["weight"], inp["targets"], -1.0, mode=mode, lora_a=inp.get("lora_a"),
                          lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"], beta=1.0, damping=0.5,
                          max_iter=10, tol=1e-6, solver="cg", backend="torch", mask=None, damping_mode="relative")
-    op = RosaOperator(prob, TorchChunkedBackend(chunk_size=8))
+    be = TorchChunkedBackend(chunk_size=8)
+    if mode == "lora":  # matrix-free CG's diagonal (one pass for q . q)
+        diag = cg_lora.gram_diag(LinearizedHead(prob, be).lin, be)
+    else:  # the hidden plans' explicit rows
+        _, _, rows = dual_hidden.pass_and_rows(prob, be, check=True)
+        diag = (rows * rows).sum(1)
     J = jacobian_reference(prob)
-    torch.testing.assert_close(op.gram_diag(), (J * J).sum(1), rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(op.ridge(), 0.5 * (J * J).sum(1).mean().reshape(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(diag, (J * J).sum(1), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dense.conversation_ridges(prob, diag), 0.5 * (J * J).sum(1).mean().reshape(1),
+                               rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
@@ -71,7 +78,7 @@ def test_relative_is_scale_free(mode, logit_scale):
                              lora_a=inp.get("lora_a"), lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"],
                              beta=1.0, damping=0.1, max_iter=10, tol=1e-6, solver="dual", backend="torch",
                              mask=None, damping_mode=dm)
-        op = RosaOperator(prob, TorchChunkedBackend())
+        op = LinearizedHead(prob, TorchChunkedBackend())
         step = rosa_update(**inp, reward=-1.0, mode=mode, damping=0.1, damping_mode=dm, solver="dual")
         shares[dm] = float(op.jvp(step.update.unsqueeze(0))[0] / op.g[0])
     assert abs(shares["relative"] - 1 / 1.1) < 1e-9
@@ -99,8 +106,9 @@ def test_defaults_are_relative_0p3_bitwise():
 
 
 def test_lora_gram_fp32_confident_tokens():
-    """The LoRA Gram in fp32 for confident tokens (1 - p down to ~1e-4): the expanded form
-    1 - pi_u[y_t] - pi_t[y_u] + pi_t.pi_u cancelled to noise (errors of 30-100% on the diagonal)."""
+    """The LoRA Gram in fp32 for confident tokens (1 - p down to ~1e-4), as the dual plan assembles it
+    and as matrix-free CG reads its diagonal: the expanded form 1 - pi_u[y_t] - pi_t[y_u] + pi_t.pi_u
+    cancelled to noise (errors of 30-100% on the diagonal)."""
     inp = make_inputs(mode="lora", T=6, V=2000, d=64, logit_scale=25.0, seed=1, lora_b_zero=True)
     inp["targets"] = (inp["hidden"] @ inp["weight"].T).argmax(-1)
     grams = {}
@@ -109,8 +117,14 @@ def test_lora_gram_fp32_confident_tokens():
                              lora_a=inp["lora_a"].to(dt), lora_b=inp["lora_b"].to(dt), lora_scale=8.0, bias=None,
                              beta=1.0, damping=0.1, max_iter=10, tol=1e-6, solver="dual", backend="torch",
                              mask=None, damping_mode="relative")
-        op = RosaOperator(prob, TorchChunkedBackend())
-        grams[dt] = (op.gram(op.jacobian_rows())[0].double(), op.gram_diag().double(), op.p.double())
+        be = TorchChunkedBackend()
+        gp = dual_lora.lora_gram_pass(prob, be, keep=False)  # the dual's Gram, assembled as the plan does
+        lin, _ = linearize(prob, be, gp)
+        ca, cb = dual_lora.lora_factors(lin, gp)
+        Ja = ca.unsqueeze(1) * lin.h
+        G = gp.gram[0] * cb.unsqueeze(1) * cb.unsqueeze(0) + Ja @ Ja.T
+        diag = cg_lora.gram_diag(LinearizedHead(prob, be).lin, be)  # matrix-free CG's diagonal
+        grams[dt] = (G.double(), diag.double(), lin.p.double())
     ref, ref_diag, p = grams[torch.float64]
     got, got_diag, _ = grams[torch.float32]
     assert float((1 - p).min()) < 1e-3  # the regime that matters

@@ -1,13 +1,12 @@
 """rosa_update against the float64 reference (MATH.md section 5)."""
 import pytest
 import torch
-from _helpers import make_inputs, mean_logp_after
+from _helpers import LinearizedHead, make_inputs, mean_logp_after
 
 import rosa_ext
 from rosa_ext import rosa_update
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
 from rosa_ext.common import defaults
-from rosa_ext.core.operator import RosaOperator
 from rosa_ext.core.problem import build_problem
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference
 
@@ -109,8 +108,8 @@ def test_chunking_is_exact(mode, chunk):
     """V = 37 is not a multiple of any of these chunk sizes (spec section 5)."""
     inp = make_inputs(mode=mode)
     prob = _problem(inp, mode)
-    op_ref = RosaOperator(prob, TorchChunkedBackend(chunk_size=10 ** 6))
-    op = RosaOperator(prob, TorchChunkedBackend(chunk_size=chunk))
+    op_ref = LinearizedHead(prob, TorchChunkedBackend(chunk_size=10 ** 6))
+    op = LinearizedHead(prob, TorchChunkedBackend(chunk_size=chunk))
     torch.testing.assert_close(op.stats.lse, op_ref.stats.lse, rtol=0, atol=1e-12)
     v = torch.randn(1, prob.num_params, dtype=torch.float64)
     torch.testing.assert_close(op.jvp(v), op_ref.jvp(v), rtol=0, atol=1e-12)
@@ -122,7 +121,7 @@ def test_chunking_is_exact(mode, chunk):
 def test_jvp_vjp_match_torch_func(mode):
     inp = make_inputs(mode=mode, T=5)
     prob = _problem(inp, mode)
-    op = RosaOperator(prob, TorchChunkedBackend(chunk_size=8))
+    op = LinearizedHead(prob, TorchChunkedBackend(chunk_size=8))
     v = torch.randn(prob.num_params, dtype=torch.float64)
     u = torch.randn(prob.num_tokens, dtype=torch.float64)
     torch.testing.assert_close(op.jvp(v.unsqueeze(0)), jvp_reference(prob, v), rtol=1e-10, atol=1e-13)

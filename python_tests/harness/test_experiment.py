@@ -236,9 +236,10 @@ def test_attainment_prediction_is_jvp_over_p(mode):
     target is log p* - log p of the op's residual target."""
     from types import SimpleNamespace
 
+    from _helpers import LinearizedHead
+
     from rosa_ext import rosa_update
     from rosa_ext.backends.torch_chunked import TorchChunkedBackend
-    from rosa_ext.core.operator import RosaOperator
     from rosa_ext.core.problem import build_problem
     from rosa_ext.harness.experiment import target_attainment
     g = torch.Generator().manual_seed(2)
@@ -254,7 +255,7 @@ def test_attainment_prediction_is_jvp_over_p(mode):
     prob = build_problem(h_op, W, y, -1.0, mode=mode, lora_a=kw.get("lora_a"), lora_b=kw.get("lora_b"),
                          lora_scale=8.0, bias=None, beta=1.0, damping=0.3, max_iter=16, tol=1e-5, solver="dual",
                          backend="torch", mask=None, damping_mode="relative")
-    op = RosaOperator(prob, TorchChunkedBackend())
+    op = LinearizedHead(prob, TorchChunkedBackend())
     want = float((op.jvp(step.update[None]) / op.p).mean())
     assert res["dlogp_predicted"] == pytest.approx(want, rel=1e-4)
     assert res["dlogp_target"] == pytest.approx(float((torch.log(op.p + op.g) - op.stats.logp).mean()), rel=1e-4)

@@ -17,21 +17,18 @@ primitive              what crosses ranks                            numbers (N 
 ``column_reduce``      nothing: each rank keeps its rows             0
 ``weight_matvec``      nothing: each rank keeps its rows             0
 ``weight_rmatvec``     SUM                                           B d
-``pi_weight``          SUM                                           N d
-``pi_gram``            SUM                                           B Tmax^2
 ``gather_targets``     SUM (only the owner of y_t is non-zero)       N
 ``target_rows``        SUM (only the owner of y_t is non-zero)       N x (row size)
-``target_logits``      SUM (the owner of y_t fills column t)         B Tmax^2
 ``scatter_targets``    nothing: only the owner writes                0
 ``scatter_minus_c.``   nothing: the local columns, owner's scatter   0
+``pi_sqnorm``          SUM (the owner drops the target entry)        N
 ``sum_vocab``          SUM                                           B
-``hidden_pass``        MAX of the local lse, then one SUM of the     N, then N (d + 3 + L)
-                       weighted per-token results and r W
-``lora_gram_pass``     MAX; SUM per token; SUM of r_t . r_u and      N, 4N, 2 sum_b T_b^2
-                       r_t[y_u] per conversation
-``centered_column_r``  nothing: this rank's columns (kept tiles      0
-                       or one local pass), the owner's scatter
 =====================  ============================================  ==========================
+
+The one-pass plans combine their own passes across ranks (:mod:`rosa_ext.plans.dual_hidden`,
+:mod:`rosa_ext.plans.dual_lora`: MAX N, then SUMs of per-token numbers and the T x T Gram parts), with
+this backend's :meth:`DistributedBackend.owned_targets_view`, :meth:`DistributedBackend.owner_logit`
+and ``comm``.
 
 Every collective goes through :class:`VocabComm` (``torch.distributed`` on the given group),
 which counts what each rank contributes in :data:`traffic`. Nothing of size V crosses ranks.
@@ -45,8 +42,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass, VocabShard
-from .onepass import same_token_pairs, subtract_cross
+from ..common.jacobian import target_logit, target_logp
+from ..common.types import HeadProblem, HeadStats, VocabShard
 
 
 class CommCounter:
@@ -162,91 +159,23 @@ class DistributedBackend:
         """lse, log p, a.h, pi.b of the whole vocabulary: two collectives (MAX N, SUM 2N or 3N)."""
         lp, own, idx = self._view(prob)
         st = self.local.stats(lp)  # lse_k and pi.b over the local rows (its logp is not used)
-        z_y = self._owner_logit(prob, st.ah)
+        z_y = self.owner_logit(prob, st.ah)
         m = self.comm.all_max(st.lse, "stats: max")
         e = torch.exp(st.lse - m)  # this shard's sum of exp(z - m)
         parts = [e, z_y] + ([e * st.pib] if st.pib is not None else [])
         tot = self.comm.all_sum(torch.stack(parts), "stats: sums")
         lse = m + torch.log(tot[0])
-        logp = torch.clamp(tot[1] - lse, max=0.0)
+        logp = target_logp(tot[1], lse)
         pib = None if st.pib is None else tot[2] / tot[0]
         return HeadStats(lse=lse, logp=logp, ah=st.ah, pib=pib)
 
-    def _owner_logit(self, prob: HeadProblem, ah: Optional[torch.Tensor]) -> torch.Tensor:
-        """z_t[y_t], as observed_logp computes it, on the rank that owns y_t (0 elsewhere) -> (N,)."""
+    def owner_logit(self, prob: HeadProblem, ah: Optional[torch.Tensor]) -> torch.Tensor:
+        """z_t[y_t] (:func:`~rosa_ext.common.jacobian.target_logit`) on the rank that owns y_t, 0 elsewhere -> (N,)."""
         _, own, idx = self._view(prob)
-        cd = prob.compute_dtype
-        z_y = (prob.hidden.to(cd) * prob.weight[idx].to(cd)).sum(1)
-        if prob.bias is not None:
-            z_y = z_y + prob.bias[idx].to(cd)
-        if prob.lora_b is not None:
-            z_y = z_y + prob.lora_scale * ah * prob.lora_b[prob.seg, idx].to(cd)
+        by = None if prob.lora_b is None else prob.lora_b[prob.seg, idx]
+        z_y = target_logit(prob.hidden.to(prob.compute_dtype), prob.weight, idx, bias=prob.bias, ah=ah, by=by,
+                           lora_scale=prob.lora_scale)
         return self._mask(own, z_y)
-
-    def _combine_tokens(self, prob: HeadProblem, ps, label: str, wide: Optional[torch.Tensor] = None):
-        """The per-token results of a local one-pass primitive over the whole vocabulary: MAX of the
-        local log-sum-exp, then ONE SUM of e_k = exp(lse_k - m) with the e_k-weighted local results
-        (each normalised by its shard's own sum) -- an online-softmax combine across shards.
-        ``wide``: (N, k) more rows to combine the same way (pi W). Returns (lse, logp, q, pib_off,
-        combined wide or None)."""
-        m = self.comm.all_max(ps.lse, f"{label}: max")
-        e = torch.exp(ps.lse - m)
-        cols = [e, e * ps.q, self._owner_logit(prob, ps.ah)] + ([e * ps.pib_off] if ps.pib_off is not None else [])
-        tok = torch.stack(cols, 1)
-        if wide is not None:
-            tok = torch.cat([tok, e.unsqueeze(1) * wide], 1)
-        tot = self.comm.all_sum(tok, f"{label}: sums")
-        s = tot[:, 0]
-        lse = m + torch.log(s)
-        q = tot[:, 1] / s
-        z_y = tot[:, 2]
-        logp = torch.where(q <= 0.5, torch.log1p(-q), z_y - lse).clamp_max(0.0)
-        pib_off = tot[:, 3] / s if ps.pib_off is not None else None
-        k = len(cols)
-        return lse, logp, q, pib_off, (tot[:, k:] / s.unsqueeze(1) if wide is not None else None)
-
-    # -- the one-pass primitives of the dual solve (MATH.md sections 4 and 7) -----------------
-    def hidden_pass(self, prob: HeadProblem) -> HiddenPass:
-        """lse, 1 - p_t, pi W and pi . b without the target entry, of the whole vocabulary: the local
-        pass (the owner splits the target off), then MAX N and one SUM of N (d + 3 + L) numbers."""
-        lp = self._owned_targets_view(prob)
-        hp = self.local.hidden_pass(lp)
-        lse, logp, q, pib_off, piW = self._combine_tokens(prob, hp, "hidden_pass", wide=hp.pi_weight)
-        return HiddenPass(lse=lse, logp=logp, q=q, ah=hp.ah, pib_off=pib_off, pi_weight=piW)
-
-    def lora_gram_pass(self, prob: HeadProblem, keep: bool = False, raw: bool = False) -> GramPass:
-        """lse, 1 - p_t, pi . b without the target entry and the centred Gram of every conversation,
-        of the whole vocabulary: the local pass (raw parts; the tiles, when kept, stay local), MAX N,
-        one SUM of 3N (4N with LoRA) per-token numbers and one SUM of 2 sum_b T_b^2 (r_t . r_u and
-        r_t[y_u] per conversation); the Gram is then centred identically on every rank."""
-        if raw:
-            raise NotImplementedError("raw parts of a vocabulary-parallel pass")
-        lp = self._owned_targets_view(prob)
-        gp = self.local.lora_gram_pass(lp, keep=keep, raw=True)
-        lse, logp, q, pib_off, _ = self._combine_tokens(prob, gp, "lora_gram_pass")
-        e = torch.exp(gp.lse - lse)  # this shard's share of each token's mass: r_t = e r_t(local)
-        off = prob.offsets
-        parts = []
-        for b, (R, X) in enumerate(zip(gp.gram, gp.cross)):
-            eb = e[off[b]:off[b + 1]]
-            parts += [(R * eb.unsqueeze(1) * eb.unsqueeze(0)).reshape(-1), (X * eb.unsqueeze(1)).reshape(-1)]
-        flat = self.comm.all_sum(torch.cat(parts), "lora_gram_pass: gram")
-        grams, pos = [], 0
-        for b in range(prob.num_conversations):
-            n = off[b + 1] - off[b]
-            R = flat[pos:pos + n * n].view(n, n)
-            X = flat[pos + n * n:pos + 2 * n * n].view(n, n)
-            pos += 2 * n * n
-            subtract_cross(R, X, q[off[b]:off[b + 1]])
-            same_token_pairs(R, prob.targets[off[b]:off[b + 1]], q[off[b]:off[b + 1]])
-            grams.append(R)
-        return GramPass(lse=lse, logp=logp, q=q, ah=gp.ah, pib_off=pib_off, gram=grams, kept=gp.kept)
-
-    def centered_column_reduce(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
-                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_{t in b} w_t (e_{y_t} - pi_t) -> (B, V_local): this rank's columns (its kept tiles or
-        one local pass with the global lse; the owner scatters), no communication."""
-        return self.local.centered_column_reduce(self._owned_targets_view(prob), gp, w, out)
 
     # -- the streaming reductions ------------------------------------------------------------
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
@@ -269,25 +198,14 @@ class DistributedBackend:
         lp, _, _ = self._view(prob)
         return self.comm.all_sum(self.local.weight_rmatvec(lp, q), "weight_rmatvec")
 
-    def pi_weight(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """pi_t W -> (N, d): SUM."""
-        lp, _, _ = self._view(prob)
-        return self.comm.all_sum(self.local.pi_weight(lp, st), "pi_weight")
-
-    def _owned_targets_view(self, prob: HeadProblem) -> HeadProblem:
+    def owned_targets_view(self, prob: HeadProblem) -> HeadProblem:
         """The local view with the targets of tokens another rank owns set to -1 (never dropped)."""
         lp, own, idx = self._view(prob)
         return replace(lp, targets=torch.where(own, idx, torch.full_like(idx, -1)))
 
-    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor:
-        """pi_t . pi_u (or q_t . q_u: the owner drops the target entry) within each conversation
-        -> (B, Tmax, Tmax): SUM."""
-        lp = self._owned_targets_view(prob) if drop_targets else self._view(prob)[0]
-        return self.comm.all_sum(self.local.pi_gram(lp, st, drop_targets), "pi_gram")
-
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """q_t . q_t per token -> (N,): SUM (the owner drops the target entry)."""
-        return self.comm.all_sum(self.local.pi_sqnorm(self._owned_targets_view(prob), st), "pi_sqnorm")
+        return self.comm.all_sum(self.local.pi_sqnorm(self.owned_targets_view(prob), st), "pi_sqnorm")
 
     # -- indexing by the observed tokens (owner only, then SUM) ----------------------------------
     def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor:
@@ -321,18 +239,3 @@ class DistributedBackend:
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         """x (B, V_local) -> (B, 1), the sum over the whole vocabulary: SUM."""
         return self.comm.all_sum(x.sum(-1, keepdim=True), "sum_vocab")
-
-    def target_logits(self, prob: HeadProblem, h: torch.Tensor) -> torch.Tensor:
-        """[b, u, t] = h_u . W[y_t] + c[y_t] -> (B, Tmax, Tmax): the owner of y_t fills column t; SUM."""
-        _, own, idx = self._view(prob)
-        B, Tm, off, cd = prob.num_conversations, prob.max_len, prob.offsets, prob.compute_dtype
-        w_y = self._mask(own, prob.weight[idx].to(cd))
-        c_y = None if prob.bias is None else self._mask(own, prob.bias[idx].to(cd))
-        out = torch.zeros(B, Tm, Tm, dtype=cd, device=h.device)
-        for b in range(B):
-            sl = slice(off[b], off[b + 1])
-            z = h[sl] @ w_y[sl].T
-            if c_y is not None:
-                z = z + c_y[sl].unsqueeze(0)
-            out[b, :off[b + 1] - off[b], :off[b + 1] - off[b]] = z
-        return self.comm.all_sum(out, "target_logits")

@@ -6,9 +6,8 @@ from H, W and the cached ``lse`` (flash-attention style), so peak extra
 memory is O(N*d + V + N*chunk) and the N x V logits never exist. Accumulation
 is in the compute dtype (fp32 for fp32/bf16/fp16 models, fp64 for fp64).
 
-The dual solver's one-pass primitives (``hidden_pass``, ``lora_gram_pass``,
-``centered_column_reduce``) live in :mod:`.onepass` (their own tile sizes, tuned for the CPU;
-``chunk_size``, when given, sets their vocabulary chunk too).
+These are the primitives of matrix-free CG (:mod:`rosa_ext.plans.cg_lora`); the one-pass plans
+stream their own torch tiles (:mod:`rosa_ext.plans.tiles`).
 """
 from __future__ import annotations
 
@@ -16,9 +15,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ..common.jacobian import WholeVocabulary, observed_logp
-from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
-from . import onepass
+from ..common.jacobian import WholeVocabulary, target_logit, target_logp
+from ..common.types import HeadProblem, HeadStats
 
 #: Target size, in elements, of one (N, chunk) logits tile (32 MB in fp32).
 DEFAULT_TILE_ELEMENTS = 1 << 23
@@ -67,7 +65,9 @@ class TorchChunkedBackend(WholeVocabulary):
 
     # -- primitives ---------------------------------------------------------------
     def stats(self, prob: HeadProblem) -> HeadStats:
-        """One pass over W: online log-sum-exp, p_t, a.h_t, pi_t.b (MATH.md section 3)."""
+        """One pass over W: online log-sum-exp, p_t, a.h_t, pi_t.b (MATH.md section 3). The sum of
+        exp(z) without each token's target entry is accumulated too, so that log p_t = log1p(-(1 - p_t))
+        stays accurate where p_t is within rounding of 1 (MATH.md section 4)."""
         cd = prob.compute_dtype
         h = self._hidden(prob)
         N = prob.num_tokens
@@ -76,6 +76,7 @@ class TorchChunkedBackend(WholeVocabulary):
             ah = (h * prob.lora_a[prob.seg]).sum(1)
         m = torch.full((N,), float("-inf"), dtype=cd, device=h.device)
         s = torch.zeros(N, dtype=cd, device=h.device)
+        s_off = torch.zeros(N, dtype=cd, device=h.device)
         sb = torch.zeros(N, dtype=cd, device=h.device) if prob.lora_b is not None else None
         single = prob.num_conversations == 1
         for v0, v1, _, z in self._logit_tiles(prob, h, ah):
@@ -83,6 +84,7 @@ class TorchChunkedBackend(WholeVocabulary):
             rescale = torch.exp(m - m_new)
             e = torch.exp(z - m_new.unsqueeze(1))
             s = s * rescale + e.sum(1)
+            s_off = s_off * rescale + self._drop_targets(prob, v0, v1, e).sum(1)
             if sb is not None:
                 bc = prob.lora_b[:, v0:v1]
                 bc = bc[0].unsqueeze(0) if single else bc[prob.seg]
@@ -90,8 +92,8 @@ class TorchChunkedBackend(WholeVocabulary):
             m = m_new
         lse = m + torch.log(s)
         by = None if prob.lora_b is None else prob.lora_b[prob.seg, prob.targets]
-        logp = observed_logp(h, prob.weight, prob.targets, lse, bias=prob.bias, ah=ah, by=by,
-                             lora_scale=prob.lora_scale)
+        z_y = target_logit(h, prob.weight, prob.targets, bias=prob.bias, ah=ah, by=by, lora_scale=prob.lora_scale)
+        logp = target_logp(z_y, lse, s_off / s)
         pib = None if sb is None else sb / s
         return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib)
 
@@ -116,13 +118,6 @@ class TorchChunkedBackend(WholeVocabulary):
                     0, prob.seg, pi * w.unsqueeze(1))
         return out
 
-    def pi_weight(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """pi_t W for every token -> (N, d)."""
-        out = torch.zeros(prob.num_tokens, prob.hidden_size, dtype=prob.compute_dtype, device=prob.device)
-        for _, _, wc, pi in self._probs(prob, st):
-            out += pi @ wc
-        return out
-
     @staticmethod
     def _drop_targets(prob: HeadProblem, v0: int, v1: int, pi: torch.Tensor) -> torch.Tensor:
         """The tile with pi_t[y_t] set to 0 (q_t = pi_t - p_t e_{y_t}). Targets outside [0, V) --
@@ -137,23 +132,6 @@ class TorchChunkedBackend(WholeVocabulary):
         for v0, v1, _, pi in self._probs(prob, st):
             q = self._drop_targets(prob, v0, v1, pi)
             out += (q * q).sum(1)
-        return out
-
-    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor:
-        """pi_t . pi_u for t, u in the same conversation -> (B, Tmax, Tmax), zero-padded.
-
-        ``drop_targets``: q_t . q_u instead, q_t = pi_t with its own target entry zeroed (the LoRA
-        Gram without cancellation when p_t is near 1, MATH.md section 4)."""
-        B, Tm = prob.num_conversations, prob.max_len
-        out = torch.zeros(B, Tm, Tm, dtype=prob.compute_dtype, device=prob.device)
-        off = prob.offsets
-        for v0, v1, _, pi in self._probs(prob, st):
-            if drop_targets:
-                pi = self._drop_targets(prob, v0, v1, pi)
-            for b in range(B):
-                blk = pi[off[b]:off[b + 1]]
-                n = blk.shape[0]
-                out[b, :n, :n] += blk @ blk.T
         return out
 
     def weight_matvec(self, prob: HeadProblem, v: torch.Tensor) -> torch.Tensor:
@@ -179,19 +157,3 @@ class TorchChunkedBackend(WholeVocabulary):
             v1 = min(prob.vocab_size, v0 + step)
             out += q[:, v0:v1] @ prob.weight[v0:v1].to(cd)
         return out
-
-    # -- the one-pass primitives of the dual solve (MATH.md section 4; :mod:`.onepass`) -----------
-    def hidden_pass(self, prob: HeadProblem) -> HiddenPass:
-        """lse, 1 - p_t, pi_t W and pi_t . b without the target entry: one pass, 4 N d V flops."""
-        return onepass.hidden_pass(prob, chunk=self.chunk_size)
-
-    def lora_gram_pass(self, prob: HeadProblem, keep: bool = False, raw: bool = False) -> GramPass:
-        """lse, 1 - p_t, pi_t . b without the target entry and the centred Gram of every conversation
-        in one pass; ``keep`` keeps the probability tiles for :meth:`centered_column_reduce`
-        (``raw``: the uncombined parts, for the vocabulary-parallel wrapper)."""
-        return onepass.lora_gram_pass(prob, keep=keep, raw=raw, chunk=self.chunk_size)
-
-    def centered_column_reduce(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
-                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_{t in b} w_t (e_{y_t} - pi_t) -> (B, V): a GEMV over the kept tiles, else one pass."""
-        return onepass.centered_column_reduce(prob, gp, w, out=out, chunk=self.chunk_size)

@@ -8,20 +8,17 @@ Same primitives as :class:`~rosa_ext.backends.torch_chunked.TorchChunkedBackend`
   ``weight_rmatvec``: :class:`rosa_ext.kernels.primitives.TritonPrimitives` (fused kernels,
   logits tiles never stored; the reductions and GEMVs skip their work once the compiled CUDA
   CG has converged, :mod:`rosa_ext.common.device_flag`).
-- ``pi_weight`` (pi W, N x d), ``pi_gram`` (pi pi^T per conversation), ``pi_sqnorm`` and the dual
-  solver's one-pass primitives (``hidden_pass``, ``lora_gram_pass``, ``centered_column_reduce``,
-  :mod:`.onepass`): used once per update, they run on the chunked torch backend (fp32 torch
-  matmuls on the GPU; Triton kernels for them -- flash attention with K = V = W for the hidden
-  pass, a Gram on tensor cores -- are not written yet).
+- ``pi_sqnorm`` (once per update: relative damping with CG) runs on the chunked torch backend.
+- The one-pass plans (:mod:`rosa_ext.plans.dual_hidden`, :mod:`rosa_ext.plans.dual_lora`,
+  :mod:`rosa_ext.plans.cg_hidden`) do not use a backend's passes: they stream torch tiles (fp32
+  torch matmuls on the GPU), and their steps report the engine "torch".
 - float64 problems run entirely on the torch backend (no fp64 tensor-core dot in Triton).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
+from ..common.types import HeadProblem, HeadStats
 from ..kernels.primitives import TritonPrimitives
 from .torch_chunked import TorchChunkedBackend
 
@@ -65,27 +62,6 @@ class TritonBackend(TritonPrimitives):
         """q W for q (B, V) -> (B, d) compute dtype."""
         return self._torch.weight_rmatvec(prob, q) if self._fp64(prob) else super().weight_rmatvec(prob, q)
 
-    def pi_weight(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """pi_t W -> (N, d) (chunked torch, see module doc)."""
-        return self._torch.pi_weight(prob, st)
-
-    def pi_gram(self, prob: HeadProblem, st: HeadStats, drop_targets: bool = False) -> torch.Tensor:
-        """pi_t . pi_u (or q_t . q_u) within each conversation -> (B, Tmax, Tmax) (chunked torch)."""
-        return self._torch.pi_gram(prob, st, drop_targets)
-
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """q_t . q_t per token -> (N,) (chunked torch; once per update: relative damping with CG)."""
         return self._torch.pi_sqnorm(prob, st)
-
-    def hidden_pass(self, prob: HeadProblem) -> HiddenPass:
-        """The dual's one hidden-mode pass (chunked torch, see module doc)."""
-        return self._torch.hidden_pass(prob)
-
-    def lora_gram_pass(self, prob: HeadProblem, keep: bool = False, raw: bool = False) -> GramPass:
-        """The dual's one LoRA pass (chunked torch, see module doc)."""
-        return self._torch.lora_gram_pass(prob, keep, raw)
-
-    def centered_column_reduce(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
-                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_{t in b} w_t (e_{y_t} - pi_t) -> (B, V) after :meth:`lora_gram_pass` (chunked torch)."""
-        return self._torch.centered_column_reduce(prob, gp, w, out)

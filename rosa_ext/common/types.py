@@ -6,7 +6,7 @@ per-token cache (MATH.md section 3); ``CGResult`` is what every CG implementatio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
@@ -25,6 +25,12 @@ RewardLike = Union[float, int, Sequence[float], torch.Tensor]
 
 #: A CG operator: v (n,) -> A v (n,), same dtype and device as v.
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ROSA computes in for a model (head weight) of ``dtype``: float64 for float64 models,
+    float32 for every other (bf16/fp16 are widened). The one place this rule is written."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,17 @@ class HeadProblem:
     @property
     def max_len(self) -> int:
         return max(self.lengths)
+
+    def conversations(self, b0: int, b1: int) -> "HeadProblem":
+        """Conversations ``b0 .. b1 - 1`` as a problem of their own (views, no copy)."""
+        if b0 == 0 and b1 == self.num_conversations:
+            return self
+        off = self.offsets
+        lo, hi = off[b0], off[b1]
+        return replace(self, hidden=self.hidden[lo:hi], targets=self.targets[lo:hi], seg=self.seg[lo:hi] - b0,
+                       offsets=[o - lo for o in off[b0:b1 + 1]], reward=self.reward[b0:b1],
+                       lora_a=None if self.lora_a is None else self.lora_a[b0:b1],
+                       lora_b=None if self.lora_b is None else self.lora_b[b0:b1])
 
 
 @dataclass

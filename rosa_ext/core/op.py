@@ -8,11 +8,11 @@ import torch
 
 from ..backends import get_backend
 from ..common import defaults
-from ..common import validation as V
+from ..common import validation as checks
 from ..common.types import RewardLike
+from ..plans import CGImpl, choose_plan, run
 from .distributed import prepare_vocab_parallel, wants_vocab_parallel
 from .problem import build_problem
-from .solvers import CGImpl, choose_plan, run
 
 
 @dataclass
@@ -25,7 +25,9 @@ class RosaStep:
             ``[delta_a, delta_b]`` (lora) or P = d (hidden).
         mode: "lora" or "hidden".
         solver: the solver that ran ("cg" or "dual").
-        backend: the backend that ran ("torch" or "triton").
+        backend: the engine that ran the vocabulary work ("torch" or "triton"): the dual plans and
+            hidden-mode CG run torch tiles on every backend today, so a call with ``backend="triton"``
+            reports "triton" only when the Triton kernels ran (matrix-free LoRA CG).
         hidden_size: d.
         logp: (N,) log-prob of each response token before the update (packed over the batch).
         target: (N,) the residual target g = p* - p that the step fits.
@@ -108,7 +110,7 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             the mean of diag(J J^T) = mean_t ||J_t||^2, one value per conversation:
             Levenberg-Marquardt scaling, invariant to the scale of J; MATH.md section 6).
         max_iter, tol: CG iteration cap and relative-residual tolerance.
-        solver: "auto" (the cost model of :mod:`rosa_ext.core.cost_model`: measured throughput per
+        solver: "auto" (the cost model of :mod:`rosa_ext.plans.choose`: measured throughput per
             backend and dtype, memory budgets first, ties to the exact dual), "cg" or "dual" (exact:
             one pass over W, then the T x T -- or in hidden mode with T > d the d x d -- system).
         keep_budget_bytes: the LoRA dual keeps its N x V probability tiles for the VJP when the
@@ -164,9 +166,9 @@ def _rosa_update(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_
     plan = choose_plan(prob, be.name)
     out = run(prob, be, plan, cg_impl)
     upd = out.update
-    V.finite_result("rosa_update", upd, prob.damping)
+    checks.finite_result("rosa_update", upd, prob.damping)
     if not prob.batched:
         upd = upd[0]
-    return RosaStep(update=upd, mode=prob.mode, solver=plan.solver, backend=be.name,
+    return RosaStep(update=upd, mode=prob.mode, solver=plan.solver, backend=out.engine,
                     hidden_size=prob.hidden_size, logp=out.logp, target=out.target,
                     _iterations=out.iterations, _residual=out.residual)

@@ -10,7 +10,6 @@ row belongs to, so one pass over the head weight serves the whole batch.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -216,15 +215,3 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                        backend=opts["backend"], batched=batched, compute_dtype=compute_dtype,
                        damping_mode=opts["damping_mode"], keep_budget_bytes=keep_budget_bytes,
                        gram_budget_bytes=gram_budget_bytes)
-
-
-def sub_problem(prob: HeadProblem, b0: int, b1: int) -> HeadProblem:
-    """Conversations ``b0 .. b1 - 1`` of a packed problem, as a problem of their own (views, no copy)."""
-    if b0 == 0 and b1 == prob.num_conversations:
-        return prob
-    off = prob.offsets
-    lo, hi = off[b0], off[b1]
-    return replace(prob, hidden=prob.hidden[lo:hi], targets=prob.targets[lo:hi], seg=prob.seg[lo:hi] - b0,
-                   offsets=[o - lo for o in off[b0:b1 + 1]], reward=prob.reward[b0:b1],
-                   lora_a=None if prob.lora_a is None else prob.lora_a[b0:b1],
-                   lora_b=None if prob.lora_b is None else prob.lora_b[b0:b1])

@@ -184,7 +184,7 @@ def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter
     """
     from torch.func import jvp
 
-    from ..core.target import residual_target
+    from ..plans.target import residual_target
 
     h = h.float()
     W = W.float()

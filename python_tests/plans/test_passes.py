@@ -1,4 +1,4 @@
-"""The one-pass primitives of the dual solve (rosa_ext.backends.onepass) against dense float64 math.
+"""The one-pass primitives of the dual solve (rosa_ext.plans: dual_hidden, dual_lora) against dense float64 math.
 
 Small heads, many chunks (a ragged last one), blocks of rows and of the block-triangle Gram smaller
 than a conversation, lazy and eager rescaling (forced on every chunk), targets another rank owns.
@@ -7,9 +7,8 @@ import pytest
 import torch
 from _helpers import make_inputs, shrink_onepass_tiles
 
-from rosa_ext.backends import onepass
-from rosa_ext.backends.torch_chunked import TorchChunkedBackend
 from rosa_ext.core.problem import build_problem
+from rosa_ext.plans import dual_hidden, dual_lora, tiles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,7 +52,7 @@ def _dense(prob):
 @pytest.fixture(params=["lazy", "eager"])
 def rescale(request, monkeypatch):
     if request.param == "eager":  # the sync-free path other devices take
-        monkeypatch.setattr(onepass, "_lazy", lambda device: False)
+        monkeypatch.setattr(tiles, "lazy_rescaling", lambda device: False)
     return request.param
 
 
@@ -67,7 +66,7 @@ def small_tiles(monkeypatch):
 def test_hidden_pass(small_tiles, rescale, lora_term, bias):
     prob = _problem(mode="hidden", lora_term=lora_term, bias=bias)
     t = _dense(prob)
-    hp = onepass.hidden_pass(prob)
+    hp = dual_hidden.local_hidden_pass(prob)
     assert torch.allclose(hp.lse, t["lse"], atol=1e-12, rtol=0)
     assert torch.allclose(hp.logp, torch.log(t["p"]), atol=1e-12, rtol=0)
     assert torch.allclose(hp.q, 1 - t["p"], atol=1e-13, rtol=0)
@@ -84,7 +83,7 @@ def test_hidden_pass(small_tiles, rescale, lora_term, bias):
 def test_lora_gram_pass_and_vjp(small_tiles, rescale, keep, bias):
     prob = _problem(bias=bias, T=11)
     t = _dense(prob)
-    gp = onepass.lora_gram_pass(prob, keep=keep)
+    gp = dual_lora.local_lora_gram_pass(prob, keep=keep)
     assert torch.allclose(gp.lse, t["lse"], atol=1e-12, rtol=0)
     assert torch.allclose(gp.q, 1 - t["p"], atol=1e-13, rtol=0)
     assert torch.allclose(gp.pib_off, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
@@ -97,7 +96,7 @@ def test_lora_gram_pass_and_vjp(small_tiles, rescale, keep, bias):
         assert torch.allclose(gp.gram[k], Ck @ Ck.T, atol=1e-12, rtol=0), k
     assert (gp.kept is not None) == keep
     w = torch.randn(prob.num_tokens, dtype=torch.float64)
-    got = onepass.centered_column_reduce(prob, gp, w)
+    got = dual_lora.local_centered_column_reduce(prob, gp, w)
     want = torch.zeros(prob.num_conversations, prob.vocab_size, dtype=torch.float64).index_add_(
         0, prob.seg, w.unsqueeze(1) * C)
     assert torch.allclose(got, want, atol=1e-12, rtol=0)
@@ -107,7 +106,7 @@ def test_lora_gram_pass_raw(small_tiles, rescale):
     prob = _problem(T=8)
     t = _dense(prob)
     for keep in (False, True):
-        gp = onepass.lora_gram_pass(prob, keep=keep, raw=True)
+        gp = dual_lora.local_lora_gram_pass(prob, keep=keep, raw=True)
         off = prob.offsets
         for k in range(prob.num_conversations):
             sl = slice(off[k], off[k + 1])
@@ -118,15 +117,15 @@ def test_lora_gram_pass_raw(small_tiles, rescale):
 
 def test_forced_rescale_every_chunk(small_tiles, monkeypatch):
     """TAU tiny: the lazy path redoes (nearly) every tile with the running max."""
-    monkeypatch.setattr(onepass, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
+    monkeypatch.setattr(tiles, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
     prob = _problem(T=7)
     t = _dense(prob)
-    hp = onepass.hidden_pass(prob)
+    hp = dual_hidden.local_hidden_pass(prob)
     assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
     for keep in (False, True):
-        gp = onepass.lora_gram_pass(prob, keep=keep)
+        gp = dual_lora.local_lora_gram_pass(prob, keep=keep)
         w = torch.randn(prob.num_tokens, dtype=torch.float64)
-        got = onepass.centered_column_reduce(prob, gp, w)
+        got = dual_lora.local_centered_column_reduce(prob, gp, w)
         E = torch.zeros_like(t["pi"])
         E[torch.arange(prob.num_tokens), prob.targets] = 1
         want = torch.zeros_like(got).index_add_(0, prob.seg, w.unsqueeze(1) * (E - t["pi"]))
@@ -141,14 +140,14 @@ def test_logits_far_above_the_first_chunk(small_tiles):
     prob.bias = prob.bias.clone()
     prob.bias[150:] += 60.0
     t = _dense(prob)
-    hp = onepass.hidden_pass(prob)
+    hp = dual_hidden.local_hidden_pass(prob)
     assert torch.allclose(hp.lse, t["lse"], atol=1e-12, rtol=0)
     assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
-    gp = onepass.lora_gram_pass(prob, keep=True)
+    gp = dual_lora.local_lora_gram_pass(prob, keep=True)
     assert all(bool(torch.isfinite(g).all()) for g in gp.gram)
     f32 = _problem(T=6, bias=True, dtype=torch.float32)
     f32.bias = prob.bias.float()
-    hp32 = onepass.hidden_pass(f32)
+    hp32 = dual_hidden.local_hidden_pass(f32)
     assert torch.allclose(hp32.lse.double(), t["lse"], atol=1e-4, rtol=0)
 
 
@@ -159,24 +158,24 @@ def test_targets_owned_elsewhere_are_not_split(small_tiles):
     prob.targets[::2] = -1
     t = _dense(_problem(T=6))
     out = prob.targets < 0
-    hp = onepass.hidden_pass(prob)
+    hp = dual_hidden.local_hidden_pass(prob)
     assert torch.equal(hp.q[out], torch.ones_like(hp.q[out]))
     assert torch.allclose(hp.pi_weight[out], t["pi"][out] @ prob.weight.double(), atol=1e-12, rtol=0)
-    gp = onepass.lora_gram_pass(prob, keep=False)
+    gp = dual_lora.local_lora_gram_pass(prob, keep=False)
     w = torch.zeros(prob.num_tokens, dtype=torch.float64)
     w[out] = 1.0
-    got = onepass.centered_column_reduce(prob, gp, w)
+    got = dual_lora.local_centered_column_reduce(prob, gp, w)
     want = -torch.zeros_like(got).index_add_(0, prob.seg[out], t["pi"][out])
     assert torch.allclose(got, want, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("vec_max", [0, 512])
 def test_same_token_pairs(monkeypatch, vec_max):
-    monkeypatch.setattr(onepass, "SAME_TOKEN_VECTOR_MAX", vec_max)
+    monkeypatch.setattr(dual_lora, "SAME_TOKEN_VECTOR_MAX", vec_max)
     y = torch.tensor([3] * 25 + [1, 2, 4, 7, 7, 7, 7, 9, 9, 5])
     q = torch.rand(y.numel(), dtype=torch.float64)
     M = torch.zeros(y.numel(), y.numel(), dtype=torch.float64)
-    onepass.same_token_pairs(M, y, q)
+    dual_lora.same_token_pairs(M, y, q)
     assert torch.allclose(M, torch.outer(q, q) * (y.unsqueeze(0) == y.unsqueeze(1)), atol=1e-15, rtol=0)
 
 
@@ -185,22 +184,21 @@ def test_low_precision_models(dtype):
     """bf16/fp16 weights are widened per chunk; results in float32 close to float64 math on the same numbers."""
     prob = _problem(dtype=dtype, T=6)
     t = _dense(prob)
-    hp = onepass.hidden_pass(prob)
+    hp = dual_hidden.local_hidden_pass(prob)
     assert hp.pi_weight.dtype == torch.float32
     assert torch.allclose(hp.pi_weight.double(), t["r"] @ prob.weight.double(), atol=1e-5, rtol=0)
-    gp = onepass.lora_gram_pass(prob, keep=True)
+    gp = dual_lora.local_lora_gram_pass(prob, keep=True)
     C = torch.eye(prob.vocab_size, dtype=torch.float64)[prob.targets] - t["pi"]
     assert torch.allclose(gp.gram[1].double(), C[prob.offsets[1]:] @ C[prob.offsets[1]:].T, atol=1e-5, rtol=0)
 
 
-def test_backend_methods_use_the_chunk_size():
+def test_passes_take_an_explicit_chunk():
     prob = _problem(T=5)
     t = _dense(prob)
-    be = TorchChunkedBackend(chunk_size=7)
-    hp = be.hidden_pass(prob)
+    hp = dual_hidden.local_hidden_pass(prob, chunk=7)
     assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
-    gp = be.lora_gram_pass(prob, keep=True)
+    gp = dual_lora.local_lora_gram_pass(prob, keep=True, chunk=7)
     assert gp.kept.chunk == 7
     w = torch.randn(prob.num_tokens, dtype=torch.float64)
-    assert torch.allclose(be.centered_column_reduce(prob, gp, w),
-                          onepass.centered_column_reduce(prob, onepass.lora_gram_pass(prob), w), atol=1e-12, rtol=0)
+    assert torch.allclose(dual_lora.local_centered_column_reduce(prob, gp, w, chunk=7),
+                          dual_lora.local_centered_column_reduce(prob, dual_lora.local_lora_gram_pass(prob), w), atol=1e-12, rtol=0)

@@ -8,11 +8,10 @@ import torch
 from _helpers import make_inputs, shrink_onepass_tiles
 
 from rosa_ext import rosa_update
-from rosa_ext.backends import onepass
 from rosa_ext.backends.torch_chunked import TorchChunkedBackend
-from rosa_ext.core import cost_model
 from rosa_ext.core.problem import build_problem
-from rosa_ext.core.solvers import run, solver_costs
+from rosa_ext.plans import choose as cost_model
+from rosa_ext.plans import dual_lora, run, solver_costs, tiles
 from rosa_ext.reference import rosa_update_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,7 +101,7 @@ def test_primal_fallback_tiny_damping():
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_lora_repeated_tokens_long_run(small_tiles, monkeypatch, keep):
-    monkeypatch.setattr(onepass, "SAME_TOKEN_VECTOR_MAX", 0)  # the sorted path for the same-token pairs
+    monkeypatch.setattr(dual_lora, "SAME_TOKEN_VECTOR_MAX", 0)  # the sorted path for the same-token pairs
     inp, mask, reward = _case("lora", B=1, T=30)
     inp["targets"][0, :20] = inp["targets"][0, 0]
     inp["targets"][0, 24:27] = inp["targets"][0, 28]
@@ -112,7 +111,7 @@ def test_lora_repeated_tokens_long_run(small_tiles, monkeypatch, keep):
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_forced_rescale_every_chunk(small_tiles, monkeypatch, mode):
-    monkeypatch.setattr(onepass, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
+    monkeypatch.setattr(tiles, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
     inp, mask, reward = _case(mode)
     for keep in ((False, True) if mode == "lora" else (False,)):
         got = _solve(inp, mask, reward, mode, solver="dual", keep=keep)
@@ -122,7 +121,7 @@ def test_forced_rescale_every_chunk(small_tiles, monkeypatch, mode):
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_eager_rescale_the_gpu_path(small_tiles, monkeypatch, mode):
     """The sync-free online softmax the torch backend takes off the CPU."""
-    monkeypatch.setattr(onepass, "_lazy", lambda device: False)
+    monkeypatch.setattr(tiles, "lazy_rescaling", lambda device: False)
     inp, mask, reward = _case(mode)
     for keep in ((False, True) if mode == "lora" else (False,)):
         got = _solve(inp, mask, reward, mode, solver="dual", keep=keep)
@@ -177,6 +176,6 @@ def test_cost_model_rules():
     assert cost_model.choose("hidden", [20000], 896, 151936, **kw).solver == "dual"  # d x d primal
     assert cost_model.choose("hidden", [20000], 896, 151936, **dict(kw, gram_budget_bytes=0)).solver == "cg"
     # a kept batch is run in groups of at most the longest conversation's rows
-    assert cost_model.keep_groups([5, 3, 2, 5, 1]) == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    assert dual_lora.keep_groups([5, 3, 2, 5, 1]) == [(0, 1), (1, 3), (3, 4), (4, 5)]
     est = solver_costs("lora", [256], 256, 32000, 16)
     assert est["dual"] == est["dual-keep"] < est["dual-stream"] < est["cg"]

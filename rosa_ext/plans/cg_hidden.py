@@ -1,0 +1,53 @@
+"""Plan "cg", hidden mode: CG on the explicit T x d Jacobian (MATH.md section 4).
+
+Read in order:
+
+1. The pass over W and the Jacobian algebra are the hidden dual's (:func:`.dual_hidden.pass_and_rows`):
+   ONE online-softmax pass gives lse, 1 - p_t and r_t W, hence the explicit rows of J (N x d).
+2. :func:`solve` -- CG on ``(J^T J + lambda I) delta = J^T g`` per conversation (a batch is one block-
+   diagonal system), each iteration ``J^T (J v)`` on the rows (4 N d flops, no pass over W); J
+   rescaled by a power of two first (exact, the step is invariant), the ridge of every conversation
+   inside the matvec (:func:`.dense.conversation_ridges`). On a vocabulary-parallel head the rows are
+   identical on every rank after the pass, so CG runs locally.
+3. :func:`cost` -- its cost formula for ``solver="auto"`` (:mod:`.choose`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ..cg import cg as default_cg
+from ..common.jacobian import segment_sum
+from ..common.types import HeadProblem
+from . import dense, dual_hidden
+from .base import CGImpl, Solved, run_cg
+
+
+def solve(prob: HeadProblem, backend, cg: Optional[CGImpl] = None) -> Solved:
+    """Hidden-mode CG on the explicit Jacobian (module doc) -> :class:`~.base.Solved`.
+    ``cg``: the CG implementation (default :func:`rosa_ext.cg.cg`)."""
+    cg = default_cg if cg is None else cg
+    lin, g, rows = dual_hidden.pass_and_rows(prob, backend, check=True)
+    B, d, seg = prob.num_conversations, prob.hidden_size, prob.seg
+    unit = dense.power_of_two_scale(rows.abs().max())
+    rows.mul_(unit)
+    rhs = segment_sum(prob, (g * unit).unsqueeze(1) * rows)
+    lam = dense.conversation_ridges(prob, (rows * rows).sum(1), unit).unsqueeze(1)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        v2 = v.reshape(B, d)
+        if B == 1:
+            jtj = (rows.T @ (rows @ v2[0])).unsqueeze(0)
+        else:
+            jtj = segment_sum(prob, (rows * v2[seg]).sum(1, keepdim=True) * rows)
+        return (jtj + lam * v2).reshape(-1)
+
+    res = run_cg(cg, matvec, rhs.reshape(-1), 0.0, prob)  # the ridge is inside the matvec
+    return Solved(res.x.reshape(B, d), lin.stats.logp, g, res.iterations, res.residual, engine="torch")
+
+
+def cost(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpass: float, max_iter: int) -> float:
+    """Estimated seconds: the hidden pass, then ``max_iter`` products with J and J^T (4 N d flops each)."""
+    N = sum(lengths)
+    return dual_hidden.pass_seconds(k, lengths, d, V, wpass) + max(1, max_iter) * 4 * N * d / k["gemm"] + k["call"]

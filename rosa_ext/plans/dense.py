@@ -1,0 +1,163 @@
+"""The small dense algebra every exact plan shares (MATH.md sections 4 and 6): the ridge rule, the
+factor-and-accept step, and the float64 fallbacks -- each written once.
+
+- :func:`ridge`, :func:`conversation_ridges`: lambda from ``damping`` / ``damping_mode`` and the mean
+  of a conversation's Gram diagonal (the relative ridge of MATH.md section 6).
+- :func:`power_of_two_scale`: the exact rescaling that keeps a conversation's J J^T inside the
+  compute dtype's range (the step is invariant to it, MATH.md section 6).
+- :func:`factor_solve`, :func:`dual_check`, :func:`accept`: Cholesky of ``A + lambda I``, the
+  relative residual of the normal equations, and ONE host sync that decides which conversations
+  are re-solved in float64.
+- :func:`spectral_hidden`, :func:`spectral_gram`: the float64 fallbacks (SVD of J, eigendecomposition
+  of J J^T).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from ..common import validation as checks
+from ..common.jacobian import segment_sum
+from ..common.types import HeadProblem
+from ..common.validation import RosaNumericalError
+from .base import WHO
+
+#: The dual's Cholesky solve is accepted for a conversation when the relative residual of its
+#: normal equations is at most this (by compute dtype); a conversation over it, or one whose
+#: factorisation failed or gave NaN/Inf, is re-solved in float64 (MATH.md section 4).
+DUAL_RESIDUAL_LIMIT = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+Ridge = Union[float, torch.Tensor]
+
+
+def ridge(prob: HeadProblem, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """lambda of each conversation (MATH.md section 6), the shape and dtype of ``diag_mean`` (no host
+    sync): the ONE place the ridge rule is written.
+
+    ``diag_mean``: the mean over a conversation's tokens of ||J_t||^2 (the diagonal of J J^T), of a J
+    that the caller multiplied by ``unit`` (a power of two from :func:`power_of_two_scale`, or None
+    for 1). "absolute": ``damping unit^2`` (the same ridge in the scaled units); "relative": ``damping``
+    times the mean (scale invariant), or ``damping`` where J is exactly zero (its step is zero anyway).
+    """
+    absolute = torch.full_like(diag_mean, prob.damping)
+    if prob.damping_mode == "absolute":
+        return absolute if unit is None else absolute * (unit * unit)
+    return torch.where(diag_mean > 0, prob.damping * diag_mean, absolute)
+
+
+def conversation_ridges(prob: HeadProblem, diag: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`ridge` of every conversation -> (B,), from the per-token ``diag`` (N,) = ||J_t||^2."""
+    counts = torch.tensor(prob.lengths, dtype=diag.dtype, device=diag.device)
+    mean = segment_sum(prob, diag.unsqueeze(1))[:, 0] / counts
+    return ridge(prob, mean, unit)
+
+
+def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """A power of two ``unit`` (0-dim, absmax's dtype) with ``unit * absmax`` in [1, 2): multiplying J by
+    it is exact, and keeps J J^T of rows that are tiny (every p_t below ~1e-19: the products underflow
+    float32) or huge (``lora_scale`` 1e25: they overflow) inside the range. 1 for a zero or non-finite
+    ``absmax`` (no host sync)."""
+    ok = torch.isfinite(absmax) & (absmax > 0)
+    e = torch.floor(torch.log2(torch.where(ok, absmax, torch.ones_like(absmax))))
+    return torch.where(ok, torch.exp2(-e), torch.ones_like(absmax))
+
+
+def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A + lam I)^{-1} rhs by Cholesky for symmetric A (restored up to rounding afterwards). One
+    allocation of A's size (the factor); the triangular solves work in place. Returns (x, info)."""
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    A.diagonal().sub_(lam)
+    x = rhs.clone().unsqueeze(1)
+    torch.linalg.solve_triangular(L, x, upper=False, out=x)
+    torch.linalg.solve_triangular(L.mT, x, upper=True, out=x)
+    return x.squeeze(1), info
+
+
+def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, info: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||J^T e||^2, ||J^T g||^2, flags) of a dual solve, e = g - (G0 + lam I) alpha: the residual of
+    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored, G0 finite]. A
+    NaN/Inf alpha makes the residual NaN, which fails the acceptance test."""
+    e = g - G0 @ alpha - lam * alpha
+    num = (e @ (G0 @ e)).clamp_min(0)
+    den = (g @ (G0 @ g)).clamp_min(0)
+    return num, den, torch.stack([info == 0, checks.all_finite(G0)])
+
+
+def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, info: torch.Tensor,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||res||^2, ||rhs||^2, flags) of a primal solve (A0 + lam I) delta = rhs, A0 = J^T J. The flag
+    bounds the error itself: ||delta - delta*|| <= ||res|| / lam (A0 is PSD). The residual alone would
+    miss a component in the null space of J (rank-deficient J, tiny damping), which the dual form
+    cannot produce (its step is J^T alpha)."""
+    res = rhs - A0 @ delta - lam * delta
+    num, den = res @ res, rhs @ rhs
+    limit = DUAL_RESIDUAL_LIMIT[dtype]
+    fine = num <= (limit * limit) * (lam * lam) * (delta @ delta)
+    return num, den, torch.stack([(info == 0) & fine, checks.all_finite(A0)])
+
+
+def accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor], flags: List[torch.Tensor],
+           logits_finite: torch.Tensor) -> List[int]:
+    """The conversations whose solve must be redone in float64 (one host sync for all of them, which
+    also reads whether the pass's logits were finite). Raises for non-finite logits or Jacobian."""
+    limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
+    num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
+    good = fl[:, 0] & (num <= (limit * limit) * den)
+    B = len(nums)
+    both = torch.cat([good, fl[:, 1], logits_finite.reshape(1)]).tolist()  # the one host sync of the check
+    good_list, finite_list = both[:B], both[B:2 * B]
+    if not both[-1]:
+        checks.nonfinite_logits(WHO, prob.compute_dtype)
+    if not all(finite_list):
+        checks.nonfinite_jacobian(WHO)
+    return [b for b, ok in enumerate(good_list) if not ok]
+
+
+def not_finite(prob: HeadProblem) -> RosaNumericalError:
+    """The error of a fallback that still gave NaN/Inf."""
+    return RosaNumericalError(f"rosa_update: the dual solve gave NaN/Inf even in float64 (damping="
+                              f"{prob.damping:g}); check the scale of the inputs", "damping")
+
+
+def _kept(mu: torch.Tensor, n: int, eps: float, lam: float) -> torch.Tensor:
+    """Which eigenvalues (of J J^T, float64) a fallback keeps: those above the noise of the compute
+    dtype (n eps mu_max, n the matrix size), and every one when the ridge is at least that noise level
+    -- then 1 / (mu + lambda) is bounded and dropping a direction would drop its part of g."""
+    noise = n * eps * float(mu.max().clamp_min(0))
+    if lam >= noise:
+        return torch.ones_like(mu, dtype=torch.bool)
+    return mu > noise
+
+
+def spectral_hidden(Jb: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) -> Tuple[torch.Tensor, float, float]:
+    """Hidden mode's float64 fallback (MATH.md section 4): from the SVD J = U diag(s) V^T,
+    alpha = U diag(1 / (s^2 + lambda)) U^T g and delta = J^T alpha (directions below the compute
+    dtype's noise dropped unless the ridge dominates them, :func:`_kept`).
+    Returns (delta float64, ||J^T e||^2, ||J^T g||^2)."""
+    J64, g64 = Jb.to(torch.float64), gb.to(torch.float64)
+    U, S, _ = torch.linalg.svd(J64, full_matrices=False)
+    mu = S ** 2
+    keep = _kept(mu, max(J64.shape), eps, lam)
+    U, mu = U[:, keep], mu[keep]
+    alpha = U @ ((U.T @ g64) / (mu + lam))
+    e = g64 - J64 @ (J64.T @ alpha) - lam * alpha
+    return J64.T @ alpha, float((J64.T @ e).square().sum()), float((J64.T @ g64).square().sum())
+
+
+def spectral_gram(G0: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
+    """LoRA mode's float64 fallback: from the eigendecomposition of J J^T (negative rounding noise
+    clamped to 0; directions below the compute dtype's noise dropped unless the ridge dominates them,
+    :func:`_kept`), alpha = U diag(1 / (mu + lambda)) U^T g -> alpha (float64)."""
+    mu, U = torch.linalg.eigh(G0.to(torch.float64))
+    mu = mu.clamp_min(0)
+    keep = _kept(mu, G0.shape[0], eps, lam)
+    U, mu = U[:, keep], mu[keep]
+    return U @ ((U.T @ gb.to(torch.float64)) / (mu + lam))
+
+
+def relative_residual(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """sqrt(num / den), 0 where den is 0."""
+    return torch.where(den > 0, torch.sqrt(num / den.clamp_min(torch.finfo(den.dtype).tiny)), 0.0)
