@@ -16,13 +16,14 @@ import torch
 
 from rosa_ext.cg import CGResult, cg_python
 from rosa_ext.common import defaults
+from rosa_ext.common.types import compute_dtype_of
 from rosa_ext.plans.target import residual_target
 
 
 def _p_function(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mode: str,
                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], lora_scale: float,
                 bias: Optional[torch.Tensor]) -> Tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    cd = compute_dtype_of(weight.dtype)
     h, W = hidden.to(cd), weight.to(cd)
     c = None if bias is None else bias.to(cd)
     d = W.shape[1]
@@ -51,7 +52,7 @@ class TorchFuncOperator:
     def __init__(self, hidden, weight, targets, reward: float, *, mode: str, lora_a=None, lora_b=None,
                  lora_scale: float = defaults.LORA_SCALE, bias=None, beta: float = defaults.BETA) -> None:
         self.p_of, P = _p_function(hidden, weight, targets, mode, lora_a, lora_b, lora_scale, bias)
-        cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        cd = compute_dtype_of(weight.dtype)
         self.theta0 = torch.zeros(P, dtype=cd, device=weight.device)
         p0, self._vjp_fn = torch.func.vjp(self.p_of, self.theta0)
         self.g = residual_target(torch.log(p0), torch.full_like(p0, float(reward)), beta)

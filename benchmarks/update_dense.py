@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from rosa_ext.common import defaults
+from rosa_ext.common.types import compute_dtype_of
 from rosa_ext.plans.target import residual_target
 
 
@@ -32,7 +33,7 @@ def dense_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
     Computes in fp32 (fp64 for fp64 weights); bf16/fp16 weights are widened once (a V x d copy).
     """
-    cd = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    cd = compute_dtype_of(weight.dtype)
     h, W, y = hidden.to(cd), weight.to(cd), targets
     T = h.shape[0]
     s = lora_scale

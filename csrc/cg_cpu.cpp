@@ -1,6 +1,6 @@
 // Conjugate gradient on the CPU for (A + damping I) x = b, A given by a Python
 // callback. Vectors are caller-owned buffers passed as raw pointers, so this
-// file needs no libtorch (ROSA_SPEC.md section 1: each matvec is a JVP then a VJP).
+// file needs no libtorch (rosa_ext/MATH.md section 4: each matvec is a JVP then a VJP).
 #include "cg_cpu.h"
 
 #include <cmath>

@@ -14,7 +14,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .common import defaults
-from .common import validation as V
+from .common import validation as checks
 from .common.types import HeadProblem, RewardLike
 from .core.op import RosaStep
 from .core.problem import build_problem
@@ -121,7 +121,7 @@ def _reference(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_sc
     for b in range(prob.num_conversations):
         p_of, theta0 = _prob_map(prob, b)
         p = p_of(theta0)
-        V.finite_logits("rosa_update_reference", F64, p)
+        checks.finite_logits("rosa_update_reference", F64, p)
         logp = torch.log(p)
         r = prob.reward[b].to(F64).expand_as(p)
         g = residual_target(logp, r, prob.beta)

@@ -14,27 +14,26 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..common import defaults
-from ..common import validation as V
-from ..common.types import MODES, HeadProblem, RewardLike
+from ..common import defaults, validation
+from ..common.types import MODES, HeadProblem, RewardLike, compute_dtype_of
 
 WHO = "rosa_update"
 
 
 def _fail(msg: str, argument: Optional[str] = None) -> None:
-    V.fail(WHO, argument, msg)
+    validation.fail(WHO, argument, msg)
 
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
-    return V.tensor(WHO, name, x)
+    return validation.tensor(WHO, name, x)
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
-    V.float_tensor(WHO, name, x)
+    validation.float_tensor(WHO, name, x)
 
 
 def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    V.same_device(WHO, name, x, device, "weight")
+    validation.same_device(WHO, name, x, device, "weight")
 
 
 class _ValueChecks:
@@ -52,9 +51,9 @@ class _ValueChecks:
         if x.numel():
             def bad(v: float, name: str = name) -> None:
                 if not v:
-                    V.fail(WHO, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)",
-                           V.RosaNonFiniteError)
-            self.add(V.all_finite(x), bad)
+                    validation.fail(WHO, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)",
+                           validation.RosaNonFiniteError)
+            self.add(validation.all_finite(x), bad)
 
     def run(self) -> None:
         if not self.items:
@@ -83,7 +82,7 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
     else:
         want = f"({width},)" + (f" or ({batch}, {width})" if batched else f", (1, {width}) or ({width}, 1)")
         _fail(f"`{name}` must have shape {want}, got {tuple(x.shape)}", name)
-    checks.finite(name, m)
+    validation.finite(name, m)
     m = m.detach().to(dtype)
     if m.shape[0] == 1 and batch > 1:
         m = m.expand(batch, width)
@@ -98,12 +97,12 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   keep_budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
                   gram_budget_bytes: int = defaults.GRAM_BUDGET_BYTES) -> HeadProblem:
     """Check every input of :func:`rosa_ext.rosa_update` and pack it. See module doc."""
-    mode = V.choice(WHO, "mode", mode, MODES)
+    mode = validation.choice(WHO, "mode", mode, MODES)
     checks = _ValueChecks()
-    opts = V.solver_options(WHO, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
+    opts = validation.solver_options(WHO, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                             backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
-    keep_budget_bytes = V.integer(WHO, "keep_budget_bytes", keep_budget_bytes, minimum=0, maximum=None)
-    gram_budget_bytes = V.integer(WHO, "gram_budget_bytes", gram_budget_bytes, minimum=0, maximum=None)
+    keep_budget_bytes = validation.integer(WHO, "keep_budget_bytes", keep_budget_bytes, minimum=0, maximum=None)
+    gram_budget_bytes = validation.integer(WHO, "gram_budget_bytes", gram_budget_bytes, minimum=0, maximum=None)
 
     weight = _check_tensor("weight", weight)
     hidden = _check_tensor("hidden", hidden)
@@ -125,7 +124,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     batched = hidden.dim() == 3
     if batched and hidden.shape[0] == 0:
         _fail(f"`hidden` holds no conversation (B = 0), got shape {tuple(hidden.shape)}", "hidden")
-    V.index_tensor(WHO, "targets", targets)
+    validation.index_tensor(WHO, "targets", targets)
     if targets.shape != hidden.shape[:-1]:
         _fail(f"`targets` must have shape {tuple(hidden.shape[:-1])} to match `hidden`, "
               f"got {tuple(targets.shape)}", "targets")
@@ -133,7 +132,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         mask = _check_tensor("mask", mask)
         _check_device("mask", mask, device)
         if mask.dtype != torch.bool:
-            V.fail(WHO, "mask", f"`mask` must be a bool tensor, got {mask.dtype}", V.RosaTypeError)
+            validation.fail(WHO, "mask", f"`mask` must be a bool tensor, got {mask.dtype}", validation.RosaTypeError)
         if mask.shape != targets.shape:
             _fail(f"`mask` must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}", "mask")
     if bias is not None:
@@ -142,12 +141,12 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         _check_device("bias", bias, device)
         if bias.shape != (Vs,):
             _fail(f"`bias` must be ({Vs},), got {tuple(bias.shape)}", "bias")
-        checks.finite("bias", bias)
+        validation.finite("bias", bias)
 
-    compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    compute_dtype = compute_dtype_of(weight.dtype)
     # damping and lora_scale enter tensors of the compute dtype: they must be finite there
-    V.real(WHO, "damping", opts["damping"], dtype=compute_dtype)
-    V.real(WHO, "lora_scale", opts["lora_scale"], dtype=compute_dtype)
+    validation.real(WHO, "damping", opts["damping"], dtype=compute_dtype)
+    validation.real(WHO, "lora_scale", opts["lora_scale"], dtype=compute_dtype)
 
     hidden3 = hidden if batched else hidden.unsqueeze(0)
     targets2 = (targets if batched else targets.unsqueeze(0)).long()
@@ -169,12 +168,12 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     checks.add(sel_targets.min(), lambda v: target_range(v, 0))
     checks.add(sel_targets.max(), lambda v: target_range(0, v))
     sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
-    checks.finite("hidden", sel_hidden)
+    validation.finite("hidden", sel_hidden)
 
-    r = V.rewards(WHO, reward, B)
+    r = validation.rewards(WHO, reward, B)
     # a reward beyond the compute dtype's range would become +-inf there
     for v in r.tolist():
-        V.real(WHO, "reward", v, dtype=compute_dtype)
+        validation.real(WHO, "reward", v, dtype=compute_dtype)
     r = r.to(device=device, dtype=compute_dtype)
     a = _lora_matrix("lora_a", lora_a, B, d, batched, device, compute_dtype, checks)
     bvec = _lora_matrix("lora_b", lora_b, B, Vs, batched, device, compute_dtype, checks)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..common import defaults
+from ..common.types import compute_dtype_of
 from ..integrations.head_hooks import HeadAdapter
 from ..integrations.model_lookup import find_body, find_lm_head, head_bias, head_weight
 
@@ -89,7 +90,7 @@ def pg_step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, r
         raise ValueError(f"pg_step: hidden must be (N, d) and targets (N,), got {tuple(hidden.shape)} "
                          f"and {tuple(targets.shape)}")
     d, V = weight.shape[1], weight.shape[0]
-    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dt = compute_dtype_of(weight.dtype)
     W, H = weight.detach().to(dt), hidden.detach().to(dt)
     c = None if bias is None else bias.detach().to(dt)
     zero_d, zero_v = torch.zeros(d, dtype=dt, device=W.device), torch.zeros(V, dtype=dt, device=W.device)
@@ -132,7 +133,7 @@ class PGSession:
         self.bias = head_bias(self.head)
         self.lr, self.beta, self.lora_scale = float(lr), float(beta), float(lora_scale)
         V, d = self.weight.shape
-        self.dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.dtype = compute_dtype_of(self.weight.dtype)
         self.adapter = HeadAdapter(self.head, mode, 1, vocab_size=V, hidden_size=d, lora_scale=lora_scale,
                                    seed=seed, dtype=self.dtype, device=self.weight.device)
 

@@ -26,8 +26,8 @@ import torch
 
 from ..backends import triton_available
 from ..common import defaults
-from ..common import validation as V
-from ..common.types import MODES
+from ..common import validation as checks
+from ..common.types import MODES, compute_dtype_of
 from ..core.distributed import is_dtensor
 from ..core.op import RosaStep, rosa_update
 from .background import BackgroundRunner, UpdateHandle
@@ -46,15 +46,15 @@ class RosaSession:
                  seed: int, damping_mode: str = defaults.DAMPING_MODE, warmup: bool = True) -> None:
         # every argument is checked before anything is installed (README, "Errors")
         if not isinstance(model, torch.nn.Module):
-            V.fail("attach", "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}",
-                   V.RosaTypeError)
-        mode = V.choice("attach", "mode", mode, MODES)
-        opts = V.solver_options("attach", beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
+            checks.fail("attach", "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}",
+                   checks.RosaTypeError)
+        mode = checks.choice("attach", "mode", mode, MODES)
+        opts = checks.solver_options("attach", beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
                                 backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
-        seed = V.seed("attach", seed)
-        V.boolean("attach", "warmup", warmup)
+        seed = checks.seed("attach", seed)
+        checks.boolean("attach", "warmup", warmup)
         if getattr(model, "_rosa_session", None) is not None:
-            V.fail("attach", "model", "this model already has a ROSA session; detach() it first", V.RosaStateError)
+            checks.fail("attach", "model", "this model already has a ROSA session; detach() it first", checks.RosaStateError)
         cfg = getattr(base_model(model), "config", None)
         if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
             raise NotImplementedError("attach: models with final logit soft-capping are not supported "
@@ -62,18 +62,18 @@ class RosaSession:
         head = find_lm_head(model)
         weight = head_weight(head)
         if weight.shape[0] == 0 or weight.shape[1] == 0:
-            V.fail("attach", "model", f"the lm_head weight is empty, shape {tuple(weight.shape)}")
-        state_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        V.real("attach", "damping", opts["damping"], dtype=state_dtype)
-        V.real("attach", "lora_scale", opts["lora_scale"], dtype=state_dtype)
+            checks.fail("attach", "model", f"the lm_head weight is empty, shape {tuple(weight.shape)}")
+        state_dtype = compute_dtype_of(weight.dtype)
+        checks.real("attach", "damping", opts["damping"], dtype=state_dtype)
+        checks.real("attach", "lora_scale", opts["lora_scale"], dtype=state_dtype)
         if opts["backend"] == "triton" and not triton_available(weight.device):
-            V.fail("attach", "backend", f"backend='triton' needs the `triton` package and a CUDA model (the "
+            checks.fail("attach", "backend", f"backend='triton' needs the `triton` package and a CUDA model (the "
                                         f"lm_head is on {weight.device}); use backend='auto' or 'torch'")
         peft = peft_lora(head)
         own_scale = opts.pop("lora_scale")
         scale = peft[2] if peft is not None else own_scale
         if mode == "lora" and scale == 0:
-            V.fail("attach", "lora_scale", "the LoRA scale must be nonzero in mode='lora' (with s = 0 the "
+            checks.fail("attach", "lora_scale", "the LoRA scale must be nonzero in mode='lora' (with s = 0 the "
                                            "adapter has no effect and the Jacobian is zero)")
         self.mode = mode
         self.head = head
@@ -202,11 +202,11 @@ class RosaSession:
         before anything changes (README, "Errors").
         """
         self._check_attached()  # every argument, before the step runs or is queued:
-        ids = V.token_ids("update", input_ids, self.vocab_size, self.weight.device)
-        pos = V.response_positions("update", ids, response_start, response_mask)
-        r = V.one_reward("update", reward, self.state_dtype)
-        V.attention_mask("update", attention_mask, ids)
-        V.boolean("update", "non_blocking", non_blocking)
+        ids = checks.token_ids("update", input_ids, self.vocab_size, self.weight.device)
+        pos = checks.response_positions("update", ids, response_start, response_mask)
+        r = checks.one_reward("update", reward, self.state_dtype)
+        checks.attention_mask("update", attention_mask, ids)
+        checks.boolean("update", "non_blocking", non_blocking)
         self.wait()
 
         def job() -> RosaStep:
@@ -235,11 +235,11 @@ class RosaSession:
         """
         who = "update_from_hidden"
         self._check_attached()
-        r = V.one_reward(who, reward, self.state_dtype)
-        hidden, targets = V.hidden_rows(who, hidden, targets, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+        r = checks.one_reward(who, reward, self.state_dtype)
+        hidden, targets = checks.hidden_rows(who, hidden, targets, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                                         device=self.weight.device, head_dtype=self.weight.dtype)
-        V.boolean(who, "includes_shift", includes_shift)
-        V.boolean(who, "non_blocking", non_blocking)
+        checks.boolean(who, "includes_shift", includes_shift)
+        checks.boolean(who, "non_blocking", non_blocking)
         self.wait()
         h = hidden.detach()
         return self._run(lambda: self._step(h, targets, r, includes_shift=includes_shift), non_blocking,
@@ -285,7 +285,7 @@ class RosaSession:
         if not non_blocking:
             return job()
         if self._parallel_body:
-            V.fail("update", "non_blocking", "non_blocking=True is not supported when the model's body is "
+            checks.fail("update", "non_blocking", "non_blocking=True is not supported when the model's body is "
                    "tensor-parallel: the background update's collectives (and its body forward's) would interleave "
                    "with the model's own across threads; update synchronously")
         return self._runner.submit(job, borrowed)
@@ -350,7 +350,7 @@ class RosaSession:
         """
         who = "load_state_dict"
         self._check_attached()
-        num, tensors = V.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
+        num, tensors = checks.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
                                        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                                        lora_scale=self.lora_scale, check_zero=self._peft is None or
                                        self.mode == "hidden", shard=self._shard())
@@ -366,8 +366,8 @@ class RosaSession:
         for key, dst, src in pairs:
             src = src.detach().to(device=dst.device, dtype=dst.dtype)
             if not bool(torch.isfinite(src).all()):  # e.g. a float32 state into a float16 PEFT adapter
-                V.fail(who, f"state[{key!r}]", f"`state[{key!r}]` overflows {dst.dtype}, the dtype it is loaded "
-                                               "into", V.RosaNonFiniteError)
+                checks.fail(who, f"state[{key!r}]", f"`state[{key!r}]` overflows {dst.dtype}, the dtype it is loaded "
+                                               "into", checks.RosaNonFiniteError)
             staged.append((dst, src))
         self.wait()
         with torch.no_grad(), self._lock:
@@ -401,7 +401,7 @@ class RosaSession:
 
     def _check_attached(self) -> None:
         if self.model is None:
-            raise V.RosaStateError("this ROSA session was detached; attach() the model again")
+            raise checks.RosaStateError("this ROSA session was detached; attach() the model again")
 
     def __repr__(self) -> str:
         return (f"RosaSession(mode={self.mode!r}, d={self.hidden_size}, V={self.vocab_size}, "
