@@ -82,7 +82,7 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
     else:
         want = f"({width},)" + (f" or ({batch}, {width})" if batched else f", (1, {width}) or ({width}, 1)")
         _fail(f"`{name}` must have shape {want}, got {tuple(x.shape)}", name)
-    validation.finite(name, m)
+    checks.finite(name, m)
     m = m.detach().to(dtype)
     if m.shape[0] == 1 and batch > 1:
         m = m.expand(batch, width)
@@ -141,7 +141,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         _check_device("bias", bias, device)
         if bias.shape != (Vs,):
             _fail(f"`bias` must be ({Vs},), got {tuple(bias.shape)}", "bias")
-        validation.finite("bias", bias)
+        checks.finite("bias", bias)
 
     compute_dtype = compute_dtype_of(weight.dtype)
     # damping and lora_scale enter tensors of the compute dtype: they must be finite there
@@ -168,7 +168,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     checks.add(sel_targets.min(), lambda v: target_range(v, 0))
     checks.add(sel_targets.max(), lambda v: target_range(0, v))
     sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
-    validation.finite("hidden", sel_hidden)
+    checks.finite("hidden", sel_hidden)
 
     r = validation.rewards(WHO, reward, B)
     # a reward beyond the compute dtype's range would become +-inf there
