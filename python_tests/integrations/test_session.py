@@ -395,3 +395,48 @@ def test_cuda_attach_warmup_leaves_nothing_to_tune_in_the_first_update(mode):
         s.update(ids, reward=-1.0, response_start=P0)
     assert [dict(k.cache) for k in kernels] == before  # no new autotune key: nothing tuned during updates
     s.detach()
+
+
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+def test_updates_from_two_threads_are_serialised(mode, monkeypatch):
+    """Two threads updating one session at once: both steps land, the second from the first's state
+    (the state read, the solve and the write are one locked section). A slowed-down op makes the two
+    overlap for certain; without the lock both would start from the same state."""
+    model = tiny_causal_lm("qwen2")
+    ids = _exchange(model)
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state[0, P0 - 1:-1]
+    targets = ids[0, P0:]
+    seq = rosa_ext.attach(model, mode=mode, warmup=False)
+    for _ in range(2):
+        seq.update_from_hidden(hidden, targets, -1.0)
+    want = seq.state_dict()
+    seq.detach()
+
+    real = session_mod.rosa_update
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session_mod, "rosa_update", slow)
+    s = rosa_ext.attach(model, mode=mode, warmup=False)
+    errors = []
+
+    def worker():
+        try:
+            s.update_from_hidden(hidden, targets, -1.0)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    got = s.state_dict()
+    assert got["num_updates"] == 2
+    for k in ("delta",) if mode == "hidden" else ("a", "b"):
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    s.detach()

@@ -32,6 +32,7 @@ from ..core.distributed import is_dtensor
 from ..core.op import RosaStep, rosa_update
 from .background import BackgroundRunner, UpdateHandle
 from .head_hooks import HeadAdapter
+from .lora_params import LoraParams, OwnLora, PeftLora
 from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
 from .sharded_head import ShardedHeadAdapter, head_adapter
 
@@ -86,27 +87,22 @@ class RosaSession:
         dev = self.weight.device
         self.state_dtype = state_dtype
 
-        self._peft = peft
         # vocabulary-parallel head (MATH.md section 7): a tensor-parallel body issues collectives of
         # its own, which a background update's would interleave with (refused in _run)
         self._parallel_body = is_dtensor(self.weight) and any(is_dtensor(p) for p in self.body.parameters())
-        if self._peft is not None and is_dtensor(self.weight):
+        if peft is not None and is_dtensor(self.weight):
             raise NotImplementedError("attach: a PEFT LoRA on a vocabulary-parallel (ColwiseParallel) lm_head is not "
                                       "supported; attach to the model without the PEFT adapter (ROSA then keeps its "
                                       "own rank-1 LoRA, b sharded like the head)")
-        if self._peft is not None and mode == "lora":
-            A, Bm, scale = self._peft
-            self.lora_scale = scale
-            self._peft_init = (A.weight.detach().clone(), Bm.weight.detach().clone())
-        else:
-            self.lora_scale = own_scale
-            self._peft_init = None
+        self.lora_scale = peft[2] if (peft is not None and mode == "lora") else own_scale
         self.model = model
         self.num_updates = 0
         self.last_step: Optional[RosaStep] = None
-        self._lock = threading.Lock()
+        # One update at a time: a step reads the state, solves and writes it under this lock, so two
+        # threads updating one session are serialised and neither update is lost.
+        self._lock = threading.RLock()
         if warmup:  # before any hook is installed: a failure here leaves the model untouched
-            self._warmup()
+            self._warmup(peft)
         self._runner = BackgroundRunner(dev)
         # Own parameters (compute dtype) on hooks of lm_head: a ~ PEFT's lora_A init, b = 0;
         # delta = 0. Every use of the head waits for a background update first (PEFT's own
@@ -114,8 +110,15 @@ class RosaSession:
         # (head_adapter: this rank's rows of b on a vocabulary-parallel head, MATH.md section 7)
         self.adapter: HeadAdapter = head_adapter(self.head, self.weight, mode, 1, vocab_size=Vs, hidden_size=d,
                                                  lora_scale=self.lora_scale, seed=seed, dtype=self.state_dtype,
-                                                 device=dev, lora_hook=self._peft is None,
+                                                 device=dev, lora_hook=peft is None,
                                                  before_forward=self._runner.wait)
+        # The LoRA the session reads (and in LoRA mode moves): PEFT's modules or its own, one interface
+        # (rosa_ext.integrations.lora_params); None in hidden mode without a PEFT LoRA.
+        self.lora: Optional[LoraParams] = None
+        if peft is not None:
+            self.lora = PeftLora(*peft, moved=mode == "lora")
+        elif mode == "lora":
+            self.lora = OwnLora(self.adapter)
         model._rosa_session = self
 
     # -- warm-up (attach(..., warmup=True)) ---------------------------------------------------------
@@ -123,7 +126,7 @@ class RosaSession:
     #: (rosa_ext.kernels._tiles.N_BUCKETS) up to the dual solve's limit.
     WARMUP_TOKENS = (16, 64, 256, 1024, 4096)
 
-    def _warmup(self) -> None:
+    def _warmup(self, peft) -> None:
         """Compile and autotune the Triton kernels of this session's updates (CUDA only).
 
         Runs :func:`rosa_update` -- exactly the calls :meth:`update` makes, with the session's options
@@ -142,11 +145,7 @@ class RosaSession:
         solvers = ("cg", "dual") if self.options["solver"] == "auto" else (self.options["solver"],)
         bias = None if self.bias is None else self.bias.detach()
         if self.mode == "hidden":
-            lora = {}
-            if self._peft is not None:
-                A, Bm, scale = self._peft
-                lora = dict(lora_a=A.weight.detach().reshape(-1), lora_b=Bm.weight.detach().reshape(-1),
-                            lora_scale=scale)
+            lora = {} if peft is None else PeftLora(*peft, moved=False).terms()
         else:
             a = torch.randn(d, generator=g, device=W.device, dtype=self.state_dtype) / d ** 0.5
             lora = dict(lora_a=a, lora_b=torch.zeros(Vs, device=W.device, dtype=self.state_dtype),
@@ -247,38 +246,28 @@ class RosaSession:
 
     def _step(self, hidden: torch.Tensor, targets: torch.Tensor, reward: float, *,
               includes_shift: bool) -> RosaStep:
-        """Run the op, then apply its step: every cast is made before the first write."""
+        """Run the op, then apply its step: every cast is made before the first write. The whole read,
+        solve and write happens under the session's lock (updates from several threads serialise)."""
         W = self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
         hidden = hidden.to(W.dtype)
-        if self.mode == "hidden":
-            if not includes_shift and self.adapter.active:
-                hidden = hidden + self.delta.to(hidden.dtype)
-            lora_a = lora_b = None
-            scale = self.lora_scale
-            if self._peft is not None:  # PEFT LoRA term is part of the logits
-                A, Bm, scale = self._peft
-                lora_a, lora_b = A.weight.detach().reshape(-1), Bm.weight.detach().reshape(-1)
-            step = rosa_update(hidden, W, targets, reward, mode="hidden", lora_a=lora_a, lora_b=lora_b,
-                               lora_scale=scale, bias=bias, **self.options)
-            writes = [(self.delta, step.delta.to(self.delta.dtype))]
-        elif self._peft is not None:
-            A, Bm, scale = self._peft
-            step = rosa_update(hidden, W, targets, reward, mode="lora", lora_a=A.weight.detach(),
-                               lora_b=Bm.weight.detach(), lora_scale=scale, bias=bias, **self.options)
-            writes = [(A.weight, step.delta_a.reshape(A.weight.shape).to(A.weight.dtype)),
-                      (Bm.weight, step.delta_b.reshape(Bm.weight.shape).to(Bm.weight.dtype))]
-        else:
-            step = rosa_update(hidden, W, targets, reward, mode="lora", lora_a=self.a, lora_b=self.b,
-                               lora_scale=self.lora_scale, bias=bias, **self.options)
-            writes = [(self.a, step.delta_a.to(self.a.dtype)), (self.b, step.delta_b.to(self.b.dtype))]
-        with torch.no_grad(), self._lock:
-            for target, d in writes:
-                target.add_(d)
-            self.adapter.changed()
-            self.adapter.active = True
-            self.num_updates += 1
-            self.last_step = step
+        with self._lock:
+            lora = {} if self.lora is None else self.lora.terms()
+            if self.mode == "hidden":
+                if not includes_shift and self.adapter.active:
+                    hidden = hidden + self.delta.to(hidden.dtype)
+                step = rosa_update(hidden, W, targets, reward, mode="hidden", bias=bias, **lora, **self.options)
+                writes = [(self.delta, step.delta.to(self.delta.dtype))]
+            else:
+                step = rosa_update(hidden, W, targets, reward, mode="lora", bias=bias, **lora, **self.options)
+                writes = self.lora.step_writes(step.delta_a, step.delta_b)
+            with torch.no_grad():
+                for target, d in writes:
+                    target.add_(d)
+                self.adapter.changed()
+                self.adapter.active = True
+                self.num_updates += 1
+                self.last_step = step
         return step
 
     def _run(self, job, non_blocking: bool, borrowed=()) -> Union[RosaStep, UpdateHandle]:
@@ -305,10 +294,8 @@ class RosaSession:
             error = e
         with torch.no_grad(), self._lock:
             self.adapter.reset()
-            if self._peft_init is not None:
-                A, Bm, _ = self._peft
-                A.weight.copy_(self._peft_init[0])
-                Bm.weight.copy_(self._peft_init[1])
+            if self.lora is not None and self.lora.moved:
+                self.lora.restore()
             self.num_updates = 0
             self.last_step = None
         if error is not None:
@@ -322,15 +309,11 @@ class RosaSession:
                               "lora_scale": self.lora_scale}
         if isinstance(self.adapter, ShardedHeadAdapter):  # this rank's rows of b (MATH.md section 7)
             sd["vocab_start"], sd["vocab_rows"] = self.adapter.vocab_start, self.adapter.rows_held
-        if self.mode == "hidden":
-            sd["delta"] = self.delta.detach().cpu().clone()
-        elif self._peft is not None:
-            A, Bm, _ = self._peft
-            sd["a"] = A.weight.detach().reshape(-1).cpu().clone()
-            sd["b"] = Bm.weight.detach().reshape(-1).cpu().clone()
-        else:
-            sd["a"] = self.a.cpu().clone()
-            sd["b"] = self.b.cpu().clone()
+        with self._lock:
+            if self.mode == "hidden":
+                sd["delta"] = self.delta.detach().cpu().clone()
+            else:
+                sd.update(self.lora.state())
         return sd
 
     def _shard(self) -> Optional[Tuple[int, int]]:
@@ -352,16 +335,12 @@ class RosaSession:
         self._check_attached()
         num, tensors = checks.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
                                        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                                       lora_scale=self.lora_scale, check_zero=self._peft is None or
+                                       lora_scale=self.lora_scale, check_zero=not isinstance(self.lora, PeftLora) or
                                        self.mode == "hidden", shard=self._shard())
         if self.mode == "hidden":
             pairs = [("delta", self.delta, tensors["delta"])]
-        elif self._peft is not None:
-            A, Bm, _ = self._peft
-            pairs = [("a", A.weight, tensors["a"].reshape(A.weight.shape)),
-                     ("b", Bm.weight, tensors["b"].reshape(Bm.weight.shape))]
         else:
-            pairs = [("a", self.a, tensors["a"]), ("b", self.b, tensors["b"])]
+            pairs = self.lora.load_pairs(tensors["a"], tensors["b"])
         staged = []
         for key, dst, src in pairs:
             src = src.detach().to(device=dst.device, dtype=dst.dtype)
@@ -385,11 +364,8 @@ class RosaSession:
         try:
             self.wait()
         finally:
-            if self._peft_init is not None:
-                A, Bm, _ = self._peft
-                with torch.no_grad():
-                    A.weight.copy_(self._peft_init[0])
-                    Bm.weight.copy_(self._peft_init[1])
+            if self.lora is not None and self.lora.moved:
+                self.lora.restore()
             self.adapter.remove()
             self._runner.shutdown()
             try:
@@ -405,7 +381,7 @@ class RosaSession:
 
     def __repr__(self) -> str:
         return (f"RosaSession(mode={self.mode!r}, d={self.hidden_size}, V={self.vocab_size}, "
-                f"updates={self.num_updates}, peft={self._peft is not None})")
+                f"updates={self.num_updates}, peft={isinstance(self.lora, PeftLora)})")
 
 
 def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
