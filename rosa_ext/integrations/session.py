@@ -34,6 +34,7 @@ from .background import BackgroundRunner, UpdateHandle
 from .head_hooks import HeadAdapter
 from .lora_params import LoraParams, OwnLora, PeftLora
 from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
+from .recording import GenerationRecorder, Recorded, eos_ids
 from .sharded_head import ShardedHeadAdapter, head_adapter
 
 _STATE_VERSION = 1
@@ -119,6 +120,10 @@ class RosaSession:
             self.lora = PeftLora(*peft, moved=mode == "lora")
         elif mode == "lora":
             self.lora = OwnLora(self.adapter)
+        # Records lm_head's inputs during session.generate (integrations/recording): an update from
+        # the generation then needs no second forward of the body.
+        self._recorder = GenerationRecorder(self.head)
+        self._recorded: Optional[Recorded] = None
         model._rosa_session = self
 
     # -- warm-up (attach(..., warmup=True)) ---------------------------------------------------------
@@ -178,11 +183,85 @@ class RosaSession:
         """Wait for a background update, if any; returns its step (raises its error)."""
         return self._runner.wait()
 
+    # -- generation that records what the update needs ------------------------------------------
+    def generate(self, input_ids: torch.Tensor, **generate_kwargs: Any) -> torch.Tensor:
+        """``model.generate`` on the adapted model, recording the lm_head inputs that predict every
+        generated token (no extra forward: the rows the generation computes anyway, B x d per token).
+
+        Args:
+            input_ids: (B, L) or (L,) prompt ids (left-padded with an ``attention_mask`` for B > 1).
+            generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``,
+                ``attention_mask``, ...).
+        Returns:
+            What ``model.generate`` returns: (B, L + n) ids.
+        Then :meth:`update_from_generation` (or :meth:`update` without ``input_ids``) takes the step on
+        the recorded rows of one sequence: the same step as ``update(ids, reward, response_start=L)``
+        on that text, without the second forward of the body.
+        """
+        self._check_attached()
+        ids = checks.tensor("generate", "input_ids", input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            checks.fail("generate", "input_ids", f"`input_ids` must be (B, L) or (L,) prompt ids, got {tuple(ids.shape)}")
+        self.wait()
+        self._recorded = None
+        self._recorder.start()
+        try:
+            with torch.no_grad():
+                out = self.model.generate(ids, **generate_kwargs)
+        finally:
+            self._recorder.stop()
+        new = out[:, ids.shape[1]:]
+        self._recorded = self._recorder.take(new, eos_ids(self.model, generate_kwargs))
+        return out
+
+    def update_from_generation(self, reward: float, *, row: Optional[int] = None,
+                               non_blocking: bool = False) -> Union[RosaStep, UpdateHandle]:
+        """One ROSA step on the answer of the last :meth:`generate` (its recorded lm_head inputs; no
+        body forward). The recording is used once: a second call needs a new generation.
+
+        Args:
+            reward: the feedback r on that answer.
+            row: which sequence of a batched generation the feedback is for (required when it
+                generated more than one).
+            non_blocking: as in :meth:`update`.
+        """
+        who = "update_from_generation"
+        self._check_attached()
+        rec = self._recorded
+        if rec is None:
+            checks.fail(who, "input_ids", "no generation recorded since the last update: call session.generate(...) "
+                                          "first, or pass the exchange as update(input_ids, reward, response_start=...)",
+                        checks.RosaStateError)
+        r = checks.one_reward(who, reward, self.state_dtype)
+        if row is None:
+            if rec.num_sequences != 1:
+                checks.fail(who, "row", f"the last generation has {rec.num_sequences} sequences: pass `row` (0 .. "
+                                        f"{rec.num_sequences - 1}) to say which answer the feedback is for")
+            row = 0
+        row = checks.integer(who, "row", row, minimum=0)
+        if row >= rec.num_sequences:
+            checks.fail(who, "row", f"`row` must be in [0, {rec.num_sequences - 1}], got {row}")
+        checks.boolean(who, "non_blocking", non_blocking)
+        hidden, targets = rec.hidden[row], rec.tokens[row]
+        if targets.numel() == 0:
+            checks.fail(who, "row", f"sequence {row} of the last generation has no generated token")
+        self.wait()
+        self._recorded = None
+        return self._run(lambda: self._step(hidden, targets, r, includes_shift=False), non_blocking,
+                         borrowed=(hidden, targets))
+
     # -- the update -----------------------------------------------------------------------
-    def update(self, input_ids: torch.Tensor, reward: float, *, response_start: Optional[int] = None,
-               response_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-               non_blocking: bool = False) -> Union[RosaStep, UpdateHandle]:
+    def update(self, input_ids: Optional[torch.Tensor] = None, reward: Optional[float] = None, *,
+               response_start: Optional[int] = None, response_mask: Optional[torch.Tensor] = None,
+               attention_mask: Optional[torch.Tensor] = None, non_blocking: bool = False,
+               row: Optional[int] = None) -> Union[RosaStep, UpdateHandle]:
         """One ROSA step on one exchange (prompt + response).
+
+        Without ``input_ids`` (``session.update(reward=r)``) the step is taken on the answer of the last
+        :meth:`generate` from its recorded lm_head inputs, with no body forward
+        (:meth:`update_from_generation`; ``row`` picks the sequence of a batched generation).
 
         Args:
             input_ids: (T,) or (1, T) int64, the prompt followed by the response.
@@ -200,6 +279,16 @@ class RosaSession:
         :func:`rosa_ext.rosa_update` on the response positions. Bad input raises
         before anything changes (README, "Errors").
         """
+        if input_ids is None:
+            if reward is None:
+                checks.fail("update", "reward", "`reward` is required: update(input_ids, reward, ...) or, after "
+                                                "session.generate(...), update(reward=r)", checks.RosaTypeError)
+            if response_start is not None or response_mask is not None or attention_mask is not None:
+                checks.fail("update", "input_ids", "`response_start` / `response_mask` / `attention_mask` describe "
+                                                   "`input_ids`; without them the step uses the last generation")
+            return self.update_from_generation(reward, row=row, non_blocking=non_blocking)
+        if row is not None:
+            checks.fail("update", "row", "`row` picks a sequence of the last generation; it needs input_ids=None")
         self._check_attached()  # every argument, before the step runs or is queued:
         ids = checks.token_ids("update", input_ids, self.vocab_size, self.weight.device)
         pos = checks.response_positions("update", ids, response_start, response_mask)
@@ -367,6 +456,8 @@ class RosaSession:
             if self.lora is not None and self.lora.moved:
                 self.lora.restore()
             self.adapter.remove()
+            self._recorder.remove()
+            self._recorded = None
             self._runner.shutdown()
             try:
                 del self.model._rosa_session
