@@ -113,19 +113,6 @@ class HeadAdapter:
             h.remove()
         self._handles = []
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, slot: int,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The adapted logits of conversation ``slot`` at base lm_head inputs ``hidden`` (N, d), fp32+ (N, V)."""
-        h = hidden.to(self.a.dtype)
-        if self.mode == "hidden":
-            h = h + self.delta[slot]
-        z = h @ weight.to(h.dtype).T
-        if bias is not None:
-            z = z + bias.to(z.dtype)
-        if self.mode == "lora":
-            z = z + self.scale * (h @ self.a[slot]).unsqueeze(-1) * self.b[slot]
-        return z
-
     # -- hooks ---------------------------------------------------------------------------
     def _of(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (name, dtype)
