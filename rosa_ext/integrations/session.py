@@ -193,7 +193,7 @@ class RosaSession:
             generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``,
                 ``attention_mask``, ...).
         Returns:
-            What ``model.generate`` returns: (B, L + n) ids.
+            What ``model.generate`` returns: (B, L + n) ids (or its output object).
         Then :meth:`update_from_generation` (or :meth:`update` without ``input_ids``) takes the step on
         the recorded rows of one sequence: the same step as ``update(ids, reward, response_start=L)``
         on that text, without the second forward of the body.
@@ -212,7 +212,7 @@ class RosaSession:
                 out = self.model.generate(ids, **generate_kwargs)
         finally:
             self._recorder.stop()
-        new = out[:, ids.shape[1]:]
+        new = getattr(out, "sequences", out)[:, ids.shape[1]:]  # also with return_dict_in_generate=True
         self._recorded = self._recorder.take(new, eos_ids(self.model, generate_kwargs))
         return out
 
