@@ -44,7 +44,7 @@ def _model(name: str):
         m = tiny_causal_lm("qwen2", vocab_size=2048, hidden_size=128, num_layers=2)
         m.generation_config.eos_token_id = None  # a fixed answer length
         return m
-    m = load_smollm2()
+    m, _ = load_smollm2(fresh=True)
     m.generation_config.eos_token_id = None
     return m
 

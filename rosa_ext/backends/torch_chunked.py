@@ -78,24 +78,29 @@ class TorchChunkedBackend(WholeVocabulary):
         s = torch.zeros(N, dtype=cd, device=h.device)
         s_off = torch.zeros(N, dtype=cd, device=h.device)
         sb = torch.zeros(N, dtype=cd, device=h.device) if prob.lora_b is not None else None
+        sb_off = torch.zeros(N, dtype=cd, device=h.device) if prob.lora_b is not None else None
         single = prob.num_conversations == 1
         for v0, v1, _, z in self._logit_tiles(prob, h, ah):
             m_new = torch.maximum(m, z.max(dim=1).values)
             rescale = torch.exp(m - m_new)
             e = torch.exp(z - m_new.unsqueeze(1))
             s = s * rescale + e.sum(1)
-            s_off = s_off * rescale + self._drop_targets(prob, v0, v1, e).sum(1)
+            e_off = self._drop_targets(prob, v0, v1, e)
+            s_off = s_off * rescale + e_off.sum(1)
             if sb is not None:
                 bc = prob.lora_b[:, v0:v1]
                 bc = bc[0].unsqueeze(0) if single else bc[prob.seg]
                 sb = sb * rescale + (e * bc).sum(1)
+                sb_off = sb_off * rescale + (e_off * bc).sum(1)
             m = m_new
         lse = m + torch.log(s)
         by = None if prob.lora_b is None else prob.lora_b[prob.seg, prob.targets]
         z_y = target_logit(h, prob.weight, prob.targets, bias=prob.bias, ah=ah, by=by, lora_scale=prob.lora_scale)
-        logp = target_logp(z_y, lse, s_off / s)
+        q = s_off / s
+        logp = target_logp(z_y, lse, q)
         pib = None if sb is None else sb / s
-        return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib)
+        pib_off = None if sb_off is None else sb_off / s
+        return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib, q=q, pib_off=pib_off)
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(pi_t . u[seg_t]) for u (B, V) -> (N,)."""
@@ -125,6 +130,28 @@ class TorchChunkedBackend(WholeVocabulary):
         hit = (prob.targets >= v0) & (prob.targets < v1)
         rows = torch.nonzero(hit).flatten()
         return pi.index_put((rows, prob.targets[rows] - v0), torch.zeros((), dtype=pi.dtype, device=pi.device))
+
+    def off_target_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        """(r_t . u[seg_t]) for u (B, V) -> (N,), r_t = pi_t without its target entry."""
+        out = torch.zeros(prob.num_tokens, dtype=prob.compute_dtype, device=prob.device)
+        single = prob.num_conversations == 1
+        for v0, v1, _, pi in self._probs(prob, st):
+            uc = u[:, v0:v1]
+            out += (self._drop_targets(prob, v0, v1, pi) * (uc[0].unsqueeze(0) if single else uc[prob.seg])).sum(1)
+        return out
+
+    def off_target_column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """sum_{t in b} w_t r_t for w (N,) -> (B, V), r_t = pi_t without its target entry."""
+        B = prob.num_conversations
+        out = torch.empty(B, prob.vocab_size, dtype=prob.compute_dtype, device=prob.device)
+        for v0, v1, _, pi in self._probs(prob, st):
+            r = self._drop_targets(prob, v0, v1, pi)
+            if B == 1:
+                out[0, v0:v1] = w @ r
+            else:
+                out[:, v0:v1] = torch.zeros(B, v1 - v0, dtype=r.dtype, device=r.device).index_add_(
+                    0, prob.seg, r * w.unsqueeze(1))
+        return out
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """q_t . q_t = sum_{v != y_t} pi_t[v]^2 for every token -> (N,) (relative damping, LoRA mode)."""

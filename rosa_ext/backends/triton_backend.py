@@ -62,6 +62,15 @@ class TritonBackend(TritonPrimitives):
         """q W for q (B, V) -> (B, d) compute dtype."""
         return self._torch.weight_rmatvec(prob, q) if self._fp64(prob) else super().weight_rmatvec(prob, q)
 
+    def off_target_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        """r_t . u[seg_t] -> (N,) (chunked torch: only reached with stats that split the target off, i.e.
+        float64 problems, whose stats run on torch)."""
+        return self._torch.off_target_row_reduce(prob, st, u)
+
+    def off_target_column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """sum_{t in b} w_t r_t -> (B, V) (chunked torch, as :meth:`off_target_row_reduce`)."""
+        return self._torch.off_target_column_reduce(prob, st, w)
+
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """q_t . q_t per token -> (N,) (chunked torch; once per update: relative damping with CG)."""
         return self._torch.pi_sqnorm(prob, st)

@@ -31,6 +31,9 @@ class HeadPrimitives(Protocol):
     - ``column_reduce(prob, st, w)``: w (N,) -> (B, V), ``sum_{t in b} w_t pi_t``
     - ``weight_matvec(prob, v)``: v (B, d) -> (B, V), ``W v``
     - ``weight_rmatvec(prob, q)``: q (B, V) -> (B, d), ``q W``
+    - ``off_target_row_reduce(prob, st, u)`` / ``off_target_column_reduce(prob, st, w)``: the two
+      reductions with r_t (pi_t without its target entry) in place of pi_t; needed only by a backend
+      whose stats set ``q`` (the torch backend)
     - ``pi_sqnorm(prob, st)`` -> (N,), ``q_t . q_t``, q_t = pi_t without its target entry (the
       LoRA Gram diagonal: the relative ridge of matrix-free CG)
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
@@ -51,6 +54,10 @@ class HeadPrimitives(Protocol):
     def weight_rmatvec(self, prob: HeadProblem, q: torch.Tensor) -> torch.Tensor: ...
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor: ...
+
+    def off_target_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor: ...
+
+    def off_target_column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor: ...
 
     # -- indexing by the observed tokens (WholeVocabulary gives the one-process versions) --
     def gather_targets(self, prob: HeadProblem, table: torch.Tensor) -> torch.Tensor: ...
@@ -75,7 +82,10 @@ class WholeVocabulary:
     - ``scatter_minus_column(prob, st, w)``: w (N,) -> (B, V), ``scatter(y, w) - C(w)`` (the VJP
       through the softmax); here the column reduction then ``scatter_targets``, a backend may fuse
       the two (the Triton backend does: one pass, no ``index_put_``)
-    - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - pi_t) . u[seg_t]``
+    - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - pi_t) . u[seg_t]``; when the
+      stats split the target off (``st.q``), as ``q_t u[y_t] - r_t . u`` with the backend's
+      ``off_target_row_reduce`` (and ``scatter_minus_column`` as ``scatter(y, w q) - sum_t w_t r_t``
+      with ``off_target_column_reduce``), so neither cancels for a confident token
     - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
 
     A vocabulary-parallel backend overrides all of them: only the rank that owns ``y_t`` reads or
@@ -94,9 +104,13 @@ class WholeVocabulary:
         return q
 
     def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        if st.q is not None:  # scatter(y, w (1 - p)) - sum_t w_t r_t: exact when p_t -> 1
+            return self.scatter_targets(prob, -self.off_target_column_reduce(prob, st, w), w * st.q)
         return self.scatter_targets(prob, -self.column_reduce(prob, st, w), w)
 
     def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        if st.q is not None:  # (1 - p_t) u[y_t] - r_t . u: nothing cancels when p_t -> 1 (MATH.md section 4)
+            return st.q * u[prob.seg, prob.targets] - self.off_target_row_reduce(prob, st, u)
         return u[prob.seg, prob.targets] - self.row_reduce(prob, st, u)
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +198,15 @@ def scatter_minus_column(lin: Linearization, prims: HeadPrimitives, w: torch.Ten
     return prims.scatter_minus_column(lin.prob, lin.stats, w)
 
 
+def b_gap(lin: Linearization) -> torch.Tensor:
+    """b[y_t] - pi_t . b -> (N,): ``(1 - p_t) b[y_t] - r_t . b`` when the stats split the target off
+    (no cancellation when p_t -> 1), else the expanded difference."""
+    st = lin.stats
+    if st.q is not None and st.pib_off is not None:
+        return st.q * lin.by - st.pib_off
+    return lin.by - st.pib
+
+
 def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Tensor:
     """u = J v for v (B, P) -> (N,)."""
     prob, st = lin.prob, lin.stats
@@ -193,7 +216,7 @@ def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Ten
         va, vb = v[:, :d], v[:, d:]
         hv = (lin.h * va[seg]).sum(1)
         centered = prims.centered_row_reduce(prob, st, vb)  # vb[seg, y] - pi . vb
-        return s * lin.p * ((lin.by - st.pib) * hv + st.ah * centered)
+        return s * lin.p * (b_gap(lin) * hv + st.ah * centered)
     u_vocab = prims.weight_matvec(prob, v)  # (B, V) = W v
     if prob.lora_b is not None:  # W_eff = W + s b a^T
         u_vocab = u_vocab + s * (v * prob.lora_a).sum(1, keepdim=True) * prob.lora_b
@@ -205,7 +228,7 @@ def vjp(lin: Linearization, prims: HeadPrimitives, u: torch.Tensor) -> torch.Ten
     prob, st = lin.prob, lin.stats
     s = prob.lora_scale
     if prob.mode == "lora":
-        coef_a = s * u * lin.p * (lin.by - st.pib)
+        coef_a = s * u * lin.p * b_gap(lin)
         grad_a = segment_sum(prob, coef_a.unsqueeze(1) * lin.h)
         grad_b = scatter_minus_column(lin, prims, s * u * lin.p * st.ah)
         return torch.cat([grad_a, grad_b], dim=1)

@@ -160,12 +160,17 @@ class HeadStats:
     - ``logp`` (N,) log p_t = z_t[y_t] - lse_t
     - ``ah``   (N,) a_seg . h_t, or None without LoRA
     - ``pib``  (N,) pi_t . b_seg, or None without LoRA
+    - ``q``    (N,) 1 - p_t summed over the off-target entries, or None when the pass did not split
+      the target off (then the algebra uses the expanded forms, which cancel when p_t -> 1)
+    - ``pib_off`` (N,) r_t . b_seg (pi_t . b without the target entry), with ``q`` and a LoRA term
     """
 
     lse: torch.Tensor
     logp: torch.Tensor
     ah: Optional[torch.Tensor]
     pib: Optional[torch.Tensor]
+    q: Optional[torch.Tensor] = None
+    pib_off: Optional[torch.Tensor] = None
 
 
 @dataclass

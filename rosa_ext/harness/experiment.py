@@ -13,12 +13,12 @@ does for one conversation. Methods (:data:`METHODS`):
 - ``rosa-lora-dense``: ROSA-LoRA with the dense reward
   (:func:`rosa_ext.harness.rewards.dense_reward` mapped to [-1, 1] by :func:`~rosa_ext.harness.rewards.centered`).
 
-To fit a CPU budget the conversations run *batched*: one ``generate`` call
-serves up to ``--batch-size`` conversations, each with its own adapter
-(:func:`batched_adapter`: per-row LoRA factors or shift on ``lm_head``), and the
-ROSA updates of the failed conversations run as one batched
-:func:`rosa_ext.rosa_update` call (ragged responses masked). This is the same
-math as one :class:`~rosa_ext.integrations.session.RosaSession` per conversation. The first
+To fit a CPU budget the conversations run *batched*, each conversation a user of one
+:class:`~rosa_ext.integrations.users.RosaUsers` (the library's many-users-on-one-model serving
+object): one ``generate`` call serves up to ``--batch-size`` conversations, each row with its own
+state (per-row LoRA factors or shift on ``lm_head``), recording the lm_head inputs of the answers,
+and the ROSA updates of the failed conversations are one batched update of that object (ragged
+responses masked). The harness does not re-implement the update: it calls the library. The first
 turn (no adapter yet) is generated once per seed and shared by all methods,
 so the methods are compared on identical first answers.
 
@@ -42,9 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..common import defaults
-from ..core.op import rosa_update
-from ..integrations.head_hooks import HeadAdapter
 from ..integrations.model_lookup import find_body, find_lm_head, head_weight
+from ..integrations.users import RosaUsers
 from .conversation import DEFAULT_FEEDBACK, TurnRecord, answer_token_span, start_messages
 from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff, seed_spread
 from .pg_baseline import DEFAULT_LR, pg_step
@@ -88,16 +87,11 @@ REWARDS: Dict[str, Callable[[Any, str], float]] = {"rule": rule_reward, "dense":
 
 
 # --------------------------------------------------------------------------- adapters
-def batched_adapter(model: torch.nn.Module, mode: str, n: int, *, seed: int = 0) -> HeadAdapter:
-    """Per-conversation adapters on ``lm_head`` for batched generation: n slots, fp32.
-
-    mode "lora": ``logits[r] += s (a[c] . h) b[c]`` for batch row r serving conversation c
-    (a drawn like PEFT's lora_A init, b = 0); mode "hidden": ``h[r] += delta[c]``. The hooks
-    act only while ``adapter.active`` (set around each generation with ``adapter.rows``).
-    """
-    W = head_weight(find_lm_head(model, "experiment"), "experiment")
-    return HeadAdapter(find_lm_head(model, "experiment"), mode, n, vocab_size=W.shape[0], hidden_size=W.shape[1],
-                       lora_scale=defaults.LORA_SCALE, seed=seed, dtype=torch.float32, device=W.device)
+def experiment_users(model: torch.nn.Module, spec: "MethodSpec", *, seed: int = 0) -> RosaUsers:
+    """The conversations of one method as users of one :class:`RosaUsers` (fp32 states; a conversation's
+    ``a`` drawn like PEFT's lora_A init from ``seed``, ``b`` = 0, ``delta`` = 0)."""
+    return RosaUsers(model, spec.mode, beta=spec.beta, damping=spec.damping, damping_mode=spec.damping_mode,
+                     lora_scale=defaults.LORA_SCALE, seed=seed)
 
 
 # --------------------------------------------------------------------------- generation
@@ -109,13 +103,14 @@ def chat_tensor(tokenizer, messages: List[Dict[str, str]]) -> torch.Tensor:
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new_tokens: int, do_sample: bool,
-                   temperature: float, seed: int, capture: bool = False, shift: Optional[torch.Tensor] = None):
+                   temperature: float, seed: int, capture: bool = False, users: Optional[RosaUsers] = None,
+                   user_ids: Optional[Sequence[int]] = None):
     """Left-padded batched ``generate``; returns each response's ids (cut after the first EOS, kept).
 
-    With ``capture=True`` it returns ``(responses, hiddens)``: ``hiddens[i]`` (n_i, d) are the
-    lm_head inputs that predicted response i's tokens, recorded by a hook during generation
-    (so the update needs no second forward of the body). ``shift`` (B, d), if given, is
-    subtracted (hidden-mode adapters add it before lm_head), leaving the base body's outputs.
+    With ``capture=True`` it returns ``(responses, hiddens)``: ``hiddens[i]`` (n_i, d) are the base
+    lm_head inputs that predicted response i's tokens, recorded during generation (so the update
+    needs no second forward of the body). With ``users`` the rows are ``user_ids``' conversations of
+    that :class:`RosaUsers`, each generated with its own state and recorded there too.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -132,12 +127,16 @@ def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new
         torch.manual_seed(seed)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
+    if users is not None:
+        out = users.generate(ids.to(dev), list(user_ids), attention_mask=att.to(dev), **kw)[:, L:].cpu()
+        res = [users.answer(u)[1].cpu() for u in user_ids]
+        return (res, [users.answer(u)[0].float() for u in user_ids]) if capture else res
     steps: List[torch.Tensor] = []
     handle = None
     if capture:
-        def grab(module, args, out):
+        def grab(module, args):
             steps.append(args[0][:, -1, :].detach().float().clone())
-        handle = find_lm_head(model, "experiment").register_forward_hook(grab)
+        handle = find_lm_head(model, "experiment").register_forward_pre_hook(grab, prepend=True)
     try:
         with torch.no_grad():
             out = model.generate(ids.to(dev), attention_mask=att.to(dev), **kw)[:, L:].cpu()
@@ -151,8 +150,6 @@ def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new
     if not capture:
         return res
     allh = torch.stack(steps, 1)  # (B, steps, d)
-    if shift is not None:
-        allh = allh - shift.float().unsqueeze(1)
     return res, [allh[i, : r.numel()] for i, r in enumerate(res)]
 
 
@@ -168,12 +165,13 @@ class Conversation:
     last_hidden: Optional[torch.Tensor] = None  # (n, d) base lm_head inputs that predicted last_resp
 
 
-def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter: HeadAdapter, c: int,
+def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, state: Dict[str, Any],
                       update: torch.Tensor, reward: float, beta: float) -> Dict[str, Any]:
     """How far one update moved its target tokens, from their lm_head inputs (no body forward).
 
-    ``h`` (n, d) base lm_head inputs of the targeted tokens ``y`` (n,), ``adapter`` slot ``c`` in its
-    state *before* ``update`` (the flat (P,) step) is applied. Per token: log p before and after
+    ``h`` (n, d) base lm_head inputs of the targeted tokens ``y`` (n,), ``state`` the conversation's
+    state *before* ``update`` (the flat (P,) step) is applied, in the session's ``state_dict()``
+    format (``mode``, ``lora_scale``, ``a``/``b`` or ``delta``). Per token: log p before and after
     (exact, dense logits), the change the linearised step predicted, d/de log p(theta + e delta) at
     e = 0 = (J delta)_t / p_t (one ``torch.func.jvp``), and ROSA's target change log p*_t - log p_t
     at ``beta`` (for a PG step: the ROSA target of the same reward, as a yardstick).
@@ -191,11 +189,11 @@ def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter
     d = h.shape[1]
 
     def logp(theta: torch.Tensor) -> torch.Tensor:
-        if adapter.mode == "hidden":
-            z = (h + adapter.delta[c].float() + theta) @ W.T
+        if state["mode"] == "hidden":
+            z = (h + state["delta"].float().to(h.device) + theta) @ W.T
         else:
-            a, b = adapter.a[c].float() + theta[:d], adapter.b[c].float() + theta[d:]
-            z = h @ W.T + adapter.scale * (h @ a).unsqueeze(-1) * b
+            a, b = state["a"].float().to(h.device) + theta[:d], state["b"].float().to(h.device) + theta[d:]
+            z = h @ W.T + state["lora_scale"] * (h @ a).unsqueeze(-1) * b
         return torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
     upd = update.float()
@@ -211,76 +209,63 @@ def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, adapter
 
 
 def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], spec: MethodSpec,
-                  adapter: HeadAdapter, measure_logp: bool) -> None:
-    """One batched update for the failed conversations ``idx``."""
+                  users: RosaUsers, measure_logp: bool) -> None:
+    """One batched update for the failed conversations ``idx`` (users of ``users``)."""
     t0 = time.perf_counter()
-    dev = next(model.parameters()).device
     W = head_weight(find_lm_head(model, "experiment"), "experiment").detach()
-    seqs = [torch.cat([convs[i].last_prompt, convs[i].last_resp]) for i in idx]
-    starts = [convs[i].last_prompt.numel() for i in idx]
-    L = max(s.numel() for s in seqs)
-    ids = torch.zeros((len(idx), L), dtype=torch.long)
-    att = torch.zeros((len(idx), L), dtype=torch.long)
-    for j, s in enumerate(seqs):  # right padding: causal attention leaves real positions exact
-        ids[j, : s.numel()] = s
-        att[j, : s.numel()] = 1
-    T = max(s.numel() - st for s, st in zip(seqs, starts))
-    d = W.shape[1]
-    H = torch.zeros((len(idx), T, d), dtype=torch.float32, device=dev)
-    Y = torch.zeros((len(idx), T), dtype=torch.long, device=dev)
-    M = torch.zeros((len(idx), T), dtype=torch.bool, device=dev)
-    if all(convs[i].last_hidden is not None for i in idx):
-        for j, i in enumerate(idx):  # recorded during generation: no second body forward
-            H[j, : convs[i].last_hidden.shape[0]] = convs[i].last_hidden.to(dev)
-    else:
-        body = find_body(model, "experiment")
+    dev = W.device
+    missing = [i for i in idx if users.answer(i) is None]
+    if missing:  # no recorded answer (e.g. a conversation built by hand): one body forward for them
+        seqs = [torch.cat([convs[i].last_prompt, convs[i].last_resp]) for i in missing]
+        L = max(q.numel() for q in seqs)
+        ids = torch.zeros((len(missing), L), dtype=torch.long)
+        att = torch.zeros((len(missing), L), dtype=torch.long)
+        for j, q in enumerate(seqs):  # right padding: causal attention leaves real positions exact
+            ids[j, : q.numel()], att[j, : q.numel()] = q, 1
         with torch.no_grad():
-            hid = body(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
-        for j, (s, st) in enumerate(zip(seqs, starts)):
-            H[j, : s.numel() - st] = hid[j, st - 1: s.numel() - 1].float()
-    for j, (s, st) in enumerate(zip(seqs, starts)):
-        n = s.numel() - st
-        Y[j, :n] = s[st:].to(dev)
-        span = answer_token_span(tokenizer, s[st:].tolist()) if spec.update_on == "answer_span" else None
-        if span is None:
-            M[j, :n] = True
-        else:
-            M[j, span[0]: span[1]] = True
-    rows = torch.tensor(idx, device=dev)
-    rewards = torch.tensor([convs[i].turns[-1].reward for i in idx], dtype=torch.float32)
+            hid = find_body(model, "experiment")(input_ids=ids.to(dev), attention_mask=att.to(dev),
+                                                  use_cache=False).last_hidden_state
+        for j, i in enumerate(missing):
+            st = convs[i].last_prompt.numel()
+            users.record(i, hid[j, st - 1: seqs[j].numel() - 1], convs[i].last_resp.to(dev))
+    answers = {i: users.answer(i) for i in idx}
+    masks = {}
+    for i in idx:
+        y = answers[i][1]
+        span = answer_token_span(tokenizer, y.tolist()) if spec.update_on == "answer_span" else None
+        m = torch.ones(y.numel(), dtype=torch.bool, device=dev)
+        if span is not None:
+            m.zero_()
+            m[span[0]: span[1]] = True
+        masks[i] = m
+    rewards = {i: convs[i].turns[-1].reward for i in idx}
+    before = {i: users.state(i) for i in idx} if measure_logp else {}
     if spec.kind == "rosa":
-        if spec.mode == "hidden":
-            step = rosa_update(H.float() + adapter.delta[rows].unsqueeze(1), W.float(), Y, rewards, mode="hidden",
-                               beta=spec.beta, damping=spec.damping, damping_mode=spec.damping_mode, mask=M)
-        else:
-            step = rosa_update(H.float(), W.float(), Y, rewards, mode="lora", lora_a=adapter.a[rows],
-                               lora_b=adapter.b[rows], lora_scale=adapter.scale, beta=spec.beta,
-                               damping=spec.damping, damping_mode=spec.damping_mode, mask=M)
-        upd = step.update.float()
+        steps = users.update(rewards, masks=masks, max_norm=spec.max_norm)
+        upd = {i: steps[i].update.float() for i in idx}
     elif spec.kind == "pg":
-        ups = []
-        for j, c in enumerate(idx):
-            st = pg_step(H[j, M[j]].float(), W.float(), Y[j, M[j]], float(rewards[j]), mode=spec.mode, lr=spec.lr,
-                         beta=spec.beta, lora_a=adapter.a[c], lora_b=adapter.b[c],
-                         delta=adapter.delta[c], lora_scale=adapter.scale)
-            ups.append(st.update.float())
-        upd = torch.stack(ups)
+        upd = {}
+        for i in idx:
+            h, y = answers[i]
+            st = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in users.state(i).items()}
+            step = pg_step(h[masks[i]].float(), W.float(), y[masks[i]], float(rewards[i]), mode=spec.mode,
+                           lr=spec.lr, beta=spec.beta, lora_a=st.get("a"), lora_b=st.get("b"), delta=st.get("delta"),
+                           lora_scale=users.lora_scale)
+            u = step.update.float()
+            if spec.max_norm is not None:
+                u = u * (spec.max_norm / torch.linalg.vector_norm(u).clamp_min(spec.max_norm))
+            users.apply(i, u)
+            upd[i] = u
     else:
         raise ValueError(f"_update_chunk: method kind {spec.kind!r} does not update")
-    norms = torch.linalg.vector_norm(upd, dim=1)
-    if spec.max_norm is not None:
-        upd = upd * (spec.max_norm / norms.clamp_min(spec.max_norm)).unsqueeze(1)
     per = 1000.0 * (time.perf_counter() - t0) / len(idx)  # the update alone, not the measurement
-    if measure_logp:  # before apply(): the adapter still holds the pre-update state
-        att = [target_attainment(H[j, M[j]], W, Y[j, M[j]], adapter, c, upd[j], float(rewards[j]), spec.beta)
-               for j, c in enumerate(idx)]
-    adapter.apply(rows, upd)
-    adapter.active = False  # the hooks act only during generation, with adapter.rows set
-    for j, c in enumerate(idx):
-        rec = convs[c].turns[-1]
-        rec.update_ms, rec.update_norm = per, float(torch.linalg.vector_norm(upd[j]))
-        if measure_logp:
-            for k, v in att[j].items():
+    for i in idx:
+        rec = convs[i].turns[-1]
+        rec.update_ms, rec.update_norm = per, float(torch.linalg.vector_norm(upd[i]))
+        if measure_logp:  # from the state before the update
+            h, y = answers[i]
+            att = target_attainment(h[masks[i]], W, y[masks[i]], before[i], upd[i], float(rewards[i]), spec.beta)
+            for k, v in att.items():
                 setattr(rec, k, v)
 
 
@@ -316,7 +301,7 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
     """
     reward_fn = REWARDS[spec.reward]
     convs = [Conversation(p, start_messages(p)) for p in problems]
-    adapter = batched_adapter(model, spec.mode, len(problems), seed=seed) if spec.kind != "none" else None
+    users = experiment_users(model, spec, seed=seed) if spec.kind != "none" else None
     try:
         for k in range(turns):
             active = [i for i, c in enumerate(convs) if c.solved_at is None and len(c.turns) == k]
@@ -327,23 +312,19 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
                 prompts = [chat_tensor(tokenizer, convs[i].messages) for i in chunk]
                 if k == 0 and first is not None:
                     resps, hids = [first[i][0] for i in chunk], [first[i][1] for i in chunk]
+                    if users is not None:  # the shared first answers become the users' recorded answers
+                        for i, r, hd in zip(chunk, resps, hids):
+                            if r.numel():
+                                users.record(i, hd, r)
+                elif users is not None:
+                    resps, hids = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                 do_sample=do_sample, temperature=temperature,
+                                                 seed=seed * 100003 + k * 1009 + c0, capture=True, users=users,
+                                                 user_ids=chunk)
                 else:
-                    shift = None
-                    if adapter is not None and k > 0:
-                        adapter.rows = torch.tensor(chunk, device=adapter.a.device)
-                        adapter.active = True
-                        shift = adapter.delta[adapter.rows] if adapter.mode == "hidden" else None
-                    try:
-                        resps, hids = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                     do_sample=do_sample, temperature=temperature,
-                                                     seed=seed * 100003 + k * 1009 + c0, capture=adapter is not None,
-                                                     shift=shift) if adapter is not None else (
-                            generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                           do_sample=do_sample, temperature=temperature,
-                                           seed=seed * 100003 + k * 1009 + c0), [None] * len(chunk))
-                    finally:
-                        if adapter is not None:
-                            adapter.rows, adapter.active = None, False
+                    resps = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                           do_sample=do_sample, temperature=temperature, seed=seed * 100003 + k * 1009 + c0)
+                    hids = [None] * len(chunk)
                 for i, p, r, hd in zip(chunk, prompts, resps, hids):
                     c = convs[i]
                     text = tokenizer.decode(r, skip_special_tokens=True)
@@ -357,16 +338,16 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
                 if progress is not None and not (k == 0 and first is not None):
                     progress(len(chunk))
             failed = [i for i in active if convs[i].solved_at is None]
-            if adapter is not None and k < turns - 1:
+            if users is not None and k < turns - 1:
                 todo = [i for i in failed if convs[i].last_resp.numel() > 0]
                 for c0 in range(0, len(todo), batch_size):
-                    _update_chunk(model, tokenizer, convs, todo[c0: c0 + batch_size], spec, adapter, measure_logp)
+                    _update_chunk(model, tokenizer, convs, todo[c0: c0 + batch_size], spec, users, measure_logp)
             for i in failed:
                 if k < turns - 1:
                     convs[i].messages.append({"role": "user", "content": feedback_prompt})
     finally:
-        if adapter is not None:
-            adapter.remove()
+        if users is not None:
+            users.detach()
     return convs
 
 

@@ -202,15 +202,32 @@ class RosaUsers:
                     self._recorded[u] = (rec.hidden[i], rec.tokens[i])
         return out
 
+    def record(self, user_id: Hashable, hidden: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Set the answer ``user_id`` will rate from lm_head inputs the caller already holds: ``hidden``
+        (n, d) the base body's outputs that predicted ``tokens`` (n,) (e.g. a generation shared by several
+        methods); a user without a state gets one."""
+        hidden, tokens = checks.hidden_rows("record", hidden, tokens, hidden_size=self.hidden_size,
+                                            vocab_size=self.vocab_size, device=self.weight.device,
+                                            head_dtype=self.weight.dtype)
+        with self._lock:
+            if user_id not in self._states:
+                self._states[user_id] = self._new_state()
+            self._recorded[user_id] = (hidden.detach().to(self.weight.dtype), tokens)
+
+    def answer(self, user_id: Hashable) -> Optional[tuple]:
+        """(hidden (n, d), tokens (n,)) of ``user_id``'s recorded answer, or None."""
+        return self._recorded.get(user_id)
+
     # -- the batched update ---------------------------------------------------------------------------
-    def update(self, feedback: Mapping[Hashable, float], *, masks: Optional[Mapping[Hashable, torch.Tensor]] = None
-               ) -> Dict[Hashable, RosaStep]:
+    def update(self, feedback: Mapping[Hashable, float], *, masks: Optional[Mapping[Hashable, torch.Tensor]] = None,
+               max_norm: Optional[float] = None) -> Dict[Hashable, RosaStep]:
         """One batched ROSA step for every user in ``feedback`` (user id -> reward), on the answer of its
         last :meth:`generate` (each recording used once).
 
         Args:
             feedback: {user id: reward}; every user must have a recorded answer.
             masks: optional {user id: (n,) bool}, the answer tokens that enter the target (default all).
+            max_norm: clip each user's step to this norm before it is applied (None: no clip).
         Returns:
             {user id: :class:`~rosa_ext.RosaStep`} (views of one batched result; ``solver``/``backend`` shared).
         A failed update (bad input, a numerical error) raises before any state is written.
@@ -243,6 +260,8 @@ class RosaUsers:
                         checks.fail(who, "masks", f"masks[{u!r}] must be a ({n},) bool tensor like its answer, got "
                                                   f"{m.dtype} {tuple(m.shape)}")
                     M[j, :n] = m
+            if max_norm is not None:
+                max_norm = checks.real(who, "max_norm", max_norm, minimum=0.0, strict=True)
             states = [self._states[u] for u in ids]
             W = self.weight.detach()
             bias = None if self.bias is None else self.bias.detach()
@@ -251,13 +270,15 @@ class RosaUsers:
                 delta = torch.stack([s["delta"] for s in states])
                 step = rosa_update(H + delta.to(H.dtype).unsqueeze(1), W, Y, r, mode="hidden", mask=M, bias=bias,
                                    **self.options)
-                new = [{"delta": s["delta"] + step.update[j].to(self.dtype)} for j, s in enumerate(states)]
+                upd = _clip(step.update, max_norm)
+                new = [{"delta": s["delta"] + upd[j].to(self.dtype)} for j, s in enumerate(states)]
             else:
                 a = torch.stack([s["a"] for s in states])
                 b = torch.stack([s["b"] for s in states])
                 step = rosa_update(H, W, Y, r, mode="lora", lora_a=a, lora_b=b, lora_scale=self.lora_scale, mask=M,
                                    bias=bias, **self.options)
-                new = [{"a": s["a"] + step.delta_a[j].to(self.dtype), "b": s["b"] + step.delta_b[j].to(self.dtype)}
+                upd = _clip(step.update, max_norm)
+                new = [{"a": s["a"] + upd[j, :d].to(self.dtype), "b": s["b"] + upd[j, d:].to(self.dtype)}
                        for j, s in enumerate(states)]
             out: Dict[Hashable, RosaStep] = {}
             ends = torch.cumsum(M.sum(1), 0).tolist()  # the packed tokens of user j: ends[j-1] .. ends[j]
@@ -265,7 +286,7 @@ class RosaUsers:
                 self._states[u].update(new[j])
                 self._states[u]["num_updates"] += 1
                 del self._recorded[u]
-                out[u] = RosaStep(update=step.update[j], mode=step.mode, solver=step.solver, backend=step.backend,
+                out[u] = RosaStep(update=upd[j], mode=step.mode, solver=step.solver, backend=step.backend,
                                   hidden_size=d, logp=step.logp[(ends[j - 1] if j else 0):ends[j]],
                                   target=step.target[(ends[j - 1] if j else 0):ends[j]])
             return out
@@ -290,3 +311,11 @@ class RosaUsers:
         """Remove the hooks: the model is as before."""
         self._adapter.remove()
         self._recorder.remove()
+
+
+def _clip(update: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
+    """(B, P) steps with every row's norm at most ``max_norm`` (unchanged when None)."""
+    if max_norm is None:
+        return update
+    norms = torch.linalg.vector_norm(update, dim=1, keepdim=True)
+    return update * (max_norm / norms.clamp_min(max_norm))

@@ -61,7 +61,7 @@ def linearize(prob: HeadProblem, backend, ps: Optional[object] = None, check: bo
     else:
         by = None if prob.lora_b is None else backend.gather_targets(prob, prob.lora_b)
         pib = None if ps.pib_off is None else ps.pib_off + torch.exp(ps.logp) * by  # pi . b = r . b + p b[y]
-        st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=pib)
+        st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=pib, q=ps.q, pib_off=ps.pib_off)
     if check:
         checks.finite_logits(WHO, prob.compute_dtype, st.lse, st.logp)
     lin = J.Linearization.at(prob, st, backend, by=by)

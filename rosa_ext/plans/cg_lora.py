@@ -10,7 +10,7 @@ Read in order:
 2. The Jacobian algebra: :func:`rosa_ext.common.jacobian.jvp` / :func:`~rosa_ext.common.jacobian.vjp`
    over those primitives (written once there; the public :mod:`rosa_ext.kernels` runs the same), with
    J rescaled by a power of two through the per-token factor p_t (every row of J is proportional to
-   it, so the scaling is exact and the step invariant).
+   it, so the scaling is exact and the step invariant) chosen from the rows' sizes (:func:`row_scale`).
 3. :func:`solve` -- CG with every conversation's ridge inside the matvec; the relative ridge needs the
    Gram diagonal (:func:`gram_diag`: one more pass for q_t . q_t).
 4. Vocabulary-parallel: nothing here -- the backend is then the
@@ -42,11 +42,23 @@ def gram_diag(lin: J.Linearization, backend) -> torch.Tensor:
     """
     prob, st = lin.prob, lin.stats
     s = prob.lora_scale
-    ca = s * lin.p * (lin.by - st.pib)
+    ca = s * lin.p * J.b_gap(lin)
     diag = ca * ca * (lin.h * lin.h).sum(1)
     c = s * lin.p * st.ah
-    omp = -torch.expm1(st.logp)
+    omp = -torch.expm1(st.logp) if st.q is None else st.q
     return diag + c * c * (omp * omp + backend.pi_sqnorm(prob, st))
+
+
+def row_scale(lin: J.Linearization) -> torch.Tensor:
+    """The size of each row of J within a factor sqrt(2) -> (N,), without squaring anything:
+    max(|J_t,a| entries, ||J_t,b||) with ||J_t,b|| = |s p_t (a . h_t)| ||e_{y_t} - pi_t|| and
+    ||e_{y_t} - pi_t|| in [q_t, sqrt(2) q_t] (q_t = 1 - p_t). What :func:`solve` rescales J by."""
+    st = lin.stats
+    s = lin.prob.lora_scale
+    q = -torch.expm1(st.logp) if st.q is None else st.q
+    b_part = (s * lin.p * st.ah).abs() * q
+    a_part = (s * lin.p * J.b_gap(lin)).abs() * lin.h.abs().amax(1)
+    return torch.maximum(a_part, b_part)
 
 
 def solve(prob: HeadProblem, backend, cg: Optional[CGImpl] = None) -> Solved:
@@ -56,7 +68,7 @@ def solve(prob: HeadProblem, backend, cg: Optional[CGImpl] = None) -> Solved:
         raise ValueError("cg_lora.solve: LoRA mode only; hidden-mode CG is rosa_ext.plans.cg_hidden")
     cg = default_cg if cg is None else cg
     lin, g = linearize(prob, backend, check=True)
-    unit = dense.power_of_two_scale(lin.p.max())  # p_t ~ 1e-19 would underflow J J^T in float32
+    unit = dense.power_of_two_scale(row_scale(lin).max())  # J J^T of tiny rows would underflow float32
     lin = replace(lin, p=lin.p * unit)
     g_scaled = g * unit
     B, P = prob.num_conversations, prob.num_params

@@ -2,8 +2,9 @@
 
     p*_t = p_t e^{r/beta} / (1 - p_t + p_t e^{r/beta}),   g_t = p*_t - p_t
 
-Written as ``p* = sigmoid(logit(p_t) + r/beta)`` and evaluated from log p_t,
-so it stays accurate when p_t is within rounding of 0 or 1.
+Written as ``p* = sigmoid(logit(p_t) + r/beta)`` and evaluated from log p_t: for p_t >= 1/2 as
+``g = (1 - p_t) - (1 - p*_t)`` with both complements computed directly (``-expm1(log p)`` and a
+sigmoid of the negated log-odds), so it stays accurate when p_t is within rounding of 0 or 1.
 """
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ def residual_target(logp: torch.Tensor, reward_per_token: torch.Tensor, beta: fl
         (N,) same dtype as ``logp``. Exactly zero where the reward is zero.
     """
     logp = torch.clamp(logp, max=0.0)
-    p = torch.exp(logp)
-    # log(1 - p) computed without cancellation near p = 1.
-    log1mp = torch.where(logp > -0.6931471805599453, torch.log(-torch.expm1(logp)), torch.log1p(-p))
-    p_star = torch.sigmoid(logp - log1mp + reward_per_token / beta)
-    g = p_star - p
+    # 1 - p and log(1 - p) without cancellation near p = 1 (then from -expm1(log p), exact in fp32)
+    one_minus_p = -torch.expm1(logp)
+    log1mp = torch.where(logp > -0.6931471805599453, torch.log(one_minus_p), torch.log1p(-torch.exp(logp)))
+    shifted = logp - log1mp + reward_per_token / beta  # logit(p*)
+    # p >= 1/2: g = (1 - p) - (1 - p*), both complements exact; below: g = p* - p. Computing p* - p
+    # directly near p = 1 subtracts two numbers that round to 1 in fp32 (a zero step for 1 - p < 3e-8).
+    g = torch.where(logp > -0.6931471805599453, one_minus_p - torch.sigmoid(-shifted),
+                    torch.sigmoid(shifted) - torch.exp(logp))
     return torch.where(reward_per_token == 0, torch.zeros_like(g), g)
