@@ -5,7 +5,10 @@ The checks themselves live with every other public entry point's in
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
+
+import torch
 
 from ..common import validation as V
 from ..common.validation import RosaNumericalError
@@ -17,6 +20,29 @@ def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None,
     tol (>= 0), x0 (like b) -> (damping, max_iter, tol). With ``values`` also that b and x0 are
     finite (one sync)."""
     return V.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
+
+
+def rhs_scale(bb: float) -> float:
+    """The power of two nearest below ``sqrt(bb)`` = ||b|| (1.0 when b = 0 or bb is not finite).
+
+    Every CG loop solves ``(A + damping I) x' = b / s`` and returns ``x = s x'``: the same solve,
+    but the vectors it stores (r, p and above all ``A p``, about ||A|| ||b||) no longer carry b's
+    scale, which in fp32 underflows (||b|| ~ 1e-15 makes ``A p`` ~ 1e-45 for a Jacobian of size
+    1e-15) or overflows (||b|| ~ 1e18) although the system itself is well posed. A power of two
+    scales exactly: away from under/overflow the iterates are bitwise those of the unscaled loop.
+    """
+    if not (bb > 0.0) or not math.isfinite(bb):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(math.sqrt(bb))[1] - 1)
+
+
+def rhs_scale_tensor(b: torch.Tensor) -> torch.Tensor:
+    """:func:`rhs_scale` on the device, from ``max |b|`` (no host sync): a 0-dim tensor of b's dtype,
+    a power of two (1 when b = 0 or holds NaN/Inf)."""
+    m = b.detach().abs().amax() if b.numel() else torch.zeros((), dtype=b.dtype, device=b.device)
+    ok = torch.isfinite(m) & (m > 0)
+    _, e = torch.frexp(torch.where(ok, m, torch.ones_like(m)))
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), e - 1), torch.ones_like(m))
 
 
 def checked_matvec(matvec: Any, v: Any):

@@ -20,7 +20,7 @@ import torch
 
 from ..common import validation as V
 from ..common.types import CGResult, Matvec
-from .args import check_cg_args
+from .args import check_cg_args, rhs_scale
 
 #: SUM across the processes of a float64 tensor (returns the result; may work in place).
 AllSum = Callable[[torch.Tensor], torch.Tensor]
@@ -59,8 +59,13 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
     bb = float(dots((b, b))[0])
     if not torch.isfinite(torch.tensor(bb)):
         raise FloatingPointError("cg: the right-hand side b contains NaN/Inf")
+    # solve for x / scale against b / scale (scale a power of two ~ ||b||, the same on every process):
+    # the vectors then carry the scale of A alone, not A times ||b|| (which over/underflows fp32)
+    scale = rhs_scale(bb)
+    b = b / scale
+    bb = bb / (scale * scale)
     if x0 is not None:
-        x = x0.detach().clone()
+        x = x0.detach() / scale
         r = b - (matvec(x) + damping * x)
     else:
         x = torch.zeros_like(b)
@@ -86,4 +91,4 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
         p = r + (rr_new / rr) * p
         rr = rr_new
         it += 1
-    return CGResult(x, it, float((rr / bb) ** 0.5))
+    return CGResult(x * scale, it, float((rr / bb) ** 0.5))
