@@ -1,10 +1,10 @@
-"""Replay every case of issue 22 (hardening, round 2) as an outside user would, one line per case.
+"""Replay every case of the second hardening round as an outside user would, one line per case.
 
     python benchmarks/hardening/replay_round2.py [--only SUBSTRING] [--list]
 
 Each case prints ``PASS`` / ``FAIL`` / ``SKIP``, its section and owner, the expected behaviour and
 what happened; the script exits 1 if any case fails (SKIP: needs hardware this machine lacks).
-The expectation is the issue's: an accepted step is within 1e-3 of float64 (or the call raises a
+The expectation is the round's: an accepted step is within 1e-3 of float64 (or the call raises a
 clear error naming an argument of the call); errors across ranks have the same class and
 ``argument`` on every rank, after one collective, never a hang; one session serialises updates
 from several threads.
@@ -126,7 +126,7 @@ def _lora_b0_float64(h, W, y, a, r=-1.0, s=8.0, beta=1.0, damping=0.3) -> torch.
 
 
 @case("dual_lora_correlated_hidden", "silent", "lead",
-      "default LoRA dual on correlated hidden states (d=896, V=8000, T=1024, fp32; the issue used V=32000, where this "
+      "default LoRA dual on correlated hidden states (d=896, V=8000, T=1024, fp32; the report used V=32000, where this "
       "construction does not reach the fallback): within 1e-3 of float64, or a clear error")
 def _() -> Result:
     h, W, y, a = _correlated_lora()
@@ -166,7 +166,7 @@ def _confident(q: float, mode: str, dtype, V: int = 4) -> Dict[str, Any]:
     return kw
 
 
-@case("confident_issue_repro_dual", "silent", "helper",
+@case("confident_reported_case_dual", "silent", "helper",
       "rosa_update([[25, 0]], eye(2), [0], -1, mode='hidden') (fp32): the float64 step of norm 0.93, not zeros")
 def _() -> Result:
     args = dict(hidden=torch.tensor([[25.0, 0.0]]), weight=torch.eye(2), targets=torch.tensor([0]), reward=-1.0,
@@ -175,7 +175,7 @@ def _() -> Result:
     return _within(lambda: rosa_update(**args, solver="dual").update, ref, allow_error=False)
 
 
-@case("confident_issue_repro_cg", "silent", "helper", "the same with solver='cg': the float64 step of norm 0.93")
+@case("confident_reported_case_cg", "silent", "helper", "the same with solver='cg': the float64 step of norm 0.93")
 def _() -> Result:
     args = dict(hidden=torch.tensor([[25.0, 0.0]]), weight=torch.eye(2), targets=torch.tensor([0]), reward=-1.0,
                 mode="hidden")
@@ -385,7 +385,7 @@ def _cg_inputs(seed=0, T=6, d=8, V=20):
             torch.randn(d, generator=g) / 3)
 
 
-for _name, _desc in [("hidden_x1e15_weight_x1e-15", "hidden x 1e15 and weight x 1e-15 (the issue's hidden / 1e-15)"),
+for _name, _desc in [("hidden_x1e15_weight_x1e-15", "hidden x 1e15 and weight x 1e-15 (the report's hidden / 1e-15)"),
                      ("hidden_x1e-15_weight_x1e15", "hidden x 1e-15 and weight x 1e15"),
                      ("lora_scale_1e18", "LoRA, lora_scale=1e18, b = 0"), ("lora_scale_1e-12", "LoRA, lora_scale=1e-12")]:
     def _make_cg(name=_name):

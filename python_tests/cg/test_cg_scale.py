@@ -1,4 +1,4 @@
-"""CG on systems of extreme but representable scale (issue 22).
+"""CG on systems of extreme but representable scale.
 
 Every CG loop (Python, compiled C++ via rosa_ext._C, sharded) used to store A p, of size
 ||A|| ||b||: for a Jacobian of size eps (A ~ eps^2, b = J^T g ~ eps) that is eps^3, which leaves the
@@ -89,7 +89,7 @@ def _inputs(seed=0, T=6, d=8, V=20):
 
 @pytest.mark.parametrize("case", ["hidden_tiny", "hidden_huge", "lora_1e18", "lora_1e-12"])
 def test_rosa_update_cg_on_tiny_or_huge_jacobians_matches_float64(case):
-    """The issue's cases: hidden / 1e-15 with weight x 1e-15 (and the reverse), lora_scale 1e18 and
+    """The reported cases: hidden / 1e-15 with weight x 1e-15 (and the reverse), lora_scale 1e18 and
     1e-12 with b = 0: CG (defaults: 16 iterations, tol 1e-5) agrees with float64 like the dual does."""
     h, W, y, a = _inputs()
     # power-of-two factors near 1e15: the logits h W^T are then bitwise those of (h, W)
@@ -117,7 +117,7 @@ def test_jacobian_overflow_message_names_lora_scale():
     assert ei.value.argument == "weight"
 
 
-@pytest.mark.xfail(strict=True, reason="needs core/solvers.py (lead, issue 21/22) to pass mode / lora_scale / dtype to "
+@pytest.mark.xfail(strict=True, reason="needs core/solvers.py (being restructured) to pass mode / lora_scale / dtype to "
                                        "V.nonfinite_jacobian and to map CG's non-finite matvec to it")
 @pytest.mark.parametrize("solver", ["dual", "cg"])
 def test_rosa_update_lora_scale_overflow_names_lora_scale(solver):

@@ -1,4 +1,4 @@
-"""Confident tokens (issue 22): the target g = p* - p and the step stay accurate in fp32 when p is
+"""Confident tokens: the target g = p* - p and the step stay accurate in fp32 when p is
 within rounding of 1 (or of 0).
 
 Before, ``g`` was ``sigmoid(logit p + r/beta) - exp(log p)``: both terms round to 1 in fp32 once
@@ -94,7 +94,7 @@ def test_confident_step_fp32_matches_float64(e, V, r, mode_solver):
 
 
 @pytest.mark.xfail(strict=True, reason="LoRA-mode CG's stats pass computes log p = z_y - lse, which loses 1 - p "
-                                       "near p = 1 (core/solvers.py + backends stats: owned by the lead, issue 22)")
+                                       "near p = 1 (core/solvers.py + backends stats: the solver, being restructured)")
 @pytest.mark.parametrize("e", [-11.0, -7.0])
 def test_confident_lora_cg_step(e):
     q = 10.0 ** e
@@ -103,8 +103,8 @@ def test_confident_lora_cg_step(e):
     assert float((got.double() - ref).norm() / ref.norm()) <= 1e-3
 
 
-def test_issue_repro_hidden_step_is_not_zero():
-    """The issue's case: p = 1 - 1.4e-11 in fp32; float64 gives a step of norm 0.93."""
+def test_reported_case_hidden_step_is_not_zero():
+    """The reported case: p = 1 - 1.4e-11 in fp32; float64 gives a step of norm 0.93."""
     args = (torch.tensor([[25.0, 0.0]]), torch.eye(2), torch.tensor([0]), -1.0)
     ref = rosa_update_reference(*(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args),
                                 mode="hidden").update

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel errors (issue 22): one bad argument, on every rank or on one rank only, raises
+"""Vocabulary-parallel errors: one bad argument, on every rank or on one rank only, raises
 the same error class with the same ``err.argument`` on every rank, after the one validation
 all-gather, and never hangs (the group is killed after ``TIMEOUT`` s, which fails the test).
 

@@ -1,5 +1,5 @@
 """``prob=`` calls of rosa_ext.kernels with the model arguments omitted, and targets edited in place
-after ``prepare`` (issue 22). Small problems, Triton interpreter on the CPU.
+after ``prepare`` (hardening round 2). Small problems, Triton interpreter on the CPU.
 
 Before: ``row_reduce(None, None, lse, u, prob=prob)`` and ``jvp(None, None, None, v, mode="hidden",
 prob=prob)`` rejected a correctly shaped vector as "must be (-1,)" (its width was read off the omitted
