@@ -68,10 +68,26 @@ def test_rhs_scale_helpers():
     for bb in (1e-80, 3.0, 4.0, 1e60):
         s = rhs_scale(bb)
         assert math.frexp(s)[0] == 0.5 and s <= math.sqrt(bb) < 2 * s
-    t = rhs_scale_tensor(torch.tensor([3e-30, -1e-29]))
-    assert float(t) <= 1e-29 < 2 * float(t) and math.frexp(float(t))[0] == 0.5
-    assert float(rhs_scale_tensor(torch.zeros(3))) == 1.0
+    # kept within the dtype's normal range (a python float divides an fp32 tensor as fp32)
+    assert rhs_scale(1e-90, torch.float32) == torch.finfo(torch.float32).tiny
+    assert rhs_scale(1e90, torch.float32) == 2.0 ** 127
+    for dt, vals in ((torch.float32, (1e-45, 1e-40, 3.0, 4.0, 3e38)), (torch.float64, (1e-310, 3.0, 1.7e308))):
+        for v in vals:
+            b = torch.tensor([v, -v / 3], dtype=dt)
+            t, m = rhs_scale_tensor(b), float(b[0])
+            assert t.dtype == dt and math.frexp(float(t))[0] == 0.5 and float(t) <= m < 2 * float(t)
+    assert float(rhs_scale_tensor(torch.zeros(3))) == 1.0 and float(rhs_scale_tensor(torch.zeros(0))) == 1.0
     assert float(rhs_scale_tensor(torch.tensor([1.0, float("nan")]))) == 1.0
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_rhs_near_the_float32_limits(solver):
+    """b with entries near fp32's largest and smallest magnitudes, A = I: x = b / (1 + damping)."""
+    for v in (3e38, 1e-37):
+        b = torch.tensor([v, -v / 2, v / 4])
+        res = SOLVERS[solver](lambda u: u, b, damping=1.0, max_iter=5, tol=1e-7)
+        assert torch.isfinite(res.x).all()
+        torch.testing.assert_close(res.x.double(), b.double() / 2, rtol=1e-6, atol=0)
 
 
 def _f64(kw):

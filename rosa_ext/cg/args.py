@@ -22,8 +22,9 @@ def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None,
     return V.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
 
 
-def rhs_scale(bb: float) -> float:
-    """The power of two nearest below ``sqrt(bb)`` = ||b|| (1.0 when b = 0 or bb is not finite).
+def rhs_scale(bb: float, dtype: torch.dtype = torch.float64) -> float:
+    """A power of two at most ``sqrt(bb)`` = ||b|| and above half of it, kept within the normal range
+    of ``dtype`` (1.0 when b = 0 or bb is not finite).
 
     Every CG loop solves ``(A + damping I) x' = b / s`` and returns ``x = s x'``: the same solve,
     but the vectors it stores (r, p and above all ``A p``, about ||A|| ||b||) no longer carry b's
@@ -33,16 +34,20 @@ def rhs_scale(bb: float) -> float:
     """
     if not (bb > 0.0) or not math.isfinite(bb):
         return 1.0
-    return math.ldexp(1.0, math.frexp(math.sqrt(bb))[1] - 1)
+    fi = torch.finfo(dtype)
+    e = math.frexp(math.sqrt(bb))[1] - 1
+    return math.ldexp(1.0, min(max(e, math.frexp(fi.tiny)[1] - 1), math.frexp(fi.max)[1] - 1))
 
 
 def rhs_scale_tensor(b: torch.Tensor) -> torch.Tensor:
-    """:func:`rhs_scale` on the device, from ``max |b|`` (no host sync): a 0-dim tensor of b's dtype,
-    a power of two (1 when b = 0 or holds NaN/Inf)."""
+    """:func:`rhs_scale` on the device, from ``m = max |b|`` (no host sync): a 0-dim tensor of b's
+    dtype, the power of two in (m / 2, m] (1 when b = 0 or holds NaN/Inf). Taken as ``m / (2 mantissa(m))``
+    (mantissa in [0.5, 1)), which is exact and never exceeds m, so it neither overflows nor underflows."""
     m = b.detach().abs().amax() if b.numel() else torch.zeros((), dtype=b.dtype, device=b.device)
     ok = torch.isfinite(m) & (m > 0)
-    _, e = torch.frexp(torch.where(ok, m, torch.ones_like(m)))
-    return torch.where(ok, torch.ldexp(torch.ones_like(m), e - 1), torch.ones_like(m))
+    m = torch.where(ok, m, torch.ones_like(m))
+    mant, _ = torch.frexp(m)
+    return m / (2.0 * mant)
 
 
 def checked_matvec(matvec: Any, v: Any):

@@ -34,7 +34,7 @@ from ..common import device_flag
 from ..common import validation as V
 from ..common.types import CGResult, Matvec
 from ..common.validation import RosaNumericalError
-from .args import breakdown, check_cg_args, non_finite, rhs_scale, rhs_scale_tensor
+from .args import breakdown, check_cg_args, non_finite, rhs_scale_tensor
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
 STATE_RR, STATE_BB, STATE_ACTIVE, STATE_ITERS, STATE_BAD = 0, 1, 4, 5, 6
@@ -97,9 +97,9 @@ def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
             x0: Optional[torch.Tensor]) -> CGResult:
-    # the C++ loop solves for x / scale against b / scale (a power of two ~ ||b||), so that its fp32
+    # the C++ loop solves for x / scale against b / scale (a power of two ~ max |b|), so that its fp32
     # vectors (A p above all) carry the scale of A alone, not of A times ||b|| (args.rhs_scale)
-    scale = rhs_scale(float(torch.dot(b.detach().double().reshape(-1), b.detach().double().reshape(-1))))
+    scale = rhs_scale_tensor(b)
     b = (b.detach() / scale).contiguous()
     x = torch.zeros_like(b) if x0 is None else (x0.detach() / scale).contiguous()
     r, p, ap = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..common.types import CGResult, Matvec
-from .args import breakdown, check_cg_args, checked_matvec, non_finite, rhs_scale
+from .args import breakdown, check_cg_args, checked_matvec, non_finite, rhs_scale_tensor
 
 
 def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -37,9 +37,9 @@ def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter
         bb = float(torch.dot(b.double(), b.double()))  # float64: no over/underflow of ||b||^2
         if bb == 0.0:
             return CGResult(torch.zeros_like(b), 0, 0.0)
-        # solve for x / scale against b / scale (a power of two ~ ||b||): the vectors below then have
+        # solve for x / scale against b / scale (a power of two ~ max |b|): the vectors below then have
         # the scale of A alone, not of A times ||b|| (which over/underflows fp32; args.rhs_scale)
-        scale = rhs_scale(bb)
+        scale = rhs_scale_tensor(b)
         b = b / scale
         x = torch.zeros_like(b) if x0 is None else x0.detach() / scale
         bnorm = torch.linalg.vector_norm(b)

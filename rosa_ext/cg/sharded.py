@@ -14,6 +14,7 @@ The reduction is passed in (``all_sum``), so this module needs no ``torch.distri
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -57,11 +58,11 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
 
     b = b.detach()
     bb = float(dots((b, b))[0])
-    if not torch.isfinite(torch.tensor(bb)):
+    if not math.isfinite(bb):  # a Python float (torch.tensor(bb) would round it to float32)
         raise FloatingPointError("cg: the right-hand side b contains NaN/Inf")
     # solve for x / scale against b / scale (scale a power of two ~ ||b||, the same on every process):
     # the vectors then carry the scale of A alone, not A times ||b|| (which over/underflows fp32)
-    scale = rhs_scale(bb)
+    scale = rhs_scale(bb, b.dtype)
     b = b / scale
     bb = bb / (scale * scale)
     if x0 is not None:
@@ -80,7 +81,7 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
         ap = matvec(p)
         pap_pp = dots((p, ap), (p, p))
         pap = float(pap_pp[0]) + damping * float(pap_pp[1])
-        if not torch.isfinite(torch.tensor(pap)):
+        if not math.isfinite(pap):
             raise FloatingPointError(f"cg: the operator returned NaN/Inf at iteration {it}")
         if pap <= 0.0:  # A + damping I not positive definite along p: stop
             break
