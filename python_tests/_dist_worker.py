@@ -7,7 +7,8 @@ Runs every case of ``suite`` in order and writes ``<out dir>/rank<r>.json`` afte
 it raised unexpectedly. Bad-input cases return the exception every rank raised. The process
 group has a 30 s timeout, so a collective that would hang fails instead.
 
-Suites, joined by "+": ``core`` (the op against the unsharded call, bad input), ``dtensor`` (a
+Suites, joined by "+": ``core`` (the op against the unsharded call, bad input), ``errors`` (one
+bad argument on every rank or on one: the same error class and ``argument`` everywhere), ``dtensor`` (a
 DTensor weight, a process group other than its mesh's), ``session`` (``rosa_ext.attach`` on a tiny
 transformers model whose lm_head is ColwiseParallel), ``gpu`` (the op on CUDA tensors: NCCL across
 GPUs, or gloo with every rank on one GPU).
@@ -149,8 +150,65 @@ def expect_error(fn: Callable[[], Any]) -> Dict[str, Any]:
     try:
         fn()
     except Exception as e:  # what every rank raised
-        return dict(raised=type(e).__name__, message=str(e))
-    return dict(raised=None, message="")
+        return dict(raised=type(e).__name__, message=str(e), argument=getattr(e, "argument", "<no attribute>"))
+    return dict(raised=None, message="", argument=None)
+
+
+#: suite ``errors``: (case, which ranks get the bad value: "all" or "last"). Each case changes one
+#: argument of a valid LoRA call; every rank must raise the same class with the same ``argument``.
+ERROR_CASES = [
+    ("start_str", "all"), ("start_bool", "all"), ("start_float", "all"), ("start_negative", "all"),
+    ("start_2**63", "all"), ("size_str", "all"), ("size_bool", "all"), ("size_zero", "all"), ("size_2**70", "all"),
+    ("size_wrong", "all"), ("start_missing", "all"), ("group_str", "all"), ("target_V", "all"),
+    ("weight_0rows", "all"), ("weight_1d", "all"), ("weight_list", "all"), ("hidden_nan", "all"),
+    ("dtensor_replicated", "all"), ("dtensor_size", "all"), ("dtensor_start", "all"), ("dtensor_lora_a", "all"),
+    ("start_2**63", "last"), ("size_2**70", "last"), ("start_str", "last"), ("hidden_nan", "last"),
+    ("weight_1d", "last"), ("size_wrong", "last"), ("mode", "last"), ("damping", "last"),
+]
+
+
+def error_case(ctx: Ctx, what: str, who: str) -> Dict[str, Any]:
+    """One bad argument (on every rank, or on the last rank only) of a valid call."""
+    x = make_inputs(ctx)
+    H, W, c, y, a, b, mask, r = (x[k] for k in ("hidden", "weight", "bias", "targets", "lora_a", "lora_b", "mask", "reward"))
+    V = W.shape[0]
+    s, e = ctx.rows(V)
+    args: Dict[str, Any] = dict(hidden=H, weight=W[s:e], targets=y, reward=r, bias=c[s:e], lora_b=b[:, s:e],
+                                vocab_start=s, vocab_size=V, mode="lora", solver="dual", mask=mask, lora_a=a)
+    if who == "all" or ctx.rank == ctx.world - 1:
+        if what.startswith("dtensor_"):
+            from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+            args.update(weight=distribute_tensor(W, ctx.mesh, [Shard(0)]), bias=None, lora_b=None, vocab_start=None,
+                        vocab_size=None)
+            if what == "dtensor_replicated":
+                args["weight"] = distribute_tensor(W, ctx.mesh, [Replicate()])
+            elif what == "dtensor_size":
+                args["vocab_size"] = V + 5
+            elif what == "dtensor_start":
+                args["vocab_start"] = s + 1
+            elif what == "dtensor_lora_a":
+                args["lora_a"] = distribute_tensor(a.t().contiguous(), ctx.mesh, [Shard(0)])
+        else:
+            change = {"start_str": dict(vocab_start=str(s)), "start_bool": dict(vocab_start=True),
+                      "start_float": dict(vocab_start=s + 0.5), "start_negative": dict(vocab_start=-1),
+                      "start_2**63": dict(vocab_start=2 ** 63), "size_str": dict(vocab_size="23"),
+                      "size_bool": dict(vocab_size=True), "size_zero": dict(vocab_size=0),
+                      "size_2**70": dict(vocab_size=2 ** 70), "size_wrong": dict(vocab_size=V + 1),
+                      "start_missing": dict(vocab_start=None), "group_str": dict(process_group="x"),
+                      "weight_0rows": dict(weight=W[:0]), "weight_1d": dict(weight=W[s]),
+                      "weight_list": dict(weight=W[s:e].tolist()), "mode": dict(mode="hidden"),
+                      "damping": dict(damping=0.5)}
+            if what == "target_V":
+                y = y.clone()
+                y[0, 0] = V
+                args["targets"] = y
+            elif what == "hidden_nan":
+                H = H.clone()
+                H[0, 0, 0] = float("nan")
+                args["hidden"] = H
+            else:
+                args.update(change[what])
+    return expect_error(lambda: rosa_update(**args))
 
 
 def bad(ctx: Ctx, what: str) -> Dict[str, Any]:
@@ -312,6 +370,11 @@ def suite(name: str, ctx: Ctx) -> Dict[str, Callable[[], Dict[str, Any]]]:
         cases["bad/dtensor_group"] = lambda: bad(ctx, "dtensor_group")
     if "core" in parts or "dtensor" in parts:
         cases["after_bad"] = lambda: after_bad(ctx)
+    if "errors" in parts:
+        for what, who in ERROR_CASES:
+            if who == "all" or ctx.world > 1:
+                cases[f"error/{what}/{who}"] = lambda w=what, k=who: error_case(ctx, w, k)
+        cases["after_errors"] = lambda: after_bad(ctx)
     if "session" in parts:
         cases["session/lora"] = lambda: session(ctx, "lora")
         cases["session/hidden"] = lambda: session(ctx, "hidden")

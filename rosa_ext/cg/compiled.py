@@ -34,7 +34,7 @@ from ..common import device_flag
 from ..common import validation as V
 from ..common.types import CGResult, Matvec
 from ..common.validation import RosaNumericalError
-from .args import breakdown, check_cg_args, non_finite
+from .args import breakdown, check_cg_args, non_finite, rhs_scale_tensor
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
 STATE_RR, STATE_BB, STATE_ACTIVE, STATE_ITERS, STATE_BAD = 0, 1, 4, 5, 6
@@ -97,8 +97,11 @@ def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
             x0: Optional[torch.Tensor]) -> CGResult:
-    b = b.detach().contiguous()
-    x = torch.zeros_like(b) if x0 is None else x0.detach().clone().contiguous()
+    # the C++ loop solves for x / scale against b / scale (a power of two ~ max |b|), so that its fp32
+    # vectors (A p above all) carry the scale of A alone, not of A times ||b|| (args.rhs_scale)
+    scale = rhs_scale_tensor(b)
+    b = (b.detach() / scale).contiguous()
+    x = torch.zeros_like(b) if x0 is None else (x0.detach() / scale).contiguous()
     r, p, ap = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
 
     def apply() -> None:  # called by C++ with the GIL held: ap <- A p
@@ -115,7 +118,7 @@ def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol:
         raise non_finite("in the initial residual b - A x0" if iters == 0 else f"at iteration {iters}")
     if broke:
         raise breakdown(int(iters), float(torch.dot(p.double(), ap.double()) + damping * torch.dot(p.double(), p.double())))
-    return CGResult(x, int(iters), float(residual))
+    return CGResult(x.mul_(scale), int(iters), float(residual))
 
 
 def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter: int, tol: float,
@@ -148,10 +151,13 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
     stream = torch.cuda.current_stream(dev).cuda_stream
     n, dt, damping = b.numel(), _dtype_name(b), float(damping)
     with torch.no_grad(), torch.cuda.device(dev):
-        b = b.detach().contiguous()
+        # solve for x / scale against b / scale, scale a power of two ~ max |b| computed on the device
+        # (no sync): the vectors then carry the scale of A alone, not A times ||b|| (args.rhs_scale)
+        scale = rhs_scale_tensor(b)
+        b = (b.detach() / scale).contiguous()
         x = out if out is not None else torch.empty_like(b)
         if x0 is not None:
-            x.copy_(x0)
+            x.copy_(x0 / scale)
         r, p, ap = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
         if state is None:
             state = torch.empty(n_state, dtype=torch.float64, device=b.device)
@@ -172,7 +178,7 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
                 # the caching allocator is ordered after it on this stream.
                 _C.cg_cuda_step(xp, rp, pp, av.data_ptr(), sp, n, dt, damping, dev, stream)
         # b = 0: the solution is 0 whatever x0 was (device-side select, no sync)
-        x.copy_(torch.where(state[STATE_BB] > 0, x, torch.zeros_like(x)))
+        x.copy_(torch.where(state[STATE_BB] > 0, x * scale, torch.zeros_like(x)))
     return x, state
 
 

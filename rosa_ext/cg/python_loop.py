@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..common.types import CGResult, Matvec
-from .args import breakdown, check_cg_args, checked_matvec, non_finite
+from .args import breakdown, check_cg_args, checked_matvec, non_finite, rhs_scale_tensor
 
 
 def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -34,10 +34,15 @@ def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter
     damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, matvec=matvec)
     with torch.no_grad():
         b = b.detach()
-        x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
-        bnorm = torch.linalg.vector_norm(b)
-        if float(bnorm) == 0.0:
+        bb = float(torch.dot(b.double(), b.double()))  # float64: no over/underflow of ||b||^2
+        if bb == 0.0:
             return CGResult(torch.zeros_like(b), 0, 0.0)
+        # solve for x / scale against b / scale (a power of two ~ max |b|): the vectors below then have
+        # the scale of A alone, not of A times ||b|| (which over/underflows fp32; args.rhs_scale)
+        scale = rhs_scale_tensor(b)
+        b = b / scale
+        x = torch.zeros_like(b) if x0 is None else x0.detach() / scale
+        bnorm = torch.linalg.vector_norm(b)
         r = b - (checked_matvec(matvec, x) + damping * x) if x0 is not None else b.clone()
         p = r.clone()
         rr = torch.dot(r, r)
@@ -62,4 +67,4 @@ def cg_python(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter
             p = r + (rr_new / rr) * p
             rr = rr_new
             it += 1
-        return CGResult(x, it, float(torch.sqrt(rr) / bnorm))
+        return CGResult(x * scale, it, float(torch.sqrt(rr) / bnorm))

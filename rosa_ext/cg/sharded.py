@@ -14,13 +14,14 @@ The reduction is passed in (``all_sum``), so this module needs no ``torch.distri
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
 from ..common import validation as V
 from ..common.types import CGResult, Matvec
-from .args import check_cg_args
+from .args import check_cg_args, rhs_scale
 
 #: SUM across the processes of a float64 tensor (returns the result; may work in place).
 AllSum = Callable[[torch.Tensor], torch.Tensor]
@@ -57,10 +58,15 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
 
     b = b.detach()
     bb = float(dots((b, b))[0])
-    if not torch.isfinite(torch.tensor(bb)):
+    if not math.isfinite(bb):  # a Python float (torch.tensor(bb) would round it to float32)
         raise FloatingPointError("cg: the right-hand side b contains NaN/Inf")
+    # solve for x / scale against b / scale (scale a power of two ~ ||b||, the same on every process):
+    # the vectors then carry the scale of A alone, not A times ||b|| (which over/underflows fp32)
+    scale = rhs_scale(bb, b.dtype)
+    b = b / scale
+    bb = bb / (scale * scale)
     if x0 is not None:
-        x = x0.detach().clone()
+        x = x0.detach() / scale
         r = b - (matvec(x) + damping * x)
     else:
         x = torch.zeros_like(b)
@@ -75,7 +81,7 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
         ap = matvec(p)
         pap_pp = dots((p, ap), (p, p))
         pap = float(pap_pp[0]) + damping * float(pap_pp[1])
-        if not torch.isfinite(torch.tensor(pap)):
+        if not math.isfinite(pap):
             raise FloatingPointError(f"cg: the operator returned NaN/Inf at iteration {it}")
         if pap <= 0.0:  # A + damping I not positive definite along p: stop
             break
@@ -86,4 +92,4 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
         p = r + (rr_new / rr) * p
         rr = rr_new
         it += 1
-    return CGResult(x, it, float((rr / bb) ** 0.5))
+    return CGResult(x * scale, it, float((rr / bb) ** 0.5))

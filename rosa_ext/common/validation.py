@@ -279,10 +279,29 @@ def nonfinite_logits(who: str, dtype: torch.dtype) -> NoReturn:
                         f"NaN/Inf, or values so large that the logits overflow {dtype}", RosaNonFiniteError)
 
 
-def nonfinite_jacobian(who: str) -> NoReturn:
-    """Raise the error of a Jacobian with NaN/Inf although the logits were finite."""
-    fail(who, "weight", "the Jacobian is not finite although the logits are: `weight` (or `bias`, the LoRA "
-                        "term) holds NaN/Inf in entries the softmax weighs by 0 (e.g. -inf)", RosaNonFiniteError)
+def nonfinite_jacobian(who: str, *, mode: Optional[str] = None, lora_scale: Optional[float] = None,
+                       dtype: Optional[torch.dtype] = None) -> NoReturn:
+    """Raise the error of a Jacobian (or of J J^T, J^T J, J^T g built from it) with NaN/Inf although the
+    logits were finite.
+
+    Two causes: NaN/Inf in entries of ``weight`` / ``bias`` / the LoRA term that the softmax weighs
+    by 0 (e.g. a -inf row: 0 * inf), or finite inputs whose Jacobian is so large that its Gram matrix
+    overflows the compute dtype (|J_t|^2 ~ lora_scale^2 |a.h|^2 in LoRA mode, |W| ^2 in hidden mode;
+    the float64 step is finite). Given the problem's ``mode`` (and ``lora_scale``, ``dtype``) the
+    message names the likely one: in LoRA mode the Gram matrix is built from h, pi, a and b only
+    (MATH.md section 4), all finite once the logits are, so there it is the overflow, named
+    ``lora_scale``. Without them (older callers) both causes are listed, argument ``weight``.
+    """
+    dt = "the compute dtype" if dtype is None else str(dtype)
+    if mode == "lora":
+        s = "" if lora_scale is None else f"={lora_scale:g}"
+        fail(who, "lora_scale", f"the Jacobian's Gram matrix J J^T overflows {dt} although every input and the "
+                                f"logits are finite: the LoRA scale (`lora_scale`{s}) times a . h makes |J_t|^2 exceed "
+                                f"the range of {dt}; use a smaller `lora_scale` (or float64 inputs)", RosaNonFiniteError)
+    fail(who, "weight", f"the Jacobian is not finite although the logits are: `weight` (or `bias`, the LoRA term) "
+                        f"holds NaN/Inf in entries the softmax weighs by 0 (e.g. -inf), or the Jacobian is so large "
+                        f"(|W| or `lora_scale`) that J J^T overflows {dt}; with finite inputs use float64 inputs or "
+                        "rescale them", RosaNonFiniteError)
 
 
 def finite_result(who: str, update: torch.Tensor, damping: float) -> None:

@@ -87,8 +87,8 @@ def dtensor_vocab_layout(weight: Any) -> Tuple[Any, int, int]:
     others_ok = all(isinstance(p, Replicate) for i, p in enumerate(placements) if i not in shard_dims)
     if len(shard_dims) != 1 or not others_ok:
         raise checks.RosaInputError(f"rosa_update: `weight` is a DTensor with placements {placements}; a vocabulary-parallel "
-                         "head is sharded on dim 0 along one mesh dimension and replicated along the others "
-                         "(what ColwiseParallel makes of lm_head)")
+                                    "head is sharded on dim 0 along one mesh dimension and replicated along the others "
+                                    "(what ColwiseParallel makes of lm_head)", "weight")
     mdim = shard_dims[0]
     return weight.device_mesh.get_group(mdim), mdim, int(weight.shape[0])
 
@@ -111,12 +111,23 @@ def vocab_rows(weight: Any) -> Optional[Tuple[int, int]]:
 
 # -- the record each rank contributes to the check -------------------------------------------------
 _LAYOUT = ("status", "exc", "start", "coord", "start_claim", "rows", "vocab_claim", "lo", "hi")
-_REPLICATED = ("token layout", "hidden", "targets", "reward", "lora_a", "options")
+#: The problem's options compared one by one (so that a mismatch names its argument); every other
+#: scalar field of HeadProblem (one added later) is compared within "options".
+_OPTIONS = ("mode", "lora_scale", "beta", "damping", "max_iter", "tol", "solver", "backend", "damping_mode",
+            "keep_budget_bytes", "gram_budget_bytes", "batched", "compute_dtype")
+_REPLICATED = ("token layout", "hidden", "targets", "reward", "lora_a") + _OPTIONS + (
+    "hidden dtype", "bias", "lora_b", "options")
 _MSG_WORDS = 48  # 384 bytes of the error message
-_EXC = {1: checks.RosaInputError, 2: checks.RosaTypeError, 3: checks.RosaStateError}
+_ARG_WORDS = 4  # 32 bytes of the error's `argument`
+#: The error classes a record can carry (the most derived first): every rank raises the same one.
+_EXC = {4: checks.RosaNonFiniteError, 5: checks.RosaNumericalError, 2: checks.RosaTypeError, 1: checks.RosaInputError,
+        3: checks.RosaStateError}
 
 
 def _exc_code(e: BaseException) -> int:
+    for code, cls in _EXC.items():
+        if isinstance(e, cls):
+            return code
     return 2 if isinstance(e, TypeError) else 1 if isinstance(e, ValueError) else 3
 
 
@@ -138,9 +149,9 @@ def _crc(obj: Any) -> int:
     return zlib.crc32(repr(obj).encode())
 
 
-def _encode(msg: str) -> List[int]:
-    raw = msg.encode("utf-8")[: 8 * _MSG_WORDS]
-    raw = raw + b"\0" * (8 * _MSG_WORDS - len(raw))
+def _encode(msg: str, words: int = _MSG_WORDS) -> List[int]:
+    raw = msg.encode("utf-8")[: 8 * words]
+    raw = raw + b"\0" * (8 * words - len(raw))
     return torch.frombuffer(bytearray(raw), dtype=torch.int64).tolist()
 
 
@@ -156,7 +167,7 @@ def _replicated(name: str, x: Any) -> Any:
     _, _, Replicate = _dtensor_api()
     if not all(isinstance(p, Replicate) for p in x.placements):
         raise checks.RosaInputError(f"rosa_update: `{name}` must be the same on every rank (replicated); got a DTensor "
-                         f"with placements {tuple(x.placements)}")
+                                    f"with placements {tuple(x.placements)}", name)
     return x.to_local()
 
 
@@ -184,16 +195,16 @@ def _resolve_group(weight: Any, process_group: Any) -> Tuple[Any, Optional[int]]
     """(the group, the DTensor's mesh dimension or None); raises where there is no group to talk to."""
     if not (dist.is_available() and dist.is_initialized()):
         raise checks.RosaStateError("rosa_update: a vocabulary-parallel update (a DTensor `weight`, or `process_group` / "
-                           "`vocab_start` / `vocab_size`) needs torch.distributed initialised "
-                           "(torch.distributed.init_process_group)")
+                                    "`vocab_start` / `vocab_size`) needs torch.distributed initialised "
+                                    "(torch.distributed.init_process_group)", "process_group")
     not_member = checks.RosaInputError(f"rosa_update: this process (global rank {dist.get_rank()}) is not a member of "
                             "`process_group`; call the update on the ranks that hold the head's rows, with the "
-                            "group they form")
+                                       "group they form", "process_group")
     if process_group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to a non-member
         raise not_member
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise checks.RosaTypeError(f"rosa_update: `process_group` must be a torch.distributed.ProcessGroup, got "
-                        f"{type(process_group).__name__}")
+                                   f"{type(process_group).__name__}", "process_group")
     if process_group is not None and dist.get_rank(process_group) < 0:
         raise not_member
     mdim = None
@@ -205,11 +216,23 @@ def _resolve_group(weight: Any, process_group: Any) -> Tuple[Any, Optional[int]]
             if mine != theirs:
                 raise checks.RosaInputError(f"rosa_update: `process_group` has {len(mine)} ranks {mine[:8]} but `weight` is "
                                  f"sharded over {len(theirs)} ranks {theirs[:8]} (its device mesh); pass the mesh's "
-                                 "group or no process_group")
+                                            "group or no process_group", "process_group")
         group = group_dt if process_group is None else process_group  # the same ranks
     if dist.get_rank(group) < 0:
         raise not_member
     return group, mdim
+
+
+def _vocab_int(name: str, x: Any, minimum: int, what: str) -> int:
+    """vocab_start / vocab_size: an int in [minimum, MAX_INT]; a str, bool, None-like or float is the
+    type error (README "Errors"), a value out of range the input error, both naming ``name``."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise checks.RosaTypeError(f"rosa_update: `{name}` must be an int ({what}), got {type(x).__name__} {x!r:.40}",
+                                   name)
+    if not minimum <= x <= checks.MAX_INT:
+        raise checks.RosaInputError(f"rosa_update: `{name}` must be an int in [{minimum}, 2**62] ({what}), got {x!r:.40}",
+                                    name)
+    return int(x)
 
 
 def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw: Dict[str, Any], *,
@@ -217,36 +240,38 @@ def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw:
     """This rank's checks; an error is kept (to be reported to every rank), not raised."""
     out = _Local()
     try:
+        # ints (a str or bool is the type error), bounded by MAX_INT = 2**62 so that every entry of the
+        # record, start + rows included, fits the int64 all-gather
         if vocab_size is not None:
-            if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
-                raise checks.RosaInputError(f"rosa_update: `vocab_size` must be an int >= 1 (the whole vocabulary), got {vocab_size!r}")
-            out.vocab_claim = int(vocab_size)
-        if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral)
-                                        or vocab_start < 0):
-            raise checks.RosaInputError(f"rosa_update: `vocab_start` must be an int >= 0 (the first vocabulary row this rank "
-                             f"holds), got {vocab_start!r}")
+            out.vocab_claim = _vocab_int("vocab_size", vocab_size, 1, "the whole vocabulary")
+        if vocab_start is not None:
+            vocab_start = _vocab_int("vocab_start", vocab_start, 0, "the first vocabulary row this rank holds")
         if mdim is not None:  # a DTensor: the rows and their place come from its layout
             local_w = weight.to_local()
             claim = int(weight.shape[0])
             if out.vocab_claim >= 0 and out.vocab_claim != claim:
                 raise checks.RosaInputError(f"rosa_update: `vocab_size`={out.vocab_claim} but the DTensor `weight` has "
-                                 f"{claim} rows")
+                                            f"{claim} rows", "vocab_size")
             out.vocab_claim = claim
             out.coord = int(weight.device_mesh.get_local_rank(mdim))
             out.start_claim = -1 if vocab_start is None else int(vocab_start)
         else:
             if vocab_start is None:
                 raise checks.RosaInputError("rosa_update: `weight` holds this rank's rows of a vocabulary-parallel head: give "
-                                 "`vocab_start`, the global index of its first row (or pass a DTensor weight)")
+                                            "`vocab_start`, the global index of its first row (or pass a DTensor weight)",
+                                            "vocab_start")
             local_w = weight
             out.start = int(vocab_start)
-        if not isinstance(local_w, torch.Tensor) or local_w.dim() != 2:
+        if not isinstance(local_w, torch.Tensor):
+            raise checks.RosaTypeError(f"rosa_update: `weight` must be a tensor (this rank's rows), got "
+                                       f"{type(local_w).__name__}", "weight")
+        if local_w.dim() != 2:
             raise checks.RosaInputError(f"rosa_update: `weight` must be (V_local, d) (this rank's rows), got "
-                             f"{tuple(getattr(local_w, 'shape', ())) or type(local_w).__name__}")
+                                        f"{tuple(getattr(local_w, 'shape', ())) or type(local_w).__name__}", "weight")
         out.rows = int(local_w.shape[0])
         if out.rows == 0:
             raise checks.RosaInputError("rosa_update: this rank holds no vocabulary rows; every rank of the group must hold "
-                             "at least one (use a group with fewer ranks than rows)")
+                                        "at least one (use a group with fewer ranks than rows)", "weight")
         hidden = _replicated("hidden", hidden)
         targets = _replicated("targets", targets)
         reward = _replicated("reward", reward)
@@ -267,7 +292,8 @@ def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw:
         out.targets = (t2.reshape(-1) if m2 is None else t2[m2]).contiguous()
         if prob.mode == "lora" and cg_impl is not None:
             raise checks.RosaInputError("rosa_update: `cg_impl` is not supported on a vocabulary-parallel head in mode='lora': "
-                             "the parameter vector [a, b] is sharded and CG runs rosa_ext.cg.sharded.cg_sharded")
+                                        "the parameter vector [a, b] is sharded and CG runs rosa_ext.cg.sharded.cg_sharded",
+                                        "cg_impl")
         out.backend = get_backend(prob.backend, prob.device)
         out.prob = prob
     except Exception as e:  # reported to every rank by the exchange
@@ -276,6 +302,16 @@ def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw:
 
 
 def _record(loc: _Local) -> List[int]:
+    """This rank's record (int64 words, ``RECORD_BYTES`` in all). Never raises: whatever goes wrong
+    while it is built becomes this rank's error, so every rank still joins the all-gather."""
+    try:
+        return _record_of(loc)
+    except Exception as e:  # e.g. a value that does not fit int64
+        loc.error = e
+        return _record_of(loc)
+
+
+def _record_of(loc: _Local) -> List[int]:
     ok = loc.error is None
     lo = hi = 0
     fp = [0] * len(_REPLICATED)
@@ -284,41 +320,54 @@ def _record(loc: _Local) -> List[int]:
         lo, hi = int(y.min()), int(y.max())
         # every scalar option of the problem (a new one is covered without a change here), the dtypes,
         # and which optional tensors are present
-        opts = tuple((f.name, getattr(prob, f.name)) for f in fields(prob)
-                     if isinstance(getattr(prob, f.name), (str, int, float, bool, torch.dtype)))
-        opts += (str(prob.hidden.dtype), prob.bias is None, prob.lora_b is None)
+        opts = tuple((f.name, getattr(prob, f.name)) for f in fields(prob) if f.name not in _OPTIONS
+                     and isinstance(getattr(prob, f.name), (str, int, float, bool, torch.dtype)))
         fp = [_crc((prob.offsets, prob.hidden_size)), _checksum(prob.hidden), _checksum(y), _checksum(prob.reward),
-              _checksum(prob.lora_a), _crc(opts)]
+              _checksum(prob.lora_a)] + [_crc(getattr(prob, name)) for name in _OPTIONS] + [
+              _crc(str(prob.hidden.dtype)), _crc(prob.bias is None), _crc(prob.lora_b is None), _crc(opts)]
     layout = [int(ok), 0 if ok else _exc_code(loc.error), loc.start, loc.coord, loc.start_claim, loc.rows,
               loc.vocab_claim, lo, hi]
-    msg = _encode("" if ok else str(loc.error))
-    return layout + [v & 0x7FFFFFFFFFFFFFFF for v in fp] + msg
+    if not ok:
+        layout[2:] = [-1, -1, -1, 0, -1, 0, 0]  # a failed rank's layout is not read (and may not fit int64)
+    arg = "" if ok else str(getattr(loc.error, "argument", None) or "")
+    words = layout + [v & 0x7FFFFFFFFFFFFFFF for v in fp] + _encode(arg, _ARG_WORDS) + _encode("" if ok else str(loc.error))
+    if any(not -2 ** 63 <= w < 2 ** 63 for w in words):
+        raise OverflowError("a record entry does not fit int64")
+    return words
 
 
 def _span(s: int, n: int) -> str:
     return f"[{s}, {s + n})"
 
 
-def _verdict(table: List[List[int]]) -> Tuple[Optional[Tuple[type, str]], List[int], int]:
-    """From every rank's record: (None or (exception class, message), every rank's start, V).
+#: The argument a replicated input's mismatch is reported as.
+_REPLICATED_ARG = dict({name: name for name in _REPLICATED}, **{"token layout": "hidden", "batched": "hidden",
+                                                                 "compute_dtype": "hidden", "hidden dtype": "hidden",
+                                                                 "options": None})
+Verdict = Tuple[type, str, Optional[str]]
+
+
+def _verdict(table: List[List[int]]) -> Tuple[Optional[Verdict], List[int], int]:
+    """From every rank's record: (None or (exception class, message, argument), every rank's start, V).
 
     Runs on every rank on the same table, so every rank reaches the same decision.
     """
     L = {name: i for i, name in enumerate(_LAYOUT)}
     R = {name: len(_LAYOUT) + i for i, name in enumerate(_REPLICATED)}
-    M = len(_LAYOUT) + len(_REPLICATED)
+    A = len(_LAYOUT) + len(_REPLICATED)
+    M = A + _ARG_WORDS
     world = len(table)
     pre = "rosa_update (vocabulary-parallel): "
     failed = [k for k in range(world) if table[k][L["status"]] == 0]
     if failed:
         k = failed[0]
-        return (_EXC[table[k][L["exc"]]], f"{pre}rank {k} of the group rejected its input: "
-                f"{_decode(table[k][M:])}"), [], 0
+        return (_EXC.get(table[k][L["exc"]], checks.RosaInputError), f"{pre}rank {k} of the group rejected its input: "
+                f"{_decode(table[k][M:])}", _decode(table[k][A:M]) or None), [], 0
     rows = [r[L["rows"]] for r in table]
     # DTensor shards (start -1): the blocks follow the mesh coordinate along the sharded dimension
     derived = [r[L["start"]] < 0 for r in table]
     if any(derived) and not all(derived):
-        return (checks.RosaInputError, f"{pre}some ranks pass a DTensor `weight` and others a plain one"), [], 0
+        return (checks.RosaInputError, f"{pre}some ranks pass a DTensor `weight` and others a plain one", "weight"), [], 0
     if all(derived):
         coord = [r[L["coord"]] for r in table]
         starts = [sum(rows[j] for j in range(world) if coord[j] < coord[k]) for k in range(world)]
@@ -328,7 +377,7 @@ def _verdict(table: List[List[int]]) -> Tuple[Optional[Tuple[type, str]], List[i
     if wrong:
         k = wrong[0]
         return (checks.RosaInputError, f"{pre}rank {k} passes vocab_start={table[k][L['start_claim']]} but its rows of the "
-                f"DTensor `weight` start at {starts[k]}"), [], 0
+                f"DTensor `weight` start at {starts[k]}", "vocab_start"), [], 0
     order = sorted(range(world), key=lambda k: (starts[k], rows[k]))
     held = ", ".join(f"rank {k} holds {_span(starts[k], rows[k])}" for k in order[:8]) + (", ..." if world > 8 else "")
     end = 0
@@ -337,20 +386,23 @@ def _verdict(table: List[List[int]]) -> Tuple[Optional[Tuple[type, str]], List[i
             what = (f"rows {_span(end, starts[k] - end)} are held by no rank" if starts[k] > end else
                     f"rows {_span(starts[k], min(end, starts[k] + rows[k]) - starts[k])} are held twice")
             return (checks.RosaInputError, f"{pre}the ranks' rows do not tile the vocabulary: {what} ({held}); every rank "
-                    "passes its own vocab_start and weight rows, and together they cover [0, V) once"), [], 0
+                    "passes its own vocab_start and weight rows, and together they cover [0, V) once", "vocab_start"), [], 0
         end = starts[k] + rows[k]
     V = end
     claims = sorted({r[L["vocab_claim"]] for r in table if r[L["vocab_claim"]] >= 0})
     if claims and claims != [V]:
+        # plain shards: the claim is the caller's vocab_size; a DTensor's is its global shape, so
+        # there the group is the one at fault
         return (checks.RosaInputError, f"{pre}the {world} ranks of the process group hold rows [0, {V}) but the vocabulary has "
                 f"{claims[-1] if len(claims) == 1 else claims} rows: the process group must be the one the head "
-                f"is split over (this one has {world} ranks; {held})"), [], 0
+                f"is split over (this one has {world} ranks; {held})",
+                "process_group" if all(derived) else "vocab_size"), [], 0
     for name in _REPLICATED:
         vals = [r[R[name]] for r in table]
         odd = [k for k in range(world) if vals[k] != vals[0]]
         if odd:
             return (checks.RosaInputError, f"{pre}{name!s} must be the same on every rank (replicated), but rank(s) {odd[:8]} "
-                    "differ from rank 0"), [], 0
+                    "differ from rank 0", _REPLICATED_ARG[name]), [], 0
     lo = min(r[L["lo"]] for r in table)
     hi = max(r[L["hi"]] for r in table)
     if lo < 0 or hi >= V:
@@ -358,12 +410,12 @@ def _verdict(table: List[List[int]]) -> Tuple[Optional[Tuple[type, str]], List[i
                                              "process_group is not the group the head is split over: pass vocab_size "
                                              "to have that checked)")
         return (checks.RosaInputError, f"{pre}`targets` holds token id {hi if hi >= V else lo}, outside the vocabulary "
-                f"[0, {V}) of the whole head{hint}"), [], 0
+                f"[0, {V}) of the whole head{hint}", "targets"), [], 0
     return None, starts, V
 
 
 #: Bytes each rank contributes to the validation all-gather (one int64 record).
-RECORD_BYTES = 8 * (len(_LAYOUT) + len(_REPLICATED) + _MSG_WORDS)
+RECORD_BYTES = 8 * (len(_LAYOUT) + len(_REPLICATED) + _ARG_WORDS + _MSG_WORDS)
 
 
 def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, elem_bytes: int, iterations: int = 0,
@@ -430,10 +482,8 @@ def prepare_vocab_parallel(hidden: Any, weight: Any, targets: Any, reward: Rewar
     rec = torch.tensor(_record(loc), dtype=torch.int64, device=dev)
     table = comm.all_gather(rec, "validate").cpu().tolist()
     bad, starts, V = _verdict(table)
-    if loc.error is not None:
-        raise loc.error
-    if bad is not None:
-        raise bad[0](bad[1])
+    if bad is not None:  # the same class, message and argument on every rank (a failed rank chains its own error)
+        raise bad[0](bad[1], bad[2]) from loc.error
     shard = VocabShard(start=starts[comm.rank], rows=loc.rows, vocab_size=V, rank=comm.rank,
                        world_size=comm.world_size, comm=comm)
     prob = replace(loc.prob, targets=loc.targets, shard=shard)

@@ -30,7 +30,9 @@ it: the positional ones must be the very tensors it was prepared with (checked b
 the keyword ones may be omitted. A :class:`KernelProblem` keeps values derived from its tensors
 (``a . h_t``, the stats when ``st`` is not passed): prepare again after changing them in place.
 (The kernels themselves read nothing out of bounds whatever the seg ids or offsets: rows
-outside a table read 0, offsets are clamped.)
+outside a table read 0, offsets are clamped. Nor does a ``prob=`` call whose ``targets`` were
+edited in place to ids outside [0, V) after :func:`prepare`: such a token's log p is NaN in
+:func:`stats`, and so is what :func:`jvp` / :func:`vjp` compute from it.)
 
 The JVP/VJP are of p_t = softmax(z_t)[y_t] (MATH.md section 2) w.r.t. the LoRA
 parameters [a, b] (mode "lora", P = d + V per conversation) or a hidden-state shift
@@ -272,8 +274,27 @@ def stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, 
     return _stats(p)
 
 
+def _safe_targets(p: KernelProblem) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(targets with every id outside [0, V) replaced by 0, the mask of the ids inside), (T,) each, no
+    sync. A plain call has checked the ids; a ``prob=`` call has not (its targets may have been
+    edited in place since :func:`prepare`), and its reads of W, bias and lora_b at the targets
+    must stay in bounds all the same (module docstring)."""
+    y = p.targets.long()
+    ok = (y >= 0) & (y < p.vocab_size)
+    return torch.where(ok, y, torch.zeros_like(y)), ok
+
+
 def _stats(p: KernelProblem) -> HeadStats:
-    return stats_from_tensors(p.hidden, p.weight, p.targets, p.seg32, **_kw(p))
+    """The stats pass; log p of a target outside [0, V) is NaN (nothing is read for it)."""
+    y, ok = _safe_targets(p)
+    st = stats_from_tensors(p.hidden, p.weight, y, p.seg32, **_kw(p))
+    logp = torch.where(ok, st.logp, torch.full_like(st.logp, float("nan")))
+    return HeadStats(lse=st.lse, logp=logp, ah=st.ah, pib=st.pib)
+
+
+def _weight_of(weight: Any, prob: Optional[KernelProblem]) -> Any:
+    """The model weight a call's shapes are checked against: the argument, or ``prob``'s when omitted."""
+    return prob.weight if weight is None and isinstance(prob, KernelProblem) else weight
 
 
 @torch.no_grad()
@@ -282,9 +303,10 @@ def row_reduce(hidden: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, u:
                lora_b: Optional[torch.Tensor] = None, lora_scale: Optional[float] = None,
                seg: Optional[torch.Tensor] = None, prob: Optional[KernelProblem] = None) -> torch.Tensor:
     """R(u)_t = pi_t . u_seg for u (V,) or (B, V), given lse (T,) from :func:`stats` -> (T,) fp32."""
+    w_ = _weight_of(weight, prob)
     p = _problem("rosa_ext.kernels.row_reduce", prob, hidden, weight, None, needs_targets=False, bias=bias,
                  lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, lse=lse,
-                 tables={"u": (u, weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1)})
+                 tables={"u": (u, w_.shape[0] if isinstance(w_, torch.Tensor) and w_.dim() == 2 else -1)})
     return _row_reduce(p.hidden, p.weight, p.seg32, lse, _rows(u, p.vocab_size), flag=device_flag.current(), **_kw(p))
 
 
@@ -324,7 +346,7 @@ def _linearization(p: KernelProblem, mode: str, st: Optional[HeadStats]) -> Tupl
         B = p.num_conversations
         a = None if p.a is None else p.a.expand(B, -1)
         b = None if p.b is None else p.b.expand(B, -1)
-        head = HeadProblem(hidden=p.hidden, weight=p.weight, bias=p.bias, targets=p.targets.to(torch.int64),
+        head = HeadProblem(hidden=p.hidden, weight=p.weight, bias=p.bias, targets=_safe_targets(p)[0],
                            seg=p.seg64, offsets=list(p.offsets), reward=torch.zeros(B, device=p.hidden.device),
                            mode=mode, lora_a=a, lora_b=b, lora_scale=p.lora_scale, beta=defaults.BETA,
                            damping=defaults.DAMPING, max_iter=defaults.MAX_ITER, tol=defaults.TOL, solver="cg",
@@ -347,7 +369,7 @@ def jvp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, v: to
     """u = J v: v (P,) or (B, P) (P = d + V laid out [v_a, v_b] for "lora", d for "hidden") -> (T,) fp32."""
     p = _problem("rosa_ext.kernels.jvp", prob, hidden, weight, targets, needs_targets=True, bias=bias,
                  lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, st=st, mode=mode,
-                 tables={"v": (v, _num_params(weight, mode))})
+                 tables={"v": (v, _num_params(_weight_of(weight, prob), mode))})
     lin, prims = _linearization(p, mode, st)
     P, B = lin.prob.num_params, p.num_conversations
     return J.jvp(lin, prims, _rows(v, P).expand(B, P))

@@ -22,7 +22,7 @@ import torch
 from ..common import jacobian as J
 from ..common import validation as checks
 from ..common.types import CGResult, HeadProblem, HeadStats, compute_dtype_of
-from ..common.validation import RosaNonFiniteError
+from ..common.validation import RosaNonFiniteError, RosaNumericalError
 from .target import residual_target
 
 WHO = "rosa_update"
@@ -76,12 +76,17 @@ def logits_finite(lin: J.Linearization) -> torch.Tensor:
 
 def run_cg(cg: CGImpl, matvec, rhs: torch.Tensor, damping: float, prob: HeadProblem) -> CGResult:
     """``cg`` on (A + damping I) x = rhs; NaN/Inf in the right-hand side J^T g is the inputs' fault."""
+    named = dict(mode=prob.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     try:
         return cg(matvec, rhs, damping=damping, max_iter=prob.max_iter, tol=prob.tol)
     except RosaNonFiniteError as e:
         if e.argument != "b":
             raise
-        checks.nonfinite_jacobian(WHO)
+        checks.nonfinite_jacobian(WHO, **named)  # the right-hand side J^T g: the inputs, not the solve
+    except RosaNumericalError as e:
+        if e.argument != "matvec" or "breakdown" in str(e):
+            raise
+        checks.nonfinite_jacobian(WHO, **named)  # NaN/Inf from J^T J v: the Jacobian's scale, not CG
 
 
 # ----------------------------------------------------------------------------- vocabulary-parallel combine

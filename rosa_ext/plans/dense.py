@@ -112,7 +112,7 @@ def accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor]
     if not both[-1]:
         checks.nonfinite_logits(WHO, prob.compute_dtype)
     if not all(finite_list):
-        checks.nonfinite_jacobian(WHO)
+        checks.nonfinite_jacobian(WHO, mode=prob.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]
 
 
