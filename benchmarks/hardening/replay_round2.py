@@ -408,18 +408,14 @@ for _solver in ("dual", "cg"):
     def _make_overflow(solver=_solver):
         def run() -> Result:
             h, W, y, a = _cg_inputs()
-            try:
-                rosa_update(h, W, y, -1.0, mode="lora", lora_a=a, lora_scale=1e25, solver=solver)
-            except rosa_ext.RosaError as e:
-                ok = e.argument == "lora_scale"
-                return ("PASS" if ok else "FAIL"), "raised " + _err_str(e)
-            except Exception as e:  # noqa: BLE001
-                return "FAIL", "raised " + _err_str(e)
-            return "FAIL", "returned a step"
+            kw = dict(hidden=h, weight=W, targets=y, reward=-1.0, mode="lora", lora_a=a, lora_scale=1e25)
+            ref = rosa_update_reference(**_f64(kw)).update
+            return _within(lambda: rosa_update(**kw, solver=solver, max_iter=200, tol=1e-10).update, ref,
+                           allow_error=False)
         return run
-    case(f"lora_scale_1e25_{_solver}", "errors", "helper+lead",
-         f"lora_scale=1e25, finite inputs, solver={_solver}: a clear error naming `lora_scale` (J J^T overflows fp32), "
-         "not NaN/Inf in `weight` / `matvec`")(_make_overflow())
+    case(f"lora_scale_1e25_{_solver}", "errors", "lead",
+         f"lora_scale=1e25, finite inputs, solver={_solver}: the float64 step is finite, so the fp32 step within 1e-3 of "
+         "it (J rescaled by a power of two before J J^T) -- not NaN/Inf blamed on `weight` / `matvec`")(_make_overflow())
 
 
 # ============================================================ hangs and errors: kernels with prob=
