@@ -52,7 +52,7 @@ import torch
 
 from ..common import defaults, device_flag
 from ..common import jacobian as J
-from ..common import validation as V
+from ..common import validation as checks
 from ..common.types import HeadProblem, HeadStats
 from .primitives import TritonPrimitives, stats_from_tensors
 from .reductions import column_reduce as _column_reduce
@@ -117,35 +117,35 @@ def _check_model(who: str, hidden, weight, *, bias, targets, lora_a, lora_b, lor
     ``tables``: name -> (tensor, width) of (width,) / (B, width) per-conversation inputs (u, v);
     ``tokens``: name -> tensor of (T,) per-token inputs (w, u).
     """
-    T, d, Vs = V.kernel_model(who, hidden, weight, bias)
+    T, d, Vs = checks.kernel_model(who, hidden, weight, bias)
     dev = hidden.device
     if mode is not None:
-        V.choice(who, "mode", mode, ("lora", "hidden"))
+        checks.choice(who, "mode", mode, ("lora", "hidden"))
         if mode == "lora" and lora_a is None:
-            V.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b")
-    V.real(who, "lora_scale", lora_scale)
-    rows = V.kernel_lora(who, lora_a, lora_b, d, Vs, dev)
+            checks.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b")
+    checks.real(who, "lora_scale", lora_scale)
+    rows = checks.kernel_lora(who, lora_a, lora_b, d, Vs, dev)
     for name, (x, width) in (tables or {}).items():
-        rows[name] = V.kernel_rows(who, name, x, width, dev)
-    V.kernel_tables_agree(who, rows)
+        rows[name] = checks.kernel_rows(who, name, x, width, dev)
+    checks.kernel_tables_agree(who, rows)
     if num_conversations is not None:
-        n = V.integer(who, "num_conversations", num_conversations, minimum=1)
+        n = checks.integer(who, "num_conversations", num_conversations, minimum=1)
         multi = {k: r for k, r in rows.items() if r != 1}
         if multi and n != max(multi.values()):
-            V.fail(who, "num_conversations", f"num_conversations={n} but the tables have {multi} rows")
+            checks.fail(who, "num_conversations", f"num_conversations={n} but the tables have {multi} rows")
         rows["num_conversations"] = n
     _check_call(who, T, dev, tokens=tokens, lse=lse, st=st, lora=lora_a is not None)
     if targets is not None:
-        V.kernel_index(who, "targets", targets, T, dev, "token ids")
+        checks.kernel_index(who, "targets", targets, T, dev, "token ids")
     if seg is not None:
-        V.kernel_index(who, "seg", seg, T, dev, "conversation ids")
+        checks.kernel_index(who, "seg", seg, T, dev, "conversation ids")
     elif max(rows.values(), default=1) > 1:
-        V.fail(who, "seg", f"{max(rows.values())} conversations given (rows of {list(rows)}) but no `seg`")
+        checks.fail(who, "seg", f"{max(rows.values())} conversations given (rows of {list(rows)}) but no `seg`")
     # the value checks: one host sync for all of them
-    seg_host = V.kernel_ranges(who, Vs, targets=targets, seg=seg,
+    seg_host = checks.kernel_ranges(who, Vs, targets=targets, seg=seg,
                                rows={k: r for k, r in rows.items() if k != "num_conversations"})
     if num_conversations is not None and seg_host is not None and int(seg_host.max()) >= rows["num_conversations"]:
-        V.fail(who, "seg", f"`seg` holds conversation {int(seg_host.max())} but num_conversations="
+        checks.fail(who, "seg", f"`seg` holds conversation {int(seg_host.max())} but num_conversations="
                            f"{rows['num_conversations']}")
     return rows, seg_host
 
@@ -153,11 +153,11 @@ def _check_model(who: str, hidden, weight, *, bias, targets, lora_a, lora_b, lor
 def _check_call(who: str, T: int, dev: torch.device, *, tokens=None, lse=None, st=None, lora: bool) -> None:
     """The per-call arguments that are not tables: shapes and devices only (no sync)."""
     for name, x in (tokens or {}).items():
-        V.kernel_vector(who, name, x, T, dev)
+        checks.kernel_vector(who, name, x, T, dev)
     if lse is not None:
-        V.kernel_vector(who, "lse", lse, T, dev)
+        checks.kernel_vector(who, "lse", lse, T, dev)
     if st is not None:
-        V.kernel_stats(who, st, T, dev, lora=lora)
+        checks.kernel_stats(who, st, T, dev, lora=lora)
 
 
 def _build(hidden, weight, targets, *, bias, lora_a, lora_b, lora_scale, seg, rows, seg_host) -> KernelProblem:
@@ -231,26 +231,26 @@ def _problem(who: str, prob: Optional[KernelProblem], hidden, weight, targets, *
         return _build(hidden, weight, targets, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=scale, seg=seg,
                       rows=rows, seg_host=seg_host)
     if not isinstance(prob, KernelProblem):
-        V.fail(who, "prob", f"`prob` must be the KernelProblem of rosa_ext.kernels.prepare, got "
-                            f"{type(prob).__name__}", V.RosaTypeError)
+        checks.fail(who, "prob", f"`prob` must be the KernelProblem of rosa_ext.kernels.prepare, got "
+                            f"{type(prob).__name__}", checks.RosaTypeError)
     given = dict(hidden=hidden, weight=weight, targets=targets, bias=bias, lora_a=lora_a, lora_b=lora_b, seg=seg)
     for name, x in given.items():
         if x is not None and x is not getattr(prob, name):
-            V.fail(who, name, f"`{name}` is not the tensor `prob` was prepared with: pass that very tensor, or "
+            checks.fail(who, name, f"`{name}` is not the tensor `prob` was prepared with: pass that very tensor, or "
                               f"omit it (the keyword arguments) -- or prepare a new problem")
-    if lora_scale is not None and V.real(who, "lora_scale", lora_scale) != prob.lora_scale:
-        V.fail(who, "lora_scale", f"lora_scale={lora_scale} but `prob` was prepared with {prob.lora_scale}")
+    if lora_scale is not None and checks.real(who, "lora_scale", lora_scale) != prob.lora_scale:
+        checks.fail(who, "lora_scale", f"lora_scale={lora_scale} but `prob` was prepared with {prob.lora_scale}")
     if needs_targets and prob.targets is None:
-        V.fail(who, "targets", "`prob` was prepared without targets; prepare it with them for this function")
+        checks.fail(who, "targets", "`prob` was prepared without targets; prepare it with them for this function")
     if mode is not None:
-        V.choice(who, "mode", mode, ("lora", "hidden"))
+        checks.choice(who, "mode", mode, ("lora", "hidden"))
         if mode == "lora" and prob.lora_a is None:
-            V.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b (prepare `prob` with them)")
+            checks.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b (prepare `prob` with them)")
     dev, B = prob.hidden.device, prob.num_conversations
     for name, (x, width) in (tables or {}).items():
-        n = V.kernel_rows(who, name, x, width, dev)
+        n = checks.kernel_rows(who, name, x, width, dev)
         if n not in (1, B):
-            V.fail(who, name, f"`{name}` has {n} rows; `prob` has {B} conversations (give 1 or {B} rows)")
+            checks.fail(who, name, f"`{name}` has {n} rows; `prob` has {B} conversations (give 1 or {B} rows)")
     _check_call(who, prob.num_tokens, dev, tokens=tokens, lse=lse, st=st, lora=prob.lora_a is not None)
     return prob
 
