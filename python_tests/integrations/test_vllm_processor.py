@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rosa_ext
-from rosa_ext.common.validation import RosaInputError, RosaNonFiniteError, RosaTypeError
+from rosa_ext.common.validation import RosaInputError, RosaNonFiniteError
 from rosa_ext.integrations.models import tiny_causal_lm
 from rosa_ext.integrations.vllm_processor import (
     EXTRA_ARGS_KEY,
@@ -102,8 +102,8 @@ def test_padded_logit_columns_are_left_alone():
     ([0.0] * (D - 1), RosaInputError, "hidden size is d=6"),
     ([0.0] * (D - 1) + [float("nan")], RosaNonFiniteError, "NaN"),
     ([0.0] * (D - 1) + [float("inf")], RosaNonFiniteError, "NaN or Inf"),
-    ("abc", RosaTypeError, "list of d floats"),
-    ([True] * D, RosaTypeError, "list of d floats"),
+    ("abc", RosaInputError, "list of d floats"),  # a ValueError: vLLM answers HTTP 400
+    ([True] * D, RosaInputError, "list of d floats"),
     ([], RosaInputError, "empty"),
 ])
 def test_bad_shift_is_refused_and_nothing_changes(bad, exc, match):
@@ -180,3 +180,46 @@ def test_processor_class_needs_vllm():
             vllm_processor.RosaShiftLogitsProcessor  # noqa: B018
     else:
         pytest.skip("vllm is installed here (tested by test_vllm_serving.py)")
+
+
+def test_admission_check_needs_the_hidden_size(monkeypatch):
+    """validate_params (vLLM's admission hook) refuses shifts when d is unknown in the process; with
+    ROSA_VLLM_HIDDEN_SIZE (a server's front end) or a processor built in-process it checks the size."""
+    from rosa_ext.integrations import vllm_processor as vp
+
+    monkeypatch.setattr(vp, "_KNOWN_D", set())
+    monkeypatch.delenv(vp.HIDDEN_SIZE_ENV, raising=False)
+    check = vp._ProcessorMixin.validate_params
+    check(_params())  # no shift: nothing to check
+    with pytest.raises(RosaInputError, match="ROSA_VLLM_HIDDEN_SIZE=d") as e:
+        check(_params(_shift(1)))
+    assert e.value.argument == vp.HIDDEN_SIZE_ENV
+    monkeypatch.setenv(vp.HIDDEN_SIZE_ENV, str(D))
+    check(_params(_shift(1)))
+    with pytest.raises(RosaInputError, match="hidden size is d=6") as e:
+        check(_params(_shift(1)[:-1]))
+    assert e.value.argument == ARG
+    monkeypatch.setenv(vp.HIDDEN_SIZE_ENV, "six")
+    with pytest.raises(RosaInputError) as e:
+        check(_params(_shift(1)))
+    assert e.value.argument == vp.HIDDEN_SIZE_ENV
+    monkeypatch.delenv(vp.HIDDEN_SIZE_ENV)
+    monkeypatch.setattr(vp, "_KNOWN_D", {D})  # a processor built in this process
+    with pytest.raises(RosaNonFiniteError):
+        check(_params([float("nan")] * D))
+
+
+def test_hidden_size_env_must_match_the_model(monkeypatch, tmp_path):
+    from rosa_ext.integrations import vllm_processor as vp
+
+    model = tiny_causal_lm("llama", vocab_size=64, hidden_size=32)
+    model.save_pretrained(str(tmp_path / "m"))
+    cfg = NS(model_config=NS(model=str(tmp_path / "m"), hf_config=NS(tie_word_embeddings=False)))
+    monkeypatch.setattr(vp, "_KNOWN_D", set())
+    monkeypatch.setenv(vp.HIDDEN_SIZE_ENV, "31")
+    with pytest.raises(RosaInputError, match="d=32") as e:
+        vp._ProcessorMixin(cfg, torch.device("cpu"), False)
+    assert e.value.argument == vp.HIDDEN_SIZE_ENV and vp._KNOWN_D == set()
+    monkeypatch.setenv(vp.HIDDEN_SIZE_ENV, "32")
+    proc = vp._ProcessorMixin(cfg, NS(device="cpu"))  # the V2 form
+    assert proc.rows.hidden_size == 32 and vp._KNOWN_D == {32} and proc.is_argmax_invariant() is False

