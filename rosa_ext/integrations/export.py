@@ -39,9 +39,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def _state_of(source: Any, who: str) -> Tuple[Mapping[str, Any], Optional[str]]:
     """(state dict, base model name or None) of a session, a state dict or a list of shard states."""
-    from .session import RosaSession  # same layer; the session module is heavy only in name
-
-    if isinstance(source, RosaSession):
+    # a RosaSession, recognised by its methods (session.py imports this module: no import back)
+    if callable(getattr(source, "state_dict", None)) and callable(getattr(source, "_shard", None)):
         name = None
         if source.model is not None:
             cfg = getattr(source.model, "config", None)
