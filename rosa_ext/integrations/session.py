@@ -405,6 +405,12 @@ class RosaSession:
                 sd.update(self.lora.state())
         return sd
 
+    def save_peft(self, directory: Any, **kwargs: Any) -> Any:
+        """Write this lora-mode state as a PEFT adapter directory; see
+        :func:`rosa_ext.integrations.export.save_peft` (returns the directory's Path)."""
+        from .export import save_peft
+        return save_peft(self, directory, **kwargs)
+
     def _shard(self) -> Optional[Tuple[int, int]]:
         """(vocab_start, rows) of this rank's rows of ``b`` on a vocabulary-parallel head, else None."""
         if isinstance(self.adapter, ShardedHeadAdapter):

@@ -1,0 +1,231 @@
+"""Export a lora-mode ROSA state as a standard PEFT adapter directory (for PEFT and vLLM).
+
+The session's own adapter adds ``s (a . h) b`` to the logits (MATH.md section 1, lora mode):
+exactly PEFT's LoRA on ``lm_head`` with ``r = 1``, ``lora_A.weight = a`` as (1, d),
+``lora_B.weight = b`` as (V, 1) and ``scaling = lora_alpha / r = s``. :func:`save_peft` writes
+
+- ``adapter_config.json``: ``peft_type "LORA"``, ``r 1``, ``lora_alpha = lora_scale``,
+  ``target_modules ["lm_head"]``, ``bias "none"`` (and ``base_model_name_or_path`` when known);
+- ``adapter_model.safetensors``: ``base_model.model.lm_head.lora_A.weight`` (1, d) and
+  ``base_model.model.lm_head.lora_B.weight`` (V, 1), in the state's dtype.
+
+``peft.PeftModel.from_pretrained(base, dir)`` then gives the session's logits, and vLLM serves
+the directory as a per-request ``LoRARequest`` (``--enable-lora --max-lora-rank 1``).
+vLLM caches adapters by name and integer id, so every update needs a new name:
+:func:`adapter_name` gives ``"<user>@<num_updates>"``, :class:`AdapterIds` a fresh id per name.
+
+A hidden-mode state (a shift of lm_head's input) is no LoRA: serve it with the logits processor
+of :mod:`rosa_ext.integrations.vllm_processor` instead. Nothing here imports ``transformers``,
+``peft`` or ``vllm``; writing needs the ``safetensors`` package (a dependency of transformers).
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import threading
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..common import validation as V
+
+#: The tensor names PEFT gives a LoRA on the top-level ``lm_head`` of a causal LM.
+LORA_A_KEY = "base_model.model.lm_head.lora_A.weight"
+LORA_B_KEY = "base_model.model.lm_head.lora_B.weight"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _state_of(source: Any, who: str) -> Tuple[Mapping[str, Any], Optional[str]]:
+    """(state dict, base model name or None) of a session, a state dict or a list of shard states."""
+    # a RosaSession, recognised by its methods (session.py imports this module: no import back)
+    if callable(getattr(source, "state_dict", None)) and callable(getattr(source, "_shard", None)):
+        name = None
+        if source.model is not None:
+            cfg = getattr(source.model, "config", None)
+            name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+        if source._shard() is not None:
+            V.fail(who, "state", "this session holds only its rank's rows of `b` (a vocabulary-parallel head); pass "
+                                 "the list of every rank's state_dict() (e.g. from torch.distributed."
+                                 "all_gather_object) and they are joined to the full vocabulary")
+        return source.state_dict(), (str(name) if name else None)
+    if isinstance(source, Mapping):
+        return source, None
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)) and len(source) > 0 \
+            and all(isinstance(s, Mapping) for s in source):
+        return _gather_shards(list(source), who), None
+    V.fail(who, "state", "`state` must be a RosaSession, its state_dict(), or the list of every rank's state_dict() "
+                         f"on a vocabulary-parallel head; got {V._show(source)}", V.RosaTypeError)
+
+
+def _gather_shards(shards: Sequence[Mapping[str, Any]], who: str) -> Dict[str, Any]:
+    """Join the state dicts of a vocabulary-parallel head (one per rank) into one full-V state."""
+    for i, s in enumerate(shards):
+        if "vocab_start" not in s or "vocab_rows" not in s:
+            V.fail(who, f"state[{i}]", f"`state[{i}]` is not a shard state (no 'vocab_start'/'vocab_rows'); pass "
+                                       "one full state dict, or every rank's state_dict() of a sharded session")
+    first = shards[0]
+    for i, s in enumerate(shards):
+        for k in ("mode", "vocab_size", "hidden_size", "lora_scale", "num_updates", "version"):
+            if s.get(k) != first.get(k):
+                V.fail(who, f"state[{i}]", f"the shards disagree on {k!r}: {first.get(k)!r} vs {s.get(k)!r}")
+    if first.get("mode") != "lora":
+        return dict(first)  # refused with the mode message by the caller
+    order = sorted(range(len(shards)), key=lambda i: int(shards[i]["vocab_start"]))
+    at, parts = 0, []
+    for i in order:
+        s = shards[i]
+        start, rows = int(s["vocab_start"]), int(s["vocab_rows"])
+        if start != at:
+            V.fail(who, f"state[{i}]", f"the shards do not tile the vocabulary: a shard starts at row {start}, "
+                                       f"expected {at} (every rank's state_dict() is needed)")
+        b = V.float_tensor(who, f"state[{i}]['b']", s.get("b"))
+        if tuple(b.shape) != (rows,):
+            V.fail(who, f"state[{i}]['b']", f"`state[{i}]['b']` must be a ({rows},) tensor, got {tuple(b.shape)}")
+        parts.append(b)
+        at += rows
+    if at != first.get("vocab_size"):
+        V.fail(who, "state", f"the shards cover {at} vocabulary rows, the state has vocab_size={first.get('vocab_size')!r}")
+    for i, s in enumerate(shards):
+        if not torch.equal(torch.as_tensor(s.get("a")), torch.as_tensor(first.get("a"))):
+            V.fail(who, f"state[{i}]['a']", "the shards hold different `a` (it is replicated on every rank)")
+    full = {k: v for k, v in first.items() if k not in ("vocab_start", "vocab_rows", "b")}
+    full["b"] = torch.cat([p.detach().cpu() for p in parts])
+    return full
+
+
+def lora_tensors(state: Any, *, who: str = "save_peft") -> Tuple[torch.Tensor, torch.Tensor, float, Optional[str]]:
+    """``(a (d,), b (V,), lora_scale, base model name or None)`` of a lora-mode state, on the CPU.
+
+    ``state``: a :class:`~rosa_ext.integrations.session.RosaSession`, its ``state_dict()``, or the
+    list of every rank's ``state_dict()`` of a vocabulary-parallel session (joined to full V).
+    Raises a RosaError naming ``state`` for a hidden-mode state, a sharded state alone, missing
+    keys, wrong shapes or non-finite values.
+    """
+    sd, name = _state_of(state, who)
+    if "vocab_start" in sd or "vocab_rows" in sd:
+        V.fail(who, "state", "`state` holds only one rank's rows of `b` (vocabulary-parallel head); pass the list of "
+                             "every rank's state_dict() so that `b` is joined to the full vocabulary")
+    mode = sd.get("mode")
+    if mode == "hidden":
+        V.fail(who, "state", "`state` is a hidden-mode state (a shift of lm_head's input, not a LoRA): it has no PEFT "
+                             "form; serve it with rosa_ext.integrations.vllm_processor (the shift in "
+                             "SamplingParams.extra_args) or attach with mode='lora'")
+    if mode != "lora":
+        V.fail(who, "state['mode']", f"`state` is not a rosa_ext session state (mode {mode!r})")
+    for k in ("a", "b", "lora_scale", "vocab_size", "hidden_size"):
+        if k not in sd:
+            V.fail(who, f"state[{k!r}]", f"the state lacks {k!r} (expected a RosaSession.state_dict())")
+    d, Vs = sd["hidden_size"], sd["vocab_size"]
+    a = V.float_tensor(who, "state['a']", sd["a"]).detach().reshape(-1).cpu()
+    b = V.float_tensor(who, "state['b']", sd["b"]).detach().reshape(-1).cpu()
+    if a.numel() != d or b.numel() != Vs:
+        V.fail(who, "state['b']" if a.numel() == d else "state['a']",
+               f"`a` has {a.numel()} values and `b` {b.numel()}; the state says d={d!r}, V={Vs!r}")
+    V.finite(who, "state['a']", a)
+    V.finite(who, "state['b']", b)
+    scale = V.real(who, "state['lora_scale']", sd["lora_scale"])
+    if scale == 0:
+        V.fail(who, "state['lora_scale']", "lora_scale is 0: the adapter would have no effect")
+    return a, b, float(scale), name
+
+
+def adapter_config(lora_scale: float, base_model_name_or_path: Optional[str] = None) -> Dict[str, Any]:
+    """The ``adapter_config.json`` of a rank-1 LoRA on ``lm_head`` with scaling ``lora_scale``."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": 1,
+        "lora_alpha": float(lora_scale),  # PEFT's scaling = lora_alpha / r (use_rslora False)
+        "target_modules": ["lm_head"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def save_peft(state: Any, directory: Union[str, Path], *, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write a lora-mode state as a PEFT adapter directory; returns its path.
+
+    Args:
+        state: a lora-mode :class:`~rosa_ext.integrations.session.RosaSession`, its
+            ``state_dict()``, or the list of every rank's ``state_dict()`` of a
+            vocabulary-parallel session (its rows of ``b`` are joined to the full V first).
+        directory: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors``
+            in it are overwritten.
+        base_model_name_or_path: recorded in the config; by default the session model's
+            ``config._name_or_path`` when known, else null.
+    Writes ``lora_A.weight = a`` as (1, d) and ``lora_B.weight = b`` as (V, 1) in the state's
+    dtype. Raises a RosaError naming ``state`` (hidden mode, one shard alone, a bad state) or
+    ``directory`` before anything is written.
+    """
+    who = "save_peft"
+    a, b, scale, name = lora_tensors(state, who=who)
+    if not isinstance(directory, (str, Path)):
+        V.fail(who, "directory", f"`directory` must be a str or Path, got {V._show(directory)}", V.RosaTypeError)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        V.fail(who, "base_model_name_or_path", "`base_model_name_or_path` must be a str or None, got "
+                                               f"{V._show(base_model_name_or_path)}", V.RosaTypeError)
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        V.fail(who, "directory", f"`directory` {str(path)!r} exists and is not a directory")
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:  # pragma: no cover - safetensors comes with transformers
+        raise ImportError("save_peft needs the `safetensors` package (pip install safetensors)") from e
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = adapter_config(scale, base_model_name_or_path if base_model_name_or_path is not None else name)
+    save_file({LORA_A_KEY: a.reshape(1, -1).contiguous(), LORA_B_KEY: b.reshape(-1, 1).contiguous()},
+              str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def adapter_name(user_id: Union[str, int], state: Any) -> str:
+    """The adapter name of a user's state after its latest update: ``"<user_id>@<num_updates>"``.
+
+    ``state``: a session, its ``state_dict()`` or a ``num_updates`` int. vLLM (and PEFT's
+    ``load_adapter``) cache adapters by name, so each update must be served under a new one.
+    """
+    who = "adapter_name"
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, numbers.Integral)) or str(user_id) == "":
+        V.fail(who, "user_id", f"`user_id` must be a non-empty str or an int, got {V._show(user_id)}", V.RosaTypeError)
+    if isinstance(state, numbers.Integral) and not isinstance(state, bool):
+        num = state
+    elif isinstance(state, Mapping):
+        num = state.get("num_updates")
+    else:
+        num = getattr(state, "num_updates", None)
+    num = V.integer(who, "state", num, minimum=0)
+    return f"{user_id}@{num}"
+
+
+class AdapterIds:
+    """A distinct positive integer per adapter name (vLLM's ``LoRARequest.lora_int_id``).
+
+    vLLM identifies a loaded adapter by its int id: two names must never share one (a hash could
+    collide and silently serve another user's adapter), so ids are handed out in order, 1, 2, ...
+    Thread-safe. ``ids(name)`` returns the same id for the same name.
+    """
+
+    def __init__(self) -> None:
+        self._ids: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str) -> int:
+        if not isinstance(name, str) or not name:
+            V.fail("AdapterIds", "name", f"`name` must be a non-empty str, got {V._show(name)}", V.RosaTypeError)
+        with self._lock:
+            if name not in self._ids:
+                self._ids[name] = len(self._ids) + 1
+            return self._ids[name]
+
+    def __len__(self) -> int:
+        return len(self._ids)
