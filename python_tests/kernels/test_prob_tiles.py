@@ -1,0 +1,237 @@
+"""Probability tiles (rosa_ext.kernels.prob_tiles) and the GEMMs over them (rosa_ext.kernels.tile_gemms)
+against float64 math on the same inputs.
+
+On the CPU the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1; tile 16 tokens
+x 32 vocabulary x 16 hidden), so sizes are tiny; V is never a multiple of the tile, one target is in
+the last (partial) vocabulary tile, targets repeat, and some cases force two vocabulary splits.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import rosa_ext.kernels as K  # noqa: E402
+from rosa_ext.core.problem import build_problem  # noqa: E402
+from rosa_ext.kernels import tile_gemms as TG  # noqa: E402
+from rosa_ext.kernels._tiles import INTERPRET  # noqa: E402
+from rosa_ext.kernels.prob_tiles import prob_tiles_from_tensors, probability_tiles, tile_buffers  # noqa: E402
+from rosa_ext.reference import jacobian_reference  # noqa: E402
+
+pytestmark = pytest.mark.triton_interp
+S = 8.0  # LoRA scale
+
+
+def _case(T, V, d, *, B=1, bias=False, lora=False, seed=0, scale=1.5):
+    """fp32 inputs and their float64 truth: logits z (T, V), pi, P (target entries 0), q, pt, rb, ss."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, d, generator=g)
+    W = torch.randn(V, d, generator=g) * scale / d ** 0.5
+    c = torch.randn(V, generator=g) * 0.3 if bias else None
+    counts = [T // B + (1 if k < T % B else 0) for k in range(B)]
+    seg = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+    a = torch.randn(B, d, generator=g) / d ** 0.5 if lora else None
+    b = torch.randn(B, V, generator=g) * 0.1 if lora else None
+    y = torch.randint(0, V, (T,), generator=g)
+    y[0] = V - 1  # the last, partial vocabulary tile
+    y[1:4] = y[0]  # repeated targets (within the first conversation when T >= 4)
+    if T > 10:
+        y[7:10] = 5
+    z = h.double() @ W.double().T
+    if c is not None:
+        z = z + c.double()
+    if lora:
+        z = z + S * (h.double() * a.double()[seg]).sum(1, keepdim=True) * b.double()[seg]
+    pi = torch.softmax(z, 1)
+    lse = torch.logsumexp(z, 1)
+    rows = torch.arange(T)
+    P = pi.clone()
+    P[rows, y] = 0
+    truth = dict(z=z, pi=pi, P=P, q=P.sum(1), pt=pi[rows, y], ss=(P * P).sum(1),
+                 rb=(P * b.double()[seg]).sum(1) if lora else None)
+    model = dict(hidden=h, weight=W, bias=c, targets=y, seg=seg if B > 1 else None,
+                 lora_a=(a if B > 1 else a[0]) if lora else None, lora_b=(b if B > 1 else b[0]) if lora else None)
+    return model, lse, truth, seg
+
+
+def _low_level(model, lse, seg, precision="fp32", splits=None, targets=None):
+    h, W = model["hidden"], model["weight"]
+    ah = lb = None
+    if model["lora_a"] is not None:
+        a = model["lora_a"].reshape(-1, h.shape[1])
+        ah = (h * (a[0] if a.shape[0] == 1 else a[seg])).sum(1)
+        lb = model["lora_b"].reshape(-1, W.shape[0]).float()
+    y = model["targets"] if targets is None else targets
+    return prob_tiles_from_tensors(h, W, seg.to(torch.int32), lse.float(), y, bias=model["bias"], lora_b=lb, ah=ah,
+                                   lora_scale=S, precision=precision, splits=splits)
+
+
+CASES = [  # (T, V, d, B, bias, lora, forced splits)
+    (1, 100, 16, 1, False, False, None),
+    (1, 100, 16, 1, True, True, None),
+    (37, 300, 32, 1, True, True, 2),
+    (37, 200, 16, 1, False, False, None),
+    (70, 200, 32, 3, False, True, None),
+    (70, 300, 16, 2, True, False, 2),
+]
+
+
+@pytest.mark.parametrize("T,V,d,B,bias,lora,splits", CASES)
+def test_prob_tiles_fp32_match_float64(T, V, d, B, bias, lora, splits):
+    model, lse, truth, seg = _case(T, V, d, B=B, bias=bias, lora=lora)
+    tiles = _low_level(model, lse, seg, splits=splits)
+    assert tiles.p.shape == (T, V) and tiles.p.dtype == torch.float32 and tiles.hi is None
+    err = (tiles.p.double() - truth["P"]).abs().max().item()
+    assert err <= 1e-6, err
+    rows = torch.arange(T)
+    assert torch.all(tiles.p[rows, model["targets"]] == 0)
+    torch.testing.assert_close(tiles.q.double(), truth["q"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tiles.pt.double(), truth["pt"], rtol=1e-5, atol=1e-7)
+    assert ((tiles.q + tiles.pt).double() - 1).abs().max().item() <= 1e-5  # row sums
+    torch.testing.assert_close(tiles.ss.double(), truth["ss"], rtol=1e-5, atol=1e-7)
+    if lora:
+        torch.testing.assert_close(tiles.rb.double(), truth["rb"], rtol=1e-5, atol=1e-6)
+    else:
+        assert tiles.rb is None
+
+
+@pytest.mark.parametrize("T,V,d,B,bias,lora,splits", [CASES[2], CASES[4]])
+def test_prob_tiles_public_call_with_its_own_stats(T, V, d, B, bias, lora, splits):
+    """The tensor-level call: lse from the stats kernel (prepared problem, and a plain call)."""
+    model, _, truth, _ = _case(T, V, d, B=B, bias=bias, lora=lora, seed=1)
+    kw = {k: model[k] for k in ("bias", "lora_a", "lora_b", "seg")}
+    prob = K.prepare(model["hidden"], model["weight"], model["targets"], lora_scale=S, **kw)
+    a = probability_tiles(model["hidden"], model["weight"], model["targets"], prob=prob)
+    b = probability_tiles(model["hidden"], model["weight"], model["targets"], lora_scale=S, precision="bf16x2", **kw)
+    for got in (a.dense(), b.dense()):
+        err = (got.double() - truth["P"]).abs().max().item()
+        assert err <= 2e-6, err
+    assert ((a.q + a.pt).double() - 1).abs().max().item() <= 1e-5
+
+
+def test_prob_tiles_keep_one_minus_p_when_p_is_near_one():
+    """q = 1 - p_t summed off-target: accurate where 1 - p_t would be rounding noise in fp32."""
+    model, _, _, seg = _case(16, 100, 16, seed=2)
+    h, W, y = model["hidden"], model["weight"], model["targets"]
+    W[y[5]] = h[5] * (18.0 / h[5].norm() ** 2)  # z[5, y_5] = 18 over |z| ~ 2 elsewhere: 1 - p ~ 1e-6
+    z = h.double() @ W.double().T
+    pi = torch.softmax(z, 1)
+    q64 = 1 - pi[torch.arange(16), y]
+    lse = torch.logsumexp(z, 1)
+    tiles = _low_level(model, lse, seg)
+    assert q64[5] < 1e-5
+    rel = ((tiles.q.double() - q64).abs() / q64).max().item()
+    assert rel <= 1e-5, rel
+    naive = (1 - tiles.pt[5].double()).item()  # what 1 - p would give: off by ~ulp(1) / q
+    assert abs(naive - q64[5].item()) / q64[5].item() > 10 * rel
+
+
+def test_prob_tiles_targets_outside_the_vocabulary_are_not_split():
+    """A vocabulary-parallel rank's rows: an id outside [0, V) splits nothing off (pt = 0, q = 1)."""
+    model, lse, truth, seg = _case(20, 100, 16, seed=3)
+    y = model["targets"].clone()
+    y[::3] = -1
+    y[1::3] = 100
+    tiles = _low_level(model, lse, seg, targets=y)
+    out = (y < 0) | (y >= 100)
+    torch.testing.assert_close(tiles.p[out].double(), truth["pi"][out], rtol=0, atol=1e-6)
+    assert torch.all(tiles.pt[out] == 0)
+    assert (tiles.q[out].double() - 1).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16x2", "bf16"])
+def test_prob_tiles_bf16_parts(precision):
+    """hi = P rounded to the nearest bf16 (ties to even, as torch rounds), lo = the rest rounded:
+    hi + lo = P to 2^-16 relative (bf16x2); hi alone to 2^-8 (bf16)."""
+    model, lse, truth, seg = _case(37, 300, 32, bias=True, lora=True, seed=4)
+    f32 = _low_level(model, lse, seg, splits=2)
+    t = _low_level(model, lse, seg, precision=precision, splits=2)
+    assert t.p is None and t.hi.dtype == torch.bfloat16 and (t.lo is None) == (precision == "bf16")
+    if INTERPRET:  # the same arithmetic in both launches: the rounding itself is checked exactly
+        assert torch.equal(t.hi, f32.p.to(torch.bfloat16))
+        if t.lo is not None:
+            assert torch.equal(t.lo, (f32.p - t.hi.float()).to(torch.bfloat16))
+    P = truth["P"]
+    rel = 2.0 ** -16 + 2e-6 if precision == "bf16x2" else 2.0 ** -8 + 2e-6
+    assert torch.all((t.dense().double() - P).abs() <= rel * P + 1e-6)
+    for name in ("q", "pt", "ss"):  # the row sums are of the fp32 entries whatever the storage
+        torch.testing.assert_close(getattr(t, name), getattr(f32, name), rtol=1e-6, atol=1e-8)
+
+
+def test_prob_tiles_write_into_given_rows_of_a_larger_buffer():
+    """out=: token blocks written into row slices of one kept buffer (row stride > V)."""
+    model, lse, truth, seg = _case(37, 200, 16, seed=5)
+    big = torch.full((40, 256), -1.0)
+    h, W, y = model["hidden"], model["weight"], model["targets"]
+    for r0, r1 in ((0, 20), (20, 37)):
+        prob_tiles_from_tensors(h[r0:r1], W, seg[r0:r1].to(torch.int32), lse[r0:r1].float(), y[r0:r1],
+                                out=(big[r0:r1, :200], None))
+    assert (big[:37, :200].double() - truth["P"]).abs().max().item() <= 1e-6
+    assert torch.all(big[:, 200:] == -1) and torch.all(big[37:] == -1)
+
+
+def test_prob_tiles_bad_arguments_are_named():
+    model, lse, _, seg = _case(5, 100, 16)
+    h, W, y = model["hidden"], model["weight"], model["targets"]
+    with pytest.raises(ValueError, match="precision"):
+        prob_tiles_from_tensors(h, W, seg.int(), lse.float(), y, precision="fp16")
+    with pytest.raises(ValueError, match="lse"):
+        prob_tiles_from_tensors(h, W, seg.int(), lse[:3].float(), y)
+    with pytest.raises(ValueError, match="out"):
+        prob_tiles_from_tensors(h, W, seg.int(), lse.float(), y, out=tile_buffers(5, 100, "bf16x2", h.device))
+    with pytest.raises(ValueError, match="targets"):
+        probability_tiles(h, W, y + 1000)
+
+
+# -- the GEMMs over the tiles --------------------------------------------------------------------------
+GEMM_TOL = {"fp32": 2e-6, "bf16x2": 2e-5, "bf16": 5e-3}  # relative, against float64
+
+
+def _rel(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16x2", "bf16"])
+@pytest.mark.parametrize("T,V,d,B,bias,lora,splits", [CASES[0], CASES[3], CASES[5]])
+def test_hidden_products_over_tiles(precision, T, V, d, B, bias, lora, splits):
+    """pi W = P W + p_t W[y_t], and the hidden Jacobian rows against the float64 reference's J."""
+    model, lse, truth, seg = _case(T, V, d, B=B, bias=bias, lora=lora, seed=6)
+    tiles = _low_level(model, lse, seg, precision=precision, splits=splits)
+    W, y = model["weight"], model["targets"]
+    tol = GEMM_TOL[precision]
+    assert _rel(TG.off_target_weight(tiles, W), truth["P"] @ W.double()) <= tol
+    assert _rel(TG.pi_weight(tiles, W, y), truth["pi"] @ W.double()) <= tol
+    assert _rel(TG.off_target_weight(tiles, W.to(torch.bfloat16)), truth["P"] @ W.to(torch.bfloat16).double()) <= tol
+    J = TG.hidden_jacobian(tiles, W, y, tiles.pt)
+    bounds = torch.cumsum(torch.bincount(seg, minlength=B), 0).tolist()
+    for lo, hi in zip([0] + bounds[:-1], bounds):  # each conversation's rows: its own reference problem
+        prob = build_problem(model["hidden"][lo:hi].double(), W.double(), y[lo:hi], 1.0, mode="hidden", lora_a=None,
+                             lora_b=None, lora_scale=S, bias=None if model["bias"] is None else model["bias"].double(),
+                             beta=1.0, damping=1.0, max_iter=1, tol=0.0, solver="cg", backend="torch", mask=None)
+        assert _rel(J[lo:hi], jacobian_reference(prob, 0)) <= 2 * tol
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16x2", "bf16"])
+@pytest.mark.parametrize("T,V,d,B,bias,lora,splits", [CASES[1], CASES[2], CASES[4]])
+def test_lora_gram_and_vjp_over_tiles(precision, T, V, d, B, bias, lora, splits):
+    """The centred Gram (e_y - pi)(e_y - pi)^T per conversation, its diagonal from the row sums, and
+    the VJP sum_t w_t (e_{y_t} - pi_t) per conversation, against float64."""
+    model, lse, truth, seg = _case(T, V, d, B=B, bias=bias, lora=lora, seed=7)
+    tiles = _low_level(model, lse, seg, precision=precision, splits=splits)
+    y = model["targets"]
+    E = torch.nn.functional.one_hot(y, V).double() - truth["pi"]
+    counts = torch.bincount(seg, minlength=B).tolist()
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    tol = GEMM_TOL[precision]
+    Ks = TG.centered_gram(tiles, y, offsets)
+    assert len(Ks) == B
+    for k, Kb in enumerate(Ks):
+        Eb = E[offsets[k]:offsets[k + 1]]
+        assert _rel(Kb, Eb @ Eb.T) <= tol
+    assert _rel(TG.centered_sqnorm(tiles), (E * E).sum(1)) <= tol
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(T, generator=g)
+    got = TG.centered_vjp(tiles, w, y, seg, B)
+    want = torch.zeros(B, V, dtype=torch.float64).index_add_(0, seg, w.double().unsqueeze(1) * E)
+    assert got.shape == (B, V) and _rel(got, want) <= tol
