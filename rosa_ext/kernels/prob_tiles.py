@@ -69,7 +69,6 @@ import triton.language as tl
 from ..common.validation import RosaInputError
 from ._tiles import (
     AUTOTUNE_KEY,
-    PRUNE,
     autotuned,
     check_model,
     fp32_precision,
@@ -77,6 +76,7 @@ from ._tiles import (
     load_rows,
     logits_tile,
     lora_args,
+    make_prune,
     n_bucket,
     sm_count,
     split_launch,
@@ -88,6 +88,32 @@ from ._tiles import (
 #: Storage precisions of P (module docstring); "bf16x2" is the hi/lo split.
 PRECISIONS = ("fp32", "bf16x2", "bf16")
 _OUT_MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
+
+#: (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) of this kernel on Hopper: at most 32 tile
+#: elements per thread. Besides the logits tile it holds the probabilities, the target split and
+#: the stored parts, and ahead-of-time compiles for sm_90 (ptxas -v; every OUT_MODE, LoRA with one
+#: or per-conversation b rows and without) showed the stats kernels' 64-per-thread tiles spilling
+#: here: 128x128x64 with 8 warps 16-308 bytes, with 4 warps 450-2100, 128x256 up to 1.8 KB, and
+#: 64x256 92 bytes (fp32 P, per-conversation b). These compile with no spill in every
+#: specialisation, the wgmma ones (BLOCK_T >= 64) with wgmma (python_tests/kernels/test_prob_tiles.py).
+_HALF = [
+    (64, 128, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (16, 128, 64, 4, 3),
+]
+_FP32_TC = [
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 32, 4, 3),
+    (32, 64, 32, 4, 3),
+]
+_FP32_IEEE = [
+    (64, 64, 32, 8, 3),
+    (32, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),
+]
+POOLS = (_HALF, _FP32_TC, _FP32_IEEE)
 
 
 @triton.jit
@@ -101,7 +127,7 @@ def round_bf16(x):
     return rounded.to(tl.float32, bitcast=True)
 
 
-@autotuned(tile_configs(), AUTOTUNE_KEY + ["OUT_MODE"], prune_configs_by=PRUNE)
+@autotuned(tile_configs(POOLS), AUTOTUNE_KEY + ["OUT_MODE"], prune_configs_by={"early_config_prune": make_prune(*POOLS)})
 @triton.jit
 def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, y_ptr, p_ptr, lo_ptr,
                       q_out, pt_out, rb_out, ss_out,
@@ -126,7 +152,11 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
     pt = tl.zeros((BLOCK_T,), dtype=tl.float32)
     rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
     ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    row = offs_t.to(tl.int64) * s_p
+    # stores: int32 offsets within this token tile from one int64 base (fewer registers than an int64
+    # address tile; 128 * s_p < 2^31 is checked at launch)
+    p_base = p_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
+    lo_base = lo_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
+    row = tl.arange(0, BLOCK_T) * s_p
     v_begin, v_end = split_range(V, split)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -145,15 +175,15 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
         ss += tl.sum(r * r, 1)
         if HAS_LORA:
             rb += tl.sum(r * bv, 1)
-        ptrs = row[:, None] + offs_v[None, :].to(tl.int64)
+        loc = row[:, None] + offs_v[None, :]
         keep = mask_t[:, None] & mask_v[None, :]
         if OUT_MODE == 0:
-            tl.store(p_ptr + ptrs, r, mask=keep)
+            tl.store(p_base + loc, r, mask=keep)
         else:
             hi = round_bf16(r)
-            tl.store(p_ptr + ptrs, hi.to(tl.bfloat16), mask=keep)
+            tl.store(p_base + loc, hi.to(tl.bfloat16), mask=keep)
             if OUT_MODE == 1:
-                tl.store(lo_ptr + ptrs, round_bf16(r - hi).to(tl.bfloat16), mask=keep)
+                tl.store(lo_base + loc, round_bf16(r - hi).to(tl.bfloat16), mask=keep)
     out = split * N + offs_t
     tl.store(q_out + out, q, mask=mask_t)
     tl.store(pt_out + out, pt, mask=mask_t)
@@ -263,6 +293,9 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
                                      f"{hidden.device}", "out")
         if mode == 1 and lo.stride(0) != p.stride(0):
             raise RosaInputError(f"{who}: out's hi and lo must have one row stride", "out")
+    if 128 * p.stride(0) >= 2 ** 31:  # the kernel's int32 offsets within a token tile (BLOCK_T <= 128)
+        raise RosaInputError(f"{who}: a row stride of {p.stride(0)} elements is too large (at most "
+                             f"{(2 ** 31 - 1) // 128})", "out" if out is not None else "weight")
     hidden, weight, bias = interpreter_safe(hidden, weight, bias)
     has_lora, lb, ah_, _ = lora_args(hidden, lora_b, ah, V)
     sms = sm_count(hidden.device)
