@@ -237,6 +237,29 @@ def test_lora_gram_and_vjp_over_tiles(precision, T, V, d, B, bias, lora, splits)
     assert got.shape == (B, V) and _rel(got, want) <= tol
 
 
+
+def test_first_config_tuning_keeps_one_config_per_list(monkeypatch):
+    """ROSA_KERNEL_TUNING=first (first-contact GPU runs): one config per operand list, so the pruner
+    leaves exactly one per launch (nothing tuned); "full" keeps every list; anything else is named."""
+    from rosa_ext.kernels import _tiles
+    from rosa_ext.kernels.prob_tiles import POOLS
+
+    monkeypatch.setattr(_tiles, "INTERPRET", False)
+    monkeypatch.setenv("ROSA_KERNEL_TUNING", "first")
+    for pools in ((), POOLS):
+        lists = pools or (_tiles._HOPPER, _tiles._HOPPER_FP32_TC, _tiles._HOPPER_FP32_IEEE)
+        cfgs = _tiles.tile_configs(pools)
+        assert [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+                for c in cfgs] == list(dict.fromkeys(lst[0] for lst in lists))
+        prune = _tiles.make_prune(*lists)
+        for is_fp32, prec in ((False, "ieee"), (True, "tf32x3"), (True, "ieee")):
+            assert len(prune(cfgs, dict(IS_FP32=is_fp32, PRECISION=prec, N_BUCKET=1024))) == 1
+    monkeypatch.setenv("ROSA_KERNEL_TUNING", "full")
+    assert len(_tiles.tile_configs(POOLS)) == len(dict.fromkeys(POOLS[0] + POOLS[1] + POOLS[2]))
+    monkeypatch.setenv("ROSA_KERNEL_TUNING", "fast")
+    with pytest.raises(ValueError, match="ROSA_KERNEL_TUNING"):
+        _tiles.tile_configs()
+
 # -- ahead-of-time compile for Hopper, every autotune config (no GPU needed) ---------------------------
 _SM90_EVERY_CONFIG = r"""
 import os, subprocess, sys, tempfile, warnings

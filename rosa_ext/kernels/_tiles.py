@@ -209,14 +209,33 @@ def tile_configs(pools: Sequence[Sequence[tuple]] = ()):
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1)]
     half, tc, ieee = pools or (_HOPPER, _HOPPER_FP32_TC, _HOPPER_FP32_IEEE)
+    if tuning() == "first":  # one config per list: a cold machine compiles each kernel once, tunes nothing
+        half, tc, ieee = half[:1], tc[:1], ieee[:1]
     pool = list(half) + [c for c in list(tc) + list(ieee) if c not in half]
     return [_config(*c) for c in dict.fromkeys(pool)]
+
+
+#: Environment variable read once at import: "full" (default) autotunes over every config of a list;
+#: "first" keeps the first config of each list (no tuning: a cold cache compiles each kernel once,
+#: ~4 s, instead of once per config; for first-contact GPU runs that must finish in minutes, whose
+#: timings are then untuned and say so).
+TUNING_ENV = "ROSA_KERNEL_TUNING"
+
+
+def tuning() -> str:
+    """The autotuning mode of this process (:data:`TUNING_ENV`): "full" or "first"."""
+    mode = os.environ.get(TUNING_ENV, "full").strip().lower() or "full"
+    if mode not in ("full", "first"):
+        raise RosaInputError(f"rosa_ext.kernels: {TUNING_ENV} must be 'full' or 'first', got {mode!r}", TUNING_ENV)
+    return mode
 
 
 def make_prune(half: Sequence[tuple], fp32_tc: Sequence[tuple], fp32_ieee: Sequence[tuple]):
     """The ``early_config_prune`` of a logits-tile kernel whose configs are the union of these three
     lists (bf16/fp16 operands, fp32 on the TF32 tensor cores, fp32 "ieee"): :func:`prune_configs`
-    is the one of this module's lists."""
+    is the one of this module's lists. (With :func:`tuning` "first", the first config of each list.)"""
+    if tuning() == "first":
+        half, fp32_tc, fp32_ieee = half[:1], fp32_tc[:1], fp32_ieee[:1]
     pools = (frozenset(map(tuple, half)), frozenset(map(tuple, fp32_tc)), frozenset(map(tuple, fp32_ieee)))
 
     def prune(configs, named_args, **kwargs):
