@@ -336,3 +336,47 @@ def test_prob_tile_kernel_compiles_for_hopper_in_every_config():
             assert dots == "wgmma", (tag, cfg, mode, single)
         assert int(shared) <= 227 * 1024, (tag, cfg, shared)
         assert int(stack) == 0, f"{tag} {cfg} OUT_MODE {mode} single {single}: {stack} bytes of stack (spills)"
+
+
+# -- GPU (when lent) -------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpu_prob_tiles_on_the_qwen_head(lora):
+    """Qwen2.5-0.5B head sizes, bf16: P against float64 on the first 4096 vocabulary columns (targets put
+    there), row sums, and each storage precision's products against the fp32 tiles' (exact fp32 GEMMs)."""
+    T, d, V = 300, 896, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(T, d, device="cuda", generator=g).to(torch.bfloat16)
+    W = (torch.randn(V, d, device="cuda", generator=g) * 4 / d ** 0.5).to(torch.bfloat16)
+    y = torch.randint(0, 4096, (T,), device="cuda", generator=g)
+    y[:5] = y[0]
+    kw = {}
+    if lora:
+        kw = dict(lora_a=torch.randn(d, device="cuda", generator=g) / d ** 0.5,
+                  lora_b=torch.randn(V, device="cuda", generator=g) * 0.01, lora_scale=S)
+    prob = K.prepare(h, W, y, **kw)
+    tiles = {p: probability_tiles(h, W, y, prob=prob, precision=p) for p in ("fp32", "bf16x2", "bf16")}
+    z = h.double() @ W.double().T
+    if lora:
+        z += S * (h.double() @ kw["lora_a"].double())[:, None] * kw["lora_b"].double()
+    pi = torch.softmax(z, 1)
+    del z
+    P64 = pi[:, :4096].clone()
+    P64[torch.arange(T, device="cuda"), y] = 0
+    t32 = tiles["fp32"]
+    torch.testing.assert_close(t32.p[:, :4096].double(), P64, rtol=1e-4, atol=1e-6)
+    assert ((t32.q + t32.pt).double() - 1).abs().max().item() <= 1e-5
+    torch.testing.assert_close(t32.pt.double(), pi[torch.arange(T, device="cuda"), y], rtol=1e-4, atol=1e-7)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        w = torch.randn(T, device="cuda", generator=g)
+        ref = (TG.off_target_weight(t32, W).double(), TG.centered_gram(t32, y, [0, T])[0].double(),
+               TG.centered_vjp(t32, w, y)[0].double())
+        for prec, tol in (("bf16x2", 3e-5), ("bf16", 1e-2)):
+            t = tiles[prec]
+            got = (TG.off_target_weight(t, W), TG.centered_gram(t, y, [0, T])[0], TG.centered_vjp(t, w, y)[0])
+            for a, b in zip(got, ref):
+                assert _rel(a, b) <= tol, (prec, _rel(a, b))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
