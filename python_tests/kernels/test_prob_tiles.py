@@ -260,6 +260,45 @@ def test_first_config_tuning_keeps_one_config_per_list(monkeypatch):
     with pytest.raises(ValueError, match="ROSA_KERNEL_TUNING"):
         _tiles.tile_configs()
 
+
+@pytest.mark.parametrize("mode", ["hidden", "lora"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16x2"])
+def test_dual_step_built_from_the_tiles_matches_the_torch_backend(mode, precision):
+    """The pieces suffice for the dual (MATH.md section 4): J (hidden) or J_a with the centred Gram
+    (LoRA) from P, (G + lambda I) alpha = g, delta = J^T alpha (LoRA b-part: the VJP over P) -- equal
+    to rosa_update(backend="torch", solver="dual") to 1e-5."""
+    from rosa_ext import rosa_update
+
+    T, V, d = 37, 300, 16
+    model, _, _, seg = _case(T, V, d, bias=True, lora=mode == "lora", seed=9)
+    h, W, y, c = model["hidden"], model["weight"], model["targets"], model["bias"]
+    lora = dict(lora_a=model["lora_a"], lora_b=model["lora_b"]) if mode == "lora" else {}
+    st = K.stats(h, W, y, bias=c, lora_scale=S, **lora)
+    tiles = _low_level(model, st.lse, seg, precision=precision, splits=2)
+    p = st.logp.double().exp()
+    logit = st.logp.double() - torch.log1p(-p)
+    g = torch.sigmoid(logit - 1.0) - p  # reward -1, beta 1 (MATH.md section 1)
+    lam = 0.1
+    if mode == "hidden":
+        J = TG.hidden_jacobian(tiles, W, y, p.float()).double()
+        G = J @ J.T
+    else:
+        a, b = model["lora_a"].double(), model["lora_b"].double()
+        ah = h.double() @ a
+        Ja = (S * p * (tiles.q.double() * b[y] - tiles.rb.double())).unsqueeze(1) * h.double()
+        cc = S * p * ah
+        G = Ja @ Ja.T + torch.outer(cc, cc) * TG.centered_gram(tiles, y, [0, T])[0].double()
+    alpha = torch.linalg.solve(G + lam * torch.eye(T, dtype=torch.float64), g)
+    step = rosa_update(h, W, y, -1.0, mode=mode, bias=c, lora_scale=S, beta=1.0, damping=lam, damping_mode="absolute",
+                       solver="dual", backend="torch", **lora)
+    if mode == "hidden":
+        got, want = J.T @ alpha, step.delta.double()
+    else:
+        da = Ja.T @ alpha
+        db = TG.centered_vjp(tiles, (alpha * cc).float(), y)[0].double()
+        got, want = torch.cat([da, db]), torch.cat([step.delta_a.double().reshape(-1), step.delta_b.double().reshape(-1)])
+    assert _rel(got, want) <= 1e-5, _rel(got, want)
+
 # -- ahead-of-time compile for Hopper, every autotune config (no GPU needed) ---------------------------
 _SM90_EVERY_CONFIG = r"""
 import os, subprocess, sys, tempfile, warnings
