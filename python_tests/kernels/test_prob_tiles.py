@@ -210,6 +210,23 @@ def test_hidden_products_over_tiles(precision, T, V, d, B, bias, lora, splits):
         assert _rel(J[lo:hi], jacobian_reference(prob, 0)) <= 2 * tol
 
 
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16x2"])
+def test_hidden_jacobian_with_a_lora_term_in_the_logits(precision):
+    """Hidden mode on a head with a LoRA adapter (W + s b a^T): the extra p_t s (q_t b[y_t] - r_t . b) a
+    term, against the float64 reference's Jacobian."""
+    T, V, d = 37, 300, 16
+    model, lse, _, seg = _case(T, V, d, bias=True, lora=True, seed=10)
+    tiles = _low_level(model, lse, seg, precision=precision, splits=2)
+    W, y, a, b = model["weight"], model["targets"], model["lora_a"], model["lora_b"]
+    J = TG.hidden_jacobian(tiles, W, y, tiles.pt, lora_a=a, lora_b_y=b[y], lora_scale=S)
+    prob = build_problem(model["hidden"].double(), W.double(), y, 1.0, mode="hidden", lora_a=a.double(),
+                         lora_b=b.double(), lora_scale=S, bias=model["bias"].double(), beta=1.0, damping=1.0,
+                         max_iter=1, tol=0.0, solver="cg", backend="torch", mask=None)
+    assert _rel(J, jacobian_reference(prob, 0)) <= 2 * GEMM_TOL[precision]
+    with pytest.raises(ValueError, match="lora_b_y"):
+        TG.hidden_jacobian(tiles, W, y, tiles.pt, lora_a=a, lora_scale=S)
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16x2", "bf16"])
 @pytest.mark.parametrize("T,V,d,B,bias,lora,splits", [CASES[1], CASES[2], CASES[4]])
 def test_lora_gram_and_vjp_over_tiles(precision, T, V, d, B, bias, lora, splits):

@@ -120,14 +120,27 @@ def pi_weight(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tensor,
 
 
 def hidden_jacobian(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tensor, p: torch.Tensor,
-                    rW: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The hidden-mode Jacobian rows J_t = p_t (q_t W[y_t] - r_t W) -> (N, d) fp32 (MATH.md section 4,
-    without a LoRA term in the logits); ``p`` (N,) p_t (from log p_t of the stats), ``rW`` the
-    :func:`off_target_weight` if already formed."""
+                    rW: Optional[torch.Tensor] = None, *, lora_a: Optional[torch.Tensor] = None,
+                    lora_b_y: Optional[torch.Tensor] = None, lora_scale: float = 0.0) -> torch.Tensor:
+    """The hidden-mode Jacobian rows -> (N, d) fp32 (MATH.md section 4):
+
+        J_t = p_t (q_t W[y_t] - r_t W)   (+ p_t s (q_t b[y_t] - r_t . b) a   with a LoRA term in the logits)
+
+    ``p`` (N,) p_t (from log p_t of the stats), ``rW`` the :func:`off_target_weight` if already formed;
+    with a LoRA term (W + s b a^T, section 2): ``lora_a`` (N, d) a_seg per token or (d,), ``lora_b_y``
+    (N,) b_seg[y_t], ``lora_scale`` s, and the tiles must carry ``rb`` (made with lora_b)."""
     V = tiles.shape[1]
     rW = off_target_weight(tiles, weight) if rW is None else rW
-    wy = weight[targets.clamp(0, V - 1)].float() * _target_ok(targets, V).unsqueeze(1)
-    return (tiles.q.unsqueeze(1) * wy - rW).mul_(p.float().unsqueeze(1))
+    ok = _target_ok(targets, V)
+    wy = weight[targets.clamp(0, V - 1)].float() * ok.unsqueeze(1)
+    J = tiles.q.unsqueeze(1) * wy - rW
+    if lora_a is not None:
+        if tiles.rb is None or lora_b_y is None:
+            raise RosaInputError("rosa_ext.kernels.hidden_jacobian: a LoRA term needs lora_b_y and tiles made with "
+                                 "lora_b (their rb)", "lora_b_y")
+        coef = lora_scale * (tiles.q * lora_b_y.float() * ok - tiles.rb)
+        J.add_(coef.unsqueeze(1) * lora_a.float())
+    return J.mul_(p.float().unsqueeze(1))
 
 
 def _spans(offsets: Sequence[int], N: int) -> List[Tuple[int, int]]:
