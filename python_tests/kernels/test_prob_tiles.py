@@ -252,6 +252,9 @@ def test_lora_gram_and_vjp_over_tiles(precision, T, V, d, B, bias, lora, splits)
     got = TG.centered_vjp(tiles, w, y, seg, B)
     want = torch.zeros(B, V, dtype=torch.float64).index_add_(0, seg, w.double().unsqueeze(1) * E)
     assert got.shape == (B, V) and _rel(got, want) <= tol
+    u = torch.randn(B, V, generator=g)  # the JVP's reduction over the tiles, one u row per conversation
+    dots = TG.off_target_dot(tiles, u if B > 1 else u[0], seg if B > 1 else None)
+    assert dots.shape == (T,) and _rel(dots, (truth["P"] * u.double()[seg]).sum(1)) <= tol
 
 
 

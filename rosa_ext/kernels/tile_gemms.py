@@ -10,7 +10,9 @@ solve (and of a CG that keeps P) is a GEMM or GEMV over it:
   ``K[t, u] = q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] + r_t . r_u`` (:func:`centered_gram`:
   the GEMM ``P_b P_b^T`` plus the cross terms ``r_t[y_u] = P[t, y_u]`` gathered, :func:`cross_terms`),
   and the VJP ``scatter(y, w q) - sum_t w_t r_t`` (:func:`centered_vjp`, a GEMV ``w^T P``);
-- the relative ridge's ``||e_{y_t} - pi_t||^2 = q_t^2 + r_t . r_t`` (:func:`centered_sqnorm`, section 6).
+- the relative ridge's ``||e_{y_t} - pi_t||^2 = q_t^2 + r_t . r_t`` (:func:`centered_sqnorm`, section 6);
+- a CG that keeps P: the JVP's ``r_t . u`` (:func:`off_target_dot`, a GEMV) and the VJP
+  (:func:`centered_vjp`), two GEMVs over P per iteration, no logits recomputed.
 
 Precision. With "fp32" tiles the products are fp32 torch GEMMs (on CUDA they follow torch's
 ``allow_tf32`` setting, off by default). With "bf16x2" tiles (P = hi + lo) each product is a sum
@@ -91,6 +93,20 @@ def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor) -> torch.Tensor:
     if tiles.lo is not None:
         out.add_(mm_f32(wh, tiles.lo))
     return out
+
+
+def off_target_dot(tiles: ProbTiles, u: torch.Tensor, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r_t . u_seg -> (N,) fp32 for u (V,) or (B, V) one row per conversation (``seg`` (N,) int ids;
+    None with one row): the JVP's reduction over the kept tiles (MATH.md section 3, ``R(u)_t = pi_t . u``
+    = this + p_t u[y_t]), a GEMV ``P u`` (one column per conversation) instead of a pass over W."""
+    N, V = tiles.shape
+    U = u.reshape(-1, V)
+    if U.shape[0] > 1 and seg is None:
+        raise RosaInputError(f"rosa_ext.kernels.off_target_dot: u has {U.shape[0]} rows but no seg was given", "seg")
+    out = tiles_matmul(tiles, U.T)  # (N, B)
+    if U.shape[0] == 1:
+        return out[:, 0]
+    return out.gather(1, seg.long().reshape(N, 1))[:, 0]
 
 
 def _target_ok(targets: torch.Tensor, V: int) -> torch.Tensor:
