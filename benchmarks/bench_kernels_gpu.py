@@ -95,7 +95,8 @@ def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, input
     from rosa_ext.core.problem import build_problem
     from rosa_ext.plans.base import linearize
 
-    h, y, a, b = inputs["h"], inputs["y"], inputs["a"], inputs["b"]
+    h, y, b = inputs["h"], inputs["y"], inputs["b"]
+    a = inputs["a"] if mode == "lora" else None  # hidden rows: the default call, no LoRA term in the logits
     from rosa_ext.common import defaults
     prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=defaults.LORA_SCALE, bias=None,
                          beta=defaults.BETA, damping=0.1, damping_mode="absolute", max_iter=defaults.MAX_ITER, tol=defaults.TOL,
@@ -202,8 +203,8 @@ def section_early_exit(weight, args, result, clock, dump) -> None:
             if _over(args, clock, result, dict(section="early_exit", dtype=dtype, mode=mode)):
                 continue
             inp = _qwen_inputs(W, T, seed=7, lora=mode == "lora")
-            base = dict(mode=mode, lora_a=inp["a"], lora_b=inp["b"], solver="cg", backend="triton", damping=0.1,
-                        damping_mode="absolute")
+            base = dict(mode=mode, lora_a=inp["a"] if mode == "lora" else None, lora_b=inp["b"], solver="cg",
+                        backend="triton", damping=0.1, damping_mode="absolute")
             tol, it = 1e-3, None
             for tol in (1e-3, 1e-2, 1e-1):  # a tolerance CG reaches well before 16 iterations
                 it = rosa_update(inp["h"], W, inp["y"], -1.0, max_iter=64, tol=tol, **base).iterations

@@ -36,6 +36,7 @@ from update_measure import (
     BASELINE,
     BETA,
     DAMPING,
+    DEFAULT,
     DENSE,
     LORA_SCALE,
     MAX_ITER,
@@ -87,6 +88,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   late_cases=[], reps=5, row_budget_s=30.0, reference_max_T=0, reference_max_P=0,
                   methods=["dense solve", "rosa default"], dense_cap_gb=2.0,
                   solvers=None, batched=None, subprocess_memory=True, budget_s=5400.0),
+    # the issue-24 target cases alone, for the first minutes on a lent GPU (benchmarks/run_gpu.sh runs it
+    # first): Qwen2.5-0.5B head, T = 1024, bf16, both modes, the default call, the dual and CG
+    "target": dict(cases=[("qwen2.5-0.5b", 1024, m, "bfloat16") for m in ("lora", "hidden")], late_cases=[],
+                   reps=5, row_budget_s=3.0, reference_max_T=0, reference_max_P=0,
+                   methods=[DEFAULT, "rosa triton/dual", "rosa triton/cg"],
+                   solvers=None, batched=None, subprocess_memory=False, budget_s=150.0),
     # one H100/H200 call (< 10 min): Qwen2.5-0.5B head first (bf16, the target case), then
     # the sweeps, then fp32 and the larger heads at T=1024 while the time budget lasts
     "gpu": dict(cases=[("qwen2.5-0.5b", T, m, "bfloat16") for m in ("lora", "hidden") for T in (64, 256, 1024, 4096)],

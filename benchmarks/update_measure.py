@@ -94,8 +94,9 @@ def make_inputs(d: int, V: int, T: int, mode: str, dtype: torch.dtype, device: s
     """Random head with peaked logits (std ~4); targets sampled from the model's own softmax.
 
     Returns kwargs for the methods: hidden (T, d) and weight (V, d) in ``dtype``;
-    targets (T,) int64; lora_a (d,) and, in lora mode, lora_b (V,) (nonzero, as on a
-    second update) in fp32; reward -1. Generated on ``device`` 256 rows of logits at a
+    targets (T,) int64; in lora mode lora_a (d,) and lora_b (V,) (nonzero, as on a
+    second update) in fp32, in hidden mode neither (the default call: no LoRA term in the
+    logits); reward -1. Generated on ``device`` 256 rows of logits at a
     time, so making the inputs never holds T x V numbers. Deterministic per (seed, T).
     """
     g = torch.Generator(device=device).manual_seed(seed + T)
@@ -107,7 +108,7 @@ def make_inputs(d: int, V: int, T: int, mode: str, dtype: torch.dtype, device: s
     a = torch.randn(d, generator=g, device=device) / d ** 0.5
     b = torch.randn(V, generator=g, device=device) * 0.01
     return dict(hidden=h.to(dtype), weight=W.to(dtype), targets=y, reward=REWARD, mode=mode,
-                lora_a=a, lora_b=b if mode == "lora" else None)
+                lora_a=a if mode == "lora" else None, lora_b=b if mode == "lora" else None)
 
 
 def _args(inp: Dict[str, Any]) -> Tuple[tuple, dict]:

@@ -342,7 +342,7 @@ warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from rosa_ext.kernels import matvec, reductions, stats_pass
+from rosa_ext.kernels import matvec, prob_tiles, reductions, stats_pass
 P, I, F = "*fp32", "i32", "fp32"
 ints = dict(N=I, D=I, V=I)
 cases = []
@@ -366,6 +366,17 @@ for tag, dt, prec, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", (128, 128, 
                                               s_hn=I, s_wv=I, s_lb=I, s_out=I, lora_scale=F, flag_ptr="*fp64"),
          dict(flags, SINGLE=True, SCATTER=True, HAS_FLAG=True, **tile), opts),
     ]
+# the probability tiles on the first config of their own lists (every config: test_prob_tiles.py), bf16 hi/lo
+# and fp32 P
+for tag, dt, prec, mode, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", 1, prob_tiles.POOLS[0][0]),
+                                                  ("fp32-tf32x3", "fp32", "tf32x3", 0, prob_tiles.POOLS[1][0])]:
+    out_t = P if mode == 0 else "*bf16"
+    cases.append((tag, prob_tiles._prob_tile_kernel,
+                  dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", lb_ptr=P, ah_ptr=P, seg_ptr="*i32", lse_ptr=P,
+                       y_ptr="*i64", p_ptr=out_t, lo_ptr=out_t, q_out=P, pt_out=P, rb_out=P, ss_out=P, **ints, s_hn=I,
+                       s_wv=I, s_lb=I, n_lb=I, s_p=I, lora_scale=F),
+                  dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, SINGLE=False, IS_FP32=dt == "fp32", PRECISION=prec,
+                       OUT_MODE=mode, BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd), dict(num_warps=nw, num_stages=ns)))
 for tag, dt in (("bf16", "bf16"), ("fp32", "fp32")):  # the GEMVs, run-flag on (fp32: the flagged hidden-mode CG)
     cases += [
         (tag, matvec._matvec_kernel, dict(w_ptr=f"*{dt}", x_ptr=P, out_ptr=P, flag_ptr="*fp64", D=I, V=I, s_wv=I, s_x=I,
@@ -393,7 +404,7 @@ for tag, kern, sig, const, opts in cases:
 
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter skips codegen: compile every kernel family for sm_90 -- bf16 and fp32 with the
-    default "tf32x3" precision, LoRA, bias, the run flag, the fused scatter -- and check that the logits
+    default "tf32x3" precision, LoRA, bias, the run flag, the fused scatter, the probability tiles -- and check that the logits
     tiles use wgmma with cp.async-pipelined loads of H and W, within an H100/H200 block's 227 KiB of
     shared memory."""
     import os
@@ -413,7 +424,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     rows = [line.split() for line in r.stdout.strip().splitlines()]
     got = {(tag, name): (dots, piped, int(shared)) for tag, name, dots, piped, shared in rows}
     for tag in ("bf16", "fp32-tf32x3"):
-        for name in ("_stats_kernel", "_row_kernel", "_column_kernel"):
+        for name in ("_stats_kernel", "_row_kernel", "_column_kernel", "_prob_tile_kernel"):
             assert got[(tag, name)][:2] == ("wgmma", "pipelined"), (tag, name, got[(tag, name)])
     assert {(t, k) for t in ("bf16", "fp32") for k in ("_matvec_kernel", "_rmatvec_kernel")} <= set(got)
     assert all(shared <= 227 * 1024 for _, _, shared in got.values()), got

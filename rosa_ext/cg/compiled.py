@@ -21,11 +21,18 @@ State layout (float64, ``_C.CG_STATE_SIZE`` entries, csrc/cg_cuda.h): index
 ``STATE_RR`` r.r, ``STATE_BB`` b.b, ``STATE_ACTIVE`` 1.0 while iterating and 0.0 once
 converged, broken down or non-finite (it never returns to 1 within a solve),
 ``STATE_ITERS`` iterations run, ``STATE_BAD`` 1.0 once NaN/Inf was seen.
+
+Can it run? ``_C.has_cuda()`` says how the extension was *built*; the CUDA runtime it links (the
+toolkit's at build time, e.g. 13.0) also needs a driver at least that recent. :func:`cuda_unusable_reason`
+checks that it can actually run on a device -- one tiny solve, cached per device -- so that
+:func:`rosa_ext.cg.cg` falls back to the Python loop (with a warning) instead of raising mid-update
+on an older driver.
 """
 from __future__ import annotations
 
+import ctypes
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -38,6 +45,64 @@ from .args import breakdown, check_cg_args, non_finite, rhs_scale_tensor
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
 STATE_RR, STATE_BB, STATE_ACTIVE, STATE_ITERS, STATE_BAD = 0, 1, 4, 5, 6
+
+
+#: device index -> None (the compiled CUDA CG runs there) or why it cannot (the probe's error)
+_RUNNABLE: Dict[int, Optional[str]] = {}
+
+
+def _driver_version() -> Optional[int]:
+    """The CUDA driver's version (e.g. 12040 for 12.4) from libcuda, or None where it cannot be read."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        return int(v.value) if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+def _capturing() -> bool:
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except Exception:  # a torch without CUDA
+        return False
+
+
+def _probe(device_index: int) -> None:
+    """Solve 2 x = 1 (n = 1, float64) with the compiled CUDA CG on ``device_index``; raises if it cannot
+    run (e.g. "CUDA driver version is insufficient for CUDA runtime version") or returns a wrong x."""
+    dev = torch.device("cuda", device_index)
+    with torch.cuda.device(dev):
+        b = torch.ones(1, dtype=torch.float64, device=dev)
+        x, _ = cg_cuda_launch(lambda v: 2.0 * v, b, damping=0.0, max_iter=2, tol=0.0)
+        got = float(x[0])  # synchronises
+    if abs(got - 0.5) > 1e-12:
+        raise RuntimeError(f"the probe solve of 2 x = 1 gave x = {got}")
+
+
+def cuda_unusable_reason(device: torch.device) -> Optional[str]:
+    """None when the compiled CUDA CG can run on ``device`` (a CUDA device), else why not: built
+    without CUDA, or a tiny probe solve failed (typically a driver older than the CUDA runtime the
+    extension was built with). The probe runs once per device (one sync) and is cached; during a
+    CUDA-graph capture nothing is probed (None: the capture's warm-up call outside it probes)."""
+    if not _C.has_cuda():
+        return "rosa_ext._C was built without CUDA (nvcc not found at build time)"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx in _RUNNABLE:
+        return _RUNNABLE[idx]
+    if _capturing():
+        return None
+    try:
+        _probe(idx)
+        reason = None
+    except Exception as e:  # the extension's CUDA runtime cannot run here
+        drv = _driver_version()
+        reason = (f"the compiled CUDA CG of rosa_ext._C cannot run on cuda:{idx} ({type(e).__name__}: {e}); "
+                  f"CUDA driver {drv if drv is not None else 'unknown'}, torch's CUDA {torch.version.cuda}, "
+                  f"built for {getattr(_C, 'cuda_architectures', '?')}: rebuild rosa_ext with a toolkit the driver "
+                  f"supports")
+    _RUNNABLE[idx] = reason
+    return reason
 
 
 def _check_like(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
@@ -68,7 +133,8 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
         RosaNumericalError (a FloatingPointError): the operator produced NaN/Inf, or A + damping I
             is not positive definite along a search direction (breakdown). On CUDA this is
             detected on the device and checked with one read after the loop.
-        RuntimeError: a CUDA tensor while ``_C`` was built without CUDA.
+        RuntimeError: a CUDA tensor while ``_C`` was built without CUDA, or cannot run on the
+            device (:func:`cuda_unusable_reason`; :func:`rosa_ext.cg.cg` falls back instead).
     The result carries no autograd graph.
     """
     cuda = isinstance(b, torch.Tensor) and b.device.type == "cuda"
@@ -81,6 +147,9 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
         if not _C.has_cuda():
             raise RuntimeError("cg: rosa_ext._C was built without CUDA (nvcc not found at build time); "
                                "reinstall on a machine with nvcc, or use rosa_ext.cg.cg_python")
+        reason = cuda_unusable_reason(b.device)
+        if reason is not None:
+            raise RuntimeError(f"cg: {reason}; or use rosa_ext.cg.cg_python")
         x, state = cg_cuda_launch(matvec, b, damping=damping, max_iter=max_iter, tol=tol, x0=x0)
         return finish_cuda(x, state, check_finite=True, max_iter=max_iter, tol=tol)
     return _cg_cpu(matvec, b, damping, max_iter, tol, x0)

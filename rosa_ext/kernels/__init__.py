@@ -12,12 +12,16 @@ over B >= 1 conversations (``seg``), hidden size d, vocabulary V; fp32/bf16/fp16
   shift (P = d), so another framework can run its own solver on them.
 - :func:`weight_matvec` (W x) / :func:`weight_rmatvec` (q W): fp32-accumulating GEMVs that
   read a bf16/fp16 W once.
+- :func:`probability_tiles` -> :class:`ProbTiles`: the normalised off-target probabilities P (T, V) written to
+  memory (fp32, or bf16 hi/lo parts for the tensor cores) with their row sums, from the stats'
+  lse; :mod:`.tile_gemms` has the GEMMs over them (hidden ``pi W``, the LoRA centred Gram, the
+  VJP; MATH.md section 4).
 - :func:`prepare` -> :class:`KernelProblem`: check a problem once (one host sync) and pass it
   as ``prob=`` to the functions above, which then never synchronise with the host (a solver
   loop built on them is CUDA-graph capturable).
 
 Kernel families: :mod:`.stats_pass` (online softmax), :mod:`.reductions` (row / column
-reductions), :mod:`.matvec` (GEMVs), :mod:`._tiles` (the shared logits tile, tile configs,
+reductions), :mod:`.matvec` (GEMVs), :mod:`.prob_tiles` (probability tiles), :mod:`._tiles` (the shared logits tile, tile configs,
 fp32 dot precision: :func:`set_fp32_precision`, "tf32x3" by default). Runs on CUDA, or on the CPU
 under ``TRITON_INTERPRET=1`` (tests). fp64 models: use the torch backend (refused here). Inside
 the compiled CUDA CG the reductions and GEMVs skip their work once it has converged
@@ -25,10 +29,12 @@ the compiled CUDA CG the reductions and GEMVs skip their work once it has conver
 """
 from __future__ import annotations
 
-from . import matvec, reductions, stats_pass
+from . import matvec, prob_tiles, reductions, stats_pass, tile_gemms
 from ._tiles import fp32_precision, set_fp32_precision
 from .matvec import weight_matvec, weight_rmatvec
 from .ops import KernelProblem, column_reduce, jvp, prepare, row_reduce, stats, vjp
+from .prob_tiles import ProbTiles, probability_tiles
 
 __all__ = ["stats", "row_reduce", "column_reduce", "jvp", "vjp", "weight_matvec", "weight_rmatvec", "prepare",
-           "KernelProblem", "set_fp32_precision", "fp32_precision", "reductions", "matvec", "stats_pass"]
+           "KernelProblem", "set_fp32_precision", "fp32_precision", "reductions", "matvec", "stats_pass",
+           "probability_tiles", "ProbTiles", "prob_tiles", "tile_gemms"]

@@ -200,45 +200,70 @@ def _config(bt, bv, bd, w, s):
     return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
 
 
-def tile_configs():
+def tile_configs(pools: Sequence[Sequence[tuple]] = ()):
     """Autotune configs (a single small config under the interpreter, to keep CPU tests fast).
 
-    The union of the half-precision, fp32 tensor-core and fp32-ieee lists; :func:`prune_configs`
-    keeps the list that fits the launch's operand dtype, fp32 precision and token bucket."""
+    The union of the half-precision, fp32 tensor-core and fp32-ieee lists (``pools``: a kernel's
+    own three lists, default this module's); :func:`prune_configs` keeps the list that fits the
+    launch's operand dtype, fp32 precision and token bucket."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1)]
-    pools = _HOPPER + [c for c in _HOPPER_FP32_TC + _HOPPER_FP32_IEEE if c not in _HOPPER]
-    return [_config(*c) for c in dict.fromkeys(pools)]
+    half, tc, ieee = pools or (_HOPPER, _HOPPER_FP32_TC, _HOPPER_FP32_IEEE)
+    if tuning() == "first":  # one config per list: a cold machine compiles each kernel once, tunes nothing
+        half, tc, ieee = half[:1], tc[:1], ieee[:1]
+    pool = list(half) + [c for c in list(tc) + list(ieee) if c not in half]
+    return [_config(*c) for c in dict.fromkeys(pool)]
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` of the logits-tile kernels (Triton <= 3.5 passes no kwargs; 3.6+ does).
+#: Environment variable read once at import: "full" (default) autotunes over every config of a list;
+#: "first" keeps the first config of each list (no tuning: a cold cache compiles each kernel once,
+#: ~4 s, instead of once per config; for first-contact GPU runs that must finish in minutes, whose
+#: timings are then untuned and say so).
+TUNING_ENV = "ROSA_KERNEL_TUNING"
 
-    bf16/fp16 operands keep the wgmma list, fp32 ones the fp32 tensor-core list ("tf32x3", "tf32")
-    or the small-tile list ("ieee"); token tiles taller than twice the token bucket are dropped
-    (decode-sized updates). The pruning
-    depends only on the autotune key (the bucket, not N), so every launch of one key tunes the
-    same list."""
-    if len(configs) <= 1:
-        return configs
-    args = {**named_args, **kwargs}
-    h = args.get("h_ptr")
-    is_fp32 = bool(args.get("IS_FP32", getattr(h, "dtype", None) == torch.float32))
-    precision = args.get("PRECISION", fp32_precision())
-    pool = {tuple(c) for c in (_HOPPER if not is_fp32 else _HOPPER_FP32_IEEE if precision == "ieee"
-                               else _HOPPER_FP32_TC)}
-    bucket = int(args.get("N_BUCKET") or n_bucket(int(args.get("N", 1 << 20))))
-    tall = 2 * bucket
 
-    def key(c):
-        k = c.kwargs
-        return (k["BLOCK_T"], k["BLOCK_V"], k["BLOCK_D"], c.num_warps, c.num_stages)
+def tuning() -> str:
+    """The autotuning mode of this process (:data:`TUNING_ENV`): "full" or "first"."""
+    mode = os.environ.get(TUNING_ENV, "full").strip().lower() or "full"
+    if mode not in ("full", "first"):
+        raise RosaInputError(f"rosa_ext.kernels: {TUNING_ENV} must be 'full' or 'first', got {mode!r}", TUNING_ENV)
+    return mode
 
-    keep = [c for c in configs if key(c) in pool and c.kwargs["BLOCK_T"] <= tall]
-    if not keep:
-        keep = [c for c in configs if key(c) in pool] or list(configs)
-        keep = [min(keep, key=lambda c: c.kwargs["BLOCK_T"])]
-    return keep
+
+def make_prune(half: Sequence[tuple], fp32_tc: Sequence[tuple], fp32_ieee: Sequence[tuple]):
+    """The ``early_config_prune`` of a logits-tile kernel whose configs are the union of these three
+    lists (bf16/fp16 operands, fp32 on the TF32 tensor cores, fp32 "ieee"): :func:`prune_configs`
+    is the one of this module's lists. (With :func:`tuning` "first", the first config of each list.)"""
+    if tuning() == "first":
+        half, fp32_tc, fp32_ieee = half[:1], fp32_tc[:1], fp32_ieee[:1]
+    pools = (frozenset(map(tuple, half)), frozenset(map(tuple, fp32_tc)), frozenset(map(tuple, fp32_ieee)))
+
+    def prune(configs, named_args, **kwargs):
+        """bf16/fp16 operands keep the half-precision list, fp32 ones the fp32 tensor-core list
+        ("tf32x3", "tf32") or the "ieee" list; token tiles taller than twice the token bucket are
+        dropped (decode-sized updates). Depends only on the autotune key (the bucket, not N), so
+        every launch of one key tunes the same list. (Triton <= 3.5 passes no kwargs; 3.6+ does.)"""
+        if len(configs) <= 1:
+            return configs
+        args = {**named_args, **kwargs}
+        h = args.get("h_ptr")
+        is_fp32 = bool(args.get("IS_FP32", getattr(h, "dtype", None) == torch.float32))
+        precision = args.get("PRECISION", fp32_precision())
+        pool = pools[0] if not is_fp32 else pools[2] if precision == "ieee" else pools[1]
+        bucket = int(args.get("N_BUCKET") or n_bucket(int(args.get("N", 1 << 20))))
+        tall = 2 * bucket
+
+        def key(c):
+            k = c.kwargs
+            return (k["BLOCK_T"], k["BLOCK_V"], k["BLOCK_D"], c.num_warps, c.num_stages)
+
+        keep = [c for c in configs if key(c) in pool and c.kwargs["BLOCK_T"] <= tall]
+        if not keep:
+            keep = [c for c in configs if key(c) in pool] or list(configs)
+            keep = [min(keep, key=lambda c: c.kwargs["BLOCK_T"])]
+        return keep
+
+    return prune
 
 
 #: Autotune key of the logits-tile kernels: the sizes and every specialisation that changes the
@@ -249,6 +274,8 @@ def prune_configs(configs, named_args, **kwargs):
 #: the flag (:func:`ensure_tuned` makes sure that one was tuned first: tuning *with* a flag that
 #: is 0 would time empty kernels).
 AUTOTUNE_KEY = ["N_BUCKET", "D", "V", "PRECISION", "IS_FP32", "HAS_BIAS", "HAS_LORA", "SINGLE"]
+#: ``early_config_prune`` of the kernels on this module's lists (:func:`make_prune`).
+prune_configs = make_prune(_HOPPER, _HOPPER_FP32_TC, _HOPPER_FP32_IEEE)
 PRUNE = {"early_config_prune": prune_configs}
 
 #: Token-count buckets of the autotune key: powers of 4 from 16 to 16384 (a new bucket re-tunes,

@@ -1,0 +1,340 @@
+"""Probability tiles: the normalised off-target probabilities P written to memory (MATH.md section 4).
+
+Given the log-sum-exp of the stats pass (:mod:`.stats_pass`), one Triton pass over W writes
+
+    P[t, v] = pi_t[v] = exp(z_t[v] - lse_t)   for v != y_t,      P[t, y_t] = 0
+
+(``r_t`` of MATH.md section 4: pi_t with its target entry split off, as the CPU one pass does in
+:mod:`rosa_ext.backends.onepass`), and per token, accumulated in fp32 in the same pass:
+
+- ``q``  (N,) = sum_{v != y_t} pi_t[v] = 1 - p_t, summed from the off-target entries (never
+  formed as ``1 - p``, which is rounding noise once p_t is within a few ulps of 1);
+- ``pt`` (N,) = pi_t[y_t], the target entry that was split off (0 for a target outside [0, V):
+  the rows another rank of a vocabulary-parallel head owns are never split);
+- ``rb`` (N,) = r_t . b_seg (LoRA; pi_t . b = rb + pt b[y_t]), or None without a LoRA term;
+- ``ss`` (N,) = r_t . r_t, for the relative ridge: ||e_{y_t} - pi_t||^2 = q_t^2 + ss_t (section 6).
+
+After it every heavy product of the dual and of CG is a GEMM or GEMV over P
+(:mod:`.tile_gemms`): hidden ``r W = P W``, the LoRA Gram ``P P^T`` with the target cross terms
+``P[t, y_u]`` gathered, the VJP ``w^T P``; no logits are recomputed.
+
+The logits tile is the one of the other kernels (:func:`._tiles.logits_tile`: ``tl.dot`` with fp32
+accumulation; fp32 operands at :func:`._tiles.fp32_precision`, "tf32x3" by default on the GPU --
+the interpreter ignores it and multiplies exactly). Grid: (token tiles, vocabulary splits) as the
+stats pass (split count from the tuned BLOCK_T and the SM count), each program loops over the
+vocabulary tiles of its split and stores them; the per-split row partials (4, splits, N) are summed
+in torch. No atomics (deterministic), no host sync, nothing read out of bounds whatever the seg ids
+or targets.
+
+Storage precisions of P (``precision``):
+
+- ``"fp32"``: P (N, V) fp32 -- exact to the fp32 rounding of each entry;
+- ``"bf16x2"``: P_hi, P_lo (N, V) bf16 with P_hi = bf16(P), P_lo = bf16(P - P_hi) (round to
+  nearest even, done with integer ops in the kernel so that the interpreter, which truncates on a
+  bf16 cast, rounds the same way as the GPU): P_hi + P_lo = P to 2^-16 relative per entry (a
+  bound: bf16 keeps 8 significant bits, so |P - P_hi| <= 2^-8 P and P_lo rounds that to 2^-8
+  of itself; P - P_hi itself is exact in fp32). Same bytes as fp32, but the GEMMs over it run on the
+  bf16 tensor cores (two products into one fp32 accumulator) at about fp32 accuracy;
+- ``"bf16"`` (opt-in, fast): P_hi only, 2^-8 relative per entry; half the bytes and half the GEMMs.
+
+Measured error of each -- a CPU EMULATION, not the GPU: ``benchmarks/bench_prob_tiles.py --emulate``
+runs the kernel's arithmetic in torch (fp32 logits from exact products of the bf16 inputs, fp32 lse,
+the target split, round-to-nearest hi/lo) and the GEMMs of :mod:`.tile_gemms`, whose bf16 parts are
+widened on the CPU (exact products, fp32 accumulation: what a bf16 tensor-core GEMM with fp32
+output computes, in another order). T = 256, d = 896, V = 32000, bf16 h with correlated rows and
+bf16 W; relative Frobenius error against float64 on the same inputs (results file
+``benchmarks/results/prob_tiles_emulation.json``):
+
+    =========  =======  =======  ===========  ======================
+    precision  P        P W      LoRA Gram K  VJP w^T (e_y - pi)
+    =========  =======  =======  ===========  ======================
+    fp32       1.3e-06  1.3e-06  1.3e-06      9.2e-07
+    bf16x2     2.6e-06  2.5e-06  2.0e-06      2.3e-06
+    bf16       1.6e-03  1.6e-03  1.0e-03      7.2e-04
+    =========  =======  =======  ===========  ======================
+
+(fp32's error is that of the fp32 logits and lse, |z| up to 33 here (median max pi_t 0.45); bf16x2 adds its 2^-16
+bound's worth; bf16 alone is ~1e-3. The kernel's own output is checked under the interpreter in
+python_tests/kernels/test_prob_tiles.py, where V = 32000 would be too slow.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.validation import RosaInputError
+from ._tiles import (
+    AUTOTUNE_KEY,
+    autotuned,
+    check_model,
+    fp32_precision,
+    interpreter_safe,
+    load_rows,
+    logits_tile,
+    lora_args,
+    make_prune,
+    n_bucket,
+    sm_count,
+    split_launch,
+    split_range,
+    table_rows,
+    tile_configs,
+)
+
+#: Storage precisions of P (module docstring); "bf16x2" is the hi/lo split.
+PRECISIONS = ("fp32", "bf16x2", "bf16")
+_OUT_MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
+
+#: (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) of this kernel on Hopper: at most 32 tile
+#: elements per thread. Besides the logits tile it holds the probabilities, the target split and
+#: the stored parts, and ahead-of-time compiles for sm_90 (ptxas -v; every OUT_MODE, LoRA with one
+#: or per-conversation b rows and without) showed the stats kernels' 64-per-thread tiles spilling
+#: here: 128x128x64 with 8 warps 16-308 bytes, with 4 warps 450-2100, 128x256 up to 1.8 KB, and
+#: 64x256 92 bytes (fp32 P, per-conversation b). These compile with no spill in every
+#: specialisation, the wgmma ones (BLOCK_T >= 64) with wgmma (python_tests/kernels/test_prob_tiles.py).
+_HALF = [
+    (64, 128, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (16, 128, 64, 4, 3),
+]
+_FP32_TC = [
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 32, 4, 3),
+    (32, 64, 32, 4, 3),
+]
+_FP32_IEEE = [
+    (64, 64, 32, 8, 3),
+    (32, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),
+]
+POOLS = (_HALF, _FP32_TC, _FP32_IEEE)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32, by integer ops on the bits.
+
+    The result is exactly representable in bf16, so a later ``.to(tl.bfloat16)`` is exact whatever
+    rounding the cast does (the interpreter truncates). Finite inputs only (P is in [0, 1])."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 = 0xFFFF0000 as int32
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@autotuned(tile_configs(POOLS), AUTOTUNE_KEY + ["OUT_MODE"], prune_configs_by={"early_config_prune": make_prune(*POOLS)})
+@triton.jit
+def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, y_ptr, p_ptr, lo_ptr,
+                      q_out, pt_out, rb_out, ss_out,
+                      N, D, V, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, s_p, lora_scale,
+                      N_BUCKET, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                      SINGLE: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_MODE: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: token tile ``pid_t`` x vocabulary split ``split``; stores its tiles of P (OUT_MODE
+    0: fp32 into p_ptr; 1: bf16 hi into p_ptr and lo into lo_ptr; 2: bf16 hi only), row stride s_p,
+    and its (N,) partials of q, pt, rb, ss at row ``split`` of the (splits, N) buffers."""
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < N
+    seg = tl.load(seg_ptr + offs_t, mask=mask_t, other=0)
+    lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
+    y = tl.load(y_ptr + offs_t, mask=mask_t, other=-1)
+    ah = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if HAS_LORA:
+        ah = tl.load(ah_ptr + offs_t, mask=mask_t, other=0.0)
+    q = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    pt = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    # stores: int32 offsets within this token tile from one int64 base (fewer registers than an int64
+    # address tile; 128 * s_p < 2^31 is checked at launch)
+    p_base = p_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
+    lo_base = lo_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
+    row = tl.arange(0, BLOCK_T) * s_p
+    v_begin, v_end = split_range(V, split)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        bv = 0.0
+        if HAS_LORA:
+            bv = load_rows(lb_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_lb, n_lb, SINGLE)
+        z = logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, D,
+                        s_hn, s_hd, s_wv, s_wd, lora_scale, HAS_BIAS, HAS_LORA, IS_FP32, PRECISION,
+                        BLOCK_T, BLOCK_V, BLOCK_D)
+        pi = tl.exp(z - lse[:, None])  # masked vocabulary columns: exp(-inf) = 0
+        hit = y[:, None] == offs_v[None, :]  # the target split (MATH.md section 4)
+        pt += tl.sum(tl.where(hit, pi, 0.0), 1)
+        r = tl.where(hit, 0.0, pi)
+        q += tl.sum(r, 1)
+        ss += tl.sum(r * r, 1)
+        if HAS_LORA:
+            rb += tl.sum(r * bv, 1)
+        loc = row[:, None] + offs_v[None, :]
+        keep = mask_t[:, None] & mask_v[None, :]
+        if OUT_MODE == 0:
+            tl.store(p_base + loc, r, mask=keep)
+        else:
+            hi = round_bf16(r)
+            tl.store(p_base + loc, hi.to(tl.bfloat16), mask=keep)
+            if OUT_MODE == 1:
+                tl.store(lo_base + loc, round_bf16(r - hi).to(tl.bfloat16), mask=keep)
+    out = split * N + offs_t
+    tl.store(q_out + out, q, mask=mask_t)
+    tl.store(pt_out + out, pt, mask=mask_t)
+    tl.store(ss_out + out, ss, mask=mask_t)
+    if HAS_LORA:
+        tl.store(rb_out + out, rb, mask=mask_t)
+
+
+@dataclass
+class ProbTiles:
+    """The off-target probabilities of a packed problem and their row sums (module docstring).
+
+    - ``precision``: "fp32", "bf16x2" or "bf16" (:data:`PRECISIONS`)
+    - ``p``: (N, V) fp32 P ("fp32"), else None
+    - ``hi``, ``lo``: (N, V) bf16 parts ("bf16x2": both, P ~= hi + lo; "bf16": ``hi`` only), else None
+    - ``q`` (N,) fp32: 1 - p_t as the sum of the off-target entries
+    - ``pt`` (N,) fp32: the target entry pi_t[y_t] (0 for a target outside [0, V))
+    - ``rb`` (N,) fp32: r_t . b_seg, or None without a LoRA term
+    - ``ss`` (N,) fp32: r_t . r_t
+
+    Rows may be strided views of a larger buffer (``out=`` of :func:`prob_tiles_from_tensors`).
+    """
+
+    precision: str
+    p: Optional[torch.Tensor]
+    hi: Optional[torch.Tensor]
+    lo: Optional[torch.Tensor]
+    q: torch.Tensor
+    pt: torch.Tensor
+    rb: Optional[torch.Tensor]
+    ss: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return (self.p if self.p is not None else self.hi).shape
+
+    def dense(self) -> torch.Tensor:
+        """P as one (N, V) fp32 tensor (the stored one for "fp32"; hi + lo, or hi, widened otherwise)."""
+        if self.p is not None:
+            return self.p
+        return self.hi.float() if self.lo is None else self.hi.float() + self.lo.float()
+
+    def rows(self, r0: int, r1: int) -> "ProbTiles":
+        """The tiles of tokens [r0, r1) (views, no copy)."""
+        def cut(x):
+            return None if x is None else x[r0:r1]
+        return ProbTiles(self.precision, cut(self.p), cut(self.hi), cut(self.lo), cut(self.q), cut(self.pt),
+                         cut(self.rb), cut(self.ss))
+
+
+def check_precision(who: str, precision: str) -> int:
+    """The kernel's OUT_MODE of a storage precision; a named error for an unknown one."""
+    if precision not in _OUT_MODE:
+        raise RosaInputError(f"{who}: precision must be one of {PRECISIONS}, got {precision!r}", "precision")
+    return _OUT_MODE[precision]
+
+
+def tile_buffers(N: int, V: int, precision: str, device: torch.device):
+    """(p, lo) output buffers of :func:`prob_tiles_from_tensors` for N tokens: (N, V) fp32 and None,
+    or (N, V) bf16 hi and lo (lo None for "bf16"). Allocate once and pass as ``out=`` to reuse."""
+    mode = check_precision("rosa_ext.kernels.prob_tiles", precision)
+    if mode == 0:
+        return torch.empty(N, V, dtype=torch.float32, device=device), None
+    hi = torch.empty(N, V, dtype=torch.bfloat16, device=device)
+    return hi, (torch.empty_like(hi) if mode == 1 else None)
+
+
+def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, lse: torch.Tensor,
+                            targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                            lora_b: Optional[torch.Tensor] = None, ah: Optional[torch.Tensor] = None,
+                            lora_scale: float = 0.0, precision: str = "fp32", out=None,
+                            splits: Optional[int] = None) -> ProbTiles:
+    """Write the off-target probability tiles of N tokens -> :class:`ProbTiles` (one Triton launch).
+
+    Args:
+        hidden: (N, d) and ``weight`` (V, d), one dtype of fp32 / bf16 / fp16, any strides.
+        seg: (N,) int32 conversation of each token (gathers the LoRA b row; sorted is not needed here).
+        lse: (N,) fp32 log-sum-exp of each token's logits (the stats pass, :func:`.stats_pass.lse_and_pib`).
+        targets: (N,) int token ids; an id outside [0, V) is never split off.
+        bias: (V,) or None; ``lora_b`` (B, V) / (V,) fp32 with ``ah`` (N,) = a_seg . h_t and
+            ``lora_scale`` s: the LoRA term s (a . h_t) b of the logits (both or neither).
+        precision: "fp32" (default), "bf16x2" or "bf16" (module docstring).
+        out: optional ``(p, lo)`` from :func:`tile_buffers` (row stride >= V, unit column stride) to
+            write into, e.g. rows of a kept buffer when tokens are blocked.
+        splits: force the vocabulary split count (benchmarks; default from the tuned BLOCK_T and SMs).
+    Returns:
+        :class:`ProbTiles`; no host sync. Rows whose seg id is outside lora_b's rows read b = 0.
+    """
+    who = "rosa_ext.kernels.prob_tiles"
+    mode = check_precision(who, precision)
+    N, D, V = check_model(hidden, weight, bias)
+    for name, x in (("lse", lse), ("seg", seg), ("targets", targets)):
+        if tuple(x.shape) != (N,):
+            raise RosaInputError(f"{who}: {name} must be ({N},), got {tuple(x.shape)}", name)
+    if targets.dtype.is_floating_point or seg.dtype.is_floating_point:
+        raise RosaInputError(f"{who}: targets and seg must be integer tensors, got {targets.dtype} / {seg.dtype}",
+                             "targets")
+    if out is None:
+        p, lo = tile_buffers(N, V, precision, hidden.device)
+    else:
+        p, lo = out
+        want = torch.float32 if mode == 0 else torch.bfloat16
+        for name, x in (("out[0]", p), ("out[1]", lo if mode == 1 else p)):
+            if (x is None or x.dtype != want or x.dim() != 2 or tuple(x.shape) != (N, V) or x.stride(1) != 1
+                    or x.device != hidden.device):
+                raise RosaInputError(f"{who}: {name} must be a ({N}, {V}) {want} tensor with unit column stride on "
+                                     f"{hidden.device}", "out")
+        if mode == 1 and lo.stride(0) != p.stride(0):
+            raise RosaInputError(f"{who}: out's hi and lo must have one row stride", "out")
+    if 128 * p.stride(0) >= 2 ** 31:  # the kernel's int32 offsets within a token tile (BLOCK_T <= 128)
+        raise RosaInputError(f"{who}: a row stride of {p.stride(0)} elements is too large (at most "
+                             f"{(2 ** 31 - 1) // 128})", "out" if out is not None else "weight")
+    hidden, weight, bias = interpreter_safe(hidden, weight, bias)
+    has_lora, lb, ah_, _ = lora_args(hidden, lora_b, ah, V)
+    sms = sm_count(hidden.device)
+    rows, grid, rec = split_launch(N, V, _prob_tile_kernel.configs, sms, splits)
+    part = torch.empty(4, rows, N, dtype=torch.float32, device=hidden.device)
+    single = (not has_lora) or lb.shape[0] == 1
+    s_lb, n_lb = table_rows(lb)
+    _prob_tile_kernel[grid](
+        hidden, weight, bias if bias is not None else part, lb, ah_, seg.to(torch.int32).contiguous(),
+        lse.float().contiguous(), targets.contiguous(), p, lo if lo is not None else p,
+        part[0], part[1], part[2], part[3],
+        N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), s_lb, n_lb, p.stride(0),
+        float(lora_scale), N_BUCKET=n_bucket(N), HAS_BIAS=bias is not None, HAS_LORA=has_lora, SINGLE=single,
+        IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision(), OUT_MODE=mode)
+    n = rec["splits"]
+    sums = part[:, 0] if n == 1 else part[:, :n].sum(1)
+    q, pt, rb, ss = sums.unbind(0)
+    if mode == 0:
+        return ProbTiles(precision, p, None, None, q, pt, rb if has_lora else None, ss)
+    return ProbTiles(precision, None, p, lo, q, pt, rb if has_lora else None, ss)
+
+
+@torch.no_grad()
+def probability_tiles(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+               lse: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
+               lora_scale: Optional[float] = None, seg: Optional[torch.Tensor] = None,
+               precision: str = "fp32", prob=None) -> ProbTiles:
+    """The tensor-level call (arguments as :mod:`rosa_ext.kernels.ops`): :class:`ProbTiles` of the
+    packed problem; ``lse`` (T,) from :func:`rosa_ext.kernels.stats` (computed -- one more pass over
+    W -- when omitted). With ``prob`` (:func:`rosa_ext.kernels.prepare`, with targets) no host sync."""
+    from .ops import _kw, _problem, _stats  # the ops layer's checks (ops imports nothing from here)
+
+    who = "rosa_ext.kernels.prob_tiles"
+    check_precision(who, precision)
+    p = _problem(who, prob, hidden, weight, targets, needs_targets=True, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                 lora_scale=lora_scale, seg=seg, lse=lse)
+    if lse is None:
+        if "stats" not in p._cache:
+            p._cache["stats"] = _stats(p)
+        lse = p._cache["stats"].lse
+    return prob_tiles_from_tensors(p.hidden, p.weight, p.seg32, lse, p.targets, precision=precision, **_kw(p))

@@ -1,0 +1,243 @@
+"""The GEMMs over the probability tiles (MATH.md section 4): plain torch products over P.
+
+After :func:`rosa_ext.kernels.prob_tiles.prob_tiles_from_tensors` has written P (N x V, the
+off-target probabilities r_t, target entries 0) and its row sums, every heavy product of the dual
+solve (and of a CG that keeps P) is a GEMM or GEMV over it:
+
+- hidden mode: ``r_t W = P W`` (:func:`off_target_weight`), and ``pi_t W = r_t W + p_t W[y_t]``
+  (:func:`pi_weight`); J_t = p_t (q_t W[y_t] - r_t W) (MATH.md section 4);
+- LoRA mode: per conversation the centred Gram
+  ``K[t, u] = q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] + r_t . r_u`` (:func:`centered_gram`:
+  the GEMM ``P_b P_b^T`` plus the cross terms ``r_t[y_u] = P[t, y_u]`` gathered, :func:`cross_terms`),
+  and the VJP ``scatter(y, w q) - sum_t w_t r_t`` (:func:`centered_vjp`, a GEMV ``w^T P``);
+- the relative ridge's ``||e_{y_t} - pi_t||^2 = q_t^2 + r_t . r_t`` (:func:`centered_sqnorm`, section 6);
+- a CG that keeps P: the JVP's ``r_t . u`` (:func:`off_target_dot`, a GEMV) and the VJP
+  (:func:`centered_vjp`), two GEMVs over P per iteration, no logits recomputed.
+
+Precision. With "fp32" tiles the products are fp32 torch GEMMs (on CUDA they follow torch's
+``allow_tf32`` setting, off by default). With "bf16x2" tiles (P = hi + lo) each product is a sum
+of bf16 GEMMs with fp32 output -- ``hi x + lo x`` -- and an fp32 operand x (W of an fp32 model, the
+VJP weights w) is split the same way into x_hi + x_lo, the lo x lo product dropped (at most 2^-16 relative):
+the tensor cores at about fp32 accuracy. "bf16" tiles drop P's lo part (2^-8 relative per entry;
+opt-in). bf16 x bf16 -> fp32 runs as ``torch.mm(..., out_dtype=torch.float32)`` on CUDA; where that
+is missing (the CPU, older torch) both operands are widened to fp32 first: exact products, fp32
+accumulation, the same arithmetic. The error table is in :mod:`.prob_tiles`.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..common.validation import RosaInputError
+from .prob_tiles import ProbTiles
+
+_OUT_DTYPE_OK = {"cuda": None}
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (m, k) @ b (k, n) -> (m, n) fp32 with fp32 accumulation, for fp32 or bf16 operands of one dtype.
+
+    bf16 on CUDA: one tensor-core GEMM with fp32 output (``out_dtype``, torch >= 2.8); elsewhere the
+    operands are widened (exact) and multiplied in fp32."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.device.type == "cuda" and a.dtype == b.dtype == torch.bfloat16 and _OUT_DTYPE_OK["cuda"] is not False:
+        try:
+            c = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_OK["cuda"] = True
+            return c
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_OK["cuda"] = False
+    return a.float() @ b.float()
+
+
+def split_bf16(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x -> (hi, lo) bf16 with hi = bf16(x), lo = bf16(x - hi) (round to nearest even):
+    hi + lo = x to 2^-16 relative."""
+    x = x.float()
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def _parts(x: torch.Tensor) -> List[torch.Tensor]:
+    """bf16 parts of an operand that multiplies bf16 tiles: itself (bf16), or its hi/lo split."""
+    return [x] if x.dtype == torch.bfloat16 else list(split_bf16(x))
+
+
+def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
+    """P @ x for x (V, k) -> (N, k) fp32, in the tiles' precision (module docstring)."""
+    if tiles.p is not None:
+        return tiles.p @ x.float()
+    xs = _parts(x)
+    ps = [tiles.hi] if tiles.lo is None else [tiles.hi, tiles.lo]
+    out = None
+    for i, p in enumerate(ps):
+        for j, xx in enumerate(xs):
+            if i + j > 1:  # lo x lo: below the split's accuracy
+                continue
+            c = mm_f32(p, xx)
+            out = c if out is None else out.add_(c)
+    return out
+
+
+def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor) -> torch.Tensor:
+    """w @ P for w (m, N) -> (m, V) fp32 (a GEMV for m = 1), in the tiles' precision; w fp32 is
+    split into hi/lo for bf16 tiles (its accuracy is kept: it carries the solver's alpha)."""
+    if tiles.p is not None:
+        return w.float() @ tiles.p
+    m = w.shape[0]
+    wh, wl = split_bf16(w)
+    both = mm_f32(torch.cat([wh, wl], 0), tiles.hi)  # reads hi once
+    out = both[:m].add_(both[m:])
+    if tiles.lo is not None:
+        out.add_(mm_f32(wh, tiles.lo))
+    return out
+
+
+def off_target_dot(tiles: ProbTiles, u: torch.Tensor, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r_t . u_seg -> (N,) fp32 for u (V,) or (B, V) one row per conversation (``seg`` (N,) int ids;
+    None with one row): the JVP's reduction over the kept tiles (MATH.md section 3, ``R(u)_t = pi_t . u``
+    = this + p_t u[y_t]), a GEMV ``P u`` (one column per conversation) instead of a pass over W."""
+    N, V = tiles.shape
+    U = u.reshape(-1, V)
+    if U.shape[0] > 1 and seg is None:
+        raise RosaInputError(f"rosa_ext.kernels.off_target_dot: u has {U.shape[0]} rows but no seg was given", "seg")
+    out = tiles_matmul(tiles, U.T)  # (N, B)
+    if U.shape[0] == 1:
+        return out[:, 0]
+    return out.gather(1, seg.long().reshape(N, 1))[:, 0]
+
+
+def _target_ok(targets: torch.Tensor, V: int) -> torch.Tensor:
+    return (targets >= 0) & (targets < V)
+
+
+def off_target_weight(tiles: ProbTiles, weight: torch.Tensor) -> torch.Tensor:
+    """r_t W = P W -> (N, d) fp32 (MATH.md section 4, hidden mode); weight (V, d) any float dtype
+    (bf16 W is used as is with bf16 tiles; an fp32 / fp16 W is widened or split)."""
+    V = tiles.shape[1]
+    if weight.dim() != 2 or weight.shape[0] != V:
+        raise RosaInputError(f"rosa_ext.kernels.off_target_weight: weight must be ({V}, d), got "
+                             f"{tuple(weight.shape)}", "weight")
+    w = weight if weight.dtype in (torch.float32, torch.bfloat16) else weight.float()
+    return tiles_matmul(tiles, w)
+
+
+def pi_weight(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tensor,
+              p: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """pi_t W = r_t W + p_t W[y_t] -> (N, d) fp32 (the gather adds nothing for a target outside
+    [0, V)); ``p`` (N,) the target probabilities (default ``tiles.pt``)."""
+    V = tiles.shape[1]
+    out = off_target_weight(tiles, weight)
+    ok = _target_ok(targets, V)
+    pt = (tiles.pt if p is None else p.float()) * ok
+    return out.add_(pt.unsqueeze(1) * weight[targets.clamp(0, V - 1)].float())
+
+
+def hidden_jacobian(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tensor, p: torch.Tensor,
+                    rW: Optional[torch.Tensor] = None, *, lora_a: Optional[torch.Tensor] = None,
+                    lora_b_y: Optional[torch.Tensor] = None, lora_scale: float = 0.0) -> torch.Tensor:
+    """The hidden-mode Jacobian rows -> (N, d) fp32 (MATH.md section 4):
+
+        J_t = p_t (q_t W[y_t] - r_t W)   (+ p_t s (q_t b[y_t] - r_t . b) a   with a LoRA term in the logits)
+
+    ``p`` (N,) p_t (from log p_t of the stats), ``rW`` the :func:`off_target_weight` if already formed;
+    with a LoRA term (W + s b a^T, section 2): ``lora_a`` (N, d) a_seg per token or (d,), ``lora_b_y``
+    (N,) b_seg[y_t], ``lora_scale`` s, and the tiles must carry ``rb`` (made with lora_b)."""
+    V = tiles.shape[1]
+    rW = off_target_weight(tiles, weight) if rW is None else rW
+    ok = _target_ok(targets, V)
+    wy = weight[targets.clamp(0, V - 1)].float() * ok.unsqueeze(1)
+    J = tiles.q.unsqueeze(1) * wy - rW
+    if lora_a is not None:
+        if tiles.rb is None or lora_b_y is None:
+            raise RosaInputError("rosa_ext.kernels.hidden_jacobian: a LoRA term needs lora_b_y and tiles made with "
+                                 "lora_b (their rb)", "lora_b_y")
+        coef = lora_scale * (tiles.q * lora_b_y.float() * ok - tiles.rb)
+        J.add_(coef.unsqueeze(1) * lora_a.float())
+    return J.mul_(p.float().unsqueeze(1))
+
+
+def _spans(offsets: Sequence[int], N: int) -> List[Tuple[int, int]]:
+    off = [int(o) for o in offsets]
+    if len(off) < 2 or off[0] != 0 or off[-1] != N or any(b < a for a, b in zip(off, off[1:])):
+        raise RosaInputError(f"rosa_ext.kernels.tile_gemms: offsets must rise from 0 to {N}, got {off}", "offsets")
+    return list(zip(off[:-1], off[1:]))
+
+
+def off_target_gram(tiles: ProbTiles, offsets: Sequence[int]) -> List[torch.Tensor]:
+    """r_t . r_u for the tokens of each conversation -> one (T_b, T_b) fp32 matrix per conversation
+    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped)."""
+    N = tiles.shape[0]
+    out = []
+    for lo, hi in _spans(offsets, N):
+        t = tiles.rows(lo, hi)
+        if t.p is not None:
+            out.append(t.p @ t.p.T)
+            continue
+        G = mm_f32(t.hi, t.hi.T)
+        if t.lo is not None:
+            X = mm_f32(t.lo, t.hi.T)
+            G.add_(X).add_(X.T)
+        out.append(G)
+    return out
+
+
+def cross_terms(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int]) -> List[torch.Tensor]:
+    """X[t, u] = r_t[y_u] = P[t, y_u] for the tokens of each conversation -> (T_b, T_b) fp32 each
+    (0 where y_u is outside [0, V), and where y_u = y_t: r_t has no target entry)."""
+    N, V = tiles.shape
+    ok = _target_ok(targets, V)
+    y = targets.clamp(0, V - 1)
+    out = []
+    for lo, hi in _spans(offsets, N):
+        t = tiles.rows(lo, hi)
+        yb = y[lo:hi]
+        X = t.p[:, yb] if t.p is not None else (t.hi[:, yb].float() if t.lo is None else
+                                                 t.hi[:, yb].float() + t.lo[:, yb].float())
+        out.append(X * ok[lo:hi].unsqueeze(0))
+    return out
+
+
+def centered_gram(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int]) -> List[torch.Tensor]:
+    """The centred Gram K[t, u] = (e_{y_t} - pi_t) . (e_{y_u} - pi_u) of each conversation, in the
+    off-target form ``q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] + r_t . r_u`` (MATH.md
+    section 4: no cancellation when p_t -> 1) -> (T_b, T_b) fp32 each (the b-block of J J^T before
+    the factors s p_t (a . h_t)). Targets outside [0, V) contribute no target terms."""
+    N, V = tiles.shape
+    ok = _target_ok(targets, V)
+    out = []
+    for (lo, hi), G, X in zip(_spans(offsets, N), off_target_gram(tiles, offsets), cross_terms(tiles, targets, offsets)):
+        q = tiles.q[lo:hi]
+        Y = X.mul_(q.unsqueeze(0))  # Y[t, u] = r_t[y_u] q_u
+        G.sub_(Y).sub_(Y.T)
+        yb, okb = targets[lo:hi], ok[lo:hi]
+        same = (yb.unsqueeze(0) == yb.unsqueeze(1)) & okb.unsqueeze(0) & okb.unsqueeze(1)
+        G.add_(torch.outer(q, q) * same)
+        out.append(G)
+    return out
+
+
+def centered_sqnorm(tiles: ProbTiles) -> torch.Tensor:
+    """||e_{y_t} - pi_t||^2 = q_t^2 + r_t . r_t -> (N,) fp32 (MATH.md section 6, the relative ridge)."""
+    return tiles.q * tiles.q + tiles.ss
+
+
+def centered_vjp(tiles: ProbTiles, w: torch.Tensor, targets: torch.Tensor, seg: Optional[torch.Tensor] = None,
+                 num_conversations: int = 1) -> torch.Tensor:
+    """sum_{t in b} w_t (e_{y_t} - pi_t) = scatter(y, w q) - sum_t w_t r_t -> (B, V) fp32 (MATH.md
+    section 4: the LoRA b-part of the VJP, w = alpha c). w (N,), seg (N,) int conversation ids
+    (None: one conversation); one GEMM (B, N) @ P. Targets outside [0, V) scatter nothing."""
+    N, V = tiles.shape
+    B = int(num_conversations)
+    w = w.float()
+    if w.shape != (N,):
+        raise RosaInputError(f"rosa_ext.kernels.centered_vjp: w must be ({N},), got {tuple(w.shape)}", "w")
+    sg = torch.zeros(N, dtype=torch.long, device=w.device) if seg is None else seg.long()
+    Wb = torch.zeros(B, N, dtype=torch.float32, device=w.device)
+    Wb[sg, torch.arange(N, device=w.device)] = w  # block-diagonal rows: one per conversation
+    out = tiles_rmatmul(tiles, Wb).neg_()
+    wq = (w * tiles.q).masked_fill_(~_target_ok(targets, V), 0.0)
+    out.index_put_((sg, targets.clamp(0, V - 1).long()), wq, accumulate=True)
+    return out
