@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from ..common import validation as V
+from ..common import validation as checks
 from ..common.validation import RosaNumericalError
 
 
@@ -19,7 +19,7 @@ def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None,
     """Check matvec (callable), b (1-D float32/float64), damping (>= 0), max_iter (int >= 0),
     tol (>= 0), x0 (like b) -> (damping, max_iter, tol). With ``values`` also that b and x0 are
     finite (one sync)."""
-    return V.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
+    return checks.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
 
 
 def rhs_scale(bb: float, dtype: torch.dtype = torch.float64) -> float:
@@ -52,7 +52,7 @@ def rhs_scale_tensor(b: torch.Tensor) -> torch.Tensor:
 
 def checked_matvec(matvec: Any, v: Any):
     """matvec(v), checked to be a tensor like v (no sync)."""
-    return V.matvec_output("cg", matvec(v), v)
+    return checks.matvec_output("cg", matvec(v), v)
 
 
 def breakdown(iteration: int, pap: Optional[float] = None) -> RosaNumericalError:

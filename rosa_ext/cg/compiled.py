@@ -38,7 +38,7 @@ import torch
 
 from .. import _C
 from ..common import device_flag
-from ..common import validation as V
+from ..common import validation as checks
 from ..common.types import CGResult, Matvec
 from ..common.validation import RosaNumericalError
 from .args import breakdown, check_cg_args, non_finite, rhs_scale_tensor
@@ -106,7 +106,7 @@ def cuda_unusable_reason(device: torch.device) -> Optional[str]:
 
 
 def _check_like(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
-    V.like("cg", name, t, b)
+    checks.like("cg", name, t, b)
 
 
 def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -142,7 +142,7 @@ def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_it
     # the values of b and x0 are checked here on the CPU, on the device on CUDA (no extra sync)
     damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=cpu, matvec=matvec)
     if b.device.type not in ("cpu", "cuda"):
-        V.fail("cg", "b", f"the compiled solver runs on cpu or cuda tensors, got `b` on {b.device}")
+        checks.fail("cg", "b", f"the compiled solver runs on cpu or cuda tensors, got `b` on {b.device}")
     if cuda:
         if not _C.has_cuda():
             raise RuntimeError("cg: rosa_ext._C was built without CUDA (nvcc not found at build time); "
@@ -161,7 +161,7 @@ def _dtype_name(b: torch.Tensor) -> str:
 
 def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
     """matvec(v), checked to be a tensor of v's shape, dtype and device (no sync)."""
-    return V.matvec_output("cg", matvec(v), v)
+    return checks.matvec_output("cg", matvec(v), v)
 
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,
@@ -206,15 +206,15 @@ def cg_cuda_launch(matvec: Matvec, b: torch.Tensor, *, damping: float, max_iter:
     """
     damping, max_iter, tol = check_cg_args(b, damping, max_iter, tol, x0, values=False, matvec=matvec)  # no sync
     if b.device.type != "cuda":
-        V.fail("cg_cuda_launch", "b", f"`b` must be a CUDA tensor, got {b.device}")
+        checks.fail("cg_cuda_launch", "b", f"`b` must be a CUDA tensor, got {b.device}")
     if out is not None:
         _check_like("out", out, b)
         if not out.is_contiguous():
-            V.fail("cg_cuda_launch", "out", "`out` must be contiguous")
+            checks.fail("cg_cuda_launch", "out", "`out` must be contiguous")
     n_state = _C.CG_STATE_SIZE
     if state is not None and (state.shape != (n_state,) or state.dtype != torch.float64
                               or state.device != b.device or not state.is_contiguous()):
-        V.fail("cg_cuda_launch", "state", f"`state` must be a contiguous float64 ({n_state},) tensor on "
+        checks.fail("cg_cuda_launch", "state", f"`state` must be a contiguous float64 ({n_state},) tensor on "
                                           f"{b.device}; got {tuple(state.shape)}, {state.dtype}, {state.device}")
     dev = b.device.index if b.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(dev).cuda_stream

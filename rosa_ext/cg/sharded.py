@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..common import validation as V
+from ..common import validation as checks
 from ..common.types import CGResult, Matvec
 from .args import check_cg_args, rhs_scale
 
@@ -49,7 +49,7 @@ def cg_sharded(matvec: Matvec, b: torch.Tensor, *, all_sum: AllSum, weights: tor
     """
     check_cg_args(b, damping, max_iter, tol)
     if weights.shape != b.shape:
-        V.fail("cg_sharded", "weights", f"`weights` must have b's shape {tuple(b.shape)}, got {tuple(weights.shape)}")
+        checks.fail("cg_sharded", "weights", f"`weights` must have b's shape {tuple(b.shape)}, got {tuple(weights.shape)}")
     wts = weights.to(device=b.device, dtype=torch.float64)
 
     def dots(*pairs) -> torch.Tensor:

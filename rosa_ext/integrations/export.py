@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..common import validation as V
+from ..common import validation as checks
 
 #: The tensor names PEFT gives a LoRA on the top-level ``lm_head`` of a causal LM.
 LORA_A_KEY = "base_model.model.lm_head.lora_A.weight"
@@ -46,7 +46,7 @@ def _state_of(source: Any, who: str) -> Tuple[Mapping[str, Any], Optional[str]]:
             cfg = getattr(source.model, "config", None)
             name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
         if source._shard() is not None:
-            V.fail(who, "state", "this session holds only its rank's rows of `b` (a vocabulary-parallel head); pass "
+            checks.fail(who, "state", "this session holds only its rank's rows of `b` (a vocabulary-parallel head); pass "
                                  "the list of every rank's state_dict() (e.g. from torch.distributed."
                                  "all_gather_object) and they are joined to the full vocabulary")
         return source.state_dict(), (str(name) if name else None)
@@ -55,21 +55,21 @@ def _state_of(source: Any, who: str) -> Tuple[Mapping[str, Any], Optional[str]]:
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)) and len(source) > 0 \
             and all(isinstance(s, Mapping) for s in source):
         return _gather_shards(list(source), who), None
-    V.fail(who, "state", "`state` must be a RosaSession, its state_dict(), or the list of every rank's state_dict() "
-                         f"on a vocabulary-parallel head; got {V._show(source)}", V.RosaTypeError)
+    checks.fail(who, "state", "`state` must be a RosaSession, its state_dict(), or the list of every rank's state_dict() "
+                         f"on a vocabulary-parallel head; got {checks._show(source)}", checks.RosaTypeError)
 
 
 def _gather_shards(shards: Sequence[Mapping[str, Any]], who: str) -> Dict[str, Any]:
     """Join the state dicts of a vocabulary-parallel head (one per rank) into one full-V state."""
     for i, s in enumerate(shards):
         if "vocab_start" not in s or "vocab_rows" not in s:
-            V.fail(who, f"state[{i}]", f"`state[{i}]` is not a shard state (no 'vocab_start'/'vocab_rows'); pass "
+            checks.fail(who, f"state[{i}]", f"`state[{i}]` is not a shard state (no 'vocab_start'/'vocab_rows'); pass "
                                        "one full state dict, or every rank's state_dict() of a sharded session")
     first = shards[0]
     for i, s in enumerate(shards):
         for k in ("mode", "vocab_size", "hidden_size", "lora_scale", "num_updates", "version"):
             if s.get(k) != first.get(k):
-                V.fail(who, f"state[{i}]", f"the shards disagree on {k!r}: {first.get(k)!r} vs {s.get(k)!r}")
+                checks.fail(who, f"state[{i}]", f"the shards disagree on {k!r}: {first.get(k)!r} vs {s.get(k)!r}")
     if first.get("mode") != "lora":
         return dict(first)  # refused with the mode message by the caller
     order = sorted(range(len(shards)), key=lambda i: int(shards[i]["vocab_start"]))
@@ -78,18 +78,18 @@ def _gather_shards(shards: Sequence[Mapping[str, Any]], who: str) -> Dict[str, A
         s = shards[i]
         start, rows = int(s["vocab_start"]), int(s["vocab_rows"])
         if start != at:
-            V.fail(who, f"state[{i}]", f"the shards do not tile the vocabulary: a shard starts at row {start}, "
+            checks.fail(who, f"state[{i}]", f"the shards do not tile the vocabulary: a shard starts at row {start}, "
                                        f"expected {at} (every rank's state_dict() is needed)")
-        b = V.float_tensor(who, f"state[{i}]['b']", s.get("b"))
+        b = checks.float_tensor(who, f"state[{i}]['b']", s.get("b"))
         if tuple(b.shape) != (rows,):
-            V.fail(who, f"state[{i}]['b']", f"`state[{i}]['b']` must be a ({rows},) tensor, got {tuple(b.shape)}")
+            checks.fail(who, f"state[{i}]['b']", f"`state[{i}]['b']` must be a ({rows},) tensor, got {tuple(b.shape)}")
         parts.append(b)
         at += rows
     if at != first.get("vocab_size"):
-        V.fail(who, "state", f"the shards cover {at} vocabulary rows, the state has vocab_size={first.get('vocab_size')!r}")
+        checks.fail(who, "state", f"the shards cover {at} vocabulary rows, the state has vocab_size={first.get('vocab_size')!r}")
     for i, s in enumerate(shards):
         if not torch.equal(torch.as_tensor(s.get("a")), torch.as_tensor(first.get("a"))):
-            V.fail(who, f"state[{i}]['a']", "the shards hold different `a` (it is replicated on every rank)")
+            checks.fail(who, f"state[{i}]['a']", "the shards hold different `a` (it is replicated on every rank)")
     full = {k: v for k, v in first.items() if k not in ("vocab_start", "vocab_rows", "b")}
     full["b"] = torch.cat([p.detach().cpu() for p in parts])
     return full
@@ -105,29 +105,29 @@ def lora_tensors(state: Any, *, who: str = "save_peft") -> Tuple[torch.Tensor, t
     """
     sd, name = _state_of(state, who)
     if "vocab_start" in sd or "vocab_rows" in sd:
-        V.fail(who, "state", "`state` holds only one rank's rows of `b` (vocabulary-parallel head); pass the list of "
+        checks.fail(who, "state", "`state` holds only one rank's rows of `b` (vocabulary-parallel head); pass the list of "
                              "every rank's state_dict() so that `b` is joined to the full vocabulary")
     mode = sd.get("mode")
     if mode == "hidden":
-        V.fail(who, "state", "`state` is a hidden-mode state (a shift of lm_head's input, not a LoRA): it has no PEFT "
+        checks.fail(who, "state", "`state` is a hidden-mode state (a shift of lm_head's input, not a LoRA): it has no PEFT "
                              "form; serve it with rosa_ext.integrations.vllm_processor (the shift in "
                              "SamplingParams.extra_args) or attach with mode='lora'")
     if mode != "lora":
-        V.fail(who, "state['mode']", f"`state` is not a rosa_ext session state (mode {mode!r})")
+        checks.fail(who, "state['mode']", f"`state` is not a rosa_ext session state (mode {mode!r})")
     for k in ("a", "b", "lora_scale", "vocab_size", "hidden_size"):
         if k not in sd:
-            V.fail(who, f"state[{k!r}]", f"the state lacks {k!r} (expected a RosaSession.state_dict())")
+            checks.fail(who, f"state[{k!r}]", f"the state lacks {k!r} (expected a RosaSession.state_dict())")
     d, Vs = sd["hidden_size"], sd["vocab_size"]
-    a = V.float_tensor(who, "state['a']", sd["a"]).detach().reshape(-1).cpu()
-    b = V.float_tensor(who, "state['b']", sd["b"]).detach().reshape(-1).cpu()
+    a = checks.float_tensor(who, "state['a']", sd["a"]).detach().reshape(-1).cpu()
+    b = checks.float_tensor(who, "state['b']", sd["b"]).detach().reshape(-1).cpu()
     if a.numel() != d or b.numel() != Vs:
-        V.fail(who, "state['b']" if a.numel() == d else "state['a']",
+        checks.fail(who, "state['b']" if a.numel() == d else "state['a']",
                f"`a` has {a.numel()} values and `b` {b.numel()}; the state says d={d!r}, V={Vs!r}")
-    V.finite(who, "state['a']", a)
-    V.finite(who, "state['b']", b)
-    scale = V.real(who, "state['lora_scale']", sd["lora_scale"])
+    checks.finite(who, "state['a']", a)
+    checks.finite(who, "state['b']", b)
+    scale = checks.real(who, "state['lora_scale']", sd["lora_scale"])
     if scale == 0:
-        V.fail(who, "state['lora_scale']", "lora_scale is 0: the adapter would have no effect")
+        checks.fail(who, "state['lora_scale']", "lora_scale is 0: the adapter would have no effect")
     return a, b, float(scale), name
 
 
@@ -169,13 +169,13 @@ def save_peft(state: Any, directory: Union[str, Path], *, base_model_name_or_pat
     who = "save_peft"
     a, b, scale, name = lora_tensors(state, who=who)
     if not isinstance(directory, (str, Path)):
-        V.fail(who, "directory", f"`directory` must be a str or Path, got {V._show(directory)}", V.RosaTypeError)
+        checks.fail(who, "directory", f"`directory` must be a str or Path, got {checks._show(directory)}", checks.RosaTypeError)
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        V.fail(who, "base_model_name_or_path", "`base_model_name_or_path` must be a str or None, got "
-                                               f"{V._show(base_model_name_or_path)}", V.RosaTypeError)
+        checks.fail(who, "base_model_name_or_path", "`base_model_name_or_path` must be a str or None, got "
+                                               f"{checks._show(base_model_name_or_path)}", checks.RosaTypeError)
     path = Path(directory)
     if path.exists() and not path.is_dir():
-        V.fail(who, "directory", f"`directory` {str(path)!r} exists and is not a directory")
+        checks.fail(who, "directory", f"`directory` {str(path)!r} exists and is not a directory")
     try:
         from safetensors.torch import save_file
     except ImportError as e:  # pragma: no cover - safetensors comes with transformers
@@ -196,14 +196,14 @@ def adapter_name(user_id: Union[str, int], state: Any) -> str:
     """
     who = "adapter_name"
     if isinstance(user_id, bool) or not isinstance(user_id, (str, numbers.Integral)) or str(user_id) == "":
-        V.fail(who, "user_id", f"`user_id` must be a non-empty str or an int, got {V._show(user_id)}", V.RosaTypeError)
+        checks.fail(who, "user_id", f"`user_id` must be a non-empty str or an int, got {checks._show(user_id)}", checks.RosaTypeError)
     if isinstance(state, numbers.Integral) and not isinstance(state, bool):
         num = state
     elif isinstance(state, Mapping):
         num = state.get("num_updates")
     else:
         num = getattr(state, "num_updates", None)
-    num = V.integer(who, "state", num, minimum=0)
+    num = checks.integer(who, "state", num, minimum=0)
     return f"{user_id}@{num}"
 
 
@@ -221,7 +221,7 @@ class AdapterIds:
 
     def __call__(self, name: str) -> int:
         if not isinstance(name, str) or not name:
-            V.fail("AdapterIds", "name", f"`name` must be a non-empty str, got {V._show(name)}", V.RosaTypeError)
+            checks.fail("AdapterIds", "name", f"`name` must be a non-empty str, got {checks._show(name)}", checks.RosaTypeError)
         with self._lock:
             if name not in self._ids:
                 self._ids[name] = len(self._ids) + 1

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional
 
 import torch
 
-from ..common import validation as V
+from ..common import validation as checks
 from .session import _STATE_VERSION
 
 
@@ -30,7 +30,7 @@ def _copy(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _check_user(who: str, user_id: Any) -> Hashable:
     if isinstance(user_id, bool) or not isinstance(user_id, (str, numbers.Integral)) or user_id == "":
-        V.fail(who, "user_id", f"`user_id` must be a non-empty str or an int, got {V._show(user_id)}", V.RosaTypeError)
+        checks.fail(who, "user_id", f"`user_id` must be a non-empty str or an int, got {checks._show(user_id)}", checks.RosaTypeError)
     return user_id
 
 
@@ -43,8 +43,8 @@ class StateStore:
     """
 
     def __init__(self, *, vocab_size: Optional[int] = None, hidden_size: Optional[int] = None) -> None:
-        self.vocab_size = None if vocab_size is None else V.integer("StateStore", "vocab_size", vocab_size, minimum=1)
-        self.hidden_size = None if hidden_size is None else V.integer("StateStore", "hidden_size", hidden_size, minimum=1)
+        self.vocab_size = None if vocab_size is None else checks.integer("StateStore", "vocab_size", vocab_size, minimum=1)
+        self.hidden_size = None if hidden_size is None else checks.integer("StateStore", "hidden_size", hidden_size, minimum=1)
         self._states: Dict[Hashable, Dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -52,19 +52,19 @@ class StateStore:
     def _checked(self, who: str, state: Any) -> Dict[str, Any]:
         """A validated private copy of ``state`` (RosaError naming ``state[...]`` if bad)."""
         if not isinstance(state, Mapping):
-            V.fail(who, "state", f"`state` must be a dict from RosaSession.state_dict(), got {V._show(state)}",
-                   V.RosaTypeError)
+            checks.fail(who, "state", f"`state` must be a dict from RosaSession.state_dict(), got {checks._show(state)}",
+                   checks.RosaTypeError)
         mode = state.get("mode")
         if mode not in ("lora", "hidden"):
-            V.fail(who, "state['mode']", f"`state['mode']` must be 'lora' or 'hidden', got {mode!r}")
+            checks.fail(who, "state['mode']", f"`state['mode']` must be 'lora' or 'hidden', got {mode!r}")
         Vs = self.vocab_size if self.vocab_size is not None else state.get("vocab_size")
         d = self.hidden_size if self.hidden_size is not None else state.get("hidden_size")
         for k, v in (("vocab_size", Vs), ("hidden_size", d)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                V.fail(who, f"state[{k!r}]", f"`state[{k!r}]` must be a positive int, got {V._show(v)}")
+                checks.fail(who, f"state[{k!r}]", f"`state[{k!r}]` must be a positive int, got {checks._show(v)}")
         shard = (state.get("vocab_start"), state.get("vocab_rows")) if "vocab_start" in state else None
-        V.session_state(who, state, version=_STATE_VERSION, mode=mode, vocab_size=int(Vs), hidden_size=int(d),
-                        lora_scale=V.real(who, "state['lora_scale']", state.get("lora_scale")),
+        checks.session_state(who, state, version=_STATE_VERSION, mode=mode, vocab_size=int(Vs), hidden_size=int(d),
+                        lora_scale=checks.real(who, "state['lora_scale']", state.get("lora_scale")),
                         check_zero=False, shard=shard)
         return _copy(state)
 
@@ -82,7 +82,7 @@ class StateStore:
         with self._lock:
             state = self._states.get(uid)
         if state is None:
-            V.fail("StateStore.get", "user_id", f"no state stored for user_id={uid!r} (put() it first; has() tells)")
+            checks.fail("StateStore.get", "user_id", f"no state stored for user_id={uid!r} (put() it first; has() tells)")
         return _copy(state)
 
     def put(self, user_id: Any, state: Mapping[str, Any]) -> None:
@@ -97,7 +97,7 @@ class StateStore:
         uid = _check_user("StateStore.delete", user_id)
         with self._lock:
             if self._states.pop(uid, None) is None:
-                V.fail("StateStore.delete", "user_id", f"no state stored for user_id={uid!r}")
+                checks.fail("StateStore.delete", "user_id", f"no state stored for user_id={uid!r}")
 
     def users(self) -> List[Hashable]:
         """The stored user ids, in insertion order."""
@@ -122,16 +122,16 @@ class StateStore:
         who = "StateStore.update"
         uid = _check_user(who, user_id)
         if not callable(fn):
-            V.fail(who, "fn", f"`fn` must be callable, got {V._show(fn)}", V.RosaTypeError)
+            checks.fail(who, "fn", f"`fn` must be callable, got {checks._show(fn)}", checks.RosaTypeError)
         with self._lock:
             old = self._states.get(uid)
         if old is None:
-            V.fail(who, "user_id", f"no state stored for user_id={uid!r} (put() it first)")
+            checks.fail(who, "user_id", f"no state stored for user_id={uid!r} (put() it first)")
         new = self._checked(who, fn(_copy(old)))
         with self._lock:
             if self._states.get(uid) is not old:
-                V.fail(who, "user_id", f"the state of user_id={uid!r} changed during the update; nothing was "
-                                       "stored (retry)", V.RosaStateError)
+                checks.fail(who, "user_id", f"the state of user_id={uid!r} changed during the update; nothing was "
+                                       "stored (retry)", checks.RosaStateError)
             self._states[uid] = new
         return _copy(new)
 
@@ -146,11 +146,11 @@ class StateStore:
         """
         who = "StateStore.step"
         uid = _check_user(who, user_id)
-        V.boolean(who, "create", create)
+        checks.boolean(who, "create", create)
         if kwargs.get("non_blocking"):
-            V.fail(who, "non_blocking", "StateStore.step runs the update synchronously (its result is stored)")
+            checks.fail(who, "non_blocking", "StateStore.step runs the update synchronously (its result is stored)")
         if not self.has(uid) and not create:
-            V.fail(who, "user_id", f"no state stored for user_id={uid!r} (put() it first, or create=True)")
+            checks.fail(who, "user_id", f"no state stored for user_id={uid!r} (put() it first, or create=True)")
         before = session.state_dict()
 
         def run(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -168,8 +168,8 @@ class StateStore:
                 new = self._checked(who, run(None))
                 with self._lock:
                     if uid in self._states:
-                        V.fail(who, "user_id", f"user_id={uid!r} was stored during the update; nothing was stored",
-                               V.RosaStateError)
+                        checks.fail(who, "user_id", f"user_id={uid!r} was stored during the update; nothing was stored",
+                               checks.RosaStateError)
                     self._states[uid] = new
         except BaseException:
             session.load_state_dict(before)

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..common import validation as V
+from ..common import validation as checks
 
 #: The ``SamplingParams.extra_args`` key that carries a user's shift (a list of d floats).
 EXTRA_ARGS_KEY = "rosa_shift"
@@ -67,15 +67,15 @@ def shift_extra_args(state: Any) -> Dict[str, List[float]]:
     elif isinstance(state, Mapping) or hasattr(state, "state_dict"):
         sd = state if isinstance(state, Mapping) else state.state_dict()
         if sd.get("mode") != "hidden" or "delta" not in sd:
-            V.fail(who, "state", f"`state` must be a hidden-mode state (mode {sd.get('mode')!r}); a lora-mode state is "
+            checks.fail(who, "state", f"`state` must be a hidden-mode state (mode {sd.get('mode')!r}); a lora-mode state is "
                                  "served as a PEFT adapter (rosa_ext.integrations.export.save_peft)")
         delta = sd["delta"]
     else:
-        V.fail(who, "state", f"`state` must be a session, a state dict or a tensor, got {V._show(state)}", V.RosaTypeError)
-    delta = V.float_tensor(who, "state", delta)
+        checks.fail(who, "state", f"`state` must be a session, a state dict or a tensor, got {checks._show(state)}", checks.RosaTypeError)
+    delta = checks.float_tensor(who, "state", delta)
     if delta.dim() != 1 or delta.numel() == 0:
-        V.fail(who, "state", f"the shift must be a non-empty (d,) tensor, got shape {tuple(delta.shape)}")
-    V.finite(who, "state", delta)
+        checks.fail(who, "state", f"the shift must be a non-empty (d,) tensor, got shape {tuple(delta.shape)}")
+    checks.finite(who, "state", delta)
     return {EXTRA_ARGS_KEY: [float(x) for x in delta.detach().cpu().double().tolist()]}
 
 
@@ -93,21 +93,21 @@ def check_shift(value: Any, hidden_size: Optional[int], *, who: str = "RosaShift
     """
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.dim() != 1:
-            V.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {V._show(value)}")
+            checks.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {checks._show(value)}")
         t = value.detach().cpu().double()
     else:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(x, numbers.Real) and not isinstance(x, bool) for x in value):
             # RosaInputError (a ValueError) even for a wrong type: vLLM turns ValueErrors into HTTP 400
-            V.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {V._show(value)}")
+            checks.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {checks._show(value)}")
         if not all(math.isfinite(float(x)) for x in value):
-            V.fail(who, ARG, f"`{ARG}` holds NaN or Inf", V.RosaNonFiniteError)
+            checks.fail(who, ARG, f"`{ARG}` holds NaN or Inf", checks.RosaNonFiniteError)
         t = torch.tensor([float(x) for x in value], dtype=torch.float64)
     if t.numel() == 0:
-        V.fail(who, ARG, f"`{ARG}` is empty; it must hold the model's d values")
+        checks.fail(who, ARG, f"`{ARG}` is empty; it must hold the model's d values")
     if hidden_size is not None and t.numel() != hidden_size:
-        V.fail(who, ARG, f"`{ARG}` has {t.numel()} values; this model's hidden size is d={hidden_size}")
-    V.finite(who, ARG, t)
+        checks.fail(who, ARG, f"`{ARG}` has {t.numel()} values; this model's hidden size is d={hidden_size}")
+    checks.finite(who, ARG, t)
     return t
 
 
@@ -122,8 +122,8 @@ class ShiftRows:
 
     def __init__(self, weight: torch.Tensor, device: Optional[torch.device] = None) -> None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            V.fail("RosaShiftLogitsProcessor", "weight", f"the lm_head weight must be a (V, d) float tensor, got "
-                                                         f"{V._show(weight)}", V.RosaTypeError)
+            checks.fail("RosaShiftLogitsProcessor", "weight", f"the lm_head weight must be a (V, d) float tensor, got "
+                                                         f"{checks._show(weight)}", checks.RosaTypeError)
         self.weight = weight.detach().to(device=device or weight.device, dtype=torch.float32).contiguous()
         self.vocab_size, self.hidden_size = self.weight.shape
         self.biases: Dict[int, torch.Tensor] = {}
@@ -226,7 +226,7 @@ def _env_hidden_size(who: str) -> Optional[int]:
     except ValueError:
         d = 0
     if d < 1:
-        V.fail(who, HIDDEN_SIZE_ENV, f"the environment variable {HIDDEN_SIZE_ENV}={raw!r} must be a positive int (the "
+        checks.fail(who, HIDDEN_SIZE_ENV, f"the environment variable {HIDDEN_SIZE_ENV}={raw!r} must be a positive int (the "
                                      "served model's hidden size d)")
     return d
 
@@ -278,7 +278,7 @@ def _processor_weight(vllm_config: Any) -> torch.Tensor:
     W = load_head_weight(str(mc.model), tied=tied)
     env = _env_hidden_size("RosaShiftLogitsProcessor")
     if env is not None and env != W.shape[1]:  # at engine start, before any request
-        V.fail("RosaShiftLogitsProcessor", HIDDEN_SIZE_ENV, f"{HIDDEN_SIZE_ENV}={env}, but the served model's hidden "
+        checks.fail("RosaShiftLogitsProcessor", HIDDEN_SIZE_ENV, f"{HIDDEN_SIZE_ENV}={env}, but the served model's hidden "
                                                             f"size is d={W.shape[1]}")
     _KNOWN_D.add(int(W.shape[1]))
     return W
@@ -326,7 +326,7 @@ class _ProcessorMixin:
             return
         d = admission_hidden_size(who)
         if d is None:
-            V.fail(who, HIDDEN_SIZE_ENV, f"a request carries `{ARG}`, but this process does not know the served model's "
+            checks.fail(who, HIDDEN_SIZE_ENV, f"a request carries `{ARG}`, but this process does not know the served model's "
                                          f"hidden size d to check it against: start the server with {HIDDEN_SIZE_ENV}=d")
         check_shift(value, d, who=who)
 
