@@ -89,6 +89,30 @@ def run_cg(cg: CGImpl, matvec, rhs: torch.Tensor, damping: float, prob: HeadProb
         checks.nonfinite_jacobian(WHO, **named)  # NaN/Inf from J^T J v: the Jacobian's scale, not CG
 
 
+# ----------------------------------------------------------------------------- the GPU's pass: probability tiles
+def uses_prob_tiles(prob: HeadProblem, backend) -> bool:
+    """Whether a one-pass plan runs its pass over W as Triton probability tiles (the stats kernel's lse,
+    then the tile kernel writes the N x V off-target probabilities P, then GEMMs over P on tensor cores;
+    MATH.md section 4) instead of the torch tiles: on the Triton backend, float32 compute, one process
+    holding the whole vocabulary, and P within ``keep_budget_bytes``."""
+    return (backend.name == "triton" and prob.compute_dtype == torch.float32 and prob.shard is None
+            and prob.num_tokens * prob.vocab_size * 4 <= prob.keep_budget_bytes)
+
+
+def prob_tiles(prob: HeadProblem, backend):
+    """(stats of the Triton stats pass, :class:`~rosa_ext.kernels.prob_tiles.ProbTiles` of the problem,
+    log p_t accurate near p_t = 1 from the tiles' off-target sum q). P is stored as bf16 hi + lo parts
+    (fp32 accuracy on bf16 tensor cores, MATH.md section 4) for bf16/fp16 models, as fp32 otherwise."""
+    from ..kernels.prob_tiles import prob_tiles_from_tensors
+    st = backend.stats(prob)
+    precision = "fp32" if prob.weight.dtype == torch.float32 else "bf16x2"
+    tiles = prob_tiles_from_tensors(prob.hidden, prob.weight, prob.seg, st.lse, prob.targets, bias=prob.bias,
+                                    lora_b=prob.lora_b, ah=st.ah, lora_scale=prob.lora_scale if st.ah is not None
+                                    else 0.0, precision=precision)
+    logp = torch.where(tiles.q <= 0.5, torch.log1p(-tiles.q), st.logp).clamp_max(0.0)
+    return st, tiles, logp
+
+
 # ----------------------------------------------------------------------------- vocabulary-parallel combine
 def combine_tokens(prob: HeadProblem, backend, ps, label: str, wide: Optional[torch.Tensor] = None):
     """A local one-pass result's per-token values over the whole vocabulary (MATH.md section 7).

@@ -21,7 +21,7 @@ from ..cg import cg as default_cg
 from ..common.jacobian import segment_sum
 from ..common.types import HeadProblem
 from . import dense, dual_hidden
-from .base import CGImpl, Solved, run_cg
+from .base import CGImpl, Solved, run_cg, uses_prob_tiles
 
 
 def solve(prob: HeadProblem, backend, cg: Optional[CGImpl] = None) -> Solved:
@@ -44,7 +44,8 @@ def solve(prob: HeadProblem, backend, cg: Optional[CGImpl] = None) -> Solved:
         return (jtj + lam * v2).reshape(-1)
 
     res = run_cg(cg, matvec, rhs.reshape(-1), 0.0, prob)  # the ridge is inside the matvec
-    return Solved(res.x.reshape(B, d), lin.stats.logp, g, res.iterations, res.residual, engine="torch")
+    engine = "triton" if uses_prob_tiles(prob, backend) else "torch"
+    return Solved(res.x.reshape(B, d), lin.stats.logp, g, res.iterations, res.residual, engine=engine)
 
 
 def cost(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpass: float, max_iter: int) -> float:

@@ -5,6 +5,7 @@ Read in order:
 1. :func:`local_hidden_pass` -- the pass over W: hidden mode's whole vocabulary work as ONE
    online-softmax pass (flash attention with K = V = W): lse, 1 - p_t and r_t W, where r_t is pi_t
    without its target entry. Two GEMMs per tile (4 N d V flops), nothing of size N x V kept.
+   On the GPU (:func:`tile_hidden_pass`): the Triton stats pass, the probability tiles P, r W = P W.
 2. :func:`hidden_pass` -- the same over the whole vocabulary of a vocabulary-parallel head (MATH.md
    section 7): the local pass, MAX N, one SUM of N (d + 3 + L) numbers.
 3. :func:`hidden_rows` -- the Jacobian algebra: the explicit T x d rows of J in the off-target form
@@ -26,7 +27,7 @@ import torch
 
 from ..common.types import HeadProblem, HiddenPass
 from . import dense, tiles
-from .base import Solved, combine_tokens, linearize, logits_finite
+from .base import Solved, combine_tokens, linearize, logits_finite, prob_tiles, uses_prob_tiles
 
 #: elements of one (chunk, rows) logits tile of the hidden pass (4 MB fp32; flat from 0.5 to 8 MB)
 HIDDEN_TILE_ELEMS = 1 << 20
@@ -92,11 +93,24 @@ def local_hidden_pass(prob: HeadProblem, *, row_block: Optional[int] = None, chu
 
 
 # ----------------------------------------------------------------------------- 2. vocabulary-parallel
+def tile_hidden_pass(prob: HeadProblem, backend) -> HiddenPass:
+    """Step 1 on the GPU (:func:`~.base.uses_prob_tiles`): the Triton stats pass (lse), the probability
+    tiles P (N x V, target entries split off, q = 1 - p_t and r . b summed), then r W = P W as one GEMM
+    on the tensor cores (:func:`rosa_ext.kernels.tile_gemms.off_target_weight`)."""
+    from ..kernels import tile_gemms
+    st, tiles, logp = prob_tiles(prob, backend)
+    return HiddenPass(lse=st.lse, logp=logp, q=tiles.q, ah=st.ah, pib_off=tiles.rb,
+                      pi_weight=tile_gemms.off_target_weight(tiles, prob.weight))
+
+
 def hidden_pass(prob: HeadProblem, backend) -> HiddenPass:
-    """:func:`local_hidden_pass` over the whole vocabulary. On a vocabulary-parallel head (``prob.shard``;
+    """:func:`local_hidden_pass` over the whole vocabulary (:func:`tile_hidden_pass` on the GPU when P
+    fits the keep budget). On a vocabulary-parallel head (``prob.shard``;
     ``backend`` the :class:`~rosa_ext.backends.distributed.DistributedBackend`) the local pass runs on
     this rank's rows (the owner of y_t splits the target off), then MAX N and one SUM of N (d + 3 + L)
     numbers combine the shards (:func:`~.base.combine_tokens`)."""
+    if uses_prob_tiles(prob, backend):
+        return tile_hidden_pass(prob, backend)
     if prob.shard is None:
         return local_hidden_pass(prob)
     hp = local_hidden_pass(backend.owned_targets_view(prob))
@@ -172,7 +186,7 @@ def solve(prob: HeadProblem, backend) -> Solved:
         nums[b] = torch.tensor(nb, dtype=update.dtype, device=update.device)
         dens[b] = torch.tensor(db, dtype=update.dtype, device=update.device)
     res = dense.relative_residual(sum(nums), sum(dens))
-    return Solved(update, lin.stats.logp, g, 0, res, engine="torch")
+    return Solved(update, lin.stats.logp, g, 0, res, engine="triton" if uses_prob_tiles(prob, backend) else "torch")
 
 
 # ----------------------------------------------------------------------------- 5. cost and memory

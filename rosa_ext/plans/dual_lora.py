@@ -31,7 +31,7 @@ import torch
 
 from ..common.types import GramPass, HeadProblem
 from . import dense, tiles
-from .base import Solved, combine_tokens, linearize, logits_finite
+from .base import Solved, combine_tokens, linearize, logits_finite, prob_tiles, uses_prob_tiles
 
 #: elements of one (chunk, N) tile of the LoRA pass (all rows at once: the Gram needs every pair)
 LORA_TILE_ELEMS = 1 << 20
@@ -223,12 +223,25 @@ def local_centered_column_reduce(prob: HeadProblem, gp, w: torch.Tensor, *, out:
 
 
 # ----------------------------------------------------------------------------- 2. vocabulary-parallel
+def tile_lora_gram_pass(prob: HeadProblem, backend) -> GramPass:
+    """Step 1 on the GPU (:func:`~.base.uses_prob_tiles`): the Triton stats pass (lse), the probability
+    tiles P (N x V, kept for the VJP), then per conversation the centred Gram as the GEMM P_b P_b^T with
+    the target cross terms gathered (:func:`rosa_ext.kernels.tile_gemms.centered_gram`)."""
+    from ..kernels import tile_gemms
+    st, tiles, logp = prob_tiles(prob, backend)
+    grams = tile_gemms.centered_gram(tiles, prob.targets, prob.offsets)
+    return GramPass(lse=st.lse, logp=logp, q=tiles.q, ah=st.ah, pib_off=tiles.rb, gram=grams, kept=tiles)
+
+
 def lora_gram_pass(prob: HeadProblem, backend, keep: bool) -> GramPass:
-    """:func:`local_lora_gram_pass` over the whole vocabulary. On a vocabulary-parallel head
+    """:func:`local_lora_gram_pass` over the whole vocabulary (:func:`tile_lora_gram_pass` on the GPU when
+    P fits the keep budget). On a vocabulary-parallel head
     (``prob.shard``; ``backend`` the :class:`~rosa_ext.backends.distributed.DistributedBackend`): the
     local pass on this rank's rows (raw parts; the tiles, when kept, stay local), MAX N, one SUM of
     3N (4N with LoRA) per-token numbers and one SUM of 2 sum_b T_b^2 (r_t . r_u and r_t[y_u] per
     conversation); the Gram is then centred identically on every rank."""
+    if uses_prob_tiles(prob, backend):
+        return tile_lora_gram_pass(prob, backend)
     if prob.shard is None:
         return local_lora_gram_pass(prob, keep=keep)
     gp = local_lora_gram_pass(backend.owned_targets_view(prob), keep=keep, raw=True)
@@ -257,6 +270,10 @@ def centered_column_reduce(prob: HeadProblem, backend, gp: GramPass, w: torch.Te
     """sum_{t in b} w_t (e_{y_t} - pi_t) -> (B, V_local): :func:`local_centered_column_reduce` on this
     rank's columns (its kept tiles or one local pass with the global lse; the owner scatters), no
     communication."""
+    if gp.kept is not None and not isinstance(gp.kept, KeptTiles):  # the GPU's ProbTiles: one GEMV over P
+        from ..kernels import tile_gemms
+        res = tile_gemms.centered_vjp(gp.kept, w, prob.targets, prob.seg, prob.num_conversations)
+        return res if out is None else out.copy_(res)
     lp = prob if prob.shard is None else backend.owned_targets_view(prob)
     return local_centered_column_reduce(lp, gp, w, out=out)
 
@@ -319,7 +336,8 @@ def _solve_group(prob: HeadProblem, backend, keep: bool) -> Tuple[Solved, torch.
         nums[b], dens[b], _ = dense.dual_check(gp.gram[b], gs[b], alpha, lams[b], ok)
     gp.gram = []  # free the T x T matrices before the VJP
     centered_column_reduce(prob, backend, gp, wcol, out=update[:, d:])
-    return Solved(update, lin.stats.logp, g, 0, 0.0, engine="torch"), sum(nums), sum(dens)
+    engine = "triton" if uses_prob_tiles(prob, backend) else "torch"
+    return Solved(update, lin.stats.logp, g, 0, 0.0, engine=engine), sum(nums), sum(dens)
 
 
 def solve(prob: HeadProblem, backend, keep: bool) -> Solved:
@@ -334,7 +352,7 @@ def solve(prob: HeadProblem, backend, keep: bool) -> Solved:
     num = torch.stack([p[1] for p in parts]).sum()
     den = torch.stack([p[2] for p in parts]).sum()
     return Solved(torch.cat([p[0].update for p in parts]), torch.cat([p[0].logp for p in parts]),
-                  torch.cat([p[0].target for p in parts]), 0, dense.relative_residual(num, den), engine="torch")
+                  torch.cat([p[0].target for p in parts]), 0, dense.relative_residual(num, den), engine=parts[0][0].engine)
 
 
 def keep_groups(lengths: Sequence[int]) -> List[Tuple[int, int]]:
