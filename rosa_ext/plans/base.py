@@ -160,8 +160,8 @@ THROUGHPUT: Dict[Tuple[str, str, torch.dtype], Dict[str, float]] = {
     ("torch", "cpu", torch.float64): dict(gemm=68e9, ew_hidden=4.3e-9, ew_lora=2.9e-9, keep_extra=2.75e-9,
                                           kept_gemv=0.41e-9, chol=17.8e9, cg_pair=27.6e9, w_bw=20e9, widen=0.0,
                                           call=1.0e-3),
-    # NOT measured (no GPU was lent): H100/H200 data-sheet guesses. The one-pass plans run as fp32
-    # torch matmuls on the GPU (no Triton kernel for them yet); Triton's CG pair on tensor cores.
+    # NOT measured (no GPU was lent): H100/H200 data-sheet guesses. On the Triton backend the one-pass
+    # plans run the probability tiles and tensor-core GEMMs over them; Triton's CG pair on tensor cores.
     ("torch", "cuda", torch.float32): dict(gemm=40e12, ew_hidden=0.02e-9, ew_lora=0.02e-9, keep_extra=0.005e-9,
                                            kept_gemv=0.003e-9, chol=2e12, cg_pair=20e12, w_bw=2.5e12, widen=0.0,
                                            call=2e-3),
