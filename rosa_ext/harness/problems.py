@@ -154,7 +154,7 @@ DEFAULT_MIX: Tuple[str, ...] = ("sub1", "word")
 #: the development split, benchmarks/results/experiment/qwen25_coder_dev_first_turn.json).
 PROBLEM_SETS: Dict[str, Tuple[str, ...]] = {
     "default": DEFAULT_MIX,
-    "qwen-mix": ("multeen", "chain3s", "sub2"),
+    "qwen-mix": ("multeen", "chain3s", "mul22"),
 }
 
 
