@@ -125,8 +125,8 @@ def test_peft_path_uses_the_untied_base_head(mode):
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_qwen25_coder_real_untied_head(mode):
     """The real model (float32, ~50 s to load): its head is untied; an update lowers the rejected
-    answer's log-prob, reads lm_head (the float64 reference on lm_head's weight agrees) and
-    leaves the embeddings and the head's weight untouched."""
+    answer's log-prob, equals rosa_update on lm_head's weight (and, in hidden mode, the float64
+    reference), differs from the step on the embeddings, and leaves both matrices untouched."""
     from rosa_ext.integrations.models import load_qwen25_coder
 
     model, tok = load_qwen25_coder()
@@ -144,13 +144,18 @@ def test_qwen25_coder_real_untied_head(mode):
         with torch.no_grad():
             h = model.model(ids).last_hidden_state[0, start - 1:-1]
             logp0 = torch.log_softmax(model(ids).logits[0, start - 1:-1].double(), -1).gather(1, ids[0, start:, None]).mean()
-        lora = (s.a.double().clone(), s.b.double().clone()) if mode == "lora" else None
         kw = dict(mode=mode, **OPTS)
-        if lora is not None:
-            kw.update(lora_a=lora[0], lora_b=lora[1], lora_scale=s.lora_scale)
-        want = rosa_update_reference(h.double(), W.double(), ids[0, start:], -1.0, **kw).update
+        if mode == "lora":
+            kw.update(lora_a=s.a.clone(), lora_b=s.b.clone(), lora_scale=s.lora_scale)
+        with torch.no_grad():  # the public op on lm_head's weight, and on the embedding matrix
+            want = rosa_ext.rosa_update(h, W, ids[0, start:], -1.0, **kw).update
+            wrong = rosa_ext.rosa_update(h, emb, ids[0, start:], -1.0, **kw).update
+        if mode == "hidden":  # the float64 reference too (LoRA mode's dense (d + V)^2 system does not fit in memory)
+            ref = rosa_update_reference(h.double(), W.double(), ids[0, start:], -1.0, **kw).update
+            torch.testing.assert_close(want.double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
         step = s.update(ids, reward=-1.0, response_start=start)
-        torch.testing.assert_close(step.update.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+        torch.testing.assert_close(step.update, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+        assert (wrong - want).abs().max() > 1e-2 * want.abs().max(), "the embedding matrix would give another step"
         with torch.no_grad():
             logp1 = torch.log_softmax(model(ids).logits[0, start - 1:-1].double(), -1).gather(1, ids[0, start:, None]).mean()
         assert logp1 < logp0
