@@ -268,15 +268,37 @@ def session(ctx: Ctx, mode: str, output: str = "replicate") -> Dict[str, Any]:
     import rosa_ext
     from rosa_ext.integrations.models import tiny_causal_lm
     V = 61
-    ref = tiny_causal_lm("qwen2", vocab_size=V, hidden_size=16, num_layers=1, dtype=F64)
-    tp = tiny_causal_lm("qwen2", vocab_size=V, hidden_size=16, num_layers=1, dtype=F64)
+    from rosa_ext.common import defaults
+    from rosa_ext.reference import rosa_update_reference
+    # untied heads (lm_head.weight is not the embedding matrix), the embeddings made clearly different
+    ref = tiny_causal_lm("qwen2", tied=False, vocab_size=V, hidden_size=16, num_layers=1, dtype=F64)
+    tp = tiny_causal_lm("qwen2", tied=False, vocab_size=V, hidden_size=16, num_layers=1, dtype=F64)
+    with torch.no_grad():
+        for m in (ref, tp):
+            m.get_input_embeddings().weight.mul_(-3.0)
+    emb0, head0 = ref.get_input_embeddings().weight.clone(), ref.lm_head.weight.clone()
     layout = Replicate() if output == "replicate" else Shard(-1)
     parallelize_module(tp, ctx.mesh, {"lm_head": ColwiseParallel(output_layouts=layout)})
     ids = torch.randint(0, V, (1, 14), generator=torch.Generator().manual_seed(3))
     base = tp(ids).logits
     s_ref, s_tp = rosa_ext.attach(ref, mode=mode), rosa_ext.attach(tp, mode=mode)
+    with torch.no_grad():  # the first step, by the float64 reference on lm_head's weight and on the embeddings
+        h = ref.model(ids).last_hidden_state[0, 5:-1]
+    kw = dict(mode=mode, beta=defaults.BETA, damping=defaults.DAMPING, damping_mode=defaults.DAMPING_MODE)
+    if mode == "lora":
+        kw.update(lora_a=s_ref.a.clone(), lora_b=s_ref.b.clone(), lora_scale=s_ref.lora_scale)
+    want = rosa_update_reference(h, head0, ids[0, 6:], -1.0, **kw).update
+    wrong = rosa_update_reference(h, emb0, ids[0, 6:], -1.0, **kw).update
     s_ref.update(ids, reward=-1.0, response_start=6)
     s_tp.update(ids, reward=-1.0, response_start=6)
+    lo = s_tp.state_dict()["vocab_start"]
+    if mode == "lora":  # this rank's rows of b, and a, against the reference step
+        d, n = s_tp.a.numel(), s_tp.b.numel()
+        got, exp = torch.cat([s_tp.a - kw["lora_a"], s_tp.b]), torch.cat([want[:d], want[d + lo: d + lo + n]])
+    else:
+        got, exp = s_tp.delta, want
+    first = dict(err_first_step_vs_lm_head=_maxerr(got, exp), first_step_gap_to_embedding=_maxerr(wrong, want),
+                 first_step_scale=float(want.abs().max()))
     s_ref.update(ids, reward=1.0, response_start=6)
     handle = s_tp.update(ids, reward=1.0, response_start=6, non_blocking=True)  # the collectives run in the worker thread
     l_ref = ref(ids).logits
@@ -286,7 +308,9 @@ def session(ctx: Ctx, mode: str, output: str = "replicate") -> Dict[str, Any]:
     start, rows = sd["vocab_start"], sd["vocab_rows"]
     cols = slice(None) if output == "replicate" else slice(start, start + rows)
     out = dict(err_logits=_maxerr(l_tp, l_ref[..., cols]), logits_width=int(l_tp.shape[-1]), rows=[start, rows],
-               vocab_size=sd["vocab_size"], num_updates=s_tp.num_updates)
+               vocab_size=sd["vocab_size"], num_updates=s_tp.num_updates, **first,
+               embeddings_unchanged=bool(torch.equal(tp.get_input_embeddings().weight, emb0)),
+               head_rows_unchanged=bool(torch.equal(tp.lm_head.weight.to_local(), head0[start:start + rows])))
     if mode == "lora":
         out["err_a"] = _maxerr(s_tp.a, s_ref.a)
         out["err_b"] = _maxerr(s_tp.b, s_ref.b[start:start + rows])

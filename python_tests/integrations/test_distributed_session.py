@@ -1,7 +1,8 @@
 """rosa_ext.attach on a tiny transformers model whose lm_head is ColwiseParallel (a DTensor
 weight sharded by vocabulary rows), 2 CPU processes with gloo, each running the same
-conversation (MATH.md section 7). Compared with an unsharded copy of the model in the same
-process: the logits after two updates (the second in the background), generation, each rank's
+conversation (MATH.md section 7). The head is untied (its weight is not the embedding matrix): the
+first step must be the float64 reference's on lm_head's weight, and neither matrix may change.
+Compared with an unsharded copy of the model in the same process: the logits after two updates (the second in the background), generation, each rank's
 rows in ``state_dict``, ``load_state_dict``, and ``reset`` / ``detach`` back to the base outputs
 bitwise. The group is shared with python_tests/core/test_distributed.py (python_tests/_dist.py).
 """
@@ -27,6 +28,10 @@ def test_session_on_colwise_parallel_head(run, case):
             pytest.skip(r["skip"])
         assert "error" not in r, f"rank {rank}: {r.get('error')}\n{r.get('traceback')}"
         assert r["err_logits"] <= TOL, (rank, r)
+        # the head is untied: the step is the reference's on lm_head's weight, far from the embeddings' one
+        assert r["err_first_step_vs_lm_head"] <= TOL * max(1.0, r["first_step_scale"]), r
+        assert r["first_step_gap_to_embedding"] > 1e-3 * r["first_step_scale"], r
+        assert r["embeddings_unchanged"] and r["head_rows_unchanged"], r
         assert r["num_updates"] == 2 and r["vocab_size"] == 61
         start, rows = r["rows"]
         assert rows == (31 if rank == 0 else 30) and start == (0 if rank == 0 else 31)

