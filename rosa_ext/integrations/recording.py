@@ -12,7 +12,7 @@ the padding after it dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,6 +77,18 @@ class GenerationRecorder:
             hidden.append(H[i, :k])
             tokens.append(row[:k].to(H.device))
         return Recorded(hidden, tokens)
+
+    def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, generate_kwargs: dict) -> Tuple[Any, Recorded]:
+        """``model.generate(input_ids, **generate_kwargs)`` under no_grad while recording -> (what generate
+        returns, the per-sequence :class:`Recorded`). ``return_dict_in_generate=True`` works too."""
+        self.start()
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids, **generate_kwargs)
+        finally:
+            self.stop()
+        seqs = getattr(out, "sequences", out)
+        return out, self.take(seqs[:, input_ids.shape[1]:], eos_ids(model, generate_kwargs))
 
     def remove(self) -> None:
         self._handle.remove()

@@ -34,7 +34,7 @@ from .background import BackgroundRunner, UpdateHandle
 from .head_hooks import HeadAdapter
 from .lora_params import LoraParams, OwnLora, PeftLora
 from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
-from .recording import GenerationRecorder, Recorded, eos_ids
+from .recording import GenerationRecorder, Recorded
 from .sharded_head import ShardedHeadAdapter, head_adapter
 
 _STATE_VERSION = 1
@@ -206,14 +206,7 @@ class RosaSession:
             checks.fail("generate", "input_ids", f"`input_ids` must be (B, L) or (L,) prompt ids, got {tuple(ids.shape)}")
         self.wait()
         self._recorded = None
-        self._recorder.start()
-        try:
-            with torch.no_grad():
-                out = self.model.generate(ids, **generate_kwargs)
-        finally:
-            self._recorder.stop()
-        new = getattr(out, "sequences", out)[:, ids.shape[1]:]  # also with return_dict_in_generate=True
-        self._recorded = self._recorder.take(new, eos_ids(self.model, generate_kwargs))
+        out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
         return out
 
     def update_from_generation(self, reward: float, *, row: Optional[int] = None,

@@ -31,7 +31,7 @@ from ..common.types import MODES, compute_dtype_of
 from ..core.op import RosaStep, rosa_update
 from .head_hooks import HeadAdapter, init_lora_a
 from .model_lookup import find_lm_head, head_bias, head_weight, peft_lora
-from .recording import GenerationRecorder, Recorded, eos_ids
+from .recording import GenerationRecorder
 
 _STATE_VERSION = 1  # the session's state format (rosa_ext.integrations.session)
 
@@ -188,15 +188,10 @@ class RosaUsers:
             ad.changed()
             ad.rows = torch.arange(len(users), device=self.weight.device)
             ad.active = active
-            self._recorder.start()
             try:
-                with torch.no_grad():
-                    out = self.model.generate(ids, **generate_kwargs)
+                out, rec = self._recorder.generate(self.model, ids, generate_kwargs)
             finally:
-                self._recorder.stop()
                 ad.active, ad.rows = False, None
-            seqs = getattr(out, "sequences", out)  # return_dict_in_generate=True gives an output object
-            rec: Recorded = self._recorder.take(seqs[:, ids.shape[1]:], eos_ids(self.model, generate_kwargs))
             for i, u in enumerate(users):
                 if u is not None:
                     self._recorded[u] = (rec.hidden[i], rec.tokens[i])
