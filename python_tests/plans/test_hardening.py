@@ -120,3 +120,26 @@ def test_fallback_on_correlated_hidden_states(mode, T, d, monkeypatch):
     monkeypatch.setitem(dense.DUAL_RESIDUAL_LIMIT, torch.float32, 0.0)  # reject every fp32 solve
     fb = rosa_ext.rosa_update(h.float(), W.float(), y, -1.0, **f32)
     assert _rel(fb, ref) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["lora", "hidden"])
+@pytest.mark.parametrize("solver", ["dual", "cg"])
+def test_target_that_underflows_fp32_is_an_error_not_a_zero_step(mode, solver):
+    """Every token at p ~ 1e-40..1e-44: g = p* - p is subnormal (or 0) in float32, so the step would be a
+    silent zero or a few bits where float64 gives a real one; the call says so (naming `targets`), and
+    float64 solves it."""
+    g = torch.Generator().manual_seed(5)
+    d, V, T = 8, 40, 4
+    W = torch.randn(V, d, generator=g, dtype=torch.float64)
+    base = torch.randn(T, d, generator=g, dtype=torch.float64)
+    y = (base @ W.T).argmin(-1)
+    h = base * (-106.0 / torch.log_softmax(base @ W.T, -1)[torch.arange(T), y]).unsqueeze(1)
+    kw = dict(lora_a=torch.randn(d, generator=g, dtype=torch.float64) / 3) if mode == "lora" else {}
+    ref = rosa_update_reference(h, W, y, -1.0, mode=mode, **kw)
+    assert ref.update.norm() > 0
+    got64 = rosa_ext.rosa_update(h, W, y, -1.0, mode=mode, solver=solver, backend="torch", **kw, **SOLVE)
+    assert _rel(got64, ref) < 1e-3
+    with pytest.raises(rosa_ext.RosaNumericalError) as info:
+        rosa_ext.rosa_update(h.float(), W.float(), y, -1.0, mode=mode, solver=solver, backend="torch",
+                             **{k: v.float() for k, v in kw.items()}, **SOLVE)
+    assert info.value.argument == "targets"

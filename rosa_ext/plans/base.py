@@ -62,11 +62,31 @@ def linearize(prob: HeadProblem, backend, ps: Optional[object] = None, check: bo
         by = None if prob.lora_b is None else backend.gather_targets(prob, prob.lora_b)
         pib = None if ps.pib_off is None else ps.pib_off + torch.exp(ps.logp) * by  # pi . b = r . b + p b[y]
         st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=pib, q=ps.q, pib_off=ps.pib_off)
-    if check:
-        checks.finite_logits(WHO, prob.compute_dtype, st.lse, st.logp)
     lin = J.Linearization.at(prob, st, backend, by=by)
     g = residual_target(st.logp, prob.reward[prob.seg], prob.beta)
+    if check:
+        checks.finite_logits(WHO, prob.compute_dtype, st.lse, st.logp)
+        if bool(target_underflowed(prob, g, st.logp).any()):  # a second host read, CG plans only
+            raise_target_underflow(prob)
     return lin, g
+
+
+def target_underflowed(prob: HeadProblem, g: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """(B,) bool, no host sync: conversations with a nonzero reward whose every target g_t is 0 or
+    subnormal although some token has p_t < 1 -- every token so unlikely (p_t below ~1e-38 in float32)
+    that g = p* - p underflowed, so the step would be a silent zero (or a few bits) where float64 gives
+    a real one."""
+    normal = g.abs() >= torch.finfo(g.dtype).tiny  # a subnormal g has lost most of its bits
+    nonzero = J.segment_sum(prob, normal.to(g.dtype).unsqueeze(1))[:, 0]
+    below_one = J.segment_sum(prob, (logp < 0).to(g.dtype).unsqueeze(1))[:, 0]
+    return (prob.reward != 0) & (nonzero == 0) & (below_one > 0)
+
+
+def raise_target_underflow(prob: HeadProblem) -> None:
+    """The error of :func:`target_underflowed`."""
+    checks.fail(WHO, "targets", f"every response token of a conversation is so unlikely that its ROSA target "
+                                f"g = p* - p underflows {prob.compute_dtype} (p below ~1e-38): the step would be 0 or "
+                                "a few bits where float64 gives a real one; pass float64 inputs", checks.RosaNumericalError)
 
 
 def logits_finite(lin: J.Linearization) -> torch.Tensor:

@@ -13,6 +13,7 @@ factor-and-accept step, and the float64 fallbacks -- each written once.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -21,7 +22,7 @@ from ..common import validation as checks
 from ..common.jacobian import segment_sum
 from ..common.types import HeadProblem
 from ..common.validation import RosaNumericalError
-from .base import WHO
+from .base import WHO, raise_target_underflow
 
 #: The dual's Cholesky solve is accepted for a conversation when the relative residual of its
 #: normal equations is at most this (by compute dtype); a conversation over it, or one whose
@@ -60,6 +61,8 @@ def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
     ``absmax`` (no host sync)."""
     ok = torch.isfinite(absmax) & (absmax > 0)
     e = torch.floor(torch.log2(torch.where(ok, absmax, torch.ones_like(absmax))))
+    top = float(math.floor(math.log2(torch.finfo(absmax.dtype).max)))  # 2^top: the dtype's largest power of two
+    e = e.clamp(-top, top)  # subnormal rows (p ~ 1e-43 in float32) must not ask for 2^130
     return torch.where(ok, torch.exp2(-e), torch.ones_like(absmax))
 
 
@@ -100,17 +103,20 @@ def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: 
 
 
 def accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor], flags: List[torch.Tensor],
-           logits_finite: torch.Tensor) -> List[int]:
+           logits_finite: torch.Tensor, underflow: torch.Tensor) -> List[int]:
     """The conversations whose solve must be redone in float64 (one host sync for all of them, which
-    also reads whether the pass's logits were finite). Raises for non-finite logits or Jacobian."""
+    also reads whether the pass's logits were finite and whether a target underflowed,
+    :func:`~.base.target_underflowed`). Raises for non-finite logits or Jacobian, or an underflowed target."""
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
     num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
     B = len(nums)
-    both = torch.cat([good, fl[:, 1], logits_finite.reshape(1)]).tolist()  # the one host sync of the check
+    both = torch.cat([good, fl[:, 1], logits_finite.reshape(1), underflow.any().reshape(1)]).tolist()  # one sync
     good_list, finite_list = both[:B], both[B:2 * B]
-    if not both[-1]:
+    if not both[-2]:
         checks.nonfinite_logits(WHO, prob.compute_dtype)
+    if both[-1]:  # before the Jacobian's check: rows that small are subnormal, their Gram may be garbage
+        raise_target_underflow(prob)
     if not all(finite_list):
         checks.nonfinite_jacobian(WHO, mode=prob.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]

@@ -27,7 +27,7 @@ import torch
 
 from ..common.types import HeadProblem, HiddenPass
 from . import dense, tiles
-from .base import Solved, combine_tokens, linearize, logits_finite, prob_tiles, uses_prob_tiles
+from .base import Solved, combine_tokens, linearize, logits_finite, prob_tiles, target_underflowed, uses_prob_tiles
 
 #: elements of one (chunk, rows) logits tile of the hidden pass (4 MB fp32; flat from 0.5 to 8 MB)
 HIDDEN_TILE_ELEMS = 1 << 20
@@ -178,7 +178,8 @@ def solve(prob: HeadProblem, backend) -> Solved:
         lams.append(lam)
         gs.append(gb)
     eps = torch.finfo(cd).eps
-    for b in dense.accept(prob, nums, dens, flags, logits_finite(lin)):
+    for b in dense.accept(prob, nums, dens, flags, logits_finite(lin),
+                              target_underflowed(prob, g, lin.stats.logp)):
         delta, nb, db = dense.spectral_hidden(rows[off[b]:off[b + 1]], gs[b], float(lams[b]), eps)
         if not bool(torch.isfinite(delta).all()):
             raise dense.not_finite(prob)

@@ -31,7 +31,7 @@ import torch
 
 from ..common.types import GramPass, HeadProblem
 from . import dense, tiles
-from .base import Solved, combine_tokens, linearize, logits_finite, prob_tiles, uses_prob_tiles
+from .base import Solved, combine_tokens, linearize, logits_finite, prob_tiles, target_underflowed, uses_prob_tiles
 
 #: elements of one (chunk, N) tile of the LoRA pass (all rows at once: the Gram needs every pair)
 LORA_TILE_ELEMS = 1 << 20
@@ -324,7 +324,8 @@ def _solve_group(prob: HeadProblem, backend, keep: bool) -> Tuple[Solved, torch.
         Jas.append(Ja)
         cbs.append(cbk)
     eps = torch.finfo(cd).eps
-    for b in dense.accept(prob, nums, dens, flags, logits_finite(lin)):
+    for b in dense.accept(prob, nums, dens, flags, logits_finite(lin),
+                              target_underflowed(prob, g, lin.stats.logp)):
         lo, hi = off[b], off[b + 1]
         alpha = dense.spectral_gram(gp.gram[b], gs[b], float(lams[b]), eps)
         if not bool(torch.isfinite(alpha).all()):
