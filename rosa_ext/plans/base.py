@@ -14,6 +14,7 @@ combine of per-token results, and the measured throughput its cost formula reads
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -66,20 +67,20 @@ def linearize(prob: HeadProblem, backend, ps: Optional[object] = None, check: bo
     g = residual_target(st.logp, prob.reward[prob.seg], prob.beta)
     if check:
         checks.finite_logits(WHO, prob.compute_dtype, st.lse, st.logp)
-        if bool(target_underflowed(prob, g, st.logp).any()):  # a second host read, CG plans only
+        if bool(target_underflowed(prob, st.logp).any()):  # a second host read, CG plans only
             raise_target_underflow(prob)
     return lin, g
 
 
-def target_underflowed(prob: HeadProblem, g: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """(B,) bool, no host sync: conversations with a nonzero reward whose every target g_t is 0 or
-    subnormal although some token has p_t < 1 -- every token so unlikely (p_t below ~1e-38 in float32)
-    that g = p* - p underflowed, so the step would be a silent zero (or a few bits) where float64 gives
-    a real one."""
-    normal = g.abs() >= torch.finfo(g.dtype).tiny  # a subnormal g has lost most of its bits
-    nonzero = J.segment_sum(prob, normal.to(g.dtype).unsqueeze(1))[:, 0]
-    below_one = J.segment_sum(prob, (logp < 0).to(g.dtype).unsqueeze(1))[:, 0]
-    return (prob.reward != 0) & (nonzero == 0) & (below_one > 0)
+def target_underflowed(prob: HeadProblem, logp: torch.Tensor) -> torch.Tensor:
+    """(B,) bool, no host sync: conversations with a nonzero reward in which every token's p_t is below
+    the compute dtype's normal range (p_t < ~1e-38 in float32, log p_t finite): J (proportional to p_t)
+    and g = p* - p are then 0 or subnormal, so the step would be a silent zero (or a few bits) where
+    float64 gives a real one. (A tiny reward with normal p_t gives a tiny g and a tiny, correct step.)"""
+    log_tiny = math.log(torch.finfo(logp.dtype).tiny)
+    normal = J.segment_sum(prob, (logp >= log_tiny).to(logp.dtype).unsqueeze(1))[:, 0]
+    finite = J.segment_sum(prob, torch.isfinite(logp).to(logp.dtype).unsqueeze(1))[:, 0]
+    return (prob.reward != 0) & (normal == 0) & (finite > 0)
 
 
 def raise_target_underflow(prob: HeadProblem) -> None:

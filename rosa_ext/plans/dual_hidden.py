@@ -179,7 +179,7 @@ def solve(prob: HeadProblem, backend) -> Solved:
         gs.append(gb)
     eps = torch.finfo(cd).eps
     for b in dense.accept(prob, nums, dens, flags, logits_finite(lin),
-                              target_underflowed(prob, g, lin.stats.logp)):
+                              target_underflowed(prob, lin.stats.logp)):
         delta, nb, db = dense.spectral_hidden(rows[off[b]:off[b + 1]], gs[b], float(lams[b]), eps)
         if not bool(torch.isfinite(delta).all()):
             raise dense.not_finite(prob)

@@ -325,7 +325,7 @@ def _solve_group(prob: HeadProblem, backend, keep: bool) -> Tuple[Solved, torch.
         cbs.append(cbk)
     eps = torch.finfo(cd).eps
     for b in dense.accept(prob, nums, dens, flags, logits_finite(lin),
-                              target_underflowed(prob, g, lin.stats.logp)):
+                              target_underflowed(prob, lin.stats.logp)):
         lo, hi = off[b], off[b + 1]
         alpha = dense.spectral_gram(gp.gram[b], gs[b], float(lams[b]), eps)
         if not bool(torch.isfinite(alpha).all()):
