@@ -102,26 +102,37 @@ class TorchChunkedBackend(WholeVocabulary):
         pib_off = None if sb_off is None else sb_off / s
         return HeadStats(lse=lse, logp=logp, ah=ah, pib=pib, q=q, pib_off=pib_off)
 
-    def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
-        """(pi_t . u[seg_t]) for u (B, V) -> (N,)."""
+    def _tiles(self, prob: HeadProblem, st: HeadStats, drop_targets: bool):
+        """(v0, v1, tile) of pi_t -- or of r_t, pi_t without its target entry, with ``drop_targets``."""
+        for v0, v1, _, pi in self._probs(prob, st):
+            yield v0, v1, (self._drop_targets(prob, v0, v1, pi) if drop_targets else pi)
+
+    def _row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor, drop_targets: bool) -> torch.Tensor:
         out = torch.zeros(prob.num_tokens, dtype=prob.compute_dtype, device=prob.device)
         single = prob.num_conversations == 1
-        for v0, v1, _, pi in self._probs(prob, st):
+        for v0, v1, pi in self._tiles(prob, st, drop_targets):
             uc = u[:, v0:v1]
             out += (pi * (uc[0].unsqueeze(0) if single else uc[prob.seg])).sum(1)
         return out
 
-    def column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
-        """sum_{t in b} w_t pi_t for w (N,) -> (B, V)."""
+    def _column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor, drop_targets: bool) -> torch.Tensor:
         B = prob.num_conversations
         out = torch.empty(B, prob.vocab_size, dtype=prob.compute_dtype, device=prob.device)
-        for v0, v1, _, pi in self._probs(prob, st):
+        for v0, v1, pi in self._tiles(prob, st, drop_targets):
             if B == 1:
                 out[0, v0:v1] = w @ pi
             else:
                 out[:, v0:v1] = torch.zeros(B, v1 - v0, dtype=pi.dtype, device=pi.device).index_add_(
                     0, prob.seg, pi * w.unsqueeze(1))
         return out
+
+    def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        """(pi_t . u[seg_t]) for u (B, V) -> (N,)."""
+        return self._row_reduce(prob, st, u, drop_targets=False)
+
+    def column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """sum_{t in b} w_t pi_t for w (N,) -> (B, V)."""
+        return self._column_reduce(prob, st, w, drop_targets=False)
 
     @staticmethod
     def _drop_targets(prob: HeadProblem, v0: int, v1: int, pi: torch.Tensor) -> torch.Tensor:
@@ -133,25 +144,11 @@ class TorchChunkedBackend(WholeVocabulary):
 
     def off_target_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(r_t . u[seg_t]) for u (B, V) -> (N,), r_t = pi_t without its target entry."""
-        out = torch.zeros(prob.num_tokens, dtype=prob.compute_dtype, device=prob.device)
-        single = prob.num_conversations == 1
-        for v0, v1, _, pi in self._probs(prob, st):
-            uc = u[:, v0:v1]
-            out += (self._drop_targets(prob, v0, v1, pi) * (uc[0].unsqueeze(0) if single else uc[prob.seg])).sum(1)
-        return out
+        return self._row_reduce(prob, st, u, drop_targets=True)
 
     def off_target_column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
         """sum_{t in b} w_t r_t for w (N,) -> (B, V), r_t = pi_t without its target entry."""
-        B = prob.num_conversations
-        out = torch.empty(B, prob.vocab_size, dtype=prob.compute_dtype, device=prob.device)
-        for v0, v1, _, pi in self._probs(prob, st):
-            r = self._drop_targets(prob, v0, v1, pi)
-            if B == 1:
-                out[0, v0:v1] = w @ r
-            else:
-                out[:, v0:v1] = torch.zeros(B, v1 - v0, dtype=r.dtype, device=r.device).index_add_(
-                    0, prob.seg, r * w.unsqueeze(1))
-        return out
+        return self._column_reduce(prob, st, w, drop_targets=True)
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """q_t . q_t = sum_{v != y_t} pi_t[v]^2 for every token -> (N,) (relative damping, LoRA mode)."""
