@@ -51,7 +51,8 @@ class TurnRecord:
     The experiment also records the step's target attainment (means per targeted token,
     :func:`rosa_ext.harness.experiment.target_attainment`): ``dlogp_achieved`` (after - before),
     ``dlogp_predicted`` (the linearised step's (J delta)_t / p_t), ``dlogp_target`` (ROSA's
-    log p* - log p) and ``attainment`` = achieved / target (None when the target is 0).
+    log p* - log p) and ``attainment`` = achieved / target (None when the target is 0); in hidden mode
+    ``shift_norm`` (||delta|| after the update) and ``hidden_norm`` (the answer's mean lm_head input norm).
     """
 
     text: str
@@ -68,6 +69,8 @@ class TurnRecord:
     dlogp_predicted: Optional[float] = None
     dlogp_target: Optional[float] = None
     attainment: Optional[float] = None
+    shift_norm: Optional[float] = None
+    hidden_norm: Optional[float] = None
 
 
 @dataclass
