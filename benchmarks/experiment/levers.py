@@ -26,7 +26,6 @@ import torch
 
 from rosa_ext.harness.experiment import (
     METHODS,
-    MethodSpec,
     attainment_summary,
     first_turn,
     load_model,
@@ -123,34 +122,21 @@ CONFIGS_RUN5 = [
 RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4, 5: CONFIGS_RUN5}
 
 
-def _v(base: str, name: str, **kw) -> MethodSpec:
-    return replace(METHODS[base], name=name, **kw)
-
-
 #: Issue 32's dev study, one lever at a time from the defaults (relative ridge 0.3, beta 1, the boxed
 #: answer's tokens), in priority order. The choice rule, fixed before the runs: per family (ROSA-hidden,
 #: ROSA-LoRA, PG on the LoRA, PG on the shift) the setting with the highest dev Acc@5 counting only
 #: sensible corrections; ties go to the fewer degenerate later answers (copies of the feedback plus boxed
 #: numbers not derived), then to the default.
-LEVERS = [
-    METHODS["baseline"], METHODS["resample"], METHODS["ban"], METHODS["guess"],
-    METHODS["rosa-hidden"],
-    _v("rosa-hidden", "rosa-hidden cap0.02", shift_cap=0.02),
-    _v("rosa-hidden", "rosa-hidden cap0.05", shift_cap=0.05),
-    _v("rosa-hidden", "rosa-hidden b3", beta=3.0),
-    _v("rosa-hidden", "rosa-hidden rel1", damping=1.0),
-    _v("rosa-hidden", "rosa-hidden rel3", damping=3.0),
-    _v("rosa-hidden", "rosa-hidden response", update_on="response"),
-    METHODS["rosa-lora"],
-    _v("rosa-lora", "rosa-lora b0.5", beta=0.5),
-    _v("rosa-lora", "rosa-lora rel0.1", damping=0.1),
-    _v("pg-lora-fair", "pg-lora match"),
-    _v("pg-lora-fair", "pg-lora clip lr1", pg_step="clip", lr=1.0),
-    _v("pg-lora-fair", "pg-lora clip lr10", pg_step="clip", lr=10.0),
-    _v("pg-hidden-fair", "pg-hidden match"),
-    _v("pg-hidden-fair", "pg-hidden clip lr1", pg_step="clip", lr=1.0),
-    _v("pg-hidden-fair", "pg-hidden clip lr10", pg_step="clip", lr=10.0),
-]
+LEVERS = [METHODS[n] for n in ("baseline", "resample", "ban", "guess", "rosa-hidden")] + [
+    replace(METHODS[n], name=n.replace("-cap", " cap").replace("-b", " b").replace("-rel", " rel")
+            .replace("-response", " response")) for n in (
+        "rosa-hidden-cap0.02", "rosa-hidden-cap0.05", "rosa-hidden-b3", "rosa-hidden-rel1", "rosa-hidden-rel3",
+        "rosa-hidden-response")] + [METHODS["rosa-lora"]] + [
+    replace(METHODS[n], name=n.replace("-b", " b").replace("-rel", " rel")) for n in ("rosa-lora-b0.5",
+                                                                                    "rosa-lora-rel0.1")] + [
+    replace(METHODS[n], name=n.replace("-match", " match").replace("-clip-", " clip ")) for n in (
+        "pg-lora-match", "pg-lora-clip-lr1", "pg-lora-clip-lr10", "pg-hidden-match", "pg-hidden-clip-lr1",
+        "pg-hidden-clip-lr10")]
 
 
 def study(argv) -> int:

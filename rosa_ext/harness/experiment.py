@@ -136,6 +136,32 @@ METHODS: Dict[str, MethodSpec] = {
     "pg-hidden-fair": MethodSpec("pg-hidden-fair", "pg", "hidden", **_FAIR_PG),
     "rosa-lora-dense": MethodSpec("rosa-lora-dense", "rosa", "lora", reward="dense", **_ROSA),
 }
+
+
+def _lever(base: str, name: str, **kw: Any) -> MethodSpec:
+    return replace(METHODS[base], name=name, **kw)
+
+
+#: The levers of the development study (benchmarks/experiment/levers.py runs them under the same settings
+#: with the names spelled with spaces, "rosa-hidden cap0.02"): one setting at a time from the defaults.
+LEVER_METHODS: Dict[str, MethodSpec] = {s.name: s for s in (
+    _lever("rosa-hidden", "rosa-hidden-cap0.02", shift_cap=0.02),
+    _lever("rosa-hidden", "rosa-hidden-cap0.05", shift_cap=0.05),
+    _lever("rosa-hidden", "rosa-hidden-b3", beta=3.0),
+    _lever("rosa-hidden", "rosa-hidden-rel1", damping=1.0),
+    _lever("rosa-hidden", "rosa-hidden-rel3", damping=3.0),
+    _lever("rosa-hidden", "rosa-hidden-response", update_on="response"),
+    _lever("rosa-lora", "rosa-lora-b0.5", beta=0.5),
+    _lever("rosa-lora", "rosa-lora-rel0.1", damping=0.1),
+    _lever("pg-lora-fair", "pg-lora-match"),
+    _lever("pg-lora-fair", "pg-lora-clip-lr1", pg_step="clip", lr=1.0),
+    _lever("pg-lora-fair", "pg-lora-clip-lr10", pg_step="clip", lr=10.0),
+    _lever("pg-hidden-fair", "pg-hidden-match"),
+    _lever("pg-hidden-fair", "pg-hidden-clip-lr1", pg_step="clip", lr=1.0),
+    _lever("pg-hidden-fair", "pg-hidden-clip-lr10", pg_step="clip", lr=10.0),
+)}
+METHODS.update(LEVER_METHODS)
+
 #: The methods of a default run (the legacy ``pg`` and ``rosa-lora-dense`` on request).
 DEFAULT_METHODS = ("baseline", "resample", "ban", "guess", "rosa-lora", "rosa-hidden", "pg-lora-fair",
                    "pg-hidden-fair")
