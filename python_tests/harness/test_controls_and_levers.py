@@ -164,7 +164,7 @@ def test_cached_turn_matches_reencoding(tiny_chat):
     """A turn continued from the key/value cache (holes where answers ended early, rows dropped) sees the
     same logits as the same tokens encoded from scratch without the holes."""
     from rosa_ext.harness.conversation import start_messages
-    from rosa_ext.harness.experiment import _continue, _Gen, _generate, _left_pad, chat_tensor
+    from rosa_ext.harness.experiment import _cache_kw, _continue, _Gen, _generate, _left_pad, chat_tensor
     from rosa_ext.harness.problems import Problem
     model, tok = tiny_chat
     probs = [Problem("What is 2 + 2?", "4"), Problem("Tom has 3 apples and gets 5 more. How many now?", "8"),
@@ -176,9 +176,9 @@ def test_cached_turn_matches_reencoding(tiny_chat):
     nxt = _continue(gen, out, [1, 2], tok, "Wrong. Try again.")
     assert nxt.cache is not None and nxt.ids.shape[0] == 2
     with torch.no_grad():
-        cached = model(nxt.ids[:, nxt.cache.get_seq_length():], attention_mask=nxt.att,
-                       past_key_values=nxt.cache, position_ids=(nxt.att.cumsum(-1) - 1)[:, nxt.cache.get_seq_length():]
-                       ).logits[:, -1]
+        n = nxt.cache.get_seq_length()
+        cached = model(nxt.ids[:, n:], attention_mask=nxt.att, position_ids=(nxt.att.cumsum(-1) - 1)[:, n:],
+                       **{_cache_kw(): nxt.cache}).logits[:, -1]
         for j in range(2):
             real = nxt.ids[j][nxt.att[j].bool()][None]
             fresh = model(real).logits[0, -1]

@@ -270,7 +270,7 @@ def _generate(model, tokenizer, gen: _Gen, *, max_new_tokens: int, do_sample: bo
     kw = _decode_kwargs(max_new_tokens, do_sample, temperature, _pad_id(tokenizer))
     kw.update(attention_mask=gen.att.to(dev), return_dict_in_generate=True, use_cache=True)
     if gen.cache is not None:
-        kw["cache"] = gen.cache
+        kw[_cache_kw()] = gen.cache
     if logits_processor:
         from transformers import LogitsProcessorList
         kw["logits_processor"] = LogitsProcessorList(logits_processor)
@@ -307,7 +307,21 @@ def _generate(model, tokenizer, gen: _Gen, *, max_new_tokens: int, do_sample: bo
 
 
 def _cache_of(out) -> Any:
-    return out.get("cache", None) if hasattr(out, "get") else None
+    """The key/value cache a ``generate(..., return_dict_in_generate=True)`` returned (None if none)."""
+    if not hasattr(out, "get"):
+        return None
+    cache = out.get("cache", None)
+    return out.get("past_key_values", None) if cache is None else cache
+
+
+def _cache_kw() -> str:
+    """The name ``generate`` takes a cache under: ``cache`` (transformers >= 5.x), else ``past_key_values``."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+        else "past_key_values"
 
 
 _TAILS: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor, int]] = {}
