@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rosa_ext
-from rosa_ext.plans import dense, target
+from rosa_ext.common import jacobian as target
+from rosa_ext.plans import dense
 from rosa_ext.reference import rosa_update_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

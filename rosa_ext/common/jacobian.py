@@ -1,9 +1,12 @@
-"""J and J^T of p(theta) for both parameterisations, written once (MATH.md sections 2-3).
+"""The linearisation of ROSA, written once (MATH.md sections 1-3): the point it linearises at, the
+target, and J and J^T of p(theta) for both parameterisations.
 
-The algebra here turns a backend's streaming primitives (:class:`HeadPrimitives`) into the JVP
-and the VJP. It is used by matrix-free CG (:mod:`rosa_ext.plans.cg_lora`, any backend) and by the
-tensor-level API of :mod:`rosa_ext.kernels` (the Triton kernels), so the formulas exist in one
-place; the logit and log p of an observed token (:func:`target_logit`, :func:`target_logp`) too.
+- :class:`Linearization`: p_t, h_t, b[y_t] and the target g = p* - p (:func:`residual_target`) at the
+  current parameters, from an engine's pass; whether a target underflowed, whether the logits were finite.
+- :func:`target_logit`, :func:`target_logp`: the logit and log p of an observed token (the one rule).
+- :func:`jvp`, :func:`vjp`: the JVP and the VJP over an engine's streaming primitives
+  (:class:`HeadPrimitives`), used by matrix-free CG (:mod:`rosa_ext.plans.cg_lora`, any engine) and by
+  the tensor-level API of :mod:`rosa_ext.kernels` (the Triton kernels).
 
 Parameter vectors are (B, P): P = d + V laid out ``[delta_a, delta_b]`` (lora) or P = d
 (hidden), one row per conversation; token vectors are (N,), packed over the batch.
@@ -16,12 +19,14 @@ replaces it by owner-only indexing and a sum across shards (MATH.md section 7).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
 
 from .types import HeadProblem, HeadStats
+from .validation import all_finite
 
 
 class HeadPrimitives(Protocol):
@@ -122,29 +127,104 @@ WHOLE_VOCABULARY = WholeVocabulary()
 
 @dataclass
 class Linearization:
-    """What the algebra needs at the current parameters, compute dtype (N packed tokens).
+    """The point ROSA linearises at: what the algebra needs at the current parameters, compute dtype
+    (N packed tokens; MATH.md sections 1-3).
 
-    - ``prob``, ``stats``: the packed problem and the backend's per-token cache
+    - ``prob``, ``stats``: the packed problem and an engine's per-token results
+    - ``mode``: "lora" or "hidden" (which parameters J is the Jacobian of)
     - ``p`` (N,): probability of each observed token
     - ``h`` (N, d): lm_head inputs in the compute dtype
     - ``by`` (N,) or None: ``b_seg[y_t]``, the LoRA b entry of each observed token
+    - ``g`` (N,) or None: the target g = p* - p (:func:`residual_target`), when the reward is known
     """
 
     prob: HeadProblem
     stats: HeadStats
+    mode: str
     p: torch.Tensor
     h: torch.Tensor
     by: Optional[torch.Tensor]
+    g: Optional[torch.Tensor] = None
 
     @classmethod
-    def at(cls, prob: HeadProblem, stats: HeadStats, prims: Optional[HeadPrimitives] = None,
-           by: Optional[torch.Tensor] = None) -> "Linearization":
-        """``prims``: the backend (its :meth:`~WholeVocabulary.gather_targets`); default one process.
-        ``by``: b_seg[y_t] when the caller has it already."""
+    def at(cls, prob: HeadProblem, stats: HeadStats, mode: str, prims: Optional[HeadPrimitives] = None,
+           by: Optional[torch.Tensor] = None, beta: Optional[float] = None) -> "Linearization":
+        """``prims``: the engine (its :meth:`~WholeVocabulary.gather_targets`); default one process.
+        ``by``: b_seg[y_t] when the caller has it already. ``beta``: the KL coefficient; given, ``g`` is
+        the target of ``prob.reward``."""
         prims = WHOLE_VOCABULARY if prims is None else prims
         if by is None and prob.lora_b is not None:
             by = prims.gather_targets(prob, prob.lora_b)
-        return cls(prob=prob, stats=stats, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype), by=by)
+        g = None if beta is None else residual_target(stats.logp, prob.reward[prob.seg], beta)
+        return cls(prob=prob, stats=stats, mode=mode, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype),
+                   by=by, g=g)
+
+    @classmethod
+    def of_pass(cls, prob: HeadProblem, ps, mode: str, prims: HeadPrimitives, beta: float) -> "Linearization":
+        """The linearisation from a one-pass result ``ps`` (a HiddenPass or GramPass: ``lse``, ``logp``,
+        ``q``, ``ah``, ``pib_off`` = r . b without the target entry) and the target g."""
+        by = None if prob.lora_b is None else prims.gather_targets(prob, prob.lora_b)
+        pib = None if ps.pib_off is None else ps.pib_off + torch.exp(ps.logp) * by  # pi . b = r . b + p b[y]
+        st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=pib, q=ps.q, pib_off=ps.pib_off, engine=ps.engine)
+        return cls.at(prob, st, mode, prims, by=by, beta=beta)
+
+    def target_underflowed(self) -> torch.Tensor:
+        """(B,) bool, no host sync: conversations with a nonzero reward in which every token's p_t is
+        below the compute dtype's normal range (p_t < ~1e-38 in float32, log p_t finite): J (proportional
+        to p_t) and g = p* - p are then 0 or subnormal, so the step would be a silent zero (or a few bits)
+        where float64 gives a real one. (A tiny reward with normal p_t gives a tiny, correct step.)"""
+        logp = self.stats.logp
+        log_tiny = math.log(torch.finfo(logp.dtype).tiny)
+        normal = segment_sum(self.prob, (logp >= log_tiny).to(logp.dtype).unsqueeze(1))[:, 0]
+        finite = segment_sum(self.prob, torch.isfinite(logp).to(logp.dtype).unsqueeze(1))[:, 0]
+        return (self.prob.reward != 0) & (normal == 0) & (finite > 0)
+
+    def logits_finite(self) -> torch.Tensor:
+        """Whether the pass's log-sum-exp and log p_t are finite (0-dim bool, no host sync)."""
+        return all_finite(self.stats.lse) & all_finite(self.stats.logp)
+
+
+_LOG_HALF = -0.6931471805599453
+
+
+def residual_target(logp: torch.Tensor, reward_per_token: torch.Tensor, beta: float) -> torch.Tensor:
+    """g = p* - p for each token (MATH.md section 1, paper Eq. 3), free of cancellation for p near 0 or 1.
+
+        p*_t = p_t e^{r/beta} / (1 - p_t + p_t e^{r/beta}),   g_t = p*_t - p_t
+
+    Written as ``p* = sigmoid(L + d)`` with ``L = logit(p_t)`` and ``d = r / beta``, the difference of two
+    sigmoids is evaluated without subtracting them:
+
+        g = sigmoid(L + d) - sigmoid(L) = sinh(d / 2) / (2 cosh(L / 2) cosh((L + d) / 2))
+
+    so a confident token (1 - p below fp32's rounding of 1) or a weak reward keeps its full relative
+    precision: nothing that rounds to 1 is subtracted from something else that rounds to 1.
+
+    Args:
+        logp: (N,) float, log p_t of the observed tokens (<= 0). Must itself be accurate near 0 when p is
+            near 1 (e.g. ``log1p(-q)`` with q = 1 - p summed over the other tokens), since 1 - p is recovered
+            from it as ``-expm1(logp)``.
+        reward_per_token: (N,) float, the reward of each token's conversation.
+        beta: KL coefficient (> 0).
+    Returns:
+        (N,) same dtype as ``logp``. Exactly zero where the reward is zero.
+    """
+    logp = torch.clamp(logp, max=0.0)
+    d = reward_per_token.to(logp.dtype) / beta
+    # log(1 - p) without cancellation: for p > 1/2 from 1 - p = -expm1(log p) (exact for tiny 1 - p),
+    # below from log1p(-p).
+    log1mp = torch.where(logp > _LOG_HALF, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+    L = logp - log1mp  # logit(p); +inf at p == 1, -inf at p == 0
+    a = L + d  # logit(p*)
+    # 2 cosh(x/2) = e^{|x|/2} (1 + e^{-|x|}) and 2 sinh(d/2) = sign(d) e^{|d|/2} (1 - e^{-|d|}), hence
+    #   g = sign(d) (1 - e^{-|d|}) e^{E} / ((1 + e^{-|L|}) (1 + e^{-|a|})),  E = (|d| - |L| - |a|) / 2 <= 0,
+    # where E is taken case by case so that it never subtracts two large equal numbers:
+    #   L and d of one sign: |a| = |L| + |d|, E = -|L|;  opposite signs: E = -max(|L| - |d|, 0).
+    absL, absd = L.abs(), d.abs()
+    same = (L >= 0) == (d >= 0)
+    E = torch.where(same, -absL, -torch.clamp(absL - absd, min=0.0))
+    g = torch.sign(d) * (-torch.expm1(-absd)) * torch.exp(E) / ((1.0 + torch.exp(-absL)) * (1.0 + torch.exp(-a.abs())))
+    return torch.where(reward_per_token == 0, torch.zeros_like(g), g)
 
 
 def target_logit(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: Optional[torch.Tensor],
@@ -167,13 +247,17 @@ def target_logp(z_y: torch.Tensor, lse: torch.Tensor, q: Optional[torch.Tensor] 
     """log p_t of the observed tokens -> (N,), clamped to <= 0: the ONE rule for it.
 
     ``z_y - lse`` (finite even where p_t underflows); when ``q`` (N,) = 1 - p_t summed off-target is
-    known (the one-pass plans), ``log1p(-q)`` where p_t >= 1/2, accurate near p_t = 1 where
-    ``z_y - lse`` would lose the small 1 - p_t (MATH.md section 4).
+    known (the one-pass plans), :func:`accurate_logp`.
     """
     logp = z_y - lse
-    if q is not None:
-        logp = torch.where(q <= 0.5, torch.log1p(-q), logp)
-    return logp.clamp_max(0.0)
+    return logp.clamp_max(0.0) if q is None else accurate_logp(logp, q)
+
+
+def accurate_logp(logp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """log p_t from ``logp`` = z_y - lse and the off-target sum ``q`` = 1 - p_t -> (N,), <= 0:
+    ``log1p(-q)`` where p_t >= 1/2, accurate near p_t = 1 where ``z_y - lse`` would lose the small
+    1 - p_t (MATH.md section 4)."""
+    return torch.where(q <= 0.5, torch.log1p(-q), logp).clamp_max(0.0)
 
 
 def observed_logp(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, *,
@@ -212,7 +296,7 @@ def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Ten
     prob, st = lin.prob, lin.stats
     s, seg = prob.lora_scale, prob.seg
     d = prob.hidden_size
-    if prob.mode == "lora":
+    if lin.mode == "lora":
         va, vb = v[:, :d], v[:, d:]
         hv = (lin.h * va[seg]).sum(1)
         centered = prims.centered_row_reduce(prob, st, vb)  # vb[seg, y] - pi . vb
@@ -227,7 +311,7 @@ def vjp(lin: Linearization, prims: HeadPrimitives, u: torch.Tensor) -> torch.Ten
     """J^T u for u (N,) -> (B, P)."""
     prob, st = lin.prob, lin.stats
     s = prob.lora_scale
-    if prob.mode == "lora":
+    if lin.mode == "lora":
         coef_a = s * u * lin.p * b_gap(lin)
         grad_a = segment_sum(prob, coef_a.unsqueeze(1) * lin.h)
         grad_b = scatter_minus_column(lin, prims, s * u * lin.p * st.ah)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional
 import torch
 
 from ..common import validation as checks
+from . import checks as ichecks
 from .session import _STATE_VERSION
 
 
@@ -63,7 +64,7 @@ class StateStore:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 checks.fail(who, f"state[{k!r}]", f"`state[{k!r}]` must be a positive int, got {checks._show(v)}")
         shard = (state.get("vocab_start"), state.get("vocab_rows")) if "vocab_start" in state else None
-        checks.session_state(who, state, version=_STATE_VERSION, mode=mode, vocab_size=int(Vs), hidden_size=int(d),
+        ichecks.session_state(who, state, version=_STATE_VERSION, mode=mode, vocab_size=int(Vs), hidden_size=int(d),
                         lora_scale=checks.real(who, "state['lora_scale']", state.get("lora_scale")),
                         check_zero=False, shard=shard)
         return _copy(state)

@@ -25,13 +25,14 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..common import defaults
+from ..backends import triton_available
 from ..common import validation as checks
-from ..common.types import MODES, compute_dtype_of
+from ..common.config import RosaConfig, compute_dtype_of
 from ..core.op import RosaStep, rosa_update
-from .head_hooks import HeadAdapter, init_lora_a
+from . import checks as ichecks
+from .head_hooks import GenerationRecorder, HeadAdapter, init_lora_a
 from .model_lookup import find_lm_head, head_bias, head_weight, peft_lora
-from .recording import GenerationRecorder
+from .session import DEFAULT_MODE, session_config
 
 _STATE_VERSION = 1  # the session's state format (rosa_ext.integrations.session)
 
@@ -42,21 +43,20 @@ class RosaUsers:
     Args:
         model: a ``transformers`` causal LM with an ``lm_head`` (not a PEFT LoRA one: the per-user LoRA
             is rosa-ext's own here).
-        mode: "lora" or "hidden".
-        beta, damping, damping_mode, max_iter, tol, solver, backend, lora_scale: as :func:`~rosa_ext.attach`.
+        mode: "lora" or "hidden" (default ``config.mode``, or "lora").
+        config: the options of every update (:class:`~rosa_ext.common.config.RosaConfig`), as
+            :func:`~rosa_ext.attach`; ``**options`` override it by name (``damping=0.1``, ...).
         seed: seed of every new user's ``a`` (as ``attach(seed=...)``).
     """
 
-    def __init__(self, model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
-                 damping: float = defaults.DAMPING, damping_mode: str = defaults.DAMPING_MODE,
-                 max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL, solver: str = defaults.SOLVER,
-                 backend: str = defaults.BACKEND, lora_scale: float = defaults.LORA_SCALE, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, mode: str = DEFAULT_MODE, *, config: Optional[RosaConfig] = None,
+                 seed: int = 0, **options: Any) -> None:
         who = "RosaUsers"
         if not isinstance(model, torch.nn.Module):
             checks.fail(who, "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}", checks.RosaTypeError)
-        self.mode = checks.choice(who, "mode", mode, MODES)
-        opts = checks.solver_options(who, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                                     backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
+        #: the options of every update (:class:`~rosa_ext.common.config.RosaConfig`)
+        self.config = session_config(who, mode, config, options)
+        self.mode = self.config.mode
         self.seed = checks.seed(who, seed)
         head = find_lm_head(model, who)
         if peft_lora(head, who) is not None:
@@ -67,8 +67,10 @@ class RosaUsers:
         self.bias = head_bias(head)
         self.vocab_size, self.hidden_size = (int(n) for n in self.weight.shape)
         self.dtype = compute_dtype_of(self.weight.dtype)
-        self.lora_scale = float(opts.pop("lora_scale"))
-        self.options = opts
+        self.lora_scale = float(self.config.lora_scale)
+        if self.config.backend == "triton" and not triton_available(self.weight.device):
+            checks.fail(who, "backend", f"backend='triton' needs the `triton` package and a CUDA model (the lm_head is "
+                                        f"on {self.weight.device}); use backend='auto' or 'torch'")
         self._a0 = init_lora_a(1, self.hidden_size, self.seed, self.dtype, self.weight.device)[0]
         self._states: Dict[Hashable, Dict[str, Any]] = {}
         self._recorded: Dict[Hashable, tuple] = {}
@@ -117,7 +119,7 @@ class RosaUsers:
             hash(user_id)
         except TypeError:
             checks.fail("load", "user_id", f"`user_id` must be hashable, got {type(user_id).__name__}", checks.RosaTypeError)
-        num, tensors = checks.session_state("load", state, version=_STATE_VERSION, mode=self.mode,
+        num, tensors = ichecks.session_state("load", state, version=_STATE_VERSION, mode=self.mode,
                                             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                                             lora_scale=self.lora_scale, check_zero=True, shard=None)
         sd = self._new_state()
@@ -201,7 +203,7 @@ class RosaUsers:
         """Set the answer ``user_id`` will rate from lm_head inputs the caller already holds: ``hidden``
         (n, d) the base body's outputs that predicted ``tokens`` (n,) (e.g. a generation shared by several
         methods); a user without a state gets one."""
-        hidden, tokens = checks.hidden_rows("record", hidden, tokens, hidden_size=self.hidden_size,
+        hidden, tokens = ichecks.hidden_rows("record", hidden, tokens, hidden_size=self.hidden_size,
                                             vocab_size=self.vocab_size, device=self.weight.device,
                                             head_dtype=self.weight.dtype)
         with self._lock:
@@ -263,15 +265,13 @@ class RosaUsers:
             r = torch.tensor(rewards, dtype=self.dtype)
             if self.mode == "hidden":
                 delta = torch.stack([s["delta"] for s in states])
-                step = rosa_update(H + delta.to(H.dtype).unsqueeze(1), W, Y, r, mode="hidden", mask=M, bias=bias,
-                                   **self.options)
+                step = rosa_update(H + delta.to(H.dtype).unsqueeze(1), W, Y, r, config=self.config, mask=M, bias=bias)
                 upd = _clip(step.update, max_norm)
                 new = [{"delta": s["delta"] + upd[j].to(self.dtype)} for j, s in enumerate(states)]
             else:
                 a = torch.stack([s["a"] for s in states])
                 b = torch.stack([s["b"] for s in states])
-                step = rosa_update(H, W, Y, r, mode="lora", lora_a=a, lora_b=b, lora_scale=self.lora_scale, mask=M,
-                                   bias=bias, **self.options)
+                step = rosa_update(H, W, Y, r, config=self.config, lora_a=a, lora_b=b, mask=M, bias=bias)
                 upd = _clip(step.update, max_norm)
                 new = [{"a": s["a"] + upd[j, :d].to(self.dtype), "b": s["b"] + upd[j, d:].to(self.dtype)}
                        for j, s in enumerate(states)]

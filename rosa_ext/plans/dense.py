@@ -1,5 +1,5 @@
-"""The small dense algebra every exact plan shares (MATH.md sections 4 and 6): the ridge rule, the
-factor-and-accept step, and the float64 fallbacks -- each written once.
+"""The small dense algebra every plan shares (MATH.md sections 4 and 6): the ridge rule, the exact
+rescaling, factor-and-accept, the float64 refinement, the CG call -- each written once.
 
 - :func:`ridge`, :func:`conversation_ridges`: lambda from ``damping`` / ``damping_mode`` and the mean
   of a conversation's Gram diagonal (the relative ridge of MATH.md section 6).
@@ -7,22 +7,28 @@ factor-and-accept step, and the float64 fallbacks -- each written once.
   compute dtype's range (the step is invariant to it, MATH.md section 6).
 - :func:`factor_solve`, :func:`dual_check`, :func:`accept`: Cholesky of ``A + lambda I``, the
   relative residual of the normal equations, and ONE host sync that decides which conversations
-  are re-solved in float64.
-- :func:`spectral_hidden`, :func:`spectral_gram`: the float64 fallbacks (SVD of J, eigendecomposition
-  of J J^T).
+  are re-solved in float64 (and raises for non-finite logits or an underflowed target).
+- :func:`float64_refinement`: the one loop over the rejected conversations; :func:`spectral_hidden`,
+  :func:`spectral_gram`: their float64 solves (SVD of J, eigendecomposition of J J^T).
+- :func:`run_cg`: a CG implementation on a plan's matvec (a breakdown in the right-hand side is the
+  inputs' fault and named so).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from ..common import validation as checks
-from ..common.jacobian import segment_sum
-from ..common.types import HeadProblem
-from ..common.validation import RosaNumericalError
-from .base import WHO, raise_target_underflow
+from ..common.config import RosaConfig
+from ..common.jacobian import Linearization, segment_sum
+from ..common.types import CGResult, HeadProblem
+from ..common.validation import RosaNonFiniteError, RosaNumericalError
+
+WHO = "rosa_update"
+#: A CG implementation: ``cg(matvec, b, *, damping, max_iter, tol) -> CGResult`` (rosa_ext.cg).
+CGImpl = Callable[..., CGResult]
 
 #: The dual's Cholesky solve is accepted for a conversation when the relative residual of its
 #: normal equations is at most this (by compute dtype); a conversation over it, or one whose
@@ -32,7 +38,7 @@ DUAL_RESIDUAL_LIMIT = {torch.float32: 1e-4, torch.float64: 1e-10}
 Ridge = Union[float, torch.Tensor]
 
 
-def ridge(prob: HeadProblem, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ridge(cfg: RosaConfig, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lambda of each conversation (MATH.md section 6), the shape and dtype of ``diag_mean`` (no host
     sync): the ONE place the ridge rule is written.
 
@@ -41,17 +47,18 @@ def ridge(prob: HeadProblem, diag_mean: torch.Tensor, unit: Optional[torch.Tenso
     for 1). "absolute": ``damping unit^2`` (the same ridge in the scaled units); "relative": ``damping``
     times the mean (scale invariant), or ``damping`` where J is exactly zero (its step is zero anyway).
     """
-    absolute = torch.full_like(diag_mean, prob.damping)
-    if prob.damping_mode == "absolute":
+    absolute = torch.full_like(diag_mean, cfg.damping)
+    if cfg.damping_mode == "absolute":
         return absolute if unit is None else absolute * (unit * unit)
-    return torch.where(diag_mean > 0, prob.damping * diag_mean, absolute)
+    return torch.where(diag_mean > 0, cfg.damping * diag_mean, absolute)
 
 
-def conversation_ridges(prob: HeadProblem, diag: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+def conversation_ridges(prob: HeadProblem, cfg: RosaConfig, diag: torch.Tensor,
+                        unit: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`ridge` of every conversation -> (B,), from the per-token ``diag`` (N,) = ||J_t||^2."""
     counts = torch.tensor(prob.lengths, dtype=diag.dtype, device=diag.device)
     mean = segment_sum(prob, diag.unsqueeze(1))[:, 0] / counts
-    return ridge(prob, mean, unit)
+    return ridge(cfg, mean, unit)
 
 
 def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
@@ -102,30 +109,76 @@ def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: 
     return num, den, torch.stack([(info == 0) & fine, checks.all_finite(A0)])
 
 
-def accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor], flags: List[torch.Tensor],
-           logits_finite: torch.Tensor, underflow: torch.Tensor) -> List[int]:
+def accept(lin: Linearization, cfg: RosaConfig, nums: List[torch.Tensor], dens: List[torch.Tensor],
+           flags: List[torch.Tensor]) -> List[int]:
     """The conversations whose solve must be redone in float64 (one host sync for all of them, which
     also reads whether the pass's logits were finite and whether a target underflowed,
-    :func:`~.base.target_underflowed`). Raises for non-finite logits or Jacobian, or an underflowed target."""
+    :meth:`~rosa_ext.common.jacobian.Linearization.target_underflowed`). Raises for non-finite logits or
+    Jacobian, or an underflowed target."""
+    prob = lin.prob
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
     num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
     B = len(nums)
-    both = torch.cat([good, fl[:, 1], logits_finite.reshape(1), underflow.any().reshape(1)]).tolist()  # one sync
+    both = torch.cat([good, fl[:, 1], lin.logits_finite().reshape(1),
+                      lin.target_underflowed().any().reshape(1)]).tolist()  # one sync
     good_list, finite_list = both[:B], both[B:2 * B]
     if not both[-2]:
         checks.nonfinite_logits(WHO, prob.compute_dtype)
     if both[-1]:  # before the Jacobian's check: rows that small are subnormal, their Gram may be garbage
         raise_target_underflow(prob)
     if not all(finite_list):
-        checks.nonfinite_jacobian(WHO, mode=prob.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
+        checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]
 
 
-def not_finite(prob: HeadProblem) -> RosaNumericalError:
+def raise_target_underflow(prob: HeadProblem) -> None:
+    """The error of :meth:`~rosa_ext.common.jacobian.Linearization.target_underflowed`."""
+    checks.fail(WHO, "targets", f"every response token of a conversation is so unlikely that its ROSA target "
+                                f"g = p* - p underflows {prob.compute_dtype} (p below ~1e-38): the step would be 0 or "
+                                "a few bits where float64 gives a real one; pass float64 inputs", checks.RosaNumericalError)
+
+
+def check_linearization(lin: Linearization, cfg: RosaConfig) -> None:
+    """For the CG plans (the dual folds these into :func:`accept`'s one sync): raise for logits that
+    overflowed or a target that underflowed (two host reads)."""
+    if not bool(lin.logits_finite()):
+        checks.nonfinite_logits(WHO, lin.prob.compute_dtype)
+    if bool(lin.target_underflowed().any()):
+        raise_target_underflow(lin.prob)
+
+
+def float64_refinement(cfg: RosaConfig, rejected: List[int], solve64: Callable[[int], torch.Tensor]
+                       ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """The one float64 refinement loop of the exact plans: (b, x) for every conversation b that
+    :func:`accept` rejected, x = ``solve64(b)`` (its float64 solve), checked finite."""
+    for b in rejected:
+        x = solve64(b)
+        if not bool(torch.isfinite(x).all()):
+            raise not_finite(cfg)
+        yield b, x
+
+
+def not_finite(cfg: RosaConfig) -> RosaNumericalError:
     """The error of a fallback that still gave NaN/Inf."""
     return RosaNumericalError(f"rosa_update: the dual solve gave NaN/Inf even in float64 (damping="
-                              f"{prob.damping:g}); check the scale of the inputs", "damping")
+                              f"{cfg.damping:g}); check the scale of the inputs", "damping")
+
+
+def run_cg(cg: CGImpl, matvec, rhs: torch.Tensor, prob: HeadProblem, cfg: RosaConfig) -> CGResult:
+    """``cg`` on A x = rhs (each conversation's ridge inside the matvec); NaN/Inf in the right-hand side
+    J^T g is the inputs' fault."""
+    named = dict(mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
+    try:
+        return cg(matvec, rhs, damping=0.0, max_iter=cfg.max_iter, tol=cfg.tol)
+    except RosaNonFiniteError as e:
+        if e.argument != "b":
+            raise
+        checks.nonfinite_jacobian(WHO, **named)  # the right-hand side J^T g: the inputs, not the solve
+    except RosaNumericalError as e:
+        if e.argument != "matvec" or "breakdown" in str(e):
+            raise
+        checks.nonfinite_jacobian(WHO, **named)  # NaN/Inf from J^T J v: the Jacobian's scale, not CG
 
 
 def _kept(mu: torch.Tensor, n: int, eps: float, lam: float) -> torch.Tensor:
