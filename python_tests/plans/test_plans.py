@@ -188,3 +188,19 @@ def test_cost_model_rules():
     assert dual_lora.keep_groups([5, 3, 2, 5, 1]) == [(0, 1), (1, 3), (3, 4), (4, 5)]
     est = solver_costs("lora", [256], 256, 32000, 16)
     assert est["dual"] == est["dual-keep"] < est["dual-stream"] < est["cg"]
+
+
+def test_every_engine_implements_the_protocol():
+    """The torch, Triton and vocabulary-parallel engines all implement the whole engine protocol (the plans
+    call nothing else)."""
+    from rosa_ext.backends.distributed import DistributedEngine
+    from rosa_ext.backends.protocol import Engine
+    from rosa_ext.backends.triton_engine import TritonEngine
+    from rosa_ext.common.types import VocabShard
+    methods = [m for m in dir(Engine) if not m.startswith("_")]
+    assert {"hidden_pass", "gram_pass", "off_target_vjp", "stats", "throughput", "centered_row_reduce",
+            "scatter_minus_column"} <= set(methods)
+    for engine in (TorchEngine(), TritonEngine(), DistributedEngine(TorchEngine(), VocabShard(0, 1, 2, 0, 2))):
+        missing = [m for m in methods if not callable(getattr(engine, m, None))]
+        assert not missing, (type(engine).__name__, missing)
+        assert isinstance(engine, Engine) and engine.name in ("torch", "triton")

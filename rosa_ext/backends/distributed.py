@@ -266,6 +266,15 @@ class DistributedEngine:
         lp, _, _ = self._view(prob)
         return self.comm.all_sum(self.local.weight_rmatvec(lp, q), "weight_rmatvec")
 
+    def off_target_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
+        """(r_t . u[seg_t]) for u (B, V_local) -> (N,): SUM (only the owner drops the target entry)."""
+        return self.comm.all_sum(self.local.off_target_row_reduce(self.owned_targets_view(prob), st, u),
+                                 "off_target_row_reduce")
+
+    def off_target_column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
+        """sum_{t in b} w_t r_t -> (B, V_local): this rank's columns (the owner drops the target entry)."""
+        return self.local.off_target_column_reduce(self.owned_targets_view(prob), st, w)
+
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """r_t . r_t per token -> (N,): SUM (the owner drops the target entry)."""
         return self.comm.all_sum(self.local.pi_sqnorm(self.owned_targets_view(prob), st), "pi_sqnorm")

@@ -19,7 +19,7 @@ All per-token results are (N,) in the problem's compute dtype (N packed tokens o
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Protocol
+from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +27,7 @@ from ..common.jacobian import HeadPrimitives
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 
 
+@runtime_checkable
 class Engine(HeadPrimitives, Protocol):
     """What every engine implements.
 

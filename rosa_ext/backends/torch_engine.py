@@ -28,6 +28,7 @@ import torch
 
 from ..common.jacobian import WholeVocabulary, target_logit, target_logp
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
+from .throughput import TORCH, lookup
 
 #: the smallest vocabulary chunk (GEMM efficiency)
 MIN_CHUNK = 256
@@ -280,26 +281,6 @@ LORA_TILE_ELEMS = 1 << 20
 #: gave 150, 210, 225 effective GF/s)
 LORA_MIN_CHUNK = 512
 
-#: The cost model's constants of this engine (:mod:`rosa_ext.plans.registry`), by (device type, compute
-#: dtype). Keys: gemm (flop/s of the tile GEMMs of the passes), ew_hidden / ew_lora (s per tile element
-#: and pass: the rank-k fill, exp, sums, the target split), keep_extra (s per kept element: first touch and
-#: cold writes), kept_gemv (s per kept element of the VJP GEMV), chol (flop/s of a T = 1024 Cholesky),
-#: cg_pair (useful flop/s, 4 N d V per JVP + VJP pair of CG), w_bw (bytes/s at which a pass reads W;
-#: visible at small T), widen (s per W element and pass to widen bf16/fp16 chunks to fp32), call (s of
-#: fixed overhead per update). CPU: measured on the project's 2-core Intel Xeon VM (Sapphire Rapids,
-#: AVX-512/AMX), one torch thread, torch 2.13.0+cpu (MKL), 2026-11-29, minima of interleaved repetitions
-#: (``benchmarks/bench_throughput.py`` measures them on any machine). CUDA: NOT measured (no GPU was
-#: lent): H100/H200 data-sheet guesses, kept only so that ``auto`` decides by the same rules there.
-THROUGHPUT: Dict[Tuple[str, torch.dtype], Dict[str, float]] = {
-    ("cpu", torch.float32): dict(gemm=146e9, ew_hidden=1.1e-9, ew_lora=1.25e-9, keep_extra=2.1e-9, kept_gemv=0.17e-9,
-                                 chol=28e9, cg_pair=52.5e9, w_bw=20e9, widen=0.3e-9, call=1.0e-3),
-    ("cpu", torch.float64): dict(gemm=68e9, ew_hidden=4.3e-9, ew_lora=2.9e-9, keep_extra=2.75e-9, kept_gemv=0.41e-9,
-                                 chol=17.8e9, cg_pair=27.6e9, w_bw=20e9, widen=0.0, call=1.0e-3),
-    ("cuda", torch.float32): dict(gemm=40e12, ew_hidden=0.02e-9, ew_lora=0.02e-9, keep_extra=0.005e-9,
-                                  kept_gemv=0.003e-9, chol=2e12, cg_pair=20e12, w_bw=2.5e12, widen=0.0, call=2e-3),
-}
-
-
 @dataclass
 class KeptTiles:
     """The exp tiles of :meth:`TorchEngine.gram_pass`, kept for :meth:`TorchEngine.off_target_vjp`:
@@ -349,12 +330,8 @@ class TorchEngine(WholeVocabulary):
         self.chunk, self.row_block = chunk, row_block
 
     def throughput(self, device_type: str, dtype: torch.dtype) -> Dict[str, float]:
-        """:data:`THROUGHPUT` of (device type, compute dtype), else the nearest: that device in float32,
-        then the CPU's."""
-        for key in ((device_type, dtype), (device_type, torch.float32), ("cpu", dtype)):
-            if key in THROUGHPUT:
-                return THROUGHPUT[key]
-        return THROUGHPUT[("cpu", torch.float32)]
+        """The cost model's constants of this engine (:data:`rosa_ext.backends.throughput.TORCH`)."""
+        return lookup(TORCH, device_type, dtype)
 
     # ------------------------------------------------------------------------- one-pass plans
     def hidden_pass(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HiddenPass:

@@ -28,14 +28,8 @@ from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..kernels import tile_gemms
 from ..kernels.primitives import TritonPrimitives
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors
+from .throughput import TRITON, lookup
 from .torch_engine import TorchEngine
-
-#: The cost model's constants on this engine (keys: :data:`rosa_ext.backends.torch_engine.THROUGHPUT`).
-#: NOT measured (no GPU was lent): H100/H200 data-sheet guesses; the pair runs on tensor cores.
-THROUGHPUT: Dict[Tuple[str, torch.dtype], Dict[str, float]] = {
-    ("cuda", torch.float32): dict(gemm=40e12, ew_hidden=0.02e-9, ew_lora=0.02e-9, keep_extra=0.005e-9,
-                                  kept_gemv=0.003e-9, chol=2e12, cg_pair=100e12, w_bw=2.5e12, widen=0.0, call=2e-3),
-}
 
 
 @dataclass
@@ -56,7 +50,9 @@ class TritonEngine(TritonPrimitives):
         self.torch = TorchEngine()
 
     def throughput(self, device_type: str, dtype: torch.dtype) -> Dict[str, float]:
-        return THROUGHPUT.get((device_type, dtype)) or self.torch.throughput(device_type, dtype)
+        """The cost model's constants of this engine (:data:`rosa_ext.backends.throughput.TRITON`; the
+        torch engine's off CUDA, where the interpreter runs the kernels)."""
+        return lookup(TRITON, device_type, dtype) if (device_type, dtype) in TRITON else self.torch.throughput(device_type, dtype)
 
     @staticmethod
     def _fp64(prob: HeadProblem) -> bool:

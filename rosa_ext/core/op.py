@@ -233,6 +233,32 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
     return m.contiguous()
 
 
+def _adapter(cfg: RosaConfig, lora_a: Any, lora_b: Any, B: int, d: int, V: int, batched: bool, device: torch.device,
+             dtype: torch.dtype, values: _ValueChecks) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The LoRA (a (B, d), b (B, V) in the compute dtype, or None) checked: shapes now, values queued on
+    ``values``; in mode "lora" ``lora_a`` is required and a = 0 with b = 0 refused (its Jacobian is zero)."""
+    a = _lora_matrix("lora_a", lora_a, B, d, batched, device, dtype, values)
+    bvec = _lora_matrix("lora_b", lora_b, B, V, batched, device, dtype, values)
+    if cfg.mode != "lora":
+        return a, bvec
+    if a is None:
+        checks.fail(WHO, "lora_a", "mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 and b = 0 "
+                                   "the Jacobian is zero. Initialise it as LoRA does (random), and `lora_b` to zeros")
+    # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None
+    dead = (a == 0).all(1) & ((bvec == 0).all(1) if bvec is not None else torch.ones_like(a[:, 0], dtype=torch.bool))
+    first = torch.where(dead.any(), dead.to(torch.int64).argmax(), -1)
+
+    def not_dead(v: float) -> None:
+        if v >= 0:
+            which = f" (conversation {int(v)})" if batched else ""
+            checks.fail(WHO, "lora_a", f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA "
+                                       "at a = 0, b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA "
+                                       "does (random)")
+
+    values.add(first, not_dead)
+    return a, bvec
+
+
 def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: RewardLike,
                   cfg: RosaConfig, *, lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> HeadProblem:
@@ -307,24 +333,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     for v in r.tolist():  # a reward beyond the compute dtype's range would become +-inf there
         checks.real(WHO, "reward", v, dtype=compute_dtype)
     r = r.to(device=device, dtype=compute_dtype)
-    a = _lora_matrix("lora_a", lora_a, B, d, batched, device, compute_dtype, values)
-    bvec = _lora_matrix("lora_b", lora_b, B, Vs, batched, device, compute_dtype, values)
-    if cfg.mode == "lora":
-        if a is None:
-            fail(WHO, "lora_a", "mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 and b = 0 the "
-                                "Jacobian is zero. Initialise it as LoRA does (random), and `lora_b` to zeros")
-        # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None
-        dead = (a == 0).all(1) & ((bvec == 0).all(1) if bvec is not None else torch.ones_like(a[:, 0], dtype=torch.bool))
-        first = torch.where(dead.any(), dead.to(torch.int64).argmax(), -1)
-
-        def not_dead(v: float) -> None:
-            if v >= 0:
-                which = f" (conversation {int(v)})" if batched else ""
-                fail(WHO, "lora_a", f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA at "
-                                    "a = 0, b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA does "
-                                    "(random)")
-
-        values.add(first, not_dead)
+    a, bvec = _adapter(cfg, lora_a, lora_b, B, d, Vs, batched, device, compute_dtype, values)
     values.run()
     if a is not None and bvec is None:
         bvec = torch.zeros(B, Vs, dtype=compute_dtype, device=device)
