@@ -68,21 +68,22 @@ def shrink_onepass_tiles(monkeypatch, *, tile_elems: int, min_chunk: int, row_bl
 
 
 class LinearizedHead:
-    """J v, J^T u, the target g and the stats of a packed problem on an engine: what matrix-free CG
-    (rosa_ext.plans.cg_lora) runs, for tests that check the algebra itself. ``cfg``: the RosaConfig of
-    the call (its mode and beta)."""
+    """J v, J^T u, the target g and the stats of a packed problem on an engine, unscaled: what matrix-free
+    CG (rosa_ext.plans.cg_lora) runs (in the linearisation's scaled units; here multiplied back), for tests
+    that check the algebra itself. ``cfg``: the RosaConfig of the call (its mode and beta)."""
 
     def __init__(self, prob, engine, cfg) -> None:
         from rosa_ext.common.jacobian import Linearization
         self.prob, self.backend = prob, engine
         self.lin = Linearization.at(prob, engine.stats(prob), cfg.mode, engine, beta=cfg.beta)
-        self.g = self.lin.g
+        self.scale = torch.exp(self.lin.shift[prob.seg])  # (N,): J = scale * (the scaled J)
+        self.g = self.lin.g * self.scale
         self.stats, self.p = self.lin.stats, self.lin.p
 
     def jvp(self, v):
         from rosa_ext.common import jacobian as J
-        return J.jvp(self.lin, self.backend, v)
+        return J.jvp(self.lin, self.backend, v) * self.scale
 
     def vjp(self, u):
         from rosa_ext.common import jacobian as J
-        return J.vjp(self.lin, self.backend, u)
+        return J.vjp(self.lin, self.backend, u * self.scale)

@@ -1,9 +1,12 @@
 """Float64 reference of the ROSA update (MATH.md section 5).
 
-Deliberately naive: full (T, V) logits in float64, ``torch.func.jvp`` /
-``torch.func.vjp`` of the exact map theta -> p(theta), the explicit Jacobian,
-and the damped least-squares step from its SVD (:func:`ridge_solve`; exact for any
-damping, also where the P x P normal equations are singular). Every fast path is
+Deliberately naive: full (T, V) logits in float64, ``torch.func.jvp`` / ``torch.func.vjp`` of the exact
+map theta -> L(theta), the logit of each observed token against the others (L = z_y - logsumexp of the
+other logits = log(p / (1 - p))), the explicit Jacobian ``dp/dtheta = p (1 - p) dL/dtheta`` with
+p (1 - p) = exp(logsigmoid(L) + logsigmoid(-L)), and the damped least-squares step from its SVD
+(:func:`ridge_solve`; exact for any damping, also where the P x P normal equations are singular).
+Written this way it stays exact for very confident tokens (1 - p far below float64's rounding of 1,
+where softmax's own derivative ``p (1 - p)`` would round to 0) and very unlikely ones. Every fast path is
 tested against it. Memory is O(T*V + T*P): small problems only.
 """
 from __future__ import annotations
@@ -22,8 +25,9 @@ from .core.op import RosaStep, build_problem
 F64 = torch.float64
 
 
-def _prob_map(prob: HeadProblem, b: int, mode: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """theta -> p (T_b,) for conversation b, in float64, and theta_0 (zeros: a step)."""
+def _logit_map(prob: HeadProblem, b: int, mode: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """theta -> L (T_b,) = z_y - logsumexp(other logits) for conversation b, in float64, and theta_0 (zeros:
+    a step)."""
     sl = slice(prob.offsets[b], prob.offsets[b + 1])
     h = prob.hidden[sl].to(F64)
     W = prob.weight.to(F64)
@@ -33,6 +37,8 @@ def _prob_map(prob: HeadProblem, b: int, mode: str) -> Tuple[Callable[[torch.Ten
     a0 = None if prob.lora_a is None else prob.lora_a[b].to(F64)
     b0 = None if prob.lora_b is None else prob.lora_b[b].to(F64)
     d = prob.hidden_size
+    hit = torch.zeros(y.numel(), W.shape[0], dtype=torch.bool, device=y.device)
+    hit[torch.arange(y.numel(), device=y.device), y] = True
 
     def logits(hh: torch.Tensor, a: Optional[torch.Tensor], bb: Optional[torch.Tensor]) -> torch.Tensor:
         z = hh @ W.T
@@ -42,15 +48,16 @@ def _prob_map(prob: HeadProblem, b: int, mode: str) -> Tuple[Callable[[torch.Ten
             z = z + s * (hh @ a).unsqueeze(1) * bb.unsqueeze(0)
         return z
 
-    def p_of(theta: torch.Tensor) -> torch.Tensor:
+    def L_of(theta: torch.Tensor) -> torch.Tensor:
         if mode == "lora":
             z = logits(h, a0 + theta[:d], b0 + theta[d:])
         else:
             z = logits(h + theta, a0, b0)
-        return torch.softmax(z, dim=-1).gather(1, y.unsqueeze(1)).squeeze(1)
+        z_y = (z * hit).sum(1)
+        return z_y - torch.logsumexp(z.masked_fill(hit, float("-inf")), dim=1)
 
     P = d + (prob.vocab_size if mode == "lora" else 0)
-    return p_of, torch.zeros(P, dtype=F64, device=prob.weight.device)
+    return L_of, torch.zeros(P, dtype=F64, device=prob.weight.device)
 
 
 def _mode(prob: HeadProblem, mode: Optional[str], size: Optional[int] = None) -> str:
@@ -63,25 +70,32 @@ def _mode(prob: HeadProblem, mode: Optional[str], size: Optional[int] = None) ->
     return "lora" if prob.lora_a is not None else "hidden"
 
 
+def _pq(L: torch.Tensor) -> torch.Tensor:
+    """p (1 - p) from L = logit(p), exact however large |L|."""
+    return torch.exp(torch.nn.functional.logsigmoid(L) + torch.nn.functional.logsigmoid(-L))
+
+
 def jacobian_reference(prob: HeadProblem, b: int = 0, *, mode: Optional[str] = None) -> torch.Tensor:
-    """Explicit J = dp/dtheta (T_b, P) of conversation b (``mode``: :func:`_mode`), rows by ``torch.func.vjp``."""
-    p_of, theta0 = _prob_map(prob, b, _mode(prob, mode))
-    p, pullback = vjp(p_of, theta0)
-    eye = torch.eye(p.shape[0], dtype=F64, device=p.device)
-    return vmap(lambda e: pullback(e)[0])(eye)
+    """Explicit J = dp/dtheta (T_b, P) of conversation b (``mode``: :func:`_mode`): p (1 - p) dL/dtheta,
+    the rows of dL/dtheta by ``torch.func.vjp``."""
+    L_of, theta0 = _logit_map(prob, b, _mode(prob, mode))
+    L, pullback = vjp(L_of, theta0)
+    eye = torch.eye(L.shape[0], dtype=F64, device=L.device)
+    return _pq(L).unsqueeze(1) * vmap(lambda e: pullback(e)[0])(eye)
 
 
 def jvp_reference(prob: HeadProblem, v: torch.Tensor, b: int = 0, *, mode: Optional[str] = None) -> torch.Tensor:
     """J v for conversation b by ``torch.func.jvp``: v (P,) -> (T_b,), float64."""
-    p_of, theta0 = _prob_map(prob, b, _mode(prob, mode, v.numel()))
-    return jvp(p_of, (theta0,), (v.to(F64),))[1]
+    L_of, theta0 = _logit_map(prob, b, _mode(prob, mode, v.numel()))
+    L, dL = jvp(L_of, (theta0,), (v.to(F64),))
+    return _pq(L) * dL
 
 
 def vjp_reference(prob: HeadProblem, u: torch.Tensor, b: int = 0, *, mode: Optional[str] = None) -> torch.Tensor:
     """J^T u for conversation b by ``torch.func.vjp``: u (T_b,) -> (P,), float64."""
-    p_of, theta0 = _prob_map(prob, b, _mode(prob, mode))
-    _, pullback = vjp(p_of, theta0)
-    return pullback(u.to(F64))[0]
+    L_of, theta0 = _logit_map(prob, b, _mode(prob, mode))
+    L, pullback = vjp(L_of, theta0)
+    return pullback(_pq(L) * u.to(F64))[0]
 
 
 def ridge_solve(J: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
@@ -121,12 +135,12 @@ def _reference(prob: HeadProblem, cfg: RosaConfig) -> RosaStep:
     updates, logps, gs = [], [], []
     num = den = 0.0
     for b in range(prob.num_conversations):
-        p_of, theta0 = _prob_map(prob, b, cfg.mode)
-        p = p_of(theta0)
-        checks.finite_logits("rosa_update_reference", F64, p)
-        logp = torch.log(p)
-        r = prob.reward[b].to(F64).expand_as(p)
-        g = residual_target(logp, r, cfg.beta)
+        L_of, theta0 = _logit_map(prob, b, cfg.mode)
+        L = L_of(theta0)
+        logp = torch.nn.functional.logsigmoid(L)
+        checks.finite_logits("rosa_update_reference", F64, logp)
+        r = prob.reward[b].to(F64).expand_as(L)
+        g = residual_target(logp, r, cfg.beta, logq=torch.nn.functional.logsigmoid(-L))
         J = jacobian_reference(prob, b, mode=cfg.mode)
         lam = cfg.damping
         if cfg.damping_mode == "relative":  # MATH.md section 6: damping times mean_t ||J_t||^2

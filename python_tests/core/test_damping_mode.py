@@ -52,11 +52,13 @@ def test_gram_diag_and_ridge(mode):
                      lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"], beta=1.0, damping=0.5,
                      max_iter=10, tol=1e-6, solver="cg", backend="torch", mask=None, damping_mode="relative")
     be = TorchEngine(chunk=8)
-    if mode == "lora":  # matrix-free CG's diagonal (one pass for q . q)
-        diag = cg_lora.gram_diag(LinearizedHead(prob, be, cfg).lin, be)
+    if mode == "lora":  # matrix-free CG's diagonal (one pass for r̂ . r̂)
+        lin = LinearizedHead(prob, be, cfg).lin
+        diag = cg_lora.gram_diag(lin, be)
     else:  # the hidden plans' explicit rows
-        _, rows = dual_hidden.pass_and_rows(prob, cfg, be)
+        lin, rows = dual_hidden.pass_and_rows(prob, cfg, be)
         diag = (rows * rows).sum(1)
+    diag = diag * torch.exp(2 * lin.shift[prob.seg])  # the plans' rows are scaled by e^-shift
     J = jacobian_reference(prob, mode=mode)
     torch.testing.assert_close(diag, (J * J).sum(1), rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(dense.conversation_ridges(prob, cfg, diag), 0.5 * (J * J).sum(1).mean().reshape(1),
@@ -125,7 +127,8 @@ def test_lora_gram_fp32_confident_tokens():
         Ja = ca.unsqueeze(1) * lin.h
         G = gp.gram[0] * cb.unsqueeze(1) * cb.unsqueeze(0) + Ja @ Ja.T
         diag = cg_lora.gram_diag(LinearizedHead(prob, be, cfg).lin, be)  # matrix-free CG's diagonal
-        grams[dt] = (G.double(), diag.double(), lin.p.double())
+        scale = torch.exp(lin.shift[0]).double()  # both in the linearisation's scaled units
+        grams[dt] = (G.double() * scale ** 2, diag.double() * scale ** 2, lin.p.double())
     ref, ref_diag, p = grams[torch.float64]
     got, got_diag, _ = grams[torch.float32]
     assert float((1 - p).min()) < 1e-3  # the regime that matters

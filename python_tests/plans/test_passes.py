@@ -41,16 +41,16 @@ def _gram_pass(prob, keep=False, chunk=None):
 
 
 def _centered_vjp(prob, gp, w, chunk=None):
-    """sum_t w_t (e_{y_t} - pi_t) as the LoRA dual computes it: scatter(y, w q) - engine.off_target_vjp."""
+    """sum_t w_t (e_{y_t} - r̂_t) as the LoRA dual computes it: scatter(y, w) - engine.off_target_vjp."""
     engine = TorchEngine(chunk=chunk)
     out = engine.off_target_vjp(prob, gp, w).neg_()
     ok = (prob.targets >= 0) & (prob.targets < prob.vocab_size)
-    out.index_put_((prob.seg[ok], prob.targets[ok]), (w * gp.q)[ok], accumulate=True)
+    out.index_put_((prob.seg[ok], prob.targets[ok]), w[ok], accumulate=True)
     return out
 
 
 def _dense(prob):
-    """Float64 truth: pi (N, V), r (off-target), p, lse."""
+    """Float64 truth: pi (N, V), r (off-target, normalised: r̂), p, lse, lse_off."""
     h = prob.hidden.double()
     W = prob.weight.double()
     z = h @ W.T
@@ -63,9 +63,12 @@ def _dense(prob):
     pi = torch.softmax(z, 1)
     ar = torch.arange(prob.num_tokens)
     y = prob.targets
-    r = pi.clone()
-    r[ar, y] = 0
-    return dict(pi=pi, r=r, p=pi[ar, y], lse=torch.logsumexp(z, 1), ah=ah)
+    ok = (y >= 0) & (y < z.shape[1])
+    zo = z.clone()
+    zo[ar[ok], y[ok]] = float("-inf")
+    r = torch.softmax(zo, 1)  # r̂: the softmax of the other logits
+    return dict(pi=pi, r=r, p=pi[ar, y.clamp(0, z.shape[1] - 1)], lse=torch.logsumexp(z, 1),
+                lse_off=torch.logsumexp(zo, 1), ah=ah)
 
 
 @pytest.fixture(params=["lazy", "eager"])
@@ -87,14 +90,15 @@ def test_hidden_pass(small_tiles, rescale, lora_term, bias):
     t = _dense(prob)
     hp = TorchEngine().hidden_pass(prob)
     assert torch.allclose(hp.lse, t["lse"], atol=1e-12, rtol=0)
+    assert torch.allclose(hp.lse_off, t["lse_off"], atol=1e-12, rtol=0)
     assert torch.allclose(hp.logp, torch.log(t["p"]), atol=1e-12, rtol=0)
-    assert torch.allclose(hp.q, 1 - t["p"], atol=1e-13, rtol=0)
-    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    assert torch.allclose(hp.logq, torch.log1p(-t["p"]), atol=1e-12, rtol=0)
+    assert torch.allclose(hp.rw, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
     if lora_term:
-        assert torch.allclose(hp.pib_off, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
+        assert torch.allclose(hp.rb, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
         assert torch.allclose(hp.ah, t["ah"], atol=1e-12, rtol=0)
     else:
-        assert hp.pib_off is None and hp.ah is None
+        assert hp.rb is None and hp.ah is None
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -104,11 +108,11 @@ def test_lora_gram_pass_and_vjp(small_tiles, rescale, keep, bias):
     t = _dense(prob)
     gp = _gram_pass(prob, keep=keep)
     assert torch.allclose(gp.lse, t["lse"], atol=1e-12, rtol=0)
-    assert torch.allclose(gp.q, 1 - t["p"], atol=1e-13, rtol=0)
-    assert torch.allclose(gp.pib_off, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
+    assert torch.allclose(gp.logq, torch.log1p(-t["p"]), atol=1e-12, rtol=0)
+    assert torch.allclose(gp.rb, (t["r"] * prob.lora_b[prob.seg]).sum(1), atol=1e-12, rtol=0)
     E = torch.zeros_like(t["pi"])
     E[torch.arange(prob.num_tokens), prob.targets] = 1
-    C = E - t["pi"]  # e_y - pi
+    C = E - t["r"]  # e_y - r̂ (e_y - pi = (1 - p)(e_y - r̂))
     off = prob.offsets
     for k in range(prob.num_conversations):
         Ck = C[off[k]:off[k + 1]]
@@ -140,16 +144,16 @@ def test_forced_rescale_every_chunk(small_tiles, monkeypatch):
     prob = _problem(T=7)
     t = _dense(prob)
     hp = TorchEngine().hidden_pass(prob)
-    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    assert torch.allclose(hp.rw, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
     for keep in (False, True):
         gp = _gram_pass(prob, keep=keep)
         w = torch.randn(prob.num_tokens, dtype=torch.float64)
         got = _centered_vjp(prob, gp, w)
         E = torch.zeros_like(t["pi"])
         E[torch.arange(prob.num_tokens), prob.targets] = 1
-        want = torch.zeros_like(got).index_add_(0, prob.seg, w.unsqueeze(1) * (E - t["pi"]))
+        want = torch.zeros_like(got).index_add_(0, prob.seg, w.unsqueeze(1) * (E - t["r"]))
         assert torch.allclose(got, want, atol=1e-12, rtol=0)
-        C = (E - t["pi"])[prob.offsets[1]:]
+        C = (E - t["r"])[prob.offsets[1]:]
         assert torch.allclose(gp.gram[1], C @ C.T, atol=1e-12, rtol=0)
 
 
@@ -161,7 +165,7 @@ def test_logits_far_above_the_first_chunk(small_tiles):
     t = _dense(prob)
     hp = TorchEngine().hidden_pass(prob)
     assert torch.allclose(hp.lse, t["lse"], atol=1e-12, rtol=0)
-    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    assert torch.allclose(hp.rw, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
     gp = _gram_pass(prob, keep=True)
     assert all(bool(torch.isfinite(g).all()) for g in gp.gram)
     f32 = _problem(T=6, bias=True, dtype=torch.float32)
@@ -178,8 +182,8 @@ def test_targets_owned_elsewhere_are_not_split(small_tiles):
     t = _dense(_problem(T=6))
     out = prob.targets < 0
     hp = TorchEngine().hidden_pass(prob)
-    assert torch.equal(hp.q[out], torch.ones_like(hp.q[out]))
-    assert torch.allclose(hp.pi_weight[out], t["pi"][out] @ prob.weight.double(), atol=1e-12, rtol=0)
+    assert torch.equal(hp.logq[out], torch.zeros_like(hp.logq[out]))  # nothing split off: 1 - p = 1
+    assert torch.allclose(hp.rw[out], t["pi"][out] @ prob.weight.double(), atol=1e-12, rtol=0)
     gp = _gram_pass(prob, keep=False)
     w = torch.zeros(prob.num_tokens, dtype=torch.float64)
     w[out] = 1.0
@@ -192,10 +196,9 @@ def test_targets_owned_elsewhere_are_not_split(small_tiles):
 def test_same_token_pairs(monkeypatch, vec_max):
     monkeypatch.setattr(dual_lora, "SAME_TOKEN_VECTOR_MAX", vec_max)
     y = torch.tensor([3] * 25 + [1, 2, 4, 7, 7, 7, 7, 9, 9, 5])
-    q = torch.rand(y.numel(), dtype=torch.float64)
     M = torch.zeros(y.numel(), y.numel(), dtype=torch.float64)
-    dual_lora.same_token_pairs(M, y, q)
-    assert torch.allclose(M, torch.outer(q, q) * (y.unsqueeze(0) == y.unsqueeze(1)), atol=1e-15, rtol=0)
+    dual_lora.same_token_pairs(M, y)
+    assert torch.equal(M, (y.unsqueeze(0) == y.unsqueeze(1)).double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -204,10 +207,10 @@ def test_low_precision_models(dtype):
     prob = _problem(dtype=dtype, T=6)
     t = _dense(prob)
     hp = TorchEngine().hidden_pass(prob)
-    assert hp.pi_weight.dtype == torch.float32
-    assert torch.allclose(hp.pi_weight.double(), t["r"] @ prob.weight.double(), atol=1e-5, rtol=0)
+    assert hp.rw.dtype == torch.float32
+    assert torch.allclose(hp.rw.double(), t["r"] @ prob.weight.double(), atol=1e-5, rtol=0)
     gp = _gram_pass(prob, keep=True)
-    C = torch.eye(prob.vocab_size, dtype=torch.float64)[prob.targets] - t["pi"]
+    C = torch.eye(prob.vocab_size, dtype=torch.float64)[prob.targets] - t["r"]
     assert torch.allclose(gp.gram[1].double(), C[prob.offsets[1]:] @ C[prob.offsets[1]:].T, atol=1e-5, rtol=0)
 
 
@@ -215,7 +218,7 @@ def test_passes_take_an_explicit_chunk():
     prob = _problem(T=5)
     t = _dense(prob)
     hp = TorchEngine(chunk=7).hidden_pass(prob)
-    assert torch.allclose(hp.pi_weight, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
+    assert torch.allclose(hp.rw, t["r"] @ prob.weight.double(), atol=1e-12, rtol=0)
     gp = _gram_pass(prob, keep=True, chunk=7)
     assert gp.kept.chunk == 7
     w = torch.randn(prob.num_tokens, dtype=torch.float64)

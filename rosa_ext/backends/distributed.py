@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..common.jacobian import target_logit, target_logp
+from ..common.jacobian import split_logits, target_logit, target_logp
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass, VocabShard
 
 
@@ -175,66 +175,74 @@ class DistributedEngine:
 
     # -- the one-pass plans: the local pass, then MAX N and one SUM ------------------------------
     def combine_tokens(self, prob: HeadProblem, ps, label: str, wide: Optional[torch.Tensor] = None):
-        """A local one-pass result's per-token values over the whole vocabulary (MATH.md section 7).
+        """A local pass's per-token values over the whole vocabulary (MATH.md section 7).
 
-        MAX of the local log-sum-exp, then ONE SUM of e_k = exp(lse_k - m) with the e_k-weighted local
-        results (each normalised by its shard's own sum): an online-softmax combine across shards.
-        ``wide``: (N, k) more rows to combine the same way (hidden mode's r W).
-        Returns (lse, logp, q, pib_off, the combined ``wide`` or None, e), (N,) each; ``e`` = this
-        shard's share exp(lse_local - lse) of each token's mass.
+        MAX of the local off-target log-sum-exp, then ONE SUM of e_k = exp(lse_off_k - m) with the
+        e_k-weighted local r̂ quantities (each normalised by its shard's own off-target sum) and the
+        owner's target logit: an online-softmax combine across shards. ``ps``: the local result on the
+        owned-targets view (``lse_off``, ``ah``, ``rb``); ``wide``: (N, k) more rows to combine the same way
+        (hidden mode's r̂ W).
+        Returns (lse, lse_off, logp, logq, rb, the combined ``wide`` or None, w) with w (N,) this shard's
+        weight exp(lse_off_k - lse_off) in r̂_t.
         """
-        m = self.comm.all_max(ps.lse, f"{label}: max")
-        e = torch.exp(ps.lse - m)
-        cols = [e, e * ps.q, self.owner_logit(prob, ps.ah)] + ([e * ps.pib_off] if ps.pib_off is not None else [])
+        m = self.comm.all_max(ps.lse_off, f"{label}: max")
+        e = torch.exp(ps.lse_off - m)
+        cols = [e, self.owner_logit(prob, ps.ah)] + ([e * ps.rb] if ps.rb is not None else [])
         tok = torch.stack(cols, 1)
         if wide is not None:
             tok = torch.cat([tok, e.unsqueeze(1) * wide], 1)
         tot = self.comm.all_sum(tok, f"{label}: sums")
         s = tot[:, 0]
-        lse = m + torch.log(s)
-        q = tot[:, 1] / s
-        logp = target_logp(tot[:, 2], lse, q)
-        pib_off = tot[:, 3] / s if ps.pib_off is not None else None
+        lse_off = m + torch.log(s)
+        lse, logp, logq = split_logits(tot[:, 1], lse_off)
+        rb = tot[:, 2] / s if ps.rb is not None else None
         k = len(cols)
-        return lse, logp, q, pib_off, (tot[:, k:] / s.unsqueeze(1) if wide is not None else None), torch.exp(ps.lse - lse)
+        rest = tot[:, k:] / s.unsqueeze(1) if wide is not None else None
+        return lse, lse_off, logp, logq, rb, rest, torch.exp(ps.lse_off - lse_off)
 
     def hidden_pass(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HiddenPass:
         """The local hidden pass on this rank's rows (the owner of y_t splits the target off), then MAX N
-        and one SUM of N (d + 3 + L) numbers."""
+        and one SUM of N (d + 2 + L) numbers."""
         hp = self.local.hidden_pass(self.owned_targets_view(prob), budget_bytes)
-        lse, logp, q, pib_off, piW, _ = self.combine_tokens(prob, hp, "hidden_pass", wide=hp.pi_weight)
-        return HiddenPass(lse=lse, logp=logp, q=q, ah=hp.ah, pib_off=pib_off, pi_weight=piW, engine=hp.engine)
+        lse, lse_off, logp, logq, rb, rw, _ = self.combine_tokens(prob, hp, "hidden_pass", wide=hp.rw)
+        return HiddenPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=hp.ah, rb=rb, rw=rw, engine=hp.engine)
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None) -> GramPass:
-        """The local LoRA pass (the tiles, when kept, stay local), MAX N, one SUM of 3N (4N with LoRA)
-        per-token numbers and one SUM of 2 sum_b T_b^2 (r_t . r_u and r_t[y_u] per conversation)."""
+        """The local LoRA pass (the tiles, when kept, stay local), MAX N, one SUM of 2N (3N with LoRA)
+        per-token numbers and one SUM of 2 sum_b T_b^2 (r̂_t . r̂_u and r̂_t[y_u] per conversation)."""
         gp = self.local.gram_pass(self.owned_targets_view(prob), keep, budget_bytes)
-        lse, logp, q, pib_off, _, e = self.combine_tokens(prob, gp, "lora_gram_pass")
+        lse, lse_off, logp, logq, rb, _, w = self.combine_tokens(prob, gp, "lora_gram_pass")
         off = prob.offsets
         parts = []
         for b, (R, X) in enumerate(zip(gp.gram, gp.cross)):
-            eb = e[off[b]:off[b + 1]]
-            parts += [(R * eb.unsqueeze(1) * eb.unsqueeze(0)).reshape(-1), (X * eb.unsqueeze(1)).reshape(-1)]
+            wb = w[off[b]:off[b + 1]]
+            parts += [(R * wb.unsqueeze(1) * wb.unsqueeze(0)).reshape(-1), (X * wb.unsqueeze(1)).reshape(-1)]
         flat = self.comm.all_sum(torch.cat(parts), "lora_gram_pass: gram")
         grams, cross, pos = [], [], 0
         for n in prob.lengths:
             grams.append(flat[pos:pos + n * n].view(n, n))
             cross.append(flat[pos + n * n:pos + 2 * n * n].view(n, n))
             pos += 2 * n * n
-        return GramPass(lse=lse, logp=logp, q=q, ah=gp.ah, pib_off=pib_off, gram=grams, cross=cross, kept=gp.kept,
-                        engine=gp.engine)
+        return GramPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=gp.ah, rb=rb, gram=grams, cross=cross,
+                        kept=gp.kept, engine=gp.engine)
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_{t in b} w_t r_t -> (B, V_local): the local engine on this rank's columns (its kept tiles or
-        one local pass with the global lse), no communication."""
+        """sum_{t in b} w_t r̂_t -> (B, V_local): the local engine on this rank's columns (its kept tiles or
+        one local pass with the global lse_off), no communication."""
         return self.local.off_target_vjp(self.owned_targets_view(prob), gp, w, out)
 
     # -- stats -----------------------------------------------------------------------------
-    def stats(self, prob: HeadProblem) -> HeadStats:
-        """lse, log p, a.h, pi.b of the whole vocabulary: two collectives (MAX N, SUM 2N or 3N)."""
-        lp, own, idx = self._view(prob)
-        st = self.local.stats(lp)  # lse_k and pi.b over the local rows (its logp is not used)
+    def stats(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HeadStats:
+        """The split stats of the whole vocabulary (lse, lse_off, log p, log(1 - p), a.h, r̂.b): the local
+        engine's on the owned-targets view, then MAX N and one SUM of 2N (3N with LoRA) numbers. A local
+        engine whose stats do not split the target off: lse, log p and pi.b, the same two collectives."""
+        view = self.owned_targets_view(prob)
+        st = self.local.stats(view) if budget_bytes is None else self.local.stats(view, budget_bytes)
+        if st.split:
+            lse, lse_off, logp, logq, rb, _, _ = self.combine_tokens(prob, st, "stats")
+            return HeadStats(lse=lse, logp=logp, ah=st.ah, pib=None, lse_off=lse_off, logq=logq, rb=rb,
+                             kept=st.kept, engine=st.engine, split=True)
         z_y = self.owner_logit(prob, st.ah)
         m = self.comm.all_max(st.lse, "stats: max")
         e = torch.exp(st.lse - m)  # this shard's sum of exp(z - m)
@@ -297,16 +305,18 @@ class DistributedEngine:
         return q
 
     def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
-        """scatter(y, w) - C(w) -> (B, V_local): this rank's columns, then the owner-only scatter; no
-        communication. (Not the local engine's fused version: its problem's targets are remapped
-        to a valid local row for the tokens this rank does not own.)"""
-        return self.scatter_targets(prob, -self.column_reduce(prob, st, w), w)
+        """sum_t w_t (e_{y_t} - rho_t) -> (B, V_local) (rho = r̂ with split stats, else pi): this rank's
+        columns, then the owner-only scatter; no communication. (Not the local engine's fused version:
+        its problem's targets are remapped to a valid local row for the tokens this rank does not own.)"""
+        col = self.off_target_column_reduce(prob, st, w) if st.split else self.column_reduce(prob, st, w)
+        return self.scatter_targets(prob, col.neg_(), w)
 
     def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
-        """(e_{y_t} - pi_t) . u[seg_t] for u (B, V_local) -> (N,): one SUM for both terms."""
+        """(e_{y_t} - rho_t) . u[seg_t] for u (B, V_local) -> (N,): one SUM for both terms."""
         lp, own, idx = self._view(prob)
-        part = self._mask(own, u[prob.seg, idx]) - self.local.row_reduce(lp, st, u)
-        return self.comm.all_sum(part, "centered_row_reduce")
+        row = (self.local.off_target_row_reduce(self.owned_targets_view(prob), st, u) if st.split
+               else self.local.row_reduce(lp, st, u))
+        return self.comm.all_sum(self._mask(own, u[prob.seg, idx]) - row, "centered_row_reduce")
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         """x (B, V_local) -> (B, 1), the sum over the whole vocabulary: SUM."""

@@ -41,8 +41,9 @@ class Engine(HeadPrimitives, Protocol):
     - ``off_target_vjp(prob, gp, w)`` -> (B, V): ``sum_{t in b} w_t r_t`` with r_t normalised by
       ``gp.lse`` (a GEMV over the kept tiles, or one streaming pass)
 
-    Matrix-free CG: ``stats(prob)`` (HeadStats) and the streaming reductions and products of
-    :class:`~rosa_ext.common.jacobian.HeadPrimitives` (the JVP / VJP of MATH.md section 3).
+    Matrix-free CG: ``stats(prob, budget_bytes)`` (HeadStats that split the target off) and the streaming
+    reductions and products of :class:`~rosa_ext.common.jacobian.HeadPrimitives` (the JVP / VJP of MATH.md
+    section 3).
 
     The cost model: ``throughput(device_type, compute_dtype)``, the measured constants that the plans'
     cost formulas read (:mod:`rosa_ext.plans.registry`).
@@ -54,7 +55,7 @@ class Engine(HeadPrimitives, Protocol):
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None) -> GramPass: ...
 
-    def stats(self, prob: HeadProblem) -> HeadStats: ...
+    def stats(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HeadStats: ...
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor: ...

@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..common.jacobian import WholeVocabulary, target_logit, target_logp
+from ..common.jacobian import WholeVocabulary, split_logits
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from .throughput import TORCH, lookup
 
@@ -138,15 +138,13 @@ class Logits:
                         Bm[:, i] = rows[i]
                 zT[:, lo:hi].addmm_(Bm, A)
 
-    def fill_exp(self, zT: torch.Tensor, Wc: torch.Tensor, v0: int, v1: int) -> Optional[torch.Tensor]:
-        """zT <- exp(logits - ref). Lazy mode: the first tile sets ref (its row max); returns None.
-        Eager mode: ref moves to the running max; returns the factor exp(ref_old - ref_new) that the
-        accumulators must be multiplied by (None on the first tile)."""
-        if self.m is not None and self.lazy:
-            self.fill(zT, Wc, v0, v1, shift=True)
+    def exp_(self, zT: torch.Tensor, shifted: bool) -> Optional[torch.Tensor]:
+        """zT (the logits, minus ref when ``shifted``; the targets already -inf) <- exp(logits - ref).
+        Not shifted: ref moves to the running maximum of this tile's (off-target) logits and the factor
+        exp(ref_old - ref_new) the accumulators must be multiplied by is returned (None for the first)."""
+        if shifted:
             zT.exp_()
             return None
-        self.fill(zT, Wc, v0, v1, shift=False)
         mx = zT.amax(0)
         r = None
         if self.m is None:
@@ -154,15 +152,6 @@ class Logits:
         else:
             mn = torch.maximum(self.m, mx)
             r = torch.exp(self.m - mn)
-        self.m = mn
-        zT.sub_(mn.unsqueeze(0)).exp_()
-        return r
-
-    def refill_rescaled(self, zT: torch.Tensor, Wc: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
-        """Lazy mode's rare path: recompute the tile, move ref to the running max; returns exp(old - new)."""
-        self.fill(zT, Wc, v0, v1, shift=False)
-        mn = torch.maximum(self.m, zT.amax(0))
-        r = torch.exp(self.m - mn)
         self.m = mn
         zT.sub_(mn.unsqueeze(0)).exp_()
         return r
@@ -199,74 +188,72 @@ class TargetIndex:
 
 
 class OffTarget:
-    """Splits each exp tile into its target entries E[t, y_t] (gathered) and the rest (zeroed)."""
+    """Splits the target entry of every logits tile off: its logit z_t[y_t] is kept (``z_y``, -inf until
+    seen: a target outside [0, V) is never split) and the entry set to -inf, so that the reference, the
+    exp and every sum of the passes see only the other logits."""
 
     def __init__(self, y: torch.Tensor, n: int, V: int, c: int, cd: torch.dtype) -> None:
         self.idx = TargetIndex(y, [(0, n)], V, c)
-        self.raw = torch.zeros(n, dtype=cd, device=y.device)  # E[t, y_t] relative to the ref of its chunk
-        self.ref = torch.zeros(n, dtype=cd, device=y.device)
+        self.z_y = torch.full((n,), float("-inf"), dtype=cd, device=y.device)
 
-    def split(self, zT: torch.Tensor, j: int):
+    def take(self, zT: torch.Tensor, j: int, ref: Optional[torch.Tensor]) -> None:
+        """Record the target logits of chunk j (zT holds logits minus ``ref`` when given) and mask them."""
         rows, cols = self.idx.rows_in_chunk(0, j)
-        if not rows.numel():
-            return None
-        vals = zT[cols, rows]
-        zT[cols, rows] = 0
-        return rows, vals
-
-    def record(self, part, m: torch.Tensor) -> None:
-        if part is not None:
-            rows, vals = part
-            self.raw[rows] = vals
-            self.ref[rows] = m[rows]
-
-    def finish(self, s: torch.Tensor, m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(total, 1 - p_t) from the off-target row sums s (relative to the final ref m)."""
-        tot = s + self.raw * torch.exp(self.ref - m)
-        return tot, s / tot
+        if rows.numel():
+            vals = zT[cols, rows]
+            self.z_y[rows] = vals if ref is None else vals + ref[rows]
+            zT[cols, rows] = float("-inf")
 
 
-def exp_tile(lg: Logits, ot: OffTarget, zT: torch.Tensor, Wc: torch.Tensor, v0: int, v1: int, j: int, thr: float):
-    """One exp tile with its target entries split off. Returns (split part, row sums, rescale factor
-    for the accumulators or None)."""
-    r = lg.fill_exp(zT, Wc, v0, v1)
-    part = ot.split(zT, j)
+def exp_tile(lg: Logits, ot: OffTarget, zT: torch.Tensor, Wc: torch.Tensor, v0: int, v1: int, j: int,
+             thr: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One exp tile of the off-target logits (the targets split off first: ``ot``), relative to the
+    running reference ``lg.m``. Returns (row sums, rescale factor for the accumulators or None). Lazy
+    rescaling: after the first tile the reference stays, and a tile whose row sum exceeds e^TAU (``thr``)
+    is redone with the running maximum (rare)."""
+    shifted = lg.m is not None and lg.lazy
+    lg.fill(zT, Wc, v0, v1, shift=shifted)
+    ot.take(zT, j, lg.m if shifted else None)
+    r = lg.exp_(zT, shifted)
     cs = zT.sum(0)
-    if lg.lazy:
-        peak = cs.max() if part is None else torch.maximum(cs.max(), part[1].max())
-        if float(peak) > thr:  # rare: the first chunk's max was far below this one's
-            r = lg.refill_rescaled(zT, Wc, v0, v1)
-            part = ot.split(zT, j)
-            cs = zT.sum(0)
-    return part, cs, r
+    if shifted and float(cs.max()) > thr:  # rare: the first chunk's max was far below this one's
+        lg.fill(zT, Wc, v0, v1, shift=False)
+        ot.take(zT, j, None)
+        mn = torch.maximum(lg.m, zT.amax(0))
+        r = torch.exp(lg.m - mn)
+        lg.m = mn
+        zT.sub_(mn.unsqueeze(0)).exp_()
+        cs = zT.sum(0)
+    return cs, r
 
 
-def observed_logp(prob: HeadProblem, x: TileInputs, lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """log p_t from a pass that summed q = 1 - p_t off-target (:func:`~rosa_ext.common.jacobian.target_logp`).
-    Targets outside [0, V) get a meaningless value (the vocabulary-parallel combine replaces it)."""
-    y = prob.targets.clamp(0, prob.vocab_size - 1)
-    by = None if x.lq is None else x.lb[prob.seg, y]
-    z_y = target_logit(x.h, prob.weight, y, bias=x.bias, ah=x.ah, by=by, lora_scale=prob.lora_scale)
-    return target_logp(z_y, lse, q)
+def finish_split(s: torch.Tensor, m: torch.Tensor, ot: OffTarget):
+    """(lse, lse_off, log p, log(1 - p), 1 / s) from the off-target row sums s relative to the reference m
+    and the target logits (:func:`~rosa_ext.common.jacobian.split_logits`); 1 / s normalises the
+    off-target sums into r̂ (0 where there is no other logit)."""
+    lse_off = m + torch.log(s)
+    lse, logp, logq = split_logits(ot.z_y, lse_off)
+    return lse, lse_off, logp, logq, torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
 
 
 def normalized_tiles(prob: HeadProblem, x: TileInputs, lse: torch.Tensor, chunk: int, drop_targets: bool = True
                      ) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """(v0, v1, tile) for every vocabulary chunk: tile (v1 - v0, N) the probabilities exp(z - lse),
-    with the target entries zeroed (r_t) when ``drop_targets``, recomputed from h, W and lse (one pass
-    over W; the tile is a buffer reused by the next chunk)."""
+    """(v0, v1, tile) for every vocabulary chunk: tile (v1 - v0, N) = exp(z - lse) with the target entries
+    zeroed when ``drop_targets`` (r̂_t when ``lse`` is the stats' ``lse_off``; pi_t with the full ``lse``
+    and no drop), recomputed from h, W and lse (one pass over W; the tile is a buffer reused by the next
+    chunk)."""
     N, V = prob.num_tokens, prob.vocab_size
     lg = Logits(x, 0, N, prob.weight, spans(prob.offsets, 0, N), lazy=True)
-    lg.m = lse  # tiles come out normalised: exp(z - lse) = pi
+    lg.m = lse  # tiles come out normalised: exp(z - lse)
     ot = OffTarget(prob.targets, N, V, chunk, x.cd) if drop_targets else None
     buf = torch.empty(N * chunk, dtype=x.cd, device=x.h.device)
     for j, v0 in enumerate(range(0, V, chunk)):
         v1 = min(V, v0 + chunk)
         zT = buf[:N * (v1 - v0)].view(v1 - v0, N)
-        lg.fill_exp(zT, lg.wchunk(v0, v1), v0, v1)
+        lg.fill(zT, lg.wchunk(v0, v1), v0, v1, shift=True)
         if ot is not None:
-            ot.split(zT, j)
-        yield v0, v1, zT
+            ot.take(zT, j, lse)
+        yield v0, v1, zT.exp_()
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -335,29 +322,29 @@ class TorchEngine(WholeVocabulary):
 
     # ------------------------------------------------------------------------- one-pass plans
     def hidden_pass(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HiddenPass:
-        """lse, log p, q = 1 - p_t, r . b and r W in one online-softmax pass (:meth:`online_pass`);
+        """lse, log p, log(1 - p), r̂ . b and r̂ W in one online-softmax pass (:meth:`online_pass`);
         ``budget_bytes`` is not needed (the tiles take a few MB)."""
         return self.online_pass(prob, with_weight=True)
 
     def online_pass(self, prob: HeadProblem, with_weight: bool) -> HiddenPass:
-        """One online-softmax pass over the vocabulary -> HiddenPass (``pi_weight`` None without
-        ``with_weight``: then it is the stats pass).
+        """One online-softmax pass over the vocabulary -> HiddenPass (``rw`` None without ``with_weight``:
+        then it is the stats pass).
 
-        Per vocabulary chunk: ``zT = W_c h^T`` (GEMM), one rank-k update (bias, LoRA term, reference),
-        ``exp``, the target entries split off, row sums, ``r W += zT^T W_c`` (GEMM), and with a LoRA term
-        ``r . b`` (GEMV). 4 N d V flops; extra memory one (chunk, row block) tile besides the (N, d) result.
+        Per vocabulary chunk: ``zT = W_c h^T`` (GEMM), one rank-k update (bias, LoRA term, reference), the
+        target logits taken off, ``exp``, row sums, ``E W += zT^T W_c`` (GEMM), and with a LoRA term
+        ``E . b`` (GEMV); at the end everything is divided by the off-target sum (r̂). 4 N d V flops;
+        extra memory one (chunk, row block) tile besides the (N, d) result.
         """
         x = tile_inputs(prob)
         N, d, V = prob.num_tokens, prob.hidden_size, prob.vocab_size
         cd, dev = x.cd, x.h.device
-        rb = max(1, min(N, self.row_block or HIDDEN_ROW_BLOCK))
-        lse = torch.empty(N, dtype=cd, device=dev)
-        piW = torch.empty(N, d, dtype=cd, device=dev) if with_weight else None
-        pib = torch.empty(N, dtype=cd, device=dev) if x.lq is not None else None
-        q = torch.empty(N, dtype=cd, device=dev)
+        rows = max(1, min(N, self.row_block or HIDDEN_ROW_BLOCK))
+        out = {k: torch.empty(N, dtype=cd, device=dev) for k in ("lse", "lse_off", "logp", "logq")}
+        rw = torch.empty(N, d, dtype=cd, device=dev) if with_weight else None
+        rb = torch.empty(N, dtype=cd, device=dev) if x.lq is not None else None
         thr = math.exp(TAU[cd])
-        for r0 in range(0, N, rb):
-            r1 = min(N, r0 + rb)
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
             n = r1 - r0
             span_list = spans(prob.offsets, r0, r1)
             lg = Logits(x, r0, r1, prob.weight, span_list, lazy=lazy_rescaling(dev))
@@ -365,43 +352,41 @@ class TorchEngine(WholeVocabulary):
             buf = torch.empty(n * c, dtype=cd, device=dev)
             ot = OffTarget(prob.targets[r0:r1], n, V, c, cd)
             s = torch.zeros(n, dtype=cd, device=dev)
-            acc = None if piW is None else piW[r0:r1].zero_()
-            sb = None if pib is None else pib[r0:r1].zero_()
+            acc = None if rw is None else rw[r0:r1].zero_()
+            sb = None if rb is None else rb[r0:r1].zero_()
             for j, v0 in enumerate(range(0, V, c)):
                 v1 = min(V, v0 + c)
                 Wc = lg.wchunk(v0, v1)
                 zT = buf[:n * (v1 - v0)].view(v1 - v0, n)
-                part, cs, r = exp_tile(lg, ot, zT, Wc, v0, v1, j, thr)
+                cs, r = exp_tile(lg, ot, zT, Wc, v0, v1, j, thr)
                 if r is not None:
                     for a in (s, sb):
                         if a is not None:
                             a.mul_(r)
                     if acc is not None:
                         acc.mul_(r.unsqueeze(1))
-                ot.record(part, lg.m)
                 s.add_(cs)
                 if acc is not None:
                     acc.addmm_(zT.T, Wc)
                 if sb is not None:
                     for b, lo, hi in span_list:
                         sb[lo:hi].addmv_(zT[:, lo:hi].T, x.lb[b, v0:v1])
-            tot, qb = ot.finish(s, lg.m)
+            lse, lse_off, logp, logq, inv = finish_split(s, lg.m, ot)
+            for k, v in (("lse", lse), ("lse_off", lse_off), ("logp", logp), ("logq", logq)):
+                out[k][r0:r1] = v
             if acc is not None:
-                acc.div_(tot.unsqueeze(1))
+                acc.mul_(inv.unsqueeze(1))
             if sb is not None:
-                sb.div_(tot)
-            lse[r0:r1] = lg.m + torch.log(tot)
-            q[r0:r1] = qb
-        logp = observed_logp(prob, x, lse, q)
-        return HiddenPass(lse=lse, logp=logp, q=q, ah=x.ah, pib_off=pib, pi_weight=piW, engine=self.name)
+                sb.mul_(inv)
+        return HiddenPass(ah=x.ah, rb=rb, rw=rw, engine=self.name, **out)
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None) -> GramPass:
-        """One pass: lse, 1 - p_t, r_t . b, and per conversation ``r_t . r_u`` and ``r_t[y_u]`` ->
-        GramPass (raw parts, normalised: the plan centres them).
+        """One pass: lse, log p, log(1 - p), r̂_t . b, and per conversation ``r̂_t . r̂_u`` and ``r̂_t[y_u]``
+        -> GramPass (raw parts: the plan centres them).
 
         ``keep``: store the N x V exp tiles (the caller checked the memory budget: ``budget_bytes`` is not
-        read here) so that :meth:`off_target_vjp` is a GEMV. Flops: 2 N d V for the logits and ~sum_b T_b^2 V for the
-        block-triangle Gram.
+        read here) so that :meth:`off_target_vjp` is a GEMV. Flops: 2 N d V for the logits and
+        ~sum_b T_b^2 V for the block-triangle Gram.
         """
         x = tile_inputs(prob)
         N, V = prob.num_tokens, prob.vocab_size
@@ -427,7 +412,7 @@ class TorchEngine(WholeVocabulary):
             w = v1 - v0
             Wc = lg.wchunk(v0, v1)
             zT = (store[N * v0:N * v1] if keep else store[:N * w]).view(w, N)
-            part, cs, r = exp_tile(lg, ot, zT, Wc, v0, v1, j, thr)
+            cs, r = exp_tile(lg, ot, zT, Wc, v0, v1, j, thr)
             if r is not None:
                 rescaled = True
                 for a in (s, sb):
@@ -435,7 +420,6 @@ class TorchEngine(WholeVocabulary):
                         a.mul_(r)
                 for (_, lo, hi), Gb in zip(span_list, G):
                     Gb.mul_(r[lo:hi].unsqueeze(1)).mul_(r[lo:hi].unsqueeze(0))
-            ot.record(part, lg.m)
             s.add_(cs)
             for k, (b, lo, hi) in enumerate(span_list):
                 Ek = zT[:, lo:hi]  # (w, T_k)
@@ -448,9 +432,7 @@ class TorchEngine(WholeVocabulary):
                     Xchunk[k][us - lo] = j
             refs.append(lg.m)
         m = lg.m
-        tot, q = ot.finish(s, m)
-        lse = m + torch.log(tot)
-        inv = 1.0 / tot
+        lse, lse_off, logp, logq, inv = finish_split(s, m, ot)
         for k, (_, lo, hi) in enumerate(span_list):
             sym_from_lower(G[k], blks[k])
             G[k].mul_(inv[lo:hi].unsqueeze(1)).mul_(inv[lo:hi].unsqueeze(0))
@@ -458,14 +440,14 @@ class TorchEngine(WholeVocabulary):
                 R = torch.stack([r_[lo:hi] for r_ in refs], 1)  # (T_b, chunks)
                 X[k].mul_(torch.exp(R[:, Xchunk[k]] - m[lo:hi].unsqueeze(1)))
             X[k].mul_(inv[lo:hi].unsqueeze(1))
-        pib = None if sb is None else sb.mul_(inv)
-        return GramPass(lse=lse, logp=observed_logp(prob, x, lse, q), q=q, ah=x.ah, pib_off=pib, gram=G, cross=X,
+        rb = None if sb is None else sb.mul_(inv)
+        return GramPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=x.ah, rb=rb, gram=G, cross=X,
                         kept=KeptTiles(store, c, refs) if keep else None, engine=self.name)
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_{t in b} w_t r_t -> (B, V), r_t normalised by ``gp.lse``: a GEMV over ``gp.kept`` when the
-        pass kept its tiles, else one streaming pass that recomputes each tile from h, W and lse."""
+        """sum_{t in b} w_t r̂_t -> (B, V), r̂_t normalised by ``gp.lse_off``: a GEMV over ``gp.kept`` when
+        the pass kept its tiles, else one streaming pass that recomputes each tile from h, W and lse_off."""
         N, V, B = prob.num_tokens, prob.vocab_size, prob.num_conversations
         span_list = spans(prob.offsets, 0, N)
         out = torch.empty(B, V, dtype=prob.compute_dtype, device=w.device) if out is None else out
@@ -474,28 +456,28 @@ class TorchEngine(WholeVocabulary):
             for j, v0 in enumerate(range(0, V, kept.chunk)):
                 v1 = min(V, v0 + kept.chunk)
                 ET = kept.store[N * v0:N * v1].view(v1 - v0, N)
-                coef = w * torch.exp(kept.refs[j] - gp.lse)
+                coef = w * torch.exp(kept.refs[j] - gp.lse_off)
                 for b, lo, hi in span_list:
                     torch.mv(ET[:, lo:hi], coef[lo:hi], out=out[b, v0:v1])
             return out
         c = min(V, self.chunk or chunk_for(N, V, LORA_TILE_ELEMS, LORA_MIN_CHUNK))
-        for v0, v1, rT in normalized_tiles(prob, tile_inputs(prob), gp.lse, c):
+        for v0, v1, rT in normalized_tiles(prob, tile_inputs(prob), gp.lse_off, c):
             for b, lo, hi in span_list:
                 torch.mv(rT[:, lo:hi], w[lo:hi], out=out[b, v0:v1])
         return out
 
     # ------------------------------------------------------------------------- matrix-free CG
-    def stats(self, prob: HeadProblem) -> HeadStats:
-        """lse, log p, a . h, pi . b, 1 - p_t and r . b per token: :meth:`hidden_pass` without r W."""
+    def stats(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HeadStats:
+        """The split stats (lse, lse_off, log p, log(1 - p), a . h, r̂ . b per token): :meth:`online_pass`
+        without r̂ W."""
         hp = self.online_pass(prob, with_weight=False)
-        pib = None
-        if hp.pib_off is not None:
-            pib = hp.pib_off + torch.exp(hp.logp) * self.gather_targets(prob, prob.lora_b.to(prob.compute_dtype))
-        return HeadStats(lse=hp.lse, logp=hp.logp, ah=hp.ah, pib=pib, q=hp.q, pib_off=hp.pib_off, engine=self.name)
+        return HeadStats(lse=hp.lse, logp=hp.logp, ah=hp.ah, pib=None, lse_off=hp.lse_off, logq=hp.logq, rb=hp.rb,
+                         engine=self.name, split=True)
 
     def _tiles(self, prob: HeadProblem, st: HeadStats, drop_targets: bool):
+        """r̂ tiles (from ``st.lse_off``) with ``drop_targets``, pi tiles (from ``st.lse``) without."""
         c = min(prob.vocab_size, self.chunk or chunk_for(prob.num_tokens, prob.vocab_size, HIDDEN_TILE_ELEMS, MIN_CHUNK))
-        return normalized_tiles(prob, tile_inputs(prob), st.lse, c, drop_targets)
+        return normalized_tiles(prob, tile_inputs(prob), st.lse_off if drop_targets else st.lse, c, drop_targets)
 
     def _row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor, drop_targets: bool) -> torch.Tensor:
         out = torch.zeros(prob.num_tokens, dtype=prob.compute_dtype, device=u.device)
@@ -530,7 +512,7 @@ class TorchEngine(WholeVocabulary):
         return self._column_reduce(prob, st, w, drop_targets=True)
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """r_t . r_t = sum_{v != y_t} pi_t[v]^2 for every token -> (N,) (relative damping, LoRA CG)."""
+        """r̂_t . r̂_t for every token -> (N,) (the relative ridge of LoRA CG)."""
         out = torch.zeros(prob.num_tokens, dtype=prob.compute_dtype, device=prob.weight.device)
         for _, _, rT in self._tiles(prob, st, drop_targets=True):
             out += (rT * rT).sum(0)

@@ -115,15 +115,18 @@ def pack_layout(weight: torch.Tensor, offsets: Sequence[int], shard: Optional[Vo
 
 @dataclass
 class HeadStats:
-    """Per-token cache of one stats pass (MATH.md section 3), compute dtype.
+    """Per-token results of a stats pass (MATH.md section 3), compute dtype, (N,) each.
 
-    - ``lse``  (N,) log-sum-exp of the logits z_t
-    - ``logp`` (N,) log p_t = z_t[y_t] - lse_t
-    - ``ah``   (N,) a_seg . h_t, or None without LoRA
-    - ``pib``  (N,) pi_t . b_seg, or None without LoRA
-    - ``q``    (N,) 1 - p_t summed over the off-target entries, or None when the pass did not split
-      the target off (then the algebra uses the expanded forms, which cancel when p_t -> 1)
-    - ``pib_off`` (N,) r_t . b_seg (pi_t . b without the target entry), with ``q`` and a LoRA term
+    - ``lse`` log-sum-exp of the logits z_t; ``logp`` log p_t of the observed token
+    - ``ah`` a_seg . h_t, or None without LoRA; ``pib`` pi_t . b_seg, or None without LoRA
+    - split off the target (MATH.md section 4; set by the engines' passes, None from the kernels'
+      stats): ``lse_off`` the log-sum-exp of the OTHER logits (z_t without its target entry), ``logq``
+      log(1 - p_t) (exact: ``lse_off - lse``), ``rb`` r̂_t . b_seg with r̂_t = softmax of the other logits
+      (the off-target distribution, summing to 1). Then the algebra uses the off-target forms, in which
+      nothing cancels or underflows when p_t -> 1 or p_t -> 0; without them the expanded forms (which
+      cancel when p_t -> 1)
+    - ``kept`` an engine's handle on tiles its later reductions read (the Triton engine's probability tiles)
+    - ``split`` whether the pass split the target off (``lse_off``, ``logq``, ``rb`` set)
     - ``engine`` the engine that ran the pass ("torch" or "triton")
     """
 
@@ -131,56 +134,63 @@ class HeadStats:
     logp: torch.Tensor
     ah: Optional[torch.Tensor]
     pib: Optional[torch.Tensor]
-    q: Optional[torch.Tensor] = None
-    pib_off: Optional[torch.Tensor] = None
+    lse_off: Optional[torch.Tensor] = None
+    logq: Optional[torch.Tensor] = None
+    rb: Optional[torch.Tensor] = None
+    kept: Any = None
     engine: str = "torch"
+    split: bool = False
 
 
 @dataclass
 class HiddenPass:
     """What an engine's one-pass hidden-mode pass returns (MATH.md section 4), compute dtype.
 
-    ``r_t`` is pi_t without its target entry (the off-target distribution): working with it keeps
-    ``1 - p_t`` and J free of the cancellation of ``W[y_t] - pi_t W`` when p_t is near 1.
+    Everything off-target is NORMALISED: r̂_t = softmax of the logits without the target entry (it sums
+    to 1), so ``rw`` and ``rb`` stay of order one however confident (or unlikely) the token; the
+    Jacobian's scale p_t (1 - p_t) is carried in log space (``logp + logq``).
 
-    - ``lse`` (N,) log-sum-exp of the logits; ``logp`` (N,) log p_t
-    - ``q`` (N,) 1 - p_t = sum_{v != y_t} pi_t[v], summed directly (no cancellation)
+    - ``lse`` (N,) log-sum-exp of the logits; ``lse_off`` (N,) of the logits without the target entry
+    - ``logp`` (N,) log p_t, ``logq`` (N,) log(1 - p_t), both exact (from logit(p_t) = z_y - lse_off)
     - ``ah`` (N,) a_seg . h_t, or None without a LoRA term
-    - ``pib_off`` (N,) r_t . b_seg, or None without a LoRA term (pi_t . b = pib_off + p_t b[y_t])
-    - ``pi_weight`` (N, d) r_t W = sum_{v != y_t} pi_t[v] W_v (pi_t W = pi_weight + p_t W[y_t])
+    - ``rb`` (N,) r̂_t . b_seg, or None without a LoRA term
+    - ``rw`` (N, d) r̂_t W
     - ``engine`` the engine that ran the pass ("torch" or "triton")
     """
 
     lse: torch.Tensor
+    lse_off: torch.Tensor
     logp: torch.Tensor
-    q: torch.Tensor
+    logq: torch.Tensor
     ah: Optional[torch.Tensor]
-    pib_off: Optional[torch.Tensor]
-    pi_weight: torch.Tensor
+    rb: Optional[torch.Tensor]
+    rw: torch.Tensor
     engine: str = "torch"
 
 
 @dataclass
 class GramPass:
     """What an engine's one-pass LoRA pass returns (MATH.md section 4), compute dtype: the raw parts of
-    the centred Gram, which the plan centres (:func:`rosa_ext.plans.dual_lora.center_gram`).
+    the centred Gram of the normalised off-target distributions r̂_t, which the plan centres
+    (:func:`rosa_ext.plans.dual_lora.center_gram`).
 
-    - ``lse``, ``logp``, ``q``, ``ah``, ``pib_off``, ``engine``: as :class:`HiddenPass`
-    - ``gram``: one (T_b, T_b) matrix per conversation, ``r_t . r_u`` for tokens t, u of conversation b
-    - ``cross``: one (T_b, T_b) matrix per conversation, ``X[t, u] = r_t[y_u]`` (0 where y_u = y_t:
-      r_t has no target entry). The centred Gram ``(e_{y_t} - pi_t) . (e_{y_u} - pi_u) = q_t q_u
-      1(y_t = y_u) - q_t X[u, t] - q_u X[t, u] + r_t . r_u`` (the b-block of J J^T before the
-      factors s p_t (a . h_t)) is assembled from them in place; the plan owns these matrices
+    - ``lse``, ``lse_off``, ``logp``, ``logq``, ``ah``, ``rb``, ``engine``: as :class:`HiddenPass`
+    - ``gram``: one (T_b, T_b) matrix per conversation, ``r̂_t . r̂_u`` for tokens t, u of conversation b
+    - ``cross``: one (T_b, T_b) matrix per conversation, ``X[t, u] = r̂_t[y_u]`` (0 where y_u = y_t: r̂_t
+      has no target entry). The centred Gram ``(e_{y_t} - r̂_t) . (e_{y_u} - r̂_u) = 1(y_t = y_u) -
+      X[u, t] - X[t, u] + r̂_t . r̂_u`` is assembled from them in place (e_y - pi_t = (1 - p_t)(e_y - r̂_t):
+      the factors 1 - p_t are carried in log space by the plan); the plan owns these matrices
     - ``kept``: the engine's handle on the probability tiles kept for the VJP
       (:meth:`~rosa_ext.backends.protocol.Engine.off_target_vjp` reads them), or None when they
       were streamed
     """
 
     lse: torch.Tensor
+    lse_off: torch.Tensor
     logp: torch.Tensor
-    q: torch.Tensor
+    logq: torch.Tensor
     ah: Optional[torch.Tensor]
-    pib_off: Optional[torch.Tensor]
+    rb: Optional[torch.Tensor]
     gram: List[torch.Tensor]
     cross: List[torch.Tensor]
     kept: Any = None

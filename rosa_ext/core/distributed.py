@@ -437,8 +437,8 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
     With N tokens, e = elem_bytes, L = 1 with a LoRA term (always in lora mode), else 0:
     validation ``RECORD_BYTES``; then
 
-    - the dual (both modes) and hidden-mode CG, which run one pass: MAX of the local log-sum-exp
-      ``N e``, one SUM of the per-token results ``(3 + L) N e`` and b[y_t] ``L N e``; hidden mode adds
+    - the dual (both modes) and hidden-mode CG, which run one pass: MAX of the local off-target
+      log-sum-exp ``N e``, one SUM of the per-token results ``(2 + L) N e`` and b[y_t] ``L N e``; hidden mode adds
       ``2 N d e`` (pi W with the per-token SUM, and W[y_t]), lora ``2 sum_b T_b^2 e`` (the Gram and
       the cross terms);
     - LoRA CG: stats ``(3 + L) N e``, b[y_t] ``N e``, then ``16 + it (N e + 24)``.
@@ -446,7 +446,7 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
     N, e = sum(lengths), int(elem_bytes)
     L = 1 if (mode == "lora" or lora_term) else 0
     if solver == "dual" or mode == "hidden":
-        total = RECORD_BYTES + (4 + 2 * L) * N * e
+        total = RECORD_BYTES + (3 + 2 * L) * N * e
         return total + (2 * N * d * e if mode == "hidden" else 2 * sum(t * t for t in lengths) * e)
     total = RECORD_BYTES + (3 + 2 * L) * N * e + 16 + iterations * (N * e + 24)
     if damping_mode == "relative":

@@ -29,13 +29,14 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg: Optional[dense.CGImpl]
     ``cg``: the CG implementation (default :func:`rosa_ext.cg.cg`)."""
     cg = default_cg if cg is None else cg
     lin, rows = dual_hidden.pass_and_rows(prob, cfg, engine)
-    dense.check_linearization(lin, cfg)
-    g = lin.g
+    g = lin.g  # scaled by e^-shift per conversation, as the rows
     B, d, seg = prob.num_conversations, prob.hidden_size, prob.seg
     unit = dense.power_of_two_scale(rows.abs().max())
     rows.mul_(unit)
     rhs = segment_sum(prob, (g * unit).unsqueeze(1) * rows)
-    lam = dense.conversation_ridges(prob, cfg, (rows * rows).sum(1), unit).unsqueeze(1)
+    lam = dense.conversation_ridges(prob, cfg, (rows * rows).sum(1), unit, lin.shift)
+    dense.check_linearization(lin, cfg, lam)
+    lam = lam.unsqueeze(1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         v2 = v.reshape(B, d)
@@ -46,7 +47,8 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg: Optional[dense.CGImpl]
         return (jtj + lam * v2).reshape(-1)
 
     res = dense.run_cg(cg, matvec, rhs.reshape(-1), prob, cfg)  # the ridge is inside the matvec
-    return Solved(res.x.reshape(B, d), lin.stats.logp, g, res.iterations, res.residual, engine=lin.stats.engine)
+    return Solved(res.x.reshape(B, d), lin.stats.logp, lin.target(), res.iterations, res.residual,
+                  engine=lin.stats.engine)
 
 
 def cost(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpass: float, max_iter: int) -> float:

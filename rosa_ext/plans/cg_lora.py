@@ -34,31 +34,23 @@ from . import dense
 
 
 def gram_diag(lin: J.Linearization, engine) -> torch.Tensor:
-    """||J_t||^2 per token -> (N,), the diagonal of J J^T without forming it (MATH.md section 6).
-
-    LoRA: ||J_t,a||^2 + (s p_t (a . h_t))^2 ||e_{y_t} - pi_t||^2, the last factor as (1 - p_t)^2 +
-    q_t . q_t (``engine.pi_sqnorm``: one pass). Hidden (a matrix-free hidden CG, e.g. on a sharded
-    head): ||p_t (W_eff[y_t] - pi_t W_eff)||^2 needs pi W, which this plan never forms -- use
-    :mod:`.cg_hidden` instead; not supported here.
-    """
+    """||J_t||^2 per token -> (N,) in the linearisation's scaled units, the diagonal of J J^T without
+    forming it (MATH.md section 6): ||J_t,a||^2 + (s f_t (a . h_t))^2 ||e_{y_t} - r̂_t||^2, the last factor
+    1 + r̂_t . r̂_t (``engine.pi_sqnorm``: one pass)."""
     prob, st = lin.prob, lin.stats
     s = prob.lora_scale
-    ca = s * lin.p * J.b_gap(lin)
-    diag = ca * ca * (lin.h * lin.h).sum(1)
-    c = s * lin.p * st.ah
-    omp = -torch.expm1(st.logp) if st.q is None else st.q
-    return diag + c * c * (omp * omp + engine.pi_sqnorm(prob, st))
+    ca = s * lin.f * J.b_gap(lin)
+    c = s * lin.f * st.ah
+    return ca * ca * (lin.h * lin.h).sum(1) + c * c * (1.0 + engine.pi_sqnorm(prob, st))
 
 
 def row_scale(lin: J.Linearization) -> torch.Tensor:
     """The size of each row of J within a factor sqrt(2) -> (N,), without squaring anything:
-    max(|J_t,a| entries, ||J_t,b||) with ||J_t,b|| = |s p_t (a . h_t)| ||e_{y_t} - pi_t|| and
-    ||e_{y_t} - pi_t|| in [q_t, sqrt(2) q_t] (q_t = 1 - p_t). What :func:`solve` rescales J by."""
-    st = lin.stats
+    max(|J_t,a| entries, ||J_t,b||) with ||J_t,b|| = |s f_t (a . h_t)| ||e_{y_t} - r̂_t|| and
+    ||e_{y_t} - r̂_t|| in [1, sqrt(2)]. What :func:`solve` rescales J by."""
     s = lin.prob.lora_scale
-    q = -torch.expm1(st.logp) if st.q is None else st.q
-    b_part = (s * lin.p * st.ah).abs() * q
-    a_part = (s * lin.p * J.b_gap(lin)).abs() * lin.h.abs().amax(1)
+    b_part = (s * lin.f * lin.stats.ah).abs()
+    a_part = (s * lin.f * J.b_gap(lin)).abs() * lin.h.abs().amax(1)
     return torch.maximum(a_part, b_part)
 
 
@@ -66,19 +58,22 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg: Optional[dense.CGImpl]
     """Matrix-free CG (module doc) -> :class:`~rosa_ext.common.types.Solved`. ``cg``: the CG implementation
     (default :func:`rosa_ext.cg.cg`, compiled when built; :func:`rosa_ext.cg.cg_python` the Python loop)."""
     cg = default_cg if cg is None else cg
-    st = engine.stats(prob)
+    st = engine.stats(prob, cfg.keep_budget_bytes)
+    if not st.split:
+        raise TypeError(f"cg_lora.solve: the engine {engine.name!r} returned stats that do not split the target "
+                        "off (lse_off, logq, rb); every engine's stats must (MATH.md section 4)")
     lin = J.Linearization.at(prob, st, "lora", engine, beta=cfg.beta)
-    dense.check_linearization(lin, cfg)
-    g = lin.g
-    unit = dense.power_of_two_scale(row_scale(lin).max())  # J J^T of tiny rows would underflow float32
-    lin = replace(lin, p=lin.p * unit)
+    g = lin.g  # scaled by e^-shift per conversation, as lin.f
+    unit = dense.power_of_two_scale(row_scale(lin).max())  # exact, the step is invariant to it
+    lin = replace(lin, f=lin.f * unit)
     g_scaled = g * unit
     B, P = prob.num_conversations, prob.hidden_size + prob.vocab_size
     rhs = J.vjp(lin, engine, g_scaled).reshape(-1)
     if cfg.damping_mode == "absolute":
-        lam = dense.ridge(cfg, torch.ones(B, dtype=prob.compute_dtype, device=prob.weight.device), unit)
+        lam = dense.ridge(cfg, torch.ones(B, dtype=prob.compute_dtype, device=prob.weight.device), unit, lin.shift)
     else:
         lam = dense.conversation_ridges(prob, cfg, gram_diag(lin, engine))
+    dense.check_linearization(lin, cfg, lam)
     lam = lam.unsqueeze(1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -86,7 +81,7 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg: Optional[dense.CGImpl]
         return (J.vjp(lin, engine, J.jvp(lin, engine, v2)) + lam * v2).reshape(-1)
 
     res = dense.run_cg(cg, matvec, rhs, prob, cfg)  # the ridge is inside the matvec
-    return Solved(res.x.reshape(B, P), lin.stats.logp, g, res.iterations, res.residual, engine=st.engine)
+    return Solved(res.x.reshape(B, P), lin.stats.logp, lin.target(), res.iterations, res.residual, engine=st.engine)
 
 
 def cost(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpass: float, max_iter: int) -> float:

@@ -38,27 +38,44 @@ DUAL_RESIDUAL_LIMIT = {torch.float32: 1e-4, torch.float64: 1e-10}
 Ridge = Union[float, torch.Tensor]
 
 
-def ridge(cfg: RosaConfig, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ridge(cfg: RosaConfig, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None,
+          shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lambda of each conversation (MATH.md section 6), the shape and dtype of ``diag_mean`` (no host
     sync): the ONE place the ridge rule is written.
 
-    ``diag_mean``: the mean over a conversation's tokens of ||J_t||^2 (the diagonal of J J^T), of a J
-    that the caller multiplied by ``unit`` (a power of two from :func:`power_of_two_scale`, or None
-    for 1). "absolute": ``damping unit^2`` (the same ridge in the scaled units); "relative": ``damping``
-    times the mean (scale invariant), or ``damping`` where J is exactly zero (its step is zero anyway).
+    ``diag_mean``: the mean over a conversation's tokens of ||J_t||^2 (the diagonal of J J^T), of a J the
+    plan scaled: by the linearisation's e^-shift (``shift``, the log of the conversation's scale, see
+    :class:`~rosa_ext.common.jacobian.Linearization`) and by ``unit`` (a power of two from
+    :func:`power_of_two_scale`); None for none. "absolute": ``damping unit^2 e^(-2 shift)`` (the same
+    ridge in the scaled units; formed in float64 and clamped to the dtype's range -- a ridge beyond it is
+    reported by :func:`ridge_in_range`); "relative": ``damping`` times the mean (scale invariant), or
+    ``damping`` where J is exactly zero (its step is zero anyway).
     """
-    absolute = torch.full_like(diag_mean, cfg.damping)
     if cfg.damping_mode == "absolute":
-        return absolute if unit is None else absolute * (unit * unit)
-    return torch.where(diag_mean > 0, cfg.damping * diag_mean, absolute)
+        lam = torch.full_like(diag_mean, cfg.damping, dtype=torch.float64)
+        if unit is not None:
+            lam = lam * (unit.double() * unit.double())
+        if shift is not None:
+            lam = lam * torch.exp(-2.0 * shift.double())
+        return lam.clamp_max(torch.finfo(diag_mean.dtype).max).to(diag_mean.dtype)
+    return torch.where(diag_mean > 0, cfg.damping * diag_mean, torch.full_like(diag_mean, cfg.damping))
+
+
+def ridge_in_range(lam: torch.Tensor) -> torch.Tensor:
+    """Whether every ridge (in a plan's scaled units, where J is of order one) leaves the step
+    representable -> 0-dim bool, no host sync: the step is then about J^T g / lambda, so a lambda above
+    ~1 / (100 tiny) of the dtype (an absolute ``damping`` on a conversation whose every token is so
+    confident or so unlikely that J ~ p (1 - p) is below ~1e-18 in float32) gives a step below the
+    dtype's normal range: refused (:func:`raise_step_underflow`) rather than returned as zeros."""
+    return (lam <= 0.01 / torch.finfo(lam.dtype).tiny).all()
 
 
 def conversation_ridges(prob: HeadProblem, cfg: RosaConfig, diag: torch.Tensor,
-                        unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        unit: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`ridge` of every conversation -> (B,), from the per-token ``diag`` (N,) = ||J_t||^2."""
     counts = torch.tensor(prob.lengths, dtype=diag.dtype, device=diag.device)
     mean = segment_sum(prob, diag.unsqueeze(1))[:, 0] / counts
-    return ridge(cfg, mean, unit)
+    return ridge(cfg, mean, unit, shift)
 
 
 def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
@@ -75,28 +92,43 @@ def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
 
 def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A + lam I)^{-1} rhs by Cholesky for symmetric A (restored up to rounding afterwards). One
-    allocation of A's size (the factor); the triangular solves work in place. Returns (x, info)."""
+    allocation of A's size (the factor); the triangular solves work in place. Returns (x, ok): ``ok``
+    (0-dim bool) that the factorisation succeeded and ``A + lam I`` is well enough conditioned for the
+    compute dtype (:data:`CONDITION_LIMIT`, from the factor's diagonal)."""
     A.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(A)
     A.diagonal().sub_(lam)
     x = rhs.clone().unsqueeze(1)
     torch.linalg.solve_triangular(L, x, upper=False, out=x)
     torch.linalg.solve_triangular(L.mT, x, upper=True, out=x)
-    return x.squeeze(1), info
+    Ld = L.diagonal().abs()
+    cond = (Ld.max() / Ld.min()) ** 2  # a lower estimate of cond(A + lam I); inf/NaN when it failed
+    ok = (info == 0) & (cond * torch.finfo(A.dtype).eps <= CONDITION_LIMIT)
+    return x.squeeze(1), ok
 
 
-def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, info: torch.Tensor
+#: A Cholesky solve is trusted only while eps times the (estimated) condition number of ``A + lambda I``
+#: is at most this: the system was formed in the compute dtype (A = J J^T or J^T J), whose rounding
+#: (~eps ||J||^2) a tiny ridge cannot dominate -- there the solution of the formed system can be far
+#: from the step (e.g. damping 1e-10 on a rank-deficient J: 58-77% off in float32 with a small residual),
+#: so the conversation is re-solved in float64 from J itself (:func:`spectral_hidden` /
+#: :func:`spectral_gram`). The default relative ridge 0.3 keeps cond <= 1 + T / 0.3.
+CONDITION_LIMIT = 1e-3
+
+
+def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, ok: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(||J^T e||^2, ||J^T g||^2, flags) of a dual solve, e = g - (G0 + lam I) alpha: the residual of
-    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored, G0 finite]. A
-    NaN/Inf alpha makes the residual NaN, which fails the acceptance test."""
+    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored and well
+    conditioned (``ok`` of :func:`factor_solve`), G0 finite]. A NaN/Inf alpha makes the residual NaN,
+    which fails the acceptance test."""
     e = g - G0 @ alpha - lam * alpha
     num = (e @ (G0 @ e)).clamp_min(0)
     den = (g @ (G0 @ g)).clamp_min(0)
-    return num, den, torch.stack([info == 0, checks.all_finite(G0)])
+    return num, den, torch.stack([ok, checks.all_finite(G0)])
 
 
-def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, info: torch.Tensor,
+def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, ok: torch.Tensor,
                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(||res||^2, ||rhs||^2, flags) of a primal solve (A0 + lam I) delta = rhs, A0 = J^T J. The flag
     bounds the error itself: ||delta - delta*|| <= ||res|| / lam (A0 is PSD). The residual alone would
@@ -106,46 +138,47 @@ def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: 
     num, den = res @ res, rhs @ rhs
     limit = DUAL_RESIDUAL_LIMIT[dtype]
     fine = num <= (limit * limit) * (lam * lam) * (delta @ delta)
-    return num, den, torch.stack([(info == 0) & fine, checks.all_finite(A0)])
+    return num, den, torch.stack([ok & fine, checks.all_finite(A0)])
 
 
 def accept(lin: Linearization, cfg: RosaConfig, nums: List[torch.Tensor], dens: List[torch.Tensor],
-           flags: List[torch.Tensor]) -> List[int]:
+           flags: List[torch.Tensor], lams: List[torch.Tensor]) -> List[int]:
     """The conversations whose solve must be redone in float64 (one host sync for all of them, which
-    also reads whether the pass's logits were finite and whether a target underflowed,
-    :meth:`~rosa_ext.common.jacobian.Linearization.target_underflowed`). Raises for non-finite logits or
-    Jacobian, or an underflowed target."""
+    also reads whether the pass's logits were finite and every ridge in range, :func:`ridge_in_range`).
+    Raises for non-finite logits or Jacobian, or a step below the dtype's range."""
     prob = lin.prob
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
     num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
     B = len(nums)
     both = torch.cat([good, fl[:, 1], lin.logits_finite().reshape(1),
-                      lin.target_underflowed().any().reshape(1)]).tolist()  # one sync
+                      ridge_in_range(torch.stack(lams)).reshape(1)]).tolist()  # one sync
     good_list, finite_list = both[:B], both[B:2 * B]
     if not both[-2]:
         checks.nonfinite_logits(WHO, prob.compute_dtype)
-    if both[-1]:  # before the Jacobian's check: rows that small are subnormal, their Gram may be garbage
-        raise_target_underflow(prob)
+    if not both[-1]:
+        raise_step_underflow(prob, cfg)
     if not all(finite_list):
         checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]
 
 
-def raise_target_underflow(prob: HeadProblem) -> None:
-    """The error of :meth:`~rosa_ext.common.jacobian.Linearization.target_underflowed`."""
-    checks.fail(WHO, "targets", f"every response token of a conversation is so unlikely that its ROSA target "
-                                f"g = p* - p underflows {prob.compute_dtype} (p below ~1e-38): the step would be 0 or "
-                                "a few bits where float64 gives a real one; pass float64 inputs", checks.RosaNumericalError)
+def raise_step_underflow(prob: HeadProblem, cfg: RosaConfig) -> None:
+    """The error of :func:`ridge_in_range`."""
+    checks.fail(WHO, "targets", f"every response token of a conversation is so confident (or so unlikely) that its "
+                                f"row of J ~ p (1 - p) is far below the absolute damping={cfg.damping:g}: the step "
+                                f"~ J^T g / damping is below {prob.compute_dtype}'s range; pass float64 inputs, or use "
+                                "damping_mode='relative' (scale free)", checks.RosaNumericalError)
 
 
-def check_linearization(lin: Linearization, cfg: RosaConfig) -> None:
+def check_linearization(lin: Linearization, cfg: RosaConfig, lam: torch.Tensor) -> None:
     """For the CG plans (the dual folds these into :func:`accept`'s one sync): raise for logits that
-    overflowed or a target that underflowed (two host reads)."""
-    if not bool(lin.logits_finite()):
+    overflowed or a ridge out of range (one host read)."""
+    finite, in_range = torch.stack([lin.logits_finite(), ridge_in_range(lam)]).tolist()
+    if not finite:
         checks.nonfinite_logits(WHO, lin.prob.compute_dtype)
-    if bool(lin.target_underflowed().any()):
-        raise_target_underflow(lin.prob)
+    if not in_range:
+        raise_step_underflow(lin.prob, cfg)
 
 
 def float64_refinement(cfg: RosaConfig, rejected: List[int], solve64: Callable[[int], torch.Tensor]

@@ -3,12 +3,13 @@
 Read in order:
 
 1. The pass over W is the engine's (:meth:`~rosa_ext.backends.protocol.Engine.hidden_pass`): lse,
-   1 - p_t and r_t W, where r_t is pi_t without its target entry -- one online-softmax pass (torch
-   tiles, or the probability tiles and a tensor-core GEMM on the GPU; on a vocabulary-parallel head the
-   engine combines the shards). The linearisation (p_t, the target g) follows from it
+   log p_t, log(1 - p_t) and r̂_t W, where r̂_t is the softmax of the logits without the target entry --
+   one online-softmax pass (torch tiles, or the probability tiles and a tensor-core GEMM on the GPU; on
+   a vocabulary-parallel head the engine combines the shards). The linearisation (the rows' scale
+   p_t (1 - p_t) in log space, the target g) follows from it
    (:meth:`~rosa_ext.common.jacobian.Linearization.of_pass`).
 2. :func:`hidden_rows` -- the Jacobian algebra: the explicit T x d rows of J in the off-target form
-   ``J_t = p_t ((1 - p_t) W[y_t] - r_t W)`` (no cancellation when p_t -> 1).
+   ``J_t = p_t (1 - p_t) (W[y_t] - r̂_t W)`` (nothing cancels or underflows however confident the token).
 3. :func:`solve` -- per conversation the smaller of the T_b x T_b dual ``J^T (J J^T + lambda I)^{-1} g``
    and the d x d primal ``(J^T J + lambda I)^{-1} J^T g`` (the same step), J rescaled by a power of
    two first; one host sync accepts them all; a rejected one is re-solved in float64 from the SVD
@@ -33,18 +34,20 @@ from . import dense
 # ----------------------------------------------------------------------------- 2. the Jacobian algebra
 def hidden_rows(prob: HeadProblem, engine, hp: HiddenPass, lin: Linearization) -> torch.Tensor:
     """The rows of J from one hidden pass -> (N, d) compute dtype, in the off-target form (MATH.md
-    section 4):
+    section 4), in the linearisation's scaled units (``lin.f`` = p_t (1 - p_t) e^-shift):
 
-        J_t = p_t ((1 - p_t) W[y_t] - r_t W)  (+ s ((1 - p_t) b[y_t] - r_t . b) a_seg with a LoRA term)
+        J_t = f_t (W[y_t] - r̂_t W)  (+ f_t s (b[y_t] - r̂_t . b) a_seg with a LoRA term)
 
-    J is built in the memory of W[y_t] (``engine.target_rows``: the owner's row on a sharded head).
+    with r̂_t the softmax of the other logits: no cancellation when p_t -> 1, no underflow when 1 - p_t
+    or p_t leaves the dtype's range. J is built in the memory of W[y_t] (``engine.target_rows``: the
+    owner's row on a sharded head).
     """
     J = engine.target_rows(prob, prob.weight).to(prob.compute_dtype)
-    J.mul_(hp.q.unsqueeze(1)).sub_(hp.pi_weight)
+    J.sub_(hp.rw)
     if prob.lora_b is not None:
         a = prob.lora_a[0].unsqueeze(0) if prob.num_conversations == 1 else prob.lora_a[prob.seg]
-        J.add_((prob.lora_scale * (hp.q * lin.by - hp.pib_off)).unsqueeze(1) * a)
-    return J.mul_(lin.p.unsqueeze(1))
+        J.add_((prob.lora_scale * (lin.by - hp.rb)).unsqueeze(1) * a)
+    return J.mul_(lin.f.unsqueeze(1))
 
 
 def pass_and_rows(prob: HeadProblem, cfg: RosaConfig, engine) -> Tuple[Linearization, torch.Tensor]:
@@ -71,17 +74,17 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
         unit = dense.power_of_two_scale(Jb.abs().max())  # exact; the step is invariant to it
         Jb.mul_(unit)
         gb = g[off[b]:off[b + 1]] * unit
-        lam = dense.ridge(cfg, Jb.square().sum() / Jb.shape[0], unit)
+        lam = dense.ridge(cfg, Jb.square().sum() / Jb.shape[0], unit, lin.shift[b])
         if Jb.shape[0] <= d:  # the dual: J^T (J J^T + lam I)^{-1} g, T_b x T_b
             G0 = Jb @ Jb.T
-            alpha, info = dense.factor_solve(G0, gb, lam)
-            num, den, fl = dense.dual_check(G0, gb, alpha, lam, info)
+            alpha, ok = dense.factor_solve(G0, gb, lam)
+            num, den, fl = dense.dual_check(G0, gb, alpha, lam, ok)
             torch.mv(Jb.T, alpha, out=update[b])
         else:  # the same step, primal: (J^T J + lam I)^{-1} J^T g, d x d
             A0 = Jb.T @ Jb
             rhs = Jb.T @ gb
-            delta, info = dense.factor_solve(A0, rhs, lam)
-            num, den, fl = dense.primal_check(A0, rhs, delta, lam, info, cd)
+            delta, ok = dense.factor_solve(A0, rhs, lam)
+            num, den, fl = dense.primal_check(A0, rhs, delta, lam, ok, cd)
             update[b] = delta
         nums.append(num)
         dens.append(den)
@@ -96,10 +99,10 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
         dens[b] = torch.tensor(db, dtype=update.dtype, device=update.device)
         return delta
 
-    for b, delta in dense.float64_refinement(cfg, dense.accept(lin, cfg, nums, dens, flags), solve64):
+    for b, delta in dense.float64_refinement(cfg, dense.accept(lin, cfg, nums, dens, flags, lams), solve64):
         update[b] = delta.to(update.dtype)
     res = dense.relative_residual(sum(nums), sum(dens))
-    return Solved(update, lin.stats.logp, g, 0, res, engine=lin.stats.engine)
+    return Solved(update, lin.stats.logp, lin.target(), 0, res, engine=lin.stats.engine)
 
 
 # ----------------------------------------------------------------------------- 4. cost and memory

@@ -4,11 +4,13 @@ streaming them (MATH.md section 4).
 Read in order:
 
 1. The pass over W is the engine's (:meth:`~rosa_ext.backends.protocol.Engine.gram_pass`): lse,
-   1 - p_t, r_t . b and per conversation ``r_t . r_u`` and ``r_t[y_u]`` (r_t: pi_t without its target
-   entry), optionally KEEPING the probability tiles so that the VJP is a GEMV over memory instead of a
-   second pass. :func:`center_gram` assembles the centred Gram ``(e_{y_t} - pi_t) . (e_{y_u} - pi_u)
-   = q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] + r_t . r_u`` (q_t = 1 - p_t) in place.
-2. :func:`lora_factors` -- the Jacobian algebra: J_t,a = ca_t h_t and J_t,b = cb_t (e_{y_t} - pi_t).
+   log p_t, log(1 - p_t), r̂_t . b and per conversation ``r̂_t . r̂_u`` and ``r̂_t[y_u]`` (r̂_t: the softmax
+   of the logits without the target entry), optionally KEEPING the probability tiles so that the VJP
+   is a GEMV over memory instead of a second pass. :func:`center_gram` assembles the centred Gram
+   ``(e_{y_t} - r̂_t) . (e_{y_u} - r̂_u) = 1(y_t = y_u) - r̂_u[y_t] - r̂_t[y_u] + r̂_t . r̂_u`` in place: of
+   order one however confident the tokens (e_y - pi_t = (1 - p_t)(e_y - r̂_t), the factor 1 - p_t
+   carried in log space by the linearisation).
+2. :func:`lora_factors` -- the Jacobian algebra: J_t,a = ca_t h_t and J_t,b = cb_t (e_{y_t} - r̂_t).
 3. :func:`solve` -- per conversation J J^T assembled in place from the Gram (factors rescaled by a
    power of two first), Cholesky, one host sync to accept every conversation, a float64
    eigendecomposition for a rejected one (:mod:`.dense`), then ONE VJP for all of them
@@ -35,23 +37,24 @@ SAME_TOKEN_VECTOR_MAX = 512
 
 # ----------------------------------------------------------------------------- 1. the centred Gram
 def center_gram(prob: HeadProblem, gp: GramPass) -> None:
-    """Turn ``gp.gram`` (r_t . r_u) into the centred Gram of every conversation, in place (module doc);
-    ``gp.cross`` is consumed."""
+    """Turn ``gp.gram`` (r̂_t . r̂_u) into the centred Gram ``(e_{y_t} - r̂_t) . (e_{y_u} - r̂_u)`` of every
+    conversation, in place (module doc); ``gp.cross`` is consumed."""
     off = prob.offsets
     for b in range(prob.num_conversations):
         lo, hi = off[b], off[b + 1]
-        subtract_cross(gp.gram[b], gp.cross[b], gp.q[lo:hi])
-        same_token_pairs(gp.gram[b], prob.targets[lo:hi], gp.q[lo:hi])
+        M, X = gp.gram[b], gp.cross[b]
+        M.sub_(X).sub_(X.T)
+        same_token_pairs(M, prob.targets[lo:hi])
     gp.cross = []
 
 
 # ----------------------------------------------------------------------------- 2. the Jacobian algebra
 def lora_factors(lin: Linearization, gp: GramPass) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(ca, cb), (N,) each, after one gram pass: J_t,a = ca_t h_t with
-    ca = s p (b[y_t] - pi_t . b) = s p ((1 - p) b[y_t] - r_t . b), and J_t,b = cb_t (e_{y_t} - pi_t)
-    with cb = s p (a . h_t)."""
+    """(ca, cb), (N,) each, after one gram pass, in the linearisation's scaled units (``lin.f`` =
+    p_t (1 - p_t) e^-shift): J_t,a = ca_t h_t with ca = s f (b[y_t] - r̂_t . b), and J_t,b = cb_t
+    (e_{y_t} - r̂_t) with cb = s f (a . h_t) (e_y - pi_t = (1 - p_t)(e_y - r̂_t))."""
     s = lin.prob.lora_scale
-    return s * lin.p * (gp.q * lin.by - gp.pib_off), s * lin.p * gp.ah
+    return s * lin.f * (lin.by - gp.rb), s * lin.f * gp.ah
 
 
 # ----------------------------------------------------------------------------- 3. the solve
@@ -80,9 +83,9 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         M = gp.gram[b]  # (e_y - pi_t).(e_y - pi_u), made J J^T in place
         M.mul_(cbk.unsqueeze(1)).mul_(cbk.unsqueeze(0))
         M.addmm_(Ja, Ja.T)
-        lam = dense.ridge(cfg, M.diagonal().mean(), unit)
-        alpha, info = dense.factor_solve(M, gb, lam)
-        num, den, fl = dense.dual_check(M, gb, alpha, lam, info)
+        lam = dense.ridge(cfg, M.diagonal().mean(), unit, lin.shift[b])
+        alpha, ok = dense.factor_solve(M, gb, lam)
+        num, den, fl = dense.dual_check(M, gb, alpha, lam, ok)
         torch.mv(Ja.T, alpha, out=update[b, :d])
         wcol[lo:hi] = alpha * cbk
         nums.append(num)
@@ -97,18 +100,18 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     def solve64(b: int) -> torch.Tensor:
         return dense.spectral_gram(gp.gram[b], gs[b], float(lams[b]), eps)
 
-    for b, alpha in dense.float64_refinement(cfg, dense.accept(lin, cfg, nums, dens, flags), solve64):
+    for b, alpha in dense.float64_refinement(cfg, dense.accept(lin, cfg, nums, dens, flags, lams), solve64):
         lo, hi = off[b], off[b + 1]
         alpha = alpha.to(cd)
         torch.mv(Jas[b].T, alpha, out=update[b, :d])
         wcol[lo:hi] = alpha * cbs[b]
-        ok = torch.zeros((), dtype=torch.int32, device=dev)
+        ok = torch.ones((), dtype=torch.bool, device=dev)
         nums[b], dens[b], _ = dense.dual_check(gp.gram[b], gs[b], alpha, lams[b], ok)
     gp.gram = []  # free the T x T matrices before the VJP
-    # the b-part of J^T alpha: sum_t w_t (e_{y_t} - pi_t) = scatter(y, w q) - sum_t w_t r_t (nothing cancels)
+    # the b-part of J^T alpha: sum_t w_t (e_{y_t} - r̂_t) = scatter(y, w) - sum_t w_t r̂_t (nothing cancels)
     vjp = engine.off_target_vjp(prob, gp, wcol, out=update[:, d:]).neg_()
-    engine.scatter_targets(prob, vjp, wcol * gp.q)
-    return Solved(update, lin.stats.logp, g, 0, 0.0, engine=gp.engine), sum(nums), sum(dens)
+    engine.scatter_targets(prob, vjp, wcol)
+    return Solved(update, lin.stats.logp, lin.target(), 0, 0.0, engine=gp.engine), sum(nums), sum(dens)
 
 
 def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = False) -> Solved:
@@ -187,18 +190,12 @@ def fits_keep(lengths: Sequence[int], d: int, V: int, esz: int, cfg: RosaConfig)
 
 
 # ----------------------------------------------------------------------------- helpers of step 1
-def subtract_cross(M: torch.Tensor, X: torch.Tensor, q: torch.Tensor) -> None:
-    """M -= Y + Y^T with Y[t, u] = r_t[y_u] (1 - p_u) = X[t, u] q_u, in place (X is overwritten)."""
-    X.mul_(q.unsqueeze(0))
-    M.sub_(X).sub_(X.T)
-
-
-def same_token_pairs(M: torch.Tensor, y: torch.Tensor, q: torch.Tensor) -> None:
-    """M[t, u] += q_t q_u where y_t == y_u (the diagonal included), in place."""
-    if y.numel() <= SAME_TOKEN_VECTOR_MAX:  # one vectorised update (temporaries: T^2 numbers and bools)
-        M.add_(torch.outer(q, q).mul_(y.unsqueeze(0) == y.unsqueeze(1)))
+def same_token_pairs(M: torch.Tensor, y: torch.Tensor) -> None:
+    """M[t, u] += 1 where y_t == y_u (the diagonal included), in place."""
+    if y.numel() <= SAME_TOKEN_VECTOR_MAX:  # one vectorised update (a T^2 bool temporary)
+        M.add_(y.unsqueeze(0) == y.unsqueeze(1))
         return
-    M.diagonal().add_(q * q)
+    M.diagonal().add_(1.0)
     ys, order = torch.sort(y)
     _, counts = torch.unique_consecutive(ys, return_counts=True)
     if int(counts.max()) < 2:
@@ -209,7 +206,7 @@ def same_token_pairs(M: torch.Tensor, y: torch.Tensor, q: torch.Tensor) -> None:
         idx = order[st:st + cn]
         for r0 in range(0, cn, 1024):  # bounded temporaries even for one long run
             ri = idx[r0:r0 + 1024]
-            blk = q[ri].unsqueeze(1) * q[idx].unsqueeze(0)
+            blk = torch.ones(ri.numel(), cn, dtype=M.dtype, device=M.device)
             ar = torch.arange(ri.numel(), device=M.device)
             blk[ar, ar + r0] = 0  # the diagonal is done
             M.index_put_((ri.unsqueeze(1).expand_as(blk), idx.unsqueeze(0).expand_as(blk)), blk, accumulate=True)
