@@ -14,6 +14,9 @@ Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRIT
   they skip their work once the compiled CUDA CG has converged, :mod:`rosa_ext.common.device_flag`);
   ``pi_sqnorm`` (once per update: the relative ridge) and the off-target reductions on the torch engine.
 - float64 problems run entirely on the torch engine (no fp64 tensor-core dot in Triton).
+
+No hand-over is silent: each reason (float64; P over the budget in a hidden or a Gram pass) warns once
+per process (:func:`rosa_ext.kernels.tile_gemms.fallback_warning`, a RuntimeWarning naming it).
 """
 from __future__ import annotations
 
@@ -56,7 +59,26 @@ class TritonEngine(TritonPrimitives):
 
     @staticmethod
     def _fp64(prob: HeadProblem) -> bool:
-        return prob.compute_dtype == torch.float64
+        """True for a float64 problem (run on the torch engine; warned once per process)."""
+        if prob.compute_dtype != torch.float64:
+            return False
+        tile_gemms.fallback_warning("triton_fp64", "the Triton engine runs float64 problems on the torch engine "
+                                    "(no float64 tensor-core dot in Triton): fp64 torch tiles, no Triton kernels")
+        return True
+
+    @staticmethod
+    def _over_budget(prob: HeadProblem, budget_bytes: int, what: str) -> bool:
+        """True when P (N x V fp32 numbers) exceeds ``budget_bytes``: the ``what`` pass then runs on the
+        torch engine (fp32 torch tiles, no tensor-core GEMMs over P), warned once per process and pass."""
+        need = prob.num_tokens * prob.vocab_size * 4
+        if need <= budget_bytes:
+            return False
+        tile_gemms.fallback_warning(
+            f"triton_{what}_over_budget",
+            f"the Triton engine's {what} pass hands {prob.num_tokens} tokens x {prob.vocab_size} vocabulary to the "
+            f"torch engine: their probability tiles ({need / 2 ** 20:.0f} MiB as fp32) exceed the budget "
+            f"({budget_bytes / 2 ** 20:.0f} MiB, keep_budget_bytes); fp32 torch tiles, no tensor-core GEMMs over P")
+        return True
 
     # ------------------------------------------------------------------------- one-pass plans
     def prob_tiles(self, prob: HeadProblem) -> Tuple[HeadStats, ProbTiles, torch.Tensor]:
@@ -72,7 +94,7 @@ class TritonEngine(TritonPrimitives):
     def hidden_pass(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HiddenPass:
         """lse, log p, q, r . b and r W = P W (one GEMM over the tiles) when float32 compute and P (N V fp32
         numbers) within ``budget_bytes``; the torch engine's pass otherwise."""
-        if self._fp64(prob) or prob.num_tokens * prob.vocab_size * 4 > budget_bytes:
+        if self._fp64(prob) or self._over_budget(prob, budget_bytes, "hidden"):
             return self.torch.hidden_pass(prob)
         st, tiles, logp = self.prob_tiles(prob)
         return HiddenPass(lse=st.lse, logp=logp, q=tiles.q, ah=st.ah, pib_off=tiles.rb,
@@ -82,7 +104,7 @@ class TritonEngine(TritonPrimitives):
         """The raw Gram parts as GEMMs over the tiles (``P_b P_b^T`` and the gathered ``P[t, y_u]``), the
         tiles kept for :meth:`off_target_vjp` (whatever ``keep`` says: they are written anyway): when
         float32 compute and P within ``budget_bytes``; the torch engine's pass otherwise."""
-        if self._fp64(prob) or prob.num_tokens * prob.vocab_size * 4 > budget_bytes:
+        if self._fp64(prob) or self._over_budget(prob, budget_bytes, "Gram"):
             return self.torch.gram_pass(prob, keep)
         st, tiles, logp = self.prob_tiles(prob)
         return GramPass(lse=st.lse, logp=logp, q=tiles.q, ah=st.ah, pib_off=tiles.rb,
