@@ -35,6 +35,10 @@ from .throughput import TRITON, lookup
 from .torch_engine import TorchEngine
 
 
+def _size(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n} bytes"
+
+
 @dataclass
 class KeptProbTiles:
     """The probability tiles a LoRA pass kept for the VJP, with the log-sum-exp they were normalised by."""
@@ -76,8 +80,8 @@ class TritonEngine(TritonPrimitives):
         tile_gemms.fallback_warning(
             f"triton_{what}_over_budget",
             f"the Triton engine's {what} pass hands {prob.num_tokens} tokens x {prob.vocab_size} vocabulary to the "
-            f"torch engine: their probability tiles ({need / 2 ** 20:.0f} MiB as fp32) exceed the budget "
-            f"({budget_bytes / 2 ** 20:.0f} MiB, keep_budget_bytes); fp32 torch tiles, no tensor-core GEMMs over P")
+            f"torch engine: their probability tiles ({_size(need)} as fp32) exceed the budget "
+            f"({_size(budget_bytes)}, keep_budget_bytes); fp32 torch tiles, no tensor-core GEMMs over P")
         return True
 
     # ------------------------------------------------------------------------- one-pass plans
