@@ -659,8 +659,12 @@ def main(argv=None) -> int:
                          by_site=counts.top("site", n=args.top), sync_sites=counts.top("site", kinds=("sync",)),
                          h2d_sites=counts.top("site", kinds=("h2d",)))
     if args.json:
+        import common  # benchmarks/common.py: commit, date, versions
+        env = common.versions()
         with open(args.json, "w") as f:
-            json.dump(dict(T=args.T, d=args.d, V=args.V, dtype=args.dtype, cases=out), f, indent=1)
+            json.dump(dict(benchmark="count_launches", commit=common.commit(), date=common.utc_now(),
+                           torch=env["torch"], triton=env["triton"], T=args.T, d=args.d, V=args.V, dtype=args.dtype,
+                           emulate_cuda=not args.no_emulate, torch_chunk=args.torch_chunk, cases=out), f, indent=1)
     return 0
 
 
