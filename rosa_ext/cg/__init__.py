@@ -48,8 +48,7 @@ def cg(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int =
     sync is one NaN/Inf flag read after the loop). Falls back to :func:`cg_python`
     when ``rosa_ext._C`` is not built (with a warning, once, when b is on a CUDA device), and -- with a
     warning, once per reason -- when b is on a CUDA device that the compiled solver cannot serve: built
-    without CUDA, or its
-    CUDA runtime cannot run there (a driver older than the toolkit it was built with;
+    without CUDA, or its CUDA runtime cannot run there (a driver older than the toolkit it was built with;
     checked once per device by a tiny probe solve, :func:`rosa_ext.cg.compiled.cuda_unusable_reason`).
     """
     try:
