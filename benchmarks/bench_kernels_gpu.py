@@ -187,9 +187,13 @@ def section_splits(weight, args, result, clock, dump) -> None:
 
 def section_early_exit(weight, args, result, clock, dump) -> None:
     """CG with max_iter=16 converging early: the Triton passes' early exit on and off."""
-    from rosa_ext import _C, rosa_update
+    from rosa_ext import rosa_update
     from rosa_ext.common import device_flag
-
+    try:
+        from rosa_ext import _C
+    except ImportError as e:  # not built (benchmarks/run_gpu.sh goes on without it)
+        result["early_exit"].append(dict(error=f"rosa_ext._C is not built ({e}): no compiled CG, no run flag"))
+        return
     if not _C.has_cuda():
         result["early_exit"].append(dict(error="rosa_ext._C was built without CUDA: no compiled CG, no run flag"))
         return

@@ -31,11 +31,31 @@ TORCH: Table = {
                                   kept_gemv=0.003e-9, chol=2e12, cg_pair=20e12, w_bw=2.5e12, widen=0.0, call=2e-3),
 }
 
-#: The Triton engine (:mod:`.triton_engine`): the probability tiles and tensor-core GEMMs, the CG pair on
-#: tensor cores. NOT measured.
+#: The Triton engine (:mod:`.triton_engine`): NOT measured -- no GPU was lent when they were written;
+#: estimates for an H100 SXM (data sheet: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3) and a bf16 head, kept so
+#: that ``auto`` decides by the same rules on CUDA. Replace them with ``benchmarks/bench_throughput.py``.
+#: They describe the probability-tile path (MATH.md section 4): ONE logits pass on the tensor cores writes P
+#: (N x V off-target probabilities, bf16 hi + lo) with its row sums, then the products are GEMMs over P:
+#:
+#: - gemm 350e12: useful flop/s of the pass's products as the plans count them (hidden 4 N d V: the logits
+#:   2 N d V plus P W 2 N d V; LoRA: the logits plus the Gram P_b P_b^T). ~600 TFLOP/s sustained bf16, less
+#:   the second bf16 GEMM that P's lo part costs (hi W + lo W, hi hi^T + lo hi^T: 1.5-2x the counted flops).
+#: - ew_hidden 3e-12 s per tile element: P written as hi + lo (4 bytes) by the tile kernel and read back
+#:   once by the GEMM (4 bytes) at ~3 TB/s, the exp under it (one logits pass: no second exp per element).
+#: - ew_lora 4e-12: the same, P read by the Gram GEMM as both operands (about twice) and the cross terms.
+#: - keep_extra 0: keeping P costs nothing extra on the GPU (the tile kernel writes it anyway; the caching
+#:   allocator hands out warm memory). kept_gemv 1.3e-12: the VJP's GEMV w^T P reads hi + lo (4 bytes).
+#: - chol 0.7e12: a T = 1024 Cholesky (cuSOLVER, ~0.5 ms: latency-bound at this size).
+#: - cg_pair 300e12: useful flop/s (4 N d V) of a matrix-free CG pair, the row and column kernels each
+#:   recomputing the logits on the tensor cores (4 N d V tensor-core flops plus 2 N V exps).
+#: - w_bw 2.8e12 bytes/s; widen 0 (the kernels read bf16 W as it is).
+#: - call 1.5e-3 s: the fixed glue of one update, ~200-300 launches at ~5 us and 4 host syncs
+#:   (``benchmarks/count_launches.py`` counts them); about 0.3 ms once under 60 launches and 1 sync.
+#:
+#: An fp32 head is slower on this path (fp32 logits as three TF32 products, fp32 P: twice the bytes).
 TRITON: Table = {
-    ("cuda", torch.float32): dict(gemm=40e12, ew_hidden=0.02e-9, ew_lora=0.02e-9, keep_extra=0.005e-9,
-                                  kept_gemv=0.003e-9, chol=2e12, cg_pair=100e12, w_bw=2.5e12, widen=0.0, call=2e-3),
+    ("cuda", torch.float32): dict(gemm=350e12, ew_hidden=3e-12, ew_lora=4e-12, keep_extra=0.0,
+                                  kept_gemv=1.3e-12, chol=0.7e12, cg_pair=300e12, w_bw=2.8e12, widen=0.0, call=1.5e-3),
 }
 
 

@@ -14,6 +14,9 @@ Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRIT
   they skip their work once the compiled CUDA CG has converged, :mod:`rosa_ext.common.device_flag`);
   ``pi_sqnorm`` (once per update: the relative ridge) and the off-target reductions on the torch engine.
 - float64 problems run entirely on the torch engine (no fp64 tensor-core dot in Triton).
+
+No hand-over is silent: each reason (float64; P over the budget in a hidden or a Gram pass) warns once
+per process (:func:`rosa_ext.kernels.tile_gemms.fallback_warning`, a RuntimeWarning naming it).
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ from ..kernels.primitives import TritonPrimitives
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors
 from .throughput import TRITON, lookup
 from .torch_engine import TorchEngine
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n} bytes"
 
 
 @dataclass
@@ -58,10 +65,29 @@ class TritonEngine(TritonPrimitives):
 
     @staticmethod
     def _fp64(prob: HeadProblem) -> bool:
-        return prob.compute_dtype == torch.float64
+        """True for a float64 problem (run on the torch engine; warned once per process)."""
+        if prob.compute_dtype != torch.float64:
+            return False
+        tile_gemms.fallback_warning("triton_fp64", "the Triton engine runs float64 problems on the torch engine "
+                                    "(no float64 tensor-core dot in Triton): fp64 torch tiles, no Triton kernels")
+        return True
+
+    @staticmethod
+    def _over_budget(prob: HeadProblem, budget_bytes: int, what: str) -> bool:
+        """True when P (N x V fp32 numbers) exceeds ``budget_bytes``: the ``what`` pass then runs on the
+        torch engine (fp32 torch tiles, no tensor-core GEMMs over P), warned once per process and pass."""
+        need = prob.num_tokens * prob.vocab_size * 4
+        if need <= budget_bytes:
+            return False
+        tile_gemms.fallback_warning(
+            f"triton_{what}_over_budget",
+            f"the Triton engine's {what} pass hands {prob.num_tokens} tokens x {prob.vocab_size} vocabulary to the "
+            f"torch engine: their probability tiles ({_size(need)} as fp32) exceed the budget "
+            f"({_size(budget_bytes)}, keep_budget_bytes); fp32 torch tiles, no tensor-core GEMMs over P")
+        return True
 
     # ------------------------------------------------------------------------- the probability tiles
-    def prob_tiles(self, prob: HeadProblem, budget_bytes: int, min_q: float = 1e-12
+    def prob_tiles(self, prob: HeadProblem, budget_bytes: int, what: str, min_q: float = 1e-12
                    ) -> Optional[Tuple[HeadStats, ProbTiles]]:
         """(the split stats, the probability tiles P) of a float32 problem whose P (N V fp32 numbers) fits
         ``budget_bytes``, else None. The stats kernel's lse, then the tile kernel's P and its off-target sum
@@ -69,8 +95,8 @@ class TritonEngine(TritonPrimitives):
         the tile kernel normalises by lse, so a token that confident has P ~ (1 - p_t) r̂_t, whose entries
         (1e-30: the linear products of the hidden pass) or whose products P P^T and r . r (1e-12: the LoRA
         Gram and the CG's reductions) leave float32's range; the torch engine, whose reference excludes the
-        target, then runs the pass."""
-        if self._fp64(prob) or prob.num_tokens * prob.vocab_size * 4 > budget_bytes:
+        target, then runs the pass. ``what`` names the pass in the one-time warning of a hand-over."""
+        if self._fp64(prob) or self._over_budget(prob, budget_bytes, what):
             return None
         st = TritonPrimitives.stats(self, prob)
         precision = "fp32" if prob.weight.dtype == torch.float32 else "bf16x2"
@@ -78,6 +104,9 @@ class TritonEngine(TritonPrimitives):
                                         bias=prob.bias, lora_b=prob.lora_b, ah=st.ah,
                                         lora_scale=prob.lora_scale if st.ah is not None else 0.0, precision=precision)
         if bool((tiles.q < min_q).any()):
+            tile_gemms.fallback_warning(f"triton_{what}_confident", f"the Triton engine's {what} pass hands a "
+                                        f"problem to the torch engine: a token's 1 - p is below {min_q:g}, beyond "
+                                        "what its probability tiles (normalised by the full log-sum-exp) resolve")
             return None
         lse, logp, logq = split_logits(st.logp + st.lse, st.lse + torch.log(tiles.q))
         rb = None if tiles.rb is None else tiles.rb / tiles.q
@@ -89,7 +118,7 @@ class TritonEngine(TritonPrimitives):
     def hidden_pass(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HiddenPass:
         """lse, log p, log(1 - p), r̂ . b and r̂ W = (P W) / q (one GEMM over the tiles) when
         :meth:`prob_tiles` runs; the torch engine's pass otherwise."""
-        pt = self.prob_tiles(prob, budget_bytes, min_q=1e-30)
+        pt = self.prob_tiles(prob, budget_bytes, "hidden", min_q=1e-30)
         if pt is None:
             return self.torch.hidden_pass(prob)
         st, tiles = pt
@@ -101,7 +130,7 @@ class TritonEngine(TritonPrimitives):
         """The raw Gram parts as GEMMs over the tiles (``P_b P_b^T`` and the gathered ``P[t, y_u]``, divided
         by q), the tiles kept for :meth:`off_target_vjp` (whatever ``keep`` says: they are written anyway):
         when :meth:`prob_tiles` runs; the torch engine's pass otherwise."""
-        pt = self.prob_tiles(prob, budget_bytes)
+        pt = self.prob_tiles(prob, budget_bytes, "Gram")
         if pt is None:
             return self.torch.gram_pass(prob, keep)
         st, tiles = pt
@@ -137,7 +166,7 @@ class TritonEngine(TritonPrimitives):
         GEMVs over them) when :meth:`prob_tiles` runs; the torch engine's split stats otherwise (its
         streaming reductions then serve CG). The stats kernel alone does not split the target off, and
         its expanded forms cancel for confident tokens."""
-        pt = self.prob_tiles(prob, budget_bytes)
+        pt = self.prob_tiles(prob, budget_bytes, "CG stats")
         return self.torch.stats(prob) if pt is None else pt[0]
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:

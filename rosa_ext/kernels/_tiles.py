@@ -25,10 +25,13 @@ Launch plumbing shared by the kernel families (all without a host sync):
 - a *run flag* (:func:`rosa_ext.common.device_flag`): a device scalar that, when 0, makes
   every flag-aware kernel skip its work and store zeros (the compiled CUDA CG's "active" entry,
   so the passes after convergence cost a launch, not a pass over W);
-- :func:`autotuned`: ``triton.autotune`` with the results also cached on disk (Triton >= 3.2).
+- :func:`autotuned`: ``triton.autotune`` with the results also cached on disk (Triton >= 3.2), and every
+  launch under a device guard (:func:`launch_device`): Triton launches on the *current* CUDA device, so
+  a head on ``cuda:1`` (``device_map="auto"``) would otherwise launch on ``cuda:0``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -316,10 +319,47 @@ def n_bucket(n: int) -> int:
 def autotuned(configs, key, **kw):
     """``triton.autotune`` whose results are also cached on disk (``cache_results``, Triton >= 3.2:
     a new process on the same GPU, Triton and kernel source does not re-tune); the in-process
-    cache is Triton's own, one entry per key."""
+    cache is Triton's own, one entry per key. Every launch (``kernel[grid](...)``, the autotuner's
+    timing runs included) runs under :func:`launch_device` of its first tensor argument
+    (:func:`guard_launches`)."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kw.setdefault("cache_results", True)
-    return triton.autotune(configs=configs, key=key, **kw)
+    tune = triton.autotune(configs=configs, key=key, **kw)
+    return lambda fn: guard_launches(tune(fn))
+
+
+def launch_device(t: Optional[torch.Tensor]):
+    """The device guard of a Triton launch: ``torch.cuda.device(t.device)`` for a CUDA tensor (Triton
+    launches on the current device and stream; the guard makes them the tensor's); a no-op context for
+    anything else (CPU tensors under the interpreter, None)."""
+    dev = getattr(t, "device", None)
+    if not isinstance(dev, torch.device) or dev.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
+
+
+def _first_tensor(args: Sequence, kwargs: Dict) -> Optional[torch.Tensor]:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def guard_launches(kernel):
+    """Make every launch of ``kernel`` (a Triton ``KernelInterface``: ``kernel[grid](...)`` calls
+    ``kernel.run``) run under :func:`launch_device` of its first tensor argument; returns ``kernel``
+    (its ``run`` replaced by a guarded one, marked ``run.device_guarded``)."""
+    if getattr(kernel.run, "device_guarded", False):
+        return kernel
+    unguarded = kernel.run
+
+    def run(*args, **kwargs):
+        with launch_device(_first_tensor(args, kwargs)):
+            return unguarded(*args, **kwargs)
+
+    run.device_guarded = True
+    kernel.run = run
+    return kernel
 
 
 _tuned: set = set()

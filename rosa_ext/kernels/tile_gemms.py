@@ -25,6 +25,7 @@ accumulation, the same arithmetic. The error table is in :mod:`.prob_tiles`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -32,23 +33,49 @@ import torch
 from ..common.validation import RosaInputError
 from .prob_tiles import ProbTiles
 
+#: Whether ``torch.mm(..., out_dtype=torch.float32)`` runs bf16 x bf16 on CUDA: None (not tried yet),
+#: True (it ran once), False (unsupported: the GEMMs widen to fp32, with a one-time warning).
 _OUT_DTYPE_OK = {"cuda": None}
+#: CUDA out-of-memory errors: never taken for "unsupported" (they are re-raised).
+_OOM = tuple({e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+              if isinstance(e, type)})
+_warned: set = set()
+
+
+def fallback_warning(reason: str, message: str) -> None:
+    """Warn (RuntimeWarning) once per process and ``reason`` that a slower path runs instead of the fast
+    one: no fallback of the GPU path is silent (``message`` says which and why)."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"rosa_ext: {message}", RuntimeWarning, stacklevel=3)
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (m, k) @ b (k, n) -> (m, n) fp32 with fp32 accumulation, for fp32 or bf16 operands of one dtype.
 
     bf16 on CUDA: one tensor-core GEMM with fp32 output (``out_dtype``, torch >= 2.8); elsewhere the
-    operands are widened (exact) and multiplied in fp32."""
+    operands are widened (exact) and multiplied in fp32. Where CUDA's ``out_dtype`` is unsupported (its
+    first try raises TypeError / RuntimeError / NotImplementedError) every later bf16 GEMM widens, with
+    a one-time warning (:func:`fallback_warning`). A CUDA out-of-memory error is re-raised, never taken
+    for "unsupported"; so is any error once ``out_dtype`` has worked in this process."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     if a.device.type == "cuda" and a.dtype == b.dtype == torch.bfloat16 and _OUT_DTYPE_OK["cuda"] is not False:
         try:
             c = torch.mm(a, b, out_dtype=torch.float32)
+        except _OOM:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            if _OUT_DTYPE_OK["cuda"]:  # it ran before: a real error, not a missing feature
+                raise
+            _OUT_DTYPE_OK["cuda"] = False
+            fallback_warning("mm_out_dtype", f"torch.mm(bf16, bf16, out_dtype=torch.float32) is not supported here "
+                             f"(torch {torch.__version__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             f"the bf16 GEMMs over the probability tiles widen both operands to fp32 from now on "
+                             f"(fp32 GEMMs: several times slower, twice the bytes)")
+        else:
             _OUT_DTYPE_OK["cuda"] = True
             return c
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK["cuda"] = False
     return a.float() @ b.float()
 
 
