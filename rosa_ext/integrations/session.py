@@ -194,11 +194,7 @@ class RosaSession:
         on that text, without the second forward of the body.
         """
         self._check_attached()
-        ids = checks.tensor("generate", "input_ids", input_ids)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            checks.fail("generate", "input_ids", f"`input_ids` must be (B, L) or (L,) prompt ids, got {tuple(ids.shape)}")
+        ids = ichecks.prompt_ids("generate", input_ids, self.vocab_size, self.weight.device)
         self.wait()
         self._recorded = None
         out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
@@ -236,9 +232,14 @@ class RosaSession:
         if targets.numel() == 0:
             checks.fail(who, "row", f"sequence {row} of the last generation has no generated token")
         self.wait()
-        self._recorded = None
-        return self._run(lambda: self._step(hidden, targets, r, includes_shift=False), non_blocking,
-                         borrowed=(hidden, targets))
+
+        def job() -> RosaStep:
+            step = self._step(hidden, targets, r, includes_shift=False)
+            if self._recorded is rec:  # used once, and only by a step that succeeded (a failed one can be retried)
+                self._recorded = None
+            return step
+
+        return self._run(job, non_blocking, borrowed=(hidden, targets))
 
     # -- the update -----------------------------------------------------------------------
     def update(self, input_ids: Optional[torch.Tensor] = None, reward: Optional[float] = None, *,
