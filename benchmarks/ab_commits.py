@@ -6,8 +6,9 @@ their times interleaved (a refactor must not change a step beyond rounding nor s
 Each side runs in its own subprocess importing rosa_ext from its checkout (each needs its compiled
 ``rosa_ext/_C*.so`` in place, or runs CG on the Python loop); the inputs are drawn from one seed in
 float64 and cast, so both sides see the same numbers. Prints, per case, the relative difference of the
-steps (float32 and float64 inputs, every solver) and the minimum ms of the default call per side over
-interleaved rounds (one torch thread).
+steps (float32 and float64 inputs, every solver) and the minimum CPU ms of the default call per side over
+interleaved rounds (one torch thread; the thread's CPU time, so that other jobs on the machine disturb
+it little).
 """
 from __future__ import annotations
 
@@ -62,14 +63,14 @@ def import_from(path: str):
     return rosa_ext
 
 
-def worker(out_path: str, rounds_reps: str) -> None:
+def worker(out_path: str, rounds_reps: str, steps: bool = True) -> None:
     import time
 
     import torch
     torch.set_num_threads(1)
     rosa_update = import_from(os.environ["AB_CHECKOUT"]).rosa_update
     res: Dict[str, object] = {"steps": {}, "times": {}}
-    for case in STEP_CASES:
+    for case in (STEP_CASES if steps else []):
         mode, T, d, V, dt, solver, extra = case
         kw, r = _inputs(mode, T, d, V, dt, extra)
         st = rosa_update(**kw, reward=r, mode=mode, solver=solver, max_iter=200, tol=1e-12)
@@ -80,19 +81,19 @@ def worker(out_path: str, rounds_reps: str) -> None:
         kw, r = _inputs(mode, T, d, V, "float32", "")
         rosa_update(**kw, reward=r, mode=mode)  # warm-up
         best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
+        for _ in range(reps):  # CPU time of this (only) thread: a shared machine disturbs it little
+            t = time.thread_time()
             rosa_update(**kw, reward=r, mode=mode)
-            best = min(best, time.perf_counter() - t)
+            best = min(best, time.thread_time() - t)
         res["times"][repr(case)] = best * 1e3
     with open(out_path, "w") as f:
         json.dump(res, f)
 
 
-def run_side(path: str, out: str, reps: int) -> Dict[str, object]:
+def run_side(path: str, out: str, reps: int, steps: bool) -> Dict[str, object]:
     env = dict(os.environ, AB_CHECKOUT=os.path.abspath(path), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out, str(reps)], check=True, env=env,
-                   cwd=os.path.abspath(path))
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out, str(reps), "1" if steps else "0"],
+                   check=True, env=env, cwd=os.path.abspath(path))
     with open(out) as f:
         return json.load(f)
 
@@ -103,10 +104,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new", default=".")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--times-only", action="store_true", help="skip the step comparison")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(*a.worker)
+        worker(a.worker[0], a.worker[1], a.worker[2] == "1")
         return 0
     if not a.old:
         ap.error("--old is required")
@@ -115,9 +117,12 @@ def main(argv=None) -> int:
     for k in range(a.rounds):
         for side in ("old", "new"):
             print(f"round {k + 1}/{a.rounds}: {side}", flush=True)
-            runs[side].append(run_side(getattr(a, side), f"/tmp/ab_{side}_{os.getpid()}.json", a.reps))
+            runs[side].append(run_side(getattr(a, side), f"/tmp/ab_{side}_{os.getpid()}.json", a.reps,
+                                       steps=k == 0 and not a.times_only))
     old, new = runs["old"][0]["steps"], runs["new"][0]["steps"]
     worst = {}
+    if not old:
+        print("(steps not compared: --times-only)")
     print(f"\n{'case':<60} rel. diff of the step")
     for key in old:
         o, n = torch.tensor(old[key], dtype=torch.float64), torch.tensor(new[key], dtype=torch.float64)
@@ -127,12 +132,13 @@ def main(argv=None) -> int:
     for dt in ("float32", "float64"):
         for solver in ("dual", "cg", "auto"):
             sel = [v for k, v in worst.items() if f"'{dt}', '{solver}'" in k]
-            print(f"max rel. diff {dt} {solver}: {max(sel):.2e}")
-    print(f"\n{'default call (mode, T, d, V)':<40} {'old ms':>9} {'new ms':>9}")
+            if sel:
+                print(f"max rel. diff {dt} {solver}: {max(sel):.2e}")
+    print(f"\n{'default call (mode, T, d, V)':<40} {'old CPU ms':>11} {'new CPU ms':>11}")
     for key in runs["old"][0]["times"]:
         o = min(r["times"][key] for r in runs["old"])
         n = min(r["times"][key] for r in runs["new"])
-        print(f"{key:<40} {o:9.1f} {n:9.1f}")
+        print(f"{key:<40} {o:11.1f} {n:11.1f}")
     return 0
 
 
