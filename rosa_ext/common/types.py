@@ -216,7 +216,8 @@ class CGResult:
 class Solved:
     """What a solve plan returns (:mod:`rosa_ext.plans`): ``update`` (B, P), per token ``logp`` and
     ``target`` (N,), CG ``iterations`` (0 for the dual), the relative ``residual`` of the normal equations
-    and the ``engine`` that ran the vocabulary work ("torch" or "triton", from the pass results)."""
+    and the ``engine`` that ran the vocabulary work ("torch" or "triton", from the pass results);
+    ``finite_checked``: the plan already checked that the update is finite (within its one host sync)."""
 
     update: torch.Tensor
     logp: torch.Tensor
@@ -224,3 +225,4 @@ class Solved:
     iterations: Union[int, torch.Tensor]
     residual: Union[float, torch.Tensor]
     engine: str = "torch"
+    finite_checked: bool = False

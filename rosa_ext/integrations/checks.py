@@ -47,19 +47,6 @@ def token_ids(who: str, input_ids: Any, vocab_size: int, device: torch.device) -
     return ids.long()
 
 
-def prompt_ids(who: str, input_ids: Any, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """The prompt of a recorded generation: (L,) or (B, L) int64/int32 token ids in [0, V) with L >= 1, on
-    the model's device -> (B, L) (one host read for the range)."""
-    ids = index_tensor(who, "input_ids", input_ids)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
-        fail(who, "input_ids", f"`input_ids` must be (B, L) or (L,) prompt ids with B, L >= 1, got {tuple(ids.shape)}")
-    same_device(who, "input_ids", ids, device, "the model's lm_head")
-    index_range(who, "input_ids", ids, vocab_size, "token id")
-    return ids
-
-
 def response_positions(who: str, ids: torch.Tensor, response_start: Any, response_mask: Any) -> torch.Tensor:
     """Exactly one of ``response_start`` (int in [1, T-1]) or ``response_mask`` ((T,) / (1, T) bool,
     False at 0, not all False) -> the (N,) positions of the response tokens in ids (T,)."""

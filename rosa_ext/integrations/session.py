@@ -194,7 +194,7 @@ class RosaSession:
         on that text, without the second forward of the body.
         """
         self._check_attached()
-        ids = ichecks.prompt_ids("generate", input_ids, self.vocab_size, self.weight.device)
+        ids = checks.prompt_ids("generate", input_ids, self.vocab_size, self.weight.device)
         self.wait()
         self._recorded = None
         out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)

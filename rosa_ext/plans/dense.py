@@ -142,22 +142,26 @@ def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: 
 
 
 def accept(lin: Linearization, cfg: RosaConfig, nums: List[torch.Tensor], dens: List[torch.Tensor],
-           flags: List[torch.Tensor], lams: List[torch.Tensor]) -> List[int]:
+           flags: List[torch.Tensor], lams: List[torch.Tensor], result: torch.Tensor) -> List[int]:
     """The conversations whose solve must be redone in float64 (one host sync for all of them, which
-    also reads whether the pass's logits were finite and every ridge in range, :func:`ridge_in_range`).
-    Raises for non-finite logits or Jacobian, or a step below the dtype's range."""
+    also reads whether the pass's logits were finite, every ridge in range (:func:`ridge_in_range`) and
+    ``result`` (0-dim bool: the step so far is finite; a rejected conversation's float64 redo is checked
+    on its own)). Raises for non-finite logits or Jacobian, a step below the dtype's range, or a
+    non-finite step of an accepted solve."""
     prob = lin.prob
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
     num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
     B = len(nums)
-    both = torch.cat([good, fl[:, 1], lin.logits_finite().reshape(1),
-                      ridge_in_range(torch.stack(lams)).reshape(1)]).tolist()  # one sync
+    both = torch.cat([good, fl[:, 1], lin.logits_finite().reshape(1), ridge_in_range(torch.stack(lams)).reshape(1),
+                      result.reshape(1)]).tolist()  # one sync
     good_list, finite_list = both[:B], both[B:2 * B]
-    if not both[-2]:
+    if not both[-3]:
         checks.nonfinite_logits(WHO, prob.compute_dtype)
-    if not both[-1]:
+    if not both[-2]:
         raise_step_underflow(prob, cfg)
+    if not both[-1] and all(good_list):
+        checks.finite_result(WHO, torch.full((1,), float("nan")), cfg.damping)
     if not all(finite_list):
         checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]

@@ -28,6 +28,7 @@ from ..backends.torch_engine import HIDDEN_ROW_BLOCK
 from ..common.config import RosaConfig
 from ..common.jacobian import Linearization
 from ..common.types import HeadProblem, HiddenPass, Solved
+from ..common.validation import all_finite
 from . import dense
 
 
@@ -99,10 +100,12 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
         dens[b] = torch.tensor(db, dtype=update.dtype, device=update.device)
         return delta
 
-    for b, delta in dense.float64_refinement(cfg, dense.accept(lin, cfg, nums, dens, flags, lams), solve64):
+    rejected = dense.accept(lin, cfg, nums, dens, flags, lams, all_finite(update))
+    for b, delta in dense.float64_refinement(cfg, rejected, solve64):
         update[b] = delta.to(update.dtype)
     res = dense.relative_residual(sum(nums), sum(dens))
-    return Solved(update, lin.stats.logp, lin.target(), 0, res, engine=lin.stats.engine)
+    return Solved(update, lin.stats.logp, lin.target(), 0, res, engine=lin.stats.engine,
+                  finite_checked=not rejected)
 
 
 # ----------------------------------------------------------------------------- 4. cost and memory

@@ -29,6 +29,7 @@ from ..backends.torch_engine import gram_block
 from ..common.config import RosaConfig
 from ..common.jacobian import Linearization
 from ..common.types import GramPass, HeadProblem, Solved
+from ..common.validation import all_finite
 from . import dense
 
 #: up to this many tokens the same-token term of the LoRA Gram is one vectorised T x T update
@@ -100,7 +101,10 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     def solve64(b: int) -> torch.Tensor:
         return dense.spectral_gram(gp.gram[b], gs[b], float(lams[b]), eps)
 
-    for b, alpha in dense.float64_refinement(cfg, dense.accept(lin, cfg, nums, dens, flags, lams), solve64):
+    # the b-part of the update (the VJP below) is bounded by sum_t |w_t| (each r̂_t sums to 1): finite with it
+    bounded = all_finite(update[:, :d]) & torch.isfinite(wcol.abs().sum())
+    rejected = dense.accept(lin, cfg, nums, dens, flags, lams, bounded)
+    for b, alpha in dense.float64_refinement(cfg, rejected, solve64):
         lo, hi = off[b], off[b + 1]
         alpha = alpha.to(cd)
         torch.mv(Jas[b].T, alpha, out=update[b, :d])
@@ -111,7 +115,8 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     # the b-part of J^T alpha: sum_t w_t (e_{y_t} - r̂_t) = scatter(y, w) - sum_t w_t r̂_t (nothing cancels)
     vjp = engine.off_target_vjp(prob, gp, wcol, out=update[:, d:]).neg_()
     engine.scatter_targets(prob, vjp, wcol)
-    return Solved(update, lin.stats.logp, lin.target(), 0, 0.0, engine=gp.engine), sum(nums), sum(dens)
+    return (Solved(update, lin.stats.logp, lin.target(), 0, 0.0, engine=gp.engine, finite_checked=not rejected),
+            sum(nums), sum(dens))
 
 
 def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = False) -> Solved:
@@ -127,7 +132,8 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = Fals
     num = torch.stack([p[1] for p in parts]).sum()
     den = torch.stack([p[2] for p in parts]).sum()
     return Solved(torch.cat([p[0].update for p in parts]), torch.cat([p[0].logp for p in parts]),
-                  torch.cat([p[0].target for p in parts]), 0, dense.relative_residual(num, den), engine=parts[0][0].engine)
+                  torch.cat([p[0].target for p in parts]), 0, dense.relative_residual(num, den), engine=parts[0][0].engine,
+                  finite_checked=all(p[0].finite_checked for p in parts))
 
 
 def keep_groups(lengths: Sequence[int]) -> List[Tuple[int, int]]:
