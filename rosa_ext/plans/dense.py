@@ -8,14 +8,18 @@ rescaling, factor-and-accept, the float64 refinement, the CG call -- each writte
 - :func:`factor_solve`, :func:`dual_check`, :func:`accept`: Cholesky of ``A + lambda I``, the
   relative residual of the normal equations, and ONE host sync that decides which conversations
   are re-solved in float64 (and raises for non-finite logits or an underflowed target).
-- :func:`float64_refinement`: the one loop over the rejected conversations; :func:`spectral_hidden`,
-  :func:`spectral_gram`: their float64 solves (SVD of J, eigendecomposition of J J^T).
+- :func:`float64_refinement`: the one loop over the rejected conversations; :func:`float64_problem`:
+  a rejected conversation of a float32 problem, re-linearised in float64 from its inputs (J itself is
+  then exact to float64, which a solve from the float32 J cannot be when J J^T + lambda I is
+  ill-conditioned); :func:`spectral_hidden`, :func:`spectral_gram`: the solves of a float64 problem
+  whose Cholesky was rejected (SVD of J, eigendecomposition of J J^T).
 - :func:`run_cg`: a CG implementation on a plan's matvec (a breakdown in the right-hand side is the
   inputs' fault and named so).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -111,8 +115,8 @@ def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.
 #: is at most this: the system was formed in the compute dtype (A = J J^T or J^T J), whose rounding
 #: (~eps ||J||^2) a tiny ridge cannot dominate -- there the solution of the formed system can be far
 #: from the step (e.g. damping 1e-10 on a rank-deficient J: 58-77% off in float32 with a small residual),
-#: so the conversation is re-solved in float64 from J itself (:func:`spectral_hidden` /
-#: :func:`spectral_gram`). The default relative ridge 0.3 keeps cond <= 1 + T / 0.3.
+#: so the conversation is re-linearised and solved in float64 (:func:`float64_problem`; in a float64
+#: problem, :func:`spectral_hidden` / :func:`spectral_gram`).
 CONDITION_LIMIT = 1e-3
 
 
@@ -196,6 +200,22 @@ def float64_refinement(cfg: RosaConfig, rejected: List[int], solve64: Callable[[
         yield b, x
 
 
+def float64_problem(prob: HeadProblem, b: int) -> HeadProblem:
+    """Conversation ``b`` of ``prob`` as a float64 problem of its own (MATH.md section 4): the same
+    inputs (views of hidden and weight, which the engines cast tile by tile), the compute dtype float64.
+    Rejected conversations of a float32 solve are redone from it: a rejection means eps_32 cond(J J^T +
+    lambda I) > :data:`CONDITION_LIMIT` (or a residual over its limit), and then the float32 rounding
+    of J itself -- not only of J J^T -- moves the step by up to that much (damping 1e-10: 0.3-98% off
+    when solved in float64 from the float32 J)."""
+    sub = prob.conversations(b, b + 1)
+    f64 = torch.float64
+
+    def up(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.to(f64)
+
+    return replace(sub, compute_dtype=f64, reward=up(sub.reward), lora_a=up(sub.lora_a), lora_b=up(sub.lora_b))
+
+
 def not_finite(cfg: RosaConfig) -> RosaNumericalError:
     """The error of a fallback that still gave NaN/Inf."""
     return RosaNumericalError(f"rosa_update: the dual solve gave NaN/Inf even in float64 (damping="
@@ -218,11 +238,10 @@ def run_cg(cg: CGImpl, matvec, rhs: torch.Tensor, prob: HeadProblem, cfg: RosaCo
         checks.nonfinite_jacobian(WHO, **named)  # NaN/Inf from J^T J v: the Jacobian's scale, not CG
 
 
-def _kept(mu: torch.Tensor, n: int, eps: float, lam: float) -> torch.Tensor:
-    """Which eigenvalues (of J J^T, float64) a fallback keeps: those above the noise of the compute
-    dtype (n eps mu_max, n the matrix size), and every one when the ridge is at least that noise level
-    -- then 1 / (mu + lambda) is bounded and dropping a direction would drop its part of g."""
-    noise = n * eps * float(mu.max().clamp_min(0))
+def _kept(mu: torch.Tensor, noise: float, lam: float) -> torch.Tensor:
+    """Which eigenvalues ``mu`` (of J J^T, float64) a fallback keeps: those above ``noise`` (the compute
+    dtype's rounding of mu, in mu's units), and every one when the ridge is at least that noise level --
+    then 1 / (mu + lambda) is bounded and dropping a direction would drop its part of g."""
     if lam >= noise:
         return torch.ones_like(mu, dtype=torch.bool)
     return mu > noise
@@ -231,12 +250,16 @@ def _kept(mu: torch.Tensor, n: int, eps: float, lam: float) -> torch.Tensor:
 def spectral_hidden(Jb: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) -> Tuple[torch.Tensor, float, float]:
     """Hidden mode's float64 fallback (MATH.md section 4): from the SVD J = U diag(s) V^T,
     alpha = U diag(1 / (s^2 + lambda)) U^T g and delta = J^T alpha (directions below the compute
-    dtype's noise dropped unless the ridge dominates them, :func:`_kept`).
+    dtype's noise dropped unless the ridge dominates them, :func:`_kept`). J's rounding moves a singular
+    value by at most ||dJ||_2 <= n eps s_max (n = the larger side), so the noise in s^2 is
+    (n eps s_max)^2 -- far below the Gram's n eps s_max^2: a small but real direction of a nearly
+    rank-deficient J is kept (damping 1e-10, s from 1.2e-3 to 3.2: within 2e-6 of float64, where the
+    Gram's noise level dropped it and the step was 97% off).
     Returns (delta float64, ||J^T e||^2, ||J^T g||^2)."""
     J64, g64 = Jb.to(torch.float64), gb.to(torch.float64)
     U, S, _ = torch.linalg.svd(J64, full_matrices=False)
     mu = S ** 2
-    keep = _kept(mu, max(J64.shape), eps, lam)
+    keep = _kept(mu, (max(J64.shape) * eps * float(S.max())) ** 2, lam)
     U, mu = U[:, keep], mu[keep]
     alpha = U @ ((U.T @ g64) / (mu + lam))
     e = g64 - J64 @ (J64.T @ alpha) - lam * alpha
@@ -249,7 +272,7 @@ def spectral_gram(G0: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) ->
     :func:`_kept`), alpha = U diag(1 / (mu + lambda)) U^T g -> alpha (float64)."""
     mu, U = torch.linalg.eigh(G0.to(torch.float64))
     mu = mu.clamp_min(0)
-    keep = _kept(mu, G0.shape[0], eps, lam)
+    keep = _kept(mu, G0.shape[0] * eps * float(mu.max()), lam)  # G0 was formed in the compute dtype
     U, mu = U[:, keep], mu[keep]
     return U @ ((U.T @ gb.to(torch.float64)) / (mu + lam))
 

@@ -95,6 +95,10 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
     eps = torch.finfo(cd).eps
 
     def solve64(b: int) -> torch.Tensor:
+        if cd != torch.float64:  # re-linearised in float64 (dense.float64_problem); then solved as here
+            redo = solve(dense.float64_problem(prob, b), cfg, engine)
+            nums[b] = dens[b] * torch.as_tensor(redo.residual, dtype=cd, device=update.device) ** 2
+            return redo.update[0]
         delta, nb, db = dense.spectral_hidden(rows[off[b]:off[b + 1]], gs[b], float(lams[b]), eps)
         nums[b] = torch.tensor(nb, dtype=update.dtype, device=update.device)
         dens[b] = torch.tensor(db, dtype=update.dtype, device=update.device)

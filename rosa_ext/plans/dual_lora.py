@@ -104,6 +104,14 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     # the b-part of the update (the VJP below) is bounded by sum_t |w_t| (each r̂_t sums to 1): finite with it
     bounded = all_finite(update[:, :d]) & torch.isfinite(wcol.abs().sum())
     rejected = dense.accept(lin, cfg, nums, dens, flags, lams, bounded)
+    redone = {}  # conversation -> its whole step, re-linearised in float64 (dense.float64_problem)
+    if cd != torch.float64:
+        for b in rejected:
+            redo = solve(dense.float64_problem(prob, b), cfg, engine)
+            nums[b] = dens[b] * torch.as_tensor(redo.residual, dtype=cd, device=dev) ** 2
+            redone[b] = redo.update[0]
+            wcol[off[b]:off[b + 1]] = 0  # its float32 alpha plays no part in the VJP below
+        rejected = []
     for b, alpha in dense.float64_refinement(cfg, rejected, solve64):
         lo, hi = off[b], off[b + 1]
         alpha = alpha.to(cd)
@@ -115,6 +123,9 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     # the b-part of J^T alpha: sum_t w_t (e_{y_t} - r̂_t) = scatter(y, w) - sum_t w_t r̂_t (nothing cancels)
     vjp = engine.off_target_vjp(prob, gp, wcol, out=update[:, d:]).neg_()
     engine.scatter_targets(prob, vjp, wcol)
+    for b, step in redone.items():
+        update[b] = step.to(cd)
+    rejected = rejected or list(redone)
     return (Solved(update, lin.stats.logp, lin.target(), 0, 0.0, engine=gp.engine, finite_checked=not rejected),
             sum(nums), sum(dens))
 
