@@ -56,7 +56,8 @@ class RosaSession:
         seed = checks.seed("attach", seed)
         checks.boolean("attach", "warmup", warmup)
         if getattr(model, "_rosa_session", None) is not None:
-            checks.fail("attach", "model", "this model already has a ROSA session; detach() it first", checks.RosaStateError)
+            checks.fail("attach", "model", "this model already has a ROSA session (or a RosaUsers); detach() it first",
+                        checks.RosaStateError)
         cfg = getattr(base_model(model), "config", None)
         if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
             raise NotImplementedError("attach: models with final logit soft-capping are not supported "
@@ -124,6 +125,9 @@ class RosaSession:
         # the generation then needs no second forward of the body.
         self._recorder = GenerationRecorder(self.head)
         self._recorded: Optional[Recorded] = None
+        # One generate at a time: the recorder keeps the rows of the forwards it sees, so two threads'
+        # generations must not interleave (each recording is its own generation's).
+        self._generate_lock = threading.Lock()
         model._rosa_session = self
 
     # -- warm-up (attach(..., warmup=True)) ---------------------------------------------------------
@@ -205,8 +209,9 @@ class RosaSession:
         if ids.dim() != 2 or ids.shape[1] == 0:
             checks.fail("generate", "input_ids", f"`input_ids` must be (B, L) or (L,) prompt ids, got {tuple(ids.shape)}")
         self.wait()
-        self._recorded = None
-        out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
+        with self._generate_lock:
+            self._recorded = None
+            out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
         return out
 
     def update_from_generation(self, reward: float, *, row: Optional[int] = None,
