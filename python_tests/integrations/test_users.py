@@ -179,7 +179,7 @@ def test_more_than_one_sequence_per_row_is_refused_before_generating(kw):
 def test_failed_generate_leaves_no_new_user():
     model = _model()
     users = RosaUsers(model, mode="lora")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         users.generate(_prompts(2), ["ann", "bob"], max_new_tokens=-5)  # transformers refuses it
     assert users.users() == []
     users.detach()
