@@ -125,6 +125,8 @@ def request_fields(who: str, extra: Any) -> Optional[Tuple[str, bool]]:
     if not isinstance(record, bool):
         if isinstance(record, str) and record.lower() in ("true", "false"):  # form-encoded clients
             record = record.lower() == "true"
+        elif isinstance(record, int) and record in (0, 1):  # vLLM's vllm_xargs may turn JSON true into 1
+            record = bool(record)
         else:
             checks.fail(who, RECORD_KEY, f"`{RECORD_KEY}` must be true or false, got {checks._show(record)}",
                         checks.RosaTypeError)

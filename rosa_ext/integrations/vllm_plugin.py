@@ -140,9 +140,6 @@ def _rosa_rpc(worker: Any, op: str, payload: Dict[str, Any]) -> Dict[str, Any]:
         eng = engine()
         if not isinstance(payload, dict):
             checks.fail("rosa_rpc", "body", "the request body must be a JSON object", checks.RosaTypeError)
-        runner = getattr(worker, "model_runner", None)
-        requests = getattr(runner, "requests", None)
-        running = (lambda rid: rid in requests) if requests is not None else None
         if op == "feedback":
             known = {"user", "request_id", "reward", "index"}
             extra = sorted(set(payload) - known)
@@ -151,8 +148,9 @@ def _rosa_rpc(worker: Any, op: str, payload: Dict[str, Any]) -> Dict[str, Any]:
             for k in ("user", "request_id", "reward"):
                 if k not in payload:
                     checks.fail("feedback", k, f"the field `{k}` is missing")
-            out = eng.feedback(payload["user"], payload["request_id"], payload["reward"], payload.get("index"),
-                               running=running)
+            # (whether the answer is complete is checked by the route, in the front end: the worker learns
+            # that a request finished only at its next step)
+            out = eng.feedback(payload["user"], payload["request_id"], payload["reward"], payload.get("index"))
         elif op == "get":
             out = eng.get_user(payload.get("user"), tensors=bool(payload.get("tensors")))
         elif op == "put":
@@ -225,6 +223,17 @@ def requests_class() -> type:
 
             @classmethod
             def validate_params(cls, sampling_params: Any) -> None:
+                try:
+                    cls._validate(sampling_params)
+                except checks.RosaError as e:
+                    # vLLM answers HTTP 400 (with "param": the field) for its validation error; a TypeError
+                    # would be a 500
+                    from vllm.exceptions import VLLMValidationError
+
+                    raise VLLMValidationError(str(e), parameter=e.argument) from e
+
+            @classmethod
+            def _validate(cls, sampling_params: Any) -> None:
                 who = "rosa"
                 fields = request_fields(who, getattr(sampling_params, "extra_args", None))
                 if fields is None:
@@ -344,65 +353,9 @@ class RosaEndpoints:
     def attach_router(self, app: Any) -> None:
         if not enabled():
             return
-        from fastapi import APIRouter, Request
-        from fastapi.responses import JSONResponse
+        from .vllm_routes import make_router
 
-        router = APIRouter()
-
-        async def call(request: Request, op: str, payload: Any) -> Any:
-            client = getattr(request.app.state, "rosa_engine_client", None)
-            if client is None:
-                return JSONResponse({"error": {"message": "the engine is not ready", "type": "RosaStateError",
-                                               "argument": None}}, status_code=503)
-            out = await client.collective_rpc("rosa_rpc", args=(op, payload))
-            res = out[0] if isinstance(out, list) else out
-            if "error" in res:
-                return JSONResponse({"error": res["error"]}, status_code=int(res.get("status", 400)))
-            return JSONResponse(res["ok"])
-
-        async def body(request: Request) -> Any:
-            try:
-                return await request.json()
-            except Exception:
-                return None
-
-        def bad_body() -> Any:
-            return JSONResponse({"error": {"message": "the request body must be a JSON object", "type": "RosaTypeError",
-                                           "argument": "body"}}, status_code=400)
-
-        @router.post("/rosa/feedback")
-        async def feedback(request: Request):
-            payload = await body(request)
-            if not isinstance(payload, dict):
-                return bad_body()
-            return await call(request, "feedback", payload)
-
-        @router.get("/rosa/users/{user}")
-        async def get_user(user: str, request: Request, tensors: bool = False):
-            return await call(request, "get", {"user": user, "tensors": tensors})
-
-        @router.put("/rosa/users/{user}")
-        async def put_user(user: str, request: Request):
-            payload = await body(request)
-            if not isinstance(payload, dict):
-                return bad_body()
-            return await call(request, "put", {"user": user, "state": payload})
-
-        @router.post("/rosa/users/{user}/reset")
-        async def reset_user(user: str, request: Request):
-            payload = await body(request)
-            mode = payload.get("mode") if isinstance(payload, dict) else None
-            return await call(request, "reset", {"user": user, "mode": mode})
-
-        @router.delete("/rosa/users/{user}")
-        async def delete_user(user: str, request: Request):
-            return await call(request, "delete", {"user": user})
-
-        @router.get("/rosa/stats")
-        async def stats(request: Request):
-            return await call(request, "stats", {})
-
-        app.include_router(router)
+        app.include_router(make_router())
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         state.rosa_engine_client = engine_client
