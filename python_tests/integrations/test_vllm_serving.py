@@ -476,6 +476,17 @@ def test_plugin_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving
     srv.complete(p, None, max_tokens=2)
 
 
+def test_plugin_chat_completion_turn(plugin):
+    """The chat API works the same: the chat id is the request id of the feedback."""
+    srv = plugin["server"]
+    body = {"model": str(plugin["model_dir"]), "messages": [{"role": "user", "content": "Name a fruit."}],
+            "max_tokens": 4, "temperature": 0, "vllm_xargs": {"rosa_user": "hal", "rosa_record": True}}
+    code, out = srv.call("POST", "/v1/chat/completions", body)
+    assert code == 200 and out["id"].startswith("chatcmpl-"), out
+    code, fb = srv.call("POST", "/rosa/feedback", {"user": "hal", "request_id": out["id"], "reward": 1.0})
+    assert code == 200 and fb["num_updates"] == 1 and fb["tokens"] == out["usage"]["completion_tokens"], fb
+
+
 def test_plugin_states_survive_kill_9_and_a_restart(plugin):
     """kill -9 of the whole server right after an acknowledged feedback, then a new server on the same store:
     every user's state and answers are the same."""

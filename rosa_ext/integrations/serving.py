@@ -188,6 +188,8 @@ class RosaServing:
         self.closed: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         self.per_user: Dict[str, Deque[str]] = {}
         self.reserved = 0
+        #: recent requests by engine id: a request seen again (resumed after preemption) keeps its snapshot
+        self.active: "collections.OrderedDict[str, Recording]" = collections.OrderedDict()
         self._dev_cache: "collections.OrderedDict[Tuple[str, int], Dict[str, torch.Tensor]]" = collections.OrderedDict()
         self._a0: Optional[torch.Tensor] = None
 
@@ -253,15 +255,19 @@ class RosaServing:
         user, record = fields
         with self.lock:
             self._need_store(who)
-            rec = self.recordings.get(key)
-            if rec is not None and rec.internal_id == internal_id:
-                rec.outputs = outputs  # resumed: same request, same recording (the engine's current list)
+            rec = self.active.get(internal_id)
+            if rec is not None:
+                rec.outputs = outputs  # resumed: same request, same state and recording (the engine's current list)
+                self.active.move_to_end(internal_id)
                 return rec
             self._sweep()
             snap = self.store.peek(user)
             st, rev = (None, 0) if snap is None else snap
             rec = Recording(key=key, user=user, internal_id=internal_id, state=st, revision=rev, outputs=outputs,
                             record=record)
+            self.active[internal_id] = rec
+            while len(self.active) > 4096:
+                self.active.popitem(last=False)
             if not record:
                 return rec
             if key in self.recordings or key in self.closed:  # the same id twice: rate neither
@@ -335,7 +341,7 @@ class RosaServing:
         if t is None:
             t = {n: v.to(device=device, dtype=torch.float32) for n, v in st.tensors().items()}
             self._dev_cache[k] = t
-            while len(self._dev_cache) > 4096:
+            while len(self._dev_cache) > 64:  # the states of the batches in flight (d + V numbers each)
                 self._dev_cache.popitem(last=False)
         else:
             self._dev_cache.move_to_end(k)

@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -184,10 +184,10 @@ def layer_class() -> type:
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self._rosa_problem: Optional[str] = None
-                if self.soft_cap is not None or self.scale != 1.0 or self.logits_as_input:
-                    self._rosa_problem = ("the model's logits are soft-capped, scaled or given as input: ROSA needs "
-                                          "logits = W h (+ bias)")
+                if enabled() and (self.soft_cap is not None or self.scale != 1.0 or self.logits_as_input):
+                    # refused when the model is built (engine start), not at the first ROSA request
+                    raise ValueError("rosa vLLM plugin: not supported with this model: its logits are soft-capped, "
+                                     "scaled or given as input (ROSA needs logits = W h + bias)")
 
             def _get_logits(self, hidden_states, lm_head, embedding_bias, skip_gather=False):
                 base = super()._get_logits
@@ -203,8 +203,6 @@ def layer_class() -> type:
                 plan = None if tracker is None else tracker.take_plan(int(hidden_states.shape[0]), hidden_states.device)
                 if plan is None or plan.empty:
                     return base(hidden_states, lm_head, embedding_bias, skip_gather)
-                if self._rosa_problem is not None:
-                    raise RuntimeError(f"rosa vLLM plugin: {self._rosa_problem}")
                 return eng.logits(hidden_states, plan, lambda h: base(h, lm_head, embedding_bias, skip_gather))
 
         RosaLogitsLayer.__module__ = __name__
