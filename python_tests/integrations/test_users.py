@@ -273,3 +273,36 @@ def test_users_persist_in_a_file_store_and_threads_keep_them_apart(tmp_path):
     for u in want:
         assert torch.equal(again.state(u)["delta"], want[u]["delta"])
     again.detach()
+
+
+def test_two_threads_in_session_generate_keep_their_recordings_whole():
+    """Issue 29: two threads in session.generate mixed one recording; generations on one session are now
+    serialised, so the recording left is one generation's own rows."""
+    import threading
+
+    model = _model()
+    s = rosa_ext.attach(model, mode="hidden", warmup=False)
+    P = _prompts(2)
+    outs, errors = {}, []
+
+    def run(i):
+        try:
+            outs[i] = s.generate(P[i:i + 1], **GEN)[0, P.shape[1]:]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    for _ in range(3):
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors
+        rec = s._recorded
+        k = 0 if torch.equal(rec.tokens[0], outs[0][:rec.tokens[0].numel()]) else 1
+        assert torch.equal(rec.tokens[0], outs[k][:rec.tokens[0].numel()])
+        with torch.no_grad():  # the rows are that generation's: the body's last hidden states of its tokens
+            seq = torch.cat([P[k], outs[k]])[None, :-1]
+            h = model.model(seq).last_hidden_state[0, P.shape[1] - 1:]
+        torch.testing.assert_close(rec.hidden[0], h[:rec.hidden[0].shape[0]], rtol=1e-4, atol=1e-5)
+    s.detach()
