@@ -290,6 +290,8 @@ def test_persisted_store_survives_a_restart(tmp_path):
     want = {u: store.get(u) for u in store.users()}
     rev = store.revision("alice")
     store.close()
+    with pytest.raises(RosaStateError):  # a closed store serves nothing (not even what it had cached)
+        store.get("alice")
     again = StateStore(path)
     assert again.users() == ["alice", "hid"] and len(again) == 2
     for u in want:

@@ -242,6 +242,7 @@ class StateStore:
         self._entries: Dict[str, _Entry] = {}
         self._revision = 0
         self._db: Optional[sqlite3.Connection] = None
+        self._closed = False
         if self.path is not None:
             self._open()
 
@@ -333,6 +334,8 @@ class StateStore:
 
     def _entry(self, uid: str) -> Optional[_Entry]:
         """The user's entry (read from the file on first use), or None; caller holds ``self._lock``."""
+        if self._closed:
+            checks.fail("StateStore", "self", "this store was closed", checks.RosaStateError)
         e = self._entries.get(uid)
         if e is None and self._db is not None:
             row = self._db.execute("SELECT revision, meta, data FROM users WHERE user = ?", (uid,)).fetchone()
@@ -347,13 +350,13 @@ class StateStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-                self.path = None
-                self._closed = True
+            self._entries.clear()
+            self._closed = True
 
     # -- checks -------------------------------------------------------------------------------------
     def _checked(self, who: str, state: Any, *, check_zero: bool = False, name: str = "state") -> UserState:
         """A validated private copy of ``state`` for this store (RosaError naming ``state[...]`` if bad)."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             checks.fail(who, "self", "this store was closed", checks.RosaStateError)
         return make_state(who, state, mode=self.mode, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                           lora_scale=self.lora_scale, check_zero=check_zero, name=name)
@@ -434,12 +437,16 @@ class StateStore:
     def users(self) -> List[str]:
         """The stored user ids, in the order they were first stored."""
         with self._lock:
+            if self._closed:
+                checks.fail("StateStore.users", "self", "this store was closed", checks.RosaStateError)
             if self._db is None:
                 return list(self._entries)
             return [r[0] for r in self._db.execute("SELECT user FROM users ORDER BY rowid").fetchall()]
 
     def __len__(self) -> int:
         with self._lock:
+            if self._closed:
+                return 0
             if self._db is None:
                 return len(self._entries)
             return int(self._db.execute("SELECT COUNT(*) FROM users").fetchone()[0])
@@ -449,7 +456,7 @@ class StateStore:
 
     def __repr__(self) -> str:
         where = "memory" if self.path is None else str(self.path)
-        return f"StateStore({where}, mode={self.mode!r}, users={len(self)})"
+        return f"StateStore({where}, mode={self.mode!r}, {'closed' if self._closed else f'users={len(self)}'})"
 
     # -- atomic read-update-write ---------------------------------------------------------------------
     def update(self, user_id: Any, fn: Callable[[Dict[str, Any]], Any]) -> Dict[str, Any]:
