@@ -5,6 +5,7 @@ import pytest
 import torch
 from _helpers import make_inputs
 
+import rosa_ext
 from rosa_ext import rosa_update
 from rosa_ext.reference import rosa_update_reference
 
@@ -87,8 +88,9 @@ def test_device_mismatch_meta():
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inp = make_inputs(mode="hidden", dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="backend='triton' needs"):
+    with pytest.raises(rosa_ext.RosaInputError, match="backend='triton' needs") as ei:
         rosa_update(**inp, reward=1.0, mode="hidden", backend="triton")
+    assert ei.value.argument == "backend"
 
 
 def test_batched_reward_count():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import rosa_ext
-from rosa_ext.plans import base
 
 pytestmark = [pytest.mark.triton_interp, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -68,17 +67,19 @@ def test_over_the_keep_budget_falls_back_to_the_torch_tiles():
 
 
 def test_the_rule_of_the_tile_pass():
-    """Triton backend, float32 compute, one process, P within the keep budget -- nothing else."""
-    from rosa_ext.backends import get_backend
-    from rosa_ext.core.problem import build_problem
+    """The Triton engine's passes run the tiles for float32 compute with P within the budget (hidden) or
+    kept (LoRA) -- nothing else; the pass reports the engine that ran it."""
+    from rosa_ext.backends import engine_for
+    from rosa_ext.core.op import pack
     kw = _inputs(5, "hidden", False)
-    common = dict(mode="hidden", lora_a=None, lora_b=None, lora_scale=8.0, bias=kw["bias"], beta=1.0, damping=0.3,
-                  max_iter=10, tol=1e-6, solver="dual", backend="triton", mask=None)
-    prob = build_problem(kw["hidden"], kw["weight"], kw["targets"], -1.0, **common)
-    tri, tor = get_backend("triton", prob.device), get_backend("torch", prob.device)
-    assert base.uses_prob_tiles(prob, tri) and not base.uses_prob_tiles(prob, tor)
-    p64 = build_problem(kw["hidden"].double(), kw["weight"].double(), kw["targets"], -1.0,
-                        **dict(common, bias=kw["bias"].double()))
-    assert not base.uses_prob_tiles(p64, tri)
-    small = build_problem(kw["hidden"], kw["weight"], kw["targets"], -1.0, **common, keep_budget_bytes=5 * 203 * 4 - 1)
-    assert not base.uses_prob_tiles(small, tri)
+    common = dict(mode="hidden", lora_scale=8.0, bias=kw["bias"], beta=1.0, damping=0.3, max_iter=10, tol=1e-6,
+                  solver="dual", backend="triton")
+    prob, _ = pack(kw["hidden"], kw["weight"], kw["targets"], -1.0, **common)
+    tri, tor = engine_for("triton", prob.weight.device), engine_for("torch", prob.weight.device)
+    assert tri.hidden_pass(prob).engine == "triton" and tor.hidden_pass(prob).engine == "torch"
+    p64, _ = pack(kw["hidden"].double(), kw["weight"].double(), kw["targets"], -1.0,
+                  **dict(common, bias=kw["bias"].double()))
+    assert tri.hidden_pass(p64).engine == "torch"
+    assert tri.hidden_pass(prob, budget_bytes=5 * 203 * 4 - 1).engine == "torch"
+    assert tri.gram_pass(prob, keep=False).engine == "triton"
+    assert tri.gram_pass(prob, keep=True, budget_bytes=5 * 203 * 4 - 1).engine == "torch"

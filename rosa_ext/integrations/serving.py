@@ -40,7 +40,7 @@ import torch
 
 from ..common import defaults
 from ..common import validation as checks
-from ..common.types import MODES, compute_dtype_of
+from ..common.config import MODES, RosaConfig, compute_dtype_of, resolve
 from ..core.op import rosa_update
 from .head_hooks import init_lora_a
 from .store import STATE_VERSION, HiddenState, LoraState, StateStore, UserState, check_user_id, finite_state_update, make_state
@@ -60,7 +60,8 @@ class ServingConfig:
         store: the SQLite file of the user states (None: in memory, lost at exit).
         mode: the mode of a new user's state ("hidden" or "lora"); a user keeps the mode of its state.
         lora_scale, seed: the LoRA scale s and the seed of a new LoRA user's ``a`` (as ``attach``).
-        options: the step's options (beta, damping, damping_mode, max_iter, tol, solver, backend).
+        options: the step's options (a :class:`~rosa_ext.common.config.RosaConfig` in this mode: beta,
+            damping, damping_mode, max_iter, tol, solver, backend; each step takes its user's mode and scale).
         max_record_mb: the budget of recorded lm_head inputs, over all requests (MiB).
         max_pending: recordings kept per user awaiting feedback (the oldest is freed beyond it).
         window_s: a recording is freed this many seconds after its request started.
@@ -70,7 +71,7 @@ class ServingConfig:
     mode: str = "hidden"
     lora_scale: float = defaults.LORA_SCALE
     seed: int = 0
-    options: Dict[str, Any] = field(default_factory=dict)
+    options: RosaConfig = field(default_factory=lambda: RosaConfig(mode="hidden"))
     max_record_mb: float = 256.0
     max_pending: int = 4
     window_s: float = 900.0
@@ -91,14 +92,11 @@ class ServingConfig:
             checks.fail(who, "config['store']", f"`store` must be a file path (str) or null, got {checks._show(store)}",
                         checks.RosaTypeError)
         mode = checks.choice(who, "config['mode']", cfg.get("mode", "hidden"), MODES)
-        opts = checks.solver_options(who, beta=cfg.get("beta", defaults.BETA), damping=cfg.get("damping", defaults.DAMPING),
-                                     max_iter=cfg.get("max_iter", defaults.MAX_ITER), tol=cfg.get("tol", defaults.TOL),
-                                     solver=cfg.get("solver", defaults.SOLVER), backend=cfg.get("backend", defaults.BACKEND),
-                                     lora_scale=cfg.get("lora_scale", defaults.LORA_SCALE),
-                                     damping_mode=cfg.get("damping_mode", defaults.DAMPING_MODE))
-        s = float(opts.pop("lora_scale"))
+        s = checks.real(who, "config['lora_scale']", cfg.get("lora_scale", defaults.LORA_SCALE))
         if s == 0:
             checks.fail(who, "config['lora_scale']", "lora_scale must be nonzero")
+        opts = resolve(who, None, dict({k: cfg[k] for k in ("beta", "damping", "damping_mode", "max_iter", "tol", "solver",
+                                                            "backend") if k in cfg}, mode=mode, lora_scale=s))
         return cls(store=store, mode=mode, lora_scale=s, seed=checks.seed(who, cfg.get("seed", 0)), options=opts,
                    max_record_mb=checks.real(who, "config['max_record_mb']", cfg.get("max_record_mb", 256.0), minimum=0.0),
                    max_pending=checks.integer(who, "config['max_pending']", cfg.get("max_pending", 4), minimum=1),
@@ -457,13 +455,13 @@ class RosaServing:
             def step(cur: Dict[str, Optional[UserState]]) -> Dict[str, UserState]:
                 st = cur[uid] if cur[uid] is not None else self.new_state(rec.state.mode if rec.state else None)
                 t0 = time.perf_counter()
+                cfg = self.config.options.replace(mode=st.mode, lora_scale=st.lora_scale)  # the user's mode and scale
                 if st.mode == "hidden":
                     delta = st.delta.to(device=H.device, dtype=self.dtype)
-                    out = rosa_update(H + delta.to(H.dtype), W, Y, r, mode="hidden", bias=bias, **self.config.options)
+                    out = rosa_update(H + delta.to(H.dtype), W, Y, r, config=cfg, bias=bias)
                 else:
-                    out = rosa_update(H, W, Y, r, mode="lora", lora_a=st.a.to(device=H.device, dtype=self.dtype),
-                                      lora_b=st.b.to(device=H.device, dtype=self.dtype), lora_scale=st.lora_scale,
-                                      bias=bias, **self.config.options)
+                    out = rosa_update(H, W, Y, r, config=cfg, lora_a=st.a.to(device=H.device, dtype=self.dtype),
+                                      lora_b=st.b.to(device=H.device, dtype=self.dtype), bias=bias)
                 info["step_ms"] = 1000.0 * (time.perf_counter() - t0)
                 info["solver"], info["backend"] = out.solver, out.backend
                 return {uid: finite_state_update(who, st, out.update.reshape(-1), name="reward")}

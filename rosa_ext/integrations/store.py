@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from ..common import validation as checks
+from . import checks as ichecks
 
 #: The session's state format (rosa_ext.integrations.session keeps the same number).
 STATE_VERSION = 1
@@ -160,7 +161,7 @@ def make_state(who: str, state: Any, *, mode: Optional[str] = None, vocab_size: 
     if m == "lora" and s == 0:
         checks.fail(who, f"{name}['lora_scale']", "a lora-mode state needs a nonzero lora_scale")
     try:
-        num, tensors = checks.session_state(who, state, version=STATE_VERSION, mode=m, vocab_size=sizes["vocab_size"],
+        num, tensors = ichecks.session_state(who, state, version=STATE_VERSION, mode=m, vocab_size=sizes["vocab_size"],
                                             hidden_size=sizes["hidden_size"], lora_scale=s, check_zero=check_zero)
     except checks.RosaError as e:
         if name == "state":

@@ -29,13 +29,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..common import defaults
+from ..backends import triton_available
 from ..common import validation as checks
-from ..common.types import MODES, compute_dtype_of
+from ..common.config import RosaConfig, compute_dtype_of
 from ..core.op import RosaStep, rosa_update
-from .head_hooks import HeadAdapter, init_lora_a
+from . import checks as ichecks
+from .head_hooks import GenerationRecorder, HeadAdapter, init_lora_a
 from .model_lookup import find_lm_head, head_bias, head_weight, peft_lora
-from .recording import GenerationRecorder
+from .session import DEFAULT_MODE, session_config
 from .store import HiddenState, LoraState, StateStore, UserState, check_user_id, finite_state_update, make_state
 
 #: ``generate`` arguments that make more (or other) sequences than one per prompt row: a row would no
@@ -50,25 +51,23 @@ class RosaUsers:
         model: a ``transformers`` causal LM with an ``lm_head`` (not a PEFT LoRA one: the per-user LoRA
             is rosa-ext's own here). One ROSA owner per model: a model with a session (``attach``) or
             another ``RosaUsers`` is refused.
-        mode: "lora" or "hidden".
-        beta, damping, damping_mode, max_iter, tol, solver, backend, lora_scale: as :func:`~rosa_ext.attach`.
+        mode: "lora" or "hidden" (default ``config.mode``, or "lora").
+        config: the options of every update (:class:`~rosa_ext.common.config.RosaConfig`), as
+            :func:`~rosa_ext.attach`; ``**options`` override it by name (``damping=0.1``, ...).
         seed: seed of every new user's ``a`` (as ``attach(seed=...)``).
         store: the :class:`~rosa_ext.integrations.store.StateStore` to keep the users in (e.g. a
             persisted one, ``StateStore(path)``); by default a new one in memory. It must hold this
             mode's states for this model's V and d.
     """
 
-    def __init__(self, model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
-                 damping: float = defaults.DAMPING, damping_mode: str = defaults.DAMPING_MODE,
-                 max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL, solver: str = defaults.SOLVER,
-                 backend: str = defaults.BACKEND, lora_scale: float = defaults.LORA_SCALE, seed: int = 0,
-                 store: Optional[StateStore] = None) -> None:
+    def __init__(self, model: torch.nn.Module, mode: str = DEFAULT_MODE, *, config: Optional[RosaConfig] = None,
+                 seed: int = 0, store: Optional[StateStore] = None, **options: Any) -> None:
         who = "RosaUsers"
         if not isinstance(model, torch.nn.Module):
             checks.fail(who, "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}", checks.RosaTypeError)
-        self.mode = checks.choice(who, "mode", mode, MODES)
-        opts = checks.solver_options(who, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                                     backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
+        #: the options of every update (:class:`~rosa_ext.common.config.RosaConfig`)
+        self.config = session_config(who, mode, config, options)
+        self.mode = self.config.mode
         self.seed = checks.seed(who, seed)
         if getattr(model, "_rosa_session", None) is not None:
             checks.fail(who, "model", "this model already has a ROSA session or RosaUsers; detach() it first",
@@ -82,10 +81,10 @@ class RosaUsers:
         self.bias = head_bias(head)
         self.vocab_size, self.hidden_size = (int(n) for n in self.weight.shape)
         self.dtype = compute_dtype_of(self.weight.dtype)
-        self.lora_scale = float(opts.pop("lora_scale"))
-        if self.mode == "lora" and self.lora_scale == 0:
-            checks.fail(who, "lora_scale", "the LoRA scale must be nonzero in mode='lora'")
-        self.options = opts
+        self.lora_scale = float(self.config.lora_scale)
+        if self.config.backend == "triton" and not triton_available(self.weight.device):
+            checks.fail(who, "backend", f"backend='triton' needs the `triton` package and a CUDA model (the lm_head is "
+                                        f"on {self.weight.device}); use backend='auto' or 'torch'")
         if store is None:
             store = StateStore(mode=self.mode, vocab_size=self.vocab_size, hidden_size=self.hidden_size)
         elif not isinstance(store, StateStore):
@@ -252,7 +251,7 @@ class RosaUsers:
         who = "record"
         self._check_attached(who)
         uid = check_user_id(who, user_id)
-        hidden, tokens = checks.hidden_rows(who, hidden, tokens, hidden_size=self.hidden_size,
+        hidden, tokens = ichecks.hidden_rows(who, hidden, tokens, hidden_size=self.hidden_size,
                                             vocab_size=self.vocab_size, device=self.weight.device,
                                             head_dtype=self.weight.dtype)
         rec = (hidden.detach().to(self.weight.dtype).clone(), tokens.detach().clone())
@@ -335,13 +334,11 @@ class RosaUsers:
                     checks.fail(who, "feedback", f"user {gone[0]!r} was removed during the update", checks.RosaStateError)
                 if self.mode == "hidden":
                     delta = torch.stack([s.delta for s in states]).to(device=dev, dtype=self.dtype)
-                    out = rosa_update(H + delta.to(H.dtype).unsqueeze(1), W, Y, r, mode="hidden", mask=M, bias=bias,
-                                      **self.options)
+                    out = rosa_update(H + delta.to(H.dtype).unsqueeze(1), W, Y, r, config=self.config, mask=M, bias=bias)
                 else:
                     a = torch.stack([s.a for s in states]).to(device=dev, dtype=self.dtype)
                     b = torch.stack([s.b for s in states]).to(device=dev, dtype=self.dtype)
-                    out = rosa_update(H, W, Y, r, mode="lora", lora_a=a, lora_b=b, lora_scale=self.lora_scale, mask=M,
-                                      bias=bias, **self.options)
+                    out = rosa_update(H, W, Y, r, config=self.config, lora_a=a, lora_b=b, mask=M, bias=bias)
                 upd = _clip(out.update, max_norm)
                 result["step"], result["upd"] = out, upd
                 return {u: finite_state_update(who, s, upd[j]) for j, (u, s) in enumerate(zip(ids, states))}

@@ -155,6 +155,27 @@ def logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, 
     return tl.where(mask_v[None, :], acc, float("-inf"))
 
 
+@triton.jit
+def split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t, mask_t, D,
+                      s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
+                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SINGLE: tl.constexpr,
+                      IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One step of the vocabulary loop the token-tile kernels share (stats, row reduction, probability
+    tiles): the tile of columns [v0, v0 + BLOCK_V) of a split ending at ``v_end`` -> (offs_v, mask_v,
+    bv, z): its column ids and mask, the LoRA b tile of each token's conversation (:func:`load_rows`;
+    0.0 without HAS_LORA) and the fp32 logits tile (:func:`logits_tile`, -inf in masked columns)."""
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < v_end
+    bv = 0.0
+    if HAS_LORA:
+        bv = load_rows(lb_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_lb, n_lb, SINGLE)
+    z = logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, D,
+                    s_hn, s_hd, s_wv, s_wd, lora_scale, HAS_BIAS, HAS_LORA, IS_FP32, PRECISION,
+                    BLOCK_T, BLOCK_V, BLOCK_D)
+    return offs_v, mask_v, bv, z
+
+
 #: (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) tried on Hopper (H100/H200) for the heads
 #: the project targets (d 576-4096, V 50k-152k), bf16/fp16 operands (wgmma). All compile for
 #: sm_90 with at most 192 KiB of shared memory (checked ahead of time,
