@@ -16,7 +16,8 @@ turns per mode after one warm-up turn, medians reported:
   is admitted after it). The ROSA step alone is the server's own timing of ``rosa_update`` (``step_ms``);
 - **generation, plugin on vs off**: the same completion on a plain vLLM server (same options, no
   plugin) vs on the plugin server for a user with a state (applied and recorded), and for a request
-  without a user; both servers run at once and the three kinds of request alternate.
+  without a user (those two alternate); the plain server runs after the plugin server (both up at once
+  skewed the comparison on a shared machine).
 
 Targets (issue "Learn where you serve"): feedback -> new state live <= 1.5x the ROSA step alone;
 generation with the plugin on within 1.1x of the plugin off. ``--out DIR`` writes
@@ -130,16 +131,22 @@ def in_process(model_dir: str, prompt: List[int], new: int, turns: int) -> Dict[
     return out
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def served(model_dir: str, prompt: List[int], new: int, turns: int, work: Path, ep: Optional[str]) -> Dict[str, Any]:
     env = {} if ep is None else {"PYTHONPATH": ep + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res: Dict[str, Any] = {}
-    # both servers up at once, so that the on / off generation timings interleave (a shared machine's load
-    # drifts; measuring one server after the other would fold that drift into the ratio)
-    plain = Server(model_dir, work / "plain.log", plugin=False, store=None, extra_env=env)
-    srv = None
+    # One server at a time: with both up at once, the plain server measured ~1.4x slower than the plugin
+    # server on this shared machine, for requests that run the same code (process placement, not the
+    # plugin), so the two are measured one after the other; inside the plugin server, requests with and
+    # without a user alternate.
+    srv = Server(model_dir, work / "plugin.log", plugin=True, store=str(work / "users.sqlite"), extra_env=env)
     try:
-        srv = Server(model_dir, work / "plugin.log", plugin=True, store=str(work / "users.sqlite"), extra_env=env)
-        res["plain_server_startup_s"], res["plugin_server_startup_s"] = plain.startup_s, srv.startup_s
+        res["plugin_server_startup_s"] = srv.startup_s
         for mode in ("hidden", "lora"):
             user = f"bench-{mode}"
             srv.call("POST", f"/rosa/users/{user}/reset", {"mode": mode})
@@ -158,24 +165,25 @@ def served(model_dir: str, prompt: List[int], new: int, turns: int, work: Path, 
             res[mode] = {"generate_s": _med(gen), "feedback_to_live_s": _med(fb), "step_alone_s": _med(step),
                          "feedback_over_step": _med(fb) / _med(step), "generate_all_s": gen, "feedback_all_s": fb,
                          "step_all_s": step, "solver": out["solver"]}
-        # generation with the plugin on (a user with a state: applied and recorded; no user) vs off (plain
-        # vLLM), interleaved request by request
+        gen_user, gen_base = [], []
+        for _ in range(turns * 2):  # a user with a state (applied and recorded), then a request without a user
+            gen_user.append(_timed(lambda: srv.complete(prompt, new, "bench-hidden", record=True)))
+            gen_base.append(_timed(lambda: srv.complete(prompt, new)))
+    finally:
+        srv.stop()
+    plain = Server(model_dir, work / "plain.log", plugin=False, store=None, extra_env=env)
+    try:
+        res["plain_server_startup_s"] = plain.startup_s
         for _ in range(2):
             plain.complete(prompt, new)
-        gen_off, gen_user, gen_base = [], [], []
-        for _ in range(turns * 2):
-            for server, user, sink in ((plain, None, gen_off), (srv, "bench-hidden", gen_user), (srv, None, gen_base)):
-                t0 = time.perf_counter()
-                server.complete(prompt, new, user, record=user is not None)
-                sink.append(time.perf_counter() - t0)
-        res["generation"] = {"plugin_off_s": _med(gen_off), "plugin_on_user_s": _med(gen_user),
-                             "plugin_on_no_user_s": _med(gen_base), "on_user_over_off": _med(gen_user) / _med(gen_off),
-                             "on_no_user_over_off": _med(gen_base) / _med(gen_off), "off_all_s": gen_off,
-                             "on_user_all_s": gen_user, "on_no_user_all_s": gen_base}
+        gen_off = [_timed(lambda: plain.complete(prompt, new)) for _ in range(turns * 2)]
     finally:
         plain.stop()
-        if srv is not None:
-            srv.stop()
+    res["generation"] = {"plugin_off_s": _med(gen_off), "plugin_on_user_s": _med(gen_user),
+                         "plugin_on_no_user_s": _med(gen_base), "on_user_over_off": _med(gen_user) / _med(gen_off),
+                         "on_no_user_over_off": _med(gen_base) / _med(gen_off),
+                         "on_user_over_no_user": _med(gen_user) / _med(gen_base), "off_all_s": gen_off,
+                         "on_user_all_s": gen_user, "on_no_user_all_s": gen_base}
     return res
 
 
@@ -245,11 +253,11 @@ def _markdown(r: Dict[str, Any]) -> str:
                      "| (the update is the step) | - |")
         lines.append(f"| {mode} | vLLM + plugin (HTTP) | {sv['generate_s']:.3f} | {sv['feedback_to_live_s']:.3f} | "
                      f"{sv['step_alone_s']:.3f} ({sv['solver']}) | {sv['feedback_over_step']:.2f} |")
-    lines += ["", "Generation on the vLLM servers (same options, both up, requests alternating; median, s):", "",
+    lines += ["", "Generation on the vLLM servers (same options, one server after the other; median, s):", "",
               "| plugin off (plain vLLM) | plugin on, user with a state (applied + recorded) | plugin on, no user | "
-              "on (user) / off | on (no user) / off |", "|---|---|---|---|---|",
+              "on (user) / off | on (no user) / off | on: user / no user (alternating) |", "|---|---|---|---|---|---|",
               f"| {g['plugin_off_s']:.3f} | {g['plugin_on_user_s']:.3f} | {g['plugin_on_no_user_s']:.3f} | "
-              f"{g['on_user_over_off']:.3f} | {g['on_no_user_over_off']:.3f} |", "",
+              f"{g['on_user_over_off']:.3f} | {g['on_no_user_over_off']:.3f} | {g['on_user_over_no_user']:.3f} |", "",
               f"Server start-up: plain {srv['plain_server_startup_s']:.0f} s, plugin {srv['plugin_server_startup_s']:.0f} s. "
               "Targets: live / step <= 1.5; on / off <= 1.1.", ""]
     return "\n".join(lines)
