@@ -88,6 +88,11 @@ REWARDS: Dict[str, Callable[[Any, str], float]] = {"rule": rule_reward, "dense":
 
 
 # --------------------------------------------------------------------------- adapters
+def user_key(i: int) -> str:
+    """The :class:`RosaUsers` user id of conversation ``i`` (user ids are strings)."""
+    return f"conv{int(i)}"
+
+
 def experiment_users(model: torch.nn.Module, spec: "MethodSpec", *, seed: int = 0) -> RosaUsers:
     """The conversations of one method as users of one :class:`RosaUsers` (fp32 states; a conversation's
     ``a`` drawn like PEFT's lora_A init from ``seed``, ``b`` = 0, ``delta`` = 0)."""
@@ -129,9 +134,10 @@ def generate_batch(model, tokenizer, prompts: Sequence[torch.Tensor], *, max_new
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
     if users is not None:
-        out = users.generate(ids.to(dev), list(user_ids), attention_mask=att.to(dev), **kw)[:, L:].cpu()
-        res = [users.answer(u)[1].cpu() for u in user_ids]
-        return (res, [users.answer(u)[0].float() for u in user_ids]) if capture else res
+        uids = [user_key(u) for u in user_ids]
+        out = users.generate(ids.to(dev), uids, attention_mask=att.to(dev), **kw)[:, L:].cpu()
+        res = [users.answer(u)[1].cpu() for u in uids]
+        return (res, [users.answer(u)[0].float() for u in uids]) if capture else res
     steps: List[torch.Tensor] = []
     handle = None
     if capture:
@@ -215,7 +221,7 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
     t0 = time.perf_counter()
     W = head_weight(find_lm_head(model, "experiment"), "experiment").detach()
     dev = W.device
-    missing = [i for i in idx if users.answer(i) is None]
+    missing = [i for i in idx if users.answer(user_key(i)) is None]
     if missing:  # no recorded answer (e.g. a conversation built by hand): one body forward for them
         seqs = [torch.cat([convs[i].last_prompt, convs[i].last_resp]) for i in missing]
         L = max(q.numel() for q in seqs)
@@ -228,8 +234,8 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
                                                   use_cache=False).last_hidden_state
         for j, i in enumerate(missing):
             st = convs[i].last_prompt.numel()
-            users.record(i, hid[j, st - 1: seqs[j].numel() - 1], convs[i].last_resp.to(dev))
-    answers = {i: users.answer(i) for i in idx}
+            users.record(user_key(i), hid[j, st - 1: seqs[j].numel() - 1], convs[i].last_resp.to(dev))
+    answers = {i: users.answer(user_key(i)) for i in idx}
     masks = {}
     for i in idx:
         y = answers[i][1]
@@ -240,22 +246,23 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
             m[span[0]: span[1]] = True
         masks[i] = m
     rewards = {i: convs[i].turns[-1].reward for i in idx}
-    before = {i: users.state(i) for i in idx} if measure_logp else {}
+    before = {i: users.state(user_key(i)) for i in idx} if measure_logp else {}
     if spec.kind == "rosa":
-        steps = users.update(rewards, masks=masks, max_norm=spec.max_norm)
-        upd = {i: steps[i].update.float() for i in idx}
+        steps = users.update({user_key(i): r for i, r in rewards.items()}, masks={user_key(i): m for i, m in masks.items()},
+                             max_norm=spec.max_norm)
+        upd = {i: steps[user_key(i)].update.float() for i in idx}
     elif spec.kind == "pg":
         upd = {}
         for i in idx:
             h, y = answers[i]
-            st = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in users.state(i).items()}
+            st = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in users.state(user_key(i)).items()}
             step = pg_step(h[masks[i]].float(), W.float(), y[masks[i]], float(rewards[i]), mode=spec.mode,
                            lr=spec.lr, beta=spec.beta, lora_a=st.get("a"), lora_b=st.get("b"), delta=st.get("delta"),
                            lora_scale=users.lora_scale)
             u = step.update.float()
             if spec.max_norm is not None:
                 u = u * (spec.max_norm / torch.linalg.vector_norm(u).clamp_min(spec.max_norm))
-            users.apply(i, u)
+            users.apply(user_key(i), u)
             upd[i] = u
     else:
         raise ValueError(f"_update_chunk: method kind {spec.kind!r} does not update")
@@ -316,7 +323,7 @@ def run_method(model, tokenizer, problems: Sequence[Problem], spec: MethodSpec, 
                     if users is not None:  # the shared first answers become the users' recorded answers
                         for i, r, hd in zip(chunk, resps, hids):
                             if r.numel():
-                                users.record(i, hd, r)
+                                users.record(user_key(i), hd, r)
                 elif users is not None:
                     resps, hids = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                  do_sample=do_sample, temperature=temperature,

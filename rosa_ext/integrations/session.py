@@ -52,7 +52,8 @@ class RosaSession:
         seed = checks.seed("attach", seed)
         checks.boolean("attach", "warmup", warmup)
         if getattr(model, "_rosa_session", None) is not None:
-            checks.fail("attach", "model", "this model already has a ROSA session; detach() it first", checks.RosaStateError)
+            checks.fail("attach", "model", "this model already has a ROSA session (or a RosaUsers); detach() it first",
+                        checks.RosaStateError)
         cfg = getattr(base_model(model), "config", None)
         if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
             raise NotImplementedError("attach: models with final logit soft-capping are not supported "
@@ -121,6 +122,9 @@ class RosaSession:
         # the generation then needs no second forward of the body.
         self._recorder = GenerationRecorder(self.head)
         self._recorded: Optional[Recorded] = None
+        # One generate at a time: the recorder keeps the rows of the forwards it sees, so two threads'
+        # generations must not interleave (each recording is its own generation's).
+        self._generate_lock = threading.Lock()
         model._rosa_session = self
 
     # -- warm-up (attach(..., warmup=True)) ---------------------------------------------------------
@@ -196,8 +200,9 @@ class RosaSession:
         self._check_attached()
         ids = checks.prompt_ids("generate", input_ids, self.vocab_size, self.weight.device)
         self.wait()
-        self._recorded = None
-        out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
+        with self._generate_lock:
+            self._recorded = None
+            out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
         return out
 
     def update_from_generation(self, reward: float, *, row: Optional[int] = None,
