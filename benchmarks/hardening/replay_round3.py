@@ -300,6 +300,57 @@ def _() -> Result:
         s.detach()
 
 
+def _users(mode: str = "hidden"):
+    from rosa_ext.integrations.users import RosaUsers
+    return RosaUsers(_tiny(), mode=mode)
+
+
+@case("users_apply_nan", "errors",
+      "RosaUsers.apply with a NaN step: RosaNonFiniteError naming update, the state unchanged")
+def _() -> Result:
+    u = _users()
+    try:
+        u.generate(_prompt(2).unsqueeze(0), ["alice"], max_new_tokens=2, do_sample=False)  # alice gets a state
+        before = u.state("alice")
+        res = _raises(lambda: u.apply("alice", torch.full((32,), float("nan"))), rosa_ext.RosaNonFiniteError, "update")
+        same = all(torch.equal(before[k], v) for k, v in u.state("alice").items() if torch.is_tensor(v))
+        return res if not (res[0] == "PASS" and not same) else ("FAIL", res[1] + "; but the state changed")
+    except Exception as e:  # noqa: BLE001
+        return "FAIL", "raised " + _err_str(e)
+    finally:
+        u.detach()
+
+
+@case("users_bad_ids", "errors",
+      "RosaUsers ids: None, an int, a tensor, an empty or path-like string -> RosaInputError/RosaTypeError naming user_id")
+def _() -> Result:
+    u = _users()
+    try:
+        u.generate(_prompt(2).unsqueeze(0), ["alice"], max_new_tokens=2, do_sample=False)
+        state = u.state("alice")
+        u.remove("alice")
+        out = []
+        for bad in (None, 3, torch.tensor(3), "", "../etc"):
+            try:
+                u.load(bad, state)
+                out.append(("FAIL", f"load({bad!r}) accepted"))
+            except (rosa_ext.RosaInputError, rosa_ext.RosaTypeError) as e:
+                out.append((("PASS" if e.argument == "user_id" else "FAIL"), f"{bad!r}: " + _err_str(e)))
+        if u.users():
+            out.append(("FAIL", f"users written: {u.users()}"))
+        return _worst(out)
+    finally:
+        u.detach()
+
+
+@case("users_generate_after_detach", "errors",
+      "RosaUsers.generate after detach: RosaStateError, not a generation on the bare model")
+def _() -> Result:
+    u = _users()
+    u.detach()
+    return _raises(lambda: u.generate(_prompt(1).unsqueeze(0), ["alice"], max_new_tokens=2), rosa_ext.RosaStateError, "self")
+
+
 # ============================================================ leaks
 @case("recording_holds_its_own_rows", "leaks",
       "an unrated user's recording holds its own rows, not a view of the whole batch's (was 16x for a batch of 16)")
