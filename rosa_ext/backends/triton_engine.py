@@ -1,11 +1,13 @@
 """The Triton engine: the passes of the :class:`~rosa_ext.backends.protocol.Engine` protocol on the
 Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRITON_INTERPRET=1``).
 
-- One-pass plans (:meth:`TritonEngine.hidden_pass`, :meth:`TritonEngine.gram_pass`): the stats kernel's
-  lse, then the probability-tile kernel writes the N x V off-target probabilities P with their row sums
-  (q = 1 - p_t, r . b), then the products are GEMMs over P on the tensor cores
-  (:mod:`rosa_ext.kernels.tile_gemms`: hidden ``r W = P W``; LoRA ``P_b P_b^T`` with the cross terms
-  ``P[t, y_u]`` gathered, the VJP ``w^T P``); MATH.md section 4. P is stored as bf16 hi + lo parts
+- One-pass plans (:meth:`TritonEngine.hidden_pass`, :meth:`TritonEngine.gram_pass`): ONE logits pass --
+  the probability-tile kernel computes each token's row statistics itself (online softmax per
+  vocabulary split) while it writes the N x V off-target probabilities P relative to per-split
+  references, with their row sums (q = 1 - p_t, r . b, r . r); a small combine gives lse and the
+  per-split scales -- then the products are GEMMs over P on the tensor cores, K-split at the
+  vocabulary splits with the scales applied (:mod:`rosa_ext.kernels.tile_gemms`: hidden ``r W = P W``;
+  LoRA ``P_b P_b^T`` with the cross terms ``P[t, y_u]`` gathered, the VJP ``w^T P``); MATH.md section 4. P is stored as bf16 hi + lo parts
   (fp32 accuracy on bf16 tensor cores) for bf16/fp16 models, as fp32 otherwise. Used for float32
   compute when P fits the budget (hidden) or the plan keeps its tiles (LoRA); otherwise the pass is the
   torch engine's, and reports "torch".
@@ -23,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..common import defaults
-from ..common.jacobian import accurate_logp
+from ..common.jacobian import target_logp
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..kernels import tile_gemms
 from ..kernels.primitives import TritonPrimitives
@@ -59,23 +61,26 @@ class TritonEngine(TritonPrimitives):
         return prob.compute_dtype == torch.float64
 
     # ------------------------------------------------------------------------- one-pass plans
-    def prob_tiles(self, prob: HeadProblem) -> Tuple[HeadStats, ProbTiles, torch.Tensor]:
-        """(the stats kernel's stats, the probability tiles P, log p_t accurate near p_t = 1 from the
-        tiles' off-target sum q)."""
-        st = TritonPrimitives.stats(self, prob)
+    def prob_tiles(self, prob: HeadProblem) -> Tuple[ProbTiles, Optional[torch.Tensor], torch.Tensor]:
+        """ONE pass over W -> (the probability tiles P, stored relative to per-split references with their
+        ``split_scale``, carrying lse; a . h_t (N,) or None; log p_t (N,) from the pass's target logit,
+        accurate near p_t = 1 from the tiles' off-target sum q)."""
+        ah = None
+        if prob.lora_a is not None:
+            ah = (prob.hidden.float() * prob.lora_a[prob.seg].float()).sum(1)
         precision = "fp32" if prob.weight.dtype == torch.float32 else "bf16x2"
-        tiles = prob_tiles_from_tensors(prob.hidden, prob.weight, self.index(prob)[0], st.lse, prob.targets,
-                                        bias=prob.bias, lora_b=prob.lora_b, ah=st.ah,
-                                        lora_scale=prob.lora_scale if st.ah is not None else 0.0, precision=precision)
-        return st, tiles, accurate_logp(st.logp, tiles.q)
+        tiles = prob_tiles_from_tensors(prob.hidden, prob.weight, self.index(prob)[0], None, prob.targets,
+                                        bias=prob.bias, lora_b=prob.lora_b if ah is not None else None, ah=ah,
+                                        lora_scale=prob.lora_scale if ah is not None else 0.0, precision=precision)
+        return tiles, ah, target_logp(tiles.target_logit, tiles.lse, tiles.q)
 
     def hidden_pass(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HiddenPass:
-        """lse, log p, q, r . b and r W = P W (one GEMM over the tiles) when float32 compute and P (N V fp32
-        numbers) within ``budget_bytes``; the torch engine's pass otherwise."""
+        """lse, log p, q, r . b and r W = P W (one K-split GEMM over the tiles) when float32 compute and P
+        (N V fp32 numbers) within ``budget_bytes``; the torch engine's pass otherwise."""
         if self._fp64(prob) or prob.num_tokens * prob.vocab_size * 4 > budget_bytes:
             return self.torch.hidden_pass(prob)
-        st, tiles, logp = self.prob_tiles(prob)
-        return HiddenPass(lse=st.lse, logp=logp, q=tiles.q, ah=st.ah, pib_off=tiles.rb,
+        tiles, ah, logp = self.prob_tiles(prob)
+        return HiddenPass(lse=tiles.lse, logp=logp, q=tiles.q, ah=ah, pib_off=tiles.rb,
                           pi_weight=tile_gemms.off_target_weight(tiles, prob.weight), engine=self.name)
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> GramPass:
@@ -84,16 +89,17 @@ class TritonEngine(TritonPrimitives):
         float32 compute and P within ``budget_bytes``; the torch engine's pass otherwise."""
         if self._fp64(prob) or prob.num_tokens * prob.vocab_size * 4 > budget_bytes:
             return self.torch.gram_pass(prob, keep)
-        st, tiles, logp = self.prob_tiles(prob)
-        return GramPass(lse=st.lse, logp=logp, q=tiles.q, ah=st.ah, pib_off=tiles.rb,
+        tiles, ah, logp = self.prob_tiles(prob)
+        return GramPass(lse=tiles.lse, logp=logp, q=tiles.q, ah=ah, pib_off=tiles.rb,
                         gram=tile_gemms.off_target_gram(tiles, prob.offsets),
                         cross=tile_gemms.cross_terms(tiles, prob.targets, prob.offsets),
-                        kept=KeptProbTiles(tiles, st.lse), engine=self.name)
+                        kept=KeptProbTiles(tiles, tiles.lse), engine=self.name)
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_{t in b} w_t r_t -> (B, V), r_t normalised by ``gp.lse``: one GEMM (B, N) @ P over the kept
-        tiles (rescaled by exp(lse_tiles - gp.lse), 1 unless a vocabulary-parallel combine moved lse)."""
+        """sum_{t in b} w_t r_t -> (B, V), r_t normalised by ``gp.lse``: one K-split GEMM (B, N) @ P over the
+        kept tiles, their split scales folded into w (and exp(lse_tiles - gp.lse), 1 unless a
+        vocabulary-parallel combine moved lse)."""
         if not isinstance(gp.kept, KeptProbTiles):
             return self.torch.off_target_vjp(prob, gp, w, out)
         N, B = prob.num_tokens, prob.num_conversations

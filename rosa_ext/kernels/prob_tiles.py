@@ -60,7 +60,7 @@ python_tests/kernels/test_prob_tiles.py, where V = 32000 would be too slow.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -80,6 +80,7 @@ from ._tiles import (
     split_launch,
     split_logits_tile,
     split_range,
+    split_width,
     table_rows,
     tile_configs,
 )
@@ -126,64 +127,135 @@ def round_bf16(x):
     return rounded.to(tl.float32, bitcast=True)
 
 
-@autotuned(tile_configs(POOLS), AUTOTUNE_KEY + ["OUT_MODE"], prune_configs_by={"early_config_prune": make_prune(*POOLS)})
+#: The most an entry of a one-pass tile may exceed its split's reference by: e^33 (~2^47.6). A
+#: stored entry is then <= 2^47.6, its square <= 2^95.2, and a sum of up to 2^20 squares (a split's
+#: ``r . r``, one entry of the Gram over a split, V <= 2^20) <= 2^115.2: nothing the kernel or the
+#: GEMMs over its tiles form can overflow fp32 (2^128), with 2^12 to spare for the other operand of
+#: a product (|W|, u, the VJP's weights). A tile whose row maximum is further above the reference
+#: makes its program rescan the split (module docstring).
+HEADROOM = 33.0
+
+
+@triton.jit
+def _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, rb, ss, zy,
+               HAS_LORA: tl.constexpr, OUT_MODE: tl.constexpr):
+    """Store one tile exp(z - ref) of P with the target entries split off and zeroed, and add its row
+    sums to the per-token partials q, rb, ss -> (q, rb, ss, zy), zy the running maximum of the
+    target's logit (-inf until the tile that holds it; pt = exp(zy - ref) is formed once, at the end).
+    A row whose reference is -inf (every logit so far -inf) stores zeros."""
+    ref_safe = tl.where(ref == float("-inf"), 0.0, ref)
+    hit = y[:, None] == offs_v[None, :]  # the target split (MATH.md section 4)
+    zy = tl.maximum(zy, tl.max(tl.where(hit, z, float("-inf")), 1))
+    r = tl.where(hit, 0.0, tl.exp(z - ref_safe[:, None]))  # masked vocabulary columns: exp(-inf) = 0
+    q += tl.sum(r, 1)
+    ss += tl.sum(r * r, 1)
+    if HAS_LORA:
+        rb += tl.sum(r * bv, 1)
+    loc = row[:, None] + offs_v[None, :]
+    keep = mask_t[:, None] & mask_v[None, :]
+    if OUT_MODE == 0:
+        tl.store(p_base + loc, r, mask=keep)
+    else:
+        hi = round_bf16(r)
+        tl.store(p_base + loc, hi.to(tl.bfloat16), mask=keep)
+        if OUT_MODE == 1:
+            tl.store(lo_base + loc, round_bf16(r - hi).to(tl.bfloat16), mask=keep)
+    return q, rb, ss, zy
+
+
+@autotuned(tile_configs(POOLS), AUTOTUNE_KEY + ["OUT_MODE", "FIXED_REF"],
+           prune_configs_by={"early_config_prune": make_prune(*POOLS)})
 @triton.jit
 def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, y_ptr, p_ptr, lo_ptr,
-                      q_out, pt_out, rb_out, ss_out,
-                      N, D, V, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, s_p, lora_scale,
+                      ref_out, q_out, pt_out, rb_out, ss_out, zy_out,
+                      N, D, V, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, s_p, lora_scale, headroom,
                       N_BUCKET, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                       SINGLE: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_MODE: tl.constexpr,
+                      FIXED_REF: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: token tile ``pid_t`` x vocabulary split ``split``; stores its tiles of P (OUT_MODE
-    0: fp32 into p_ptr; 1: bf16 hi into p_ptr and lo into lo_ptr; 2: bf16 hi only), row stride s_p,
-    and its (N,) partials of q, pt, rb, ss at row ``split`` of the (splits, N) buffers."""
+    """One program: token tile ``pid_t`` x vocabulary split ``split``; stores its tiles of P relative to
+    its reference (OUT_MODE 0: fp32 into p_ptr; 1: bf16 hi into p_ptr and lo into lo_ptr; 2: bf16 hi
+    only), row stride s_p, and its (N,) partials at row ``split`` of the (splits, N) buffers: the
+    reference, q, pt, rb, ss (relative to the reference) and the target logit z_t[y_t] (0 where the
+    target is not in the split).
+
+    FIXED_REF: the reference is lse_ptr's log-sum-exp (the tiles are P itself: the two-pass form).
+    Otherwise the reference of each token is the row maximum of the split's first tile with a finite
+    one, and a tile whose row maximum exceeds it by more than ``headroom`` makes the program take
+    the maximum of the split's remaining tiles and start the split over with it (once at most)."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < N
     seg = tl.load(seg_ptr + offs_t, mask=mask_t, other=0)
-    lse = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
     y = tl.load(y_ptr + offs_t, mask=mask_t, other=-1)
     ah = tl.zeros((BLOCK_T,), dtype=tl.float32)
     if HAS_LORA:
         ah = tl.load(ah_ptr + offs_t, mask=mask_t, other=0.0)
+    if FIXED_REF:
+        ref = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
+    else:
+        ref = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     q = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    pt = tl.zeros((BLOCK_T,), dtype=tl.float32)
     rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
     ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    zy = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     # stores: int32 offsets within this token tile from one int64 base (fewer registers than an int64
     # address tile; 128 * s_p < 2^31 is checked at launch)
     p_base = p_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
     lo_base = lo_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
     row = tl.arange(0, BLOCK_T) * s_p
     v_begin, v_end = split_range(V, split)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t, mask_t, D,
-                                                  s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale, HAS_BIAS,
-                                                  HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)
-        pi = tl.exp(z - lse[:, None])  # masked vocabulary columns: exp(-inf) = 0
-        hit = y[:, None] == offs_v[None, :]  # the target split (MATH.md section 4)
-        pt += tl.sum(tl.where(hit, pi, 0.0), 1)
-        r = tl.where(hit, 0.0, pi)
-        q += tl.sum(r, 1)
-        ss += tl.sum(r * r, 1)
-        if HAS_LORA:
-            rb += tl.sum(r * bv, 1)
-        loc = row[:, None] + offs_v[None, :]
-        keep = mask_t[:, None] & mask_v[None, :]
-        if OUT_MODE == 0:
-            tl.store(p_base + loc, r, mask=keep)
-        else:
-            hi = round_bf16(r)
-            tl.store(p_base + loc, hi.to(tl.bfloat16), mask=keep)
-            if OUT_MODE == 1:
-                tl.store(lo_base + loc, round_bf16(r - hi).to(tl.bfloat16), mask=keep)
+    if FIXED_REF:
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
+                                                      mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
+                                                      HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
+                                                      BLOCK_D)
+            q, rb, ss, zy = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, rb, ss, zy,
+                                       HAS_LORA, OUT_MODE)
+    else:
+        v0 = v_begin
+        rescanned = tl.zeros((), dtype=tl.int32)
+        while v0 < v_end:
+            offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
+                                                      mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
+                                                      HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
+                                                      BLOCK_D)
+            mt = tl.max(z, 1)
+            ref = tl.where(ref == float("-inf"), mt, ref)
+            over = tl.max((mt > ref + headroom).to(tl.int32), 0)
+            if (over > 0) & (rescanned == 0):
+                # a tile too far above the reference: the maximum of the split's remaining tiles, then
+                # the split again from its start with it (no entry can then exceed 1)
+                m = tl.maximum(ref, mt)
+                for v1 in range(v0 + BLOCK_V, v_end, BLOCK_V):
+                    _, _, _, z1 = split_logits_tile(v1, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
+                                                    mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
+                                                    HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
+                                                    BLOCK_D)
+                    m = tl.maximum(m, tl.max(z1, 1))
+                ref = m
+                q = tl.zeros((BLOCK_T,), dtype=tl.float32)
+                rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
+                ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+                zy = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
+                rescanned = tl.full((), 1, dtype=tl.int32)
+                v0 = v_begin
+            else:
+                q, rb, ss, zy = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, rb, ss,
+                                           zy, HAS_LORA, OUT_MODE)
+                v0 += BLOCK_V
+    ref_safe = tl.where(ref == float("-inf"), 0.0, ref)
+    pt = tl.exp(zy - ref_safe)  # the target entry (0 where the target is not in this split: zy = -inf)
+    zy = tl.where(zy == float("-inf"), 0.0, zy)
     out = split * N + offs_t
+    tl.store(ref_out + out, ref, mask=mask_t)
     tl.store(q_out + out, q, mask=mask_t)
     tl.store(pt_out + out, pt, mask=mask_t)
     tl.store(ss_out + out, ss, mask=mask_t)
-    if HAS_LORA:
-        tl.store(rb_out + out, rb, mask=mask_t)
+    tl.store(zy_out + out, zy, mask=mask_t)
+    tl.store(rb_out + out, rb, mask=mask_t)  # zeros without a LoRA term
 
 
 @dataclass
@@ -191,14 +263,22 @@ class ProbTiles:
     """The off-target probabilities of a packed problem and their row sums (module docstring).
 
     - ``precision``: "fp32", "bf16x2" or "bf16" (:data:`PRECISIONS`)
-    - ``p``: (N, V) fp32 P ("fp32"), else None
-    - ``hi``, ``lo``: (N, V) bf16 parts ("bf16x2": both, P ~= hi + lo; "bf16": ``hi`` only), else None
+    - ``p``: (N, V) fp32 stored tiles ("fp32"), else None
+    - ``hi``, ``lo``: (N, V) bf16 parts ("bf16x2": both, stored ~= hi + lo; "bf16": ``hi`` only), else None
     - ``q`` (N,) fp32: 1 - p_t as the sum of the off-target entries
     - ``pt`` (N,) fp32: the target entry pi_t[y_t] (0 for a target outside [0, V))
     - ``rb`` (N,) fp32: r_t . b_seg, or None without a LoRA term
     - ``ss`` (N,) fp32: r_t . r_t
+    - ``split_scale`` (S, N) fp32 or None: the stored tiles of a one-pass launch are relative to a
+      reference per (vocabulary split, token): ``P[t, v] = stored[t, v] * split_scale[v // split_width, t]``.
+      None: the stored tiles are P itself (normalised by ``lse``)
+    - ``split_width``: the width of the vocabulary splits (the last may be narrower; 0: one split of
+      all V columns): the K-split of every GEMM over the tiles (:mod:`.tile_gemms`)
+    - ``lse`` (N,) fp32: the log-sum-exp P is normalised by (given, or computed by the pass), or None
+    - ``target_logit`` (N,) fp32: z_t[y_t] from the pass's logits (0 for a target outside [0, V)), or None
 
-    Rows may be strided views of a larger buffer (``out=`` of :func:`prob_tiles_from_tensors`).
+    The per-token numbers (q, pt, rb, ss) are of the normalised P whatever ``split_scale`` is. Rows may
+    be strided views of a larger buffer (``out=`` of :func:`prob_tiles_from_tensors`).
     """
 
     precision: str
@@ -209,23 +289,91 @@ class ProbTiles:
     pt: torch.Tensor
     rb: Optional[torch.Tensor]
     ss: torch.Tensor
+    split_scale: Optional[torch.Tensor] = None
+    split_width: int = 0
+    lse: Optional[torch.Tensor] = None
+    target_logit: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> torch.Size:
         return (self.p if self.p is not None else self.hi).shape
 
-    def dense(self) -> torch.Tensor:
-        """P as one (N, V) fp32 tensor (the stored one for "fp32"; hi + lo, or hi, widened otherwise)."""
+    def width(self) -> int:
+        """The split width (``split_width``, or V for one split)."""
+        return self.split_width or int(self.shape[1])
+
+    def stored(self) -> torch.Tensor:
+        """The stored tiles as one (N, V) fp32 tensor (``p``; hi + lo, or hi, widened), before ``split_scale``."""
         if self.p is not None:
             return self.p
         return self.hi.float() if self.lo is None else self.hi.float() + self.lo.float()
+
+    def column_scale(self) -> Optional[torch.Tensor]:
+        """(N, V) fp32: ``split_scale`` of each entry's split, or None (allocates N V numbers: tests, small N)."""
+        if self.split_scale is None:
+            return None
+        return self.split_scale.T.repeat_interleave(self.width(), 1)[:, : self.shape[1]]
+
+    def dense(self) -> torch.Tensor:
+        """P as one (N, V) fp32 tensor (the stored one for normalised "fp32" tiles; widened and scaled otherwise)."""
+        x = self.stored()
+        return x if self.split_scale is None else x * self.column_scale()
 
     def rows(self, r0: int, r1: int) -> "ProbTiles":
         """The tiles of tokens [r0, r1) (views, no copy)."""
         def cut(x):
             return None if x is None else x[r0:r1]
+        sc = None if self.split_scale is None else self.split_scale[:, r0:r1]
         return ProbTiles(self.precision, cut(self.p), cut(self.hi), cut(self.lo), cut(self.q), cut(self.pt),
-                         cut(self.rb), cut(self.ss))
+                         cut(self.rb), cut(self.ss), sc, self.split_width, cut(self.lse), cut(self.target_logit))
+
+    def normalize_(self) -> "ProbTiles":
+        """Apply ``split_scale`` to the stored tiles in place (then None) -> self: one elementwise pass over
+        the tiles (bf16 parts: hi + lo widened, scaled and split again, so hi + lo is within 2^-15 of P
+        instead of 2^-16). For callers that read the tiles themselves; the GEMMs of :mod:`.tile_gemms`
+        apply the scales instead."""
+        if self.split_scale is None:
+            return self
+        sc = self.split_scale
+        parts = [self.p] if self.p is not None else [self.hi] + ([self.lo] if self.lo is not None else [])
+        views = [split_views(x, self.width()) for x in parts]
+        for k in range(2):  # the full splits (one batched op), then the last, narrower one
+            blocks = [v[k] for v in views]
+            if blocks[0] is None:
+                continue
+            s = sc[: blocks[0].shape[0]].unsqueeze(2) if k == 0 else sc[-1].unsqueeze(1)
+            if self.p is not None:
+                blocks[0].mul_(s)
+                continue
+            x = blocks[0].float() if len(blocks) == 1 else blocks[0].float() + blocks[1].float()
+            x.mul_(s)
+            hi = x.to(torch.bfloat16)
+            blocks[0].copy_(hi)
+            if len(blocks) == 2:
+                blocks[1].copy_((x - hi.float()).to(torch.bfloat16))
+        self.split_scale = None
+        return self
+
+
+def split_views(x: torch.Tensor, width: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A (R, V) tensor with unit column stride cut at the vocabulary splits -> (full, tail): ``full``
+    (nf, R, width) the nf = V // width full splits (a view; None if nf = 0), ``tail`` (R, V - nf width)
+    the last, narrower split (a view; None if empty)."""
+    R, V = x.shape
+    nf = V // width
+    full = x.as_strided((nf, R, width), (width, x.stride(0), 1), x.storage_offset()) if nf else None
+    tail = x[:, nf * width:] if nf * width < V else None
+    return full, tail
+
+
+def split_row_views(x: torch.Tensor, width: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A (V, k) operand cut at the vocabulary splits -> (full (nf, width, k) view or None, tail view or None)."""
+    V, k = x.shape
+    nf = V // width
+    full = x.as_strided((nf, width, k), (width * x.stride(0), x.stride(0), x.stride(1)), x.storage_offset()) \
+        if nf else None
+    tail = x[nf * width:] if nf * width < V else None
+    return full, tail
 
 
 def check_precision(who: str, precision: str) -> int:
@@ -245,24 +393,60 @@ def tile_buffers(N: int, V: int, precision: str, device: torch.device):
     return hi, (torch.empty_like(hi) if mode == 1 else None)
 
 
-def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, lse: torch.Tensor,
-                            targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+def combine_partials(part: torch.Tensor, lse: Optional[torch.Tensor]):
+    """The per-(split, token) partials (6, S, N) of a launch -> (lse, split_scale or None, q, pt, rb, ss,
+    target_logit), the per-token ones (N,) fp32 over the whole vocabulary.
+
+    With ``lse`` given (a FIXED_REF launch) the tiles are P already: the partials are summed. Otherwise,
+    with ``ref_s`` the references, M = max_s ref_s and w_s = exp(ref_s - M) <= 1:
+    lse = M + log sum_s w_s (q_s + pt_s), ``split_scale`` = exp(ref_s - lse), and each sum is
+    sum_s scale_s x_s (ss: sum_s scale_s (scale_s ss_s), whose intermediate cannot underflow first)."""
+    ref, zy = part[0], part[5]
+    vals = part[1:5]  # q, pt, rb, ss
+    if lse is not None:
+        q, pt, rb, ss = (vals[:, 0] if vals.shape[1] == 1 else vals.sum(1)).unbind(0)
+        return lse, None, q, pt, rb, ss, zy.sum(0)
+    M = ref.max(0).values
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # every logit -inf: all scales 0 below
+    w = torch.exp(ref - M)
+    lse = M + torch.log((w * (vals[0] + vals[1])).sum(0))
+    scale = torch.exp(ref - lse)
+    scaled = vals * scale
+    scaled[3].mul_(scale)
+    q, pt, rb, ss = scaled.sum(1).unbind(0)
+    return lse, scale, q, pt, rb, ss, zy.sum(0)
+
+
+#: The widest vocabulary split of a probability-tile launch (a multiple of 256): its splits are the
+#: K-split of every GEMM over the tiles (:mod:`.tile_gemms`), so no tensor-core accumulation chain is
+#: longer than this (module docstring: the error against float64).
+GEMM_K_MAX = 4096
+
+
+def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor,
+                            lse: Optional[torch.Tensor], targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                             lora_b: Optional[torch.Tensor] = None, ah: Optional[torch.Tensor] = None,
                             lora_scale: float = 0.0, precision: str = "fp32", out=None,
                             splits: Optional[int] = None) -> ProbTiles:
-    """Write the off-target probability tiles of N tokens -> :class:`ProbTiles` (one Triton launch).
+    """Write the off-target probability tiles of N tokens -> :class:`ProbTiles` (one Triton launch over W,
+    then a small combine of its (splits, N) partials in torch).
 
     Args:
         hidden: (N, d) and ``weight`` (V, d), one dtype of fp32 / bf16 / fp16, any strides.
         seg: (N,) int32 conversation of each token (gathers the LoRA b row; sorted is not needed here).
-        lse: (N,) fp32 log-sum-exp of each token's logits (the stats pass, :func:`.stats_pass.lse_and_pib`).
+        lse: (N,) fp32 log-sum-exp of each token's logits to normalise by (e.g. a vocabulary-parallel
+            head's global one): the tiles are then P itself. None (the one pass): the launch computes
+            the row statistics itself; the tiles are stored relative to per-(split, token) references
+            and ``split_scale`` normalises them (module docstring); ``lse`` and ``target_logit`` of the
+            result are the pass's.
         targets: (N,) int token ids; an id outside [0, V) is never split off.
         bias: (V,) or None; ``lora_b`` (B, V) / (V,) fp32 with ``ah`` (N,) = a_seg . h_t and
             ``lora_scale`` s: the LoRA term s (a . h_t) b of the logits (both or neither).
         precision: "fp32" (default), "bf16x2" or "bf16" (module docstring).
         out: optional ``(p, lo)`` from :func:`tile_buffers` (row stride >= V, unit column stride) to
             write into, e.g. rows of a kept buffer when tokens are blocked.
-        splits: force the vocabulary split count (benchmarks; default from the tuned BLOCK_T and SMs).
+        splits: force the vocabulary split count (benchmarks, tests; default from the tuned BLOCK_T, the
+            SMs and :data:`GEMM_K_MAX`).
     Returns:
         :class:`ProbTiles`; no host sync. Rows whose seg id is outside lora_b's rows read b = 0.
     """
@@ -270,7 +454,7 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
     mode = check_precision(who, precision)
     N, D, V = check_model(hidden, weight, bias)
     for name, x in (("lse", lse), ("seg", seg), ("targets", targets)):
-        if tuple(x.shape) != (N,):
+        if x is not None and tuple(x.shape) != (N,):
             raise RosaInputError(f"{who}: {name} must be ({N},), got {tuple(x.shape)}", name)
     if targets.dtype.is_floating_point or seg.dtype.is_floating_point:
         raise RosaInputError(f"{who}: targets and seg must be integer tensors, got {targets.dtype} / {seg.dtype}",
@@ -293,23 +477,24 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
     hidden, weight, bias = interpreter_safe(hidden, weight, bias)
     has_lora, lb, ah_, _ = lora_args(hidden, lora_b, ah, V)
     sms = sm_count(hidden.device)
-    rows, grid, rec = split_launch(N, V, _prob_tile_kernel.configs, sms, splits)
-    part = torch.empty(4, rows, N, dtype=torch.float32, device=hidden.device)
+    rows, grid, rec = split_launch(N, V, _prob_tile_kernel.configs, sms, splits, GEMM_K_MAX)
+    part = torch.empty(6, rows, N, dtype=torch.float32, device=hidden.device)
     single = (not has_lora) or lb.shape[0] == 1
     s_lb, n_lb = table_rows(lb)
+    fixed = lse is not None
     _prob_tile_kernel[grid](
         hidden, weight, bias if bias is not None else part, lb, ah_, seg.to(torch.int32).contiguous(),
-        lse.float().contiguous(), targets.contiguous(), p, lo if lo is not None else p,
-        part[0], part[1], part[2], part[3],
+        lse.float().contiguous() if fixed else part, targets.contiguous(), p, lo if lo is not None else p,
+        part[0], part[1], part[2], part[3], part[4], part[5],
         N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), s_lb, n_lb, p.stride(0),
-        float(lora_scale), N_BUCKET=n_bucket(N), HAS_BIAS=bias is not None, HAS_LORA=has_lora, SINGLE=single,
-        IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision(), OUT_MODE=mode)
+        float(lora_scale), HEADROOM, N_BUCKET=n_bucket(N), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        SINGLE=single, IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision(), OUT_MODE=mode,
+        FIXED_REF=fixed)
     n = rec["splits"]
-    sums = part[:, 0] if n == 1 else part[:, :n].sum(1)
-    q, pt, rb, ss = sums.unbind(0)
-    if mode == 0:
-        return ProbTiles(precision, p, None, None, q, pt, rb if has_lora else None, ss)
-    return ProbTiles(precision, None, p, lo, q, pt, rb if has_lora else None, ss)
+    lse_, scale, q, pt, rb, ss, zy = combine_partials(part[:, :n], lse.float() if fixed else None)
+    hi_or_p = dict(p=p, hi=None, lo=None) if mode == 0 else dict(p=None, hi=p, lo=lo)
+    return ProbTiles(precision, q=q, pt=pt, rb=rb if has_lora else None, ss=ss, split_scale=scale,
+                     split_width=split_width(V, n) if n > 1 else 0, lse=lse_, target_logit=zy, **hi_or_p)
 
 
 @torch.no_grad()
@@ -319,16 +504,21 @@ def probability_tiles(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                lora_scale: Optional[float] = None, seg: Optional[torch.Tensor] = None,
                precision: str = "fp32", prob=None) -> ProbTiles:
     """The tensor-level call (arguments as :mod:`rosa_ext.kernels.ops`): :class:`ProbTiles` of the
-    packed problem; ``lse`` (T,) from :func:`rosa_ext.kernels.stats` (computed -- one more pass over
-    W -- when omitted). With ``prob`` (:func:`rosa_ext.kernels.prepare`, with targets) no host sync."""
+    packed problem, normalised (``split_scale`` None) by ``lse`` (T,) when given, else by the problem's
+    own log-sum-exp: for "fp32" tiles from the one pass itself (then :meth:`ProbTiles.normalize_`, one
+    more fp32 rounding per entry); for the bf16 parts from :func:`rosa_ext.kernels.stats` first (one more
+    pass over W), so that their per-entry bounds (module docstring) hold as documented -- rescaling
+    stored bf16 parts would round them twice. (The engines keep the one pass's tiles as they are: their
+    GEMMs apply the scales.) With ``prob`` (:func:`rosa_ext.kernels.prepare`, with targets) no host sync."""
     from .ops import _kw, _problem, _stats  # the ops layer's checks (ops imports nothing from here)
 
     who = "rosa_ext.kernels.prob_tiles"
     check_precision(who, precision)
     p = _problem(who, prob, hidden, weight, targets, needs_targets=True, bias=bias, lora_a=lora_a, lora_b=lora_b,
                  lora_scale=lora_scale, seg=seg, lse=lse)
-    if lse is None:
+    if lse is None and precision != "fp32":
         if "stats" not in p._cache:
             p._cache["stats"] = _stats(p)
         lse = p._cache["stats"].lse
-    return prob_tiles_from_tensors(p.hidden, p.weight, p.seg32, lse, p.targets, precision=precision, **_kw(p))
+    tiles = prob_tiles_from_tensors(p.hidden, p.weight, p.seg32, lse, p.targets, precision=precision, **_kw(p))
+    return tiles.normalize_()

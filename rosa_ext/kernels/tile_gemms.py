@@ -25,29 +25,35 @@ accumulation, the same arithmetic. The error table is in :mod:`.prob_tiles`.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..common.validation import RosaInputError
-from .prob_tiles import ProbTiles
+from .prob_tiles import ProbTiles, split_row_views, split_views
 
 _OUT_DTYPE_OK = {"cuda": None}
 
+#: The most memory the per-split partial products of one GEMM over the tiles may take at once
+#: (the K-split's (splits, rows, cols) fp32 intermediate); more splits are done in groups.
+SCRATCH_BYTES = 256 * 2 ** 20
+
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (m, k) @ b (k, n) -> (m, n) fp32 with fp32 accumulation, for fp32 or bf16 operands of one dtype.
+    """a (m, k) @ b (k, n) -> (m, n) fp32 with fp32 accumulation, for fp32 or bf16 operands of one dtype;
+    (g, m, k) @ (g, k, n) -> (g, m, n) batched the same way.
 
-    bf16 on CUDA: one tensor-core GEMM with fp32 output (``out_dtype``, torch >= 2.8); elsewhere the
-    operands are widened (exact) and multiplied in fp32."""
+    bf16 on CUDA: one tensor-core GEMM with fp32 output (``out_dtype``, torch >= 2.8); elsewhere (or a
+    torch without ``out_dtype``) the operands are widened (exact) and multiplied in fp32. Any other
+    error -- CUDA out of memory included -- is raised, not taken for a missing feature."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     if a.device.type == "cuda" and a.dtype == b.dtype == torch.bfloat16 and _OUT_DTYPE_OK["cuda"] is not False:
         try:
-            c = torch.mm(a, b, out_dtype=torch.float32)
+            c = (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
             _OUT_DTYPE_OK["cuda"] = True
             return c
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, NotImplementedError):
             _OUT_DTYPE_OK["cuda"] = False
     return a.float() @ b.float()
 
@@ -65,33 +71,91 @@ def _parts(x: torch.Tensor) -> List[torch.Tensor]:
     return [x] if x.dtype == torch.bfloat16 else list(split_bf16(x))
 
 
-def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
-    """P @ x for x (V, k) -> (N, k) fp32, in the tiles' precision (module docstring)."""
+def _stored(tiles: ProbTiles) -> List[torch.Tensor]:
+    """The stored parts of the tiles: [p] (fp32), [hi, lo] (bf16x2) or [hi] (bf16)."""
     if tiles.p is not None:
-        return tiles.p @ x.float()
-    xs = _parts(x)
-    ps = [tiles.hi] if tiles.lo is None else [tiles.hi, tiles.lo]
+        return [tiles.p]
+    return [tiles.hi] if tiles.lo is None else [tiles.hi, tiles.lo]
+
+
+def _groups(nf: int, per_split_bytes: int) -> Iterator[Tuple[int, int]]:
+    """[g0, g1) groups of the nf full splits whose partial products fit :data:`SCRATCH_BYTES`."""
+    step = max(1, SCRATCH_BYTES // max(1, per_split_bytes))
+    for g0 in range(0, nf, step):
+        yield g0, min(nf, g0 + step)
+
+
+def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
+    """P @ x for x (V, k) -> (N, k) fp32, in the tiles' precision (module docstring).
+
+    K-split at the vocabulary splits: one batched GEMM over the full splits (each accumulation chain
+    at most ``split_width`` long), one GEMM for the last narrower split, then each split's product
+    times its ``split_scale`` summed over the splits in fp32."""
+    N, V = tiles.shape
+    k = x.shape[1]
+    width = tiles.width()
+    sc = tiles.split_scale
+    ps = _stored(tiles)
+    xs = [x.float()] if tiles.p is not None else _parts(x)
+    pairs = [(p, xx) for i, p in enumerate(ps) for j, xx in enumerate(xs) if i + j <= 1]  # lo x lo: dropped
+    pv = [split_views(p, width) for p, _ in pairs]
+    xv = [split_row_views(xx, width) for _, xx in pairs]
+    nf = V // width
     out = None
-    for i, p in enumerate(ps):
-        for j, xx in enumerate(xs):
-            if i + j > 1:  # lo x lo: below the split's accuracy
-                continue
-            c = mm_f32(p, xx)
-            out = c if out is None else out.add_(c)
+    for g0, g1 in _groups(nf, N * k * 4):
+        Y = None
+        for (pf, _), (xf, _) in zip(pv, xv):
+            c = mm_f32(pf[g0:g1], xf[g0:g1])
+            Y = c if Y is None else Y.add_(c)
+        if sc is not None:
+            Y.mul_(sc[g0:g1].unsqueeze(2))
+        part = Y[0] if g1 - g0 == 1 else Y.sum(0)
+        out = part if out is None else out.add_(part)
+    if nf * width < V:  # the last, narrower split
+        Y = None
+        for (_, pt), (_, xt) in zip(pv, xv):
+            c = mm_f32(pt, xt)
+            Y = c if Y is None else Y.add_(c)
+        if sc is not None:
+            Y.mul_(sc[nf].unsqueeze(1))
+        out = Y if out is None else out.add_(Y)
     return out
 
 
 def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor) -> torch.Tensor:
     """w @ P for w (m, N) -> (m, V) fp32 (a GEMV for m = 1), in the tiles' precision; w fp32 is
-    split into hi/lo for bf16 tiles (its accuracy is kept: it carries the solver's alpha)."""
-    if tiles.p is not None:
-        return w.float() @ tiles.p
+    split into hi/lo for bf16 tiles (its accuracy is kept: it carries the solver's alpha).
+
+    Per vocabulary split, ``split_scale`` folds into w (w_t scale_t), so each split's columns are one
+    product (a batched GEMM over the full splits, one for the last); each accumulation chain runs over
+    the N tokens."""
+    N, V = tiles.shape
     m = w.shape[0]
-    wh, wl = split_bf16(w)
-    both = mm_f32(torch.cat([wh, wl], 0), tiles.hi)  # reads hi once
-    out = both[:m].add_(both[m:])
-    if tiles.lo is not None:
-        out.add_(mm_f32(wh, tiles.lo))
+    width = tiles.width()
+    sc = tiles.split_scale
+    w = w.float()
+    views = [split_views(p, width) for p in _stored(tiles)]
+    nf = V // width
+    out = torch.empty(m, V, dtype=torch.float32, device=w.device)
+
+    def block(left: torch.Tensor, ps: List[torch.Tensor]) -> torch.Tensor:
+        """left (.., m, N) fp32 @ the stored parts ps (.., N, cols) -> (.., m, cols) fp32."""
+        if tiles.p is not None:
+            return left @ ps[0]
+        wh, wl = split_bf16(left)
+        both = mm_f32(torch.cat([wh, wl], -2), ps[0])  # reads hi once
+        res = both[..., :m, :].add_(both[..., m:, :])
+        if len(ps) > 1:
+            res.add_(mm_f32(wh, ps[1]))
+        return res
+
+    for g0, g1 in _groups(nf, m * width * 4 * 3):
+        left = w.unsqueeze(0).expand(g1 - g0, m, N) if sc is None else w.unsqueeze(0) * sc[g0:g1].unsqueeze(1)
+        Y = block(left, [v[0][g0:g1] for v in views])  # (g, m, width)
+        out[:, g0 * width:g1 * width].view(m, g1 - g0, width).copy_(Y.transpose(0, 1))
+    if nf * width < V:
+        left = w if sc is None else w * sc[nf].unsqueeze(0)
+        out[:, nf * width:] = block(left, [v[1] for v in views])
     return out
 
 
@@ -168,18 +232,40 @@ def _spans(offsets: Sequence[int], N: int) -> List[Tuple[int, int]]:
 
 def off_target_gram(tiles: ProbTiles, offsets: Sequence[int]) -> List[torch.Tensor]:
     """r_t . r_u for the tokens of each conversation -> one (T_b, T_b) fp32 matrix per conversation
-    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped)."""
-    N = tiles.shape[0]
+    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped).
+    K-split at the vocabulary splits as :func:`tiles_matmul`: G = sum_s (scale_s scale_s^T) o G_s."""
+    N, V = tiles.shape
+    width = tiles.width()
+    nf = V // width
     out = []
+
+    def gram(ps: List[torch.Tensor]) -> torch.Tensor:
+        """ps: the stored parts of a block of columns, (.., T_b, cols) -> (.., T_b, T_b) fp32."""
+        if tiles.p is not None:
+            return ps[0] @ ps[0].transpose(-1, -2)
+        G = mm_f32(ps[0], ps[0].transpose(-1, -2))
+        if len(ps) > 1:
+            X = mm_f32(ps[1], ps[0].transpose(-1, -2))
+            G.add_(X).add_(X.transpose(-1, -2))
+        return G
+
     for lo, hi in _spans(offsets, N):
         t = tiles.rows(lo, hi)
-        if t.p is not None:
-            out.append(t.p @ t.p.T)
-            continue
-        G = mm_f32(t.hi, t.hi.T)
-        if t.lo is not None:
-            X = mm_f32(t.lo, t.hi.T)
-            G.add_(X).add_(X.T)
+        Tb = hi - lo
+        sc = t.split_scale
+        views = [split_views(p, width) for p in _stored(t)]
+        G = None
+        for g0, g1 in _groups(nf, Tb * Tb * 4 * len(views)):
+            Gs = gram([v[0][g0:g1] for v in views])
+            if sc is not None:
+                Gs.mul_(sc[g0:g1].unsqueeze(2)).mul_(sc[g0:g1].unsqueeze(1))
+            part = Gs[0] if g1 - g0 == 1 else Gs.sum(0)
+            G = part if G is None else G.add_(part)
+        if nf * width < V:
+            Gt = gram([v[1] for v in views])
+            if sc is not None:
+                Gt.mul_(sc[nf].unsqueeze(1)).mul_(sc[nf].unsqueeze(0))
+            G = Gt if G is None else G.add_(Gt)
         out.append(G)
     return out
 
@@ -190,12 +276,15 @@ def cross_terms(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int])
     N, V = tiles.shape
     ok = _target_ok(targets, V)
     y = targets.clamp(0, V - 1)
+    width = tiles.width()
     out = []
     for lo, hi in _spans(offsets, N):
         t = tiles.rows(lo, hi)
         yb = y[lo:hi]
         X = t.p[:, yb] if t.p is not None else (t.hi[:, yb].float() if t.lo is None else
                                                  t.hi[:, yb].float() + t.lo[:, yb].float())
+        if t.split_scale is not None:  # scale[split of y_u, t]
+            X.mul_(t.split_scale.T[:, torch.div(yb, width, rounding_mode="floor")])
         out.append(X * ok[lo:hi].unsqueeze(0))
     return out
 
