@@ -83,3 +83,38 @@ def test_the_rule_of_the_tile_pass():
     assert tri.hidden_pass(prob, budget_bytes=5 * 203 * 4 - 1).engine == "torch"
     assert tri.gram_pass(prob, keep=False).engine == "triton"
     assert tri.gram_pass(prob, keep=True, budget_bytes=5 * 203 * 4 - 1).engine == "torch"
+
+
+@pytest.mark.parametrize("mode", ["hidden", "lora"])
+def test_the_triton_dual_runs_one_logits_pass(mode, monkeypatch):
+    """The default GPU path (here under the interpreter): the dual on the Triton engine launches the
+    probability-tile kernel ONCE -- it computes the row statistics itself -- and no stats kernel, no
+    streaming reduction over W (the LoRA VJP reads the kept tiles)."""
+    from rosa_ext.kernels import prob_tiles, reductions, stats_pass
+
+    launches = []
+    real = prob_tiles._prob_tile_kernel
+
+    class Counting:
+        configs = real.configs
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    class Refused:
+        def __init__(self, name, kernel):
+            self.name, self.configs = name, kernel.configs
+
+        def __getitem__(self, grid):
+            raise AssertionError(f"{self.name} was launched")
+
+    monkeypatch.setattr(prob_tiles, "_prob_tile_kernel", Counting())
+    for mod, name in ((stats_pass, "_stats_kernel"), (reductions, "_row_kernel"), (reductions, "_column_kernel")):
+        monkeypatch.setattr(mod, name, Refused(name, getattr(mod, name)))
+    kw = _inputs(37, mode, lora_term=mode == "lora")
+    got = rosa_ext.rosa_update(**kw, reward=-1.0, mode=mode, backend="triton", solver="dual")
+    assert got.backend == "triton" and len(launches) == 1
+    monkeypatch.undo()
+    want = rosa_ext.rosa_update(**kw, reward=-1.0, mode=mode, backend="torch", solver="dual")
+    assert _rel(got.update, want.update) < 1e-5

@@ -217,8 +217,10 @@ _HOPPER_FP32_IEEE = [
 ]
 
 
-def _config(bt, bv, bd, w, s):
-    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+def _config(bt, bv, bd, w, s, maxnreg=None):
+    """A config from a list entry (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages[, maxnreg]): ``maxnreg``
+    lets ptxas use that many registers per thread where its own occupancy target would spill."""
+    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
 def tile_configs(pools: Sequence[Sequence[tuple]] = ()):
@@ -257,7 +259,7 @@ def make_prune(half: Sequence[tuple], fp32_tc: Sequence[tuple], fp32_ieee: Seque
     is the one of this module's lists. (With :func:`tuning` "first", the first config of each list.)"""
     if tuning() == "first":
         half, fp32_tc, fp32_ieee = half[:1], fp32_tc[:1], fp32_ieee[:1]
-    pools = (frozenset(map(tuple, half)), frozenset(map(tuple, fp32_tc)), frozenset(map(tuple, fp32_ieee)))
+    pools = tuple(frozenset(tuple(c[:5]) for c in lst) for lst in (half, fp32_tc, fp32_ieee))
 
     def prune(configs, named_args, **kwargs):
         """bf16/fp16 operands keep the half-precision list, fp32 ones the fp32 tensor-core list

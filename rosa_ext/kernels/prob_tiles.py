@@ -1,30 +1,62 @@
-"""Probability tiles: the normalised off-target probabilities P written to memory (MATH.md section 4).
+"""Probability tiles: the off-target probabilities P written to memory in ONE pass over W (MATH.md section 4).
 
-Given the log-sum-exp of the stats pass (:mod:`.stats_pass`), one Triton pass over W writes
+One Triton pass over W writes, per token t and vocabulary entry v,
 
     P[t, v] = pi_t[v] = exp(z_t[v] - lse_t)   for v != y_t,      P[t, y_t] = 0
 
-(``r_t`` of MATH.md section 4: pi_t with its target entry split off, as the CPU one pass does in
-:mod:`rosa_ext.backends.onepass`), and per token, accumulated in fp32 in the same pass:
+(``r_t`` of MATH.md section 4: pi_t with its target entry split off), and per token, accumulated in
+fp32 in the same pass:
 
 - ``q``  (N,) = sum_{v != y_t} pi_t[v] = 1 - p_t, summed from the off-target entries (never
   formed as ``1 - p``, which is rounding noise once p_t is within a few ulps of 1);
 - ``pt`` (N,) = pi_t[y_t], the target entry that was split off (0 for a target outside [0, V):
   the rows another rank of a vocabulary-parallel head owns are never split);
 - ``rb`` (N,) = r_t . b_seg (LoRA; pi_t . b = rb + pt b[y_t]), or None without a LoRA term;
-- ``ss`` (N,) = r_t . r_t, for the relative ridge: ||e_{y_t} - pi_t||^2 = q_t^2 + ss_t (section 6).
+- ``ss`` (N,) = r_t . r_t, for the relative ridge: ||e_{y_t} - pi_t||^2 = q_t^2 + ss_t (section 6);
+- ``lse`` (N,) and the target logit z_t[y_t] (for log p_t = z_t[y_t] - lse_t, finite where p_t underflows).
 
 After it every heavy product of the dual and of CG is a GEMM or GEMV over P
 (:mod:`.tile_gemms`): hidden ``r W = P W``, the LoRA Gram ``P P^T`` with the target cross terms
 ``P[t, y_u]`` gathered, the VJP ``w^T P``; no logits are recomputed.
 
+**The one pass: references, headroom, the combine.** lse is not known while the tiles are written,
+so (as flash-attention / flash-decoding do) each program -- one token tile x one vocabulary split --
+keeps its own statistics. Its *reference* for token t is the row maximum of the split's first tile
+(the first with a finite one), and it stores exp(z - ref) with no rescaling as it goes. A later tile
+may rise above the reference; :data:`HEADROOM` (33: entries up to e^33 ~ 2^47.6) is what the stored
+formats and every product over them can hold (squares and Gram sums of up to 2^20 entries stay below
+2^115). The program keeps the running row maximum too, and if at the end of its split some row's
+maximum exceeds its reference by more than the headroom (entries may have overflowed), it writes the
+whole split again with the row maxima as references (entries then <= 1): at most once, and only that
+(token tile, split) pays it -- so no entry overflows and no row is silently wrong, at the cost of
+recomputing that split's logits. The program stores per (split, token) its reference ref_s and the
+sums q_s, pt_s, rb_s, ss_s relative to it, and its split's target logit (one dot of the rows, before the
+loop). The combine (:func:`combine_partials`, a few small torch ops on (splits, N)): M = max_s ref_s,
+lse = M + log sum_s exp(ref_s - M) (q_s + pt_s), ``split_scale`` = exp(ref_s - lse), and
+q = sum_s scale_s q_s and so on. The tiles stay as stored: ``P = stored x split_scale`` per split,
+and the GEMMs apply the scales (their K-split is at the same splits, at most :data:`GEMM_K_MAX` wide:
+:mod:`.tile_gemms`). Underflow is no worse than normalising by lse directly: ref_s <= lse, so an entry
+flushes only where z - lse < -87 as there; a split whose whole scale is subnormal (ref_s < lse - 87)
+holds only entries below e^(33 - 87) = e^-54 of its row's mass, which then carry the scale's reduced
+precision (python_tests/kernels/test_prob_tiles.py, a jump of 100 inside a split).
+
+With ``lse`` given (:func:`prob_tiles_from_tensors`; the FIXED_REF specialisation) the reference is
+that lse: the tiles are P itself, ``split_scale`` None (the two-pass form, for a log-sum-exp from
+elsewhere, e.g. a vocabulary-parallel head's global one). The tensor-level
+:func:`probability_tiles` returns normalised tiles either way (module docstring of the function).
+
+Unmeasured (no GPU here): the time of the one pass against the stats pass + tile kernel it replaces,
+how often real logits make a split rewrite itself (the headroom is chosen from the overflow bound, not
+from measured logits), and the registers the autotuned configs use at run time (the ahead-of-time
+compiles for sm_90 in python_tests/kernels/test_prob_tiles.py show no spill in any specialisation).
+
 The logits tile is the one of the other kernels (:func:`._tiles.logits_tile`: ``tl.dot`` with fp32
 accumulation; fp32 operands at :func:`._tiles.fp32_precision`, "tf32x3" by default on the GPU --
 the interpreter ignores it and multiplies exactly). Grid: (token tiles, vocabulary splits) as the
-stats pass (split count from the tuned BLOCK_T and the SM count), each program loops over the
-vocabulary tiles of its split and stores them; the per-split row partials (4, splits, N) are summed
-in torch. No atomics (deterministic), no host sync, nothing read out of bounds whatever the seg ids
-or targets.
+stats pass (split count from the tuned BLOCK_T and the SM count, at least V / :data:`GEMM_K_MAX`),
+each program loops over the vocabulary tiles of its split and stores them; the per-split partials
+(6, splits, N) are combined in torch. No atomics (deterministic), no host sync, nothing read out of
+bounds whatever the seg ids or targets.
 
 Storage precisions of P (``precision``):
 
@@ -36,6 +68,9 @@ Storage precisions of P (``precision``):
   of itself; P - P_hi itself is exact in fp32). Same bytes as fp32, but the GEMMs over it run on the
   bf16 tensor cores (two products into one fp32 accumulator) at about fp32 accuracy;
 - ``"bf16"`` (opt-in, fast): P_hi only, 2^-8 relative per entry; half the bytes and half the GEMMs.
+
+The bounds are per stored entry, so they hold for one-pass tiles too: P = stored x ``split_scale``
+adds one fp32 rounding (2^-24) where the products apply the scale.
 
 Measured error of each -- a CPU EMULATION, not the GPU: ``benchmarks/bench_prob_tiles.py --emulate``
 runs the kernel's arithmetic in torch (fp32 logits from exact products of the bf16 inputs, fp32 lse,
@@ -54,7 +89,9 @@ bf16 W; relative Frobenius error against float64 on the same inputs (results fil
     =========  =======  =======  ===========  ======================
 
 (fp32's error is that of the fp32 logits and lse, |z| up to 33 here (median max pi_t 0.45); bf16x2 adds its 2^-16
-bound's worth; bf16 alone is ~1e-3. The kernel's own output is checked under the interpreter in
+bound's worth; bf16 alone is ~1e-3. The emulation normalises by lse as the two-pass form does and its
+GEMMs accumulate by rounding to nearest; the tensor cores' truncating accumulation and the K-split
+that bounds it are in :mod:`.tile_gemms`. The kernel's own output is checked under the interpreter in
 python_tests/kernels/test_prob_tiles.py, where V = 32000 would be too slow.)
 """
 from __future__ import annotations
@@ -95,12 +132,15 @@ _OUT_MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 #: or per-conversation b rows and without) showed the stats kernels' 64-per-thread tiles spilling
 #: here: 128x128x64 with 8 warps 16-308 bytes, with 4 warps 450-2100, 128x256 up to 1.8 KB, and
 #: 64x256 92 bytes (fp32 P, per-conversation b). These compile with no spill in every
-#: specialisation, the wgmma ones (BLOCK_T >= 64) with wgmma (python_tests/kernels/test_prob_tiles.py).
+#: specialisation (both reference modes too), the wgmma ones (BLOCK_T >= 64) with wgmma
+#: (python_tests/kernels/test_prob_tiles.py). The decode-sized 16x128 tile takes a 6th entry, maxnreg
+#: 192: without it ptxas (Triton 3.9's, --regAllocOptLevel=2) caps itself at 168 registers and the
+#: one-pass bf16x2 specialisation spilled 16-24 bytes; with it, 178-189 registers and no spill.
 _HALF = [
     (64, 128, 64, 8, 3),
     (128, 64, 64, 8, 3),
     (64, 64, 64, 4, 4),
-    (16, 128, 64, 4, 3),
+    (16, 128, 64, 4, 3, 192),
 ]
 _FP32_TC = [
     (128, 64, 32, 8, 3),
@@ -132,21 +172,23 @@ def round_bf16(x):
 #: ``r . r``, one entry of the Gram over a split, V <= 2^20) <= 2^115.2: nothing the kernel or the
 #: GEMMs over its tiles form can overflow fp32 (2^128), with 2^12 to spare for the other operand of
 #: a product (|W|, u, the VJP's weights). A tile whose row maximum is further above the reference
-#: makes its program rescan the split (module docstring).
+#: makes its program write the split again relative to the row maxima (module docstring).
 HEADROOM = 33.0
 
 
 @triton.jit
-def _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, rb, ss, zy,
-               HAS_LORA: tl.constexpr, OUT_MODE: tl.constexpr):
+def _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, pt, rb, ss,
+               HAS_LORA: tl.constexpr, OUT_MODE: tl.constexpr, ONE_PASS: tl.constexpr):
     """Store one tile exp(z - ref) of P with the target entries split off and zeroed, and add its row
-    sums to the per-token partials q, rb, ss -> (q, rb, ss, zy), zy the running maximum of the
-    target's logit (-inf until the tile that holds it; pt = exp(zy - ref) is formed once, at the end).
-    A row whose reference is -inf (every logit so far -inf) stores zeros."""
+    sums to the per-token partials -> (q, pt, rb, ss). ONE_PASS: ``pt`` is left for the end (from the
+    target logit, once the reference is final: :func:`_target_logit`); otherwise it sums the target
+    entries. A row whose reference is -inf (every logit so far -inf) stores zeros."""
     ref_safe = tl.where(ref == float("-inf"), 0.0, ref)
     hit = y[:, None] == offs_v[None, :]  # the target split (MATH.md section 4)
-    zy = tl.maximum(zy, tl.max(tl.where(hit, z, float("-inf")), 1))
-    r = tl.where(hit, 0.0, tl.exp(z - ref_safe[:, None]))  # masked vocabulary columns: exp(-inf) = 0
+    pi = tl.exp(z - ref_safe[:, None])  # masked vocabulary columns: exp(-inf) = 0
+    if not ONE_PASS:
+        pt += tl.sum(tl.where(hit, pi, 0.0), 1)
+    r = tl.where(hit, 0.0, pi)
     q += tl.sum(r, 1)
     ss += tl.sum(r * r, 1)
     if HAS_LORA:
@@ -160,7 +202,35 @@ def _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, r
         tl.store(p_base + loc, hi.to(tl.bfloat16), mask=keep)
         if OUT_MODE == 1:
             tl.store(lo_base + loc, round_bf16(r - hi).to(tl.bfloat16), mask=keep)
-    return q, rb, ss, zy
+    return q, pt, rb, ss
+
+
+@triton.jit
+def _target_logit(h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, y, own, offs_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb,
+                  lora_scale, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SINGLE: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z_t[y_t] = h_t . W[y_t] (+ c[y_t]) (+ s (a . h_t) b_seg[y_t]) of the tokens whose target ``own``
+    says this program's split holds (0 elsewhere) -> (BLOCK_T,) fp32: fp32 products of the rows, summed
+    over d in BLOCK_D chunks (before the vocabulary loop: only the result stays live through it)."""
+    row_t = offs_t.to(tl.int64)
+    row_y = tl.where(own, y, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=1):  # not pipelined: a few rows, once per program
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = own[:, None] & (offs_d < D)[None, :]
+        h = tl.load(h_ptr + row_t[:, None] * s_hn + offs_d[None, :] * s_hd, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + row_y[:, None] * s_wv + offs_d[None, :] * s_wd, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(h * w, 1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + row_y, mask=own, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        if SINGLE:
+            by = tl.load(lb_ptr + row_y, mask=own, other=0.0)
+        else:
+            seg_ok = (seg >= 0) & (seg < n_lb)
+            by = tl.load(lb_ptr + tl.where(seg_ok, seg, 0).to(tl.int64) * s_lb + row_y, mask=own & seg_ok, other=0.0)
+        acc += lora_scale * ah * by
+    return tl.where(own, acc, 0.0)
 
 
 @autotuned(tile_configs(POOLS), AUTOTUNE_KEY + ["OUT_MODE", "FIXED_REF"],
@@ -177,12 +247,13 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
     its reference (OUT_MODE 0: fp32 into p_ptr; 1: bf16 hi into p_ptr and lo into lo_ptr; 2: bf16 hi
     only), row stride s_p, and its (N,) partials at row ``split`` of the (splits, N) buffers: the
     reference, q, pt, rb, ss (relative to the reference) and the target logit z_t[y_t] (0 where the
-    target is not in the split).
+    target is not in the split, and with FIXED_REF: :func:`_target_logit`).
 
     FIXED_REF: the reference is lse_ptr's log-sum-exp (the tiles are P itself: the two-pass form).
     Otherwise the reference of each token is the row maximum of the split's first tile with a finite
-    one, and a tile whose row maximum exceeds it by more than ``headroom`` makes the program take
-    the maximum of the split's remaining tiles and start the split over with it (once at most)."""
+    one (the running maximum is kept as well); if, at the end of the split, some row's maximum is more
+    than ``headroom`` above its reference, the program writes the whole split again with the
+    maxima as references (module docstring)."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -196,59 +267,50 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
         ref = tl.load(lse_ptr + offs_t, mask=mask_t, other=0.0)
     else:
         ref = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
+    m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     q = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    pt = tl.zeros((BLOCK_T,), dtype=tl.float32)
     rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
     ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    zy = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     # stores: int32 offsets within this token tile from one int64 base (fewer registers than an int64
     # address tile; 128 * s_p < 2^31 is checked at launch)
     p_base = p_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
     lo_base = lo_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
     row = tl.arange(0, BLOCK_T) * s_p
     v_begin, v_end = split_range(V, split)
-    if FIXED_REF:
-        for v0 in range(v_begin, v_end, BLOCK_V):
-            offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
-                                                      mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
-                                                      HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
-                                                      BLOCK_D)
-            q, rb, ss, zy = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, rb, ss, zy,
-                                       HAS_LORA, OUT_MODE)
-    else:
-        v0 = v_begin
-        rescanned = tl.zeros((), dtype=tl.int32)
-        while v0 < v_end:
-            offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
-                                                      mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
-                                                      HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
-                                                      BLOCK_D)
+    own = mask_t & (y >= v_begin) & (y < v_end)  # the tokens whose target this split holds
+    zy = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if not FIXED_REF:  # their target logit, before the loop (its temporaries are dead by then)
+        zy = _target_logit(h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, y, own, offs_t, D, s_hn, s_hd, s_wv, s_wd, s_lb,
+                           n_lb, lora_scale, HAS_BIAS, HAS_LORA, SINGLE, BLOCK_T, BLOCK_D)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
+                                                  mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
+                                                  HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
+                                                  BLOCK_D)
+        if not FIXED_REF:
             mt = tl.max(z, 1)
             ref = tl.where(ref == float("-inf"), mt, ref)
-            over = tl.max((mt > ref + headroom).to(tl.int32), 0)
-            if (over > 0) & (rescanned == 0):
-                # a tile too far above the reference: the maximum of the split's remaining tiles, then
-                # the split again from its start with it (no entry can then exceed 1)
-                m = tl.maximum(ref, mt)
-                for v1 in range(v0 + BLOCK_V, v_end, BLOCK_V):
-                    _, _, _, z1 = split_logits_tile(v1, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
-                                                    mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
-                                                    HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V,
-                                                    BLOCK_D)
-                    m = tl.maximum(m, tl.max(z1, 1))
-                ref = m
-                q = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                zy = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
-                rescanned = tl.full((), 1, dtype=tl.int32)
-                v0 = v_begin
-            else:
-                q, rb, ss, zy = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, rb, ss,
-                                           zy, HAS_LORA, OUT_MODE)
-                v0 += BLOCK_V
-    ref_safe = tl.where(ref == float("-inf"), 0.0, ref)
-    pt = tl.exp(zy - ref_safe)  # the target entry (0 where the target is not in this split: zy = -inf)
-    zy = tl.where(zy == float("-inf"), 0.0, zy)
+            m = tl.maximum(m, mt)
+        q, pt, rb, ss = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, pt, rb, ss,
+                                   HAS_LORA, OUT_MODE, not FIXED_REF)
+    if not FIXED_REF:
+        # a row whose split rose more than `headroom` above its reference (its entries may have
+        # overflowed): the whole split again, each row relative to its maximum (no entry then exceeds 1)
+        if tl.max((m > ref + headroom).to(tl.int32), 0) > 0:
+            ref = m
+            q = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            rb = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            for v0 in range(v_begin, v_end, BLOCK_V):
+                offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg,
+                                                          offs_t, mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb,
+                                                          lora_scale, HAS_BIAS, HAS_LORA, SINGLE, IS_FP32, PRECISION,
+                                                          BLOCK_T, BLOCK_V, BLOCK_D)
+                q, pt, rb, ss = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, pt,
+                                           rb, ss, HAS_LORA, OUT_MODE, True)
+        ref_safe = tl.where(ref == float("-inf"), 0.0, ref)
+        pt = tl.where(own, tl.exp(zy - ref_safe), 0.0)  # the target entry, split off
     out = split * N + offs_t
     tl.store(ref_out + out, ref, mask=mask_t)
     tl.store(q_out + out, q, mask=mask_t)
@@ -275,7 +337,8 @@ class ProbTiles:
     - ``split_width``: the width of the vocabulary splits (the last may be narrower; 0: one split of
       all V columns): the K-split of every GEMM over the tiles (:mod:`.tile_gemms`)
     - ``lse`` (N,) fp32: the log-sum-exp P is normalised by (given, or computed by the pass), or None
-    - ``target_logit`` (N,) fp32: z_t[y_t] from the pass's logits (0 for a target outside [0, V)), or None
+    - ``target_logit`` (N,) fp32: z_t[y_t] from the one pass's logits (0 for a target outside [0, V)), or
+      None (tiles normalised by a given lse)
 
     The per-token numbers (q, pt, rb, ss) are of the normalised P whatever ``split_scale`` is. Rows may
     be strided views of a larger buffer (``out=`` of :func:`prob_tiles_from_tensors`).
@@ -405,7 +468,7 @@ def combine_partials(part: torch.Tensor, lse: Optional[torch.Tensor]):
     vals = part[1:5]  # q, pt, rb, ss
     if lse is not None:
         q, pt, rb, ss = (vals[:, 0] if vals.shape[1] == 1 else vals.sum(1)).unbind(0)
-        return lse, None, q, pt, rb, ss, zy.sum(0)
+        return lse, None, q, pt, rb, ss, None
     M = ref.max(0).values
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # every logit -inf: all scales 0 below
     w = torch.exp(ref - M)

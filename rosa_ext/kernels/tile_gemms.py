@@ -1,4 +1,5 @@
-"""The GEMMs over the probability tiles (MATH.md section 4): plain torch products over P.
+"""The GEMMs over the probability tiles (MATH.md section 4): torch products over P, K-split at its
+vocabulary splits.
 
 After :func:`rosa_ext.kernels.prob_tiles.prob_tiles_from_tensors` has written P (N x V, the
 off-target probabilities r_t, target entries 0) and its row sums, every heavy product of the dual
@@ -22,6 +23,26 @@ the tensor cores at about fp32 accuracy. "bf16" tiles drop P's lo part (2^-8 rel
 opt-in). bf16 x bf16 -> fp32 runs as ``torch.mm(..., out_dtype=torch.float32)`` on CUDA; where that
 is missing (the CPU, older torch) both operands are widened to fp32 first: exact products, fp32
 accumulation, the same arithmetic. The error table is in :mod:`.prob_tiles`.
+
+The K-split. Tiles of one pass are stored relative to a reference per (vocabulary split, token), with
+``split_scale`` (S, N) normalising them (:mod:`.prob_tiles`), so every product contracts each split
+on its own and then applies the scales: the tiles viewed as (S, rows, width) go through ONE batched
+GEMM over the full splits (plus one GEMM for the last, narrower split), each split's product is
+multiplied by its scales and the splits are summed in fp32 (``P W``, ``r . u``, the Gram:
+G = sum_s (scale_s scale_s^T) o P_s P_s^T); in the VJP ``w^T P`` the scales fold into w. The splits
+are at most ``GEMM_K_MAX`` (4096) wide (unless a launch forces fewer splits: benchmarks), so no
+tensor-core accumulation chain is longer than that,
+whatever V. Why it matters: a bf16 tensor-core GEMM adds each k-step to its fp32 accumulator with
+truncation, so its error grows with the chain's length and does not average out. A CPU model of that
+accumulation (``benchmarks/ksplit_error_model.py``: exact 16-product k-steps into an fp32 accumulator
+rounded toward zero; the Qwen2.5 head's V = 151936, d = 896; results in
+``benchmarks/results/ksplit_error_model.json``) gives a relative error of P W against float64 of
+1.6e-4 over one chain of V, 4.9e-5 over 4 chains, 7.9e-6 at 8192 and 6.2e-6 at 4096 (round-to-nearest
+accumulation: 1.1e-6 over one chain); the Gram, a sum of positive terms, 2.2e-6 over one chain and
+1.4e-7 at 4096. So the K-split keeps the GPU test's 3e-5 with a margin of ~5x in the model; the real
+accumulator is measured only by that test on a GPU. Cost: the (S, rows, cols) fp32 partial products
+(S = V / 4096 = 38 on that head: N x d x 4 bytes each, ~140 MB for P W at N = 1024, d = 896), done in
+groups of at most :data:`SCRATCH_BYTES`; the same GEMM flops. (Unmeasured on a GPU.)
 """
 from __future__ import annotations
 
