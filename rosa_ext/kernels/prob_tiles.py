@@ -148,9 +148,11 @@ _FP32_TC = [
     (64, 64, 32, 4, 3),
     (32, 64, 32, 4, 3),
 ]
+#: (the one-pass specialisation of a 32x64x32 tile with 4 warps spilled 16-24 bytes at 168-255 registers;
+#: with 8 warps it needs 146-178 and spills nothing)
 _FP32_IEEE = [
     (64, 64, 32, 8, 3),
-    (32, 64, 32, 4, 3),
+    (32, 64, 32, 8, 3),
     (16, 64, 64, 4, 3),
 ]
 POOLS = (_HALF, _FP32_TC, _FP32_IEEE)
@@ -211,7 +213,7 @@ def _target_logit(h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, y, own, offs_t, D, s_
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """z_t[y_t] = h_t . W[y_t] (+ c[y_t]) (+ s (a . h_t) b_seg[y_t]) of the tokens whose target ``own``
     says this program's split holds (0 elsewhere) -> (BLOCK_T,) fp32: fp32 products of the rows, summed
-    over d in BLOCK_D chunks (before the vocabulary loop: only the result stays live through it)."""
+    over d in BLOCK_D chunks, before the vocabulary loop (only the result is live during it)."""
     row_t = offs_t.to(tl.int64)
     row_y = tl.where(own, y, 0).to(tl.int64)
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -260,6 +262,8 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
     mask_t = offs_t < N
     seg = tl.load(seg_ptr + offs_t, mask=mask_t, other=0)
     y = tl.load(y_ptr + offs_t, mask=mask_t, other=-1)
+    if not FIXED_REF:  # 32-bit ids (a register less per row here); one outside [0, V) is never split off
+        y = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
     ah = tl.zeros((BLOCK_T,), dtype=tl.float32)
     if HAS_LORA:
         ah = tl.load(ah_ptr + offs_t, mask=mask_t, other=0.0)
@@ -278,11 +282,11 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
     lo_base = lo_ptr + (pid_t * BLOCK_T).to(tl.int64) * s_p
     row = tl.arange(0, BLOCK_T) * s_p
     v_begin, v_end = split_range(V, split)
-    own = mask_t & (y >= v_begin) & (y < v_end)  # the tokens whose target this split holds
     zy = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    if not FIXED_REF:  # their target logit, before the loop (its temporaries are dead by then)
-        zy = _target_logit(h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, y, own, offs_t, D, s_hn, s_hd, s_wv, s_wd, s_lb,
-                           n_lb, lora_scale, HAS_BIAS, HAS_LORA, SINGLE, BLOCK_T, BLOCK_D)
+    if not FIXED_REF:  # the target logit of the tokens whose target this split holds, before the loop
+        zy = _target_logit(h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, y, mask_t & (y >= v_begin) & (y < v_end), offs_t,
+                           D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale, HAS_BIAS, HAS_LORA, SINGLE, BLOCK_T,
+                           BLOCK_D)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t,
                                                   mask_t, D, s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
@@ -310,6 +314,7 @@ def _prob_tile_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, 
                 q, pt, rb, ss = _emit_tile(z, bv, ref, y, offs_v, mask_v, mask_t, p_base, lo_base, row, q, pt,
                                            rb, ss, HAS_LORA, OUT_MODE, True)
         ref_safe = tl.where(ref == float("-inf"), 0.0, ref)
+        own = mask_t & (y >= v_begin) & (y < v_end)  # the tokens whose target this split holds
         pt = tl.where(own, tl.exp(zy - ref_safe), 0.0)  # the target entry, split off
     out = split * N + offs_t
     tl.store(ref_out + out, ref, mask=mask_t)
@@ -469,8 +474,8 @@ def combine_partials(part: torch.Tensor, lse: Optional[torch.Tensor]):
     if lse is not None:
         q, pt, rb, ss = (vals[:, 0] if vals.shape[1] == 1 else vals.sum(1)).unbind(0)
         return lse, None, q, pt, rb, ss, None
-    M = ref.max(0).values
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # every logit -inf: all scales 0 below
+    big = torch.finfo(torch.float32).max
+    M = ref.amax(0).clamp_(-big, big)  # every logit -inf: w = 0 and lse = -inf; NaN stays NaN
     w = torch.exp(ref - M)
     lse = M + torch.log((w * (vals[0] + vals[1])).sum(0))
     scale = torch.exp(ref - lse)
