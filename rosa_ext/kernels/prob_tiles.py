@@ -136,6 +136,9 @@ _OUT_MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 #: (python_tests/kernels/test_prob_tiles.py). The decode-sized 16x128 tile takes a 6th entry, maxnreg
 #: 192: without it ptxas (Triton 3.9's, --regAllocOptLevel=2) caps itself at 168 registers and the
 #: one-pass bf16x2 specialisation spilled 16-24 bytes; with it, 178-189 registers and no spill.
+#: Several tf32x3 specialisations use 250-255 registers (the one pass's 128x64x32 with per-conversation
+#: b rows: 255): a change to the kernel body can tip them into spilling -- rerun the compile test.
+#: Registers of every specialisation: benchmarks/results/prob_tiles_sm90_registers.txt.
 _HALF = [
     (64, 128, 64, 8, 3),
     (128, 64, 64, 8, 3),
