@@ -370,16 +370,19 @@ for tag, dt, prec, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", (128, 128, 
          dict(flags, SINGLE=True, SCATTER=True, HAS_FLAG=True, **tile), opts),
     ]
 # the probability tiles on the first config of their own lists (every config: test_prob_tiles.py), bf16 hi/lo
-# and fp32 P
+# and fp32 P, the one pass (its own row statistics: the engines' default) and a given lse
 for tag, dt, prec, mode, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", 1, prob_tiles.POOLS[0][0]),
                                                   ("fp32-tf32x3", "fp32", "tf32x3", 0, prob_tiles.POOLS[1][0])]:
     out_t = P if mode == 0 else "*bf16"
-    cases.append((tag, prob_tiles._prob_tile_kernel,
-                  dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", lb_ptr=P, ah_ptr=P, seg_ptr="*i32", lse_ptr=P,
-                       y_ptr="*i64", p_ptr=out_t, lo_ptr=out_t, q_out=P, pt_out=P, rb_out=P, ss_out=P, **ints, s_hn=I,
-                       s_wv=I, s_lb=I, n_lb=I, s_p=I, lora_scale=F),
-                  dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, SINGLE=False, IS_FP32=dt == "fp32", PRECISION=prec,
-                       OUT_MODE=mode, BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd), dict(num_warps=nw, num_stages=ns)))
+    for fixed in (False, True):
+        cases.append((tag + ("-lse" if fixed else ""), prob_tiles._prob_tile_kernel,
+                      dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", lb_ptr=P, ah_ptr=P, seg_ptr="*i32",
+                           lse_ptr=P, y_ptr="*i64", p_ptr=out_t, lo_ptr=out_t, ref_out=P, q_out=P, pt_out=P, rb_out=P,
+                           ss_out=P, zy_out=P, **ints, s_hn=I, s_wv=I, s_lb=I, n_lb=I, s_p=I, lora_scale=F,
+                           headroom=F),
+                      dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, SINGLE=False, IS_FP32=dt == "fp32",
+                           PRECISION=prec, OUT_MODE=mode, FIXED_REF=fixed, BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd),
+                      dict(num_warps=nw, num_stages=ns)))
 for tag, dt in (("bf16", "bf16"), ("fp32", "fp32")):  # the GEMVs, run-flag on (fp32: the flagged hidden-mode CG)
     cases += [
         (tag, matvec._matvec_kernel, dict(w_ptr=f"*{dt}", x_ptr=P, out_ptr=P, flag_ptr="*fp64", D=I, V=I, s_wv=I, s_x=I,
@@ -394,7 +397,7 @@ for tag, kern, sig, const, opts in cases:
     names = list(fn.arg_names)
     const = dict(const, **{n: 1 for n in ("s_hd", "s_wd") if n in names})  # unit strides, as at launch
     # what a launch with the Qwen head (d = 896, 16-byte aligned buffers) specialises on
-    odd = ("N", "V", "B", "lora_scale", "n_lb", "n_u")
+    odd = ("N", "V", "B", "lora_scale", "headroom", "n_lb", "n_u")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in odd}
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -429,6 +432,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for tag in ("bf16", "fp32-tf32x3"):
         for name in ("_stats_kernel", "_row_kernel", "_column_kernel", "_prob_tile_kernel"):
             assert got[(tag, name)][:2] == ("wgmma", "pipelined"), (tag, name, got[(tag, name)])
+        assert got[(tag + "-lse", "_prob_tile_kernel")][:2] == ("wgmma", "pipelined"), (tag, got)
     assert {(t, k) for t in ("bf16", "fp32") for k in ("_matvec_kernel", "_rmatvec_kernel")} <= set(got)
     assert all(shared <= 227 * 1024 for _, _, shared in got.values()), got
 

@@ -35,7 +35,7 @@ TORCH: Table = {
 #: estimates for an H100 SXM (data sheet: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3) and a bf16 head, kept so
 #: that ``auto`` decides by the same rules on CUDA. Replace them with ``benchmarks/bench_throughput.py``.
 #: They describe the probability-tile path (MATH.md section 4): ONE logits pass on the tensor cores writes P
-#: (N x V off-target probabilities, bf16 hi + lo) with its row sums, then the products are GEMMs over P:
+#: (N x V: r̂, the off-target distribution, bf16 hi + lo) with its row sums, then the products are GEMMs over P:
 #:
 #: - gemm 350e12: useful flop/s of the pass's products as the plans count them (hidden 4 N d V: the logits
 #:   2 N d V plus P W 2 N d V; LoRA: the logits plus the Gram P_b P_b^T). ~600 TFLOP/s sustained bf16, less

@@ -220,8 +220,10 @@ _HOPPER_FP32_IEEE = [
 ]
 
 
-def _config(bt, bv, bd, w, s):
-    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+def _config(bt, bv, bd, w, s, maxnreg=None):
+    """A config from a list entry (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages[, maxnreg]): ``maxnreg``
+    lets ptxas use that many registers per thread where its own occupancy target would spill."""
+    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
 def tile_configs(pools: Sequence[Sequence[tuple]] = ()):
@@ -260,7 +262,7 @@ def make_prune(half: Sequence[tuple], fp32_tc: Sequence[tuple], fp32_ieee: Seque
     is the one of this module's lists. (With :func:`tuning` "first", the first config of each list.)"""
     if tuning() == "first":
         half, fp32_tc, fp32_ieee = half[:1], fp32_tc[:1], fp32_ieee[:1]
-    pools = (frozenset(map(tuple, half)), frozenset(map(tuple, fp32_tc)), frozenset(map(tuple, fp32_ieee)))
+    pools = tuple(frozenset(tuple(c[:5]) for c in lst) for lst in (half, fp32_tc, fp32_ieee))
 
     def prune(configs, named_args, **kwargs):
         """bf16/fp16 operands keep the half-precision list, fp32 ones the fp32 tensor-core list
@@ -422,7 +424,7 @@ def sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
+def split_plan(N: int, V: int, block_t: int, sms: int, max_chunk: int = 0) -> Tuple[int, int]:
     """(splits, chunk): the vocabulary splits of the (token tiles x splits) grid of the stats and
     row kernels, each ``chunk`` wide (a multiple of :data:`SPLIT_ALIGN`, none empty).
 
@@ -430,11 +432,15 @@ def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
     rounds of one program per SM, each program streaming ``chunk`` vocabulary rows -- over the
     counts up to :data:`MAX_WAVES` waves (and one more), ties to fewer splits (less to merge). So a small token count is spread
     over the vocabulary until the SMs are busy (about two waves where the 256-row granularity
-    allows), and a large one gets one split. Cached: computed once per (N, V, BLOCK_T, SMs)."""
+    allows), and a large one gets one split. ``max_chunk`` (a multiple of :data:`SPLIT_ALIGN`; 0: none)
+    caps the width: the probability-tile kernel's splits are also the K-split of the GEMMs over its
+    tiles (:mod:`.prob_tiles`), so at least ``ceil(V / max_chunk)`` of them. Cached: computed once
+    per (N, V, BLOCK_T, SMs, max_chunk)."""
     tiles = max(1, triton.cdiv(int(N), int(block_t)))
-    top = max(1, min(triton.cdiv(V, SPLIT_ALIGN), triton.cdiv(MAX_WAVES * sms, tiles) + 1))
+    least = triton.cdiv(V, max_chunk) if max_chunk else 1
+    top = max(least, min(triton.cdiv(V, SPLIT_ALIGN), triton.cdiv(MAX_WAVES * sms, tiles) + 1))
     best = None
-    for s in range(1, top + 1):
+    for s in range(least, top + 1):
         chunk = triton.cdiv(triton.cdiv(V, s), SPLIT_ALIGN) * SPLIT_ALIGN
         n = triton.cdiv(V, chunk)
         cost = triton.cdiv(tiles * n, sms) * chunk
@@ -443,36 +449,42 @@ def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
     return best[1], best[2]
 
 
+def split_width(V: int, splits: int) -> int:
+    """The width of each of ``splits`` vocabulary splits (the last may be narrower), as the kernels'
+    :func:`split_range` computes it."""
+    return triton.cdiv(triton.cdiv(V, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+
+
 def forced_splits(splits: int, V: int) -> int:
     """A split count asked for explicitly (benchmarks), rounded as :func:`split_plan` rounds it so
     that no split is empty."""
     splits = max(1, min(int(splits), triton.cdiv(V, SPLIT_ALIGN)))
-    chunk = triton.cdiv(triton.cdiv(V, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return triton.cdiv(V, chunk)
+    return triton.cdiv(V, split_width(V, splits))
 
 
-def max_splits(N: int, V: int, configs: Sequence, sms: int) -> int:
+def max_splits(N: int, V: int, configs: Sequence, sms: int, max_chunk: int = 0) -> int:
     """The most splits any of ``configs`` can launch with (the rows of the partial buffers)."""
-    return max(split_plan(N, V, c.kwargs["BLOCK_T"], sms)[0] for c in configs)
+    return max(split_plan(N, V, c.kwargs["BLOCK_T"], sms, max_chunk)[0] for c in configs)
 
 
-def split_launch(N: int, V: int, configs: Sequence, sms: int, splits: Optional[int]):
+def split_launch(N: int, V: int, configs: Sequence, sms: int, splits: Optional[int], max_chunk: int = 0):
     """(rows of the partial buffers, launch grid, record) of a split kernel: from the tuned BLOCK_T
-    and the SM count (:func:`max_splits`, :func:`split_grid`), or ``splits`` forced
-    (:func:`forced_splits`). ``record["splits"]`` holds the split count of the launch that ran."""
+    and the SM count (:func:`max_splits`, :func:`split_grid`; ``max_chunk`` as :func:`split_plan`), or
+    ``splits`` forced (:func:`forced_splits`). ``record["splits"]`` holds the split count of the launch
+    that ran."""
     record: Dict[str, int] = {}
     if splits is None:  # from the tuned BLOCK_T, in the launch grid; the buffers fit every config
-        return max_splits(N, V, configs, sms), split_grid(N, V, sms, record), record
+        return (max_splits(N, V, configs, sms, max_chunk), split_grid(N, V, sms, record, max_chunk), record)
     rows = record["splits"] = forced_splits(splits, V)
     return rows, (lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), rows)), record
 
 
-def split_grid(N: int, V: int, sms: int, record: Dict[str, int]):
+def split_grid(N: int, V: int, sms: int, record: Dict[str, int], max_chunk: int = 0):
     """The launch grid (token tiles, splits) of the split kernels, computed from the config's
     BLOCK_T; the split count of the last launch (the one whose result is kept: the autotuner
     launches every config first when it tunes) is left in ``record["splits"]``."""
     def grid(meta):
-        splits = split_plan(N, V, meta["BLOCK_T"], sms)[0]
+        splits = split_plan(N, V, meta["BLOCK_T"], sms, max_chunk)[0]
         record["splits"] = splits
         return (triton.cdiv(N, meta["BLOCK_T"]), splits)
     return grid
