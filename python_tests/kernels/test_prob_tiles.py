@@ -354,9 +354,12 @@ def test_normalize_applies_the_split_scales_in_place(precision):
     rel = 2.0 ** -15 if precision == "bf16x2" else 2.0 ** -23
     assert torch.all((tiles.dense().double() - before.double()).abs() <= rel * before.double() + 1e-30)
     assert torch.all((tiles.dense().double() - R).abs() <= (rel + 4e-6) * R + 1e-7)
+    P = truth["P"]
+    assert tiles.normalize_(pi=True) is tiles and not tiles.off_target  # r̂ already unscaled -> P
+    assert torch.all((tiles.dense().double() - P).abs() <= (2 * rel + 4e-6) * P + 1e-7)
+    torch.testing.assert_close(tiles.ss.double(), truth["ss"], rtol=1e-5, atol=1e-7)
     pi = _low_level(model, None, seg, precision=precision, splits=splits, one_pass=True).normalize_(pi=True)
     assert pi.split_scale is None and not pi.off_target and pi.pi_factor() is None
-    P = truth["P"]
     assert torch.all((pi.dense().double() - P).abs() <= (rel + 4e-6) * P + 1e-7)
     torch.testing.assert_close(pi.ss.double(), truth["ss"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(pi.rb.double(), truth["rb"], rtol=1e-5, atol=1e-6)
