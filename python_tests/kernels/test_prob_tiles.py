@@ -228,6 +228,8 @@ def _check_one_pass(tiles, truth, model, T, lora, precision, logit_err=2e-6):
     rel = max(1e-5, 2 * logit_err)
     torch.testing.assert_close(tiles.q.double(), truth["q"], rtol=rel, atol=1e-7)
     torch.testing.assert_close(tiles.pt.double(), truth["pt"], rtol=rel, atol=1e-7)
+    torch.testing.assert_close(tiles.logp.double(), truth["pt"].log(), rtol=rel, atol=1e-7)
+    torch.testing.assert_close(tiles.logq.double(), truth["q"].log(), rtol=rel, atol=1e-7)
     torch.testing.assert_close(tiles.ss.double(), truth["ssr"], rtol=rel, atol=1e-7)
     P = truth["P"]  # pi's off-target entries: (1 - p) r̂
     pi_rows = tiles.dense().double() * tiles.pi_factor().double().unsqueeze(1)

@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..common import defaults
-from ..common.jacobian import WholeVocabulary, split_logits
+from ..common.jacobian import WholeVocabulary
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..kernels import tile_gemms
 from ..kernels.primitives import TritonPrimitives
@@ -105,7 +105,8 @@ class TritonEngine(TritonPrimitives):
         taken off its logits before any reference is formed, so the tiles, stored relative to per-split
         references, become r̂_t (the softmax of the other logits) with their ``split_scale``, and lse_off,
         r̂ . b and the target logit z_y come with them; lse, log p and log(1 - p) follow exactly from
-        logit(p) = z_y - lse_off (:func:`rosa_ext.kernels.prob_tiles.combine_partials`). A target outside
+        logit(p) = z_y - lse_off (:func:`rosa_ext.kernels.prob_tiles.combine_partials`, with
+        :func:`rosa_ext.common.jacobian.split_logits`: the rule of every engine). A target outside
         [0, V) (another rank's token) is not split off: z_y = -inf, lse = lse_off, log(1 - p) = 0."""
         if self._fp64(prob) or self._over_budget(prob, budget_bytes, what):
             return None
@@ -116,9 +117,8 @@ class TritonEngine(TritonPrimitives):
         tiles = prob_tiles_from_tensors(prob.hidden, prob.weight, self.index(prob)[0], None, prob.targets,
                                         bias=prob.bias, lora_b=prob.lora_b if ah is not None else None, ah=ah,
                                         lora_scale=prob.lora_scale if ah is not None else 0.0, precision=precision)
-        _, logp, logq = split_logits(tiles.target_logit, tiles.lse_off)  # exact however large |logit(p)|
-        split = HeadStats(lse=tiles.lse, logp=logp, ah=ah, pib=None, lse_off=tiles.lse_off, logq=logq, rb=tiles.rb,
-                          kept=KeptProbTiles(tiles, tiles.lse_off), engine=self.name, split=True)
+        split = HeadStats(lse=tiles.lse, logp=tiles.logp, ah=ah, pib=None, lse_off=tiles.lse_off, logq=tiles.logq,
+                          rb=tiles.rb, kept=KeptProbTiles(tiles, tiles.lse_off), engine=self.name, split=True)
         return split, tiles
 
     # ------------------------------------------------------------------------- one-pass plans

@@ -389,6 +389,8 @@ class ProbTiles:
     - ``off_target``: the normalisation above
     - ``lse_off`` (N,) fp32: the log-sum-exp of the other logits (z_t without its target entry), the
       one pass's; None for a given lse
+    - ``logp``, ``logq`` (N,) fp32: log p_t and log(1 - p_t) from logit(p_t) = z_y - lse_off, exact however
+      large |z_y - lse_off| (the one pass's; None for a given lse)
 
     Rows may be strided views of a larger buffer (``out=`` of :func:`prob_tiles_from_tensors`).
     """
@@ -407,6 +409,8 @@ class ProbTiles:
     target_logit: Optional[torch.Tensor] = None
     off_target: bool = False
     lse_off: Optional[torch.Tensor] = None
+    logp: Optional[torch.Tensor] = None
+    logq: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> torch.Size:
@@ -446,7 +450,7 @@ class ProbTiles:
         sc = None if self.split_scale is None else self.split_scale[:, r0:r1]
         return ProbTiles(self.precision, cut(self.p), cut(self.hi), cut(self.lo), cut(self.q), cut(self.pt),
                          cut(self.rb), cut(self.ss), sc, self.split_width, cut(self.lse), cut(self.target_logit),
-                         self.off_target, cut(self.lse_off))
+                         self.off_target, cut(self.lse_off), cut(self.logp), cut(self.logq))
 
     def normalize_(self, pi: bool = False) -> "ProbTiles":
         """Apply ``split_scale`` to the stored tiles in place (then None) -> self: one elementwise pass over
@@ -525,8 +529,9 @@ def tile_buffers(N: int, V: int, precision: str, device: torch.device):
 
 
 def combine_partials(part: torch.Tensor, lse: Optional[torch.Tensor]):
-    """The per-(split, token) partials (6, S, N) of a launch -> (lse, lse_off or None, split_scale or None,
-    q, pt, rb, ss, target_logit or None), the per-token ones (N,) fp32 over the whole vocabulary.
+    """The per-(split, token) partials (6, S, N) of a launch -> (lse, lse_off, split_scale, q, pt, rb, ss,
+    target_logit, log p, log(1 - p)), the per-token ones (N,) fp32 over the whole vocabulary (lse_off,
+    split_scale, target_logit, log p and log(1 - p) None for a given lse).
 
     With ``lse`` given (a FIXED_REF launch) the tiles are P already: the partials are summed. Otherwise
     (the one pass, whose sums are of the off-target entries only), with ``ref_s`` the references,
@@ -539,19 +544,19 @@ def combine_partials(part: torch.Tensor, lse: Optional[torch.Tensor]):
     if lse is not None:
         vals = part[1:5]  # q, pt, rb, ss
         q, pt, rb, ss = (vals[:, 0] if vals.shape[1] == 1 else vals.sum(1)).unbind(0)
-        return lse, None, None, q, pt, rb, ss, None
+        return lse, None, None, q, pt, rb, ss, None, None, None
     big = torch.finfo(torch.float32).max
     M = ref.amax(0).clamp_(-big, big)  # no other finite logit: w = 0 and lse_off = -inf; NaN stays NaN
     w = torch.exp(ref - M)
     lse_off = M + torch.log((w * part[1]).sum(0))
     # a token with no other finite logit: nothing stored (zeros), scale 0 (not exp(-inf + inf))
     scale = torch.where(lse_off == float("-inf"), torch.zeros((), device=ref.device), torch.exp(ref - lse_off))
-    vals = part[[3, 4]] * scale  # rb, ss
+    vals = part[3:5] * scale  # rb, ss (a slice: a list index would be a host-to-device copy)
     vals[1].mul_(scale)
     rb, ss = vals.sum(1).unbind(0)
     z_y = zy.amax(0)
     lse_, logp, logq = split_logits(z_y, lse_off)
-    return lse_, lse_off, scale, torch.exp(logq), torch.exp(logp), rb, ss, z_y
+    return lse_, lse_off, scale, torch.exp(logq), torch.exp(logp), rb, ss, z_y, logp, logq
 
 
 #: The widest vocabulary split of a probability-tile launch (a multiple of 256): its splits are the
@@ -630,11 +635,11 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
         SINGLE=single, IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision(), OUT_MODE=mode,
         FIXED_REF=fixed)
     n = rec["splits"]
-    lse_, lse_off, scale, q, pt, rb, ss, zy = combine_partials(part[:, :n], lse.float() if fixed else None)
+    lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials(part[:, :n], lse.float() if fixed else None)
     hi_or_p = dict(p=p, hi=None, lo=None) if mode == 0 else dict(p=None, hi=p, lo=lo)
     return ProbTiles(precision, q=q, pt=pt, rb=rb if has_lora else None, ss=ss, split_scale=scale,
                      split_width=split_width(V, n) if n > 1 else 0, lse=lse_, target_logit=zy,
-                     off_target=not fixed, lse_off=lse_off, **hi_or_p)
+                     off_target=not fixed, lse_off=lse_off, logp=logp, logq=logq, **hi_or_p)
 
 
 @torch.no_grad()
