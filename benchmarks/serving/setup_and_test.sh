@@ -14,6 +14,9 @@
 # Fails unless every vLLM test ran and passed (no test collected, or a skipped one, is a failure).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# nothing written into the checkout by the test run: no __pycache__ (this script's pythons and the servers
+# the test starts inherit it), no .pytest_cache (-p no:cacheprovider below)
+export PYTHONDONTWRITEBYTECODE=1
 VENV="${ROSA_VLLM_VENV:-$HOME/.cache/rosa-ext/vllm-venv}"
 PY="$VENV/bin/python"
 t0=$(date +%s)
@@ -47,7 +50,8 @@ t1=$(date +%s)
 echo "== opt-in vLLM test"
 report=$(mktemp -d)/vllm.xml
 OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
-  ROSA_REQUIRE_VLLM=1 "$PY" -m pytest -q -m vllm -rs --junitxml="$report" python_tests/integrations/test_vllm_serving.py "$@"
+  ROSA_REQUIRE_VLLM=1 "$PY" -m pytest -q -p no:cacheprovider -m vllm -rs --junitxml="$report" \
+  python_tests/integrations/test_vllm_serving.py "$@"
 "$PY" - "$report" <<'PYEOF'
 import sys
 import xml.etree.ElementTree as ET

@@ -10,7 +10,7 @@ import torch
 import rosa_ext
 from rosa_ext.common.validation import RosaInputError, RosaNonFiniteError, RosaStateError, RosaTypeError
 from rosa_ext.integrations.models import tiny_causal_lm
-from rosa_ext.integrations.serving import RosaServing, ServingConfig, request_fields
+from rosa_ext.integrations.serving import RosaServing, ServingConfig, feedback_body, put_body, request_fields, reset_body, rpc_safe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 V, D, NEW = 300, 32, 6
@@ -224,3 +224,169 @@ def test_config_is_validated():
         with pytest.raises((RosaInputError, RosaTypeError)) as e:
             ServingConfig.from_mapping(cfg)
         assert e.value.argument == arg, cfg
+
+
+# -- what a client sends to the HTTP routes (checked in vLLM's front end, before the engine) ------------
+def test_feedback_body_names_each_bad_field_and_only_int64_numbers_reach_the_engine():
+    """A feedback's numbers are converted before anything is sent to the engine: vLLM's RPC cannot carry an
+    int beyond 64 bits, so an int that large must be refused (or converted) here, naming its field."""
+    ok = feedback_body({"user": "alice", "request_id": "cmpl-x", "reward": 10 ** 25, "index": 2})
+    assert ok == {"user": "alice", "request_id": "cmpl-x", "reward": 1e25, "index": 2}
+    assert type(ok["reward"]) is float
+    rpc_safe("feedback", ok)
+    assert feedback_body({"user": "alice", "request_id": "r", "reward": -1})["index"] is None
+    cases = [({"user": "alice", "request_id": "r", "reward": 10 ** 400}, RosaInputError, "reward"),  # > float max
+             ({"user": "alice", "request_id": "r", "reward": float("inf")}, RosaInputError, "reward"),
+             ({"user": "alice", "request_id": "r", "reward": [1.0]}, RosaTypeError, "reward"),
+             ({"user": "alice", "request_id": "r", "reward": None}, RosaTypeError, "reward"),
+             ({"user": "alice", "request_id": "r", "reward": 1.0, "index": 10 ** 23}, RosaInputError, "index"),
+             ({"user": "alice", "request_id": "r", "reward": 1.0, "index": -1}, RosaInputError, "index"),
+             ({"user": "alice", "request_id": "r", "reward": 1.0, "index": 0.5}, RosaInputError, "index"),
+             ({"user": "alice", "request_id": "r", "reward": 1.0, "index": True}, RosaTypeError, "index"),
+             ({"user": "alice", "request_id": 10 ** 30, "reward": 1.0}, RosaTypeError, "request_id"),
+             ({"user": 10 ** 30, "request_id": "r", "reward": 1.0}, RosaTypeError, "user"),
+             ({"user": "alice", "reward": 1.0}, RosaInputError, "request_id"),
+             ({"user": "alice", "request_id": "r", "reward": 1.0, "rewrad": 10 ** 30}, RosaInputError, "rewrad"),
+             ([1, 2], RosaTypeError, "body"), (None, RosaTypeError, "body")]
+    for body, cls, arg in cases:
+        with pytest.raises(cls) as e:
+            feedback_body(body)
+        assert e.value.argument == arg, body
+    # the last check before the engine names the field of any int beyond 64 bits
+    for payload, arg in (({"user": "a", "tensors": 2 ** 64}, "tensors"), ({"state": {"num_updates": -2 ** 63 - 1}},
+                                                                           "state['num_updates']"),
+                         ({"state": {"delta": [0.0, 10 ** 20]}}, "state['delta']")):
+        with pytest.raises(RosaInputError) as e:
+            rpc_safe("put", payload)
+        assert e.value.argument == arg
+    rpc_safe("put", {"state": {"delta": [0.0, 2 ** 63 - 1, -2 ** 63], "mode": "hidden", "x": None, "y": True}})
+
+
+def test_get_output_goes_back_with_put_and_huge_numbers_name_their_field():
+    """README: PUT takes the JSON of GET ?tensors=true as is (its `user` must be the path's, its `revision`
+    is ignored); every number of the state is checked before the engine sees it."""
+    model = _model()
+    eng = _serving(model)
+    _decode(model, eng, [("a1", {"rosa_user": "ann", "rosa_record": True}, _prompt(1))])
+    eng.feedback("ann", "a1", -1.0)
+    got = eng.get_user("ann", tensors=True)
+    before = eng.store.state("ann")
+    payload = put_body("ann", got)  # verbatim
+    rpc_safe("put", payload)
+    out = eng.put_user(payload["user"], payload["state"])
+    assert out["revision"] > got["revision"] and out["num_updates"] == 1
+    assert torch.equal(eng.store.state("ann").delta, before.delta)
+    # a stale revision is ignored (a PUT restores a saved state), not compared
+    assert put_body("ann", dict(got, revision=0))["state"]["delta"] == got["delta"]
+    # the same JSON under another user: leave `user` out
+    with pytest.raises(RosaInputError) as e:
+        put_body("bob", got)
+    assert e.value.argument == "user" and "'ann'" in str(e.value)
+    eng.put_user("bob", put_body("bob", {k: v for k, v in got.items() if k != "user"})["state"])
+    assert torch.equal(eng.store.state("bob").delta, before.delta)
+    d = len(got["delta"])
+    cases = [(dict(got, num_updates=10 ** 23), RosaInputError, "state['num_updates']"),
+             (dict(got, num_updates=-1), RosaInputError, "state['num_updates']"),
+             (dict(got, vocab_size=10 ** 30), RosaInputError, "state['vocab_size']"),
+             (dict(got, hidden_size=2 ** 64), RosaInputError, "state['hidden_size']"),
+             (dict(got, version=10 ** 30), RosaInputError, "state['version']"),
+             (dict(got, lora_scale=10 ** 400), RosaInputError, "state['lora_scale']"),
+             (dict(got, delta=[10 ** 400] * d), RosaInputError, "state['delta']"),
+             (dict(got, revision=10 ** 30), RosaInputError, "revision"),
+             (dict(got, revision="7"), RosaTypeError, "revision"),
+             (dict(got, user=7), RosaInputError, "user"),
+             (dict(got, extra=1), RosaInputError, "state['extra']"),
+             ([1.0] * d, RosaTypeError, "state")]
+    for body, cls, arg in cases:
+        with pytest.raises(cls) as e:
+            put_body("ann", body)
+        assert e.value.argument == arg, (arg, str(e.value))
+    # an int that a float holds is a number of the state (converted), checked against the model by the engine
+    big = put_body("ann", dict(got, delta=[10 ** 39] + [0.0] * (d - 1)))
+    rpc_safe("put", big)
+    with pytest.raises(RosaNonFiniteError) as e:  # 1e39 overflows the served float32
+        eng.put_user("ann", big["state"])
+    assert e.value.argument == "state['delta']"
+    assert eng.store.state("ann").num_updates == 1
+    for body, arg in (({"mode": "lora"}, None), (None, None), ({"mode": 10 ** 30}, "mode"), ({"mod": "lora"}, "mod"),
+                      ([1], "body")):
+        if arg is None:
+            assert reset_body("ann", body)["mode"] == (body or {}).get("mode")
+            continue
+        with pytest.raises((RosaInputError, RosaTypeError)) as e:
+            reset_body("ann", body)
+        assert e.value.argument == arg
+
+
+def test_an_index_past_the_prompts_names_index_and_its_range():
+    model = _model()
+    eng = _serving(model)
+    _decode(model, eng, [("cmpl-x-0", {"rosa_user": "ann", "rosa_record": True}, _prompt(1)),
+                         ("cmpl-y-0", {"rosa_user": "bob", "rosa_record": True}, _prompt(2)),
+                         ("cmpl-y-1", {"rosa_user": "bob", "rosa_record": True}, _prompt(3)),
+                         ("chatcmpl-z", {"rosa_user": "cy", "rosa_record": True}, _prompt(4))], steps=2)
+    for user, rid, index, want in (("ann", "cmpl-x", 1, "[0, 0]"), ("bob", "cmpl-y", 5, "[0, 1]"),
+                                   ("cy", "chatcmpl-z", 0, "leave `index` out")):
+        with pytest.raises(RosaInputError) as e:
+            eng.feedback(user, rid, 1.0, index=index)
+        assert e.value.argument == "index" and want in str(e.value), str(e.value)
+    assert eng.feedback("bob", "cmpl-y", 1.0, index=1)["tokens"] == 2
+    assert eng.feedback("cy", "chatcmpl-z", 1.0)["tokens"] == 2
+    with pytest.raises(RosaInputError) as e:  # an unknown request is still about the request
+        eng.feedback("ann", "cmpl-nope", 1.0, index=1)
+    assert e.value.argument == "request_id"
+
+
+def test_delete_drops_the_users_pending_answers_and_reset_keeps_them(tmp_path):
+    """Deleting a user forgets it all: rating one of its recorded answers afterwards is refused (naming
+    request_id) and does not bring the user back. A reset changes the state only."""
+    model = _model()
+    eng = _serving(model, tmp_path)
+    _decode(model, eng, [("a1", {"rosa_user": "ann", "rosa_record": True}, _prompt(1))])
+    eng.feedback("ann", "a1", -1.0)
+    _decode(model, eng, [("a2", {"rosa_user": "ann", "rosa_record": True}, _prompt(2)),
+                         ("a3", {"rosa_user": "ann", "rosa_record": True}, _prompt(3)),
+                         ("b1", {"rosa_user": "bob", "rosa_record": True}, _prompt(4)),
+                         ("c1", {"rosa_user": "cy", "rosa_record": True}, _prompt(5))])
+    reserved = eng.stats()["reserved_mb"]
+    out = eng.delete_user("ann")
+    assert out["state_deleted"] and out["recordings_dropped"] == 2
+    assert eng.stats()["reserved_mb"] == pytest.approx(reserved / 2)
+    for rid in ("a2", "a3"):
+        with pytest.raises(RosaStateError) as e:
+            eng.feedback("ann", rid, 1.0)
+        assert e.value.argument == "request_id" and "deleted" in str(e.value)
+    assert not eng.store.has("ann")
+    # a user with recorded answers but no state yet (never rated) is deleted too
+    out = eng.delete_user("bob")
+    assert not out["state_deleted"] and out["recordings_dropped"] == 1
+    with pytest.raises(RosaStateError):
+        eng.feedback("bob", "b1", 1.0)
+    assert not eng.store.has("bob")
+    with pytest.raises(RosaInputError) as e:  # nothing left of bob: 404
+        eng.delete_user("bob")
+    assert e.value.argument == "user" and "no state stored" in str(e.value)
+    # a reset keeps the pending answer: it is rated from the base state
+    eng.reset_user("cy")
+    assert eng.feedback("cy", "c1", 1.0)["num_updates"] == 1
+    # a new answer after the delete is a new user's
+    _decode(model, eng, [("a4", {"rosa_user": "ann", "rosa_record": True}, _prompt(6))])
+    assert eng.feedback("ann", "a4", 1.0)["num_updates"] == 1
+
+
+def test_vllm_serve_names_the_flag_of_a_bad_option(capsys, tmp_path):
+    """`python -m rosa_ext.integrations.vllm_serve --rosa-mode x`: one line naming --rosa-mode, exit 2,
+    before vLLM is imported."""
+    from rosa_ext.integrations import vllm_serve
+
+    for argv, flag in ((["--rosa-mode", "x"], "--rosa-mode"), (["--rosa-damping", "-1"], "--rosa-damping"),
+                       (["--rosa-lora-scale", "0"], "--rosa-lora-scale"), (["--rosa-seed", "abc"], "--rosa-seed"),
+                       (["--rosa-max-pending", "0"], "--rosa-max-pending"),
+                       (["--rosa-store", str(tmp_path / "no" / "s.sqlite")], "--rosa-store"),
+                       (["--rosa-store", str(tmp_path)], "--rosa-store")):
+        with pytest.raises(SystemExit) as e:
+            vllm_serve.main(["--model", "m"] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"argument {flag}:" in err, err
+        assert "config[" not in err and "Traceback" not in err, err

@@ -306,3 +306,26 @@ def test_two_threads_in_session_generate_keep_their_recordings_whole():
             h = model.model(seq).last_hidden_state[0, P.shape[1] - 1:]
         torch.testing.assert_close(rec.hidden[0], h[:rec.hidden[0].shape[0]], rtol=1e-4, atol=1e-5)
     s.detach()
+
+
+def test_remove_forgets_the_recorded_answer_and_reset_keeps_it():
+    """As the vLLM server's DELETE: a removed user's recorded answer cannot be rated (it does not bring the
+    user back); a reset only puts the state back to the base, the answer can still be rated."""
+    from rosa_ext.common.validation import RosaInputError
+
+    model = _model()
+    users = RosaUsers(model, mode="hidden")
+    P = _prompts()
+    users.generate(P, ["ann", "bob", None], **GEN)
+    users.update({"ann": -1.0})
+    users.generate(P, ["ann", "bob", None], **GEN)
+    users.remove("ann")
+    assert users.answer("ann") is None and not users.has("ann")
+    with pytest.raises(RosaInputError) as e:
+        users.update({"ann": 1.0})
+    assert e.value.argument == "feedback"
+    assert not users.has("ann")
+    users.reset("bob")
+    assert users.answer("bob") is not None
+    assert users.update({"bob": 1.0})["bob"].update.abs().max() > 0 and users.state("bob")["num_updates"] == 1
+    users.detach()

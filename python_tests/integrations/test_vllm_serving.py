@@ -8,7 +8,9 @@ The plugin (``python -m rosa_ext.integrations.vllm_serve``, a real server in a s
 through ``POST /rosa/feedback`` (the step runs in the server); every user's next answer equals its own
 single-user session (greedy tokens, top-5 log-probs within 1e-3), base rows in the same batches equal
 the base model, concurrent users never get each other's state, bad input is HTTP 400 naming the field
-and the server keeps serving, and the states survive a ``kill -9`` of the whole server and a restart.
+(ints beyond 64 bits, an index past the prompts) and the server keeps serving, GET ?tensors=true goes
+back with PUT as is, a deleted user's pending answers and an aborted stream cannot be rated, and the
+states survive a ``kill -9`` of the whole server and a restart.
 
 The export path (PEFT adapter + ``RosaShiftLogitsProcessor``, offline ``LLM``): one vLLM batch
 [base, LoRA user, shift user] against the sessions.
@@ -485,6 +487,115 @@ def test_plugin_chat_completion_turn(plugin):
     assert code == 200 and out["id"].startswith("chatcmpl-"), out
     code, fb = srv.call("POST", "/rosa/feedback", {"user": "hal", "request_id": out["id"], "reward": 1.0})
     assert code == 200 and fb["num_updates"] == 1 and fb["tokens"] == out["usage"]["completion_tokens"], fb
+
+
+def _schema(out):
+    """The error schema of every /rosa route: {"error": {"message", "type", "argument"}}."""
+    return set(out.get("error", {})) == {"message", "type", "argument"}
+
+
+def test_plugin_multi_user_scenario_huge_numbers_index_round_trip_delete(plugin):
+    """An outside reviewer's multi-user scenario: ints beyond 64 bits in any field are a 400 naming the field
+    (not vLLM's RPC packing error), an index past a request's prompts names `index` and its range, the output
+    of GET ?tensors=true goes back with PUT as is, and a deleted user's pending answers cannot be rated."""
+    srv, prompts = plugin["server"], plugin["prompts"]
+    p = prompts[2]
+    rid, _, _ = srv.complete(p, "ivy", record=True, max_tokens=4)
+    for method, path, body, field in (
+            ("POST", "/rosa/feedback", {"user": "ivy", "request_id": rid, "reward": 10 ** 400}, "reward"),
+            ("POST", "/rosa/feedback", {"user": "ivy", "request_id": rid, "reward": 1.0, "index": 10 ** 23}, "index"),
+            ("POST", "/rosa/feedback", {"user": "ivy", "request_id": rid, "reward": 1.0, "x": 10 ** 30}, "x"),
+            ("POST", "/rosa/feedback", {"user": "ivy", "request_id": 10 ** 30, "reward": 1.0}, "request_id"),
+            ("POST", "/rosa/users/ivy/reset", {"mode": 10 ** 30}, "mode")):
+        code, out = srv.call(method, path, body)
+        assert code == 400 and _schema(out) and out["error"]["argument"] == field, (body, out)
+    # reward 10**25 is converted to 1e25 (a float, as rosa_update takes it): it reaches the engine, which then
+    # judges the request (here: not ivy's)
+    code, out = srv.call("POST", "/rosa/feedback", {"user": "ann", "request_id": rid, "reward": 10 ** 25})
+    assert code == 400 and _schema(out) and out["error"]["argument"] == "request_id", out
+    # a 1-prompt completion has index 0 only
+    code, out = srv.call("POST", "/rosa/feedback", {"user": "ivy", "request_id": rid, "reward": 1.0, "index": 1})
+    assert code == 400 and out["error"]["argument"] == "index" and "[0, 0]" in out["error"]["message"], out
+    code, out = srv.call("POST", "/rosa/feedback", {"user": "ivy", "request_id": rid, "reward": 1.0, "index": 0})
+    assert code == 200 and out["num_updates"] == 1, out
+    # GET ?tensors=true -> PUT, as is
+    code, got = srv.call("GET", "/rosa/users/ivy?tensors=true")
+    assert code == 200
+    code, out = srv.call("PUT", "/rosa/users/ivy", got)
+    assert code == 200 and out["revision"] > got["revision"] and out["num_updates"] == 1, out
+    code, again = srv.call("GET", "/rosa/users/ivy?tensors=true")
+    assert {k: v for k, v in again.items() if k != "revision"} == {k: v for k, v in got.items() if k != "revision"}
+    for body, field in ((dict(got, num_updates=10 ** 23), "state['num_updates']"), (dict(got, user="bob"), "user"),
+                        (dict(got, vocab_size=10 ** 30), "state['vocab_size']"), (dict(got, revision=-1), "revision")):
+        code, out = srv.call("PUT", "/rosa/users/ivy", body)
+        assert code == 400 and _schema(out) and out["error"]["argument"] == field, (field, out)
+    raw = json.dumps({"user": "ivy", "request_id": rid, "reward": 1.0}).replace("1.0", "1" * 5000)  # not JSON for Python
+    req = urllib.request.Request(srv.url + "/rosa/feedback", data=raw.encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    out = json.loads(e.value.read())
+    assert e.value.code == 400 and _schema(out) and out["error"]["argument"] == "body", out
+    # DELETE drops ivy's pending answers: rating one afterwards does not bring ivy back
+    pending, _, _ = srv.complete(p, "ivy", record=True, max_tokens=4)
+    code, out = srv.call("DELETE", "/rosa/users/ivy")
+    assert code == 200 and out["recordings_dropped"] == 1, out
+    code, out = srv.call("POST", "/rosa/feedback", {"user": "ivy", "request_id": pending, "reward": 1.0})
+    assert code == 400 and out["error"]["argument"] == "request_id" and "deleted" in out["error"]["message"], out
+    assert srv.call("GET", "/rosa/users/ivy")[0] == 404
+    assert srv.call("DELETE", "/rosa/users/ivy")[0] == 404
+
+
+def _stream(srv, body):
+    """A streaming completion: (connection, response, the first chunk's JSON)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
+    conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True)), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while True:
+        line = resp.readline()
+        assert line, "the stream ended before its first chunk"
+        if line.startswith(b"data: "):
+            return conn, resp, json.loads(line[6:])
+
+
+def test_plugin_an_aborted_stream_cannot_be_rated_a_finished_one_can(plugin):
+    """A client that closes a stream after its first chunk aborts the request (finish_reason abort): its
+    answer is not complete, and rating it is refused naming request_id. A stream read to its end, and an
+    answer cut by a stop string (the front end finishes it, then tells the engine), are rated as usual."""
+    srv, prompts = plugin["server"], plugin["prompts"]
+    base = {"model": str(plugin["model_dir"]), "prompt": prompts[3], "temperature": 0}
+    xargs = {"vllm_xargs": {"rosa_user": "abe", "rosa_record": True}}
+    conn, resp, first = _stream(srv, dict(base, max_tokens=200, ignore_eos=True, **xargs))
+    rid = first["id"]
+    resp.close()
+    conn.close()  # the client goes away after one chunk
+    t0 = time.time()
+    while True:
+        code, out = srv.call("POST", "/rosa/feedback", {"user": "abe", "request_id": rid, "reward": 1.0})
+        if code != 400 or "still generating" not in out["error"]["message"] or time.time() - t0 > 120:
+            break
+        time.sleep(0.5)
+    assert code == 400 and out["error"]["argument"] == "request_id" and "aborted" in out["error"]["message"], out
+    assert srv.call("GET", "/rosa/users/abe")[0] == 404  # nothing was written
+    # a stream read to its end
+    conn, resp, first = _stream(srv, dict(base, max_tokens=6, **xargs))
+    rest = resp.read().decode()
+    conn.close()
+    assert rest.rstrip().endswith("data: [DONE]")
+    code, out = srv.call("POST", "/rosa/feedback", {"user": "abe", "request_id": first["id"], "reward": 1.0})
+    assert code == 200 and out["num_updates"] == 1, out
+    # an answer cut by a stop string
+    code, full = srv.call("POST", "/v1/completions", dict(base, max_tokens=12, vllm_xargs={"rosa_user": "abe"}))
+    text = full["choices"][0]["text"]
+    stop = text.strip()[2:5]
+    assert len(stop) == 3, text
+    code, cut = srv.call("POST", "/v1/completions", dict(base, max_tokens=12, stop=[stop], **xargs))
+    assert code == 200 and cut["choices"][0]["finish_reason"] == "stop", cut
+    code, out = srv.call("POST", "/rosa/feedback", {"user": "abe", "request_id": cut["id"], "reward": 1.0})
+    assert code == 200 and out["num_updates"] == 2, out
 
 
 def test_plugin_states_survive_kill_9_and_a_restart(plugin):

@@ -50,6 +50,11 @@ USER_KEY = "rosa_user"
 RECORD_KEY = "rosa_record"
 REQUEST_KEYS = (USER_KEY, RECORD_KEY)
 _MAX_REQUEST_ID = 512
+#: The largest prompt ``index`` a feedback may name (a completion request with more prompts is not rated).
+MAX_INDEX = 10 ** 6
+#: The fields of a feedback (``POST /rosa/feedback``).
+FEEDBACK_FIELDS = ("user", "request_id", "reward", "index")
+_INT64 = (-2 ** 63, 2 ** 63 - 1)
 
 
 @dataclass
@@ -131,6 +136,114 @@ def request_fields(who: str, extra: Any) -> Optional[Tuple[str, bool]]:
     return user, bool(record)
 
 
+def check_request_id(who: str, request_id: Any) -> str:
+    """``request_id`` if it is a plausible answer id (a non-empty str of at most 512 characters), else
+    RosaTypeError naming ``request_id``."""
+    if not isinstance(request_id, str) or not request_id or len(request_id) > _MAX_REQUEST_ID:
+        checks.fail(who, "request_id", f"`request_id` must be the id of the answer (a non-empty str of at most "
+                                       f"{_MAX_REQUEST_ID} characters), got {checks._show(request_id)}", checks.RosaTypeError)
+    return request_id
+
+
+def feedback_body(payload: Any, who: str = "feedback") -> Dict[str, Any]:
+    """The body of ``POST /rosa/feedback`` checked and converted: ``{"user": str, "request_id": str,
+    "reward": float, "index": int or None}``. RosaError naming the field (or ``body``) if bad.
+
+    ``reward``: a finite real number; an int is converted to the nearest float (as :func:`rosa_ext.rosa_update`
+    does), one too large for a float (beyond ~1.8e308) is refused. ``index``: absent or null, or an int in
+    ``[0, MAX_INDEX]``. Called by the HTTP route in vLLM's front end before anything is sent to the engine
+    (so every number that reaches it is an int64 or a float), and again by the engine.
+    """
+    if not isinstance(payload, Mapping):
+        checks.fail(who, "body", "the request body must be a JSON object {user, request_id, reward, index?}, got "
+                                 f"{checks._show(payload)}", checks.RosaTypeError)
+    extra = sorted(str(k) for k in payload if k not in FEEDBACK_FIELDS)
+    if extra:
+        checks.fail(who, extra[0], f"unknown field(s) {extra}; the fields are {list(FEEDBACK_FIELDS)}")
+    for k in ("user", "request_id", "reward"):
+        if k not in payload:
+            checks.fail(who, k, f"the field `{k}` is missing")
+    user = check_user_id(who, payload["user"], "user")
+    request_id = check_request_id(who, payload["request_id"])
+    reward = payload["reward"]
+    if isinstance(reward, (list, tuple, Mapping)):
+        checks.fail(who, "reward", f"`reward` must be one number, got {checks._show(reward)}", checks.RosaTypeError)
+    reward = checks.real(who, "reward", reward)
+    index = payload.get("index")
+    if index is not None:
+        index = checks.integer(who, "index", index, minimum=0, maximum=MAX_INDEX)
+    return {"user": user, "request_id": request_id, "reward": reward, "index": index}
+
+
+def state_json(state: UserState) -> Dict[str, Any]:
+    """A typed state as JSON values (the session's ``state_dict()`` format, tensors as lists of floats)."""
+    out: Dict[str, Any] = {"version": STATE_VERSION, "mode": state.mode, "num_updates": int(state.num_updates),
+                           "vocab_size": int(state.vocab_size), "hidden_size": int(state.hidden_size),
+                           "lora_scale": float(state.lora_scale)}
+    out.update({k: v.double().tolist() for k, v in state.tensors().items()})
+    return out
+
+
+def put_body(user: Any, body: Any, who: str = "put_user") -> Dict[str, Any]:
+    """The body of ``PUT /rosa/users/{user}`` checked and converted: ``{"user": str, "state": state as JSON
+    values}``. The body is a state (the session's ``state_dict()`` with lists); it may also hold ``user``
+    (it must be the path's user) and ``revision`` (a non-negative int; ignored: a PUT replaces whatever is
+    stored) -- so the output of ``GET /rosa/users/{user}?tensors=true`` goes back as is. The state's own
+    sizes are checked here (the engine then checks them against its model). RosaError naming the field."""
+    uid = check_user_id(who, user, "user")
+    if not isinstance(body, Mapping):
+        checks.fail(who, "state", f"the request body must be a state as a JSON object, got {checks._show(body)}",
+                    checks.RosaTypeError)
+    state = dict(body)
+    if "user" in state:
+        named = state.pop("user")
+        if named != uid:
+            checks.fail(who, "user", f"the body names user {checks._show(named)}, the path names {uid!r} (leave "
+                                     "`user` out of the body to store a state under another user)")
+    if "revision" in state:
+        checks.integer(who, "revision", state.pop("revision"), minimum=0)  # ignored (the reply has the new one)
+    st = make_state(who, state_from_json(who, state), check_zero=True)
+    return {"user": uid, "state": state_json(st)}
+
+
+def reset_body(user: Any, body: Any, who: str = "reset_user") -> Dict[str, Any]:
+    """The body of ``POST /rosa/users/{user}/reset`` checked: absent, or ``{"mode": "hidden" | "lora"}``
+    (``mode`` optional) -> ``{"user": str, "mode": str or None}``."""
+    uid = check_user_id(who, user, "user")
+    if body is None:
+        body = {}
+    if not isinstance(body, Mapping):
+        checks.fail(who, "body", f"the request body must be absent or a JSON object {{mode?}}, got "
+                                 f"{checks._show(body)}", checks.RosaTypeError)
+    extra = sorted(str(k) for k in body if k != "mode")
+    if extra:
+        checks.fail(who, extra[0], f"unknown field(s) {extra}; the field is `mode` (optional)")
+    mode = body.get("mode")
+    return {"user": uid, "mode": None if mode is None else checks.choice(who, "mode", mode, MODES)}
+
+
+def rpc_safe(who: str, obj: Any, name: str = "body") -> None:
+    """Refuse (RosaInputError naming the field) a value that vLLM's RPC cannot carry: an int outside int64,
+    or anything but JSON's None/bool/int/float/str/list/dict. The routes' own checks come first; this
+    is the last check before the engine, so that no field reaches vLLM's packing unnamed."""
+    stack = [(name, obj)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, bool) or x is None or isinstance(x, (float, str)):
+            continue
+        if isinstance(x, int):
+            if not _INT64[0] <= x <= _INT64[1]:
+                checks.fail(who, path, f"`{path}` = {checks._show(x)} is outside the 64-bit integers")
+        elif isinstance(x, Mapping):
+            stack.extend((f"{path}[{k!r}]" if path != "body" else str(k), v) for k, v in x.items())
+        elif isinstance(x, (list, tuple)):
+            if all(type(v) is float for v in x):  # a state's values (fast path)
+                continue
+            stack.extend((path, v) for v in x)
+        else:
+            checks.fail(who, path, f"`{path}` holds {checks._show(x)}, not a JSON value", checks.RosaTypeError)
+
+
 @dataclass
 class Recording:
     """One request of a user: its state snapshot and, if recorded, its lm_head inputs."""
@@ -185,6 +298,8 @@ class RosaServing:
         self.recordings: Dict[str, Recording] = {}
         self.closed: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         self.per_user: Dict[str, Deque[str]] = {}
+        #: recorded completion requests -> how many of their prompts were recorded ("<id>-<i>": i < count)
+        self.prompts: "collections.OrderedDict[str, int]" = collections.OrderedDict()
         self.reserved = 0
         #: recent requests by engine id: a request seen again (resumed after preemption) keeps its snapshot
         self.active: "collections.OrderedDict[str, Recording]" = collections.OrderedDict()
@@ -275,6 +390,7 @@ class RosaServing:
                 self._close(key, f"two requests used the id {key!r}; neither can be rated (give each request its own id)")
                 rec.record = False
                 return rec
+            self._count_prompt(key)
             cap = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0
             need = cap * self.hidden_size * 4  # rows kept in the head's dtype: at most 4 bytes a number
             budget = int(self.config.max_record_mb * 2 ** 20)
@@ -293,6 +409,16 @@ class RosaServing:
             self.recordings[key] = rec
             self._queue(rec)
             return rec
+
+    def _count_prompt(self, key: str) -> None:
+        """Remember that prompt i of the completion request ``<id>`` was recorded (key ``<id>-<i>``), so that
+        a feedback naming an index past its prompts can say which indices exist."""
+        base, sep, tail = key.rpartition("-")
+        if sep and base and tail.isdigit() and len(tail) <= 7:
+            self.prompts[base] = max(self.prompts.get(base, 0), int(tail) + 1)
+            self.prompts.move_to_end(base)
+            while len(self.prompts) > 100_000:
+                self.prompts.popitem(last=False)
 
     def _queue(self, rec: Recording) -> None:
         q = self.per_user.setdefault(rec.user, collections.deque())
@@ -404,11 +530,9 @@ class RosaServing:
 
     # -- feedback ---------------------------------------------------------------------------------
     def _find(self, who: str, user: str, request_id: Any, index: Any) -> Recording:
-        if not isinstance(request_id, str) or not request_id or len(request_id) > _MAX_REQUEST_ID:
-            checks.fail(who, "request_id", f"`request_id` must be the id of the answer (a non-empty str), got "
-                                           f"{checks._show(request_id)}", checks.RosaTypeError)
+        request_id = check_request_id(who, request_id)
         if index is not None:
-            index = checks.integer(who, "index", index, minimum=0, maximum=10 ** 6)
+            index = checks.integer(who, "index", index, minimum=0, maximum=MAX_INDEX)
         keys = [request_id] if index is None else []
         keys.append(f"{request_id}-{0 if index is None else index}")  # a completion's prompt i: "<id>-<i>"
         for k in keys:
@@ -418,6 +542,14 @@ class RosaServing:
         for k in keys:
             if k in self.closed:
                 checks.fail(who, "request_id", self.closed[k], checks.RosaStateError)
+        if index is not None:
+            n = self.prompts.get(request_id)
+            if n is not None and index >= n:
+                checks.fail(who, "index", f"`index` must be in [0, {n - 1}]: request {request_id!r} has {n} recorded "
+                                          f"prompt(s), got index={index}")
+            if request_id in self.recordings or request_id in self.closed:
+                checks.fail(who, "index", f"answer {request_id!r} is a single answer (a chat completion, or a "
+                                          "prompt's own id): leave `index` out")
         checks.fail(who, "request_id", f"no recorded answer {request_id!r} of user {user!r} awaits feedback (was it "
                                        f"sent with {USER_KEY}={user!r} and {RECORD_KEY}=true?)")
 
@@ -429,6 +561,7 @@ class RosaServing:
         (bad reward, a numerical error) changes nothing and keeps the recording for a retry."""
         who = "feedback"
         uid = check_user_id(who, user, "user")
+        check_request_id(who, request_id)
         with self.lock:
             self._need_head(who)
             r = checks.one_reward(who, reward, self.dtype)
@@ -517,14 +650,27 @@ class RosaServing:
         return {"user": uid, "mode": st.mode, "num_updates": 0, "revision": rev}
 
     def delete_user(self, user: Any) -> Dict[str, Any]:
+        """Forget ``user``: its stored state and its recorded answers awaiting feedback (rating one of them
+        afterwards is an error naming ``request_id``; it does not bring the user back). A request still
+        generating keeps the state it started with, but is no longer recorded. RosaInputError naming
+        ``user`` (HTTP 404) if the user has neither a state nor a recorded answer."""
         who = "delete_user"
         uid = check_user_id(who, user, "user")
         with self.lock:
             self._need_store(who)
-            if self.store.peek(uid) is None:
-                checks.fail(who, "user", f"no state stored for user {uid!r}")
-            self.store.delete(uid)
-        return {"user": uid, "deleted": True}
+            keys = list(self.per_user.get(uid, ()))
+            stored = self.store.peek(uid) is not None
+            if not stored and not keys:
+                checks.fail(who, "user", f"no state stored for user {uid!r} (and no recorded answer of it awaits "
+                                         "feedback)")
+            if stored:
+                self.store.delete(uid)  # first: if the store fails, nothing changed
+            for k in keys:
+                rec = self.recordings.pop(k, None)
+                if rec is not None:
+                    self._free(rec)
+                self._close(k, f"answer {k!r} can no longer be rated: its user {uid!r} was deleted")
+        return {"user": uid, "deleted": True, "state_deleted": stored, "recordings_dropped": len(keys)}
 
     def stats(self) -> Dict[str, Any]:
         with self.lock:

@@ -154,8 +154,9 @@ def make_state(who: str, state: Any, *, mode: Optional[str] = None, vocab_size: 
     sizes = {}
     for k, want in (("vocab_size", vocab_size), ("hidden_size", hidden_size)):
         v = state.get(k) if want is None else want
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            checks.fail(who, f"{name}[{k!r}]", f"`{name}[{k!r}]` must be a positive int, got {checks._show(v)}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= checks.MAX_INT:
+            checks.fail(who, f"{name}[{k!r}]", f"`{name}[{k!r}]` must be a positive int (at most 2**62), got "
+                                               f"{checks._show(v)}")
         sizes[k] = int(v)
     s = checks.real(who, f"{name}['lora_scale']", state.get("lora_scale")) if lora_scale is None else float(lora_scale)
     if m == "lora" and s == 0:

@@ -26,8 +26,9 @@ distribution, group names from vLLM 0.32):
   "reward", "index"?}``: the step, in the worker process, on the recorded rows), ``GET
   /rosa/users/{user}`` (``?tensors=true`` for the values), ``PUT /rosa/users/{user}`` (a state as JSON),
   ``POST /rosa/users/{user}/reset``, ``DELETE /rosa/users/{user}``, ``GET /rosa/stats``. A bad field is
-  HTTP 400 (404 for an unknown user) with ``{"error": {"message", "type", "argument"}}``; the server
-  keeps serving.
+  HTTP 400 (404 for an unknown user) with ``{"error": {"message", "type", "argument"}}``, checked in the
+  front end before anything is sent to the engine (:mod:`.vllm_routes`); the server keeps serving. A
+  request the front end aborted before it finished cannot be rated (:func:`watch_aborts`).
 
 Requests are matched to their feedback by the id vLLM returns (``"id"`` of the completion; a
 completion request's prompt ``i`` is ``"<id>-<i>"``, pass ``index``). The layer maps rows to requests
@@ -38,6 +39,7 @@ vLLM is imported only by the functions that need it.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -47,7 +49,7 @@ from typing import Any, Dict, List
 import torch
 
 from ..common import validation as checks
-from .serving import RECORD_KEY, USER_KEY, RosaServing, ServingConfig, request_fields
+from .serving import RECORD_KEY, USER_KEY, RosaServing, ServingConfig, feedback_body, request_fields
 
 logger = logging.getLogger(__name__)
 
@@ -141,16 +143,10 @@ def _rosa_rpc(worker: Any, op: str, payload: Dict[str, Any]) -> Dict[str, Any]:
         if not isinstance(payload, dict):
             checks.fail("rosa_rpc", "body", "the request body must be a JSON object", checks.RosaTypeError)
         if op == "feedback":
-            known = {"user", "request_id", "reward", "index"}
-            extra = sorted(set(payload) - known)
-            if extra:
-                checks.fail("feedback", extra[0], f"unknown field(s) {extra}; the fields are {sorted(known)}")
-            for k in ("user", "request_id", "reward"):
-                if k not in payload:
-                    checks.fail("feedback", k, f"the field `{k}` is missing")
-            # (whether the answer is complete is checked by the route, in the front end: the worker learns
-            # that a request finished only at its next step)
-            out = eng.feedback(payload["user"], payload["request_id"], payload["reward"], payload.get("index"))
+            # (whether the answer is complete, or was aborted, is checked by the route, in the front end: the
+            # worker learns that a request finished only at its next step, and not how)
+            fb = feedback_body(payload)
+            out = eng.feedback(fb["user"], fb["request_id"], fb["reward"], fb["index"])
         elif op == "get":
             out = eng.get_user(payload.get("user"), tensors=bool(payload.get("tensors")))
         elif op == "put":
@@ -357,6 +353,48 @@ class RosaEndpoints:
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         state.rosa_engine_client = engine_client
+        state.rosa_aborted = watch_aborts(engine_client)
+
+
+#: How many aborted request ids the front end remembers (their feedback is refused).
+MAX_ABORTED = 100_000
+
+
+def watch_aborts(engine_client: Any) -> "collections.OrderedDict[str, None]":
+    """The ids (as a feedback names them: ``external_id``) of the requests that vLLM's front end aborted
+    before they finished -- finish_reason ``abort``: the client disconnected (a stream closed after some
+    chunks, a cancelled request), or the front end cancelled it -- filled from now on (front-end process).
+
+    It wraps the engine client's ``output_processor.abort_requests`` (vLLM 0.32), which returns the requests
+    that were still unfinished when aborted; a request that finished normally (a stop string included: the
+    front end finishes it, then tells the engine) is not in it. Without that method (another vLLM) the
+    table stays empty and a warning is logged: aborted answers are then rated like complete ones."""
+    proc = getattr(engine_client, "output_processor", None)
+    original = getattr(proc, "abort_requests", None)
+    if original is None:
+        logger.warning("rosa: this vLLM's engine client has no output_processor.abort_requests; feedback on an "
+                       "aborted answer cannot be refused")
+        return collections.OrderedDict()
+    table = getattr(original, "_rosa_aborted", None)
+    if table is not None:  # already wrapped (idempotent)
+        return table
+    table = collections.OrderedDict()
+
+    def abort_requests(request_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        aborted = original(request_ids, *args, **kwargs)
+        for req_id in aborted or ():
+            if isinstance(req_id, str):
+                key = external_id(req_id)
+                table[key] = None
+                table.move_to_end(key)
+        while len(table) > MAX_ABORTED:
+            table.popitem(last=False)
+        return aborted
+
+    abort_requests._rosa_aborted = table
+    abort_requests.__wrapped__ = original
+    proc.abort_requests = abort_requests
+    return table
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: vLLM is imported on first access only

@@ -22,9 +22,10 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, NoReturn, Optional, Sequence
 
 from ..common import defaults
+from ..common import validation as checks
 from .serving import ServingConfig
 from .vllm_plugin import CONFIG_ENV, PLUGIN_NAME, REQUESTS_FQCN
 
@@ -50,9 +51,17 @@ _OPTIONS = (
 )
 
 
+PROG = "python -m rosa_ext.integrations.vllm_serve"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # one line (no usage of every --rosa-* option), exit 2
+        self.exit(2, f"{self.prog}: error: {message} (--rosa-help lists the --rosa-* options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m rosa_ext.integrations.vllm_serve", add_help=False,
-                                 description="vLLM's OpenAI server with ROSA inside (other options: vLLM's)")
+    ap = _Parser(prog=PROG, add_help=False,
+                 description="vLLM's OpenAI server with ROSA inside (other options: vLLM's)")
     for flag, key, typ, text in _OPTIONS:
         ap.add_argument(flag, dest=key, type=typ, default=None, help=text)
     ap.add_argument("--rosa-help", action="help", help="show the --rosa-* options and exit")
@@ -62,11 +71,19 @@ def _parser() -> argparse.ArgumentParser:
 def prepare(argv: Sequence[str]) -> List[str]:
     """Split ``argv`` into the ROSA configuration (put in the environment) and vLLM's arguments, which
     are returned with ``--host 127.0.0.1`` (unless a host is given) and the request tracker added."""
-    known, rest = _parser().parse_known_args(list(argv))
+    ap = _parser()
+    known, rest = ap.parse_known_args(list(argv))
     cfg = {k: v for k, v in vars(known).items() if v is not None}
     if "store" in cfg:
         cfg["store"] = os.path.abspath(os.path.expanduser(cfg["store"]))
-    ServingConfig.from_mapping(cfg, "vllm_serve")  # a bad option fails here, before vLLM starts
+        if os.path.isdir(cfg["store"]) or not os.path.isdir(os.path.dirname(cfg["store"])):
+            ap.error(f"argument --rosa-store: {cfg['store']!r} must be a file in an existing folder (the SQLite "
+                     "store of the users' states)")
+    try:
+        ServingConfig.from_mapping(cfg, "vllm_serve")  # a bad option fails here, before vLLM starts
+    except checks.RosaError as e:
+        flag, message = _as_flag(e)
+        ap.error(f"argument {flag}: {message}" if flag else message)
     os.environ[CONFIG_ENV] = json.dumps(cfg)
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p.strip()]
     if PLUGIN_NAME not in plugins:
@@ -80,6 +97,20 @@ def prepare(argv: Sequence[str]) -> List[str]:
     else:
         rest += ["--logits-processors", REQUESTS_FQCN]
     return rest
+
+
+def _as_flag(e: checks.RosaError) -> "tuple[Optional[str], str]":
+    """(the --rosa-* flag an error of ServingConfig names, the message in the flags' words)."""
+    message = str(e)
+    if message.startswith("vllm_serve: "):
+        message = message[len("vllm_serve: "):]
+    for flag, key, _, _ in _OPTIONS:
+        if e.argument in (key, f"config[{key!r}]"):
+            message = message.replace(f"config[{key!r}]", flag).replace(f"`{key}`", f"`{flag}`")
+            if message.startswith(key + " "):
+                message = flag + message[len(key):]
+            return flag, message
+    return None, message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
