@@ -2,7 +2,7 @@
 vLLM). Kept apart from :mod:`.vllm_plugin` so that FastAPI reads the handlers' real annotations.
 
 Every field of a request is checked and converted here, in the front end, before anything is sent to the
-engine (:func:`~rosa_ext.integrations.serving.feedback_body`, ``put_body``, ``reset_body``, then
+engine (:func:`~rosa_ext.integrations.serving_requests.feedback_body`, ``put_body``, ``reset_body``, then
 ``rpc_safe``): a bad one is a 400 ``{"error": {"message", "type", "argument"}}`` naming it, never an error of
 vLLM's RPC packing (which cannot carry an int beyond 64 bits)."""
 import json
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..common import validation as checks
-from .serving import check_user_id, feedback_body, put_body, reset_body, rpc_safe
+from .serving_requests import check_user_id, feedback_body, put_body, reset_body, rpc_safe
 
 
 def _error(message: str, argument: Any, status: int = 400, kind: str = "RosaInputError") -> JSONResponse:
