@@ -108,7 +108,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print(json.dumps(dict(benchmark="cg_overhead", error="needs a CUDA device")))
         return 2
-    from rosa_ext import _C
+    try:
+        from rosa_ext import _C
+    except ImportError as e:  # the build failed or was skipped (benchmarks/run_gpu.sh): nothing to measure
+        print(json.dumps(dict(benchmark="cg_overhead", error=f"rosa_ext._C is not built ({e})")))
+        return 2
     if not _C.has_cuda():
         print(json.dumps(dict(benchmark="cg_overhead", error="rosa_ext._C was built without CUDA (no nvcc)")))
         return 2

@@ -90,22 +90,19 @@ def _best_configs() -> dict:
 
 def run_case(dtype: str, T: int, mode: str, backend: str, W: torch.Tensor, inputs: dict, ref_update=None):
     from rosa_ext import rosa_update
-    from rosa_ext.backends import get_backend
+    from rosa_ext.backends import engine_for
     from rosa_ext.common import jacobian as J
-    from rosa_ext.core.problem import build_problem
-    from rosa_ext.plans.base import linearize
+    from rosa_ext.core.op import pack
 
     h, y, b = inputs["h"], inputs["y"], inputs["b"]
     a = inputs["a"] if mode == "lora" else None  # hidden rows: the default call, no LoRA term in the logits
-    from rosa_ext.common import defaults
-    prob = build_problem(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, lora_scale=defaults.LORA_SCALE, bias=None,
-                         beta=defaults.BETA, damping=0.1, damping_mode="absolute", max_iter=defaults.MAX_ITER, tol=defaults.TOL,
-                         solver="cg", backend=backend, mask=None)
-    be = get_backend(backend, prob.device)
+    prob, cfg = pack(h, W, y, -1.0, mode=mode, lora_a=a, lora_b=b, damping=0.1, damping_mode="absolute",
+                     solver="cg", backend=backend)
+    be = engine_for(backend, prob.weight.device)
     warm_clock = common.Stopwatch()
-    lin, _ = linearize(prob, be)  # warm-up: autotunes the stats kernel on the first call per shape
+    lin = J.Linearization.at(prob, be.stats(prob), mode, be)  # warm-up: autotunes the stats kernel per shape
     op = SimpleNamespace(jvp=lambda v: J.jvp(lin, be, v), vjp=lambda u: J.vjp(lin, be, u))
-    v = torch.randn(1, prob.num_params, device="cuda")
+    v = torch.randn(1, prob.hidden_size + (prob.vocab_size if mode == "lora" else 0), device="cuda")
     op.vjp(op.jvp(v))  # warm-up: autotunes the row / column kernels
     torch.cuda.synchronize()
     warm_s = warm_clock.elapsed_s()
@@ -190,9 +187,13 @@ def section_splits(weight, args, result, clock, dump) -> None:
 
 def section_early_exit(weight, args, result, clock, dump) -> None:
     """CG with max_iter=16 converging early: the Triton passes' early exit on and off."""
-    from rosa_ext import _C, rosa_update
+    from rosa_ext import rosa_update
     from rosa_ext.common import device_flag
-
+    try:
+        from rosa_ext import _C
+    except ImportError as e:  # not built (benchmarks/run_gpu.sh goes on without it)
+        result["early_exit"].append(dict(error=f"rosa_ext._C is not built ({e}): no compiled CG, no run flag"))
+        return
     if not _C.has_cuda():
         result["early_exit"].append(dict(error="rosa_ext._C was built without CUDA: no compiled CG, no run flag"))
         return

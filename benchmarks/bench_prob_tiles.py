@@ -13,10 +13,13 @@ relative Frobenius error against float64 on the same (bf16-rounded) inputs of P,
 the centred Gram K (LoRA) and the VJP w^T (e_y - pi), for "fp32", "bf16x2" and "bf16".
 
 GPU (default): the Qwen2.5-0.5B head (d = 896, V = 151936), bf16, T in ``--T`` (1024 first):
-per precision the ms of the stats pass, the tile kernel, r W, the Gram and the VJP, the tile
-memory, and the relative difference of each product from the "fp32" tiles (exact fp32 GEMMs,
-allow_tf32 off). The JSON (``prob_tiles_gpu.json``) is rewritten after every row; ``--budget-s``
-stops starting rows. The first call of each shape autotunes the tile kernel (a warm-up, untimed).
+per precision the ms of the stats pass, the tile kernel given its lse, r W, the Gram and the VJP (the
+two-pass form: ``two_pass_*_ms``), then, in the same run, the ONE pass the engines run (the tile kernel
+computing its own statistics: ``one_pass_ms``) and the GEMMs over its tiles (``one_*_ms``;
+``hidden_pass_ms`` / ``lora_pass_ms`` are the one-pass totals), the tile memory, and the relative
+difference of each product from the "fp32" tiles (exact fp32 GEMMs, allow_tf32 off). The JSON
+(``prob_tiles_gpu.json``) is rewritten after every row; ``--budget-s`` stops starting rows. The first
+call of each shape autotunes the tile kernel (a warm-up, untimed).
 """
 from __future__ import annotations
 
@@ -113,7 +116,7 @@ def gpu(args) -> dict:
         seg = torch.zeros(T, dtype=torch.int32, device="cuda")
         prob = K.prepare(h, W, y)
         st = K.stats(h, W, y, prob=prob)
-        ref = None
+        ref = ref1 = None
         for prec in PRECISIONS:
             if clock.elapsed_s() > args.budget_s:
                 out["skipped"].append(dict(T=T, precision=prec, reason="budget"))
@@ -132,8 +135,30 @@ def gpu(args) -> dict:
                        tile_mb=sum(x.numel() * x.element_size() for x in (tiles.p, tiles.hi, tiles.lo)
                                    if x is not None) / 2 ** 20,
                        row_sum_err=float(((tiles.q + tiles.pt) - 1).abs().max()))
-            row["hidden_pass_ms"] = row["tiles_ms"] + row["rW_ms"]
-            row["lora_pass_ms"] = row["tiles_ms"] + row["gram_ms"] + row["vjp_ms"]
+            row["two_pass_hidden_ms"] = row["stats_ms"] + row["tiles_ms"] + row["rW_ms"]
+            row["two_pass_lora_ms"] = row["stats_ms"] + row["tiles_ms"] + row["gram_ms"] + row["vjp_ms"]
+            del tiles
+            # the engines' path: ONE pass (its own statistics; tiles relative to per-split references, the
+            # GEMMs apply the scales), timed in the same run as the two passes above
+            one = lambda prec=prec: prob_tiles_from_tensors(h, W, seg, None, y, precision=prec)  # noqa: E731
+            tiles = one()  # autotunes the one-pass specialisation
+            torch.cuda.synchronize()
+            row.update(one_pass_ms=_ms(one), one_rW_ms=_ms(lambda t=tiles: TG.off_target_weight(t, W)),
+                       one_gram_ms=_ms(lambda t=tiles: TG.centered_gram(t, y, [0, T])),
+                       one_vjp_ms=_ms(lambda t=tiles: TG.centered_vjp(t, w, y)),
+                       one_lse_vs_stats=float((tiles.lse - st.lse).abs().max()))
+            row["hidden_pass_ms"] = row["one_pass_ms"] + row["one_rW_ms"]
+            row["lora_pass_ms"] = row["one_pass_ms"] + row["one_gram_ms"] + row["one_vjp_ms"]
+            # the one pass's tiles are r̂ (off-target normalised): its r̂ W against the fp32 one pass's, the
+            # pi-form Gram and VJP against the two-pass fp32 ones
+            one_rW = TG.off_target_weight(tiles, W)
+            if prec == "fp32":
+                ref1 = one_rW.double()
+            else:
+                row.update(one_rW_rel_vs_fp32=_rel(one_rW, ref1),
+                           one_gram_rel_vs_fp32=_rel(TG.centered_gram(tiles, y, [0, T])[0], ref[1]),
+                           one_vjp_rel_vs_fp32=_rel(TG.centered_vjp(tiles, w, y)[0], ref[2]))
+            del one_rW
             if prec == "fp32":
                 ref = (rW.double(), Kg.double(), vj.double())
             else:

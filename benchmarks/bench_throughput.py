@@ -1,10 +1,11 @@
-"""The constants of the ``solver="auto"`` cost model (``rosa_ext/plans/base.py``), measured here.
+"""The constants of the ``solver="auto"`` cost model (an engine's ``THROUGHPUT``:
+``rosa_ext/backends/torch_engine.py``), measured here.
 
 ``python benchmarks/bench_throughput.py [--threads 1] [--out benchmarks/results]`` times, on the
-chunked torch backend of this machine (one shape, N=256, d=512, V=32768, fp32 and fp64), the tile
-GEMMs of the one-pass primitives, the one passes themselves (hidden; LoRA kept and streamed), the
-GEMV over kept tiles, a T=1024 Cholesky and the package's CG pair (LoRA mode, one JVP + one VJP),
-and derives the per-element and per-flop constants of ``rosa_ext.plans.base.THROUGHPUT``. Each number is
+torch engine of this machine (one shape, N=256, d=512, V=32768, fp32 and fp64), the tile GEMMs of the
+one-pass passes, the one passes themselves (hidden; LoRA kept and streamed), the GEMV over kept tiles,
+a T=1024 Cholesky and the package's CG pair (LoRA mode, one JVP + one VJP), and derives the per-element
+and per-flop constants of ``rosa_ext.backends.torch_engine.THROUGHPUT``. Each number is
 the minimum over interleaved repetitions (CPU time of this thread), so a shared machine disturbs
 it little. It prints the entries to paste into ``THROUGHPUT`` and writes
 ``throughput_<cpu|gpu>_<date>.json`` with ``--out``.
@@ -21,8 +22,8 @@ from typing import Callable, Dict
 import common
 import torch
 
-from rosa_ext.core.problem import build_problem
-from rosa_ext.plans import dual_hidden, dual_lora, tiles
+from rosa_ext.backends import torch_engine as TE
+from rosa_ext.core.op import pack
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], target_s: float) -> Dict[str, float]:
@@ -49,19 +50,19 @@ def measure(dt: torch.dtype, N: int = 256, d: int = 512, V: int = 32768, target_
     y = torch.randint(0, V, (N,), generator=g)
     a = (torch.randn(d, generator=g, dtype=torch.float64) / d ** 0.5).to(dt)
     b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.01).to(dt)
-    common_kw = dict(lora_scale=8.0, bias=None, beta=1.0, damping=0.1, damping_mode="absolute", max_iter=16, tol=1e-30, backend="torch",
-                     mask=None)
-    ph = build_problem(h, W, y, -1.0, mode="hidden", lora_a=None, lora_b=None, solver="dual", **common_kw)
-    pl = build_problem(h, W, y, -1.0, mode="lora", lora_a=a, lora_b=b, solver="dual", **common_kw)
-    c = tiles.chunk_for(N, V, dual_hidden.HIDDEN_TILE_ELEMS, tiles.MIN_CHUNK)
+    common_kw = dict(lora_scale=8.0, beta=1.0, damping=0.1, damping_mode="absolute", max_iter=16, tol=1e-30, backend="torch")
+    ph, _ = pack(h, W, y, -1.0, mode="hidden", solver="dual", **common_kw)
+    pl, _ = pack(h, W, y, -1.0, mode="lora", lora_a=a, lora_b=b, solver="dual", **common_kw)
+    engine = TE.TorchEngine()
+    c = TE.chunk_for(N, V, TE.HIDDEN_TILE_ELEMS, TE.MIN_CHUNK)
     zT = torch.empty(c, N, dtype=dt)
     acc = torch.zeros(N, d, dtype=dt)
     G = torch.zeros(N, N, dtype=dt)
     nt = N * V
     t = interleaved({
-        "hidden_pass": lambda: dual_hidden.local_hidden_pass(ph),
-        "lora_pass_stream": lambda: dual_lora.local_lora_gram_pass(pl, keep=False),
-        "lora_pass_keep": lambda: dual_lora.local_lora_gram_pass(pl, keep=True),
+        "hidden_pass": lambda: engine.hidden_pass(ph),
+        "lora_pass_stream": lambda: engine.gram_pass(pl, keep=False),
+        "lora_pass_keep": lambda: engine.gram_pass(pl, keep=True),
         "tile_gemm1": lambda: [torch.mm(W[v0:v0 + c], h.T, out=zT[:min(c, V - v0)]) for v0 in range(0, V, c)],
         "tile_gemm2": lambda: [acc.addmm_(zT[:min(c, V - v0)].T, W[v0:v0 + c]) for v0 in range(0, V, c)],
         "tile_gram": lambda: [G.addmm_(zT.T, zT) for _ in range(0, V, c)],
@@ -73,14 +74,14 @@ def measure(dt: torch.dtype, N: int = 256, d: int = 512, V: int = 32768, target_
     out["gemm2_GFs"] = f2 / t["tile_gemm2"] / 1e9
     out["gram_GFs"] = 2 * N * N * V / t["tile_gram"] / 1e9
     out["ew_hidden"] = (t["hidden_pass"] - t["tile_gemm1"] - t["tile_gemm2"]) / nt
-    blk = dual_lora.gram_block(N)
+    blk = TE.gram_block(N)
     nb = -(-N // blk)
     tri = (nb * (nb + 1) / 2) / (nb * nb) if N > blk else 1.0
     out["ew_lora"] = (t["lora_pass_stream"] - t["tile_gemm1"] - t["tile_gram"] * tri) / nt
     out["keep_extra"] = max(0.0, (t["lora_pass_keep"] - t["lora_pass_stream"]) / nt)
-    gp = dual_lora.local_lora_gram_pass(pl, keep=True)
+    gp = engine.gram_pass(pl, keep=True)
     w = torch.randn(N, dtype=dt)
-    t2 = interleaved({"vjp_kept": lambda: dual_lora.local_centered_column_reduce(pl, gp, w)}, target_s / 4)
+    t2 = interleaved({"vjp_kept": lambda: engine.off_target_vjp(pl, gp, w)}, target_s / 4)
     out["kept_gemv"] = t2["vjp_kept"] / nt
     T = 1024
     A = torch.randn(T, T, dtype=dt)
@@ -109,7 +110,7 @@ def main() -> None:
         name = str(dt).split(".")[1]
         res[name] = measure(dt, target_s=a.target_s)
         r = res[name]
-        print(f'("torch", "cpu", torch.{name}): dict(gemm={r["gemm"]:.3g}, ew_hidden={r["ew_hidden"]:.3g}, '
+        print(f'("cpu", torch.{name}): dict(gemm={r["gemm"]:.3g}, ew_hidden={r["ew_hidden"]:.3g}, '
               f'ew_lora={r["ew_lora"]:.3g}, keep_extra={r["keep_extra"]:.3g}, kept_gemv={r["kept_gemv"]:.3g}, '
               f'chol={r["chol"]:.3g}, cg_pair={r["cg_pair"]:.3g}),', flush=True)
     if a.out:

@@ -41,9 +41,9 @@ def _model(name: str):
 
 def _round_users(users: RosaUsers, ids: torch.Tensor, gen_kw: dict):
     t0 = time.perf_counter()
-    users.generate(ids, list(range(ids.shape[0])), **gen_kw)
+    users.generate(ids, [f"u{i}" for i in range(ids.shape[0])], **gen_kw)
     t1 = time.perf_counter()
-    users.update({u: -1.0 for u in range(ids.shape[0])})
+    users.update({f"u{i}": -1.0 for i in range(ids.shape[0])})
     return t1 - t0, time.perf_counter() - t1
 
 

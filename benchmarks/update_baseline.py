@@ -16,8 +16,8 @@ import torch
 
 from rosa_ext.cg import CGResult, cg_python
 from rosa_ext.common import defaults
+from rosa_ext.common.jacobian import residual_target
 from rosa_ext.common.types import compute_dtype_of
-from rosa_ext.plans.target import residual_target
 
 
 def _p_function(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mode: str,

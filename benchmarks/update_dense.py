@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 from rosa_ext.common import defaults
+from rosa_ext.common.jacobian import residual_target
 from rosa_ext.common.types import compute_dtype_of
-from rosa_ext.plans.target import residual_target
 
 
 def dense_bytes(T: int, d: int, V: int, mode: str) -> float:

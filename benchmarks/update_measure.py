@@ -185,16 +185,15 @@ def runner(method: str, inp: Dict[str, Any]) -> Tuple[UpdateFn, Callable[[], Opt
         return update, lambda: None
 
     def pair_factory():
-        from rosa_ext.backends import get_backend
+        from rosa_ext.backends import engine_for
         from rosa_ext.common import jacobian as J
-        from rosa_ext.core.problem import build_problem
-        from rosa_ext.plans.base import linearize
-        prob = build_problem(*args, **kw, lora_scale=LORA_SCALE, bias=None, beta=BETA, damping=DAMPING,
-                             damping_mode=DAMPING_MODE, max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend,
-                             mask=None)
-        be = get_backend(prob.backend, prob.device)
-        lin, _ = linearize(prob, be)  # what matrix-free CG (rosa_ext.plans.cg_lora) iterates on
-        v = torch.randn(1, prob.num_params, dtype=prob.compute_dtype, device=prob.device)
+        from rosa_ext.core.op import pack
+        prob, cfg = pack(*args, **kw, lora_scale=LORA_SCALE, beta=BETA, damping=DAMPING, damping_mode=DAMPING_MODE,
+                         max_iter=MAX_ITER, tol=TOL, solver="cg", backend=backend)
+        be = engine_for(cfg.backend, prob.weight.device)
+        lin = J.Linearization.at(prob, be.stats(prob), cfg.mode, be)  # what matrix-free CG (plans.cg_lora) iterates on
+        P = prob.hidden_size + (prob.vocab_size if cfg.mode == "lora" else 0)
+        v = torch.randn(1, P, dtype=prob.compute_dtype, device=prob.weight.device)
         return lambda: J.vjp(lin, be, J.jvp(lin, be, v))
     return update, pair_factory
 

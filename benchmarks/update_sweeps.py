@@ -2,8 +2,8 @@
 
 - :func:`solver_sweep`: for each mode and T, one update with ``solver="cg"`` and one
   with ``solver="dual"`` (the device's default backend), the plan ``"auto"`` picks
-  for that problem (:func:`rosa_ext.plans.choose_plan`, the cost model of
-  :mod:`rosa_ext.plans.choose`, not a timing), the cost model's estimates in ms, and which
+  for that problem (:func:`rosa_ext.plans.choose`, the cost model of
+  :mod:`rosa_ext.plans.registry`, not a timing), the cost model's estimates in ms, and which
   one was measured faster.
 - :func:`batched_sweep`: B conversations of ragged length (<= T tokens, mask) with
   rewards alternating +-1 in ONE ``rosa_update`` call ((B, T, d) hidden, (B, T) mask,
@@ -22,7 +22,7 @@ from update_measure import BETA, DAMPING, DAMPING_MODE, LORA_SCALE, MAX_ITER, MO
 
 def _cost_model(plan) -> Dict[str, float]:
     """The seconds the cost model of ``solver="auto"`` estimates for the dual (its best allowed
-    plan) and for CG, in ms (rosa_ext.plans.choose)."""
+    plan) and for CG, in ms (rosa_ext.plans.registry)."""
     est = plan.estimates
     if "dual" in est:  # hidden mode
         dual = est["dual"]
@@ -37,9 +37,9 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
                  budget_s: float = 20.0) -> List[Dict[str, Any]]:
     """Rows: mode, T, cg_ms, dual_ms (medians), cg iterations, auto's choice, faster, cost-model flops."""
     from rosa_ext import rosa_update
-    from rosa_ext.backends import get_backend
-    from rosa_ext.core.problem import build_problem
-    from rosa_ext.plans import choose_plan
+    from rosa_ext.backends import engine_for
+    from rosa_ext.core.op import pack
+    from rosa_ext.plans import choose
     d, V = MODELS[model]
     rows = []
     for mode in modes:
@@ -48,8 +48,9 @@ def solver_sweep(device: str, model: str, dtype: str, Ts: List[int], modes: List
             args = (inp["hidden"], inp["weight"], inp["targets"], inp["reward"])
             kw = dict(mode=mode, lora_a=inp["lora_a"], lora_b=inp["lora_b"], lora_scale=LORA_SCALE, beta=BETA,
                       damping=DAMPING, damping_mode=DAMPING_MODE, max_iter=MAX_ITER, tol=TOL)
-            prob = build_problem(*args, **kw, bias=None, solver="auto", backend="auto", mask=None)
-            plan = choose_plan(prob, get_backend("auto", prob.device).name)
+            prob, cfg = pack(*args, **kw, solver="auto", backend="auto")
+            engine = engine_for("auto", prob.weight.device)
+            plan = choose(cfg, tuple(prob.lengths), d, V, engine.name, prob.weight.device.type, prob.weight.dtype)
             auto = plan.solver
             row: Dict[str, Any] = dict(model=model, d=d, V=V, mode=mode, T=T, dtype=dtype, auto_picks=auto,
                                        auto_keeps=plan.keep, **_cost_model(plan))

@@ -146,6 +146,28 @@ def match(ctx: Ctx, mode: str, solver: str, *, batched: bool = True, lora_term: 
     return out
 
 
+def gap_case(ctx: Ctx, mode: str, solver: str, gap: float) -> Dict[str, Any]:
+    """fp32 shards of a head whose observed tokens lead the other logits by ``gap`` (a fresh adapter, b = 0)
+    against the float64 reference on the same inputs (W = I: logits exact in any order)."""
+    from rosa_ext.reference import rosa_update_reference
+    g = torch.Generator().manual_seed(7)
+    T, d = 6, 24
+    h = torch.randn(T, d, generator=g, dtype=F64)
+    y = torch.randint(0, d, (T,), generator=g)
+    others = h.clone()
+    others[torch.arange(T), y] = float("-inf")
+    h[torch.arange(T), y] = torch.logsumexp(others, 1) + gap
+    W = torch.eye(d, dtype=F64)
+    kw = dict(lora_a=torch.randn(d, generator=g, dtype=F64) / d ** 0.5, lora_b=torch.zeros(d, dtype=F64)) if mode == "lora" else {}
+    ref = rosa_update_reference(h, W, y, -1.0, mode=mode, **kw)
+    s, e = ctx.rows(d)
+    loc = {k: (v[s:e] if k == "lora_b" else v).float().to(ctx.device) for k, v in kw.items()}
+    st = rosa_update(h.float().to(ctx.device), W[s:e].float().to(ctx.device), y.to(ctx.device), -1.0, mode=mode,
+                     solver=solver, max_iter=300, tol=1e-10, vocab_start=s, vocab_size=d, **loc)
+    want = torch.cat([ref.update[:d], ref.update[d:][s:e]]) if mode == "lora" else ref.update
+    return dict(rel=float((st.update.double().cpu() - want).norm() / want.norm()), rows=[s, e])
+
+
 def expect_error(fn: Callable[[], Any]) -> Dict[str, Any]:
     try:
         fn()
@@ -385,6 +407,11 @@ def suite(name: str, ctx: Ctx) -> Dict[str, Callable[[], Dict[str, Any]]]:
             for solver in ("dual", "cg"):
                 cases[f"match/{mode}/{solver}/relative"] = (
                     lambda m=mode, s=solver: match(ctx, m, s, damping_mode="relative"))
+        for mode in ("lora", "hidden"):  # confident tokens (hardening round 3): fp32 against the float64 reference
+            for solver in ("dual", "cg"):
+                for gp in (60.0, 100.0):
+                    cases[f"confident/{mode}/{solver}/{gp:g}"] = (
+                        lambda m=mode, s=solver, gp=gp: gap_case(ctx, m, s, gp))
         for w in ["gap", "overlap", "target", "vocab_size", "not_replicated", "one_rank", "cg_impl", "small_group"]:
             if w != "small_group" or ctx.world == 3:
                 cases[f"bad/{w}"] = lambda w=w: bad(ctx, w)

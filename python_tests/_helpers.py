@@ -44,32 +44,46 @@ def mean_logp_after(inputs: Dict[str, object], step, mode: str, lora_scale: floa
     return torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).mean().item()
 
 
+def build_problem(hidden, weight, targets, reward, **kw):
+    """The packed HeadProblem of a rosa_update call with these arguments (tensors and options by name)."""
+    from rosa_ext.core.op import pack
+    return pack(hidden, weight, targets, reward, **kw)[0]
+
+
+def num_params(prob, mode: str) -> int:
+    """P of a packed problem: d + V (lora) or d (hidden)."""
+    return prob.hidden_size + (prob.vocab_size if mode == "lora" else 0)
+
+
 def shrink_onepass_tiles(monkeypatch, *, tile_elems: int, min_chunk: int, row_block: int, gram_block: int) -> None:
-    """Make the one-pass plans (rosa_ext.plans.dual_hidden / dual_lora) use tiny tiles on tiny problems:
+    """Make the torch engine's one-pass passes (hidden_pass / gram_pass) use tiny tiles on tiny problems:
     many vocabulary chunks (a ragged last one), row blocks and Gram blocks below T."""
-    from rosa_ext.plans import dual_hidden, dual_lora, tiles
-    monkeypatch.setattr(dual_hidden, "HIDDEN_TILE_ELEMS", tile_elems)
-    monkeypatch.setattr(dual_lora, "LORA_TILE_ELEMS", tile_elems)
-    monkeypatch.setattr(tiles, "MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(dual_lora, "LORA_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(dual_hidden, "HIDDEN_ROW_BLOCK", row_block)
-    monkeypatch.setattr(dual_lora, "gram_block", lambda T: gram_block)
+    from rosa_ext.backends import torch_engine
+    monkeypatch.setattr(torch_engine, "HIDDEN_TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(torch_engine, "LORA_TILE_ELEMS", tile_elems)
+    monkeypatch.setattr(torch_engine, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(torch_engine, "LORA_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(torch_engine, "HIDDEN_ROW_BLOCK", row_block)
+    monkeypatch.setattr(torch_engine, "gram_block", lambda T: gram_block)
 
 
 class LinearizedHead:
-    """J v, J^T u, the target g and the stats of a packed problem on a backend: what matrix-free CG
-    (rosa_ext.plans.cg_lora) runs, for tests that check the algebra itself."""
+    """J v, J^T u, the target g and the stats of a packed problem on an engine, unscaled: what matrix-free
+    CG (rosa_ext.plans.cg_lora) runs (in the linearisation's scaled units; here multiplied back), for tests
+    that check the algebra itself. ``cfg``: the RosaConfig of the call (its mode and beta)."""
 
-    def __init__(self, prob, backend) -> None:
-        from rosa_ext.plans.base import linearize
-        self.prob, self.backend = prob, backend
-        self.lin, self.g = linearize(prob, backend)
+    def __init__(self, prob, engine, cfg) -> None:
+        from rosa_ext.common.jacobian import Linearization
+        self.prob, self.backend = prob, engine
+        self.lin = Linearization.at(prob, engine.stats(prob), cfg.mode, engine, beta=cfg.beta)
+        self.scale = torch.exp(self.lin.shift[prob.seg])  # (N,): J = scale * (the scaled J)
+        self.g = self.lin.g * self.scale
         self.stats, self.p = self.lin.stats, self.lin.p
 
     def jvp(self, v):
         from rosa_ext.common import jacobian as J
-        return J.jvp(self.lin, self.backend, v)
+        return J.jvp(self.lin, self.backend, v) * self.scale
 
     def vjp(self, u):
         from rosa_ext.common import jacobian as J
-        return J.vjp(self.lin, self.backend, u)
+        return J.vjp(self.lin, self.backend, u * self.scale)

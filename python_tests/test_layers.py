@@ -186,3 +186,37 @@ def test_no_merge_conflict_markers():
     bad = [f"{p.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
            for p in _text_files() for text in [p.read_text(errors="replace")] for m in marker.finditer(text)]
     assert not bad, f"merge conflict markers: {bad}"
+
+
+def test_plans_hold_only_the_algebra():
+    """The engine protocol is the only place that knows which engine runs: no plan imports the kernels,
+    tests an engine's name or looks at a vocabulary shard (the engines do; rosa_ext.backends)."""
+    bad = []
+    for p in sorted((PKG / "plans").glob("*.py")):
+        src = p.read_text()
+        for pattern in (r"from \.\.kernels|import rosa_ext\.kernels|from rosa_ext\.kernels", r"(engine|backend)\.name\s*==",
+                        r"==\s*[\"']triton[\"']", r"\.shard\b", r"uses_prob_tiles"):
+            if re.search(pattern, src):
+                bad.append(f"{p.name}: {pattern}")
+    assert not bad, bad
+
+
+def test_a_step_enters_few_files():
+    """Following a feature takes few files (benchmarks/files_entered.py measures it at run time): the
+    default hidden step <= 7, the LoRA step <= 8, session.generate + update(reward=) <= 10, a RosaUsers
+    update <= 10."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import files_entered
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    counts = {}
+    for name, fn in files_entered.cases().items():
+        run = fn() if name == "many-user update" else fn
+        run()
+        if name == "many-user update":
+            run = fn()
+        counts[name] = files_entered.files_entered(run)
+    over = {k: v for k, v in counts.items() if len(v) > files_entered.TARGETS[k]}
+    assert not over, over

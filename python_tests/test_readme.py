@@ -20,6 +20,6 @@ def test_readme_example_runs(index, capsys):
 
 def test_ci_runs_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
-    for var in ("SETUP", "TESTS"):
+    for var in ("SETUP", "TESTS", "VLLM"):
         cmd = re.search(rf"^{var}='(.*)'$", ci, flags=re.M).group(1)
         assert cmd in README.splitlines(), cmd

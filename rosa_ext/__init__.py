@@ -2,6 +2,7 @@
 
 Public API:
     rosa_update, RosaStep       the functional op
+    RosaConfig                  its options, in one object
     rosa_ext.reference          float64 torch.func reference
     rosa_ext.cg                 conjugate gradient (compiled when built)
     rosa_ext.kernels            Triton kernels (stats, row/column reductions, jvp, vjp)
@@ -10,6 +11,7 @@ Public API:
     RosaError and subclasses    the errors of every entry point (README, "Errors")
 """
 from ._version import __version__
+from .common.config import RosaConfig
 from .common.validation import (
     RosaError,
     RosaInputError,
@@ -20,7 +22,7 @@ from .common.validation import (
 )
 from .core.op import RosaStep, rosa_update
 
-__all__ = ["RosaStep", "rosa_update", "__version__", "RosaError", "RosaInputError", "RosaTypeError",
+__all__ = ["RosaConfig", "RosaStep", "rosa_update", "__version__", "RosaError", "RosaInputError", "RosaTypeError",
            "RosaNonFiniteError", "RosaNumericalError", "RosaStateError"]
 
 

@@ -1,6 +1,6 @@
 """Lever study on the development problems: which ROSA settings move accuracy?
 
-The study of issue 32 (``--study``): every lever of :data:`LEVERS` (what keeps the hidden shift from
+The lever study (``--study``): every lever of :data:`LEVERS` (what keeps the hidden shift from
 degenerating, ROSA-LoRA's, the fair PG's step rule and learning rate) next to the controls, on the 60
 development problems of one model, greedy, K=5, through the resumable runner of the experiment
 (:func:`rosa_ext.harness.experiment.run_resumable`: the same chunked, cached loop, the same tables with
@@ -9,7 +9,7 @@ the degeneration measure and Acc@5 counting only sensible corrections). A rerun 
     python benchmarks/experiment/levers.py --study --model smollm2 [--problems 60] [--threads 1]
         [--out benchmarks/results/experiment/levers32/smollm2]
 
-The older lever runs 3-5 (SmolLM2 only, one row per configuration in ``<tag>.json``):
+The older lever sets (``--run``; SmolLM2 only, one row per configuration in ``<tag>.json``):
 
     python benchmarks/experiment/levers.py [--run 5] [--problems 60] [--turns 5] [--only INDEX ...] [--tag NAME]
         [--append] [--sample]
@@ -122,7 +122,7 @@ CONFIGS_RUN5 = [
 RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4, 5: CONFIGS_RUN5}
 
 
-#: Issue 32's dev study, one lever at a time from the defaults (relative ridge 0.3, beta 1, the boxed
+#: The dev study, one lever at a time from the defaults (relative ridge 0.3, beta 1, the boxed
 #: answer's tokens), in priority order. The choice rule, fixed before the runs: per family (ROSA-hidden,
 #: ROSA-LoRA, PG on the LoRA, PG on the shift) the setting with the highest dev Acc@5 counting only
 #: sensible corrections; ties go to the fewer degenerate later answers (copies of the feedback plus boxed
@@ -140,7 +140,7 @@ LEVERS = [METHODS[n] for n in ("baseline", "resample", "ban", "guess", "rosa-hid
 
 
 def study(argv) -> int:
-    ap = argparse.ArgumentParser(description="issue 32's lever study on the dev split")
+    ap = argparse.ArgumentParser(description="the lever study on the dev split")
     ap.add_argument("--study", action="store_true")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--problem-set", default=None, help="default: qwen-mix for qwen25-coder, else default")

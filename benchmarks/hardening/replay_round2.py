@@ -111,7 +111,7 @@ def _correlated_lora(d=896, V=8000, T=1024, seed=0):
 def _lora_b0_float64(h, W, y, a, r=-1.0, s=8.0, beta=1.0, damping=0.3) -> torch.Tensor:
     """The float64 LoRA step at b = 0 with the default relative ridge, by the dual (MATH.md 4, 6):
     J_b rows s p_t (a.h_t)(e_y - pi_t), J_a = 0; without the P x P matrices of rosa_ext.reference."""
-    from rosa_ext.plans.target import residual_target
+    from rosa_ext.common.jacobian import residual_target
     h, W, a = h.double(), W.double(), a.double()
     logpi = torch.log_softmax(h @ W.T, 1)
     pi = logpi.exp()

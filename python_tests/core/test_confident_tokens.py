@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rosa_ext import rosa_update
-from rosa_ext.plans.target import residual_target
+from rosa_ext.common.jacobian import residual_target
 from rosa_ext.reference import rosa_update_reference
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,

@@ -5,11 +5,11 @@ from _helpers import LinearizedHead, make_inputs
 from test_batched import _batch, _single
 
 from rosa_ext import rosa_update
-from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.backends.torch_engine import TorchEngine
 from rosa_ext.common import defaults
-from rosa_ext.core.problem import build_problem
+from rosa_ext.common.jacobian import Linearization
+from rosa_ext.core.op import pack
 from rosa_ext.plans import cg_lora, dense, dual_hidden, dual_lora
-from rosa_ext.plans.base import linearize
 from rosa_ext.reference import jacobian_reference, rosa_update_reference
 
 EXACT = dict(max_iter=500, tol=1e-13)
@@ -48,18 +48,20 @@ def test_batched_matches_reference(mode, solver):
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_gram_diag_and_ridge(mode):
     inp = make_inputs(mode=mode, T=5)
-    prob = build_problem(inp["hidden"], inp["weight"], inp["targets"], -1.0, mode=mode, lora_a=inp.get("lora_a"),
-                         lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"], beta=1.0, damping=0.5,
-                         max_iter=10, tol=1e-6, solver="cg", backend="torch", mask=None, damping_mode="relative")
-    be = TorchChunkedBackend(chunk_size=8)
-    if mode == "lora":  # matrix-free CG's diagonal (one pass for q . q)
-        diag = cg_lora.gram_diag(LinearizedHead(prob, be).lin, be)
+    prob, cfg = pack(inp["hidden"], inp["weight"], inp["targets"], -1.0, mode=mode, lora_a=inp.get("lora_a"),
+                     lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"], beta=1.0, damping=0.5,
+                     max_iter=10, tol=1e-6, solver="cg", backend="torch", mask=None, damping_mode="relative")
+    be = TorchEngine(chunk=8)
+    if mode == "lora":  # matrix-free CG's diagonal (one pass for r̂ . r̂)
+        lin = LinearizedHead(prob, be, cfg).lin
+        diag = cg_lora.gram_diag(lin, be)
     else:  # the hidden plans' explicit rows
-        _, _, rows = dual_hidden.pass_and_rows(prob, be, check=True)
+        lin, rows = dual_hidden.pass_and_rows(prob, cfg, be)
         diag = (rows * rows).sum(1)
-    J = jacobian_reference(prob)
+    diag = diag * torch.exp(2 * lin.shift[prob.seg])  # the plans' rows are scaled by e^-shift
+    J = jacobian_reference(prob, mode=mode)
     torch.testing.assert_close(diag, (J * J).sum(1), rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(dense.conversation_ridges(prob, diag), 0.5 * (J * J).sum(1).mean().reshape(1),
+    torch.testing.assert_close(dense.conversation_ridges(prob, cfg, diag), 0.5 * (J * J).sum(1).mean().reshape(1),
                                rtol=1e-10, atol=0)
 
 
@@ -74,11 +76,11 @@ def test_relative_is_scale_free(mode, logit_scale):
     inp["targets"] = z.argmax(-1)  # the most likely token; p ~ 0.99 at logit scale 10
     shares = {}
     for dm in ("relative", "absolute"):
-        prob = build_problem(inp["hidden"], inp["weight"], inp["targets"], -1.0, mode=mode,
-                             lora_a=inp.get("lora_a"), lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"],
-                             beta=1.0, damping=0.1, max_iter=10, tol=1e-6, solver="dual", backend="torch",
-                             mask=None, damping_mode=dm)
-        op = LinearizedHead(prob, TorchChunkedBackend())
+        prob, cfg = pack(inp["hidden"], inp["weight"], inp["targets"], -1.0, mode=mode,
+                         lora_a=inp.get("lora_a"), lora_b=inp.get("lora_b"), lora_scale=8.0, bias=inp["bias"],
+                         beta=1.0, damping=0.1, max_iter=10, tol=1e-6, solver="dual", backend="torch",
+                         mask=None, damping_mode=dm)
+        op = LinearizedHead(prob, TorchEngine(), cfg)
         step = rosa_update(**inp, reward=-1.0, mode=mode, damping=0.1, damping_mode=dm, solver="dual")
         shares[dm] = float(op.jvp(step.update.unsqueeze(0))[0] / op.g[0])
     assert abs(shares["relative"] - 1 / 1.1) < 1e-9
@@ -113,18 +115,20 @@ def test_lora_gram_fp32_confident_tokens():
     inp["targets"] = (inp["hidden"] @ inp["weight"].T).argmax(-1)
     grams = {}
     for dt in (torch.float64, torch.float32):
-        prob = build_problem(inp["hidden"].to(dt), inp["weight"].to(dt), inp["targets"], -1.0, mode="lora",
-                             lora_a=inp["lora_a"].to(dt), lora_b=inp["lora_b"].to(dt), lora_scale=8.0, bias=None,
-                             beta=1.0, damping=0.1, max_iter=10, tol=1e-6, solver="dual", backend="torch",
-                             mask=None, damping_mode="relative")
-        be = TorchChunkedBackend()
-        gp = dual_lora.lora_gram_pass(prob, be, keep=False)  # the dual's Gram, assembled as the plan does
-        lin, _ = linearize(prob, be, gp)
+        prob, cfg = pack(inp["hidden"].to(dt), inp["weight"].to(dt), inp["targets"], -1.0, mode="lora",
+                         lora_a=inp["lora_a"].to(dt), lora_b=inp["lora_b"].to(dt), lora_scale=8.0, bias=None,
+                         beta=1.0, damping=0.1, max_iter=10, tol=1e-6, solver="dual", backend="torch",
+                         mask=None, damping_mode="relative")
+        be = TorchEngine()
+        gp = be.gram_pass(prob, keep=False)  # the dual's Gram, assembled as the plan does
+        dual_lora.center_gram(prob, gp)
+        lin = Linearization.of_pass(prob, gp, "lora", be, cfg.beta)
         ca, cb = dual_lora.lora_factors(lin, gp)
         Ja = ca.unsqueeze(1) * lin.h
         G = gp.gram[0] * cb.unsqueeze(1) * cb.unsqueeze(0) + Ja @ Ja.T
-        diag = cg_lora.gram_diag(LinearizedHead(prob, be).lin, be)  # matrix-free CG's diagonal
-        grams[dt] = (G.double(), diag.double(), lin.p.double())
+        diag = cg_lora.gram_diag(LinearizedHead(prob, be, cfg).lin, be)  # matrix-free CG's diagonal
+        scale = torch.exp(lin.shift[0]).double()  # both in the linearisation's scaled units
+        grams[dt] = (G.double() * scale ** 2, diag.double() * scale ** 2, lin.p.double())
     ref, ref_diag, p = grams[torch.float64]
     got, got_diag, _ = grams[torch.float32]
     assert float((1 - p).min()) < 1e-3  # the regime that matters

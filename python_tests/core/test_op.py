@@ -1,13 +1,13 @@
 """rosa_update against the float64 reference (MATH.md section 5)."""
 import pytest
 import torch
-from _helpers import LinearizedHead, make_inputs, mean_logp_after
+from _helpers import LinearizedHead, make_inputs, mean_logp_after, num_params
 
 import rosa_ext
 from rosa_ext import rosa_update
-from rosa_ext.backends.torch_chunked import TorchChunkedBackend
+from rosa_ext.backends.torch_engine import TorchEngine
 from rosa_ext.common import defaults
-from rosa_ext.core.problem import build_problem
+from rosa_ext.core.op import pack
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference
 
 EXACT = dict(max_iter=500, tol=1e-13)
@@ -18,7 +18,7 @@ def _problem(inp, mode, **kw):
                 bias=inp["bias"], beta=1.0, damping=1e-2, max_iter=10, tol=1e-6, solver="cg",
                 backend="torch", mask=None)
     args.update(kw)
-    return build_problem(inp["hidden"], inp["weight"], inp["targets"], -1.0, **args)
+    return pack(inp["hidden"], inp["weight"], inp["targets"], -1.0, **args)
 
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
@@ -107,11 +107,11 @@ def test_repeated_tokens(mode):
 def test_chunking_is_exact(mode, chunk):
     """V = 37 is not a multiple of any of these chunk sizes (spec section 5)."""
     inp = make_inputs(mode=mode)
-    prob = _problem(inp, mode)
-    op_ref = LinearizedHead(prob, TorchChunkedBackend(chunk_size=10 ** 6))
-    op = LinearizedHead(prob, TorchChunkedBackend(chunk_size=chunk))
+    prob, cfg = _problem(inp, mode)
+    op_ref = LinearizedHead(prob, TorchEngine(chunk=10 ** 6), cfg)
+    op = LinearizedHead(prob, TorchEngine(chunk=chunk), cfg)
     torch.testing.assert_close(op.stats.lse, op_ref.stats.lse, rtol=0, atol=1e-12)
-    v = torch.randn(1, prob.num_params, dtype=torch.float64)
+    v = torch.randn(1, num_params(prob, mode), dtype=torch.float64)
     torch.testing.assert_close(op.jvp(v), op_ref.jvp(v), rtol=0, atol=1e-12)
     u = torch.randn(prob.num_tokens, dtype=torch.float64)
     torch.testing.assert_close(op.vjp(u), op_ref.vjp(u), rtol=0, atol=1e-12)
@@ -120,12 +120,12 @@ def test_chunking_is_exact(mode, chunk):
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_jvp_vjp_match_torch_func(mode):
     inp = make_inputs(mode=mode, T=5)
-    prob = _problem(inp, mode)
-    op = LinearizedHead(prob, TorchChunkedBackend(chunk_size=8))
-    v = torch.randn(prob.num_params, dtype=torch.float64)
+    prob, cfg = _problem(inp, mode)
+    op = LinearizedHead(prob, TorchEngine(chunk=8), cfg)
+    v = torch.randn(num_params(prob, mode), dtype=torch.float64)
     u = torch.randn(prob.num_tokens, dtype=torch.float64)
-    torch.testing.assert_close(op.jvp(v.unsqueeze(0)), jvp_reference(prob, v), rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(op.vjp(u)[0], vjp_reference(prob, u), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(op.jvp(v.unsqueeze(0)), jvp_reference(prob, v, mode=mode), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(op.vjp(u)[0], vjp_reference(prob, u, mode=mode), rtol=1e-10, atol=1e-13)
 
 
 def test_hidden_mode_with_lora_term_in_logits():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from _helpers import make_inputs
 
+import rosa_ext
 from rosa_ext import rosa_update
 from rosa_ext.reference import rosa_update_reference
 
@@ -85,10 +86,18 @@ def test_device_mismatch_meta():
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    """(engine_for caches one engine per process: whether Triton can run does not change within one, as
+    TRITON_INTERPRET is read when triton is imported; the cache is cleared to stand for another process.)"""
+    from rosa_ext.backends import engine_for
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    engine_for.cache_clear()
     inp = make_inputs(mode="hidden", dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="backend='triton' needs"):
-        rosa_update(**inp, reward=1.0, mode="hidden", backend="triton")
+    try:
+        with pytest.raises(rosa_ext.RosaInputError, match="backend='triton' needs") as ei:
+            rosa_update(**inp, reward=1.0, mode="hidden", backend="triton")
+        assert ei.value.argument == "backend"
+    finally:
+        engine_for.cache_clear()
 
 
 def test_batched_reward_count():

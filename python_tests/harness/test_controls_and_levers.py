@@ -93,7 +93,7 @@ def test_fair_pg_in_the_update(tiny_chat, mode, rule):
     """The experiment's fair PG step: 'match' reaches ROSA's target change to first order, 'clip' is no
     longer than ROSA's step on the same answer."""
     from rosa_ext.harness.conversation import TurnRecord
-    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, experiment_users
+    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, experiment_users, user_key
     from rosa_ext.harness.problems import Problem
     model, tok = tiny_chat
     g = torch.Generator().manual_seed(3)
@@ -123,7 +123,7 @@ def test_fair_pg_in_the_update(tiny_chat, mode, rule):
 @needs_tok
 def test_shift_cap_bounds_the_hidden_shift(tiny_chat):
     from rosa_ext.harness.conversation import TurnRecord
-    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, experiment_users
+    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, experiment_users, user_key
     from rosa_ext.harness.problems import Problem
     model, tok = tiny_chat
     g = torch.Generator().manual_seed(4)
@@ -136,7 +136,7 @@ def test_shift_cap_bounds_the_hidden_shift(tiny_chat):
             for _ in range(2):
                 c.turns.append(TurnRecord("x", -1.0, False, 5))
                 _update_chunk(model, tok, [c], [0], spec, users, measure_logp=True)
-            shift = float(users.state(0)["delta"].norm())
+            shift = float(users.state(user_key(0))["delta"].norm())
         finally:
             users.detach()
         t = c.turns[-1]

@@ -215,7 +215,7 @@ def test_relative_damping_and_attainment(tiny_chat, mode):
     assert attainment_summary([t])["attainment_median"] == t.attainment
     s = rosa_ext.attach(model, mode=mode, beta=spec.beta, damping=0.3, damping_mode="relative", seed=0)
     try:
-        assert s.options["damping_mode"] == "relative"
+        assert s.config.damping_mode == "relative"
         st = s.update(torch.cat([c.last_prompt, c.last_resp]), -1.0, response_start=6)
         assert float(st.update.norm()) == pytest.approx(t.update_norm, rel=1e-3)
     finally:
@@ -239,8 +239,8 @@ def test_attainment_prediction_is_jvp_over_p(mode):
     from _helpers import LinearizedHead
 
     from rosa_ext import rosa_update
-    from rosa_ext.backends.torch_chunked import TorchChunkedBackend
-    from rosa_ext.core.problem import build_problem
+    from rosa_ext.backends.torch_engine import TorchEngine
+    from rosa_ext.core.op import pack
     from rosa_ext.harness.experiment import target_attainment
     g = torch.Generator().manual_seed(2)
     T, d, V = 5, 16, 64
@@ -252,10 +252,10 @@ def test_attainment_prediction_is_jvp_over_p(mode):
     h_op = H if mode == "lora" else H + delta
     step = rosa_update(h_op, W, y, -1.0, mode=mode, damping=0.3, damping_mode="relative", **kw)
     res = target_attainment(H, W, y, state, step.update, -1.0, 1.0)
-    prob = build_problem(h_op, W, y, -1.0, mode=mode, lora_a=kw.get("lora_a"), lora_b=kw.get("lora_b"),
-                         lora_scale=8.0, bias=None, beta=1.0, damping=0.3, max_iter=16, tol=1e-5, solver="dual",
-                         backend="torch", mask=None, damping_mode="relative")
-    op = LinearizedHead(prob, TorchChunkedBackend())
+    prob, cfg = pack(h_op, W, y, -1.0, mode=mode, lora_a=kw.get("lora_a"), lora_b=kw.get("lora_b"),
+                     lora_scale=8.0, bias=None, beta=1.0, damping=0.3, max_iter=16, tol=1e-5, solver="dual",
+                     backend="torch", mask=None, damping_mode="relative")
+    op = LinearizedHead(prob, TorchEngine(), cfg)
     want = float((op.jvp(step.update[None]) / op.p).mean())
     assert res["dlogp_predicted"] == pytest.approx(want, rel=1e-4)
     assert res["dlogp_target"] == pytest.approx(float((torch.log(op.p + op.g) - op.stats.logp).mean()), rel=1e-4)

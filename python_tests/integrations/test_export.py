@@ -127,19 +127,71 @@ def test_bad_states_and_directory(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_adapter_names_and_ids():
+def test_adapter_names_one_per_user_safe_and_distinct():
     _, s = _adapted(False, updates=2)
-    assert adapter_name("alice", s) == "alice@2" == adapter_name("alice", s.state_dict()) == adapter_name("alice", 2)
-    assert adapter_name(7, 0) == "7@0"
-    for bad, arg in (("", "user_id"), (None, "user_id")):
-        with pytest.raises(RosaTypeError) as e:
-            adapter_name(bad, 1)
-        assert e.value.argument == arg
+    name = adapter_name("alice")
+    assert name == adapter_name("alice", s) == adapter_name("alice", s.state_dict()) == adapter_name("alice", 2)
+    assert name.startswith("rosa-alice-") and len(name) == len("rosa-alice-") + 8
+    s.reset()
+    assert adapter_name("alice", s) == name  # one name per user, also after reset(): reloaded in place
+    assert len({adapter_name(u).lower() for u in ("Ann", "ann", "ANN", "1", "bob")}) == 5  # case-insensitive FS
+    for bad, cls in ((7, RosaTypeError), (None, RosaTypeError), (torch.tensor(1), RosaTypeError),
+                     ("", RosaInputError), ("x/../bob", RosaInputError), ("../bob", RosaInputError)):
+        with pytest.raises(cls) as e:
+            adapter_name(bad)
+        assert e.value.argument == "user_id"
     with pytest.raises(RosaInputError) as e:
         adapter_name("u", -1)
     assert e.value.argument == "state"
     ids = AdapterIds()
     assert [ids("a@1"), ids("b@1"), ids("a@1"), ids("a@2")] == [1, 2, 1, 3] and len(ids) == 3
+
+
+def test_export_user_writes_inside_the_root_only(tmp_path):
+    from rosa_ext.integrations.export import export_user
+    from rosa_ext.integrations.store import StateStore
+
+    _, s = _adapted(False, updates=1)
+    store = StateStore()
+    store.put("bob", s.state_dict())
+    store.put("x.y", s.state_dict())
+    name, out = export_user(store, "bob", tmp_path / "adapters")
+    assert out == tmp_path / "adapters" / name and out.parent == tmp_path / "adapters"
+    _, out2 = export_user(store, "x.y", tmp_path / "adapters")
+    assert out2.parent == tmp_path / "adapters" and out2 != out
+    with pytest.raises(RosaInputError) as e:
+        export_user(store, "x/../bob", tmp_path / "adapters")
+    assert e.value.argument == "user_id"
+    h = rosa_ext.attach(tiny_causal_lm("llama"), mode="hidden")
+    store.put("hid", h.state_dict())
+    with pytest.raises(RosaInputError, match="hidden-mode") as e:
+        export_user(store, "hid", tmp_path / "adapters")
+    assert e.value.argument == "state"
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == sorted([name, out2.name])
+
+
+def test_a_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    import rosa_ext.integrations.export as export
+
+    _, s = _adapted(False, updates=1)
+    out = save_peft(s, tmp_path / "u")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    s.update(_exchange(s.vocab_size, seed=9), reward=1.0, response_start=P0)
+    real_open = open
+    calls = []
+
+    def failing_open(path, *a, **k):  # the second file (the config) cannot be written
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(export, "open", failing_open, raising=False)
+    with pytest.raises(rosa_ext.RosaStateError, match="No space left") as e:
+        save_peft(s, out)
+    assert e.value.argument == "directory"
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old weights and config, no temporaries
 
 
 def test_session_save_peft_method(tmp_path):

@@ -391,7 +391,7 @@ def test_cuda_attach_warmup_leaves_nothing_to_tune_in_the_first_update(mode):
     assert any(before)
     ids = _exchange(model).cuda()
     for solver in ("cg", "dual"):
-        s.options["solver"] = solver
+        s.config = s.config.replace(solver=solver)
         s.update(ids, reward=-1.0, response_start=P0)
     assert [dict(k.cache) for k in kernels] == before  # no new autotune key: nothing tuned during updates
     s.detach()

@@ -105,6 +105,8 @@ def test_padded_logit_columns_are_left_alone():
     ("abc", RosaInputError, "list of d floats"),  # a ValueError: vLLM answers HTTP 400
     ([True] * D, RosaInputError, "list of d floats"),
     ([], RosaInputError, "empty"),
+    ([0.0] * (D - 1) + [1e300], RosaNonFiniteError, "norm"),  # issue 31: finite in float64, overflows W delta in fp32
+    ([0.0] * (D - 1) + [10 ** 400], RosaInputError, "too large for a float"),  # issue 31: was a raw OverflowError
 ])
 def test_bad_shift_is_refused_and_nothing_changes(bad, exc, match):
     W = _w()

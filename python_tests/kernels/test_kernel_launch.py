@@ -18,13 +18,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from _helpers import build_problem  # noqa: E402
+
 import rosa_ext.kernels as K  # noqa: E402
 from rosa_ext import RosaError  # noqa: E402
 from rosa_ext.common import device_flag  # noqa: E402
-from rosa_ext.common import validation as V  # noqa: E402
 from rosa_ext.common.jacobian import WHOLE_VOCABULARY  # noqa: E402
-from rosa_ext.core.problem import build_problem  # noqa: E402
 from rosa_ext.kernels import _tiles  # noqa: E402
+from rosa_ext.kernels import checks as V  # noqa: E402
 from rosa_ext.kernels import matvec as MV  # noqa: E402
 from rosa_ext.kernels import reductions as R  # noqa: E402
 from rosa_ext.kernels import stats_pass as S  # noqa: E402

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from _helpers import build_problem, num_params  # noqa: E402
+
 import rosa_ext.kernels as K  # noqa: E402
 from rosa_ext import RosaError  # noqa: E402
-from rosa_ext.core.problem import build_problem  # noqa: E402
 from rosa_ext.reference import jvp_reference, vjp_reference  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -121,15 +122,15 @@ def test_random_valid_jvp_vjp_match_the_reference(p, mode, cached):
     if cached:
         kw["st"] = K.stats(h, W, y, **_kw(p, "bias", "lora_a", "lora_b", "seg"))
     g = torch.Generator().manual_seed(3)
-    v = torch.randn(B, prob.num_params, generator=g, dtype=torch.float64)
+    v = torch.randn(B, num_params(prob, mode), generator=g, dtype=torch.float64)
     u = torch.randn(T, generator=g, dtype=torch.float64)
     jv = K.jvp(h, W, y, v.float() if p["seg"] is not None else v[0].float(), **kw)
     vj = K.vjp(h, W, y, u.float(), **kw)
     vj = vj if p["seg"] is not None else vj.unsqueeze(0)
     for b in range(B):
         sl = slice(prob.offsets[b], prob.offsets[b + 1])
-        torch.testing.assert_close(jv[sl].double(), jvp_reference(prob, v[b], b), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(vj[b].double(), vjp_reference(prob, u[sl], b), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(jv[sl].double(), jvp_reference(prob, v[b], b, mode=mode), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vj[b].double(), vjp_reference(prob, u[sl], b, mode=mode), rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=10, **SETTINGS)

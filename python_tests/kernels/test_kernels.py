@@ -12,13 +12,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from _helpers import make_inputs  # noqa: E402
+from _helpers import (  # noqa: E402
+    build_problem,
+    make_inputs,  # noqa: E402
+    num_params,
+)
 
 import rosa_ext.kernels as K  # noqa: E402
 from rosa_ext import rosa_update  # noqa: E402
-from rosa_ext.backends.torch_chunked import TorchChunkedBackend  # noqa: E402
-from rosa_ext.backends.triton_backend import TritonBackend  # noqa: E402
-from rosa_ext.core.problem import build_problem  # noqa: E402
+from rosa_ext.backends.torch_engine import TorchEngine  # noqa: E402
+from rosa_ext.backends.triton_engine import TritonEngine  # noqa: E402
 from rosa_ext.reference import jvp_reference, rosa_update_reference, vjp_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -133,10 +136,10 @@ def test_peaked_softmax_p_near_0_and_1_repeated_tokens():
 def test_peaked_jvp_vjp_vs_reference():
     inp = make_inputs(mode="lora", T=6, d=12, V=37, logit_scale=12.0, seed=4)
     prob = _prob64(inp, "lora")
-    p = torch.exp(TorchChunkedBackend().stats(prob).logp)
+    p = torch.exp(TorchEngine().stats(prob).logp)
     assert p.max() > 0.99  # the regime the test is about
     f = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
-    v = torch.randn(prob.num_params, dtype=torch.float64)
+    v = torch.randn(num_params(prob, "lora"), dtype=torch.float64)
     u = torch.randn(6, dtype=torch.float64)
     kw = dict(mode="lora", bias=f["bias"], lora_a=f["lora_a"], lora_b=f["lora_b"])
     torch.testing.assert_close(K.jvp(f["hidden"], f["weight"], f["targets"], v.float(), **kw).double(),
@@ -188,7 +191,7 @@ def test_backend_batched_ragged_matches_torch_backend(mode):
     prob = build_problem(f["hidden"], f["weight"], f["targets"], torch.tensor([-1.0, 1.0, 0.5]), mode=mode,
                          lora_a=f.get("lora_a"), lora_b=f.get("lora_b"), lora_scale=8.0, bias=f["bias"],
                          beta=1.0, damping=0.1, max_iter=5, tol=0.0, solver="cg", backend="triton", mask=mask)
-    tr, to = TritonBackend(), TorchChunkedBackend(chunk_size=16)
+    tr, to = TritonEngine(), TorchEngine(chunk=16)
     s1, s2 = tr.stats(prob), to.stats(prob)
     for k in ("lse", "logp") + (("ah", "pib") if mode == "lora" else ()):
         torch.testing.assert_close(getattr(s1, k), getattr(s2, k), rtol=1e-5, atol=1e-5)
@@ -261,7 +264,7 @@ def test_tied_weight_is_not_modified():
 def test_jvp_vjp_wrappers_vs_reference(mode):
     inp = make_inputs(mode=mode, T=5, d=12, V=37)
     prob = _prob64(inp, mode)
-    v = torch.randn(prob.num_params, dtype=torch.float64)
+    v = torch.randn(num_params(prob, mode), dtype=torch.float64)
     u = torch.randn(5, dtype=torch.float64)
     f = {k: (x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for k, x in inp.items()}
     kw = dict(mode=mode, bias=f["bias"], lora_a=f.get("lora_a"), lora_b=f.get("lora_b"))
@@ -270,7 +273,7 @@ def test_jvp_vjp_wrappers_vs_reference(mode):
     for cache in (None, st):
         torch.testing.assert_close(K.jvp(h, W, y, v.float(), st=cache, **kw).double(), jvp_reference(prob, v),
                                    rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(K.vjp(h, W, y, u.float(), st=cache, **kw).double(), vjp_reference(prob, u),
+        torch.testing.assert_close(K.vjp(h, W, y, u.float(), st=cache, **kw).double(), vjp_reference(prob, u, mode=mode),
                                    rtol=1e-4, atol=1e-6)
 
 
@@ -282,16 +285,16 @@ def test_jvp_vjp_batched_seg_vs_reference(mode):
     h, y = f["hidden"][mask], f["targets"][mask]
     seg = prob.seg
     kw = dict(mode=mode, bias=f["bias"], lora_a=f.get("lora_a"), lora_b=f.get("lora_b"), seg=seg)
-    v = torch.randn(3, prob.num_params, dtype=torch.float64)
+    v = torch.randn(3, num_params(prob, mode), dtype=torch.float64)
     u = torch.randn(prob.num_tokens, dtype=torch.float64)
     jv = K.jvp(h, f["weight"], y, v.float(), **kw)
     vj = K.vjp(h, f["weight"], y, u.float(), **kw)
-    assert vj.shape == (3, prob.num_params)
+    assert vj.shape == (3, num_params(prob, mode))
     off = prob.offsets
     for b in range(3):
         sl = slice(off[b], off[b + 1])
-        torch.testing.assert_close(jv[sl].double(), jvp_reference(prob, v[b], b), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(vj[b].double(), vjp_reference(prob, u[sl], b), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(jv[sl].double(), jvp_reference(prob, v[b], b, mode=mode), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(vj[b].double(), vjp_reference(prob, u[sl], b, mode=mode), rtol=1e-4, atol=1e-6)
 
 
 # -- fallbacks and errors --------------------------------------------------------------------
@@ -367,16 +370,19 @@ for tag, dt, prec, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", (128, 128, 
          dict(flags, SINGLE=True, SCATTER=True, HAS_FLAG=True, **tile), opts),
     ]
 # the probability tiles on the first config of their own lists (every config: test_prob_tiles.py), bf16 hi/lo
-# and fp32 P
+# and fp32 P, the one pass (its own row statistics: the engines' default) and a given lse
 for tag, dt, prec, mode, (bt, bv, bd, nw, ns) in [("bf16", "bf16", "ieee", 1, prob_tiles.POOLS[0][0]),
                                                   ("fp32-tf32x3", "fp32", "tf32x3", 0, prob_tiles.POOLS[1][0])]:
     out_t = P if mode == 0 else "*bf16"
-    cases.append((tag, prob_tiles._prob_tile_kernel,
-                  dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", lb_ptr=P, ah_ptr=P, seg_ptr="*i32", lse_ptr=P,
-                       y_ptr="*i64", p_ptr=out_t, lo_ptr=out_t, q_out=P, pt_out=P, rb_out=P, ss_out=P, **ints, s_hn=I,
-                       s_wv=I, s_lb=I, n_lb=I, s_p=I, lora_scale=F),
-                  dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, SINGLE=False, IS_FP32=dt == "fp32", PRECISION=prec,
-                       OUT_MODE=mode, BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd), dict(num_warps=nw, num_stages=ns)))
+    for fixed in (False, True):
+        cases.append((tag + ("-lse" if fixed else ""), prob_tiles._prob_tile_kernel,
+                      dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", lb_ptr=P, ah_ptr=P, seg_ptr="*i32",
+                           lse_ptr=P, y_ptr="*i64", p_ptr=out_t, lo_ptr=out_t, ref_out=P, q_out=P, pt_out=P, rb_out=P,
+                           ss_out=P, zy_out=P, **ints, s_hn=I, s_wv=I, s_lb=I, n_lb=I, s_p=I, lora_scale=F,
+                           headroom=F),
+                      dict(N_BUCKET=1024, HAS_BIAS=True, HAS_LORA=True, SINGLE=False, IS_FP32=dt == "fp32",
+                           PRECISION=prec, OUT_MODE=mode, FIXED_REF=fixed, BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd),
+                      dict(num_warps=nw, num_stages=ns)))
 for tag, dt in (("bf16", "bf16"), ("fp32", "fp32")):  # the GEMVs, run-flag on (fp32: the flagged hidden-mode CG)
     cases += [
         (tag, matvec._matvec_kernel, dict(w_ptr=f"*{dt}", x_ptr=P, out_ptr=P, flag_ptr="*fp64", D=I, V=I, s_wv=I, s_x=I,
@@ -391,7 +397,7 @@ for tag, kern, sig, const, opts in cases:
     names = list(fn.arg_names)
     const = dict(const, **{n: 1 for n in ("s_hd", "s_wd") if n in names})  # unit strides, as at launch
     # what a launch with the Qwen head (d = 896, 16-byte aligned buffers) specialises on
-    odd = ("N", "V", "B", "lora_scale", "n_lb", "n_u")
+    odd = ("N", "V", "B", "lora_scale", "headroom", "n_lb", "n_u")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in odd}
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -426,6 +432,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for tag in ("bf16", "fp32-tf32x3"):
         for name in ("_stats_kernel", "_row_kernel", "_column_kernel", "_prob_tile_kernel"):
             assert got[(tag, name)][:2] == ("wgmma", "pipelined"), (tag, name, got[(tag, name)])
+        assert got[(tag + "-lse", "_prob_tile_kernel")][:2] == ("wgmma", "pipelined"), (tag, got)
     assert {(t, k) for t in ("bf16", "fp32") for k in ("_matvec_kernel", "_rmatvec_kernel")} <= set(got)
     assert all(shared <= 227 * 1024 for _, _, shared in got.values()), got
 

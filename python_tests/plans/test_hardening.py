@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rosa_ext
-from rosa_ext.plans import dense, target
+from rosa_ext.common import jacobian as target
+from rosa_ext.plans import dense
 from rosa_ext.reference import rosa_update_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -124,10 +125,11 @@ def test_fallback_on_correlated_hidden_states(mode, T, d, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 @pytest.mark.parametrize("solver", ["dual", "cg"])
-def test_target_that_underflows_fp32_is_an_error_not_a_zero_step(mode, solver):
-    """Every token at p ~ 1e-40..1e-44: g = p* - p is subnormal (or 0) in float32, so the step would be a
-    silent zero or a few bits where float64 gives a real one; the call says so (naming `targets`), and
-    float64 solves it."""
+def test_target_that_underflows_fp32_is_solved_not_a_zero_step(mode, solver):
+    """Every token at p ~ 1e-40..1e-44: J ~ p (1 - p) and g = p* - p are subnormal (or 0) in float32;
+    the linearisation carries that scale in log space, so float32 gives the float64 step (to 1e-3), not a
+    silent zero; with an absolute damping the step itself (~ J^T g / damping ~ 1e-80) is below float32's
+    range, and the call says so (naming `targets`)."""
     g = torch.Generator().manual_seed(5)
     d, V, T = 8, 40, 4
     W = torch.randn(V, d, generator=g, dtype=torch.float64)
@@ -139,7 +141,11 @@ def test_target_that_underflows_fp32_is_an_error_not_a_zero_step(mode, solver):
     assert ref.update.norm() > 0
     got64 = rosa_ext.rosa_update(h, W, y, -1.0, mode=mode, solver=solver, backend="torch", **kw, **SOLVE)
     assert _rel(got64, ref) < 1e-3
+    f32 = dict(h=h.float(), W=W.float(), kw={k: v.float() for k, v in kw.items()})
+    got32 = rosa_ext.rosa_update(f32["h"], f32["W"], y, -1.0, mode=mode, solver=solver, backend="torch", **f32["kw"],
+                                 **SOLVE)
+    assert _rel(got32, ref) < 1e-3
     with pytest.raises(rosa_ext.RosaNumericalError) as info:
-        rosa_ext.rosa_update(h.float(), W.float(), y, -1.0, mode=mode, solver=solver, backend="torch",
-                             **{k: v.float() for k, v in kw.items()}, **SOLVE)
+        rosa_ext.rosa_update(f32["h"], f32["W"], y, -1.0, mode=mode, solver=solver, backend="torch", **f32["kw"],
+                             damping=0.1, damping_mode="absolute", **SOLVE)
     assert info.value.argument == "targets"

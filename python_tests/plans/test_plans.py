@@ -8,10 +8,11 @@ import torch
 from _helpers import make_inputs, shrink_onepass_tiles
 
 from rosa_ext import rosa_update
-from rosa_ext.backends.torch_chunked import TorchChunkedBackend
-from rosa_ext.core.problem import build_problem
-from rosa_ext.plans import choose as cost_model
-from rosa_ext.plans import dual_lora, run, solver_costs, tiles
+from rosa_ext.backends import torch_engine
+from rosa_ext.backends.torch_engine import TorchEngine
+from rosa_ext.common.config import RosaConfig
+from rosa_ext.core.op import pack
+from rosa_ext.plans import PLANS, choose, dual_lora, solver_costs
 from rosa_ext.reference import rosa_update_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,11 +43,19 @@ def _case(mode, *, B=3, T=9, d=12, V=61, lora_term=False, bias=True, seed=0, log
 def _solve(inp, mask, reward, mode, *, solver, keep=False, damping_mode="absolute", damping=0.1,
            dtype=torch.float64):
     args = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
-    prob = build_problem(args["hidden"], args["weight"], args["targets"], reward, mode=mode,
-                         lora_a=args.get("lora_a"), lora_b=args.get("lora_b"), lora_scale=3.0, bias=args.get("bias"),
-                         beta=1.0, damping=damping, solver=solver, backend="torch", mask=mask,
-                         damping_mode=damping_mode, **EXACT)
-    return run(prob, TorchChunkedBackend(), cost_model.Plan(solver, keep))
+    prob, cfg = pack(args["hidden"], args["weight"], args["targets"], reward, mode=mode,
+                     lora_a=args.get("lora_a"), lora_b=args.get("lora_b"), lora_scale=3.0, bias=args.get("bias"),
+                     beta=1.0, damping=damping, solver=solver, backend="torch", mask=mask,
+                     damping_mode=damping_mode, **EXACT)
+    name = solver if mode == "hidden" else ("cg" if solver == "cg" else ("dual-keep" if keep else "dual-stream"))
+    spec = next(p for p in PLANS if (p.mode, p.name) == (mode, name))
+    return spec.run(prob, cfg, TorchEngine(), None)
+
+
+def _choose(mode, lengths, d, V, *, max_iter, keep_budget_bytes, gram_budget_bytes):
+    cfg = RosaConfig(mode=mode, max_iter=max_iter, keep_budget_bytes=keep_budget_bytes,
+                     gram_budget_bytes=gram_budget_bytes)
+    return choose(cfg, tuple(lengths), d, V)
 
 
 def _ref(inp, mask, reward, mode, damping_mode="absolute", damping=0.1):
@@ -111,7 +120,7 @@ def test_lora_repeated_tokens_long_run(small_tiles, monkeypatch, keep):
 
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_forced_rescale_every_chunk(small_tiles, monkeypatch, mode):
-    monkeypatch.setattr(tiles, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
+    monkeypatch.setattr(torch_engine, "TAU", {torch.float32: 0.5, torch.float64: 0.5})
     inp, mask, reward = _case(mode)
     for keep in ((False, True) if mode == "lora" else (False,)):
         got = _solve(inp, mask, reward, mode, solver="dual", keep=keep)
@@ -121,7 +130,7 @@ def test_forced_rescale_every_chunk(small_tiles, monkeypatch, mode):
 @pytest.mark.parametrize("mode", ["lora", "hidden"])
 def test_eager_rescale_the_gpu_path(small_tiles, monkeypatch, mode):
     """The sync-free online softmax the torch backend takes off the CPU."""
-    monkeypatch.setattr(tiles, "lazy_rescaling", lambda device: False)
+    monkeypatch.setattr(torch_engine, "lazy_rescaling", lambda device: False)
     inp, mask, reward = _case(mode)
     for keep in ((False, True) if mode == "lora" else (False,)):
         got = _solve(inp, mask, reward, mode, solver="dual", keep=keep)
@@ -167,15 +176,31 @@ def test_cost_model_rules():
     for d, V in ((256, 32000), (576, 49152), (896, 151936)):
         for T in (64, 256, 1024, 4096):
             for mode in ("lora", "hidden"):
-                plan = cost_model.choose(mode, [T], d, V, **kw)
+                plan = _choose(mode, [T], d, V, **kw)
                 assert plan.solver == "dual", (mode, d, V, T, plan.estimates)
                 if mode == "lora":
                     assert plan.keep == (4 * T * V <= 256 * MB), (d, V, T)
     # memory first: a conversation whose Gram matrices exceed the budget takes CG
-    assert cost_model.choose("lora", [20000], 896, 151936, **kw).solver == "cg"
-    assert cost_model.choose("hidden", [20000], 896, 151936, **kw).solver == "dual"  # d x d primal
-    assert cost_model.choose("hidden", [20000], 896, 151936, **dict(kw, gram_budget_bytes=0)).solver == "cg"
+    assert _choose("lora", [20000], 896, 151936, **kw).solver == "cg"
+    assert _choose("hidden", [20000], 896, 151936, **kw).solver == "dual"  # d x d primal
+    assert _choose("hidden", [20000], 896, 151936, **dict(kw, gram_budget_bytes=0)).solver == "cg"
     # a kept batch is run in groups of at most the longest conversation's rows
     assert dual_lora.keep_groups([5, 3, 2, 5, 1]) == [(0, 1), (1, 3), (3, 4), (4, 5)]
     est = solver_costs("lora", [256], 256, 32000, 16)
     assert est["dual"] == est["dual-keep"] < est["dual-stream"] < est["cg"]
+
+
+def test_every_engine_implements_the_protocol():
+    """The torch, Triton and vocabulary-parallel engines all implement the whole engine protocol (the plans
+    call nothing else)."""
+    from rosa_ext.backends.distributed import DistributedEngine
+    from rosa_ext.backends.protocol import Engine
+    from rosa_ext.backends.triton_engine import TritonEngine
+    from rosa_ext.common.types import VocabShard
+    methods = [m for m in dir(Engine) if not m.startswith("_")]
+    assert {"hidden_pass", "gram_pass", "off_target_vjp", "stats", "throughput", "centered_row_reduce",
+            "scatter_minus_column"} <= set(methods)
+    for engine in (TorchEngine(), TritonEngine(), DistributedEngine(TorchEngine(), VocabShard(0, 1, 2, 0, 2))):
+        missing = [m for m in methods if not callable(getattr(engine, m, None))]
+        assert not missing, (type(engine).__name__, missing)
+        assert isinstance(engine, Engine) and engine.name in ("torch", "triton")

@@ -1,21 +1,14 @@
-"""Backends: the stats pass and the streaming reductions of MATH.md section 3.
+"""The engines: whole passes over the head weight (MATH.md sections 3-4), the only place that knows
+which engine runs (:mod:`.protocol`).
 
-Every backend (:class:`~rosa_ext.backends.protocol.Backend`) implements the same primitives
-over a packed :class:`~rosa_ext.common.types.HeadProblem` (N tokens, B conversations):
+- :mod:`.torch_engine` (with its tile loop :mod:`.torch_tiles`): torch, any device
+- :mod:`.triton_engine`: the Triton kernels and the probability tiles (CUDA, or the interpreter)
+- :mod:`.distributed`: wraps either on a vocabulary-parallel head and adds the collectives
+- :mod:`.registry`: ``engine_for(name, device)``
 
-- ``stats(prob)`` -> :class:`~rosa_ext.common.types.HeadStats` (lse, log p, a.h, pi.b per token)
-- ``row_reduce(prob, st, u)``: u (B, V) -> (N,), ``pi_t . u[seg_t]``
-- ``column_reduce(prob, st, w)``: w (N,) -> (B, V), ``sum_{t in b} w_t pi_t``
-- ``weight_matvec(prob, v)`` (W v) and ``weight_rmatvec(prob, q)`` (q W)
-- ``pi_weight(prob, st)`` -> (N, d), ``pi_t W`` (dual solver, hidden mode)
-- ``pi_gram(prob, st)`` -> (B, Tmax, Tmax), ``pi_t . pi_u`` within each
-  conversation, zero-padded (dual solver, LoRA mode)
-
-Implementations: :mod:`.torch_chunked` (portable) and :mod:`.triton_backend` (CUDA); the
-registry (:func:`get_backend`) picks one. The Jacobian algebra on top of them lives once, in
-:mod:`rosa_ext.common.jacobian`.
+The solve plans (:mod:`rosa_ext.plans`) call only the protocol and hold only the algebra.
 """
-from .protocol import Backend
-from .registry import get_backend, triton_available
+from .protocol import Engine
+from .registry import engine_for, get_backend, triton_available
 
-__all__ = ["Backend", "get_backend", "triton_available"]
+__all__ = ["Engine", "engine_for", "get_backend", "triton_available"]

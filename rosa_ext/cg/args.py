@@ -1,6 +1,5 @@
-"""Argument checks shared by every CG implementation (Python loop, compiled).
-
-The checks themselves live with every other public entry point's in
+"""Argument checks shared by every CG implementation (Python loop, compiled), and the scaling and
+errors of its loops. The checks every layer shares (scalars, finiteness) are in
 :mod:`rosa_ext.common.validation` (README, "Errors").
 """
 from __future__ import annotations
@@ -10,8 +9,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from ..common import validation as checks
-from ..common.validation import RosaNumericalError
+from ..common.validation import RosaNumericalError, RosaTypeError, _show, fail, finite, integer, real
 
 
 def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None, *,
@@ -19,7 +17,7 @@ def check_cg_args(b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None,
     """Check matvec (callable), b (1-D float32/float64), damping (>= 0), max_iter (int >= 0),
     tol (>= 0), x0 (like b) -> (damping, max_iter, tol). With ``values`` also that b and x0 are
     finite (one sync)."""
-    return checks.cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
+    return cg_args("cg", b, damping, max_iter, tol, x0, values=values, matvec=matvec)
 
 
 def rhs_scale(bb: float, dtype: torch.dtype = torch.float64) -> float:
@@ -52,7 +50,7 @@ def rhs_scale_tensor(b: torch.Tensor) -> torch.Tensor:
 
 def checked_matvec(matvec: Any, v: Any):
     """matvec(v), checked to be a tensor like v (no sync)."""
-    return checks.matvec_output("cg", matvec(v), v)
+    return matvec_output("cg", matvec(v), v)
 
 
 def breakdown(iteration: int, pap: Optional[float] = None) -> RosaNumericalError:
@@ -67,3 +65,44 @@ def breakdown(iteration: int, pap: Optional[float] = None) -> RosaNumericalError
 def non_finite(where: str) -> RosaNumericalError:
     """The error of a CG solve that met NaN/Inf."""
     return RosaNumericalError(f"cg: the operator produced NaN/Inf ({where})", "matvec")
+
+
+def cg_args(who: str, b: Any, damping: Any, max_iter: Any, tol: Any, x0: Any = None, *,
+            values: bool = True, matvec: Any = None) -> Tuple[float, int, float]:
+    """Check the arguments of a CG solve -> (damping, max_iter, tol).
+
+    matvec: callable (when given); b: 1-D float32/float64 tensor; x0: None or a tensor like b. With
+    ``values`` also that b and x0 are finite (one sync; the compiled CUDA solver checks that on the
+    device instead).
+    """
+    if matvec is not None and not callable(matvec):
+        fail(who, "matvec", f"`matvec` must be a callable v -> A v, got {_show(matvec)}", RosaTypeError)
+    if not isinstance(b, torch.Tensor) or b.dim() != 1:
+        fail(who, "b", f"`b` must be a 1-D tensor, got {_show(b)}")
+    if b.dtype not in (torch.float32, torch.float64):
+        fail(who, "b", f"`b` must be float32 or float64, got {b.dtype}", RosaTypeError)
+    damping = real(who, "damping", damping, minimum=0.0)
+    max_iter = integer(who, "max_iter", max_iter, minimum=0)
+    tol = real(who, "tol", tol, minimum=0.0)
+    if x0 is not None:
+        like(who, "x0", x0, b)
+    if values:
+        finite(who, "b", b)
+        if x0 is not None:
+            finite(who, "x0", x0)
+    return damping, max_iter, tol
+
+
+def matvec_output(who: str, out: Any, v: torch.Tensor) -> torch.Tensor:
+    """What a CG operator returned for v: a tensor of v's shape, dtype and device (no sync)."""
+    if (not isinstance(out, torch.Tensor) or out.shape != v.shape or out.dtype != v.dtype
+            or out.device != v.device):
+        fail(who, "matvec", f"matvec must return a tensor of shape {tuple(v.shape)}, {v.dtype} on {v.device} "
+                            f"(like its input); got {_show(out)}")
+    return out
+
+
+def like(who: str, name: str, t: Any, b: torch.Tensor) -> None:
+    """``t`` is a tensor of b's shape, dtype and device."""
+    if not isinstance(t, torch.Tensor) or t.shape != b.shape or t.dtype != b.dtype or t.device != b.device:
+        fail(who, name, f"`{name}` must match b: shape {tuple(b.shape)}, {b.dtype}, {b.device}; got {_show(t)}")

@@ -41,7 +41,7 @@ from ..common import device_flag
 from ..common import validation as checks
 from ..common.types import CGResult, Matvec
 from ..common.validation import RosaNumericalError
-from .args import breakdown, check_cg_args, non_finite, rhs_scale_tensor
+from .args import breakdown, check_cg_args, like, matvec_output, non_finite, rhs_scale_tensor
 
 #: Indices into the CUDA state vector (csrc/cg_cuda.h, enum CgState).
 STATE_RR, STATE_BB, STATE_ACTIVE, STATE_ITERS, STATE_BAD = 0, 1, 4, 5, 6
@@ -106,7 +106,7 @@ def cuda_unusable_reason(device: torch.device) -> Optional[str]:
 
 
 def _check_like(name: str, t: torch.Tensor, b: torch.Tensor) -> None:
-    checks.like("cg", name, t, b)
+    like("cg", name, t, b)
 
 
 def cg_compiled(matvec: Matvec, b: torch.Tensor, *, damping: float = 0.0, max_iter: int = 50,
@@ -161,7 +161,7 @@ def _dtype_name(b: torch.Tensor) -> str:
 
 def _matvec_checked(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
     """matvec(v), checked to be a tensor of v's shape, dtype and device (no sync)."""
-    return checks.matvec_output("cg", matvec(v), v)
+    return matvec_output("cg", matvec(v), v)
 
 
 def _cg_cpu(matvec: Matvec, b: torch.Tensor, damping: float, max_iter: int, tol: float,

@@ -1,9 +1,12 @@
-"""J and J^T of p(theta) for both parameterisations, written once (MATH.md sections 2-3).
+"""The linearisation of ROSA, written once (MATH.md sections 1-3): the point it linearises at, the
+target, and J and J^T of p(theta) for both parameterisations.
 
-The algebra here turns a backend's streaming primitives (:class:`HeadPrimitives`) into the JVP
-and the VJP. It is used by matrix-free CG (:mod:`rosa_ext.plans.cg_lora`, any backend) and by the
-tensor-level API of :mod:`rosa_ext.kernels` (the Triton kernels), so the formulas exist in one
-place; the logit and log p of an observed token (:func:`target_logit`, :func:`target_logp`) too.
+- :class:`Linearization`: p_t, h_t, b[y_t] and the target g = p* - p (:func:`residual_target`) at the
+  current parameters, from an engine's pass; whether a target underflowed, whether the logits were finite.
+- :func:`target_logit`, :func:`target_logp`: the logit and log p of an observed token (the one rule).
+- :func:`jvp`, :func:`vjp`: the JVP and the VJP over an engine's streaming primitives
+  (:class:`HeadPrimitives`), used by matrix-free CG (:mod:`rosa_ext.plans.cg_lora`, any engine) and by
+  the tensor-level API of :mod:`rosa_ext.kernels` (the Triton kernels).
 
 Parameter vectors are (B, P): P = d + V laid out ``[delta_a, delta_b]`` (lora) or P = d
 (hidden), one row per conversation; token vectors are (N,), packed over the batch.
@@ -22,27 +25,27 @@ from typing import Optional, Protocol
 import torch
 
 from .types import HeadProblem, HeadStats
+from .validation import all_finite
 
 
 class HeadPrimitives(Protocol):
-    """The streaming reductions over the vocabulary a backend provides (MATH.md section 3).
+    """The streaming reductions over the vocabulary an engine provides (MATH.md section 3).
 
     - ``row_reduce(prob, st, u)``: u (B, V) -> (N,), ``pi_t . u[seg_t]``
     - ``column_reduce(prob, st, w)``: w (N,) -> (B, V), ``sum_{t in b} w_t pi_t``
     - ``weight_matvec(prob, v)``: v (B, d) -> (B, V), ``W v``
     - ``weight_rmatvec(prob, q)``: q (B, V) -> (B, d), ``q W``
     - ``off_target_row_reduce(prob, st, u)`` / ``off_target_column_reduce(prob, st, w)``: the two
-      reductions with r_t (pi_t without its target entry) in place of pi_t; needed only by a backend
-      whose stats set ``q`` (the torch backend)
-    - ``pi_sqnorm(prob, st)`` -> (N,), ``q_t . q_t``, q_t = pi_t without its target entry (the
-      LoRA Gram diagonal: the relative ridge of matrix-free CG)
+      reductions with r̂_t (the softmax of the logits without the target entry, from ``st.lse_off``) in
+      place of pi_t; used with stats that split the target off (``st.split``)
+    - ``pi_sqnorm(prob, st)`` -> (N,), ``r̂_t . r̂_t`` (the LoRA Gram diagonal: the relative ridge of
+      matrix-free CG)
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
       ``target_rows``, ``scatter_targets``, ``scatter_minus_column``, ``centered_row_reduce``,
       ``sum_vocab``)
     These are what matrix-free CG (:mod:`rosa_ext.plans.cg_lora`) and the public
-    :mod:`rosa_ext.kernels` call; the one-pass plans stream their own tiles.
-    All results in the problem's compute dtype (``target_rows``: the table's dtype or the
-    compute dtype).
+    :mod:`rosa_ext.kernels` call. All results in the problem's compute dtype (``target_rows``: the
+    table's dtype or the compute dtype).
     """
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor: ...
@@ -74,21 +77,21 @@ class HeadPrimitives(Protocol):
 
 
 class WholeVocabulary:
-    """The target-indexed primitives of a backend that holds the whole vocabulary (one process).
+    """The target-indexed primitives of an engine that holds the whole vocabulary (one process).
 
     - ``gather_targets(prob, table)``: table (B, V) -> (N,), ``table[seg_t, y_t]``
     - ``target_rows(prob, table)``: table (V, ...) -> (N, ...), ``table[y_t]`` (e.g. W[y_t], c[y_t])
     - ``scatter_targets(prob, q, w)``: q (B, V) += w_t at (seg_t, y_t), in place; returns q
-    - ``scatter_minus_column(prob, st, w)``: w (N,) -> (B, V), ``scatter(y, w) - C(w)`` (the VJP
-      through the softmax); here the column reduction then ``scatter_targets``, a backend may fuse
-      the two (the Triton backend does: one pass, no ``index_put_``)
-    - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - pi_t) . u[seg_t]``; when the
-      stats split the target off (``st.q``), as ``q_t u[y_t] - r_t . u`` with the backend's
-      ``off_target_row_reduce`` (and ``scatter_minus_column`` as ``scatter(y, w q) - sum_t w_t r_t``
-      with ``off_target_column_reduce``), so neither cancels for a confident token
+    - ``scatter_minus_column(prob, st, w)``: w (N,) -> (B, V), ``sum_t w_t (e_{y_t} - rho_t)`` (the VJP
+      through the softmax, MATH.md section 3), with rho_t = r̂_t when the stats split the target off
+      (``off_target_column_reduce``) and pi_t otherwise (``column_reduce``; an engine may fuse the two
+      steps: the Triton engine does, one pass, no ``index_put_``)
+    - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - rho_t) . u[seg_t]``, rho_t as above
     - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
+    With split stats e_y - pi_t = (1 - p_t)(e_y - r̂_t): the factor 1 - p_t is the linearisation's
+    (:class:`Linearization`, in log space), so nothing cancels or underflows for a confident token.
 
-    A vocabulary-parallel backend overrides all of them: only the rank that owns ``y_t`` reads or
+    A vocabulary-parallel engine overrides all of them: only the rank that owns ``y_t`` reads or
     writes it, and every result that is a sum over V is summed across the shards (MATH.md
     section 7).
     """
@@ -104,14 +107,12 @@ class WholeVocabulary:
         return q
 
     def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
-        if st.q is not None:  # scatter(y, w (1 - p)) - sum_t w_t r_t: exact when p_t -> 1
-            return self.scatter_targets(prob, -self.off_target_column_reduce(prob, st, w), w * st.q)
-        return self.scatter_targets(prob, -self.column_reduce(prob, st, w), w)
+        col = self.off_target_column_reduce(prob, st, w) if st.split else self.column_reduce(prob, st, w)
+        return self.scatter_targets(prob, col.neg_(), w)
 
     def centered_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
-        if st.q is not None:  # (1 - p_t) u[y_t] - r_t . u: nothing cancels when p_t -> 1 (MATH.md section 4)
-            return st.q * u[prob.seg, prob.targets] - self.off_target_row_reduce(prob, st, u)
-        return u[prob.seg, prob.targets] - self.row_reduce(prob, st, u)
+        row = self.off_target_row_reduce(prob, st, u) if st.split else self.row_reduce(prob, st, u)
+        return u[prob.seg, prob.targets] - row
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)
@@ -122,29 +123,145 @@ WHOLE_VOCABULARY = WholeVocabulary()
 
 @dataclass
 class Linearization:
-    """What the algebra needs at the current parameters, compute dtype (N packed tokens).
+    """The point ROSA linearises at: what the algebra needs at the current parameters, compute dtype
+    (N packed tokens; MATH.md sections 1-4).
 
-    - ``prob``, ``stats``: the packed problem and the backend's per-token cache
-    - ``p`` (N,): probability of each observed token
+    Every row of J is a per-token scalar times a vector of order one: with split stats
+    ``J_t = p_t (1 - p_t) R_t`` (R_t built from r̂_t), otherwise ``J_t = p_t R_t`` (R_t from pi_t). The
+    scalar is carried in log space and shifted per conversation so that its largest value is 1
+    (``f``), and the target g by the same factor: the step is invariant to that scaling (J -> c J,
+    g -> c g, lambda -> c^2 lambda), so tokens with p_t or 1 - p_t far below the compute dtype's range
+    keep full relative precision (MATH.md section 6).
+
+    - ``prob``, ``stats``: the packed problem and an engine's per-token results
+    - ``mode``: "lora" or "hidden" (which parameters J is the Jacobian of)
+    - ``p`` (N,): probability of each observed token (unscaled; may underflow)
+    - ``f`` (N,): the rows' scalar, ``exp(log(p_t (1 - p_t)) - shift_b)`` (split) or ``p_t`` (not split)
+    - ``shift`` (B,): the log of each conversation's scale (0 when not split); J = e^shift f R
     - ``h`` (N, d): lm_head inputs in the compute dtype
     - ``by`` (N,) or None: ``b_seg[y_t]``, the LoRA b entry of each observed token
+    - ``g`` (N,) or None: the target g = p* - p times e^-shift (:func:`residual_target`), when the
+      reward is known
     """
 
     prob: HeadProblem
     stats: HeadStats
+    mode: str
     p: torch.Tensor
+    f: torch.Tensor
+    shift: torch.Tensor
     h: torch.Tensor
     by: Optional[torch.Tensor]
+    g: Optional[torch.Tensor] = None
 
     @classmethod
-    def at(cls, prob: HeadProblem, stats: HeadStats, prims: Optional[HeadPrimitives] = None,
-           by: Optional[torch.Tensor] = None) -> "Linearization":
-        """``prims``: the backend (its :meth:`~WholeVocabulary.gather_targets`); default one process.
-        ``by``: b_seg[y_t] when the caller has it already."""
+    def at(cls, prob: HeadProblem, stats: HeadStats, mode: str, prims: Optional[HeadPrimitives] = None,
+           by: Optional[torch.Tensor] = None, beta: Optional[float] = None) -> "Linearization":
+        """``prims``: the engine (its :meth:`~WholeVocabulary.gather_targets`); default one process.
+        ``by``: b_seg[y_t] when the caller has it already. ``beta``: the KL coefficient; given, ``g`` is
+        the (scaled) target of ``prob.reward``."""
         prims = WHOLE_VOCABULARY if prims is None else prims
         if by is None and prob.lora_b is not None:
             by = prims.gather_targets(prob, prob.lora_b)
-        return cls(prob=prob, stats=stats, p=torch.exp(stats.logp), h=prob.hidden.to(prob.compute_dtype), by=by)
+        logp = stats.logp
+        if stats.split:
+            logf = logp + stats.logq
+            shift = segment_max(prob, logf)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            f = torch.exp(logf - shift[prob.seg])
+        else:
+            shift = torch.zeros(prob.num_conversations, dtype=logp.dtype, device=logp.device)
+            f = torch.exp(logp)
+        g = None
+        if beta is not None:
+            g = residual_target(logp, prob.reward[prob.seg], beta, logq=stats.logq, shift=shift[prob.seg])
+        return cls(prob=prob, stats=stats, mode=mode, p=torch.exp(logp), f=f, shift=shift,
+                   h=prob.hidden.to(prob.compute_dtype), by=by, g=g)
+
+    @classmethod
+    def of_pass(cls, prob: HeadProblem, ps, mode: str, prims: HeadPrimitives, beta: float) -> "Linearization":
+        """The linearisation from a one-pass result ``ps`` (a HiddenPass or GramPass) and the target g."""
+        by = None if prob.lora_b is None else prims.gather_targets(prob, prob.lora_b)
+        st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=None, lse_off=ps.lse_off, logq=ps.logq, rb=ps.rb,
+                       engine=ps.engine, split=True)
+        return cls.at(prob, st, mode, prims, by=by, beta=beta)
+
+    def target(self) -> torch.Tensor:
+        """The target g = p* - p itself -> (N,) (``g`` times e^shift: what a step reports; it may underflow)."""
+        return self.g * torch.exp(self.shift[self.prob.seg])
+
+    def logits_finite(self) -> torch.Tensor:
+        """Whether the pass's log-sum-exp and log p_t are finite (0-dim bool, no host sync)."""
+        return all_finite(self.stats.lse) & all_finite(self.stats.logp)
+
+
+def segment_max(prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
+    """The maximum of x (N,) over each conversation -> (B,) (-inf for a conversation of -inf only)."""
+    if prob.num_conversations == 1:
+        return x.max().reshape(1)
+    out = torch.full((prob.num_conversations,), float("-inf"), dtype=x.dtype, device=x.device)
+    return out.scatter_reduce_(0, prob.seg, x, reduce="amax", include_self=True)
+
+
+def split_logits(z_y: torch.Tensor, lse_off: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """(lse, log p_t, log(1 - p_t)) from the observed token's logit z_y and the log-sum-exp of the other
+    logits lse_off, (N,) each: the ONE rule once a pass has split the target off (MATH.md section 4).
+    With L = z_y - lse_off = logit(p_t): log p = -softplus(-L), log(1 - p) = -softplus(L), both exact
+    however large |L| (nothing rounds to 1 and is subtracted); lse = logaddexp(lse_off, z_y)."""
+    L = z_y - lse_off
+    sp = torch.nn.functional.softplus
+    return torch.logaddexp(lse_off, z_y), -sp(-L), -sp(L)
+
+
+_LOG_HALF = -0.6931471805599453
+
+
+def residual_target(logp: torch.Tensor, reward_per_token: torch.Tensor, beta: float,
+                    logq: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """g = p* - p for each token (MATH.md section 1, paper Eq. 3), free of cancellation for p near 0 or 1,
+    times ``exp(-shift)`` when ``shift`` is given.
+
+        p*_t = p_t e^{r/beta} / (1 - p_t + p_t e^{r/beta}),   g_t = p*_t - p_t
+
+    Written as ``p* = sigmoid(L + d)`` with ``L = logit(p_t)`` and ``d = r / beta``, the difference of two
+    sigmoids is evaluated without subtracting them:
+
+        g = sigmoid(L + d) - sigmoid(L) = sinh(d / 2) / (2 cosh(L / 2) cosh((L + d) / 2))
+
+    so a confident token (1 - p below fp32's rounding of 1) or a weak reward keeps its full relative
+    precision: nothing that rounds to 1 is subtracted from something else that rounds to 1.
+
+    Args:
+        logp: (N,) float, log p_t of the observed tokens (<= 0).
+        reward_per_token: (N,) float, the reward of each token's conversation.
+        beta: KL coefficient (> 0).
+        logq: (N,) log(1 - p_t), exact (a pass that split the target off); None: recovered from logp,
+            which then must itself be accurate near 0 when p is near 1 (e.g. ``log1p(-q)``), as
+            ``log(-expm1(logp))`` -- exact only while 1 - p_t is a normal number of the dtype.
+        shift: (N,) g is returned times exp(-shift) (the linearisation's per-conversation scale, in log
+            space, so that a g far below the dtype's range keeps its precision).
+    Returns:
+        (N,) same dtype as ``logp``. Exactly zero where the reward is zero.
+    """
+    logp = torch.clamp(logp, max=0.0)
+    d = reward_per_token.to(logp.dtype) / beta
+    if logq is None:
+        # log(1 - p) without cancellation: for p > 1/2 from 1 - p = -expm1(log p) (exact for tiny 1 - p),
+        # below from log1p(-p).
+        logq = torch.where(logp > _LOG_HALF, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+    L = logp - logq  # logit(p); +inf at p == 1, -inf at p == 0
+    a = L + d  # logit(p*)
+    # 2 cosh(x/2) = e^{|x|/2} (1 + e^{-|x|}) and 2 sinh(d/2) = sign(d) e^{|d|/2} (1 - e^{-|d|}), hence
+    #   g = sign(d) (1 - e^{-|d|}) e^{E} / ((1 + e^{-|L|}) (1 + e^{-|a|})),  E = (|d| - |L| - |a|) / 2 <= 0,
+    # where E is taken case by case so that it never subtracts two large equal numbers:
+    #   L and d of one sign: |a| = |L| + |d|, E = -|L|;  opposite signs: E = -max(|L| - |d|, 0).
+    absL, absd = L.abs(), d.abs()
+    same = (L >= 0) == (d >= 0)
+    E = torch.where(same, -absL, -torch.clamp(absL - absd, min=0.0))
+    if shift is not None:
+        E = E - shift.to(E.dtype)
+    g = torch.sign(d) * (-torch.expm1(-absd)) * torch.exp(E) / ((1.0 + torch.exp(-absL)) * (1.0 + torch.exp(-a.abs())))
+    return torch.where(reward_per_token == 0, torch.zeros_like(g), g)
 
 
 def target_logit(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: Optional[torch.Tensor],
@@ -163,17 +280,10 @@ def target_logit(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
     return z_y
 
 
-def target_logp(z_y: torch.Tensor, lse: torch.Tensor, q: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """log p_t of the observed tokens -> (N,), clamped to <= 0: the ONE rule for it.
-
-    ``z_y - lse`` (finite even where p_t underflows); when ``q`` (N,) = 1 - p_t summed off-target is
-    known (the one-pass plans), ``log1p(-q)`` where p_t >= 1/2, accurate near p_t = 1 where
-    ``z_y - lse`` would lose the small 1 - p_t (MATH.md section 4).
-    """
-    logp = z_y - lse
-    if q is not None:
-        logp = torch.where(q <= 0.5, torch.log1p(-q), logp)
-    return logp.clamp_max(0.0)
+def target_logp(z_y: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """log p_t = z_y - lse of the observed tokens -> (N,), clamped to <= 0 (a pass that did not split the
+    target off; otherwise :func:`split_logits`)."""
+    return (z_y - lse).clamp_max(0.0)
 
 
 def observed_logp(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, *,
@@ -199,40 +309,37 @@ def scatter_minus_column(lin: Linearization, prims: HeadPrimitives, w: torch.Ten
 
 
 def b_gap(lin: Linearization) -> torch.Tensor:
-    """b[y_t] - pi_t . b -> (N,): ``(1 - p_t) b[y_t] - r_t . b`` when the stats split the target off
-    (no cancellation when p_t -> 1), else the expanded difference."""
+    """b[y_t] - rho_t . b -> (N,): rho_t = r̂_t with split stats (``rb``), pi_t otherwise (``pib``)."""
     st = lin.stats
-    if st.q is not None and st.pib_off is not None:
-        return st.q * lin.by - st.pib_off
-    return lin.by - st.pib
+    return lin.by - (st.rb if st.split else st.pib)
 
 
 def jvp(lin: Linearization, prims: HeadPrimitives, v: torch.Tensor) -> torch.Tensor:
-    """u = J v for v (B, P) -> (N,)."""
+    """u = J v for v (B, P) -> (N,), in the linearisation's scaled units (J / e^shift)."""
     prob, st = lin.prob, lin.stats
     s, seg = prob.lora_scale, prob.seg
     d = prob.hidden_size
-    if prob.mode == "lora":
+    if lin.mode == "lora":
         va, vb = v[:, :d], v[:, d:]
         hv = (lin.h * va[seg]).sum(1)
-        centered = prims.centered_row_reduce(prob, st, vb)  # vb[seg, y] - pi . vb
-        return s * lin.p * (b_gap(lin) * hv + st.ah * centered)
+        centered = prims.centered_row_reduce(prob, st, vb)  # vb[seg, y] - rho . vb
+        return s * lin.f * (b_gap(lin) * hv + st.ah * centered)
     u_vocab = prims.weight_matvec(prob, v)  # (B, V) = W v
     if prob.lora_b is not None:  # W_eff = W + s b a^T
         u_vocab = u_vocab + s * (v * prob.lora_a).sum(1, keepdim=True) * prob.lora_b
-    return lin.p * prims.centered_row_reduce(prob, st, u_vocab)  # u[seg, y] - pi . u
+    return lin.f * prims.centered_row_reduce(prob, st, u_vocab)  # u[seg, y] - rho . u
 
 
 def vjp(lin: Linearization, prims: HeadPrimitives, u: torch.Tensor) -> torch.Tensor:
-    """J^T u for u (N,) -> (B, P)."""
+    """J^T u for u (N,) -> (B, P), in the linearisation's scaled units."""
     prob, st = lin.prob, lin.stats
     s = prob.lora_scale
-    if prob.mode == "lora":
-        coef_a = s * u * lin.p * b_gap(lin)
+    if lin.mode == "lora":
+        coef_a = s * u * lin.f * b_gap(lin)
         grad_a = segment_sum(prob, coef_a.unsqueeze(1) * lin.h)
-        grad_b = scatter_minus_column(lin, prims, s * u * lin.p * st.ah)
+        grad_b = scatter_minus_column(lin, prims, s * u * lin.f * st.ah)
         return torch.cat([grad_a, grad_b], dim=1)
-    q = scatter_minus_column(lin, prims, u * lin.p)
+    q = scatter_minus_column(lin, prims, u * lin.f)
     grad = prims.weight_rmatvec(prob, q)
     if prob.lora_b is not None:
         grad = grad + s * prims.sum_vocab(prob, q * prob.lora_b) * prob.lora_a

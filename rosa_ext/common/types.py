@@ -1,8 +1,9 @@
-"""Shared data types: the packed problem, the per-token cache, the CG result.
+"""Shared data types: the packed problem, the results of the engines' passes, the CG result.
 
-``HeadProblem`` is what the core layer builds from user inputs (``rosa_ext.core.problem``)
-and what the backends and the Jacobian algebra consume; ``HeadStats`` is a backend's
-per-token cache (MATH.md section 3); ``CGResult`` is what every CG implementation returns.
+``HeadProblem`` is what the core op builds from user inputs (``rosa_ext.core.op.build_problem``)
+and what the engines and the plans consume; ``HeadStats``, ``HiddenPass`` and ``GramPass`` are the
+results of an engine's passes (MATH.md sections 3-4; the engine protocol:
+:mod:`rosa_ext.backends.protocol`); ``CGResult`` is what every CG implementation returns.
 """
 from __future__ import annotations
 
@@ -11,26 +12,14 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .defaults import DAMPING_MODE, GRAM_BUDGET_BYTES, KEEP_BUDGET_BYTES
-
-MODES = ("lora", "hidden")
-SOLVERS = ("auto", "cg", "dual")
-BACKENDS = ("auto", "torch", "triton")
-#: "absolute": the ridge is ``damping``; "relative": ``damping * mean_t ||J_t||^2`` of each
-#: conversation (Levenberg-Marquardt scaling, MATH.md section 6).
-DAMPING_MODES = ("absolute", "relative")
+# the option values and the compute-dtype rule live with the options (re-exported for their importers)
+from .config import BACKENDS, DAMPING_MODES, MODES, SOLVERS, compute_dtype_of  # noqa: F401
 
 #: A reward: one number, or one per conversation of a batch.
 RewardLike = Union[float, int, Sequence[float], torch.Tensor]
 
 #: A CG operator: v (n,) -> A v (n,), same dtype and device as v.
 Matvec = Callable[[torch.Tensor], torch.Tensor]
-
-
-def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """The dtype ROSA computes in for a model (head weight) of ``dtype``: float64 for float64 models,
-    float32 for every other (bf16/fp16 are widened). The one place this rule is written."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -55,7 +44,8 @@ class VocabShard:
 
 @dataclass
 class HeadProblem:
-    """Packed inputs of one (possibly batched) update.
+    """The data of one (possibly batched) update, checked and packed: tensors and their layout only
+    (the options -- mode, damping, solver, ... -- are the :class:`~rosa_ext.common.config.RosaConfig`).
 
     Shapes (N = packed response tokens, B = conversations, d = hidden size,
     V = vocabulary size):
@@ -65,16 +55,19 @@ class HeadProblem:
     - ``bias``    (V,) or None
     - ``targets`` (N,) int64, observed response tokens
     - ``seg``     (N,) int64, conversation index of each row (sorted)
-    - ``offsets`` list of B+1 ints, rows of conversation b are offsets[b]:offsets[b+1]
+    - ``offsets`` list of B+1 ints, rows of conversation b are offsets[b]:offsets[b+1];
+      ``lengths`` the B ints offsets[b+1] - offsets[b]
     - ``reward``  (B,) compute dtype
-    - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None
+    - ``lora_a``  (B, d) compute dtype or None; ``lora_b`` (B, V) or None; ``lora_scale`` s, the
+      LoRA term ``s (a . h) b`` of the logits
+    - ``batched`` whether the caller passed (B, T, ...) inputs
     - ``compute_dtype`` float64 if the model is float64, else float32
-    - ``damping_mode`` how ``damping`` sets the ridge (MATH.md section 6)
-    - ``keep_budget_bytes``, ``gram_budget_bytes`` the memory the dual solve may hold
-      (:mod:`rosa_ext.common.defaults`)
+    - ``num_tokens`` N, ``num_conversations`` B, ``hidden_size`` d, ``vocab_size`` V (plain ints, set
+      when the problem is packed: :func:`pack_layout`)
     - ``shard`` None (this process holds the whole vocabulary), or this rank's
       :class:`VocabShard` of a vocabulary-parallel head: then ``weight``, ``bias`` and ``lora_b``
-      hold the local rows (V = V_local above) and ``targets`` stay global token ids
+      hold the local rows (V = V_local above) and ``targets`` stay global token ids;
+      ``global_vocab_size`` is the V of the whole head either way
     """
 
     hidden: torch.Tensor
@@ -83,62 +76,19 @@ class HeadProblem:
     targets: torch.Tensor
     seg: torch.Tensor
     offsets: List[int]
+    lengths: List[int]
     reward: torch.Tensor
-    mode: str
     lora_a: Optional[torch.Tensor]
     lora_b: Optional[torch.Tensor]
     lora_scale: float
-    beta: float
-    damping: float
-    max_iter: int
-    tol: float
-    solver: str
-    backend: str
     batched: bool
     compute_dtype: torch.dtype
-    damping_mode: str = DAMPING_MODE
+    num_tokens: int
+    num_conversations: int
+    hidden_size: int
+    vocab_size: int
+    global_vocab_size: int
     shard: Optional[VocabShard] = None
-    keep_budget_bytes: int = KEEP_BUDGET_BYTES
-    gram_budget_bytes: int = GRAM_BUDGET_BYTES
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.targets.shape[0])
-
-    @property
-    def num_conversations(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def global_vocab_size(self) -> int:
-        """V of the whole head: ``vocab_size``, or the global V of a vocabulary-parallel head."""
-        return self.vocab_size if self.shard is None else self.shard.vocab_size
-
-    @property
-    def num_params(self) -> int:
-        """Parameters moved per conversation: d + V (lora) or d (hidden); V local when sharded."""
-        return self.hidden_size + (self.vocab_size if self.mode == "lora" else 0)
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    @property
-    def lengths(self) -> List[int]:
-        """Tokens of each conversation (B ints)."""
-        return [self.offsets[i + 1] - self.offsets[i] for i in range(self.num_conversations)]
-
-    @property
-    def max_len(self) -> int:
-        return max(self.lengths)
 
     def conversations(self, b0: int, b1: int) -> "HeadProblem":
         """Conversations ``b0 .. b1 - 1`` as a problem of their own (views, no copy)."""
@@ -147,78 +97,104 @@ class HeadProblem:
         off = self.offsets
         lo, hi = off[b0], off[b1]
         return replace(self, hidden=self.hidden[lo:hi], targets=self.targets[lo:hi], seg=self.seg[lo:hi] - b0,
-                       offsets=[o - lo for o in off[b0:b1 + 1]], reward=self.reward[b0:b1],
-                       lora_a=None if self.lora_a is None else self.lora_a[b0:b1],
-                       lora_b=None if self.lora_b is None else self.lora_b[b0:b1])
+                       offsets=[o - lo for o in off[b0:b1 + 1]], lengths=self.lengths[b0:b1],
+                       reward=self.reward[b0:b1], lora_a=None if self.lora_a is None else self.lora_a[b0:b1],
+                       lora_b=None if self.lora_b is None else self.lora_b[b0:b1], num_tokens=hi - lo,
+                       num_conversations=b1 - b0)
+
+
+def pack_layout(weight: torch.Tensor, offsets: Sequence[int], shard: Optional[VocabShard] = None) -> dict:
+    """The layout fields of a :class:`HeadProblem` from the head weight and the conversations' row offsets
+    (``HeadProblem(..., **pack_layout(weight, offsets))``)."""
+    offsets = [int(o) for o in offsets]
+    V = int(weight.shape[0])
+    return dict(offsets=offsets, lengths=[offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)],
+                num_tokens=offsets[-1], num_conversations=len(offsets) - 1, hidden_size=int(weight.shape[1]),
+                vocab_size=V, global_vocab_size=V if shard is None else shard.vocab_size, shard=shard)
 
 
 @dataclass
 class HeadStats:
-    """Per-token cache of one stats pass (MATH.md section 3), compute dtype.
+    """Per-token results of a stats pass (MATH.md section 3), compute dtype, (N,) each.
 
-    - ``lse``  (N,) log-sum-exp of the logits z_t
-    - ``logp`` (N,) log p_t = z_t[y_t] - lse_t
-    - ``ah``   (N,) a_seg . h_t, or None without LoRA
-    - ``pib``  (N,) pi_t . b_seg, or None without LoRA
-    - ``q``    (N,) 1 - p_t summed over the off-target entries, or None when the pass did not split
-      the target off (then the algebra uses the expanded forms, which cancel when p_t -> 1)
-    - ``pib_off`` (N,) r_t . b_seg (pi_t . b without the target entry), with ``q`` and a LoRA term
+    - ``lse`` log-sum-exp of the logits z_t; ``logp`` log p_t of the observed token
+    - ``ah`` a_seg . h_t, or None without LoRA; ``pib`` pi_t . b_seg, or None without LoRA
+    - split off the target (MATH.md section 4; set by the engines' passes, None from the kernels'
+      stats): ``lse_off`` the log-sum-exp of the OTHER logits (z_t without its target entry), ``logq``
+      log(1 - p_t) (exact: ``lse_off - lse``), ``rb`` r̂_t . b_seg with r̂_t = softmax of the other logits
+      (the off-target distribution, summing to 1). Then the algebra uses the off-target forms, in which
+      nothing cancels or underflows when p_t -> 1 or p_t -> 0; without them the expanded forms (which
+      cancel when p_t -> 1)
+    - ``kept`` an engine's handle on tiles its later reductions read (the Triton engine's probability tiles)
+    - ``split`` whether the pass split the target off (``lse_off``, ``logq``, ``rb`` set)
+    - ``engine`` the engine that ran the pass ("torch" or "triton")
     """
 
     lse: torch.Tensor
     logp: torch.Tensor
     ah: Optional[torch.Tensor]
     pib: Optional[torch.Tensor]
-    q: Optional[torch.Tensor] = None
-    pib_off: Optional[torch.Tensor] = None
+    lse_off: Optional[torch.Tensor] = None
+    logq: Optional[torch.Tensor] = None
+    rb: Optional[torch.Tensor] = None
+    kept: Any = None
+    engine: str = "torch"
+    split: bool = False
 
 
 @dataclass
 class HiddenPass:
-    """What a backend's one-pass hidden-mode primitive returns (MATH.md section 4), compute dtype.
+    """What an engine's one-pass hidden-mode pass returns (MATH.md section 4), compute dtype.
 
-    ``r_t`` is pi_t without its target entry (the off-target distribution): working with it keeps
-    ``1 - p_t`` and J free of the cancellation of ``W[y_t] - pi_t W`` when p_t is near 1.
+    Everything off-target is NORMALISED: r̂_t = softmax of the logits without the target entry (it sums
+    to 1), so ``rw`` and ``rb`` stay of order one however confident (or unlikely) the token; the
+    Jacobian's scale p_t (1 - p_t) is carried in log space (``logp + logq``).
 
-    - ``lse`` (N,) log-sum-exp of the logits; ``logp`` (N,) log p_t
-    - ``q`` (N,) 1 - p_t = sum_{v != y_t} pi_t[v], summed directly (no cancellation)
+    - ``lse`` (N,) log-sum-exp of the logits; ``lse_off`` (N,) of the logits without the target entry
+    - ``logp`` (N,) log p_t, ``logq`` (N,) log(1 - p_t), both exact (from logit(p_t) = z_y - lse_off)
     - ``ah`` (N,) a_seg . h_t, or None without a LoRA term
-    - ``pib_off`` (N,) r_t . b_seg, or None without a LoRA term (pi_t . b = pib_off + p_t b[y_t])
-    - ``pi_weight`` (N, d) r_t W = sum_{v != y_t} pi_t[v] W_v (pi_t W = pi_weight + p_t W[y_t])
+    - ``rb`` (N,) r̂_t . b_seg, or None without a LoRA term
+    - ``rw`` (N, d) r̂_t W
+    - ``engine`` the engine that ran the pass ("torch" or "triton")
     """
 
     lse: torch.Tensor
+    lse_off: torch.Tensor
     logp: torch.Tensor
-    q: torch.Tensor
+    logq: torch.Tensor
     ah: Optional[torch.Tensor]
-    pib_off: Optional[torch.Tensor]
-    pi_weight: torch.Tensor
+    rb: Optional[torch.Tensor]
+    rw: torch.Tensor
+    engine: str = "torch"
 
 
 @dataclass
 class GramPass:
-    """What a backend's one-pass LoRA Gram primitive returns (MATH.md section 4), compute dtype.
+    """What an engine's one-pass LoRA pass returns (MATH.md section 4), compute dtype: the raw parts of
+    the centred Gram of the normalised off-target distributions r̂_t, which the plan centres
+    (:func:`rosa_ext.plans.dual_lora.center_gram`).
 
-    - ``lse``, ``logp``, ``q``, ``ah``, ``pib_off``: as :class:`HiddenPass`
-    - ``gram``: one (T_b, T_b) matrix per conversation, ``(e_{y_t} - pi_t) . (e_{y_u} - pi_u)`` for
-      tokens t, u of conversation b (the b-block of J J^T before the factors s p_t (a . h_t)),
-      evaluated in the off-target form ``q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] +
-      r_t . r_u``; the solver owns these matrices and may overwrite them
-    - ``kept``: the backend's handle on the probability tiles kept for the VJP (its
-      ``centered_column_reduce`` reads them), or None when they were streamed
-    - ``cross``: only from a backend asked for the raw parts (``raw=True``, the vocabulary-parallel
-      wrapper): then ``gram`` holds ``r_t . r_u`` and ``cross`` ``r_t[y_u]`` per conversation,
-      both normalised by this backend's own sums
+    - ``lse``, ``lse_off``, ``logp``, ``logq``, ``ah``, ``rb``, ``engine``: as :class:`HiddenPass`
+    - ``gram``: one (T_b, T_b) matrix per conversation, ``r̂_t . r̂_u`` for tokens t, u of conversation b
+    - ``cross``: one (T_b, T_b) matrix per conversation, ``X[t, u] = r̂_t[y_u]`` (0 where y_u = y_t: r̂_t
+      has no target entry). The centred Gram ``(e_{y_t} - r̂_t) . (e_{y_u} - r̂_u) = 1(y_t = y_u) -
+      X[u, t] - X[t, u] + r̂_t . r̂_u`` is assembled from them in place (e_y - pi_t = (1 - p_t)(e_y - r̂_t):
+      the factors 1 - p_t are carried in log space by the plan); the plan owns these matrices
+    - ``kept``: the engine's handle on the probability tiles kept for the VJP
+      (:meth:`~rosa_ext.backends.protocol.Engine.off_target_vjp` reads them), or None when they
+      were streamed
     """
 
     lse: torch.Tensor
+    lse_off: torch.Tensor
     logp: torch.Tensor
-    q: torch.Tensor
+    logq: torch.Tensor
     ah: Optional[torch.Tensor]
-    pib_off: Optional[torch.Tensor]
+    rb: Optional[torch.Tensor]
     gram: List[torch.Tensor]
+    cross: List[torch.Tensor]
     kept: Any = None
-    cross: Optional[List[torch.Tensor]] = None
+    engine: str = "torch"
 
 
 @dataclass
@@ -234,3 +210,19 @@ class CGResult:
     x: torch.Tensor
     iterations: Union[int, torch.Tensor]
     residual: Union[float, torch.Tensor]
+
+
+@dataclass
+class Solved:
+    """What a solve plan returns (:mod:`rosa_ext.plans`): ``update`` (B, P), per token ``logp`` and
+    ``target`` (N,), CG ``iterations`` (0 for the dual), the relative ``residual`` of the normal equations
+    and the ``engine`` that ran the vocabulary work ("torch" or "triton", from the pass results);
+    ``finite_checked``: the plan already checked that the update is finite (within its one host sync)."""
+
+    update: torch.Tensor
+    logp: torch.Tensor
+    target: torch.Tensor
+    iterations: Union[int, torch.Tensor]
+    residual: Union[float, torch.Tensor]
+    engine: str = "torch"
+    finite_checked: bool = False

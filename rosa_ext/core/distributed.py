@@ -7,7 +7,7 @@ tensor of this rank's rows with ``vocab_start`` (and ``process_group``, default:
 group). :func:`prepare_vocab_parallel` then
 
 1. turns this rank's inputs into a packed :class:`~rosa_ext.common.types.HeadProblem` on the
-   local rows (``build_problem`` does the usual checks; the global targets are checked below);
+   local rows (the op's ``build_problem`` does the usual checks; the global targets are checked below);
 2. exchanges one small record per rank (one all-gather, about 500 bytes per rank): whether the
    local checks passed (with the error), the rows held, the claimed global V, the targets' range
    and checksums of everything that must be replicated (hidden, targets, reward, LoRA a, the
@@ -17,7 +17,7 @@ group). :func:`prepare_vocab_parallel` then
    another size), targets outside the global vocabulary, inputs that differ across ranks --
    raises the same error on every rank before any other collective, and no rank is left waiting;
 4. returns the problem (with its :class:`~rosa_ext.common.types.VocabShard`), the
-   :class:`~rosa_ext.backends.distributed.DistributedBackend` around the local backend and, in
+   :class:`~rosa_ext.backends.distributed.DistributedEngine` around the local engine and, in
    LoRA mode, the sharded CG (:func:`rosa_ext.cg.sharded.cg_sharded`).
 
 Errors that leave no group to talk to (torch.distributed not initialised, a process that is not
@@ -36,13 +36,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..backends import get_backend
-from ..backends.distributed import DistributedBackend, VocabComm
+from ..backends import engine_for
+from ..backends.distributed import DistributedEngine, VocabComm
 from ..cg.sharded import cg_sharded
 from ..common import defaults
 from ..common import validation as checks
-from ..common.types import HeadProblem, RewardLike, VocabShard
-from .problem import build_problem
+from ..common.config import RosaConfig
+from ..common.types import HeadProblem, RewardLike, VocabShard, pack_layout
 
 
 def _dtensor_api():
@@ -111,8 +111,9 @@ def vocab_rows(weight: Any) -> Optional[Tuple[int, int]]:
 
 # -- the record each rank contributes to the check -------------------------------------------------
 _LAYOUT = ("status", "exc", "start", "coord", "start_claim", "rows", "vocab_claim", "lo", "hi")
-#: The problem's options compared one by one (so that a mismatch names its argument); every other
-#: scalar field of HeadProblem (one added later) is compared within "options".
+#: The options (of the RosaConfig, and the problem's batched / compute_dtype) compared one by one (so that
+#: a mismatch names its argument); every other scalar field of the problem or the config (one added
+#: later) is compared within "options".
 _OPTIONS = ("mode", "lora_scale", "beta", "damping", "max_iter", "tol", "solver", "backend", "damping_mode",
             "keep_budget_bytes", "gram_budget_bytes", "batched", "compute_dtype")
 _REPLICATED = ("token layout", "hidden", "targets", "reward", "lora_a") + _OPTIONS + (
@@ -182,6 +183,7 @@ class _Local:
     def __init__(self) -> None:
         self.error: Optional[BaseException] = None
         self.prob: Optional[HeadProblem] = None
+        self.cfg: Optional[RosaConfig] = None
         self.targets: Optional[torch.Tensor] = None
         self.backend = None
         self.rows = 0
@@ -235,8 +237,8 @@ def _vocab_int(name: str, x: Any, minimum: int, what: str) -> int:
     return int(x)
 
 
-def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw: Dict[str, Any], *,
-                 vocab_start: Any, vocab_size: Any, cg_impl: Any, mdim: Optional[int]) -> _Local:
+def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, cfg: RosaConfig, kw: Dict[str, Any], *,
+                 build: Any, vocab_start: Any, vocab_size: Any, cg_impl: Any, mdim: Optional[int]) -> _Local:
     """This rank's checks; an error is kept (to be reported to every rank), not raised."""
     out = _Local()
     try:
@@ -281,7 +283,7 @@ def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw:
         # against the whole vocabulary once the layout is known (so it gets valid stand-ins here)
         stand_in = torch.zeros_like(targets) if isinstance(targets, torch.Tensor) else targets
         try:
-            prob = build_problem(hidden, local_w, stand_in, reward, **kw)
+            prob = build(hidden, local_w, stand_in, reward, cfg, **kw)
         except (ValueError, TypeError) as e:
             hint = (f" [vocabulary-parallel: `weight`, `bias` and `lora_b` hold this rank's {out.rows} rows; the other "
                     "inputs are whole and the same on every rank]")
@@ -290,12 +292,12 @@ def _local_phase(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw:
         mask = kw["mask"]
         m2 = None if mask is None else (mask if prob.batched else mask.unsqueeze(0))
         out.targets = (t2.reshape(-1) if m2 is None else t2[m2]).contiguous()
-        if prob.mode == "lora" and cg_impl is not None:
+        if cfg.mode == "lora" and cg_impl is not None:
             raise checks.RosaInputError("rosa_update: `cg_impl` is not supported on a vocabulary-parallel head in mode='lora': "
                                         "the parameter vector [a, b] is sharded and CG runs rosa_ext.cg.sharded.cg_sharded",
                                         "cg_impl")
-        out.backend = get_backend(prob.backend, prob.device)
-        out.prob = prob
+        out.backend = engine_for(cfg.backend, prob.weight.device)
+        out.prob, out.cfg = prob, cfg
     except Exception as e:  # reported to every rank by the exchange
         out.error = e
     return out
@@ -316,14 +318,13 @@ def _record_of(loc: _Local) -> List[int]:
     lo = hi = 0
     fp = [0] * len(_REPLICATED)
     if ok:
-        prob, y = loc.prob, loc.targets
+        prob, cfg, y = loc.prob, loc.cfg, loc.targets
         lo, hi = int(y.min()), int(y.max())
-        # every scalar option of the problem (a new one is covered without a change here), the dtypes,
-        # and which optional tensors are present
-        opts = tuple((f.name, getattr(prob, f.name)) for f in fields(prob) if f.name not in _OPTIONS
-                     and isinstance(getattr(prob, f.name), (str, int, float, bool, torch.dtype)))
+        # every option of the config (a new one is covered without a change here), the dtypes, and which
+        # optional tensors are present (the problem's layout is in "token layout"; its V is this rank's)
+        opts = tuple((f.name, getattr(cfg, f.name)) for f in fields(cfg) if f.name not in _OPTIONS)
         fp = [_crc((prob.offsets, prob.hidden_size)), _checksum(prob.hidden), _checksum(y), _checksum(prob.reward),
-              _checksum(prob.lora_a)] + [_crc(getattr(prob, name)) for name in _OPTIONS] + [
+              _checksum(prob.lora_a)] + [_crc(getattr(cfg, name, getattr(prob, name, None))) for name in _OPTIONS] + [
               _crc(str(prob.hidden.dtype)), _crc(prob.bias is None), _crc(prob.lora_b is None), _crc(opts)]
     layout = [int(ok), 0 if ok else _exc_code(loc.error), loc.start, loc.coord, loc.start_claim, loc.rows,
               loc.vocab_claim, lo, hi]
@@ -436,8 +437,8 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
     With N tokens, e = elem_bytes, L = 1 with a LoRA term (always in lora mode), else 0:
     validation ``RECORD_BYTES``; then
 
-    - the dual (both modes) and hidden-mode CG, which run one pass: MAX of the local log-sum-exp
-      ``N e``, one SUM of the per-token results ``(3 + L) N e`` and b[y_t] ``L N e``; hidden mode adds
+    - the dual (both modes) and hidden-mode CG, which run one pass: MAX of the local off-target
+      log-sum-exp ``N e``, one SUM of the per-token results ``(2 + L) N e`` and b[y_t] ``L N e``; hidden mode adds
       ``2 N d e`` (pi W with the per-token SUM, and W[y_t]), lora ``2 sum_b T_b^2 e`` (the Gram and
       the cross terms);
     - LoRA CG: stats ``(3 + L) N e``, b[y_t] ``N e``, then ``16 + it (N e + 24)``.
@@ -445,7 +446,7 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
     N, e = sum(lengths), int(elem_bytes)
     L = 1 if (mode == "lora" or lora_term) else 0
     if solver == "dual" or mode == "hidden":
-        total = RECORD_BYTES + (4 + 2 * L) * N * e
+        total = RECORD_BYTES + (3 + 2 * L) * N * e
         return total + (2 * N * d * e if mode == "hidden" else 2 * sum(t * t for t in lengths) * e)
     total = RECORD_BYTES + (3 + 2 * L) * N * e + 16 + iterations * (N * e + 24)
     if damping_mode == "relative":
@@ -453,29 +454,31 @@ def traffic_bytes(mode: str, solver: str, lengths: Sequence[int], d: int, *, ele
     return total
 
 
-def prepare_vocab_parallel(hidden: Any, weight: Any, targets: Any, reward: RewardLike, kw: Dict[str, Any], *,
-                           process_group: Any = None, vocab_start: Any = None, vocab_size: Any = None,
-                           cg_impl: Any = None) -> Tuple[HeadProblem, DistributedBackend, Any]:
+def prepare_vocab_parallel(hidden: Any, weight: Any, targets: Any, reward: RewardLike, cfg: RosaConfig,
+                           kw: Dict[str, Any], *, build: Any, process_group: Any = None, vocab_start: Any = None,
+                           vocab_size: Any = None, cg_impl: Any = None) -> Tuple[HeadProblem, DistributedEngine, Any]:
     """Check a vocabulary-parallel call on every rank and pack it (module docstring).
 
     Args:
         hidden, weight, targets, reward: as :func:`rosa_ext.rosa_update`; ``weight`` a DTensor
             sharded on dim 0, or this rank's (V_local, d) rows.
-        kw: the other keyword arguments of ``build_problem`` (mode, lora_a, lora_b, bias, ...);
-            ``bias`` and ``lora_b`` hold this rank's rows (plain or DTensor).
+        cfg: the options (:class:`~rosa_ext.common.config.RosaConfig`).
+        kw: the tensors of ``build`` besides the four above (lora_a, lora_b, bias, mask); ``bias`` and
+            ``lora_b`` hold this rank's rows (plain or DTensor).
+        build: the op's ``build_problem`` (the same checks as a one-process call).
         process_group, vocab_start, vocab_size: the group (default: the DTensor's mesh group, else
             the default group), this rank's first row, the global V (checked when given).
         cg_impl: the caller's CG (hidden mode only: its vectors are replicated).
     Returns:
-        (problem with ``shard`` set, backend, the CG implementation for ``solve_cg`` (None: default)).
+        (problem with ``shard`` set, the engine, the CG implementation for the CG plans (None: default)).
     Raises:
         The same error class and message on every rank for bad input (module docstring).
     """
     group, mdim = _resolve_group(weight, process_group)
     comm = VocabComm(group)
-    loc = _local_phase(hidden, weight, targets, reward, kw, vocab_start=vocab_start, vocab_size=vocab_size,
-                       cg_impl=cg_impl, mdim=mdim)
-    dev = loc.prob.device if loc.prob is not None else (weight.device if isinstance(weight, torch.Tensor)
+    loc = _local_phase(hidden, weight, targets, reward, cfg, kw, build=build, vocab_start=vocab_start,
+                       vocab_size=vocab_size, cg_impl=cg_impl, mdim=mdim)
+    dev = loc.prob.weight.device if loc.prob is not None else (weight.device if isinstance(weight, torch.Tensor)
                                                         else torch.device("cpu"))
     if dist.get_backend(group) == "gloo":
         dev = torch.device("cpu")
@@ -486,13 +489,14 @@ def prepare_vocab_parallel(hidden: Any, weight: Any, targets: Any, reward: Rewar
         raise bad[0](bad[1], bad[2]) from loc.error
     shard = VocabShard(start=starts[comm.rank], rows=loc.rows, vocab_size=V, rank=comm.rank,
                        world_size=comm.world_size, comm=comm)
-    prob = replace(loc.prob, targets=loc.targets, shard=shard)
-    backend = DistributedBackend(loc.backend, shard)
-    if prob.mode == "lora":
-        B, P, d = prob.num_conversations, prob.num_params, prob.hidden_size
-        weights = torch.ones(B, P, dtype=torch.float64, device=prob.device)
+    prob = replace(loc.prob, targets=loc.targets, **pack_layout(loc.prob.weight, loc.prob.offsets, shard))
+    engine = DistributedEngine(loc.backend, shard)
+    if cfg.mode == "lora":
+        B, d = prob.num_conversations, prob.hidden_size
+        P = d + prob.vocab_size
+        weights = torch.ones(B, P, dtype=torch.float64, device=prob.weight.device)
         if comm.rank != 0:  # a (replicated) is counted once, on rank 0; each rank counts its rows of b
             weights[:, :d] = 0
         cg_impl = functools.partial(cg_sharded, all_sum=lambda t: comm.all_sum(t, "cg: inner products"),
                                     weights=weights.reshape(-1))
-    return prob, backend, cg_impl
+    return prob, engine, cg_impl

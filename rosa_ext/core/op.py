@@ -1,18 +1,27 @@
-"""The public functional op: :func:`rosa_update` -> :class:`RosaStep`."""
+"""The public functional op: :func:`rosa_update` -> :class:`RosaStep`.
+
+A thin function over one typed engine call (MATH.md sections 1 and 6): it reads its options from one
+:class:`~rosa_ext.common.config.RosaConfig`, checks and packs its tensors into a
+:class:`~rosa_ext.common.types.HeadProblem` (:func:`build_problem`, every error raised before anything
+is allocated or modified, naming the argument), takes the engine of ``config.backend``
+(:mod:`rosa_ext.backends`), runs the plan ``solver="auto"`` chooses (:mod:`rosa_ext.plans`) and
+returns the step. A vocabulary-parallel head goes through :mod:`.distributed` first (MATH.md section 7).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
-from ..backends import get_backend
-from ..common import defaults
+from ..backends import engine_for
 from ..common import validation as checks
-from ..common.types import RewardLike
-from ..plans import CGImpl, choose_plan, run
-from .distributed import prepare_vocab_parallel, wants_vocab_parallel
-from .problem import build_problem
+from ..common.config import RosaConfig, compute_dtype_of, resolve
+from ..common.types import HeadProblem, RewardLike
+from ..plans import CGImpl, choose
+from . import distributed
+
+WHO = "rosa_update"
 
 
 @dataclass
@@ -25,9 +34,9 @@ class RosaStep:
             ``[delta_a, delta_b]`` (lora) or P = d (hidden).
         mode: "lora" or "hidden".
         solver: the solver that ran ("cg" or "dual").
-        backend: the engine that ran the vocabulary work ("torch" or "triton"): the dual plans and
-            hidden-mode CG run torch tiles on every backend today, so a call with ``backend="triton"``
-            reports "triton" only when the Triton kernels ran (matrix-free LoRA CG).
+        backend: the engine that ran the vocabulary work ("torch" or "triton"), as the engine's passes
+            report it: ``backend="triton"`` reports "torch" where the Triton engine handed a pass to the
+            torch engine (float64 problems; a hidden pass whose probability tiles exceed the budget).
         hidden_size: d.
         logp: (N,) log-prob of each response token before the update (packed over the batch).
         target: (N,) the residual target g = p* - p that the step fits.
@@ -78,17 +87,12 @@ class RosaStep:
                                  f"mode={self.mode!r}, use .delta")
 
 
-def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                reward: RewardLike, *, mode: str, lora_a: Optional[torch.Tensor] = None,
-                lora_b: Optional[torch.Tensor] = None, lora_scale: float = defaults.LORA_SCALE,
-                bias: Optional[torch.Tensor] = None, beta: float = defaults.BETA,
-                damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER,
-                tol: float = defaults.TOL, solver: str = defaults.SOLVER, backend: str = defaults.BACKEND,
+def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: RewardLike, *,
+                config: Optional[RosaConfig] = None, lora_a: Optional[torch.Tensor] = None,
+                lora_b: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, cg_impl: Optional[CGImpl] = None,
                 process_group: Optional[Any] = None, vocab_start: Optional[int] = None,
-                vocab_size: Optional[int] = None, damping_mode: str = defaults.DAMPING_MODE,
-                keep_budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
-                gram_budget_bytes: int = defaults.GRAM_BUDGET_BYTES) -> RosaStep:
+                vocab_size: Optional[int] = None, **options: Any) -> RosaStep:
     """One ROSA step: solve (J^T J + lambda I) d = J^T g (MATH.md sections 1 and 6).
 
     Args:
@@ -98,28 +102,15 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         weight: (V, d) lm_head weight, same dtype and device as ``hidden``. Not modified.
         targets: (T,) or (B, T) int64 observed response tokens, in [0, V).
         reward: the feedback r (a float), or (B,) rewards for a batch. Must be finite.
-        mode: "lora" (rank-1 LoRA on lm_head, moves [a, b]) or "hidden" (shift vector).
+        config: the options (:class:`~rosa_ext.common.config.RosaConfig`: mode, beta, damping,
+            damping_mode, solver, backend, max_iter, tol, lora_scale, keep_budget_bytes,
+            gram_budget_bytes); None: the defaults.
+        **options: any option of RosaConfig by name, overriding ``config`` (``mode="hidden"``,
+            ``damping=0.1``, ...); without ``config``, ``mode`` is required.
         lora_a: (d,) / PEFT's (1, d) lora_A weight, or (B, d); required for "lora" and
             optional in "hidden" mode (then the LoRA term is part of the logits).
         lora_b: (V,) / PEFT's (V, 1) lora_B weight, or (B, V); zeros if omitted.
-        lora_scale: s = lora_alpha / r (paper: alpha 8, r 1).
         bias: (V,) lm_head bias or None.
-        beta: KL coefficient (> 0); r / beta sets the target's re-weighting.
-        damping: > 0, sets the ridge lambda of the damped normal equations (see ``damping_mode``).
-        damping_mode: "absolute" (lambda = ``damping``) or "relative" (lambda = ``damping`` times
-            the mean of diag(J J^T) = mean_t ||J_t||^2, one value per conversation:
-            Levenberg-Marquardt scaling, invariant to the scale of J; MATH.md section 6).
-        max_iter, tol: CG iteration cap and relative-residual tolerance.
-        solver: "auto" (the cost model of :mod:`rosa_ext.plans.choose`: measured throughput per
-            backend and dtype, memory budgets first, ties to the exact dual), "cg" or "dual" (exact:
-            one pass over W, then the T x T -- or in hidden mode with T > d the d x d -- system).
-        keep_budget_bytes: the LoRA dual keeps its N x V probability tiles for the VJP when the
-            longest conversation's T x V numbers fit this (default 1 GiB); otherwise it streams
-            them in a second pass. A batch that keeps them runs in groups of conversations.
-        gram_budget_bytes: ``solver="auto"`` takes the dual only while its T x T matrices (every
-            conversation's Gram matrix and one factor; hidden mode min(T, d)^2) fit this
-            (default 512 MB), CG otherwise.
-        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         mask: (T,) or (B, T) bool; False rows (padding, prompt tokens) are ignored.
         cg_impl: the CG implementation the "cg" solver runs (default :func:`rosa_ext.cg.cg`, the
             compiled solver when built; :func:`rosa_ext.cg.cg_python` is the Python loop). Hidden
@@ -138,37 +129,227 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         RosaTypeError / RosaInputError (TypeError / ValueError): bad input, before any work is done
             (vocabulary-parallel: the same error on every rank of the group).
         RosaNonFiniteError (a ValueError and FloatingPointError): NaN/Inf in an input, or logits
-            that overflow the compute dtype (checked on the stats pass's output).
-        RosaNumericalError (FloatingPointError): the solve broke down (see MATH.md section 4).
+            that overflow the compute dtype (checked on the pass's output).
+        RosaNumericalError (FloatingPointError): the solve broke down, or every target of a
+            conversation underflows the compute dtype (see MATH.md section 4).
     The result never carries an autograd graph (the op runs under ``torch.no_grad()``).
     """
+    cfg = resolve(WHO, config, options)
     with torch.no_grad():
-        return _rosa_update(hidden, weight, targets, reward, mode=mode, lora_a=lora_a, lora_b=lora_b,
-                            lora_scale=lora_scale, bias=bias, beta=beta, damping=damping, max_iter=max_iter,
-                            tol=tol, solver=solver, backend=backend, mask=mask, cg_impl=cg_impl,
-                            process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                            damping_mode=damping_mode, keep_budget_bytes=keep_budget_bytes,
-                            gram_budget_bytes=gram_budget_bytes)
+        if _vocab_parallel(weight, process_group, vocab_start, vocab_size):  # MATH.md section 7
+            prob, engine, cg_impl = distributed.prepare_vocab_parallel(
+                hidden, weight, targets, reward, cfg, dict(lora_a=lora_a, lora_b=lora_b, bias=bias, mask=mask),
+                build=build_problem, process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
+                cg_impl=cg_impl)
+        else:
+            prob = build_problem(hidden, weight, targets, reward, cfg, lora_a=lora_a, lora_b=lora_b, bias=bias,
+                                 mask=mask)
+            engine = engine_for(cfg.backend, prob.weight.device)
+        plan = choose(cfg, tuple(prob.lengths), prob.hidden_size, prob.global_vocab_size, engine.name,
+                      prob.weight.device.type, prob.weight.dtype)
+        out = plan.run(prob, cfg, engine, cg_impl)
+        upd = out.update
+        if not out.finite_checked:  # the dual plans read it in their one acceptance sync
+            checks.finite_result(WHO, upd, cfg.damping)
+        if not prob.batched:
+            upd = upd[0]
+        return RosaStep(update=upd, mode=cfg.mode, solver=plan.solver, backend=out.engine,
+                        hidden_size=prob.hidden_size, logp=out.logp, target=out.target,
+                        _iterations=out.iterations, _residual=out.residual)
 
 
-def _rosa_update(hidden, weight, targets, reward, *, mode, lora_a, lora_b, lora_scale, bias, beta, damping,
-                 max_iter, tol, solver, backend, mask, cg_impl, process_group, vocab_start, vocab_size,
-                 damping_mode, keep_budget_bytes, gram_budget_bytes) -> RosaStep:
-    kw = dict(mode=mode, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, bias=bias, beta=beta,
-              damping=damping, max_iter=max_iter, tol=tol, solver=solver, backend=backend, mask=mask,
-              damping_mode=damping_mode, keep_budget_bytes=keep_budget_bytes, gram_budget_bytes=gram_budget_bytes)
-    if wants_vocab_parallel(weight, process_group, vocab_start, vocab_size):  # MATH.md section 7
-        prob, be, cg_impl = prepare_vocab_parallel(hidden, weight, targets, reward, kw, process_group=process_group,
-                                                   vocab_start=vocab_start, vocab_size=vocab_size, cg_impl=cg_impl)
+def pack(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: RewardLike, *,
+         config: Optional[RosaConfig] = None, lora_a: Optional[torch.Tensor] = None,
+         lora_b: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+         mask: Optional[torch.Tensor] = None, **options: Any) -> Tuple[HeadProblem, RosaConfig]:
+    """The checked, packed problem and the config of a one-process :func:`rosa_update` call, without the
+    solve (arguments as there): for tools that run an engine's passes or a plan themselves."""
+    cfg = resolve(WHO, config, options)
+    return build_problem(hidden, weight, targets, reward, cfg, lora_a=lora_a, lora_b=lora_b, bias=bias, mask=mask), cfg
+
+
+def _vocab_parallel(weight: Any, process_group: Any, vocab_start: Any, vocab_size: Any) -> bool:
+    """Whether a call is vocabulary-parallel: any of the three arguments, or a DTensor ``weight``."""
+    if process_group is not None or vocab_start is not None or vocab_size is not None:
+        return True
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter) and distributed.is_dtensor(weight)
+
+
+# ----------------------------------------------------------------------------- the inputs, checked and packed
+class _ValueChecks:
+    """The checks of :func:`build_problem` that read tensor values (finite entries, the targets' range, a
+    dead LoRA), queued as 0-dim tensors and read with ONE host synchronisation (:meth:`run`), then
+    raised in the order they were queued (each names its argument, as when checked one by one)."""
+
+    def __init__(self) -> None:
+        self.items: List[Tuple[torch.Tensor, Callable[[float], None]]] = []
+
+    def add(self, value: torch.Tensor, check: Callable[[float], None]) -> None:
+        self.items.append((value, check))
+
+    def finite(self, name: str, x: torch.Tensor) -> None:
+        if x.numel():
+            def bad(v: float, name: str = name) -> None:
+                if not v:
+                    checks.fail(WHO, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)",
+                                checks.RosaNonFiniteError)
+            self.add(checks.all_finite(x), bad)
+
+    def run(self) -> None:
+        if not self.items:
+            return
+        vals = torch.stack([v.to(torch.float64) for v, _ in self.items]).tolist()  # the one host sync
+        for v, (_, check) in zip(vals, self.items):
+            check(v)
+
+
+def _tensor(name: str, x: Any, device: Optional[torch.device] = None, floating: bool = False) -> torch.Tensor:
+    x = checks.float_tensor(WHO, name, x) if floating else checks.tensor(WHO, name, x)
+    if device is not None:
+        checks.same_device(WHO, name, x, device, "weight")
+    return x
+
+
+def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, batched: bool,
+                 device: torch.device, dtype: torch.dtype, values: _ValueChecks) -> Optional[torch.Tensor]:
+    """Accept (width,), PEFT's (1, width) / (width, 1), or (B, width) for a batch."""
+    if x is None:
+        return None
+    x = _tensor(name, x, device, floating=True)
+    if x.dim() == 1 and x.shape[0] == width:
+        m = x.reshape(1, width)
+    elif x.dim() == 2 and x.shape == (1, width):
+        m = x
+    elif x.dim() == 2 and x.shape == (width, 1):
+        m = x.reshape(1, width)
+    elif batched and x.dim() == 2 and x.shape == (batch, width):
+        m = x
     else:
-        prob = build_problem(hidden, weight, targets, reward, **kw)
-        be = get_backend(prob.backend, prob.device)
-    plan = choose_plan(prob, be.name)
-    out = run(prob, be, plan, cg_impl)
-    upd = out.update
-    checks.finite_result("rosa_update", upd, prob.damping)
-    if not prob.batched:
-        upd = upd[0]
-    return RosaStep(update=upd, mode=prob.mode, solver=plan.solver, backend=out.engine,
-                    hidden_size=prob.hidden_size, logp=out.logp, target=out.target,
-                    _iterations=out.iterations, _residual=out.residual)
+        want = f"({width},)" + (f" or ({batch}, {width})" if batched else f", (1, {width}) or ({width}, 1)")
+        checks.fail(WHO, name, f"`{name}` must have shape {want}, got {tuple(x.shape)}")
+    values.finite(name, m)
+    m = m.detach().to(dtype)
+    if m.shape[0] == 1 and batch > 1:
+        m = m.expand(batch, width)
+    return m.contiguous()
+
+
+def _adapter(cfg: RosaConfig, lora_a: Any, lora_b: Any, B: int, d: int, V: int, batched: bool, device: torch.device,
+             dtype: torch.dtype, values: _ValueChecks) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The LoRA (a (B, d), b (B, V) in the compute dtype, or None) checked: shapes now, values queued on
+    ``values``; in mode "lora" ``lora_a`` is required and a = 0 with b = 0 refused (its Jacobian is zero)."""
+    a = _lora_matrix("lora_a", lora_a, B, d, batched, device, dtype, values)
+    bvec = _lora_matrix("lora_b", lora_b, B, V, batched, device, dtype, values)
+    if cfg.mode != "lora":
+        return a, bvec
+    if a is None:
+        checks.fail(WHO, "lora_a", "mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 and b = 0 "
+                                   "the Jacobian is zero. Initialise it as LoRA does (random), and `lora_b` to zeros")
+    # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None
+    dead = (a == 0).all(1) & ((bvec == 0).all(1) if bvec is not None else torch.ones_like(a[:, 0], dtype=torch.bool))
+    first = torch.where(dead.any(), dead.to(torch.int64).argmax(), -1)
+
+    def not_dead(v: float) -> None:
+        if v >= 0:
+            which = f" (conversation {int(v)})" if batched else ""
+            checks.fail(WHO, "lora_a", f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA "
+                                       "at a = 0, b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA "
+                                       "does (random)")
+
+    values.add(first, not_dead)
+    return a, bvec
+
+
+def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: RewardLike,
+                  cfg: RosaConfig, *, lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> HeadProblem:
+    """Check every tensor input of :func:`rosa_update` and pack it -> HeadProblem (module doc): the
+    response tokens of all conversations are concatenated ("packed") into N rows, with ``seg`` telling
+    which conversation a row belongs to, so one pass over the head weight serves the whole batch. Every
+    error is raised before anything is allocated or modified, and names the argument."""
+    fail = checks.fail
+    values = _ValueChecks()
+    weight = _tensor("weight", weight, floating=True)
+    hidden = _tensor("hidden", hidden, floating=True)
+    targets = _tensor("targets", targets)
+    device = weight.device
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        fail(WHO, "weight", f"`weight` must be (V, d) with V >= 1 and d >= 1, got shape {tuple(weight.shape)}")
+    Vs, d = weight.shape
+    checks.same_device(WHO, "hidden", hidden, device, "weight")
+    checks.same_device(WHO, "targets", targets, device, "weight")
+    if hidden.dtype != weight.dtype:
+        fail(WHO, "hidden", f"`hidden` is {hidden.dtype} but `weight` is {weight.dtype}; they must match "
+                            f"(the model's lm_head input and weight dtype)")
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] != d:
+        fail(WHO, "hidden", f"`hidden` must be (T, d) or (B, T, d) with d={d} (weight is {tuple(weight.shape)}), "
+                            f"got {tuple(hidden.shape)}")
+    batched = hidden.dim() == 3
+    if batched and hidden.shape[0] == 0:
+        fail(WHO, "hidden", f"`hidden` holds no conversation (B = 0), got shape {tuple(hidden.shape)}")
+    checks.index_tensor(WHO, "targets", targets)
+    if targets.shape != hidden.shape[:-1]:
+        fail(WHO, "targets", f"`targets` must have shape {tuple(hidden.shape[:-1])} to match `hidden`, "
+                             f"got {tuple(targets.shape)}")
+    if mask is not None:
+        mask = _tensor("mask", mask, device)
+        if mask.dtype != torch.bool:
+            fail(WHO, "mask", f"`mask` must be a bool tensor, got {mask.dtype}", checks.RosaTypeError)
+        if mask.shape != targets.shape:
+            fail(WHO, "mask", f"`mask` must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    if bias is not None:
+        bias = _tensor("bias", bias, device, floating=True)
+        if bias.shape != (Vs,):
+            fail(WHO, "bias", f"`bias` must be ({Vs},), got {tuple(bias.shape)}")
+        values.finite("bias", bias)
+
+    compute_dtype = compute_dtype_of(weight.dtype)
+    # damping and lora_scale enter tensors of the compute dtype: they must be finite there
+    checks.real(WHO, "damping", cfg.damping, dtype=compute_dtype)
+    checks.real(WHO, "lora_scale", cfg.lora_scale, dtype=compute_dtype)
+
+    hidden3 = hidden if batched else hidden.unsqueeze(0)
+    targets2 = (targets if batched else targets.unsqueeze(0)).long()
+    mask2 = None if mask is None else (mask if batched else mask.unsqueeze(0))
+    B, T = targets2.shape
+    if T == 0:
+        fail(WHO, "targets", "the response is empty (T = 0); there is nothing to update on")
+    counts = [T] * B if mask2 is None else mask2.sum(dim=1).tolist()
+    for b, n in enumerate(counts):
+        if n == 0:
+            fail(WHO, "mask", "`mask` selects no response token" + (f" in conversation {b}" if batched else ""))
+    sel_targets = targets2.reshape(-1) if mask2 is None else targets2[mask2]
+
+    def target_range(lo: float, hi: float) -> None:
+        if lo < 0 or hi >= Vs:
+            fail(WHO, "targets", f"`targets` holds token id {int(hi if hi >= Vs else lo)}, outside the vocabulary "
+                                 f"[0, {Vs})")
+
+    values.add(sel_targets.min(), lambda v: target_range(v, 0))
+    values.add(sel_targets.max(), lambda v: target_range(0, v))
+    sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
+    values.finite("hidden", sel_hidden)
+
+    r = checks.rewards(WHO, reward, B)
+    for v in r.tolist():  # a reward beyond the compute dtype's range would become +-inf there
+        checks.real(WHO, "reward", v, dtype=compute_dtype)
+    r = r.to(device=device, dtype=compute_dtype)
+    a, bvec = _adapter(cfg, lora_a, lora_b, B, d, Vs, batched, device, compute_dtype, values)
+    values.run()
+    if a is not None and bvec is None:
+        bvec = torch.zeros(B, Vs, dtype=compute_dtype, device=device)
+    if bvec is not None and a is None:
+        a = torch.zeros(B, d, dtype=compute_dtype, device=device)
+
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + int(n))
+    if B == 1:
+        seg = torch.zeros(offsets[-1], dtype=torch.int64, device=device)
+    else:
+        seg = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
+    return HeadProblem(hidden=sel_hidden, weight=weight, bias=bias, targets=sel_targets.contiguous(), seg=seg,
+                       offsets=offsets, lengths=[int(n) for n in counts], reward=r, lora_a=a, lora_b=bvec,
+                       lora_scale=cfg.lora_scale, batched=batched, compute_dtype=compute_dtype,
+                       num_tokens=offsets[-1], num_conversations=B, hidden_size=int(d), vocab_size=int(Vs),
+                       global_vocab_size=int(Vs))

@@ -23,7 +23,7 @@ def target_attainment(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, state: 
     """
     from torch.func import jvp
 
-    from ..plans.target import residual_target
+    from ..common.jacobian import residual_target
 
     h = h.float()
     W = W.float()

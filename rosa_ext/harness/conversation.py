@@ -17,7 +17,7 @@ import torch
 
 from ..common import defaults
 from ..integrations.model_lookup import find_lm_head, head_weight
-from ..integrations.recording import eos_ids
+from ..integrations.head_hooks import eos_ids
 from .problems import Problem
 from .rewards import boxed_span, is_correct
 
@@ -202,7 +202,7 @@ def _recorded_update(model, tokenizer, session, rec: TurnRecord, hidden: torch.T
         W = head_weight(find_lm_head(model, "interact"), "interact").detach()
         h = hidden[mask.to(hidden.device)].to(W.device)
         att = target_attainment(h, W, resp[mask].to(W.device), before, step.update.to(W.device), float(reward),
-                                float(session.options["beta"]))
+                                float(session.config.beta))
         for key, v in att.items():
             setattr(rec, key, v)
 

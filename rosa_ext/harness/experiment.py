@@ -52,7 +52,7 @@ from ..common import defaults
 from ..core import rosa_update
 from ..integrations.model_lookup import find_body, find_lm_head, head_bias, head_weight
 from ..integrations.models import MODEL_NAMES
-from ..integrations.recording import eos_ids
+from ..integrations.head_hooks import eos_ids
 from ..integrations.users import RosaUsers
 from .attainment import target_attainment
 from .controls import BanRejectedNumbers, guess_text
@@ -177,6 +177,11 @@ def seed_dependent(spec: MethodSpec) -> bool:
 
 
 # --------------------------------------------------------------------------- adapters
+def user_key(i: int) -> str:
+    """The :class:`RosaUsers` user id of conversation ``i`` (user ids are strings)."""
+    return f"conv{int(i)}"
+
+
 def experiment_users(model: torch.nn.Module, spec: "MethodSpec", *, seed: int = 0) -> RosaUsers:
     """The conversations of one method as users of one :class:`RosaUsers` (fp32 states; a conversation's
     ``a`` drawn like PEFT's lora_A init from ``seed``, ``b`` = 0, ``delta`` = 0)."""
@@ -279,9 +284,9 @@ def _generate(model, tokenizer, gen: _Gen, *, max_new_tokens: int, do_sample: bo
     L = gen.ids.shape[1]
     eos = eos_ids(model, {})
     if users is not None:
-        out = users.generate(gen.ids.to(dev), list(user_ids), **kw)
+        out = users.generate(gen.ids.to(dev), [user_key(u) for u in user_ids], **kw)
         seqs = out.sequences.cpu()
-        answers = [users.answer(u) for u in user_ids]
+        answers = [users.answer(user_key(u)) for u in user_ids]
         resps = [a[1].cpu() for a in answers]
         hids = [a[0].float() for a in answers]
         return _Out(seqs, _cache_of(out), resps, hids)
@@ -460,7 +465,7 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
     bias = head_bias(head)
     bias = None if bias is None else bias.detach()
     dev = W.device
-    missing = [i for i in idx if users.answer(i) is None]
+    missing = [i for i in idx if users.answer(user_key(i)) is None]
     if missing:  # no recorded answer (e.g. a conversation built by hand): one body forward for them
         seqs = [torch.cat([convs[i].last_prompt, convs[i].last_resp]) for i in missing]
         L = max(q.numel() for q in seqs)
@@ -473,14 +478,15 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
                                                   use_cache=False).last_hidden_state
         for j, i in enumerate(missing):
             st = convs[i].last_prompt.numel()
-            users.record(i, hid[j, st - 1: seqs[j].numel() - 1], convs[i].last_resp.to(dev))
-    answers = {i: users.answer(i) for i in idx}
+            users.record(user_key(i), hid[j, st - 1: seqs[j].numel() - 1], convs[i].last_resp.to(dev))
+    answers = {i: users.answer(user_key(i)) for i in idx}
     masks = _answer_masks(tokenizer, answers, spec, dev)
     rewards = {i: convs[i].turns[-1].reward for i in idx}
-    before = {i: users.state(i) for i in idx}
+    before = {i: users.state(user_key(i)) for i in idx}
     if spec.kind == "rosa":
-        steps = users.update(rewards, masks=masks, max_norm=spec.max_norm)
-        upd = {i: steps[i].update.float() for i in idx}
+        steps = users.update({user_key(i): r for i, r in rewards.items()}, masks={user_key(i): m for i, m in masks.items()},
+                             max_norm=spec.max_norm)
+        upd = {i: steps[user_key(i)].update.float() for i in idx}
     elif spec.kind == "pg":
         upd = {}
         for i in idx:
@@ -497,18 +503,18 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
                 u = fair_pg_update(u, step.dlogp_linear, ru, rt, spec.pg_step)
             if spec.max_norm is not None:
                 u = u * (spec.max_norm / torch.linalg.vector_norm(u).clamp_min(spec.max_norm))
-            users.apply(i, u)
+            users.apply(user_key(i), u)
             upd[i] = u
     else:
         raise ValueError(f"_update_chunk: method kind {spec.kind!r} does not update")
     if spec.shift_cap is not None and spec.mode == "hidden":
         for i in idx:  # cap the accumulated shift relative to the norm of this answer's lm_head inputs
-            st = users.state(i)
+            st = users.state(user_key(i))
             cap = spec.shift_cap * float(torch.linalg.vector_norm(answers[i][0].float(), dim=-1).mean())
             new = cap_shift(st["delta"], cap)
             if new is not st["delta"]:
                 st["delta"] = new
-                users.load(i, st)
+                users.load(user_key(i), st)
                 upd[i] = (new - before[i]["delta"]).float().to(dev)
     per = 1000.0 * (time.perf_counter() - t0) / len(idx)  # the update alone, not the measurement
     for i in idx:
@@ -520,7 +526,7 @@ def _update_chunk(model, tokenizer, convs: List[Conversation], idx: List[int], s
             for k, v in att.items():
                 setattr(rec, k, v)
         if spec.mode == "hidden":
-            rec.shift_norm = float(torch.linalg.vector_norm(users.state(i)["delta"].float()))
+            rec.shift_norm = float(torch.linalg.vector_norm(users.state(user_key(i))["delta"].float()))
             rec.hidden_norm = float(torch.linalg.vector_norm(answers[i][0].float(), dim=-1).mean())
 
 
@@ -633,7 +639,7 @@ def _run_spec(model, tokenizer, problems, spec: MethodSpec, out0: _Out, gen0: _G
         if users is not None:
             for i, c in enumerate(convs):
                 if c.last_resp.numel() and out0.hids is not None:
-                    users.record(i, out0.hids[i], c.last_resp)
+                    users.record(user_key(i), out0.hids[i], c.last_resp)
         out = _Out(out0.seqs, copy.deepcopy(out0.cache) if (use_cache and out0.cache is not None) else None,
                    out0.resps, out0.hids)
         gen, rows = gen0, list(range(len(convs)))  # rows[j]: the conversation of row j of `gen`/`out`

@@ -6,10 +6,14 @@
 - :mod:`.recording`: the lm_head inputs a generation computed, kept for the update
 - :mod:`.background`: running an update in the background (worker thread / side stream)
 - :mod:`.session`: :func:`attach` and :class:`RosaSession` (one conversation)
+- :mod:`.store`: :class:`StateStore`, the one per-user store (typed states, validated string ids,
+  per-user atomic updates, SQLite persistence) that everything below shares
 - :mod:`.users`: :class:`RosaUsers`, many users on one model (batched generate, one batched step)
-- :mod:`.store`: per-user states for a server that swaps them into one session
-- :mod:`.export`: a LoRA state as a PEFT adapter directory (vLLM's per-request LoRA)
-- :mod:`.vllm_processor`: a vLLM logits processor adding a user's hidden shift as W delta
+- :mod:`.serving`: ROSA inside a serving engine, engine-free (per-request states, recorded rows, feedback)
+- :mod:`.vllm_plugin`, :mod:`.vllm_routes`, :mod:`.vllm_serve`: the vLLM plugin (the logits layer, the
+  request tracker, the ``/rosa`` HTTP routes) and its server command
+- :mod:`.export`: a LoRA state as a PEFT adapter directory (other engines' per-request LoRA)
+- :mod:`.vllm_processor`: a vLLM logits processor adding a hidden shift sent with the request as W delta
 - :mod:`.models`, :mod:`.hf_folder`: offline models (tiny random ones, SmolLM2-135M-Instruct,
   Qwen2.5-Coder-0.5B-Instruct) and SmolLM2 as a transformers folder
 - :mod:`.sharded_head`: the hooks on a vocabulary-parallel (ColwiseParallel) head

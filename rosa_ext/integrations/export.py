@@ -9,10 +9,18 @@ exactly PEFT's LoRA on ``lm_head`` with ``r = 1``, ``lora_A.weight = a`` as (1, 
 - ``adapter_model.safetensors``: ``base_model.model.lm_head.lora_A.weight`` (1, d) and
   ``base_model.model.lm_head.lora_B.weight`` (V, 1), in the state's dtype.
 
-``peft.PeftModel.from_pretrained(base, dir)`` then gives the session's logits, and vLLM serves
-the directory as a per-request ``LoRARequest`` (``--enable-lora --max-lora-rank 1``).
-vLLM caches adapters by name and integer id, so every update needs a new name:
-:func:`adapter_name` gives ``"<user>@<num_updates>"``, :class:`AdapterIds` a fresh id per name.
+``peft.PeftModel.from_pretrained(base, dir)`` then gives the session's logits, and an engine with
+per-request LoRA serves the directory (vLLM: ``--enable-lora --max-lora-rank 1``). Every user has ONE
+adapter name, :func:`adapter_name` (``"rosa-<user>-<8 hex of sha256(user)>"``: a user id is a
+validated string, so the name is a safe folder name, and the hash keeps two ids that differ only
+in case apart on a case-insensitive file system); after an update the engine reloads it in place
+(vLLM: ``load_inplace``). :func:`export_user` writes a stored user's adapter under that name;
+:func:`save_peft` writes both files to temporary names first and renames them into place only
+when both are written, so a failed write leaves the directory as it was. :class:`AdapterIds` gives a
+distinct integer id per name (vLLM's ``lora_int_id``).
+
+With vLLM, prefer the plugin (:mod:`rosa_ext.integrations.vllm_plugin`): it applies every user's
+state inside vLLM's logits computation, uses no LoRA slot, and updates in the server process.
 
 A hidden-mode state (a shift of lm_head's input) is no LoRA: serve it with the logits processor
 of :mod:`rosa_ext.integrations.vllm_processor` instead. Nothing here imports ``transformers``,
@@ -20,8 +28,9 @@ of :mod:`rosa_ext.integrations.vllm_processor` instead. Nothing here imports ``t
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import numbers
+import os
 import threading
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -29,6 +38,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..common import validation as checks
+from .store import StateStore, check_user_id
 
 #: The tensor names PEFT gives a LoRA on the top-level ``lm_head`` of a causal LM.
 LORA_A_KEY = "base_model.model.lm_head.lora_A.weight"
@@ -177,34 +187,87 @@ def save_peft(state: Any, directory: Union[str, Path], *, base_model_name_or_pat
     if path.exists() and not path.is_dir():
         checks.fail(who, "directory", f"`directory` {str(path)!r} exists and is not a directory")
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as save_bytes
     except ImportError as e:  # pragma: no cover - safetensors comes with transformers
         raise ImportError("save_peft needs the `safetensors` package (pip install safetensors)") from e
-    path.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(scale, base_model_name_or_path if base_model_name_or_path is not None else name)
-    save_file({LORA_A_KEY: a.reshape(1, -1).contiguous(), LORA_B_KEY: b.reshape(-1, 1).contiguous()},
-              str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    files = {WEIGHTS_NAME: save_bytes({LORA_A_KEY: a.reshape(1, -1).contiguous(), LORA_B_KEY: b.reshape(-1, 1).contiguous()},
+                                      metadata={"format": "pt"}),
+             CONFIG_NAME: (json.dumps(cfg, indent=2) + "\n").encode()}
+    _write_all(who, path, files)
     return path
 
 
-def adapter_name(user_id: Union[str, int], state: Any) -> str:
-    """The adapter name of a user's state after its latest update: ``"<user_id>@<num_updates>"``.
+def _write_all(who: str, path: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` into folder ``path``: each to a temporary name (written, fsynced), then every one
+    renamed into place; an error before the renames removes the temporaries and leaves ``path`` as it
+    was (RosaStateError naming ``directory``)."""
+    tmp: Dict[str, Path] = {}
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for fname, data in files.items():
+            t = path / f".{fname}.tmp-{os.getpid()}-{threading.get_ident()}"
+            tmp[fname] = t
+            with open(t, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for fname, t in tmp.items():
+            os.replace(t, path / fname)
+        tmp = {}
+        if hasattr(os, "O_DIRECTORY"):
+            fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        checks.fail(who, "directory", f"writing the adapter to {str(path)!r} failed ({e.strerror or e}); the "
+                                      "files already there were left as they were", checks.RosaStateError)
+    finally:
+        for t in tmp.values():
+            try:
+                t.unlink()
+            except OSError:
+                pass
 
-    ``state``: a session, its ``state_dict()`` or a ``num_updates`` int. vLLM (and PEFT's
-    ``load_adapter``) cache adapters by name, so each update must be served under a new one.
+
+def adapter_name(user_id: str, state: Any = None) -> str:
+    """The one adapter name of a user: ``"rosa-<user_id>-<first 8 hex digits of sha256(user_id)>"``.
+
+    ``user_id`` must be a valid user id (:func:`~rosa_ext.integrations.store.check_user_id`: a str of
+    letters, digits and ``_.@+-``, no ``..``), so the name is a safe folder and adapter name that cannot
+    escape a directory; the hash keeps ids that differ only in case apart on a case-insensitive file
+    system. The name no longer changes with the state: reload the adapter in place after an update
+    (vLLM: ``load_inplace: true``). ``state`` (a session, a state dict or ``num_updates``) is accepted
+    for older callers and only checked.
     """
     who = "adapter_name"
-    if isinstance(user_id, bool) or not isinstance(user_id, (str, numbers.Integral)) or str(user_id) == "":
-        checks.fail(who, "user_id", f"`user_id` must be a non-empty str or an int, got {checks._show(user_id)}", checks.RosaTypeError)
-    if isinstance(state, numbers.Integral) and not isinstance(state, bool):
-        num = state
-    elif isinstance(state, Mapping):
-        num = state.get("num_updates")
-    else:
-        num = getattr(state, "num_updates", None)
-    num = checks.integer(who, "state", num, minimum=0)
-    return f"{user_id}@{num}"
+    uid = check_user_id(who, user_id)
+    if state is not None:
+        if isinstance(state, Mapping):
+            num = state.get("num_updates")
+        elif isinstance(state, int) and not isinstance(state, bool):
+            num = state
+        else:
+            num = getattr(state, "num_updates", None)
+        checks.integer(who, "state", num, minimum=0)
+    return f"rosa-{uid}-{hashlib.sha256(uid.encode()).hexdigest()[:8]}"
+
+
+def export_user(store: StateStore, user_id: str, root: Union[str, Path], *,
+                base_model_name_or_path: Optional[str] = None) -> Tuple[str, Path]:
+    """Write the stored lora-mode state of ``user_id`` as a PEFT adapter folder ``root/adapter_name(user_id)``
+    (replacing the previous export of that user atomically, file by file); returns ``(name, folder)``.
+    RosaError naming ``user_id`` (unknown, invalid) or ``state`` (a hidden-mode user) before anything is
+    written."""
+    who = "export_user"
+    if not isinstance(store, StateStore):
+        checks.fail(who, "store", f"`store` must be a StateStore, got {checks._show(store)}", checks.RosaTypeError)
+    name = adapter_name(user_id)
+    if not isinstance(root, (str, Path)):
+        checks.fail(who, "root", f"`root` must be a str or Path, got {checks._show(root)}", checks.RosaTypeError)
+    return name, save_peft(store.get(user_id), Path(root) / name, base_model_name_or_path=base_model_name_or_path)
 
 
 class AdapterIds:

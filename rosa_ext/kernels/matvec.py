@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.validation import RosaInputError, RosaTypeError, kernel_device
+from ..common.validation import RosaInputError, RosaTypeError
 from ._tiles import INTERPRET, autotuned, interpreter_safe, launch, loop_end
+from .checks import kernel_device
 
 
 def _configs() -> List[triton.Config]:

@@ -53,7 +53,8 @@ import torch
 from ..common import defaults, device_flag
 from ..common import jacobian as J
 from ..common import validation as checks
-from ..common.types import HeadProblem, HeadStats
+from ..common.types import HeadProblem, HeadStats, pack_layout
+from . import checks as kchecks
 from .primitives import TritonPrimitives, stats_from_tensors
 from .reductions import column_reduce as _column_reduce
 from .reductions import row_reduce as _row_reduce
@@ -117,17 +118,17 @@ def _check_model(who: str, hidden, weight, *, bias, targets, lora_a, lora_b, lor
     ``tables``: name -> (tensor, width) of (width,) / (B, width) per-conversation inputs (u, v);
     ``tokens``: name -> tensor of (T,) per-token inputs (w, u).
     """
-    T, d, Vs = checks.kernel_model(who, hidden, weight, bias)
+    T, d, Vs = kchecks.kernel_model(who, hidden, weight, bias)
     dev = hidden.device
     if mode is not None:
         checks.choice(who, "mode", mode, ("lora", "hidden"))
         if mode == "lora" and lora_a is None:
             checks.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b")
     checks.real(who, "lora_scale", lora_scale)
-    rows = checks.kernel_lora(who, lora_a, lora_b, d, Vs, dev)
+    rows = kchecks.kernel_lora(who, lora_a, lora_b, d, Vs, dev)
     for name, (x, width) in (tables or {}).items():
-        rows[name] = checks.kernel_rows(who, name, x, width, dev)
-    checks.kernel_tables_agree(who, rows)
+        rows[name] = kchecks.kernel_rows(who, name, x, width, dev)
+    kchecks.kernel_tables_agree(who, rows)
     if num_conversations is not None:
         n = checks.integer(who, "num_conversations", num_conversations, minimum=1)
         multi = {k: r for k, r in rows.items() if r != 1}
@@ -136,13 +137,13 @@ def _check_model(who: str, hidden, weight, *, bias, targets, lora_a, lora_b, lor
         rows["num_conversations"] = n
     _check_call(who, T, dev, tokens=tokens, lse=lse, st=st, lora=lora_a is not None)
     if targets is not None:
-        checks.kernel_index(who, "targets", targets, T, dev, "token ids")
+        kchecks.kernel_index(who, "targets", targets, T, dev, "token ids")
     if seg is not None:
-        checks.kernel_index(who, "seg", seg, T, dev, "conversation ids")
+        kchecks.kernel_index(who, "seg", seg, T, dev, "conversation ids")
     elif max(rows.values(), default=1) > 1:
         checks.fail(who, "seg", f"{max(rows.values())} conversations given (rows of {list(rows)}) but no `seg`")
     # the value checks: one host sync for all of them
-    seg_host = checks.kernel_ranges(who, Vs, targets=targets, seg=seg,
+    seg_host = kchecks.kernel_ranges(who, Vs, targets=targets, seg=seg,
                                rows={k: r for k, r in rows.items() if k != "num_conversations"})
     if num_conversations is not None and seg_host is not None and int(seg_host.max()) >= rows["num_conversations"]:
         checks.fail(who, "seg", f"`seg` holds conversation {int(seg_host.max())} but num_conversations="
@@ -153,11 +154,11 @@ def _check_model(who: str, hidden, weight, *, bias, targets, lora_a, lora_b, lor
 def _check_call(who: str, T: int, dev: torch.device, *, tokens=None, lse=None, st=None, lora: bool) -> None:
     """The per-call arguments that are not tables: shapes and devices only (no sync)."""
     for name, x in (tokens or {}).items():
-        checks.kernel_vector(who, name, x, T, dev)
+        kchecks.kernel_vector(who, name, x, T, dev)
     if lse is not None:
-        checks.kernel_vector(who, "lse", lse, T, dev)
+        kchecks.kernel_vector(who, "lse", lse, T, dev)
     if st is not None:
-        checks.kernel_stats(who, st, T, dev, lora=lora)
+        kchecks.kernel_stats(who, st, T, dev, lora=lora)
 
 
 def _build(hidden, weight, targets, *, bias, lora_a, lora_b, lora_scale, seg, rows, seg_host) -> KernelProblem:
@@ -248,7 +249,7 @@ def _problem(who: str, prob: Optional[KernelProblem], hidden, weight, targets, *
             checks.fail(who, "lora_a", "mode='lora' needs lora_a and lora_b (prepare `prob` with them)")
     dev, B = prob.hidden.device, prob.num_conversations
     for name, (x, width) in (tables or {}).items():
-        n = checks.kernel_rows(who, name, x, width, dev)
+        n = kchecks.kernel_rows(who, name, x, width, dev)
         if n not in (1, B):
             checks.fail(who, name, f"`{name}` has {n} rows; `prob` has {B} conversations (give 1 or {B} rows)")
     _check_call(who, prob.num_tokens, dev, tokens=tokens, lse=lse, st=st, lora=prob.lora_a is not None)
@@ -347,15 +348,14 @@ def _linearization(p: KernelProblem, mode: str, st: Optional[HeadStats]) -> Tupl
         a = None if p.a is None else p.a.expand(B, -1)
         b = None if p.b is None else p.b.expand(B, -1)
         head = HeadProblem(hidden=p.hidden, weight=p.weight, bias=p.bias, targets=_safe_targets(p)[0],
-                           seg=p.seg64, offsets=list(p.offsets), reward=torch.zeros(B, device=p.hidden.device),
-                           mode=mode, lora_a=a, lora_b=b, lora_scale=p.lora_scale, beta=defaults.BETA,
-                           damping=defaults.DAMPING, max_iter=defaults.MAX_ITER, tol=defaults.TOL, solver="cg",
-                           backend="triton", batched=p.seg is not None, compute_dtype=torch.float32)
+                           seg=p.seg64, reward=torch.zeros(B, device=p.hidden.device), lora_a=a, lora_b=b,
+                           lora_scale=p.lora_scale, batched=p.seg is not None, compute_dtype=torch.float32,
+                           **pack_layout(p.weight, p.offsets))
         cache[("head", mode)] = head
     prims = cache.get("prims")
     if prims is None:
         prims = cache["prims"] = TritonPrimitives(index=(p.seg32, p.offsets32))
-    lin = J.Linearization.at(head, st)
+    lin = J.Linearization.at(head, st, mode)
     cache[("lin", mode)] = (st, lin, prims)
     return lin, prims
 
@@ -371,7 +371,7 @@ def jvp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, v: to
                  lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, seg=seg, st=st, mode=mode,
                  tables={"v": (v, _num_params(_weight_of(weight, prob), mode))})
     lin, prims = _linearization(p, mode, st)
-    P, B = lin.prob.num_params, p.num_conversations
+    P, B = _num_params(p.weight, mode), p.num_conversations
     return J.jvp(lin, prims, _rows(v, P).expand(B, P))
 
 

@@ -60,7 +60,7 @@ class TritonPrimitives(WholeVocabulary):
         if self._cache_key is not prob:
             seg = prob.seg.to(torch.int32).contiguous()
             # from the sorted seg on the device (no host-to-device copy of prob.offsets, no sync)
-            steps = torch.arange(prob.num_conversations + 1, device=prob.device, dtype=prob.seg.dtype)
+            steps = torch.arange(prob.num_conversations + 1, device=prob.seg.device, dtype=prob.seg.dtype)
             off = torch.searchsorted(prob.seg.contiguous(), steps).to(torch.int32)
             self._cache_key, self._cache = prob, (seg, off)
         return self._cache

@@ -40,6 +40,7 @@ from ._tiles import (
     n_bucket,
     sm_count,
     split_launch,
+    split_logits_tile,
     split_range,
     table_rows,
     tile_configs,
@@ -66,14 +67,9 @@ def _row_kernel(h_ptr, w_ptr, bias_ptr, lb_ptr, ah_ptr, seg_ptr, lse_ptr, u_ptr,
     v_begin, v_end = split_range(V, split)
     v_end = loop_end(v_begin, v_end, flag_ptr, HAS_FLAG)  # run flag 0: store zeros
     for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < v_end
-        bv = 0.0
-        if HAS_LORA:
-            bv = load_rows(lb_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_lb, n_lb, SINGLE)
-        z = logits_tile(h_ptr, w_ptr, bias_ptr, bv, ah, offs_t, offs_v, mask_t, mask_v, D,
-                        s_hn, s_hd, s_wv, s_wd, lora_scale, HAS_BIAS, HAS_LORA, IS_FP32, PRECISION,
-                        BLOCK_T, BLOCK_V, BLOCK_D)
+        offs_v, mask_v, bv, z = split_logits_tile(v0, v_end, h_ptr, w_ptr, bias_ptr, lb_ptr, ah, seg, offs_t, mask_t, D,
+                                                  s_hn, s_hd, s_wv, s_wd, s_lb, n_lb, lora_scale, HAS_BIAS,
+                                                  HAS_LORA, SINGLE, IS_FP32, PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)
         pi = tl.exp(z - lse[:, None])
         u = load_rows(u_ptr, seg, offs_t, offs_v, mask_t, mask_v, s_u, n_u, SINGLE)
         acc += tl.sum(pi * u, 1)

@@ -1,4 +1,5 @@
-"""The GEMMs over the probability tiles (MATH.md section 4): plain torch products over P.
+"""The GEMMs over the probability tiles (MATH.md section 4): torch products over P, K-split at its
+vocabulary splits.
 
 After :func:`rosa_ext.kernels.prob_tiles.prob_tiles_from_tensors` has written P (N x V, the
 off-target probabilities r_t, target entries 0) and its row sums, every heavy product of the dual
@@ -14,6 +15,14 @@ solve (and of a CG that keeps P) is a GEMM or GEMV over it:
 - a CG that keeps P: the JVP's ``r_t . u`` (:func:`off_target_dot`, a GEMV) and the VJP
   (:func:`centered_vjp`), two GEMVs over P per iteration, no logits recomputed.
 
+Which r. The plain products -- :func:`tiles_matmul`, :func:`tiles_rmatmul`, :func:`off_target_weight`,
+:func:`off_target_gram`, :func:`cross_terms`, :func:`off_target_dot` -- are of the tiles as they are:
+P for tiles normalised by a given lse, r̂ (the softmax of the other logits, of order one whatever p_t)
+for the one pass's off-target tiles (``ProbTiles.off_target``); the engines use these on r̂. The
+pi-form ones -- :func:`pi_weight`, :func:`hidden_jacobian`, :func:`centered_gram`,
+:func:`centered_sqnorm`, :func:`centered_vjp` -- mean r_t = pi_t's off-target entries either way
+(r_t = (1 - p_t) r̂_t: ``ProbTiles.pi_factor``), so they cancel or underflow where pi's form does.
+
 Precision. With "fp32" tiles the products are fp32 torch GEMMs (on CUDA they follow torch's
 ``allow_tf32`` setting, off by default). With "bf16x2" tiles (P = hi + lo) each product is a sum
 of bf16 GEMMs with fp32 output -- ``hi x + lo x`` -- and an fp32 operand x (W of an fp32 model, the
@@ -22,33 +31,86 @@ the tensor cores at about fp32 accuracy. "bf16" tiles drop P's lo part (2^-8 rel
 opt-in). bf16 x bf16 -> fp32 runs as ``torch.mm(..., out_dtype=torch.float32)`` on CUDA; where that
 is missing (the CPU, older torch) both operands are widened to fp32 first: exact products, fp32
 accumulation, the same arithmetic. The error table is in :mod:`.prob_tiles`.
+
+The K-split. Tiles of one pass are stored relative to a reference per (vocabulary split, token), with
+``split_scale`` (S, N) normalising them (:mod:`.prob_tiles`), so every product contracts each split
+on its own and then applies the scales: the tiles viewed as (S, rows, width) go through ONE batched
+GEMM over the full splits (plus one GEMM for the last, narrower split), each split's product is
+multiplied by its scales and the splits are summed in fp32 (``P W``, ``r . u``, the Gram:
+G = sum_s (scale_s scale_s^T) o P_s P_s^T); in the VJP ``w^T P`` the scales fold into w. The splits
+are at most ``GEMM_K_MAX`` (4096) wide (unless a launch forces fewer splits: benchmarks), so no
+tensor-core accumulation chain is longer than that,
+whatever V. Why it matters: a bf16 tensor-core GEMM adds each k-step to its fp32 accumulator with
+truncation, so its error grows with the chain's length and does not average out. A CPU model of that
+accumulation (``benchmarks/ksplit_error_model.py``: exact 16-product k-steps into an fp32 accumulator
+rounded toward zero; the Qwen2.5 head's V = 151936, d = 896; results in
+``benchmarks/results/ksplit_error_model.json``) gives a relative error of P W against float64 of
+1.6e-4 over one chain of V, 4.9e-5 over 4 chains, 7.9e-6 at 8192 and 6.2e-6 at 4096 (round-to-nearest
+accumulation: 1.1e-6 over one chain); the Gram, a sum of positive terms, 2.2e-6 over one chain and
+1.4e-7 at 4096. So the K-split keeps the GPU test's 3e-5 with a margin of ~5x in the model; the real
+accumulator is measured only by that test on a GPU. Cost: the (S, rows, cols) fp32 partial products
+(S = V / 4096 = 38 on that head: N x d x 4 bytes each, ~140 MB for P W at N = 1024, d = 896), done in
+groups of at most :data:`SCRATCH_BYTES`; the same GEMM flops. (Unmeasured on a GPU.)
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import warnings
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..common.validation import RosaInputError
-from .prob_tiles import ProbTiles
+from .prob_tiles import ProbTiles, split_row_views, split_views
 
+#: Whether ``torch.mm(..., out_dtype=torch.float32)`` runs bf16 x bf16 on CUDA: None (not tried yet),
+#: True (it ran once), False (unsupported: the GEMMs widen to fp32, with a one-time warning).
 _OUT_DTYPE_OK = {"cuda": None}
+#: CUDA out-of-memory errors: never taken for "unsupported" (they are re-raised).
+_OOM = tuple({e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+              if isinstance(e, type)})
+_warned: set = set()
+
+
+def fallback_warning(reason: str, message: str) -> None:
+    """Warn (RuntimeWarning) once per process and ``reason`` that a slower path runs instead of the fast
+    one: no fallback of the GPU path is silent (``message`` says which and why)."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"rosa_ext: {message}", RuntimeWarning, stacklevel=3)
+
+#: The most memory the per-split partial products of one GEMM over the tiles may take at once
+#: (the K-split's (splits, rows, cols) fp32 intermediate); more splits are done in groups.
+SCRATCH_BYTES = 256 * 2 ** 20
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (m, k) @ b (k, n) -> (m, n) fp32 with fp32 accumulation, for fp32 or bf16 operands of one dtype.
+    """a (m, k) @ b (k, n) -> (m, n) fp32 with fp32 accumulation, for fp32 or bf16 operands of one dtype;
+    (g, m, k) @ (g, k, n) -> (g, m, n) batched the same way.
 
-    bf16 on CUDA: one tensor-core GEMM with fp32 output (``out_dtype``, torch >= 2.8); elsewhere the
-    operands are widened (exact) and multiplied in fp32."""
+    bf16 on CUDA: one tensor-core GEMM with fp32 output (``out_dtype``, torch >= 2.8; ``torch.bmm`` for the
+    batched form); elsewhere the operands are widened (exact) and multiplied in fp32. Where CUDA's
+    ``out_dtype`` is unsupported (its first try raises TypeError / RuntimeError / NotImplementedError)
+    every later bf16 GEMM widens, with a one-time warning (:func:`fallback_warning`). A CUDA
+    out-of-memory error is re-raised, never taken for "unsupported"; so is any error once ``out_dtype``
+    has worked in this process."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     if a.device.type == "cuda" and a.dtype == b.dtype == torch.bfloat16 and _OUT_DTYPE_OK["cuda"] is not False:
         try:
-            c = torch.mm(a, b, out_dtype=torch.float32)
+            c = (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+        except _OOM:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            if _OUT_DTYPE_OK["cuda"]:  # it ran before: a real error, not a missing feature
+                raise
+            _OUT_DTYPE_OK["cuda"] = False
+            fallback_warning("mm_out_dtype", f"torch.mm(bf16, bf16, out_dtype=torch.float32) is not supported here "
+                             f"(torch {torch.__version__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             f"the bf16 GEMMs over the probability tiles widen both operands to fp32 from now on "
+                             f"(fp32 GEMMs: several times slower, twice the bytes)")
+        else:
             _OUT_DTYPE_OK["cuda"] = True
             return c
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK["cuda"] = False
     return a.float() @ b.float()
 
 
@@ -65,38 +127,96 @@ def _parts(x: torch.Tensor) -> List[torch.Tensor]:
     return [x] if x.dtype == torch.bfloat16 else list(split_bf16(x))
 
 
-def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
-    """P @ x for x (V, k) -> (N, k) fp32, in the tiles' precision (module docstring)."""
+def _stored(tiles: ProbTiles) -> List[torch.Tensor]:
+    """The stored parts of the tiles: [p] (fp32), [hi, lo] (bf16x2) or [hi] (bf16)."""
     if tiles.p is not None:
-        return tiles.p @ x.float()
-    xs = _parts(x)
-    ps = [tiles.hi] if tiles.lo is None else [tiles.hi, tiles.lo]
+        return [tiles.p]
+    return [tiles.hi] if tiles.lo is None else [tiles.hi, tiles.lo]
+
+
+def _groups(nf: int, per_split_bytes: int) -> Iterator[Tuple[int, int]]:
+    """[g0, g1) groups of the nf full splits whose partial products fit :data:`SCRATCH_BYTES`."""
+    step = max(1, SCRATCH_BYTES // max(1, per_split_bytes))
+    for g0 in range(0, nf, step):
+        yield g0, min(nf, g0 + step)
+
+
+def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
+    """P @ x for x (V, k) -> (N, k) fp32, in the tiles' precision (module docstring).
+
+    K-split at the vocabulary splits: one batched GEMM over the full splits (each accumulation chain
+    at most ``split_width`` long), one GEMM for the last narrower split, then each split's product
+    times its ``split_scale`` summed over the splits in fp32."""
+    N, V = tiles.shape
+    k = x.shape[1]
+    width = tiles.width()
+    sc = tiles.split_scale
+    ps = _stored(tiles)
+    xs = [x.float()] if tiles.p is not None else _parts(x)
+    pairs = [(p, xx) for i, p in enumerate(ps) for j, xx in enumerate(xs) if i + j <= 1]  # lo x lo: dropped
+    pv = [split_views(p, width) for p, _ in pairs]
+    xv = [split_row_views(xx, width) for _, xx in pairs]
+    nf = V // width
     out = None
-    for i, p in enumerate(ps):
-        for j, xx in enumerate(xs):
-            if i + j > 1:  # lo x lo: below the split's accuracy
-                continue
-            c = mm_f32(p, xx)
-            out = c if out is None else out.add_(c)
+    for g0, g1 in _groups(nf, N * k * 4):
+        Y = None
+        for (pf, _), (xf, _) in zip(pv, xv):
+            c = mm_f32(pf[g0:g1], xf[g0:g1])
+            Y = c if Y is None else Y.add_(c)
+        if sc is not None:
+            Y.mul_(sc[g0:g1].unsqueeze(2))
+        part = Y[0] if g1 - g0 == 1 else Y.sum(0)
+        out = part if out is None else out.add_(part)
+    if nf * width < V:  # the last, narrower split
+        Y = None
+        for (_, pt), (_, xt) in zip(pv, xv):
+            c = mm_f32(pt, xt)
+            Y = c if Y is None else Y.add_(c)
+        if sc is not None:
+            Y.mul_(sc[nf].unsqueeze(1))
+        out = Y if out is None else out.add_(Y)
     return out
 
 
 def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor) -> torch.Tensor:
     """w @ P for w (m, N) -> (m, V) fp32 (a GEMV for m = 1), in the tiles' precision; w fp32 is
-    split into hi/lo for bf16 tiles (its accuracy is kept: it carries the solver's alpha)."""
-    if tiles.p is not None:
-        return w.float() @ tiles.p
+    split into hi/lo for bf16 tiles (its accuracy is kept: it carries the solver's alpha).
+
+    Per vocabulary split, ``split_scale`` folds into w (w_t scale_t), so each split's columns are one
+    product (a batched GEMM over the full splits, one for the last); each accumulation chain runs over
+    the N tokens."""
+    N, V = tiles.shape
     m = w.shape[0]
-    wh, wl = split_bf16(w)
-    both = mm_f32(torch.cat([wh, wl], 0), tiles.hi)  # reads hi once
-    out = both[:m].add_(both[m:])
-    if tiles.lo is not None:
-        out.add_(mm_f32(wh, tiles.lo))
+    width = tiles.width()
+    sc = tiles.split_scale
+    w = w.float()
+    views = [split_views(p, width) for p in _stored(tiles)]
+    nf = V // width
+    out = torch.empty(m, V, dtype=torch.float32, device=w.device)
+
+    def block(left: torch.Tensor, ps: List[torch.Tensor]) -> torch.Tensor:
+        """left (.., m, N) fp32 @ the stored parts ps (.., N, cols) -> (.., m, cols) fp32."""
+        if tiles.p is not None:
+            return left @ ps[0]
+        wh, wl = split_bf16(left)
+        both = mm_f32(torch.cat([wh, wl], -2), ps[0])  # reads hi once
+        res = both[..., :m, :].add_(both[..., m:, :])
+        if len(ps) > 1:
+            res.add_(mm_f32(wh, ps[1]))
+        return res
+
+    for g0, g1 in _groups(nf, m * width * 4 * 3):
+        left = w.unsqueeze(0).expand(g1 - g0, m, N) if sc is None else w.unsqueeze(0) * sc[g0:g1].unsqueeze(1)
+        Y = block(left, [v[0][g0:g1] for v in views])  # (g, m, width)
+        out[:, g0 * width:g1 * width].view(m, g1 - g0, width).copy_(Y.transpose(0, 1))
+    if nf * width < V:
+        left = w if sc is None else w * sc[nf].unsqueeze(0)
+        out[:, nf * width:] = block(left, [v[1] for v in views])
     return out
 
 
 def off_target_dot(tiles: ProbTiles, u: torch.Tensor, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """r_t . u_seg -> (N,) fp32 for u (V,) or (B, V) one row per conversation (``seg`` (N,) int ids;
+    """r_t . u_seg -> (N,) fp32 (r_t the tile rows) for u (V,) or (B, V) one row per conversation (``seg`` (N,) int ids;
     None with one row): the JVP's reduction over the kept tiles (MATH.md section 3, ``R(u)_t = pi_t . u``
     = this + p_t u[y_t]), a GEMV ``P u`` (one column per conversation) instead of a pass over W."""
     N, V = tiles.shape
@@ -114,7 +234,7 @@ def _target_ok(targets: torch.Tensor, V: int) -> torch.Tensor:
 
 
 def off_target_weight(tiles: ProbTiles, weight: torch.Tensor) -> torch.Tensor:
-    """r_t W = P W -> (N, d) fp32 (MATH.md section 4, hidden mode); weight (V, d) any float dtype
+    """r_t W = P W -> (N, d) fp32 (the tile rows; MATH.md section 4, hidden mode); weight (V, d) any float dtype
     (bf16 W is used as is with bf16 tiles; an fp32 / fp16 W is widened or split)."""
     V = tiles.shape[1]
     if weight.dim() != 2 or weight.shape[0] != V:
@@ -127,9 +247,13 @@ def off_target_weight(tiles: ProbTiles, weight: torch.Tensor) -> torch.Tensor:
 def pi_weight(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tensor,
               p: Optional[torch.Tensor] = None) -> torch.Tensor:
     """pi_t W = r_t W + p_t W[y_t] -> (N, d) fp32 (the gather adds nothing for a target outside
-    [0, V)); ``p`` (N,) the target probabilities (default ``tiles.pt``)."""
+    [0, V)); ``p`` (N,) the target probabilities (default ``tiles.pt``); r_t = (1 - p_t) r̂_t for
+    off-target tiles."""
     V = tiles.shape[1]
     out = off_target_weight(tiles, weight)
+    c = tiles.pi_factor()
+    if c is not None:
+        out.mul_(c.unsqueeze(1))
     ok = _target_ok(targets, V)
     pt = (tiles.pt if p is None else p.float()) * ok
     return out.add_(pt.unsqueeze(1) * weight[targets.clamp(0, V - 1)].float())
@@ -144,17 +268,20 @@ def hidden_jacobian(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tenso
 
     ``p`` (N,) p_t (from log p_t of the stats), ``rW`` the :func:`off_target_weight` if already formed;
     with a LoRA term (W + s b a^T, section 2): ``lora_a`` (N, d) a_seg per token or (d,), ``lora_b_y``
-    (N,) b_seg[y_t], ``lora_scale`` s, and the tiles must carry ``rb`` (made with lora_b)."""
+    (N,) b_seg[y_t], ``lora_scale`` s, and the tiles must carry ``rb`` (made with lora_b). Off-target
+    tiles (r̂, ``rW`` = r̂ W when given): r_t = (1 - p_t) r̂_t (:meth:`ProbTiles.pi_factor`)."""
     V = tiles.shape[1]
     rW = off_target_weight(tiles, weight) if rW is None else rW
+    c = tiles.pi_factor()
     ok = _target_ok(targets, V)
     wy = weight[targets.clamp(0, V - 1)].float() * ok.unsqueeze(1)
-    J = tiles.q.unsqueeze(1) * wy - rW
+    J = tiles.q.unsqueeze(1) * wy - (rW if c is None else rW * c.unsqueeze(1))
     if lora_a is not None:
         if tiles.rb is None or lora_b_y is None:
             raise RosaInputError("rosa_ext.kernels.hidden_jacobian: a LoRA term needs lora_b_y and tiles made with "
                                  "lora_b (their rb)", "lora_b_y")
-        coef = lora_scale * (tiles.q * lora_b_y.float() * ok - tiles.rb)
+        rb = tiles.rb if c is None else tiles.rb * c
+        coef = lora_scale * (tiles.q * lora_b_y.float() * ok - rb)
         J.add_(coef.unsqueeze(1) * lora_a.float())
     return J.mul_(p.float().unsqueeze(1))
 
@@ -167,35 +294,60 @@ def _spans(offsets: Sequence[int], N: int) -> List[Tuple[int, int]]:
 
 
 def off_target_gram(tiles: ProbTiles, offsets: Sequence[int]) -> List[torch.Tensor]:
-    """r_t . r_u for the tokens of each conversation -> one (T_b, T_b) fp32 matrix per conversation
-    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped)."""
-    N = tiles.shape[0]
+    """r_t . r_u (the tile rows) for the tokens of each conversation -> one (T_b, T_b) fp32 matrix per conversation
+    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped).
+    K-split at the vocabulary splits as :func:`tiles_matmul`: G = sum_s (scale_s scale_s^T) o G_s."""
+    N, V = tiles.shape
+    width = tiles.width()
+    nf = V // width
     out = []
+
+    def gram(ps: List[torch.Tensor]) -> torch.Tensor:
+        """ps: the stored parts of a block of columns, (.., T_b, cols) -> (.., T_b, T_b) fp32."""
+        if tiles.p is not None:
+            return ps[0] @ ps[0].transpose(-1, -2)
+        G = mm_f32(ps[0], ps[0].transpose(-1, -2))
+        if len(ps) > 1:
+            X = mm_f32(ps[1], ps[0].transpose(-1, -2))
+            G.add_(X).add_(X.transpose(-1, -2))
+        return G
+
     for lo, hi in _spans(offsets, N):
         t = tiles.rows(lo, hi)
-        if t.p is not None:
-            out.append(t.p @ t.p.T)
-            continue
-        G = mm_f32(t.hi, t.hi.T)
-        if t.lo is not None:
-            X = mm_f32(t.lo, t.hi.T)
-            G.add_(X).add_(X.T)
+        Tb = hi - lo
+        sc = t.split_scale
+        views = [split_views(p, width) for p in _stored(t)]
+        G = None
+        for g0, g1 in _groups(nf, Tb * Tb * 4 * len(views)):
+            Gs = gram([v[0][g0:g1] for v in views])
+            if sc is not None:
+                Gs.mul_(sc[g0:g1].unsqueeze(2)).mul_(sc[g0:g1].unsqueeze(1))
+            part = Gs[0] if g1 - g0 == 1 else Gs.sum(0)
+            G = part if G is None else G.add_(part)
+        if nf * width < V:
+            Gt = gram([v[1] for v in views])
+            if sc is not None:
+                Gt.mul_(sc[nf].unsqueeze(1)).mul_(sc[nf].unsqueeze(0))
+            G = Gt if G is None else G.add_(Gt)
         out.append(G)
     return out
 
 
 def cross_terms(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int]) -> List[torch.Tensor]:
-    """X[t, u] = r_t[y_u] = P[t, y_u] for the tokens of each conversation -> (T_b, T_b) fp32 each
+    """X[t, u] = r_t[y_u] = P[t, y_u] (the tile rows) for the tokens of each conversation -> (T_b, T_b) fp32 each
     (0 where y_u is outside [0, V), and where y_u = y_t: r_t has no target entry)."""
     N, V = tiles.shape
     ok = _target_ok(targets, V)
     y = targets.clamp(0, V - 1)
+    width = tiles.width()
     out = []
     for lo, hi in _spans(offsets, N):
         t = tiles.rows(lo, hi)
         yb = y[lo:hi]
         X = t.p[:, yb] if t.p is not None else (t.hi[:, yb].float() if t.lo is None else
                                                  t.hi[:, yb].float() + t.lo[:, yb].float())
+        if t.split_scale is not None:  # scale[split of y_u, t]
+            X.mul_(t.split_scale.T[:, torch.div(yb, width, rounding_mode="floor")])
         out.append(X * ok[lo:hi].unsqueeze(0))
     return out
 
@@ -204,12 +356,17 @@ def centered_gram(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int
     """The centred Gram K[t, u] = (e_{y_t} - pi_t) . (e_{y_u} - pi_u) of each conversation, in the
     off-target form ``q_t q_u 1(y_t = y_u) - q_t r_u[y_t] - q_u r_t[y_u] + r_t . r_u`` (MATH.md
     section 4: no cancellation when p_t -> 1) -> (T_b, T_b) fp32 each (the b-block of J J^T before
-    the factors s p_t (a . h_t)). Targets outside [0, V) contribute no target terms."""
+    the factors s p_t (a . h_t)). Targets outside [0, V) contribute no target terms. Off-target tiles:
+    r_t = q_t r̂_t (:meth:`ProbTiles.pi_factor`)."""
     N, V = tiles.shape
     ok = _target_ok(targets, V)
+    c = tiles.pi_factor()
     out = []
     for (lo, hi), G, X in zip(_spans(offsets, N), off_target_gram(tiles, offsets), cross_terms(tiles, targets, offsets)):
         q = tiles.q[lo:hi]
+        if c is not None:
+            G.mul_(q.unsqueeze(1)).mul_(q.unsqueeze(0))
+            X.mul_(q.unsqueeze(1))
         Y = X.mul_(q.unsqueeze(0))  # Y[t, u] = r_t[y_u] q_u
         G.sub_(Y).sub_(Y.T)
         yb, okb = targets[lo:hi], ok[lo:hi]
@@ -220,7 +377,10 @@ def centered_gram(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int
 
 
 def centered_sqnorm(tiles: ProbTiles) -> torch.Tensor:
-    """||e_{y_t} - pi_t||^2 = q_t^2 + r_t . r_t -> (N,) fp32 (MATH.md section 6, the relative ridge)."""
+    """||e_{y_t} - pi_t||^2 = q_t^2 + r_t . r_t -> (N,) fp32 (MATH.md section 6, the relative ridge);
+    q_t^2 (1 + r̂_t . r̂_t) for off-target tiles."""
+    if tiles.off_target:
+        return tiles.q * tiles.q * (1 + tiles.ss)
     return tiles.q * tiles.q + tiles.ss
 
 
@@ -228,7 +388,8 @@ def centered_vjp(tiles: ProbTiles, w: torch.Tensor, targets: torch.Tensor, seg: 
                  num_conversations: int = 1) -> torch.Tensor:
     """sum_{t in b} w_t (e_{y_t} - pi_t) = scatter(y, w q) - sum_t w_t r_t -> (B, V) fp32 (MATH.md
     section 4: the LoRA b-part of the VJP, w = alpha c). w (N,), seg (N,) int conversation ids
-    (None: one conversation); one GEMM (B, N) @ P. Targets outside [0, V) scatter nothing."""
+    (None: one conversation); one GEMM (B, N) @ P (off-target tiles: w_t q_t with r̂). Targets outside
+    [0, V) scatter nothing."""
     N, V = tiles.shape
     B = int(num_conversations)
     w = w.float()
@@ -236,7 +397,8 @@ def centered_vjp(tiles: ProbTiles, w: torch.Tensor, targets: torch.Tensor, seg: 
         raise RosaInputError(f"rosa_ext.kernels.centered_vjp: w must be ({N},), got {tuple(w.shape)}", "w")
     sg = torch.zeros(N, dtype=torch.long, device=w.device) if seg is None else seg.long()
     Wb = torch.zeros(B, N, dtype=torch.float32, device=w.device)
-    Wb[sg, torch.arange(N, device=w.device)] = w  # block-diagonal rows: one per conversation
+    c = tiles.pi_factor()
+    Wb[sg, torch.arange(N, device=w.device)] = w if c is None else w * c  # block-diagonal rows: one per conversation
     out = tiles_rmatmul(tiles, Wb).neg_()
     wq = (w * tiles.q).masked_fill_(~_target_ok(targets, V), 0.0)
     out.index_put_((sg, targets.clamp(0, V - 1).long()), wq, accumulate=True)

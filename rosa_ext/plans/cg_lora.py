@@ -3,20 +3,21 @@ one JVP and one VJP pass over W per iteration (MATH.md sections 3 and 4).
 
 Read in order:
 
-1. The pass over W: the backend's stats pass (``backend.stats``: lse, log p, a . h, pi . b per token;
-   the fused Triton kernel on CUDA), then per iteration the backend's streaming reductions
-   (``row_reduce``, ``scatter_minus_column``, ``weight_matvec`` / ``weight_rmatvec``), which recompute
-   the logits tiles instead of storing them.
+1. The pass over W: the engine's stats pass (``engine.stats``: lse, log p, a . h, pi . b per token;
+   the fused Triton kernel on CUDA), then per iteration the engine's streaming reductions
+   (``centered_row_reduce``, ``scatter_minus_column``), which recompute the logits tiles instead of
+   storing them.
 2. The Jacobian algebra: :func:`rosa_ext.common.jacobian.jvp` / :func:`~rosa_ext.common.jacobian.vjp`
    over those primitives (written once there; the public :mod:`rosa_ext.kernels` runs the same), with
    J rescaled by a power of two through the per-token factor p_t (every row of J is proportional to
    it, so the scaling is exact and the step invariant) chosen from the rows' sizes (:func:`row_scale`).
 3. :func:`solve` -- CG with every conversation's ridge inside the matvec; the relative ridge needs the
    Gram diagonal (:func:`gram_diag`: one more pass for q_t . q_t).
-4. Vocabulary-parallel: nothing here -- the backend is then the
-   :class:`~rosa_ext.backends.distributed.DistributedBackend`, whose primitives combine the shards,
-   and the CG is :func:`rosa_ext.cg.sharded.cg_sharded` (the parameters' b block is sharded).
-5. :func:`cost` -- its cost formula for ``solver="auto"`` (:mod:`.choose`).
+4. Vocabulary-parallel: nothing here -- the engine is then the
+   :class:`~rosa_ext.backends.distributed.DistributedEngine`, whose primitives combine the shards,
+   and the CG is :func:`rosa_ext.cg.sharded.cg_sharded` (the parameters' b block is sharded; the core
+   op passes it).
+5. :func:`cost` -- its cost formula for ``solver="auto"`` (:mod:`.registry`).
 """
 from __future__ import annotations
 
@@ -27,70 +28,60 @@ import torch
 
 from ..cg import cg as default_cg
 from ..common import jacobian as J
-from ..common.types import HeadProblem
+from ..common.config import RosaConfig
+from ..common.types import HeadProblem, Solved
 from . import dense
-from .base import CGImpl, Solved, linearize, run_cg
 
 
-def gram_diag(lin: J.Linearization, backend) -> torch.Tensor:
-    """||J_t||^2 per token -> (N,), the diagonal of J J^T without forming it (MATH.md section 6).
-
-    LoRA: ||J_t,a||^2 + (s p_t (a . h_t))^2 ||e_{y_t} - pi_t||^2, the last factor as (1 - p_t)^2 +
-    q_t . q_t (``backend.pi_sqnorm``: one pass). Hidden (a matrix-free hidden CG, e.g. on a sharded
-    head): ||p_t (W_eff[y_t] - pi_t W_eff)||^2 needs pi W, which this plan never forms -- use
-    :mod:`.cg_hidden` instead; not supported here.
-    """
+def gram_diag(lin: J.Linearization, engine) -> torch.Tensor:
+    """||J_t||^2 per token -> (N,) in the linearisation's scaled units, the diagonal of J J^T without
+    forming it (MATH.md section 6): ||J_t,a||^2 + (s f_t (a . h_t))^2 ||e_{y_t} - r̂_t||^2, the last factor
+    1 + r̂_t . r̂_t (``engine.pi_sqnorm``: one pass)."""
     prob, st = lin.prob, lin.stats
     s = prob.lora_scale
-    ca = s * lin.p * J.b_gap(lin)
-    diag = ca * ca * (lin.h * lin.h).sum(1)
-    c = s * lin.p * st.ah
-    omp = -torch.expm1(st.logp) if st.q is None else st.q
-    return diag + c * c * (omp * omp + backend.pi_sqnorm(prob, st))
+    ca = s * lin.f * J.b_gap(lin)
+    c = s * lin.f * st.ah
+    return ca * ca * (lin.h * lin.h).sum(1) + c * c * (1.0 + engine.pi_sqnorm(prob, st))
 
 
 def row_scale(lin: J.Linearization) -> torch.Tensor:
     """The size of each row of J within a factor sqrt(2) -> (N,), without squaring anything:
-    max(|J_t,a| entries, ||J_t,b||) with ||J_t,b|| = |s p_t (a . h_t)| ||e_{y_t} - pi_t|| and
-    ||e_{y_t} - pi_t|| in [q_t, sqrt(2) q_t] (q_t = 1 - p_t). What :func:`solve` rescales J by."""
-    st = lin.stats
+    max(|J_t,a| entries, ||J_t,b||) with ||J_t,b|| = |s f_t (a . h_t)| ||e_{y_t} - r̂_t|| and
+    ||e_{y_t} - r̂_t|| in [1, sqrt(2)]. What :func:`solve` rescales J by."""
     s = lin.prob.lora_scale
-    q = -torch.expm1(st.logp) if st.q is None else st.q
-    b_part = (s * lin.p * st.ah).abs() * q
-    a_part = (s * lin.p * J.b_gap(lin)).abs() * lin.h.abs().amax(1)
+    b_part = (s * lin.f * lin.stats.ah).abs()
+    a_part = (s * lin.f * J.b_gap(lin)).abs() * lin.h.abs().amax(1)
     return torch.maximum(a_part, b_part)
 
 
-def solve(prob: HeadProblem, backend, cg: Optional[CGImpl] = None) -> Solved:
-    """Matrix-free CG (module doc) -> :class:`~.base.Solved`. ``cg``: the CG implementation (default
-    :func:`rosa_ext.cg.cg`, compiled when built; :func:`rosa_ext.cg.cg_python` the Python loop)."""
-    if prob.mode != "lora":
-        raise ValueError("cg_lora.solve: LoRA mode only; hidden-mode CG is rosa_ext.plans.cg_hidden")
+def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg: Optional[dense.CGImpl] = None) -> Solved:
+    """Matrix-free CG (module doc) -> :class:`~rosa_ext.common.types.Solved`. ``cg``: the CG implementation
+    (default :func:`rosa_ext.cg.cg`, compiled when built; :func:`rosa_ext.cg.cg_python` the Python loop)."""
     cg = default_cg if cg is None else cg
-    lin, g = linearize(prob, backend, check=True)
-    unit = dense.power_of_two_scale(row_scale(lin).max())  # J J^T of tiny rows would underflow float32
-    lin = replace(lin, p=lin.p * unit)
+    st = engine.stats(prob, cfg.keep_budget_bytes)
+    if not st.split:
+        raise TypeError(f"cg_lora.solve: the engine {engine.name!r} returned stats that do not split the target "
+                        "off (lse_off, logq, rb); every engine's stats must (MATH.md section 4)")
+    lin = J.Linearization.at(prob, st, "lora", engine, beta=cfg.beta)
+    g = lin.g  # scaled by e^-shift per conversation, as lin.f
+    unit = dense.power_of_two_scale(row_scale(lin).max())  # exact, the step is invariant to it
+    lin = replace(lin, f=lin.f * unit)
     g_scaled = g * unit
-    B, P = prob.num_conversations, prob.num_params
-    rhs = J.vjp(lin, backend, g_scaled).reshape(-1)
-    if prob.damping_mode == "absolute":
-        lam = dense.ridge(prob, torch.ones(B, dtype=prob.compute_dtype, device=prob.device), unit)
+    B, P = prob.num_conversations, prob.hidden_size + prob.vocab_size
+    rhs = J.vjp(lin, engine, g_scaled).reshape(-1)
+    if cfg.damping_mode == "absolute":
+        lam = dense.ridge(cfg, torch.ones(B, dtype=prob.compute_dtype, device=prob.weight.device), unit, lin.shift)
     else:
-        lam = dense.conversation_ridges(prob, gram_diag(lin, backend))
+        lam = dense.conversation_ridges(prob, cfg, gram_diag(lin, engine))
+    dense.check_linearization(lin, cfg, lam)
     lam = lam.unsqueeze(1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         v2 = v.reshape(B, P)
-        return (J.vjp(lin, backend, J.jvp(lin, backend, v2)) + lam * v2).reshape(-1)
+        return (J.vjp(lin, engine, J.jvp(lin, engine, v2)) + lam * v2).reshape(-1)
 
-    res = run_cg(cg, matvec, rhs, 0.0, prob)  # the ridge is inside the matvec
-    return Solved(res.x.reshape(B, P), lin.stats.logp, g, res.iterations, res.residual, engine=engine(prob, backend))
-
-
-def engine(prob: HeadProblem, backend) -> str:
-    """The engine that runs this plan's passes: the backend's, except float64 problems (no fp64
-    tensor-core dot in Triton: the Triton backend runs them on torch)."""
-    return "torch" if prob.compute_dtype == torch.float64 else backend.name
+    res = dense.run_cg(cg, matvec, rhs, prob, cfg)  # the ridge is inside the matvec
+    return Solved(res.x.reshape(B, P), lin.stats.logp, lin.target(), res.iterations, res.residual, engine=st.engine)
 
 
 def cost(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpass: float, max_iter: int) -> float:

@@ -1,5 +1,5 @@
-"""The small dense algebra every exact plan shares (MATH.md sections 4 and 6): the ridge rule, the
-factor-and-accept step, and the float64 fallbacks -- each written once.
+"""The small dense algebra every plan shares (MATH.md sections 4 and 6): the ridge rule, the exact
+rescaling, factor-and-accept, the float64 refinement, the CG call -- each written once.
 
 - :func:`ridge`, :func:`conversation_ridges`: lambda from ``damping`` / ``damping_mode`` and the mean
   of a conversation's Gram diagonal (the relative ridge of MATH.md section 6).
@@ -7,22 +7,32 @@ factor-and-accept step, and the float64 fallbacks -- each written once.
   compute dtype's range (the step is invariant to it, MATH.md section 6).
 - :func:`factor_solve`, :func:`dual_check`, :func:`accept`: Cholesky of ``A + lambda I``, the
   relative residual of the normal equations, and ONE host sync that decides which conversations
-  are re-solved in float64.
-- :func:`spectral_hidden`, :func:`spectral_gram`: the float64 fallbacks (SVD of J, eigendecomposition
-  of J J^T).
+  are re-solved in float64 (and raises for non-finite logits or an underflowed target).
+- :func:`float64_refinement`: the one loop over the rejected conversations; :func:`float64_problem`:
+  a rejected conversation of a float32 problem, re-linearised in float64 from its inputs (J itself is
+  then exact to float64, which a solve from the float32 J cannot be when J J^T + lambda I is
+  ill-conditioned); :func:`spectral_hidden`, :func:`spectral_gram`: the solves of a float64 problem
+  whose Cholesky was rejected (SVD of J, eigendecomposition of J J^T).
+- :func:`run_cg`: a CG implementation on a plan's matvec (a breakdown in the right-hand side is the
+  inputs' fault and named so).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from dataclasses import replace
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from ..common import validation as checks
-from ..common.jacobian import segment_sum
-from ..common.types import HeadProblem
-from ..common.validation import RosaNumericalError
-from .base import WHO, raise_target_underflow
+from ..common.config import RosaConfig
+from ..common.jacobian import Linearization, segment_sum
+from ..common.types import CGResult, HeadProblem
+from ..common.validation import RosaNonFiniteError, RosaNumericalError
+
+WHO = "rosa_update"
+#: A CG implementation: ``cg(matvec, b, *, damping, max_iter, tol) -> CGResult`` (rosa_ext.cg).
+CGImpl = Callable[..., CGResult]
 
 #: The dual's Cholesky solve is accepted for a conversation when the relative residual of its
 #: normal equations is at most this (by compute dtype); a conversation over it, or one whose
@@ -32,26 +42,44 @@ DUAL_RESIDUAL_LIMIT = {torch.float32: 1e-4, torch.float64: 1e-10}
 Ridge = Union[float, torch.Tensor]
 
 
-def ridge(prob: HeadProblem, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ridge(cfg: RosaConfig, diag_mean: torch.Tensor, unit: Optional[torch.Tensor] = None,
+          shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lambda of each conversation (MATH.md section 6), the shape and dtype of ``diag_mean`` (no host
     sync): the ONE place the ridge rule is written.
 
-    ``diag_mean``: the mean over a conversation's tokens of ||J_t||^2 (the diagonal of J J^T), of a J
-    that the caller multiplied by ``unit`` (a power of two from :func:`power_of_two_scale`, or None
-    for 1). "absolute": ``damping unit^2`` (the same ridge in the scaled units); "relative": ``damping``
-    times the mean (scale invariant), or ``damping`` where J is exactly zero (its step is zero anyway).
+    ``diag_mean``: the mean over a conversation's tokens of ||J_t||^2 (the diagonal of J J^T), of a J the
+    plan scaled: by the linearisation's e^-shift (``shift``, the log of the conversation's scale, see
+    :class:`~rosa_ext.common.jacobian.Linearization`) and by ``unit`` (a power of two from
+    :func:`power_of_two_scale`); None for none. "absolute": ``damping unit^2 e^(-2 shift)`` (the same
+    ridge in the scaled units; formed in float64 and clamped to the dtype's range -- a ridge beyond it is
+    reported by :func:`ridge_in_range`); "relative": ``damping`` times the mean (scale invariant), or
+    ``damping`` where J is exactly zero (its step is zero anyway).
     """
-    absolute = torch.full_like(diag_mean, prob.damping)
-    if prob.damping_mode == "absolute":
-        return absolute if unit is None else absolute * (unit * unit)
-    return torch.where(diag_mean > 0, prob.damping * diag_mean, absolute)
+    if cfg.damping_mode == "absolute":
+        lam = torch.full_like(diag_mean, cfg.damping, dtype=torch.float64)
+        if unit is not None:
+            lam = lam * (unit.double() * unit.double())
+        if shift is not None:
+            lam = lam * torch.exp(-2.0 * shift.double())
+        return lam.clamp_max(torch.finfo(diag_mean.dtype).max).to(diag_mean.dtype)
+    return torch.where(diag_mean > 0, cfg.damping * diag_mean, torch.full_like(diag_mean, cfg.damping))
 
 
-def conversation_ridges(prob: HeadProblem, diag: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ridge_in_range(lam: torch.Tensor) -> torch.Tensor:
+    """Whether every ridge (in a plan's scaled units, where J is of order one) leaves the step
+    representable -> 0-dim bool, no host sync: the step is then about J^T g / lambda, so a lambda above
+    ~1 / (100 tiny) of the dtype (an absolute ``damping`` on a conversation whose every token is so
+    confident or so unlikely that J ~ p (1 - p) is below ~1e-18 in float32) gives a step below the
+    dtype's normal range: refused (:func:`raise_step_underflow`) rather than returned as zeros."""
+    return (lam <= 0.01 / torch.finfo(lam.dtype).tiny).all()
+
+
+def conversation_ridges(prob: HeadProblem, cfg: RosaConfig, diag: torch.Tensor,
+                        unit: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`ridge` of every conversation -> (B,), from the per-token ``diag`` (N,) = ||J_t||^2."""
     counts = torch.tensor(prob.lengths, dtype=diag.dtype, device=diag.device)
     mean = segment_sum(prob, diag.unsqueeze(1))[:, 0] / counts
-    return ridge(prob, mean, unit)
+    return ridge(cfg, mean, unit, shift)
 
 
 def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
@@ -68,28 +96,43 @@ def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
 
 def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A + lam I)^{-1} rhs by Cholesky for symmetric A (restored up to rounding afterwards). One
-    allocation of A's size (the factor); the triangular solves work in place. Returns (x, info)."""
+    allocation of A's size (the factor); the triangular solves work in place. Returns (x, ok): ``ok``
+    (0-dim bool) that the factorisation succeeded and ``A + lam I`` is well enough conditioned for the
+    compute dtype (:data:`CONDITION_LIMIT`, from the factor's diagonal)."""
     A.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(A)
     A.diagonal().sub_(lam)
     x = rhs.clone().unsqueeze(1)
     torch.linalg.solve_triangular(L, x, upper=False, out=x)
     torch.linalg.solve_triangular(L.mT, x, upper=True, out=x)
-    return x.squeeze(1), info
+    Ld = L.diagonal().abs()
+    cond = (Ld.max() / Ld.min()) ** 2  # a lower estimate of cond(A + lam I); inf/NaN when it failed
+    ok = (info == 0) & (cond * torch.finfo(A.dtype).eps <= CONDITION_LIMIT)
+    return x.squeeze(1), ok
 
 
-def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, info: torch.Tensor
+#: A Cholesky solve is trusted only while eps times the (estimated) condition number of ``A + lambda I``
+#: is at most this: the system was formed in the compute dtype (A = J J^T or J^T J), whose rounding
+#: (~eps ||J||^2) a tiny ridge cannot dominate -- there the solution of the formed system can be far
+#: from the step (e.g. damping 1e-10 on a rank-deficient J: 58-77% off in float32 with a small residual),
+#: so the conversation is re-linearised and solved in float64 (:func:`float64_problem`; in a float64
+#: problem, :func:`spectral_hidden` / :func:`spectral_gram`).
+CONDITION_LIMIT = 1e-3
+
+
+def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, ok: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(||J^T e||^2, ||J^T g||^2, flags) of a dual solve, e = g - (G0 + lam I) alpha: the residual of
-    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored, G0 finite]. A
-    NaN/Inf alpha makes the residual NaN, which fails the acceptance test."""
+    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored and well
+    conditioned (``ok`` of :func:`factor_solve`), G0 finite]. A NaN/Inf alpha makes the residual NaN,
+    which fails the acceptance test."""
     e = g - G0 @ alpha - lam * alpha
     num = (e @ (G0 @ e)).clamp_min(0)
     den = (g @ (G0 @ g)).clamp_min(0)
-    return num, den, torch.stack([info == 0, checks.all_finite(G0)])
+    return num, den, torch.stack([ok, checks.all_finite(G0)])
 
 
-def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, info: torch.Tensor,
+def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, ok: torch.Tensor,
                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(||res||^2, ||rhs||^2, flags) of a primal solve (A0 + lam I) delta = rhs, A0 = J^T J. The flag
     bounds the error itself: ||delta - delta*|| <= ||res|| / lam (A0 is PSD). The residual alone would
@@ -99,40 +142,106 @@ def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: 
     num, den = res @ res, rhs @ rhs
     limit = DUAL_RESIDUAL_LIMIT[dtype]
     fine = num <= (limit * limit) * (lam * lam) * (delta @ delta)
-    return num, den, torch.stack([(info == 0) & fine, checks.all_finite(A0)])
+    return num, den, torch.stack([ok & fine, checks.all_finite(A0)])
 
 
-def accept(prob: HeadProblem, nums: List[torch.Tensor], dens: List[torch.Tensor], flags: List[torch.Tensor],
-           logits_finite: torch.Tensor, underflow: torch.Tensor) -> List[int]:
+def accept(lin: Linearization, cfg: RosaConfig, nums: List[torch.Tensor], dens: List[torch.Tensor],
+           flags: List[torch.Tensor], lams: List[torch.Tensor], result: torch.Tensor) -> List[int]:
     """The conversations whose solve must be redone in float64 (one host sync for all of them, which
-    also reads whether the pass's logits were finite and whether a target underflowed,
-    :func:`~.base.target_underflowed`). Raises for non-finite logits or Jacobian, or an underflowed target."""
+    also reads whether the pass's logits were finite, every ridge in range (:func:`ridge_in_range`) and
+    ``result`` (0-dim bool: the step so far is finite; a rejected conversation's float64 redo is checked
+    on its own)). Raises for non-finite logits or Jacobian, a step below the dtype's range, or a
+    non-finite step of an accepted solve."""
+    prob = lin.prob
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
     num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
     B = len(nums)
-    both = torch.cat([good, fl[:, 1], logits_finite.reshape(1), underflow.any().reshape(1)]).tolist()  # one sync
+    both = torch.cat([good, fl[:, 1], lin.logits_finite().reshape(1), ridge_in_range(torch.stack(lams)).reshape(1),
+                      result.reshape(1)]).tolist()  # one sync
     good_list, finite_list = both[:B], both[B:2 * B]
-    if not both[-2]:
+    if not both[-3]:
         checks.nonfinite_logits(WHO, prob.compute_dtype)
-    if both[-1]:  # before the Jacobian's check: rows that small are subnormal, their Gram may be garbage
-        raise_target_underflow(prob)
+    if not both[-2]:
+        raise_step_underflow(prob, cfg)
+    if not both[-1] and all(good_list):
+        checks.finite_result(WHO, torch.full((1,), float("nan")), cfg.damping)
     if not all(finite_list):
-        checks.nonfinite_jacobian(WHO, mode=prob.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
+        checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]
 
 
-def not_finite(prob: HeadProblem) -> RosaNumericalError:
+def raise_step_underflow(prob: HeadProblem, cfg: RosaConfig) -> None:
+    """The error of :func:`ridge_in_range`."""
+    checks.fail(WHO, "targets", f"every response token of a conversation is so confident (or so unlikely) that its "
+                                f"row of J ~ p (1 - p) is far below the absolute damping={cfg.damping:g}: the step "
+                                f"~ J^T g / damping is below {prob.compute_dtype}'s range; pass float64 inputs, or use "
+                                "damping_mode='relative' (scale free)", checks.RosaNumericalError)
+
+
+def check_linearization(lin: Linearization, cfg: RosaConfig, lam: torch.Tensor) -> None:
+    """For the CG plans (the dual folds these into :func:`accept`'s one sync): raise for logits that
+    overflowed or a ridge out of range (one host read)."""
+    finite, in_range = torch.stack([lin.logits_finite(), ridge_in_range(lam)]).tolist()
+    if not finite:
+        checks.nonfinite_logits(WHO, lin.prob.compute_dtype)
+    if not in_range:
+        raise_step_underflow(lin.prob, cfg)
+
+
+def float64_refinement(cfg: RosaConfig, rejected: List[int], solve64: Callable[[int], torch.Tensor]
+                       ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """The one float64 refinement loop of the exact plans: (b, x) for every conversation b that
+    :func:`accept` rejected, x = ``solve64(b)`` (its float64 solve), checked finite."""
+    for b in rejected:
+        x = solve64(b)
+        if not bool(torch.isfinite(x).all()):
+            raise not_finite(cfg)
+        yield b, x
+
+
+def float64_problem(prob: HeadProblem, b: int) -> HeadProblem:
+    """Conversation ``b`` of ``prob`` as a float64 problem of its own (MATH.md section 4): the same
+    inputs (views of hidden and weight, which the engines cast tile by tile), the compute dtype float64.
+    Rejected conversations of a float32 solve are redone from it: a rejection means eps_32 cond(J J^T +
+    lambda I) > :data:`CONDITION_LIMIT` (or a residual over its limit), and then the float32 rounding
+    of J itself -- not only of J J^T -- moves the step by up to that much (damping 1e-10: 0.3-98% off
+    when solved in float64 from the float32 J)."""
+    sub = prob.conversations(b, b + 1)
+    f64 = torch.float64
+
+    def up(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.to(f64)
+
+    return replace(sub, compute_dtype=f64, reward=up(sub.reward), lora_a=up(sub.lora_a), lora_b=up(sub.lora_b))
+
+
+def not_finite(cfg: RosaConfig) -> RosaNumericalError:
     """The error of a fallback that still gave NaN/Inf."""
     return RosaNumericalError(f"rosa_update: the dual solve gave NaN/Inf even in float64 (damping="
-                              f"{prob.damping:g}); check the scale of the inputs", "damping")
+                              f"{cfg.damping:g}); check the scale of the inputs", "damping")
 
 
-def _kept(mu: torch.Tensor, n: int, eps: float, lam: float) -> torch.Tensor:
-    """Which eigenvalues (of J J^T, float64) a fallback keeps: those above the noise of the compute
-    dtype (n eps mu_max, n the matrix size), and every one when the ridge is at least that noise level
-    -- then 1 / (mu + lambda) is bounded and dropping a direction would drop its part of g."""
-    noise = n * eps * float(mu.max().clamp_min(0))
+def run_cg(cg: CGImpl, matvec, rhs: torch.Tensor, prob: HeadProblem, cfg: RosaConfig) -> CGResult:
+    """``cg`` on A x = rhs (each conversation's ridge inside the matvec); NaN/Inf in the right-hand side
+    J^T g is the inputs' fault."""
+    named = dict(mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
+    try:
+        return cg(matvec, rhs, damping=0.0, max_iter=cfg.max_iter, tol=cfg.tol)
+    except RosaNonFiniteError as e:
+        if e.argument != "b":
+            raise
+        checks.nonfinite_jacobian(WHO, **named)  # the right-hand side J^T g: the inputs, not the solve
+    except RosaNumericalError as e:
+        if e.argument != "matvec" or "breakdown" in str(e):
+            raise
+        checks.nonfinite_jacobian(WHO, **named)  # NaN/Inf from J^T J v: the Jacobian's scale, not CG
+
+
+def _kept(mu: torch.Tensor, noise: float, lam: float) -> torch.Tensor:
+    """Which eigenvalues ``mu`` (of J J^T, float64) a fallback keeps: those above ``noise`` (the compute
+    dtype's rounding of mu, in mu's units), and every one when the ridge is at least that noise level --
+    then 1 / (mu + lambda) is bounded and dropping a direction would drop its part of g."""
     if lam >= noise:
         return torch.ones_like(mu, dtype=torch.bool)
     return mu > noise
@@ -141,12 +250,16 @@ def _kept(mu: torch.Tensor, n: int, eps: float, lam: float) -> torch.Tensor:
 def spectral_hidden(Jb: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) -> Tuple[torch.Tensor, float, float]:
     """Hidden mode's float64 fallback (MATH.md section 4): from the SVD J = U diag(s) V^T,
     alpha = U diag(1 / (s^2 + lambda)) U^T g and delta = J^T alpha (directions below the compute
-    dtype's noise dropped unless the ridge dominates them, :func:`_kept`).
+    dtype's noise dropped unless the ridge dominates them, :func:`_kept`). J's rounding moves a singular
+    value by at most ||dJ||_2 <= n eps s_max (n = the larger side), so the noise in s^2 is
+    (n eps s_max)^2 -- far below the Gram's n eps s_max^2: a small but real direction of a nearly
+    rank-deficient J is kept (damping 1e-10, s from 1.2e-3 to 3.2: within 2e-6 of float64, where the
+    Gram's noise level dropped it and the step was 97% off).
     Returns (delta float64, ||J^T e||^2, ||J^T g||^2)."""
     J64, g64 = Jb.to(torch.float64), gb.to(torch.float64)
     U, S, _ = torch.linalg.svd(J64, full_matrices=False)
     mu = S ** 2
-    keep = _kept(mu, max(J64.shape), eps, lam)
+    keep = _kept(mu, (max(J64.shape) * eps * float(S.max())) ** 2, lam)
     U, mu = U[:, keep], mu[keep]
     alpha = U @ ((U.T @ g64) / (mu + lam))
     e = g64 - J64 @ (J64.T @ alpha) - lam * alpha
@@ -159,7 +272,7 @@ def spectral_gram(G0: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) ->
     :func:`_kept`), alpha = U diag(1 / (mu + lambda)) U^T g -> alpha (float64)."""
     mu, U = torch.linalg.eigh(G0.to(torch.float64))
     mu = mu.clamp_min(0)
-    keep = _kept(mu, G0.shape[0], eps, lam)
+    keep = _kept(mu, G0.shape[0] * eps * float(mu.max()), lam)  # G0 was formed in the compute dtype
     U, mu = U[:, keep], mu[keep]
     return U @ ((U.T @ gb.to(torch.float64)) / (mu + lam))
 

@@ -1,0 +1,131 @@
+"""The launch / sync counter of ``benchmarks/count_launches.py`` counts right: a known sequence of torch ops
+(launches, views, allocations, host tensors, syncs, host-to-device copies), one Triton launch (the
+interpreter's own work inside not counted), the emulated compiled CUDA CG (its launches, its one sync, the
+same solution as the Python CG), and one real ``rosa_update`` call end to end (tiny, under the interpreter).
+"""
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import count_launches as CL  # noqa: E402
+
+HERE = str(pathlib.Path(__file__).resolve().parent)
+
+
+def _known_ops(x):
+    y = x * 2                                   # torch: mul
+    y.view(2, 2)                                # free: a view
+    s = y.sum()                                 # torch: sum
+    float(s)                                    # sync: _local_scalar_dense
+    y.tolist()                                  # sync: tolist
+    h = torch.tensor([1.0, 2.0])                # host tensor (no device): host lift_fresh
+    hh = h * 3                                  # host: mul on host tensors
+    hh.tolist()                                 # a host read: no sync
+    torch.tensor([1.0, 2.0], device=x.device)   # h2d: Python data to the device
+    hh.to(x.device)                             # h2d: a host tensor to the device
+    y[y > 0]                                    # torch: gt, index (+ sync: a boolean mask)
+    torch.empty(3, device=x.device)             # free: an allocation
+    torch.zeros(3, device=x.device)             # torch: zeros (a fill)
+    y[[0, 2]]                                   # torch: index (+ h2d: the list becomes an index tensor)
+    torch.cuda.synchronize()                    # sync
+
+
+def test_counts_a_known_sequence():
+    pytest.importorskip("triton")
+    from triton.runtime.jit import KernelInterface
+    real_getitem, real_sync = KernelInterface.__getitem__, torch.cuda.synchronize
+    x = torch.arange(4.0)
+    with CL.LaunchCounter(roots=[HERE], emulate_cuda=False) as c:
+        _known_ops(x)
+    s = c.counts.summary()
+    assert (s["torch"], s["triton"], s["compiled"], s["launches"]) == (6, 0, 0, 6), c.counts.events
+    assert (s["sync"], s["h2d"], s["host"]) == (4, 3, 2), c.counts.events
+    assert s["free"] >= 2  # the view and the allocation (and the aliases of lift_fresh)
+    names = sorted(e.name for e in c.counts.events if e.kind == "torch")
+    assert names == ["aten.gt", "aten.index", "aten.index", "aten.mul", "aten.sum", "aten.zeros"]
+    assert c.counts.top("function") == [("test_count_launches.py:_known_ops", 6)]
+    sync_names = sorted(e.name for e in c.counts.events if e.kind == "sync")
+    assert sync_names == ["Tensor.tolist", "aten._local_scalar_dense", "aten.index (boolean mask / no output_size)",
+                          "torch.cuda.synchronize"]
+    # outside the counter nothing is counted, and the patches are gone
+    n = len(c.counts.events)
+    assert float((x * 2).sum()) == 12.0 and len(c.counts.events) == n
+    from triton.runtime.jit import KernelInterface
+    assert KernelInterface.__getitem__ is real_getitem and torch.cuda.synchronize is real_sync
+
+
+def test_uncounted_external_and_notes():
+    x = torch.ones(3)
+    with CL.LaunchCounter(roots=[HERE], emulate_cuda=False) as c:
+        with c.uncounted():
+            float((x + 1).sum())
+        c.external("compiled thing", 3)
+        c.note("a branch")
+        x.exp()
+    s = c.counts.summary()
+    assert (s["compiled"], s["torch"], s["sync"], s["launches"]) == (3, 1, 0, 4)
+    assert c.counts.notes == {"a branch": 1}
+
+
+@pytest.mark.triton_interp
+def test_counts_one_triton_launch_not_its_inside():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from rosa_ext.kernels import _tiles
+    if not _tiles.INTERPRET:
+        pytest.skip("the Triton interpreter is not active (a GPU machine)")
+
+    @triton.jit
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=m) + 1.0, mask=m)
+
+    x = torch.zeros(5)
+    with CL.LaunchCounter(roots=[HERE], emulate_cuda=False) as c:
+        _add_one[(1,)](x, 5, BLOCK=8)
+    assert x.tolist() == [1.0] * 5
+    assert [(e.kind, e.name) for e in c.counts.events] == [("triton", "triton _add_one")]
+
+
+def test_emulated_cuda_cg_launches_and_solution():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A = M @ M.T + torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    from rosa_ext.cg import cg_python
+    with CL.LaunchCounter(roots=[HERE], emulate_cuda=False) as c:
+        res = CL.emulated_cuda_cg(c)(lambda v: A @ v, b, damping=0.5, max_iter=10, tol=1e-12)
+    want = torch.linalg.solve(A + 0.5 * torch.eye(6, dtype=torch.float64), b)
+    torch.testing.assert_close(res.x, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(res.x, cg_python(lambda v: A @ v, b, damping=0.5, max_iter=10, tol=1e-12).x)
+    ev = c.counts.events
+    assert sum(e.name == "_C.cg_cuda_init" for e in ev) == 3
+    assert sum(e.name == "_C.cg_cuda_step" for e in ev) == 4 * 10  # max_iter steps: no early exit on the host
+    assert sum(e.name == "aten.mv" for e in ev) == 10  # the matvec, every iteration
+    assert [e.name for e in ev if e.kind == "sync"] == ["Tensor.tolist"]  # finish_cuda's one read
+    assert int(res.iterations) <= 6
+
+
+@pytest.mark.triton_interp
+def test_a_real_update_is_counted():
+    """The default hidden-mode call on the Triton engine, tiny: its ONE Triton kernel (the probability tiles,
+    which compute the row statistics themselves: no stats kernel), a few hundred torch ops at most, its
+    syncs attributed to rosa_ext sites."""
+    from rosa_ext.kernels import _tiles
+    if not _tiles.INTERPRET:
+        pytest.skip("the Triton interpreter is not active (a GPU machine)")
+    counts, info = CL.run_case("hidden dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.float32))
+    assert info["solver"] == "dual" and info["backend"] == "triton"
+    s = counts.summary()
+    assert s["triton"] == 1 and 0 < s["launches"] < 1000 and s["syncs"] >= 1
+    assert all(e.site.startswith("rosa_ext/") for e in counts.events if e.kind in ("torch", "triton", "sync"))
+    text = CL.report("hidden dual", counts, info)
+    assert "launches by plan / op statement" in text and "sync sites" in text
