@@ -1,8 +1,15 @@
 """Lever study on the development problems: which ROSA settings move accuracy?
 
-Runs each configuration of ``RUNS[--run]`` (a method spec plus decoding) on the
-dev split (disjoint from the held-out test set) and writes one row per
-configuration to ``benchmarks/results/experiment/<tag>.json`` as it goes.
+The lever study (``--study``): every lever of :data:`LEVERS` (what keeps the hidden shift from
+degenerating, ROSA-LoRA's, the fair PG's step rule and learning rate) next to the controls, on the 60
+development problems of one model, greedy, K=5, through the resumable runner of the experiment
+(:func:`rosa_ext.harness.experiment.run_resumable`: the same chunked, cached loop, the same tables with
+the degeneration measure and Acc@5 counting only sensible corrections). A rerun continues.
+
+    python benchmarks/experiment/levers.py --study --model smollm2 [--problems 60] [--threads 1]
+        [--out benchmarks/results/experiment/levers32/smollm2]
+
+The older lever sets (``--run``; SmolLM2 only, one row per configuration in ``<tag>.json``):
 
     python benchmarks/experiment/levers.py [--run 5] [--problems 60] [--turns 5] [--only INDEX ...] [--tag NAME]
         [--append] [--sample]
@@ -17,7 +24,16 @@ from dataclasses import asdict, replace
 
 import torch
 
-from rosa_ext.harness.experiment import METHODS, attainment_summary, first_turn, load_model, repeat_count, run_method
+from rosa_ext.harness.experiment import (
+    METHODS,
+    attainment_summary,
+    first_turn,
+    load_model,
+    load_problems,
+    repeat_count,
+    run_method,
+    run_resumable,
+)
 from rosa_ext.harness.metrics import accuracy_curve, correction_uplift
 from rosa_ext.harness.problems import heldout_split
 
@@ -106,6 +122,53 @@ CONFIGS_RUN5 = [
 RUNS = {3: CONFIGS_RUN3, 4: CONFIGS_RUN4, 5: CONFIGS_RUN5}
 
 
+#: The dev study, one lever at a time from the defaults (relative ridge 0.3, beta 1, the boxed
+#: answer's tokens), in priority order. The choice rule, fixed before the runs: per family (ROSA-hidden,
+#: ROSA-LoRA, PG on the LoRA, PG on the shift) the setting with the highest dev Acc@5 counting only
+#: sensible corrections; ties go to the fewer degenerate later answers (copies of the feedback plus boxed
+#: numbers not derived), then to the default.
+LEVERS = [METHODS[n] for n in ("baseline", "resample", "ban", "guess", "rosa-hidden")] + [
+    replace(METHODS[n], name=n.replace("-cap", " cap").replace("-b", " b").replace("-rel", " rel")
+            .replace("-response", " response")) for n in (
+        "rosa-hidden-cap0.02", "rosa-hidden-cap0.05", "rosa-hidden-b3", "rosa-hidden-rel1", "rosa-hidden-rel3",
+        "rosa-hidden-response")] + [METHODS["rosa-lora"]] + [
+    replace(METHODS[n], name=n.replace("-b", " b").replace("-rel", " rel")) for n in ("rosa-lora-b0.5",
+                                                                                    "rosa-lora-rel0.1")] + [
+    replace(METHODS[n], name=n.replace("-match", " match").replace("-clip-", " clip ")) for n in (
+        "pg-lora-match", "pg-lora-clip-lr1", "pg-lora-clip-lr10", "pg-hidden-match", "pg-hidden-clip-lr1",
+        "pg-hidden-clip-lr10")]
+
+
+def study(argv) -> int:
+    ap = argparse.ArgumentParser(description="the lever study on the dev split")
+    ap.add_argument("--study", action="store_true")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--problem-set", default=None, help="default: qwen-mix for qwen25-coder, else default")
+    ap.add_argument("--problems", type=int, default=60)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 (smollm2), 40 (others)")
+    ap.add_argument("--batch-size", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default=None, help="comma list of lever names (default: all)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pset = args.problem_set or ("qwen-mix" if args.model == "qwen25-coder" else "default")
+    mnt = args.max_new_tokens or (32 if args.model == "smollm2" else 40)
+    specs = LEVERS if not args.only else [s for s in LEVERS if s.name in args.only.split(",")]
+    out = args.out or os.path.join(OUT, "levers32", args.model)
+    problems = load_problems(pset, "dev", args.problems)
+    model, tok = load_model(args.model)
+    cmd = "python benchmarks/experiment/levers.py " + " ".join(argv)
+    run_resumable(model, tok, problems, specs, out=out, seeds=[0], turns=args.turns, decoding="greedy",
+                  temperature=0.7, max_new_tokens=mnt, batch_size=args.batch_size,
+                  config={"command": cmd, "model": args.model, "problem_set": pset, "split": "dev",
+                          "threads": torch.get_num_threads()},
+                  title=f"lever study, {args.model}, dev {pset}", quiet=args.quiet)
+    return 0
+
+
 def repeat_rate(convs) -> float:
     """Fraction of answers after turn 1 whose boxed number was already given (and rejected)
     earlier in the same conversation: what a pure 'push the wrong answer down' update can fix."""
@@ -113,6 +176,8 @@ def repeat_rate(convs) -> float:
 
 
 def main() -> int:
+    if "--study" in sys.argv[1:]:
+        return study(sys.argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", type=int, default=30)
     ap.add_argument("--turns", type=int, default=5)

@@ -9,7 +9,10 @@ interrupted run); a (method, seed) pair given twice is an error. ``--reuse-greed
 runs of methods that do not depend on the seed under greedy decoding (the baseline and the
 zero-initialised hidden shift: ``rosa_ext.harness.experiment.seed_dependent``) from their one seed to
 every seed another method covers -- what the experiment itself does within one greedy invocation.
-A method covering fewer seeds than the baseline is compared with the baseline's runs of its own seeds. The statistics are those of
+A method covering fewer seeds than the baseline is compared with the baseline's runs of its own seeds.
+``--add-guess`` adds the guess control (``rosa_ext.harness.controls.guess_text``: the first answer's boxed
+number walked x+1, x-1, x+2, x-2 over turns 2..5, no model needed) built from the baseline's first answers, so
+that runs made before the control existed can be compared with it. The statistics are those of
 :func:`rosa_ext.harness.experiment.summarize` (bootstrap over problems, seeds pooled; paired difference to
 the baseline).
 """
@@ -21,9 +24,11 @@ import os
 import sys
 from typing import Dict, List, Optional, Set
 
+from rosa_ext.harness.controls import guess_text
 from rosa_ext.harness.conversation import TurnRecord
 from rosa_ext.harness.experiment import Conversation, markdown_table, plot, summarize
 from rosa_ext.harness.problems import Problem
+from rosa_ext.harness.rewards import is_correct
 
 
 def load(path: str, seeds: Optional[Set[int]]) -> Dict[str, Dict[int, List[dict]]]:
@@ -43,6 +48,23 @@ def load(path: str, seeds: Optional[Set[int]]) -> Dict[str, Dict[int, List[dict]
     return out
 
 
+def guess_record(base: dict, turns: int) -> dict:
+    """The guess control's record for one problem, from the baseline's record of it (same first answer)."""
+    first = base["turns"][0]
+    out = dict(base, method="guess", turns=[first], solved_at=base["solved_at"] if base["solved_at"] == 0 else None)
+    if out["solved_at"] == 0:
+        return out
+    problem = Problem(base["question"], base["answer"])
+    for k in range(1, turns):
+        text = guess_text(first["text"], k)
+        ok = is_correct(problem, text)
+        out["turns"].append({"text": text, "reward": 1.0 if ok else -1.0, "correct": ok, "tokens": first["tokens"]})
+        if ok:
+            out["solved_at"] = k
+            break
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="runs.jsonl[:seed,seed...]")
@@ -52,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--reuse-greedy", default="", help="comma list of seed-independent methods of greedy runs "
                     "whose one seed is reused for every other seed (see the module doc)")
+    ap.add_argument("--add-guess", action="store_true", help="add the guess control, built from the baseline's "
+                    "first answers (see the module doc)")
     args = ap.parse_args(argv)
     merged: Dict[str, Dict[int, List[dict]]] = {}
     for spec in args.inputs:
@@ -71,6 +95,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         reused[method] = seed0
         for seed in sorted({s for m in merged.values() for s in m} - {seed0}):
             have[seed] = [dict(r, seed=seed) for r in recs0]
+    if args.add_guess:
+        if "baseline" not in merged or "guess" in merged:
+            raise SystemExit("merge_runs: --add-guess needs baseline runs and no guess runs")
+        merged["guess"] = {s: [guess_record(r, args.turns) for r in recs] for s, recs in merged["baseline"].items()}
     sizes = {len(recs) for m in merged.values() for recs in m.values()}
     if len(sizes) != 1:
         raise SystemExit(f"merge_runs: runs cover different numbers of problems: {sorted(sizes)}")

@@ -108,20 +108,24 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
     assert main(["--model", "tiny", "--problems", "4", "--turns", "2", "--seeds", "0", "1", "--max-new-tokens", "4",
                  "--batch-size", "3", "--n-boot", "50", "--quiet", "--out", str(out), "--damping-mode", "relative"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["summary"]) == {"baseline", "pg", "rosa-lora", "rosa-hidden", "rosa-lora-dense"}
+    # sampled decoding: the resample control is the baseline itself and is not run
+    assert set(res["summary"]) == {"baseline", "ban", "guess", "rosa-lora", "rosa-hidden", "pg-lora-fair",
+                                   "pg-hidden-fair"}
+    assert res["meta"]["skipped_methods"] == ["resample"]
     assert {m["damping_mode"] for m in res["meta"]["methods"]} == {"relative"}
     assert "--damping-mode relative" in res["meta"]["command"]
     for name, e in res["summary"].items():
         assert len(e["accuracy_curve"]) == 2 and set(e["per_seed"]) == {"0", "1"}
         assert e["repeat"]["later_answers"] >= 0
-        if name != "baseline":
+        assert e["degeneration"]["per_turn"]["2"]["answers"] == e["repeat"]["later_answers"]
+        if name.startswith(("rosa", "pg")):
             assert e["updates"] > 0 and e["update_ms_mean"] > 0
             assert e["attainment_median"] is not None
     assert res["meta"]["versions"]["torch"] == torch.__version__
     assert (out / "accuracy_vs_turn.png").stat().st_size > 1000
     rows = (out / "runs.jsonl").read_text().splitlines()
-    assert len(rows) == 5 * 2 * 4
-    assert "| rosa-lora |" in (out / "results.md").read_text()
+    assert len(rows) == 7 * 2 * 4
+    assert "| rosa-lora |" in (out / "results.md").read_text() and res["meta"]["complete"]
 
 
 def _merge_runs_module():

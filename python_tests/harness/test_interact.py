@@ -143,3 +143,39 @@ def test_turn_record_target(tiny_chat):
     rec = res.turns[0]
     assert rec.target_tokens == rec.tokens
     assert rec.logp_target < rec.logp_before
+
+
+@pytest.mark.parametrize("mode,update_on", [("lora", "response"), ("hidden", "answer_span")])
+def test_interact_updates_from_the_recording(tiny_chat, mode, update_on):
+    """With a ROSA session the loop updates from what session.generate recorded: the body runs only for
+    the generated tokens (no second forward, no log-prob forwards), and the step equals the one a second
+    forward would take (update(ids, reward, response_start/response_mask) on a fresh session)."""
+    from rosa_ext.integrations.model_lookup import find_body
+    model, tok = tiny_chat
+    calls = []
+    handle = find_body(model).register_forward_hook(lambda *a: calls.append(1))
+    session = rosa_ext.attach(model, mode=mode, seed=0)
+    try:
+        res = interact(model, tok, Problem("What is 2 + 2?", "4"), rule_reward, turns=2, session=session,
+                       max_new_tokens=6, update_on=update_on)
+    finally:
+        handle.remove()
+        session.detach()
+    rec = res.turns[0]
+    assert len(calls) == sum(t.tokens for t in res.turns)  # one body forward per generated token
+    assert rec.update_norm > 0 and rec.logp_after < rec.logp_before and rec.logp_target is not None
+    from rosa_ext.harness.conversation import chat_ids, start_messages
+    s = rosa_ext.attach(model, mode=mode, seed=0)
+    try:  # the same first answer again (greedy), then the step through a second forward
+        prompt = chat_ids(tok, start_messages(Problem("What is 2 + 2?", "4")), torch.device("cpu"))
+        full = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)[0]
+        assert tok.decode(full[prompt.shape[1]:], skip_special_tokens=True) == rec.text
+        if update_on == "answer_span":
+            mask = answer_span_mask(tok, full[None], prompt.shape[1])
+            kw = {"response_mask": mask} if mask is not None else {"response_start": prompt.shape[1]}
+        else:
+            kw = {"response_start": prompt.shape[1]}
+        step = s.update(full, -1.0, **kw)
+        assert float(step.update.norm()) == pytest.approx(rec.update_norm, rel=1e-3)
+    finally:
+        s.detach()

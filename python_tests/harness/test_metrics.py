@@ -54,3 +54,17 @@ def test_uplift_ignores_first_turn_successes_and_late_fixes():
     assert correction_uplift(s, 3) == 0.0
     assert correction_uplift(s, 4) == pytest.approx(0.5)
     assert accuracy_curve(s, 5) == pytest.approx([1 / 3, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
+
+
+def test_vectorised_bootstrap_matches_the_pooled_mean():
+    from rosa_ext.harness.metrics import bootstrap_mean_ci, paired_bootstrap_mean_diff
+    a = {"p0": [1.0, 1.0], "p1": [0.0, 1.0], "p2": [0.0, 0.0], "p3": [1.0, 0.0]}
+    b = {"p0": [1.0, 1.0], "p1": [0.0, 0.0], "p2": [0.0, 0.0], "p3": [0.0, 0.0]}
+    est, lo, hi = bootstrap_mean_ci(a, n_boot=500)
+    assert est == 0.5 and 0.0 <= lo < est < hi <= 1.0
+    d, lo, hi = paired_bootstrap_mean_diff(a, b, n_boot=500)
+    assert d == 0.25 and lo <= d <= hi and lo >= 0.0  # a is never below b on a problem
+    same = paired_bootstrap_mean_diff(a, a, n_boot=100)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_bootstrap_mean_diff(a, {"p0": [1.0]})

