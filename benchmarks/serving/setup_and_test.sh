@@ -39,7 +39,10 @@ if ! [ -x "$PY" ] || ! "$PY" -c "import vllm" >/dev/null 2>&1; then
 fi
 
 here=$(pwd -P)
-imported=$("$PY" -c "import os, rosa_ext; print(os.path.dirname(os.path.dirname(os.path.realpath(rosa_ext.__file__))))")
+# (a venv whose editable install points at a checkout that was moved or deleted cannot import rosa_ext at
+# all: that is "another checkout" too, not an error)
+imported=$("$PY" -c "import os, rosa_ext; print(os.path.dirname(os.path.dirname(os.path.realpath(rosa_ext.__file__))))" \
+  2> /dev/null || echo "nowhere (rosa_ext does not import)")
 if [ "$imported" != "$here" ]; then
   echo "== the venv imports rosa_ext from $imported: installing this checkout ($here) into it"
   "$PY" -m pip install -q --no-deps -e .
