@@ -93,7 +93,7 @@ def test_fair_pg_in_the_update(tiny_chat, mode, rule):
     """The experiment's fair PG step: 'match' reaches ROSA's target change to first order, 'clip' is no
     longer than ROSA's step on the same answer."""
     from rosa_ext.harness.conversation import TurnRecord
-    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, experiment_users, user_key
+    from rosa_ext.harness.experiment import METHODS, Conversation, _update_chunk, experiment_users
     from rosa_ext.harness.problems import Problem
     model, tok = tiny_chat
     g = torch.Generator().manual_seed(3)

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..common import defaults
-from ..integrations.model_lookup import find_lm_head, head_weight
 from ..integrations.head_hooks import eos_ids
+from ..integrations.model_lookup import find_lm_head, head_weight
 from .problems import Problem
 from .rewards import boxed_span, is_correct
 
