@@ -220,3 +220,25 @@ def test_a_step_enters_few_files():
         counts[name] = files_entered.files_entered(run)
     over = {k: v for k, v in counts.items() if len(v) > files_entered.TARGETS[k]}
     assert not over, over
+
+
+#: "Fewer files must not mean god files": the size limits of a module and of a function (lines, as
+#: written, docstrings and comments included).
+MODULE_MAX_LINES = 600
+FUNCTION_MAX_LINES = 100
+
+
+def test_no_god_files():
+    """No module of the package over MODULE_MAX_LINES lines, no function over FUNCTION_MAX_LINES."""
+    big, long = [], []
+    for path in sorted(PKG.rglob("*.py")):
+        text = path.read_text()
+        n = text.count("\n")
+        if n > MODULE_MAX_LINES:
+            big.append(f"{path.relative_to(ROOT)}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > FUNCTION_MAX_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
+    assert not big and not long, "split by concept:\n" + "\n".join(big + long)
