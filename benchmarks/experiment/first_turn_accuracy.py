@@ -3,7 +3,7 @@
     python benchmarks/experiment/first_turn_accuracy.py --model qwen25-coder --problem-set qwen-mix \\
         --problems 30 --out benchmarks/results/experiment/qwen25_coder_dev_first_turn.json
 
-Turn 1 exactly as the experiment generates it (:func:`rosa_ext.harness.experiment.first_turn`:
+Turn 1 exactly as the experiment generates it (:func:`rosa_ext.harness.runner.first_turn`:
 the one-shot prompt, batched, greedy unless ``--decoding sample``), scored by the rule-based
 reward. Writes the accuracy (overall and per family), every answer, the commit, the machine,
 torch's thread count and the wall time. The held-out split is never touched.

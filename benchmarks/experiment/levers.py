@@ -3,7 +3,7 @@
 The lever study (``--study``): every lever of :data:`LEVERS` (what keeps the hidden shift from
 degenerating, ROSA-LoRA's, the fair PG's step rule and learning rate) next to the controls, on the 60
 development problems of one model, greedy, K=5, through the resumable runner of the experiment
-(:func:`rosa_ext.harness.experiment.run_resumable`: the same chunked, cached loop, the same tables with
+(:func:`rosa_ext.harness.resumable.run_resumable`: the same chunked, cached loop, the same tables with
 the degeneration measure and Acc@5 counting only sensible corrections). A rerun continues.
 
     python benchmarks/experiment/levers.py --study --model smollm2 [--problems 60] [--threads 1]
@@ -51,7 +51,7 @@ def R(spec, beta=1.0, damping=1e-2, on="response", **kw):
 # In priority order (the CPU budget may cut the tail). Run 3 (this list) starts from
 # beta 0.1, damping 0.1, answer-span target (PG lr 10) and varies one lever at a time.
 # Only its first two rows ran (levers_run3.json): beta 0.1 overshot on the second LoRA
-# update (answers degenerate to "4444..."), so the committed run (rosa_ext.harness.experiment.METHODS)
+# update (answers degenerate to "4444..."), so the committed run (rosa_ext.harness.methods.METHODS)
 # went back to beta 1. The greedy baseline is known flat on the dev problems
 # (levers_run1.json: 35% at every turn), so it is not re-run.
 CONFIGS_RUN3 = [

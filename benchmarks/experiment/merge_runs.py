@@ -7,13 +7,13 @@ the merged ``runs.jsonl`` in ``--out``.
 ``RUNS.jsonl:0,1`` keeps only those seeds of that file (e.g. the complete seeds of an
 interrupted run); a (method, seed) pair given twice is an error. ``--reuse-greedy M1,M2`` copies the
 runs of methods that do not depend on the seed under greedy decoding (the baseline and the
-zero-initialised hidden shift: ``rosa_ext.harness.experiment.seed_dependent``) from their one seed to
+zero-initialised hidden shift: ``rosa_ext.harness.methods.seed_dependent``) from their one seed to
 every seed another method covers -- what the experiment itself does within one greedy invocation.
 A method covering fewer seeds than the baseline is compared with the baseline's runs of its own seeds.
 ``--add-guess`` adds the guess control (``rosa_ext.harness.controls.guess_text``: the first answer's boxed
 number walked x+1, x-1, x+2, x-2 over turns 2..5, no model needed) built from the baseline's first answers, so
 that runs made before the control existed can be compared with it. The statistics are those of
-:func:`rosa_ext.harness.experiment.summarize` (bootstrap over problems, seeds pooled; paired difference to
+:func:`rosa_ext.harness.summary.summarize` (bootstrap over problems, seeds pooled; paired difference to
 the baseline).
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ ROSA's claim is a gain over what a user gets without it. Besides plain multi-tur
   ``\\boxed{}`` only), so the model writes its next most likely number instead (what a user of a chat API
   gets for free with a list of banned words).
 - **resample**: no update, later answers sampled (temperature 0.7) instead of greedy
-  (:data:`rosa_ext.harness.experiment.METHODS`); under sampled decoding this is the baseline itself.
+  (:data:`rosa_ext.harness.methods.METHODS`); under sampled decoding this is the baseline itself.
 - **guess** (:func:`guess_text`): no model call after turn 1; answer k re-sends the first answer with its
   boxed number x replaced by x+1, x-1, x+2, x-2 (turns 2..5): a number walk that learns nothing, against
   which a method whose corrections are guesses looks no better.

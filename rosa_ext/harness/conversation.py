@@ -51,7 +51,7 @@ class TurnRecord:
     rejected answer) before the update, and likewise after it and the target.
 
     The experiment also records the step's target attainment (means per targeted token,
-    :func:`rosa_ext.harness.experiment.target_attainment`): ``dlogp_achieved`` (after - before),
+    :func:`rosa_ext.harness.attainment.target_attainment`): ``dlogp_achieved`` (after - before),
     ``dlogp_predicted`` (the linearised step's (J delta)_t / p_t), ``dlogp_target`` (ROSA's
     log p* - log p) and ``attainment`` = achieved / target (None when the target is 0); in hidden mode
     ``shift_norm`` (||delta|| after the update) and ``hidden_norm`` (the answer's mean lm_head input norm).
