@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..common.jacobian import split_logits, target_logit, target_logp
+from ..common.jacobian import Linearization, split_logits, target_logit, target_logp
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass, VocabShard
 
 
@@ -321,3 +321,7 @@ class DistributedEngine:
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         """x (B, V_local) -> (B, 1), the sum over the whole vocabulary: SUM."""
         return self.comm.all_sum(x.sum(-1, keepdim=True), "sum_vocab")
+
+    def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> Linearization:
+        """The linearisation of a combined pass (torch ops; b[y_t] by :meth:`gather_targets`: one SUM)."""
+        return Linearization.of_pass(prob, ps, mode, self, beta)

@@ -40,6 +40,9 @@ class Engine(HeadPrimitives, Protocol):
       tiles for :meth:`off_target_vjp` (the plan checked its memory budget)
     - ``off_target_vjp(prob, gp, w)`` -> (B, V): ``sum_{t in b} w_t r_t`` with r_t normalised by
       ``gp.lse`` (a GEMV over the kept tiles, or one streaming pass)
+    - ``linearize(prob, ps, mode, beta)`` -> :class:`~rosa_ext.common.jacobian.Linearization` of a pass result
+      (or split HeadStats): each conversation's scale, the rows' scalar f_t, the target g, b[y_t] and the
+      finiteness flags (torch formulas; the Triton engine's own passes in one kernel)
 
     Matrix-free CG: ``stats(prob, budget_bytes)`` (HeadStats that split the target off) and the streaming
     reductions and products of :class:`~rosa_ext.common.jacobian.HeadPrimitives` (the JVP / VJP of MATH.md

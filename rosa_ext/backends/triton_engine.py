@@ -5,12 +5,13 @@ Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRIT
   the probability-tile kernel takes every token's target off each logits tile (its logit kept apart)
   and computes the row statistics of the OTHER logits itself (online softmax per vocabulary split)
   while it writes the N x V tiles relative to per-split references with their row sums; a small combine
-  gives lse_off, the per-split scales that make the tiles r̂ (the softmax of the other logits), r̂ . b,
+  (one launch, :mod:`rosa_ext.kernels.epilogue`) gives lse_off, the per-split scales that make the tiles r̂ (the softmax of the other logits), r̂ . b,
   and lse, log p, log(1 - p) exactly from logit(p) = z_y - lse_off (MATH.md section 4) -- then the
   products are GEMMs over the tiles on the tensor cores, K-split at the vocabulary splits with the
   scales applied (:mod:`rosa_ext.kernels.tile_gemms`: hidden ``r̂ W``; LoRA ``r̂_b r̂_b^T`` with the
   cross terms ``r̂_t[y_u]`` gathered, the VJP ``w^T r̂``). Nothing in them depends on how confident or
-  unlikely a token is: no 1 - p is formed, so no token is handed over for it. The tiles are stored as
+  unlikely a token is: no 1 - p is formed, so no token is handed over for it. The linearisation of such a
+  pass (:meth:`TritonEngine.linearize`) is one more launch. The tiles are stored as
   bf16 hi + lo parts (fp32 accuracy on bf16 tensor cores) for bf16/fp16 models, as fp32 otherwise.
   Used for float32 compute when the tiles (N V fp32 numbers) fit ``keep_budget_bytes``; otherwise the
   pass is the torch engine's, and reports "torch".
@@ -34,9 +35,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..common import defaults
-from ..common.jacobian import WholeVocabulary
+from ..common.jacobian import Linearization, WholeVocabulary, pass_stats
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..kernels import tile_gemms
+from ..kernels.epilogue import linearize_tokens
 from ..kernels.primitives import TritonPrimitives
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors
 from .throughput import TRITON, lookup
@@ -105,7 +107,7 @@ class TritonEngine(TritonPrimitives):
         taken off its logits before any reference is formed, so the tiles, stored relative to per-split
         references, become r̂_t (the softmax of the other logits) with their ``split_scale``, and lse_off,
         r̂ . b and the target logit z_y come with them; lse, log p and log(1 - p) follow exactly from
-        logit(p) = z_y - lse_off (:func:`rosa_ext.kernels.prob_tiles.combine_partials`, with
+        logit(p) = z_y - lse_off (:func:`rosa_ext.kernels.epilogue.combine_partials_fused`, the formulas of
         :func:`rosa_ext.common.jacobian.split_logits`: the rule of every engine). A target outside
         [0, V) (another rank's token) is not split off: z_y = -inf, lse = lse_off, log(1 - p) = 0."""
         if self._fp64(prob) or self._over_budget(prob, budget_bytes, what):
@@ -163,6 +165,22 @@ class TritonEngine(TritonPrimitives):
         Wb = torch.zeros(B, N, dtype=torch.float32, device=w.device)
         Wb[prob.seg, torch.arange(N, device=w.device)] = wt  # block-diagonal rows: one per conversation
         return tile_gemms.tiles_rmatmul(kept.tiles, Wb)
+
+    def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> Linearization:
+        """The linearisation of a pass this engine's tiles ran (split, fp32) in ONE kernel
+        (:func:`rosa_ext.kernels.epilogue.linearize_tokens`: each conversation's scale, f, p, the target g
+        and its unscaled value, b[y_t], the finiteness flags the dual reads in its acceptance sync); the
+        torch formulas otherwise (a pass handed to the torch engine, no ``beta``)."""
+        st = pass_stats(ps)
+        if beta is None or st.engine != self.name or not st.split or st.logq is None:
+            return super().linearize(prob, ps, mode, beta)
+        _, off = self.index(prob)
+        lb = prob.lora_b
+        out = linearize_tokens(st.logp, st.logq, st.lse, off, prob.reward, beta, lora_b=lb,
+                               targets=prob.targets if lb is not None else None)
+        return Linearization(prob=prob, stats=st, mode=mode, p=out.p, f=out.f, shift=out.shift,
+                             h=prob.hidden.to(prob.compute_dtype), by=out.by, g=out.g, reported=out.target,
+                             finite=out.finite)
 
     # ------------------------------------------------------------------------- matrix-free CG
     def stats(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HeadStats:

@@ -42,7 +42,7 @@ class HeadPrimitives(Protocol):
       matrix-free CG)
     - the target-indexed primitives of :class:`WholeVocabulary` (``gather_targets``,
       ``target_rows``, ``scatter_targets``, ``scatter_minus_column``, ``centered_row_reduce``,
-      ``sum_vocab``)
+      ``sum_vocab``) and ``linearize`` (the :class:`Linearization` of a pass)
     These are what matrix-free CG (:mod:`rosa_ext.plans.cg_lora`) and the public
     :mod:`rosa_ext.kernels` call. All results in the problem's compute dtype (``target_rows``: the
     table's dtype or the compute dtype).
@@ -75,6 +75,8 @@ class HeadPrimitives(Protocol):
 
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor: ...
 
+    def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> "Linearization": ...
+
 
 class WholeVocabulary:
     """The target-indexed primitives of an engine that holds the whole vocabulary (one process).
@@ -88,6 +90,8 @@ class WholeVocabulary:
       steps: the Triton engine does, one pass, no ``index_put_``)
     - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - rho_t) . u[seg_t]``, rho_t as above
     - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
+    - ``linearize(prob, ps, mode, beta)``: the :class:`Linearization` of a one-pass result or split stats
+      (:meth:`Linearization.of_pass`; the Triton engine computes it in one kernel)
     With split stats e_y - pi_t = (1 - p_t)(e_y - r̂_t): the factor 1 - p_t is the linearisation's
     (:class:`Linearization`, in log space), so nothing cancels or underflows for a confident token.
 
@@ -117,6 +121,11 @@ class WholeVocabulary:
     def sum_vocab(self, prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)
 
+    def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> "Linearization":
+        """The linearisation of ``ps`` (a HiddenPass, GramPass or split HeadStats) with its target g for
+        ``beta`` (None: no g), in torch ops: :meth:`Linearization.of_pass`."""
+        return Linearization.of_pass(prob, ps, mode, self, beta)
+
 #: The one-process indexing, for callers that have no backend at hand.
 WHOLE_VOCABULARY = WholeVocabulary()
 
@@ -142,6 +151,9 @@ class Linearization:
     - ``by`` (N,) or None: ``b_seg[y_t]``, the LoRA b entry of each observed token
     - ``g`` (N,) or None: the target g = p* - p times e^-shift (:func:`residual_target`), when the
       reward is known
+    - ``reported`` (N,) or None: g e^shift when an engine computed it with g (else :meth:`target` does)
+    - ``finite`` (B,) bool or None: per conversation, whether the pass's lse and log p_t are finite, when an
+      engine computed it (else :meth:`logits_finite` does)
     """
 
     prob: HeadProblem
@@ -153,6 +165,8 @@ class Linearization:
     h: torch.Tensor
     by: Optional[torch.Tensor]
     g: Optional[torch.Tensor] = None
+    reported: Optional[torch.Tensor] = None
+    finite: Optional[torch.Tensor] = None
 
     @classmethod
     def at(cls, prob: HeadProblem, stats: HeadStats, mode: str, prims: Optional[HeadPrimitives] = None,
@@ -179,20 +193,36 @@ class Linearization:
                    h=prob.hidden.to(prob.compute_dtype), by=by, g=g)
 
     @classmethod
-    def of_pass(cls, prob: HeadProblem, ps, mode: str, prims: HeadPrimitives, beta: float) -> "Linearization":
-        """The linearisation from a one-pass result ``ps`` (a HiddenPass or GramPass) and the target g."""
+    def of_pass(cls, prob: HeadProblem, ps, mode: str, prims: HeadPrimitives, beta: Optional[float]) -> "Linearization":
+        """The linearisation from a one-pass result ``ps`` (a HiddenPass or GramPass, or HeadStats) and the
+        target g (``beta`` given)."""
         by = None if prob.lora_b is None else prims.gather_targets(prob, prob.lora_b)
-        st = HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=None, lse_off=ps.lse_off, logq=ps.logq, rb=ps.rb,
-                       engine=ps.engine, split=True)
-        return cls.at(prob, st, mode, prims, by=by, beta=beta)
+        return cls.at(prob, pass_stats(ps), mode, prims, by=by, beta=beta)
 
     def target(self) -> torch.Tensor:
         """The target g = p* - p itself -> (N,) (``g`` times e^shift: what a step reports; it may underflow)."""
+        if self.reported is not None:
+            return self.reported
         return self.g * torch.exp(self.shift[self.prob.seg])
 
     def logits_finite(self) -> torch.Tensor:
         """Whether the pass's log-sum-exp and log p_t are finite (0-dim bool, no host sync)."""
+        if self.finite is not None:
+            return self.finite.all()
         return all_finite(self.stats.lse) & all_finite(self.stats.logp)
+
+    def finite_flags(self) -> torch.Tensor:
+        """:meth:`logits_finite` as a 1-D bool tensor, no host sync: ``finite`` (B,) when an engine computed
+        it (no further launch), else (1,)."""
+        return self.finite if self.finite is not None else self.logits_finite().reshape(1)
+
+
+def pass_stats(ps) -> HeadStats:
+    """The split :class:`HeadStats` of a one-pass result (a HiddenPass or GramPass; HeadStats as they are)."""
+    if isinstance(ps, HeadStats):
+        return ps
+    return HeadStats(lse=ps.lse, logp=ps.logp, ah=ps.ah, pib=None, lse_off=ps.lse_off, logq=ps.logq, rb=ps.rb,
+                     engine=ps.engine, split=True)
 
 
 def segment_max(prob: HeadProblem, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ over B >= 1 conversations (``seg``), hidden size d, vocabulary V; fp32/bf16/fp16
 
 Kernel families: :mod:`.stats_pass` (online softmax), :mod:`.reductions` (row / column
 reductions), :mod:`.matvec` (GEMVs), :mod:`.prob_tiles` (probability tiles; their layout and the
-combine of a launch's partials: :mod:`.tile_layout`), :mod:`._tiles` (the shared logits tile, tile configs,
+combine of a launch's partials: :mod:`.tile_layout`; that combine and the linearisation as two small launches:
+:mod:`.epilogue`), :mod:`._tiles` (the shared logits tile, tile configs,
 fp32 dot precision: :func:`set_fp32_precision`, "tf32x3" by default). Runs on CUDA, or on the CPU
 under ``TRITON_INTERPRET=1`` (tests). fp64 models: use the torch backend (refused here). Inside
 the compiled CUDA CG the reductions and GEMVs skip their work once it has converged

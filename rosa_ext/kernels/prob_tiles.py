@@ -45,7 +45,8 @@ with the row maxima as references (entries then <= 1): at most once, and only th
 pays it -- so no entry overflows and no row is silently wrong, at the cost of recomputing that split's
 logits. The program stores per (split, token) its reference ref_s and the sums q_s, rb_s, ss_s relative
 to it, and its split's target logit (-inf where the split does not hold the target). The combine
-(:func:`combine_partials`, a few small torch ops on (splits, N)): M = max_s ref_s, lse_off = M + log
+(one small launch, :func:`.epilogue.combine_partials_fused`; :func:`combine_partials` is the torch
+formula): M = max_s ref_s, lse_off = M + log
 sum_s exp(ref_s - M) q_s, ``split_scale`` = exp(ref_s - lse_off), r̂ . b = sum_s scale_s rb_s and so on,
 z_y the maximum over splits, and lse = logaddexp(lse_off, z_y), log p = -softplus(lse_off - z_y),
 log(1 - p) = -softplus(z_y - lse_off) (:func:`rosa_ext.common.jacobian.split_logits`). The tiles stay as
@@ -74,7 +75,7 @@ accumulation; fp32 operands at :func:`._tiles.fp32_precision`, "tf32x3" by defau
 the interpreter ignores it and multiplies exactly). Grid: (token tiles, vocabulary splits) as the
 stats pass (split count from the tuned BLOCK_T and the SM count, at least V / :data:`GEMM_K_MAX`),
 each program loops over the vocabulary tiles of its split and stores them; the per-split partials
-(6, splits, N) are combined in torch. No atomics (deterministic), no host sync, nothing read out of
+(6, splits, N) are combined by a second, small launch. No atomics (deterministic), no host sync, nothing read out of
 bounds whatever the seg ids or targets.
 
 Storage precisions of the tiles (``precision``; written for P below, the same for r̂):
@@ -139,6 +140,7 @@ from ._tiles import (
     table_rows,
     tile_configs,
 )
+from .epilogue import combine_partials_fused
 
 # the tiles' layout and the combine of the partials (re-exported: callers import them from here too)
 from .tile_layout import (  # noqa: F401
@@ -373,7 +375,8 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
                             lora_scale: float = 0.0, precision: str = "fp32", out=None,
                             splits: Optional[int] = None) -> ProbTiles:
     """Write the off-target probability tiles of N tokens -> :class:`ProbTiles` (one Triton launch over W,
-    then a small combine of its (splits, N) partials in torch): P normalised by a given ``lse``, or (the
+    then a small combine of its (splits, N) partials: one more launch, :mod:`.epilogue`; in torch with a
+    given lse): P normalised by a given ``lse``, or (the
     one pass) r̂, the softmax of the other logits, with lse, lse_off and the target logit.
 
     Args:
@@ -437,7 +440,10 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
         SINGLE=single, IS_FP32=hidden.dtype == torch.float32, PRECISION=fp32_precision(), OUT_MODE=mode,
         FIXED_REF=fixed)
     n = rec["splits"]
-    lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials(part[:, :n], lse.float() if fixed else None)
+    if fixed:
+        lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials(part[:, :n], lse.float())
+    else:  # the one pass: its combine in one launch (.epilogue)
+        lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials_fused(part[:, :n], has_lora)
     hi_or_p = dict(p=p, hi=None, lo=None) if mode == 0 else dict(p=None, hi=p, lo=lo)
     return ProbTiles(precision, q=q, pt=pt, rb=rb if has_lora else None, ss=ss, split_scale=scale,
                      split_width=split_width(V, n) if n > 1 else 0, lse=lse_, target_logit=zy,

@@ -206,7 +206,9 @@ def combine_partials(part: torch.Tensor, lse: Optional[torch.Tensor]):
     exp(ref_s - lse_off) (the tiles become r̂), r̂ . b and r̂ . r̂ as sum_s scale_s x_s (ss: sum_s scale_s
     (scale_s ss_s), whose intermediate cannot underflow first), the target logit z_y the maximum over the
     splits (only the owner's is finite), and lse, log p, log(1 - p) from logit(p) = z_y - lse_off
-    (:func:`rosa_ext.common.jacobian.split_logits`); q = 1 - p and pt = p their exponentials."""
+    (:func:`rosa_ext.common.jacobian.split_logits`); q = 1 - p and pt = p their exponentials. (The one pass
+    of :func:`~rosa_ext.kernels.prob_tiles.prob_tiles_from_tensors` runs these formulas as one Triton launch,
+    :func:`rosa_ext.kernels.epilogue.combine_partials_fused`; this is their torch form.)"""
     ref, zy = part[0], part[5]
     if lse is not None:
         vals = part[1:5]  # q, pt, rb, ss

@@ -62,7 +62,7 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg: Optional[dense.CGImpl]
     if not st.split:
         raise TypeError(f"cg_lora.solve: the engine {engine.name!r} returned stats that do not split the target "
                         "off (lse_off, logq, rb); every engine's stats must (MATH.md section 4)")
-    lin = J.Linearization.at(prob, st, "lora", engine, beta=cfg.beta)
+    lin = engine.linearize(prob, st, "lora", cfg.beta)
     g = lin.g  # scaled by e^-shift per conversation, as lin.f
     unit = dense.power_of_two_scale(row_scale(lin).max())  # exact, the step is invariant to it
     lin = replace(lin, f=lin.f * unit)

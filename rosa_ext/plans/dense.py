@@ -62,7 +62,7 @@ def ridge(cfg: RosaConfig, diag_mean: torch.Tensor, unit: Optional[torch.Tensor]
         if shift is not None:
             lam = lam * torch.exp(-2.0 * shift.double())
         return lam.clamp_max(torch.finfo(diag_mean.dtype).max).to(diag_mean.dtype)
-    return torch.where(diag_mean > 0, cfg.damping * diag_mean, torch.full_like(diag_mean, cfg.damping))
+    return torch.where(diag_mean > 0, cfg.damping * diag_mean, cfg.damping)
 
 
 def ridge_in_range(lam: torch.Tensor) -> torch.Tensor:
@@ -87,11 +87,11 @@ def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
     it is exact, and keeps J J^T of rows that are tiny (every p_t below ~1e-19: the products underflow
     float32) or huge (``lora_scale`` 1e25: they overflow) inside the range. 1 for a zero or non-finite
     ``absmax`` (no host sync)."""
-    ok = torch.isfinite(absmax) & (absmax > 0)
-    e = torch.floor(torch.log2(torch.where(ok, absmax, torch.ones_like(absmax))))
+    # log2 of 0, +inf, NaN is -inf, +inf, NaN: exponent 0, unit 1 (6 small ops: it runs per conversation)
+    e = torch.nan_to_num(torch.floor(torch.log2(absmax)), nan=0.0, posinf=0.0, neginf=0.0)
     top = float(math.floor(math.log2(torch.finfo(absmax.dtype).max)))  # 2^top: the dtype's largest power of two
     e = e.clamp(-top, top)  # subnormal rows (p ~ 1e-43 in float32) must not ask for 2^130
-    return torch.where(ok, torch.exp2(-e), torch.ones_like(absmax))
+    return torch.exp2(-e)
 
 
 def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -154,21 +154,31 @@ def accept(lin: Linearization, cfg: RosaConfig, nums: List[torch.Tensor], dens: 
     non-finite step of an accepted solve."""
     prob = lin.prob
     limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
-    num, den, fl = torch.stack(nums), torch.stack(dens), torch.stack(flags)
+    num, den, fl = stack(nums), stack(dens), stack(flags)
     good = fl[:, 0] & (num <= (limit * limit) * den)
     B = len(nums)
-    both = torch.cat([good, fl[:, 1], lin.logits_finite().reshape(1), ridge_in_range(torch.stack(lams)).reshape(1),
-                      result.reshape(1)]).tolist()  # one sync
+    both = torch.cat([good, fl[:, 1], ridge_in_range(stack(lams)).reshape(1), result.reshape(1),
+                      lin.finite_flags()]).tolist()  # one sync
     good_list, finite_list = both[:B], both[B:2 * B]
-    if not both[-3]:
+    if not all(both[2 * B + 2:]):
         checks.nonfinite_logits(WHO, prob.compute_dtype)
-    if not both[-2]:
+    if not both[2 * B]:
         raise_step_underflow(prob, cfg)
-    if not both[-1] and all(good_list):
+    if not both[2 * B + 1] and all(good_list):
         checks.finite_result(WHO, torch.full((1,), float("nan")), cfg.damping)
     if not all(finite_list):
         checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
     return [b for b, ok in enumerate(good_list) if not ok]
+
+
+def stack(xs: List[torch.Tensor]) -> torch.Tensor:
+    """torch.stack of equal-shaped tensors; one is a view (no launch: most calls have one conversation)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def total(xs: List[torch.Tensor]) -> torch.Tensor:
+    """The sum of a list of 0-dim tensors (the one itself for one, no launch)."""
+    return xs[0] if len(xs) == 1 else torch.stack(xs).sum()
 
 
 def raise_step_underflow(prob: HeadProblem, cfg: RosaConfig) -> None:

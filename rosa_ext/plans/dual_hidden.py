@@ -7,7 +7,7 @@ Read in order:
    one online-softmax pass (torch tiles, or the probability tiles and a tensor-core GEMM on the GPU; on
    a vocabulary-parallel head the engine combines the shards). The linearisation (the rows' scale
    p_t (1 - p_t) in log space, the target g) follows from it
-   (:meth:`~rosa_ext.common.jacobian.Linearization.of_pass`).
+   (the engine's :meth:`~rosa_ext.common.jacobian.WholeVocabulary.linearize`: one kernel on the Triton engine).
 2. :func:`hidden_rows` -- the Jacobian algebra: the explicit T x d rows of J in the off-target form
    ``J_t = p_t (1 - p_t) (W[y_t] - r̂_t W)`` (nothing cancels or underflows however confident the token).
 3. :func:`solve` -- per conversation the smaller of the T_b x T_b dual ``J^T (J J^T + lambda I)^{-1} g``
@@ -54,7 +54,7 @@ def hidden_rows(prob: HeadProblem, engine, hp: HiddenPass, lin: Linearization) -
 def pass_and_rows(prob: HeadProblem, cfg: RosaConfig, engine) -> Tuple[Linearization, torch.Tensor]:
     """Steps 1-2: (the linearisation with its target g, the rows of J (N, d))."""
     hp = engine.hidden_pass(prob, cfg.keep_budget_bytes)
-    lin = Linearization.of_pass(prob, hp, "hidden", engine, cfg.beta)
+    lin = engine.linearize(prob, hp, "hidden", cfg.beta)
     return lin, hidden_rows(prob, engine, hp, lin)
 
 
@@ -107,7 +107,7 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
     rejected = dense.accept(lin, cfg, nums, dens, flags, lams, all_finite(update))
     for b, delta in dense.float64_refinement(cfg, rejected, solve64):
         update[b] = delta.to(update.dtype)
-    res = dense.relative_residual(sum(nums), sum(dens))
+    res = dense.relative_residual(dense.total(nums), dense.total(dens))
     return Solved(update, lin.stats.logp, lin.target(), 0, res, engine=lin.stats.engine,
                   finite_checked=not rejected)
 

@@ -64,7 +64,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     residual numerators, sum of the denominators)."""
     gp = engine.gram_pass(prob, keep, cfg.keep_budget_bytes)
     center_gram(prob, gp)
-    lin = Linearization.of_pass(prob, gp, "lora", engine, cfg.beta)
+    lin = engine.linearize(prob, gp, "lora", cfg.beta)
     g = lin.g
     ca, cb = lora_factors(lin, gp)
     h, off = lin.h, prob.offsets
@@ -127,7 +127,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         update[b] = step.to(cd)
     rejected = rejected or list(redone)
     return (Solved(update, lin.stats.logp, lin.target(), 0, 0.0, engine=gp.engine, finite_checked=not rejected),
-            sum(nums), sum(dens))
+            dense.total(nums), dense.total(dens))
 
 
 def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = False) -> Solved:
