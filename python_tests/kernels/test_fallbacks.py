@@ -3,8 +3,8 @@
 - ``tile_gemms.mm_f32``: a CUDA out-of-memory error is re-raised (never taken for "out_dtype unsupported"),
   an unsupported ``out_dtype`` widens with ONE warning, an error after ``out_dtype`` worked is re-raised
   (CUDA tensors faked by a subclass whose ``device`` says cuda; ``torch.mm`` replaced);
-- the Triton engine's hand-overs to the torch engine (P over the budget, float64) warn once per reason,
-  under the interpreter, with the torch engine's result;
+- the Triton engine's hand-overs to the torch engine (a budget below one token's tiles, float64) warn once
+  per reason, under the interpreter, with the torch engine's result;
 - the device guard: every autotuned kernel's launch enters ``torch.cuda.device`` of its first tensor
   (a fake context on the CPU), a no-op for CPU tensors; the multi-GPU check itself is GPU-marked.
 """
@@ -121,7 +121,7 @@ def _head(T=6, d=8, V=40, dtype=torch.float32):
 def test_triton_engine_over_budget_warns_once_and_matches_torch(mode, fresh_state):
     h, W, y, a = _head()
     kw = dict(mode=mode, solver="dual", lora_a=a if mode == "lora" else None, damping=0.1, damping_mode="absolute")
-    with pytest.warns(RuntimeWarning, match="exceed the budget") as rec:
+    with pytest.warns(RuntimeWarning, match="token\\(s\\)' probability tiles .* fit the budget") as rec:
         step = rosa_update(h, W, y, -1.0, backend="triton", keep_budget_bytes=64, **kw)
     assert len([w for w in rec if "budget" in str(w.message)]) == 1
     assert step.backend == "torch"

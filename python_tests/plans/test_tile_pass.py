@@ -68,8 +68,9 @@ def test_over_the_keep_budget_falls_back_to_the_torch_tiles():
 
 
 def test_the_rule_of_the_tile_pass():
-    """The Triton engine's passes run the tiles for float32 compute with P within the budget (hidden) or
-    kept (LoRA) -- nothing else; the pass reports the engine that ran it."""
+    """The Triton engine's passes run the tiles for float32 compute whose budget holds one token's tiles
+    (two for a Gram that must be cut: in blocks beyond that) -- nothing else; the pass reports the engine
+    that ran it."""
     from rosa_ext.backends import engine_for
     from rosa_ext.core.op import pack
     kw = _inputs(5, "hidden", False)
@@ -81,9 +82,13 @@ def test_the_rule_of_the_tile_pass():
     p64, _ = pack(kw["hidden"].double(), kw["weight"].double(), kw["targets"], -1.0,
                   **dict(common, bias=kw["bias"].double()))
     assert tri.hidden_pass(p64).engine == "torch"
-    assert tri.hidden_pass(prob, budget_bytes=5 * 203 * 4 - 1).engine == "torch"
+    # over the budget: token blocks, still the Triton engine; below one token's tiles (the budget less its
+    # quarter of K-split scratch): the torch engine
+    assert tri.hidden_pass(prob, budget_bytes=5 * 203 * 4 - 1).engine == "triton"
+    assert tri.hidden_pass(prob, budget_bytes=203 * 4 * 4 // 3 - 1).engine == "torch"
     assert tri.gram_pass(prob, keep=False).engine == "triton"
-    assert tri.gram_pass(prob, keep=True, budget_bytes=5 * 203 * 4 - 1).engine == "torch"
+    assert tri.gram_pass(prob, keep=True, budget_bytes=5 * 203 * 4 - 1).engine == "triton"
+    assert tri.gram_pass(prob, keep=True, budget_bytes=2 * 203 * 4 * 4 // 3 - 1).engine == "torch"  # a cut needs two
 
 
 @pytest.mark.parametrize("mode", ["hidden", "lora"])

@@ -13,23 +13,31 @@ Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRIT
   unlikely a token is: no 1 - p is formed, so no token is handed over for it. The linearisation of such a
   pass (:meth:`TritonEngine.linearize`) is one more launch. The tiles are stored as
   bf16 hi + lo parts (fp32 accuracy on bf16 tensor cores) for bf16/fp16 models, as fp32 otherwise.
-  Used for float32 compute when the tiles (N V fp32 numbers) fit ``keep_budget_bytes``; otherwise the
-  pass is the torch engine's, and reports "torch".
-- Matrix-free CG: the split stats from the same one pass (the tiles kept: CG's off-target reductions
-  are GEMVs over them, ``pi_sqnorm`` their r̂ . r̂); over the budget the torch engine's split stats and
-  streaming reductions. The fused row / column kernels and the GEMVs of
+  Used for float32 compute. **Token blocks** (:mod:`rosa_ext.backends.tile_blocks`): the tiles of one launch
+  fit the budget -- ``keep_budget_bytes``, on CUDA at most half the free device memory, less the GEMMs'
+  K-split scratch -- so a problem over it runs in blocks of tokens, each one launch and its GEMMs writing
+  into preallocated outputs, all with the split plan of the first block (the LoRA Gram of a conversation
+  longer than a block assembled blockwise, ``G[i, j]`` from the tiles of two blocks); hidden mode keeps
+  at most :data:`~rosa_ext.backends.tile_blocks.HIDDEN_TILE_BYTES` of tiles at once, since it needs only
+  r̂ W (N x d) from them: memory ``min(N, n_b) V e + N d 4`` bytes plus the scratch (e = 4: fp32 or the
+  bf16 hi + lo parts). Only a budget below one token's tiles (two, for a Gram that must be blocked) hands
+  the pass to the torch engine (reported "torch").
+- Matrix-free CG: the split stats from the same one pass with fp32 tiles (the bytes of bf16 hi + lo),
+  normalised once and kept, so that CG's two off-target reductions per iteration are one fp32 GEMV per
+  conversation each (:func:`rosa_ext.kernels.tile_gemms.gemv_rows` / ``gemv_columns``: no K-split, no
+  split scales -- the error bound is there) and ``pi_sqnorm`` is their r̂ . r̂; over the budget the tiles
+  are recomputed block by block per reduction. The fused row / column kernels and the GEMVs of
   :class:`rosa_ext.kernels.primitives.TritonPrimitives` serve the reductions over pi (logits tiles
   recomputed on chip, never stored; they skip their work once the compiled CUDA CG has converged,
   :mod:`rosa_ext.common.device_flag`).
 - float64 problems run entirely on the torch engine (no fp64 tensor-core dot in Triton).
 
-No hand-over is silent: each reason (float64; the tiles over the budget in a hidden, Gram or CG stats
-pass) warns once per process (:func:`rosa_ext.kernels.tile_gemms.fallback_warning`, a RuntimeWarning
+No hand-over is silent: each reason (float64; a budget below one token's tiles in a hidden, Gram or CG
+stats pass) warns once per process (:func:`rosa_ext.kernels.tile_gemms.fallback_warning`, a RuntimeWarning
 naming it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -40,24 +48,16 @@ from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..kernels import tile_gemms
 from ..kernels.epilogue import linearize_tokens
 from ..kernels.primitives import TritonPrimitives
-from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors
+from . import tile_blocks as TB
 from .throughput import TRITON, lookup
+from .tile_blocks import KeptProbTiles, RecomputedTiles
 from .torch_engine import TorchEngine
+
+__all__ = ["TritonEngine", "KeptProbTiles", "RecomputedTiles"]
 
 
 def _size(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n} bytes"
-
-
-@dataclass
-class KeptProbTiles:
-    """The probability tiles a pass kept, with the log-sum-exp ``norm`` they are normalised by (the one
-    pass's off-target tiles: this process's lse_off, so they are r̂): r̂_t = tiles_t exp(norm_t - lse_off_t)
-    for any off-target log-sum-exp lse_off (this process's -- the factor is 1 -- or a vocabulary-parallel
-    combine's)."""
-
-    tiles: ProbTiles
-    norm: torch.Tensor
 
 
 class TritonEngine(TritonPrimitives):
@@ -83,88 +83,76 @@ class TritonEngine(TritonPrimitives):
                                     "(no float64 tensor-core dot in Triton): fp64 torch tiles, no Triton kernels")
         return True
 
+    # ------------------------------------------------------------------------- the probability tiles
+    def tile_plan(self, prob: HeadProblem, budget_bytes: int, what: str, precision: Optional[str] = None,
+                  per_block: int = 1) -> Optional[Tuple[TB.TileLauncher, TB.Budget, int]]:
+        """(the launcher of the one-pass tile kernel, the pass's :class:`~rosa_ext.backends.tile_blocks.Budget`,
+        the most tokens of one block) of a float32 problem, else None: float64, or a budget that does not
+        hold ``per_block`` tokens' tiles -- that pass (``what``) then runs on the torch engine, with a one-time
+        warning. ``precision``: the tiles' storage (default: "fp32" for an fp32 model, "bf16x2" otherwise).
+
+        The budget is ``budget_bytes`` (``keep_budget_bytes``), on CUDA at most half the free device memory,
+        less the K-split scratch (:class:`~rosa_ext.backends.tile_blocks.Budget`); a problem whose N x V tiles
+        exceed it runs in token blocks (:mod:`rosa_ext.backends.tile_blocks`), each one launch and its GEMMs,
+        every block with the split plan of the first."""
+        if self._fp64(prob):
+            return None
+        if precision is None:
+            precision = "fp32" if prob.weight.dtype == torch.float32 else "bf16x2"
+        budget = TB.Budget.of(budget_bytes, prob.weight.device)
+        rows = budget.rows(prob.vocab_size, precision)
+        if rows < per_block:
+            return self._refuse(prob, budget, what, per_block)
+        return TB.TileLauncher(prob, self.index(prob)[0], precision), budget, rows
+
     @staticmethod
-    def _over_budget(prob: HeadProblem, budget_bytes: int, what: str) -> bool:
-        """True when the tiles (N x V fp32 numbers) exceed ``budget_bytes``: the ``what`` pass then runs on
-        the torch engine (fp32 torch tiles, no tensor-core GEMMs over them), warned once per process and pass."""
-        need = prob.num_tokens * prob.vocab_size * 4
-        if need <= budget_bytes:
-            return False
+    def _refuse(prob: HeadProblem, budget: TB.Budget, what: str, per_block: int) -> None:
+        """Warn once per process and pass that ``what`` runs on the torch engine: its budget does not hold
+        ``per_block`` tokens' tiles. Returns None."""
         tile_gemms.fallback_warning(
             f"triton_{what}_over_budget",
             f"the Triton engine's {what} pass hands {prob.num_tokens} tokens x {prob.vocab_size} vocabulary to the "
-            f"torch engine: their probability tiles ({_size(need)} as fp32) exceed the budget "
-            f"({_size(budget_bytes)}, keep_budget_bytes); fp32 torch tiles, no tensor-core GEMMs over P")
-        return True
-
-    # ------------------------------------------------------------------------- the probability tiles
-    def prob_tiles(self, prob: HeadProblem, budget_bytes: int, what: str) -> Optional[Tuple[HeadStats, ProbTiles]]:
-        """(the split stats, the off-target tiles r̂) of a float32 problem whose tiles (N V fp32 numbers) fit
-        ``budget_bytes``, else None (float64, or over the budget: ``what`` names the pass in the one-time
-        warning of that hand-over).
-
-        ONE launch of the probability-tile kernel (no stats kernel, no host sync): every token's target is
-        taken off its logits before any reference is formed, so the tiles, stored relative to per-split
-        references, become r̂_t (the softmax of the other logits) with their ``split_scale``, and lse_off,
-        r̂ . b and the target logit z_y come with them; lse, log p and log(1 - p) follow exactly from
-        logit(p) = z_y - lse_off (:func:`rosa_ext.kernels.epilogue.combine_partials_fused`, the formulas of
-        :func:`rosa_ext.common.jacobian.split_logits`: the rule of every engine). A target outside
-        [0, V) (another rank's token) is not split off: z_y = -inf, lse = lse_off, log(1 - p) = 0."""
-        if self._fp64(prob) or self._over_budget(prob, budget_bytes, what):
-            return None
-        ah = None
-        if prob.lora_a is not None:
-            ah = (prob.hidden.float() * prob.lora_a[prob.seg].float()).sum(1)
-        precision = "fp32" if prob.weight.dtype == torch.float32 else "bf16x2"
-        tiles = prob_tiles_from_tensors(prob.hidden, prob.weight, self.index(prob)[0], None, prob.targets,
-                                        bias=prob.bias, lora_b=prob.lora_b if ah is not None else None, ah=ah,
-                                        lora_scale=prob.lora_scale if ah is not None else 0.0, precision=precision)
-        split = HeadStats(lse=tiles.lse, logp=tiles.logp, ah=ah, pib=None, lse_off=tiles.lse_off, logq=tiles.logq,
-                          rb=tiles.rb, kept=KeptProbTiles(tiles, tiles.lse_off), engine=self.name, split=True)
-        return split, tiles
+            f"torch engine: not even {per_block} token(s)' probability tiles ({_size(per_block * prob.vocab_size * 4)}) "
+            f"fit the budget ({_size(budget.total)}: keep_budget_bytes, on CUDA at most half the free memory, "
+            f"{_size(budget.scratch)} of it the GEMMs' scratch); fp32 torch tiles, no tensor-core GEMMs over P")
+        return None
 
     # ------------------------------------------------------------------------- one-pass plans
     def hidden_pass(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HiddenPass:
-        """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W (one K-split GEMM over the tiles) when
-        :meth:`prob_tiles` runs; the torch engine's pass otherwise."""
-        pt = self.prob_tiles(prob, budget_bytes, "hidden")
-        if pt is None:
+        """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W (K-split GEMMs over the tiles) in token blocks of at
+        most :data:`~rosa_ext.backends.tile_blocks.HIDDEN_TILE_BYTES` of tiles within the budget (one block,
+        one launch, for most problems): memory ``min(N, n_b) V e + N d 4`` bytes plus the scratch
+        (:mod:`rosa_ext.backends.tile_blocks`); the torch engine's pass when :meth:`tile_plan` refuses."""
+        plan = self.tile_plan(prob, budget_bytes, "hidden")
+        if plan is None:
             return self.torch.hidden_pass(prob)
-        st, tiles = pt
-        rw = tile_gemms.off_target_weight(tiles, prob.weight)
-        return HiddenPass(lse=st.lse, lse_off=st.lse_off, logp=st.logp, logq=st.logq, ah=st.ah, rb=st.rb, rw=rw,
-                          engine=self.name)
+        launch, budget, rows = plan
+        rows = max(1, min(rows, budget.rows(prob.vocab_size, launch.precision, TB.HIDDEN_TILE_BYTES)))
+        return TB.hidden_pass(launch, TB.balanced_blocks(0, prob.num_tokens, rows), budget.scratch, self.name)
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> GramPass:
-        """The raw Gram parts as K-split GEMMs over the r̂ tiles (``r̂_b r̂_b^T`` and the gathered
-        ``r̂_t[y_u]``), the tiles kept for :meth:`off_target_vjp` (whatever ``keep`` says: they are written
-        anyway): when :meth:`prob_tiles` runs; the torch engine's pass otherwise."""
-        pt = self.prob_tiles(prob, budget_bytes, "Gram")
-        if pt is None:
+        """The raw Gram parts as K-split GEMMs over the r̂ tiles (``r̂_b r̂_b^T`` and the gathered ``r̂_t[y_u]``):
+        the tiles kept for :meth:`off_target_vjp` (whatever ``keep`` says) when they fit the budget, else in
+        token blocks, a long conversation's Gram blockwise, and the VJP recomputes them
+        (:func:`rosa_ext.backends.tile_blocks.gram_pass`); the torch engine's pass when :meth:`tile_plan`
+        refuses (two tokens are needed once a conversation must be cut)."""
+        plan = self.tile_plan(prob, budget_bytes, "Gram")
+        if plan is not None and plan[2] < 2 and prob.num_tokens > plan[2] and max(prob.lengths) > 1:
+            plan = self._refuse(prob, plan[1], "Gram", 2)  # a conversation cut in blocks needs two at once
+        if plan is None:
             return self.torch.gram_pass(prob, keep)
-        st, tiles = pt
-        off = prob.offsets
-        return GramPass(lse=st.lse, lse_off=st.lse_off, logp=st.logp, logq=st.logq, ah=st.ah, rb=st.rb,
-                        gram=tile_gemms.off_target_gram(tiles, off), cross=tile_gemms.cross_terms(tiles, prob.targets, off),
-                        kept=st.kept, engine=self.name)
+        launch, budget, rows = plan
+        return TB.gram_pass(launch, rows, budget.scratch, self.name)
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """sum_{t in b} w_t r̂_t -> (B, V), r̂_t normalised by ``gp.lse_off``: one K-split GEMM (B, N) @ r̂ over
-        the kept tiles, their split scales folded into w; the torch engine's pass when the tiles were not kept."""
-        if not isinstance(gp.kept, KeptProbTiles):
+        the kept tiles (per block, the tiles recomputed, over the budget), their split scales folded into w;
+        the torch engine's pass when the torch engine ran the Gram pass."""
+        if not isinstance(gp.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_vjp(prob, gp, w, out)
-        res = self._rmatmul(prob, gp.kept, gp.lse_off, w)
-        return res if out is None else out.copy_(res)
-
-    def _rmatmul(self, prob: HeadProblem, kept: KeptProbTiles, lse_off: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """sum_{t in b} w_t r̂_t -> (B, V) over kept tiles: one GEMM (B, N) @ tiles with w_t exp(norm_t - lse_off_t)
-        (1 unless a vocabulary-parallel combine moved lse_off)."""
-        N, B = prob.num_tokens, prob.num_conversations
-        wt = (w * torch.exp(kept.norm - lse_off)).float()
-        Wb = torch.zeros(B, N, dtype=torch.float32, device=w.device)
-        Wb[prob.seg, torch.arange(N, device=w.device)] = wt  # block-diagonal rows: one per conversation
-        return tile_gemms.tiles_rmatmul(kept.tiles, Wb)
+        scratch = gp.kept.scratch if isinstance(gp.kept, RecomputedTiles) else None
+        return TB.column_sums(gp.kept, prob, w, gp.lse_off, scratch, out)
 
     def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> Linearization:
         """The linearisation of a pass this engine's tiles ran (split, fp32) in ONE kernel
@@ -184,12 +172,17 @@ class TritonEngine(TritonPrimitives):
 
     # ------------------------------------------------------------------------- matrix-free CG
     def stats(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HeadStats:
-        """The split stats (MATH.md section 4) from the one pass (the r̂ tiles kept: CG's off-target
-        reductions are then GEMVs over them) when :meth:`prob_tiles` runs; the torch engine's split stats
-        otherwise (its streaming reductions then serve CG). The stats kernel alone does not split the
-        target off, and its expanded forms cancel for confident tokens."""
-        pt = self.prob_tiles(prob, budget_bytes, "CG stats")
-        return self.torch.stats(prob) if pt is None else pt[0]
+        """The split stats (MATH.md section 4) from the one pass, with fp32 tiles for CG's off-target
+        reductions: kept and normalised once when they fit the budget (each reduction one fp32 GEMV per
+        conversation), else recomputed block by block per reduction
+        (:func:`rosa_ext.backends.tile_blocks.cg_stats`); the torch engine's split stats (and streaming
+        reductions) when :meth:`tile_plan` refuses. The stats kernel alone does not split the target off,
+        and its expanded forms cancel for confident tokens."""
+        plan = self.tile_plan(prob, budget_bytes, "CG stats", precision="fp32")
+        if plan is None:
+            return self.torch.stats(prob)
+        launch, budget, rows = plan
+        return TB.cg_stats(launch, rows, budget.scratch, self.name)
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(pi_t . u[seg_t]) for u (B, V) -> (N,)."""
@@ -215,24 +208,24 @@ class TritonEngine(TritonPrimitives):
         return self.torch.weight_rmatvec(prob, q) if self._fp64(prob) else super().weight_rmatvec(prob, q)
 
     def off_target_row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
-        """r̂_t . u[seg_t] -> (N,): a GEMV over the kept tiles (times exp(norm - lse_off), 1 on one process); the
-        torch engine's streaming reduction when the stats kept none."""
-        kept = st.kept
-        if not isinstance(kept, KeptProbTiles):
+        """r̂_t . u[seg_t] -> (N,): one fp32 GEMV per conversation over the kept normalised tiles (per block, the
+        tiles recomputed, over the budget), times exp(norm - lse_off) (1 on one process); the torch engine's
+        streaming reduction when the torch engine ran the stats."""
+        if not isinstance(st.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_row_reduce(prob, st, u)
-        dots = tile_gemms.off_target_dot(kept.tiles, u.float(), None if u.shape[0] == 1 else prob.seg)
-        return dots * torch.exp(kept.norm - st.lse_off)
+        return TB.row_dots(st.kept, prob, u, st.lse_off)
 
     def off_target_column_reduce(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
-        """sum_{t in b} w_t r̂_t -> (B, V): one GEMM over the kept tiles, or the torch engine's pass."""
-        if not isinstance(st.kept, KeptProbTiles):
+        """sum_{t in b} w_t r̂_t -> (B, V): one fp32 GEMV per conversation over the kept tiles (or per block,
+        recomputed), or the torch engine's pass."""
+        if not isinstance(st.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_column_reduce(prob, st, w)
-        return self._rmatmul(prob, st.kept, st.lse_off, w)
+        scratch = st.kept.scratch if isinstance(st.kept, RecomputedTiles) else None
+        return TB.column_sums(st.kept, prob, w, st.lse_off, scratch)
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
-        """r̂_t . r̂_t per token -> (N,): the kept tiles' r̂ . r̂ (times exp(2 (norm - lse_off)), 1 on one
-        process), or the torch engine's pass."""
-        kept = st.kept
-        if not isinstance(kept, KeptProbTiles):
+        """r̂_t . r̂_t per token -> (N,): the pass's r̂ . r̂ (times exp(2 (norm - lse_off)), 1 on one process), or
+        the torch engine's pass."""
+        if not isinstance(st.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.pi_sqnorm(prob, st)
-        return kept.tiles.ss * torch.exp(2 * (kept.norm - st.lse_off))
+        return TB.sqnorms(st.kept, st.lse_off)

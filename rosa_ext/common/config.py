@@ -56,6 +56,8 @@ class RosaConfig:
             nonzero in mode "lora".
         keep_budget_bytes: the LoRA dual keeps its N x V probability tiles for the VJP when the
             longest conversation's T x V numbers fit this (default 1 GiB); otherwise it streams them.
+            The Triton engine's tile budget (on CUDA at most half the free memory): over it, its tiles
+            run in token blocks (MATH.md section 4, "Token blocks").
         gram_budget_bytes: ``solver="auto"`` takes the dual only while its T x T matrices fit this
             (default 512 MB), CG otherwise.
     """

@@ -134,19 +134,23 @@ def _stored(tiles: ProbTiles) -> List[torch.Tensor]:
     return [tiles.hi] if tiles.lo is None else [tiles.hi, tiles.lo]
 
 
-def _groups(nf: int, per_split_bytes: int) -> Iterator[Tuple[int, int]]:
-    """[g0, g1) groups of the nf full splits whose partial products fit :data:`SCRATCH_BYTES`."""
-    step = max(1, SCRATCH_BYTES // max(1, per_split_bytes))
+def _groups(nf: int, per_split_bytes: int, scratch_bytes: Optional[int] = None) -> Iterator[Tuple[int, int]]:
+    """[g0, g1) groups of the nf full splits whose partial products fit ``scratch_bytes`` (default
+    :data:`SCRATCH_BYTES`; at least one split per group, whatever the cap)."""
+    cap = SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    step = max(1, cap // max(1, per_split_bytes))
     for g0 in range(0, nf, step):
         yield g0, min(nf, g0 + step)
 
 
-def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
+def tiles_matmul(tiles: ProbTiles, x: torch.Tensor, scratch_bytes: Optional[int] = None) -> torch.Tensor:
     """P @ x for x (V, k) -> (N, k) fp32, in the tiles' precision (module docstring).
 
     K-split at the vocabulary splits: one batched GEMM over the full splits (each accumulation chain
     at most ``split_width`` long), one GEMM for the last narrower split, then each split's product
-    times its ``split_scale`` summed over the splits in fp32."""
+    times its ``split_scale`` summed over the splits in fp32. The per-split products take at most
+    ``scratch_bytes`` at once (default :data:`SCRATCH_BYTES`; at least one split's: N k 4 bytes, twice
+    that for bf16 parts)."""
     N, V = tiles.shape
     k = x.shape[1]
     width = tiles.width()
@@ -158,7 +162,7 @@ def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
     xv = [split_row_views(xx, width) for _, xx in pairs]
     nf = V // width
     out = None
-    for g0, g1 in _groups(nf, N * k * 4):
+    for g0, g1 in _groups(nf, N * k * 4 * (2 if len(pairs) > 1 else 1), scratch_bytes):
         Y = None
         for (pf, _), (xf, _) in zip(pv, xv):
             c = mm_f32(pf[g0:g1], xf[g0:g1])
@@ -178,7 +182,7 @@ def tiles_matmul(tiles: ProbTiles, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor) -> torch.Tensor:
+def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor, scratch_bytes: Optional[int] = None) -> torch.Tensor:
     """w @ P for w (m, N) -> (m, V) fp32 (a GEMV for m = 1), in the tiles' precision; w fp32 is
     split into hi/lo for bf16 tiles (its accuracy is kept: it carries the solver's alpha).
 
@@ -205,7 +209,7 @@ def tiles_rmatmul(tiles: ProbTiles, w: torch.Tensor) -> torch.Tensor:
             res.add_(mm_f32(wh, ps[1]))
         return res
 
-    for g0, g1 in _groups(nf, m * width * 4 * 3):
+    for g0, g1 in _groups(nf, m * width * 4 * 3, scratch_bytes):
         left = w.unsqueeze(0).expand(g1 - g0, m, N) if sc is None else w.unsqueeze(0) * sc[g0:g1].unsqueeze(1)
         Y = block(left, [v[0][g0:g1] for v in views])  # (g, m, width)
         out[:, g0 * width:g1 * width].view(m, g1 - g0, width).copy_(Y.transpose(0, 1))
@@ -229,19 +233,71 @@ def off_target_dot(tiles: ProbTiles, u: torch.Tensor, seg: Optional[torch.Tensor
     return out.gather(1, seg.long().reshape(N, 1))[:, 0]
 
 
+def _plain(who: str, tiles: ProbTiles) -> torch.Tensor:
+    """The (N, V) fp32 tiles of normalised fp32 tiles (``split_scale`` None); a named error otherwise."""
+    if tiles.p is None or tiles.split_scale is not None:
+        raise RosaInputError(f"rosa_ext.kernels.{who}: needs fp32 tiles normalised in place (ProbTiles.normalize_), "
+                             f"got precision {tiles.precision!r} with split scales {tiles.split_scale is not None}", "tiles")
+    return tiles.p
+
+
+def gemv_rows(tiles: ProbTiles, u: torch.Tensor, spans: Sequence[Tuple[int, int, int]],
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r_t . u_b for the tile rows t of each span -> (N,) fp32, over fp32 tiles normalised once
+    (:meth:`ProbTiles.normalize_`): ONE fp32 GEMV per span, no K-split and no split scales -- a CG that keeps
+    its tiles (the Triton engine's ``stats``) does two such GEMVs per iteration. ``u`` (B, V) (or (V,): one row
+    for every span); ``spans``: (row b of u, lo, hi) tile rows [lo, hi) of conversation b (rows outside every
+    span are left as they are); ``out`` (N,) to write into.
+
+    Why no K-split here: the K-split bounds the truncating accumulation of bf16 tensor-core GEMMs (module
+    docstring). A GEMV is bandwidth-bound: it reads each fp32 entry once (the bytes of the hi + lo parts),
+    gains nothing from tensor cores and runs as an fp32 GEMV with fused multiply-adds rounded to nearest
+    (``torch.mv``: cuBLAS gemv, which torch's ``allow_tf32`` does not touch). Its error on a chain of V terms
+    is at most ``gamma_V sum_v |r_v u_v|`` (``gamma_V = V u / (1 - V u)``, u = 2^-24) in the worst case and,
+    rounding to nearest being unbiased, ~``sqrt(V) u`` typically; the CPU model of
+    ``benchmarks/ksplit_error_model.py`` puts round-to-nearest accumulation of ``P W`` over one chain of the
+    Qwen2.5 head's V = 151936 at 1.1e-6 against float64 (truncation: 1.6e-4), within the 3e-5 the K-split
+    keeps for the GEMMs. The entries themselves are the kernel's fp32 r̂ times one fp32 scale (2^-24 each),
+    more accurate than the bf16 hi + lo parts (2^-16)."""
+    P = _plain("gemv_rows", tiles)
+    N, V = P.shape
+    U = u.reshape(-1, V).float()
+    out = torch.empty(N, dtype=torch.float32, device=P.device) if out is None else out
+    for b, lo, hi in spans:
+        torch.mv(P[lo:hi], U[0 if U.shape[0] == 1 else b], out=out[lo:hi])
+    return out
+
+
+def gemv_columns(tiles: ProbTiles, w: torch.Tensor, spans: Sequence[Tuple[int, int, int]], out: torch.Tensor,
+                 accumulate: bool = False) -> torch.Tensor:
+    """sum_{t in span} w_t r_t into row b of ``out`` (B, V) fp32 for each span (b, lo, hi) of tile rows, over
+    normalised fp32 tiles: ONE fp32 GEMV ``P[lo:hi]^T w[lo:hi]`` per span (as :func:`gemv_rows`; each
+    accumulation chain runs over the span's tokens); ``w`` (n,) by tile row. Written over the rows of ``out``
+    (each conversation one span), or added to them with ``accumulate`` (the blocks of a problem in turn);
+    rows of no span are left as they are. Returns ``out``."""
+    P = _plain("gemv_columns", tiles)
+    for b, lo, hi in spans:
+        if accumulate:
+            out[b].addmv_(P[lo:hi].T, w[lo:hi].float())
+        else:
+            torch.mv(P[lo:hi].T, w[lo:hi].float(), out=out[b])
+    return out
+
+
 def _target_ok(targets: torch.Tensor, V: int) -> torch.Tensor:
     return (targets >= 0) & (targets < V)
 
 
-def off_target_weight(tiles: ProbTiles, weight: torch.Tensor) -> torch.Tensor:
+def off_target_weight(tiles: ProbTiles, weight: torch.Tensor, scratch_bytes: Optional[int] = None) -> torch.Tensor:
     """r_t W = P W -> (N, d) fp32 (the tile rows; MATH.md section 4, hidden mode); weight (V, d) any float dtype
-    (bf16 W is used as is with bf16 tiles; an fp32 / fp16 W is widened or split)."""
+    (bf16 W is used as is with bf16 tiles; an fp32 / fp16 W is widened or split); ``scratch_bytes`` as
+    :func:`tiles_matmul`."""
     V = tiles.shape[1]
     if weight.dim() != 2 or weight.shape[0] != V:
         raise RosaInputError(f"rosa_ext.kernels.off_target_weight: weight must be ({V}, d), got "
                              f"{tuple(weight.shape)}", "weight")
     w = weight if weight.dtype in (torch.float32, torch.bfloat16) else weight.float()
-    return tiles_matmul(tiles, w)
+    return tiles_matmul(tiles, w, scratch_bytes)
 
 
 def pi_weight(tiles: ProbTiles, weight: torch.Tensor, targets: torch.Tensor,
@@ -293,44 +349,70 @@ def _spans(offsets: Sequence[int], N: int) -> List[Tuple[int, int]]:
     return list(zip(off[:-1], off[1:]))
 
 
-def off_target_gram(tiles: ProbTiles, offsets: Sequence[int]) -> List[torch.Tensor]:
-    """r_t . r_u (the tile rows) for the tokens of each conversation -> one (T_b, T_b) fp32 matrix per conversation
-    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped).
-    K-split at the vocabulary splits as :func:`tiles_matmul`: G = sum_s (scale_s scale_s^T) o G_s."""
-    N, V = tiles.shape
-    width = tiles.width()
+def _gram_block(ta: ProbTiles, tb: Optional[ProbTiles], scratch_bytes: Optional[int]) -> torch.Tensor:
+    """R_a R_b^T of the tile rows of ``ta`` and ``tb`` (``tb`` None: ``ta`` itself) -> (n_a, n_b) fp32, K-split
+    at the vocabulary splits as :func:`tiles_matmul`: G = sum_s (scale_a,s scale_b,s^T) o R_a,s R_b,s^T. bf16x2:
+    hi_a hi_b^T + lo_a hi_b^T + hi_a lo_b^T (lo lo^T dropped; with ``tb`` None hi hi^T + X + X^T, X = lo hi^T)."""
+    sym = tb is None
+    tb = ta if sym else tb
+    width, V = ta.width(), int(ta.shape[1])
+    if (tb.width() != width or tb.precision != ta.precision or int(tb.shape[1]) != V
+            or (ta.split_scale is None) != (tb.split_scale is None)):
+        raise RosaInputError("rosa_ext.kernels.tile_gemms: the two tiles of a Gram block must come from one split "
+                             "plan and precision (the blocks of one problem)", "tiles")
     nf = V // width
-    out = []
+    va = [split_views(p, width) for p in _stored(ta)]
+    vb = va if sym else [split_views(p, width) for p in _stored(tb)]
+    sa, sb = ta.split_scale, tb.split_scale
 
-    def gram(ps: List[torch.Tensor]) -> torch.Tensor:
-        """ps: the stored parts of a block of columns, (.., T_b, cols) -> (.., T_b, T_b) fp32."""
-        if tiles.p is not None:
-            return ps[0] @ ps[0].transpose(-1, -2)
-        G = mm_f32(ps[0], ps[0].transpose(-1, -2))
-        if len(ps) > 1:
-            X = mm_f32(ps[1], ps[0].transpose(-1, -2))
-            G.add_(X).add_(X.transpose(-1, -2))
+    def prod(pa: List[torch.Tensor], pb: List[torch.Tensor]) -> torch.Tensor:
+        """the stored parts of a block of columns, (.., n_a, cols) and (.., n_b, cols) -> (.., n_a, n_b) fp32."""
+        if ta.p is not None:
+            return pa[0] @ pb[0].transpose(-1, -2)
+        G = mm_f32(pa[0], pb[0].transpose(-1, -2))
+        if len(pa) > 1:
+            X = mm_f32(pa[1], pb[0].transpose(-1, -2))
+            G.add_(X).add_(X.transpose(-1, -2) if sym else mm_f32(pa[0], pb[1].transpose(-1, -2)))
         return G
 
-    for lo, hi in _spans(offsets, N):
-        t = tiles.rows(lo, hi)
-        Tb = hi - lo
-        sc = t.split_scale
-        views = [split_views(p, width) for p in _stored(t)]
-        G = None
-        for g0, g1 in _groups(nf, Tb * Tb * 4 * len(views)):
-            Gs = gram([v[0][g0:g1] for v in views])
-            if sc is not None:
-                Gs.mul_(sc[g0:g1].unsqueeze(2)).mul_(sc[g0:g1].unsqueeze(1))
-            part = Gs[0] if g1 - g0 == 1 else Gs.sum(0)
-            G = part if G is None else G.add_(part)
-        if nf * width < V:
-            Gt = gram([v[1] for v in views])
-            if sc is not None:
-                Gt.mul_(sc[nf].unsqueeze(1)).mul_(sc[nf].unsqueeze(0))
-            G = Gt if G is None else G.add_(Gt)
-        out.append(G)
-    return out
+    G = None
+    per_split = int(ta.shape[0]) * int(tb.shape[0]) * 4 * (2 if len(va) > 1 else 1)
+    for g0, g1 in _groups(nf, per_split, scratch_bytes):
+        Gs = prod([v[0][g0:g1] for v in va], [v[0][g0:g1] for v in vb])
+        if sa is not None:
+            Gs.mul_(sa[g0:g1].unsqueeze(2)).mul_(sb[g0:g1].unsqueeze(1))
+        part = Gs[0] if g1 - g0 == 1 else Gs.sum(0)
+        G = part if G is None else G.add_(part)
+    if nf * width < V:
+        Gt = prod([v[1] for v in va], [v[1] for v in vb])
+        if sa is not None:
+            Gt.mul_(sa[nf].unsqueeze(1)).mul_(sb[nf].unsqueeze(0))
+        G = Gt if G is None else G.add_(Gt)
+    return G
+
+
+def off_target_gram(tiles: ProbTiles, offsets: Sequence[int], scratch_bytes: Optional[int] = None) -> List[torch.Tensor]:
+    """r_t . r_u (the tile rows) for the tokens of each conversation -> one (T_b, T_b) fp32 matrix per conversation
+    (``offsets``: B + 1 host ints). bf16x2: hi hi^T + X + X^T with X = lo hi^T (lo lo^T dropped).
+    K-split at the vocabulary splits as :func:`tiles_matmul`: G = sum_s (scale_s scale_s^T) o G_s
+    (``scratch_bytes`` as there)."""
+    N = tiles.shape[0]
+    return [_gram_block(tiles.rows(lo, hi), None, scratch_bytes) for lo, hi in _spans(offsets, N)]
+
+
+def off_target_gram_pair(ta: ProbTiles, tb: ProbTiles, scratch_bytes: Optional[int] = None) -> torch.Tensor:
+    """r_t . r_u for the rows t of ``ta`` and u of ``tb`` -> (n_a, n_b) fp32: one off-diagonal block of a
+    conversation's Gram when its tokens are in blocks (the tiles of two blocks of one launch plan:
+    same split plan and precision). Products as :func:`off_target_gram`'s, hi_a lo_b^T computed as well."""
+    return _gram_block(ta, tb, scratch_bytes)
+
+
+def _columns_at(t: ProbTiles, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """t's tile rows at the columns ``y`` (clamped ids) -> (n, len(y)) fp32 (split scales applied; 0 where not ``ok``)."""
+    X = t.p[:, y] if t.p is not None else (t.hi[:, y].float() if t.lo is None else t.hi[:, y].float() + t.lo[:, y].float())
+    if t.split_scale is not None:  # scale[split of y_u, t]
+        X.mul_(t.split_scale.T[:, torch.div(y, t.width(), rounding_mode="floor")])
+    return X * ok.unsqueeze(0)
 
 
 def cross_terms(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int]) -> List[torch.Tensor]:
@@ -339,17 +421,14 @@ def cross_terms(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int])
     N, V = tiles.shape
     ok = _target_ok(targets, V)
     y = targets.clamp(0, V - 1)
-    width = tiles.width()
-    out = []
-    for lo, hi in _spans(offsets, N):
-        t = tiles.rows(lo, hi)
-        yb = y[lo:hi]
-        X = t.p[:, yb] if t.p is not None else (t.hi[:, yb].float() if t.lo is None else
-                                                 t.hi[:, yb].float() + t.lo[:, yb].float())
-        if t.split_scale is not None:  # scale[split of y_u, t]
-            X.mul_(t.split_scale.T[:, torch.div(yb, width, rounding_mode="floor")])
-        out.append(X * ok[lo:hi].unsqueeze(0))
-    return out
+    return [_columns_at(tiles.rows(lo, hi), y[lo:hi], ok[lo:hi]) for lo, hi in _spans(offsets, N)]
+
+
+def cross_rows(tiles: ProbTiles, targets: torch.Tensor) -> torch.Tensor:
+    """X[t, u] = r_t[y_u] for the tile rows t and the tokens u of ``targets`` (any count: e.g. a whole
+    conversation of which the tiles hold one block) -> (n, len(targets)) fp32, as :func:`cross_terms`."""
+    V = tiles.shape[1]
+    return _columns_at(tiles, targets.clamp(0, V - 1), _target_ok(targets, V))
 
 
 def centered_gram(tiles: ProbTiles, targets: torch.Tensor, offsets: Sequence[int]) -> List[torch.Tensor]:
