@@ -191,3 +191,56 @@ def test_epilogue_kernels_compile_for_hopper():
     assert sorted((x[0], x[1]) for x in rows) == [("combine", "0"), ("combine", "1"), ("linearize", "0"),
                                                   ("linearize", "1")], rows
     assert all(int(x[2]) > 0 for x in rows)
+
+
+def test_one_shared_row_of_b_is_read_by_every_conversation():
+    """A (1, V) lora_b is the one row every conversation reads (as the tile kernel's tables take it), not
+    row 0 for the first conversation and memory past it for the others."""
+    g = torch.Generator().manual_seed(5)
+    N, V = 30, 40
+    lse_off = torch.randn(N, generator=g)
+    lse, logp, logq = split_logits(lse_off + torch.randn(N, generator=g) * 3, lse_off)
+    offs = torch.tensor([0, 10, 20, N], dtype=torch.int32)
+    y = torch.randint(0, V, (N,), generator=g)
+    b = torch.randn(1, V, generator=g)
+    got = linearize_tokens(logp, logq, lse, offs, torch.tensor([-1.0, 1.0, 0.5]), 1.0, b, y)
+    torch.testing.assert_close(got.by, b[0, y], rtol=0, atol=0)
+    wide = linearize_tokens(logp, logq, lse, offs, torch.tensor([-1.0, 1.0, 0.5]), 1.0, b.expand(3, V), y)
+    torch.testing.assert_close(wide.by, got.by, rtol=0, atol=0)
+
+
+# -- GPU (when lent): the compiled kernels against the torch formulas -----------------------------------
+# On the GPU tl.exp is ex2.approx(x log2 e), relatively off by ~|x| 4e-8 (~8e-6 at exponents near -200):
+# the tolerance is 3e-5 relative, not the interpreter's 3e-6.
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,N,rows", [(3, 40, None), (4, BLOCK_TOKENS + 37, 7)])
+def test_gpu_combine_matches_the_torch_combine(S, N, rows):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    part = _partials(S, N, rows)[:, :S]
+    want = combine_partials(part.double(), None)
+    got = combine_partials_fused(part.cuda(), True)
+    for name, w, x in zip(NAMES, want, got):
+        _same(name, w.float(), x.cpu(), rtol=3e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_linearize_matches_the_torch_formulas():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator().manual_seed(1)
+    N = 2 * BLOCK_TOKENS + 90
+    L = torch.cat([torch.linspace(-120, 120, 300), torch.randn(N - 300, generator=g) * 4])
+    lse_off = torch.randn(N, generator=g) * 5
+    lse, logp, logq = split_logits(lse_off + L, lse_off)
+    offs = [0, 9, 250, 251, 300, N]
+    reward = torch.tensor([-1.0, 0.5, 0.0, 1e-7, 3.0])
+    lora_b = torch.randn(len(offs) - 1, 50, generator=g)
+    y = torch.randint(0, 50, (N,), generator=g)
+    want = _torch_linearization(logp.double(), logq.double(), lse.double(), offs, reward.double(), 1.0,
+                                lora_b.double(), y)
+    c = [t.cuda() for t in (logp, logq, lse, torch.tensor(offs, dtype=torch.int32), reward, lora_b, y)]
+    got = linearize_tokens(*c[:5], 1.0, c[5], c[6])
+    for name in ("p", "f", "g", "target", "by", "shift"):
+        _same(name, want[name].float(), getattr(got, name).cpu(), rtol=3e-5)
+    assert got.finite.tolist() == want["finite"].tolist()

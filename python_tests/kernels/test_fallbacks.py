@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from triton.runtime.jit import KernelInterface  # noqa: E402
 
 from rosa_ext import rosa_update  # noqa: E402
-from rosa_ext.kernels import _tiles, matvec, prob_tiles, reductions, stats_pass, tile_gemms  # noqa: E402
+from rosa_ext.kernels import _tiles, epilogue, matvec, prob_tiles, reductions, stats_pass, tile_gemms  # noqa: E402
 
 
 class _FakeCuda(torch.Tensor):
@@ -192,9 +192,9 @@ def test_guarded_launch_enters_the_first_tensors_device(monkeypatch):
 def test_every_launched_kernel_is_guarded():
     """Every kernel the package launches (module-level ``*_kernel`` of rosa_ext.kernels) carries the guard:
     they are all made by ``_tiles.autotuned``."""
-    kernels = {f"{m.__name__}.{n}": obj for m in (stats_pass, prob_tiles, reductions, matvec)
+    kernels = {f"{m.__name__}.{n}": obj for m in (stats_pass, prob_tiles, reductions, matvec, epilogue)
                for n, obj in vars(m).items() if n.endswith("_kernel") and isinstance(obj, KernelInterface)}
-    assert len(kernels) >= 5, kernels
+    assert len(kernels) >= 7, kernels
     unguarded = [n for n, k in kernels.items() if not getattr(k.run, "device_guarded", False)]
     assert not unguarded
 

@@ -268,7 +268,8 @@ def linearize_tokens(logp: torch.Tensor, logq: torch.Tensor, lse: torch.Tensor, 
         lora_b = lora_b.contiguous()
     lb = lora_b if has_lora else out
     V = int(lora_b.shape[-1]) if has_lora else 0
-    s_lb = (lora_b.stride(0) if lora_b.dim() == 2 else 0) if has_lora else 0
+    # one row of b shared by every conversation ((V,) or (1, V), as _tiles.table_rows reads it): row stride 0
+    s_lb = (lora_b.stride(0) if lora_b.dim() == 2 and lora_b.shape[0] > 1 else 0) if has_lora else 0
     if B:
         _linearize_kernel[(B,)](
             logp, logq, lse, offsets, reward, float(beta), lb, targets if has_lora else offsets, s_lb, V,
