@@ -42,7 +42,7 @@ from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..common.validation import RosaInputError
 from ..kernels import tile_gemms as TG
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors, tile_buffers
-from .torch_engine import spans
+from .torch_engine import conversation_groups, spans
 
 #: On CUDA the tile budget is at most this fraction of the memory free to the process.
 FREE_MEMORY_FRACTION = 0.5
@@ -194,21 +194,6 @@ def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], scratch
 
 
 # ----------------------------------------------------------------------------------------- LoRA: the Gram
-def conversation_groups(lengths: Sequence[int], rows: int) -> List[Tuple[int, int]]:
-    """Consecutive conversations [b0, b1) whose tokens fit ``rows`` together; a conversation longer than
-    ``rows`` is a group of its own (its Gram is then assembled from sub-blocks)."""
-    if int(rows) < 1:
-        raise RosaInputError(f"rosa_ext.backends.tile_blocks.conversation_groups: rows must be >= 1, got {rows}", "rows")
-    groups, g0, n = [], 0, 0
-    for b, T in enumerate(lengths):
-        if b > g0 and n + T > rows:
-            groups.append((g0, b))
-            g0, n = b, 0
-        n += T
-    groups.append((g0, len(lengths)))
-    return groups
-
-
 def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str) -> GramPass:
     """The raw Gram parts (``r̂_t . r̂_u``, ``r̂_t[y_u]`` per conversation) and the per-token results, the
     tokens in blocks of at most ``rows`` (module doc): whole conversations grouped, a longer one in sub-blocks

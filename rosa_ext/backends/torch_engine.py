@@ -28,6 +28,7 @@ import torch
 
 from ..common.jacobian import WholeVocabulary, split_logits
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
+from ..common.validation import RosaInputError
 from .throughput import TORCH, lookup
 
 #: the smallest vocabulary chunk (GEMM efficiency)
@@ -55,6 +56,21 @@ def spans(offsets: Sequence[int], r0: int, r1: int) -> List[Tuple[int, int, int]
         if lo < hi:
             out.append((b, lo - r0, hi - r0))
     return out
+
+
+def conversation_groups(lengths: Sequence[int], rows: int) -> List[Tuple[int, int]]:
+    """Consecutive conversations [b0, b1) whose tokens fit ``rows`` together; a conversation longer than
+    ``rows`` is a group of its own (its Gram is then assembled from sub-blocks)."""
+    if int(rows) < 1:
+        raise RosaInputError(f"rosa_ext.backends.torch_engine.conversation_groups: rows must be >= 1, got {rows}", "rows")
+    groups, g0, n = [], 0, 0
+    for b, T in enumerate(lengths):
+        if b > g0 and n + T > rows:
+            groups.append((g0, b))
+            g0, n = b, 0
+        n += T
+    groups.append((g0, len(lengths)))
+    return groups
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..backends.torch_engine import gram_block
+from ..backends.torch_engine import conversation_groups, gram_block
 from ..common.config import RosaConfig
 from ..common.jacobian import Linearization
 from ..common.types import GramPass, HeadProblem, Solved
@@ -150,15 +150,7 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = Fals
 def keep_groups(lengths: Sequence[int]) -> List[Tuple[int, int]]:
     """Consecutive conversations grouped so that no group has more rows than the longest one
     (the kept tiles of a batch never exceed those of its longest conversation)."""
-    cap = max(lengths)
-    groups, g0, rows = [], 0, 0
-    for k, n in enumerate(lengths):
-        if k > g0 and rows + n > cap:
-            groups.append((g0, k))
-            g0, rows = k, 0
-        rows += n
-    groups.append((g0, len(lengths)))
-    return groups
+    return conversation_groups(lengths, max(1, max(lengths)))
 
 
 # ----------------------------------------------------------------------------- 4. cost and memory
