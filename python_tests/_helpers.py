@@ -87,3 +87,29 @@ class LinearizedHead:
     def vjp(self, u):
         from rosa_ext.common import jacobian as J
         return J.vjp(self.lin, self.backend, u * self.scale)
+
+
+def sm90_compile(script: str, *args: str, timeout: int) -> str:
+    """Run ``script`` (Python source that compiles Triton kernels ahead of time for sm_90 and prints one
+    line per compile) in a subprocess without TRITON_INTERPRET, the repository root on PYTHONPATH ->
+    its stdout. Skips where a GPU is present (the GPU tests compile and run the kernels for real) or where
+    this triton's ahead-of-time compile API differs; fails on any other error."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU tests compile and run the kernels for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \
+            and "rosa_ext" not in r.stderr:
+        pytest.skip(f"this triton's ahead-of-time compile API differs: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

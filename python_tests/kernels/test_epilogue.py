@@ -4,7 +4,6 @@ linearisation (Linearization.at: the scale, f, p, the target g of residual_targe
 flags) -- on confident tokens (logit gaps up to 120), underflowing probabilities, -inf logits and NaN, under
 the interpreter; the engine's fused linearisation against the torch one on a real pass; and both kernels
 compiled ahead of time for sm_90 (no GPU needed)."""
-import os
 
 import pytest
 import torch
@@ -174,20 +173,8 @@ for name, kern, sig in (("combine", E._combine_kernel, combine), ("linearize", E
 
 def test_epilogue_kernels_compile_for_hopper():
     """Both kernels compiled for sm_90 ahead of time, with and without a LoRA term (no GPU needed)."""
-    import pathlib
-    import subprocess
-    import sys
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the GPU tests compile and run the kernels for real")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _SM90], capture_output=True, text=True, env=env, timeout=900)
-    if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \
-            and "rosa_ext" not in r.stderr:
-        pytest.skip(f"this triton's ahead-of-time compile API differs: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    from _helpers import sm90_compile
+    rows = [line.split() for line in sm90_compile(_SM90, timeout=900).strip().splitlines()]
     assert sorted((x[0], x[1]) for x in rows) == [("combine", "0"), ("combine", "1"), ("linearize", "0"),
                                                   ("linearize", "1")], rows
     assert all(int(x[2]) > 0 for x in rows)

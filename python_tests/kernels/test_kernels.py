@@ -5,7 +5,6 @@ tiny; V is never a multiple of the tile (interpreter tile: 16 tokens x 32 vocab 
 Half-precision inputs are compared with float64 math on the *same rounded* inputs: the kernels
 multiply exactly and accumulate in fp32, so one fp32-level tolerance serves every dtype.
 """
-import pathlib
 
 import pytest
 import torch
@@ -413,21 +412,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     default "tf32x3" precision, LoRA, bias, the run flag, the fused scatter, the probability tiles -- and check that the logits
     tiles use wgmma with cp.async-pipelined loads of H and W, within an H100/H200 block's 227 KiB of
     shared memory."""
-    import os
-    import subprocess
-    import sys
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the GPU tests compile and run the kernels for real")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \
-            and "rosa_ext" not in r.stderr:
-        pytest.skip(f"this triton's ahead-of-time compile API differs: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    from _helpers import sm90_compile
+    rows = [line.split() for line in sm90_compile(_SM90_SCRIPT, timeout=600).strip().splitlines()]
     got = {(tag, name): (dots, piped, int(shared)) for tag, name, dots, piped, shared in rows}
     for tag in ("bf16", "fp32-tf32x3"):
         for name in ("_stats_kernel", "_row_kernel", "_column_kernel", "_prob_tile_kernel"):

@@ -656,25 +656,13 @@ def test_prob_tile_kernel_compiles_for_hopper():
     ``ROSA_AOT_ALL=1``: every autotune config, each OUT_MODE its operand dtype uses, the one pass and a
     given lse, LoRA with one and with per-conversation b rows (92 compiles, ~6 min on 2 cores: run it
     after any change to the kernel body; the table is benchmarks/results/prob_tiles_sm90_registers.txt)."""
-    import pathlib
-    import subprocess
-    import sys
+    from _helpers import sm90_compile
 
     from rosa_ext.kernels.prob_tiles import POOLS
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the GPU tests compile and run the kernel for real")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE, "all" if AOT_ALL else "one"], capture_output=True,
-                       text=True, env=env, timeout=1800)
-    if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \
-            and "rosa_ext" not in r.stderr:
-        pytest.skip(f"this triton's ahead-of-time compile API differs: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(r.stdout)
-    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    out = sm90_compile(_SM90_COMPILE, "all" if AOT_ALL else "one", timeout=1800)
+    print(out)
+    rows = [line.split() for line in out.strip().splitlines()]
     want = {("bf16", 3, 4), ("fp32-tf32x3", 2, 4), ("fp32-ieee", 1, 3)}  # (tag, modes, configs)
     for tag, modes, n in want:
         assert len([x for x in rows if x[0] == tag]) == (modes * n * 2 * 2 if AOT_ALL else 1), (tag, rows)
