@@ -68,6 +68,10 @@ class HeadProblem:
       :class:`VocabShard` of a vocabulary-parallel head: then ``weight``, ``bias`` and ``lora_b``
       hold the local rows (V = V_local above) and ``targets`` stay global token ids;
       ``global_vocab_size`` is the V of the whole head either way
+    - ``pending`` the input checks that read values, not read yet
+      (:class:`~rosa_ext.common.validation.PendingChecks`): the plan reads them in its first host sync
+      (``targets`` are then clamped into [0, V) so that nothing indexes out of range before); None when
+      the inputs were checked already
     """
 
     hidden: torch.Tensor
@@ -89,6 +93,7 @@ class HeadProblem:
     vocab_size: int
     global_vocab_size: int
     shard: Optional[VocabShard] = None
+    pending: Any = None
 
     def conversations(self, b0: int, b1: int) -> "HeadProblem":
         """Conversations ``b0 .. b1 - 1`` as a problem of their own (views, no copy)."""

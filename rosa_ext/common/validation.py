@@ -24,7 +24,8 @@ or state key at fault, or None):
 
 Checks that read tensor *values* (finiteness, index ranges) synchronise with the device once per
 check; they are kept apart from the shape/dtype/device checks (``kernel_ranges`` for the kernels)
-so that a caller on a hot path can skip them.
+so that a caller on a hot path can skip them. :func:`rosa_ext.rosa_update` queues its value checks
+(:class:`PendingChecks`) for the solve plan to read in its own one host sync (MATH.md section 4).
 
 Leaf layer: imports nothing from the rest of the package except :mod:`.types`.
 """
@@ -313,3 +314,84 @@ def finite_result(who: str, update: torch.Tensor, damping: float) -> None:
         fail(who, "damping", f"the step is not finite (NaN/Inf) with damping={damping:g}: the problem is too "
                              "ill-conditioned for the compute dtype; raise `damping` or use float64 inputs",
              RosaNumericalError)
+
+
+# -- value checks read in a solve's one host sync ----------------------------------------------
+def read_host(values: Sequence[torch.Tensor]) -> list:
+    """The entries of ``values`` (0-dim or 1-D tensors of any dtype on one device) as Python floats,
+    with ONE host synchronisation: one concatenation into float64 (exact for every float dtype and for
+    token ids) and one read."""
+    parts = [v.reshape(-1) for v in values]
+    out = torch.empty(sum(p.numel() for p in parts), dtype=torch.float64, device=parts[0].device)
+    return torch.cat(parts, out=out).tolist()
+
+
+def minmax_finite(mn: float, mx: float) -> bool:
+    """Whether a tensor whose ``torch.aminmax`` read (mn, mx) is finite: NaN propagates through both,
+    +-Inf shows in one."""
+    return math.isfinite(mn) and math.isfinite(mx)
+
+
+class PendingChecks:
+    """The checks of a call's inputs that read tensor values, queued as 0-dim device tensors instead of
+    read at once, so that a solve reads them in its own one host sync (``rosa_ext.plans.dense.accept``,
+    ``check_linearization``) -- or :meth:`run` reads them alone. They are raised in the order queued,
+    each naming its argument, before any error the solve's numbers would give; nothing has been
+    modified by then (the op only returns a step).
+
+    ``zero_jacobian`` checks (a dead LoRA: a = 0 and b = 0 make J exactly zero) are not queued: a dual
+    solve sees a zero J in numbers it reads anyway (its Gram matrix is exactly 0), and runs them only
+    then (:meth:`check_zero_jacobian`, one more sync on that path); :meth:`run` and the CG plans run
+    them with the rest."""
+
+    def __init__(self) -> None:
+        self.items: list = []  # (0-dim tensors, check(values: list of floats) -> None)
+        self.zero_jacobian: list = []  # (make() -> 0-dim tensors, check)
+        self._made: list = []  # the zero-Jacobian tensors of the last tensors(True)
+
+    def add(self, values: Sequence[torch.Tensor], check: Any) -> None:
+        """Queue ``check(list of floats)`` on the entries of the 0-dim tensors ``values``."""
+        self.items.append((list(values), check))
+
+    def finite(self, who: str, name: str, x: torch.Tensor) -> None:
+        """Queue "no NaN/Inf in ``x``" (one min/max reduction, no x-sized temporary)."""
+        if x.numel() == 0:
+            return
+
+        def check(v: list) -> None:
+            if not minmax_finite(*v):
+                fail(who, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)", RosaNonFiniteError)
+        self.add(torch.aminmax(x), check)
+
+    def tensors(self, with_zero_jacobian: bool = False) -> list:
+        """The queued tensors, in order, then (if asked) the zero-Jacobian checks' own, made now."""
+        out = [v for vals, _ in self.items for v in vals]
+        self._made = [list(make()) for make, _ in self.zero_jacobian] if with_zero_jacobian else []
+        return out + [v for vals in self._made for v in vals]
+
+    def verdict(self, values: Sequence[float]) -> int:
+        """Run the checks on ``values`` (the entries of the last :meth:`tensors`, read) in order, raising the
+        first failure -> how many values they took."""
+        k = 0
+        pairs = [(len(vals), check) for vals, check in self.items]
+        pairs += [(len(vals), check) for vals, (_, check) in zip(self._made, self.zero_jacobian)]
+        for n, check in pairs:
+            check(list(values[k:k + n]))
+            k += n
+        return k
+
+    def check_zero_jacobian(self) -> None:
+        """Run the zero-Jacobian checks alone (one host sync): for a solve that found J exactly zero."""
+        if self.zero_jacobian:
+            made = [list(make()) for make, _ in self.zero_jacobian]
+            vals = read_host([v for m in made for v in m])
+            k = 0
+            for m, (_, check) in zip(made, self.zero_jacobian):
+                check(vals[k:k + len(m)])
+                k += len(m)
+
+    def run(self) -> None:
+        """Read every check (the zero-Jacobian ones included) with one host sync; raise the first failure."""
+        vals = self.tensors(with_zero_jacobian=True)
+        if vals:
+            self.verdict(read_host(vals))

@@ -2,8 +2,9 @@
 
 A thin function over one typed engine call (MATH.md sections 1 and 6): it reads its options from one
 :class:`~rosa_ext.common.config.RosaConfig`, checks and packs its tensors into a
-:class:`~rosa_ext.common.types.HeadProblem` (:func:`build_problem`, every error raised before anything
-is allocated or modified, naming the argument), takes the engine of ``config.backend``
+:class:`~rosa_ext.common.types.HeadProblem` (:func:`build_problem`, every error naming the argument and
+raised before anything is modified; the checks that read values are queued for the plan's one host
+sync, MATH.md section 4), takes the engine of ``config.backend``
 (:mod:`rosa_ext.backends`), runs the plan ``solver="auto"`` chooses (:mod:`rosa_ext.plans`) and
 returns the step. A vocabulary-parallel head goes through :mod:`.distributed` first (MATH.md section 7).
 """
@@ -143,7 +144,7 @@ def rosa_update(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 cg_impl=cg_impl)
         else:
             prob = build_problem(hidden, weight, targets, reward, cfg, lora_a=lora_a, lora_b=lora_b, bias=bias,
-                                 mask=mask)
+                                 mask=mask, defer=True)
             engine = engine_for(cfg.backend, prob.weight.device)
         plan = choose(cfg, tuple(prob.lengths), prob.hidden_size, prob.global_vocab_size, engine.name,
                       prob.weight.device.type, prob.weight.dtype)
@@ -176,33 +177,6 @@ def _vocab_parallel(weight: Any, process_group: Any, vocab_start: Any, vocab_siz
 
 
 # ----------------------------------------------------------------------------- the inputs, checked and packed
-class _ValueChecks:
-    """The checks of :func:`build_problem` that read tensor values (finite entries, the targets' range, a
-    dead LoRA), queued as 0-dim tensors and read with ONE host synchronisation (:meth:`run`), then
-    raised in the order they were queued (each names its argument, as when checked one by one)."""
-
-    def __init__(self) -> None:
-        self.items: List[Tuple[torch.Tensor, Callable[[float], None]]] = []
-
-    def add(self, value: torch.Tensor, check: Callable[[float], None]) -> None:
-        self.items.append((value, check))
-
-    def finite(self, name: str, x: torch.Tensor) -> None:
-        if x.numel():
-            def bad(v: float, name: str = name) -> None:
-                if not v:
-                    checks.fail(WHO, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)",
-                                checks.RosaNonFiniteError)
-            self.add(checks.all_finite(x), bad)
-
-    def run(self) -> None:
-        if not self.items:
-            return
-        vals = torch.stack([v.to(torch.float64) for v, _ in self.items]).tolist()  # the one host sync
-        for v, (_, check) in zip(vals, self.items):
-            check(v)
-
-
 def _tensor(name: str, x: Any, device: Optional[torch.device] = None, floating: bool = False) -> torch.Tensor:
     x = checks.float_tensor(WHO, name, x) if floating else checks.tensor(WHO, name, x)
     if device is not None:
@@ -211,7 +185,7 @@ def _tensor(name: str, x: Any, device: Optional[torch.device] = None, floating: 
 
 
 def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, batched: bool,
-                 device: torch.device, dtype: torch.dtype, values: _ValueChecks) -> Optional[torch.Tensor]:
+                 device: torch.device, dtype: torch.dtype, values: checks.PendingChecks) -> Optional[torch.Tensor]:
     """Accept (width,), PEFT's (1, width) / (width, 1), or (B, width) for a batch."""
     if x is None:
         return None
@@ -227,7 +201,7 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
     else:
         want = f"({width},)" + (f" or ({batch}, {width})" if batched else f", (1, {width}) or ({width}, 1)")
         checks.fail(WHO, name, f"`{name}` must have shape {want}, got {tuple(x.shape)}")
-    values.finite(name, m)
+    values.finite(WHO, name, m)
     m = m.detach().to(dtype)
     if m.shape[0] == 1 and batch > 1:
         m = m.expand(batch, width)
@@ -235,7 +209,7 @@ def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, b
 
 
 def _adapter(cfg: RosaConfig, lora_a: Any, lora_b: Any, B: int, d: int, V: int, batched: bool, device: torch.device,
-             dtype: torch.dtype, values: _ValueChecks) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+             dtype: torch.dtype, values: checks.PendingChecks) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The LoRA (a (B, d), b (B, V) in the compute dtype, or None) checked: shapes now, values queued on
     ``values``; in mode "lora" ``lora_a`` is required and a = 0 with b = 0 refused (its Jacobian is zero)."""
     a = _lora_matrix("lora_a", lora_a, B, d, batched, device, dtype, values)
@@ -245,30 +219,38 @@ def _adapter(cfg: RosaConfig, lora_a: Any, lora_b: Any, B: int, d: int, V: int, 
     if a is None:
         checks.fail(WHO, "lora_a", "mode='lora' needs `lora_a` (the (d,) / (1, d) lora_A weight); with a = 0 and b = 0 "
                                    "the Jacobian is zero. Initialise it as LoRA does (random), and `lora_b` to zeros")
-    # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None
-    dead = (a == 0).all(1) & ((bvec == 0).all(1) if bvec is not None else torch.ones_like(a[:, 0], dtype=torch.bool))
-    first = torch.where(dead.any(), dead.to(torch.int64).argmax(), -1)
+    # a = 0 and b = 0 (per conversation): the Jacobian is zero, as with lora_a=None. A zero-Jacobian
+    # check: a dual solve runs it only when it finds J exactly zero (PendingChecks)
+    def first_dead() -> Tuple[torch.Tensor]:
+        dead = (a == 0).all(1)
+        if bvec is not None:
+            dead &= (bvec == 0).all(1)
+        return (torch.where(dead.any(), dead.to(torch.int64).argmax(), -1),)
 
-    def not_dead(v: float) -> None:
-        if v >= 0:
-            which = f" (conversation {int(v)})" if batched else ""
+    def not_dead(v: List[float]) -> None:
+        if v[0] >= 0:
+            which = f" (conversation {int(v[0])})" if batched else ""
             checks.fail(WHO, "lora_a", f"`lora_a` is all zeros and `lora_b` is zero{which}: the Jacobian of a rank-1 LoRA "
                                        "at a = 0, b = 0 is zero, so the step would be zero. Initialise `lora_a` as LoRA "
                                        "does (random)")
 
-    values.add(first, not_dead)
+    values.zero_jacobian.append((first_dead, not_dead))
     return a, bvec
 
 
 def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reward: RewardLike,
                   cfg: RosaConfig, *, lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
-                  bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> HeadProblem:
+                  bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                  defer: bool = False) -> HeadProblem:
     """Check every tensor input of :func:`rosa_update` and pack it -> HeadProblem (module doc): the
     response tokens of all conversations are concatenated ("packed") into N rows, with ``seg`` telling
     which conversation a row belongs to, so one pass over the head weight serves the whole batch. Every
-    error is raised before anything is allocated or modified, and names the argument."""
+    error names the argument and is raised before anything is modified: the checks of shapes, dtypes and
+    devices here; the checks that read tensor values (finite entries, the targets' range, a dead LoRA)
+    with one host sync here, or, with ``defer``, queued on ``prob.pending`` for the solve plan to read in
+    its own first sync (MATH.md section 4, "One host sync"), so that a dual update syncs once in all."""
     fail = checks.fail
-    values = _ValueChecks()
+    values = checks.PendingChecks()
     weight = _tensor("weight", weight, floating=True)
     hidden = _tensor("hidden", hidden, floating=True)
     targets = _tensor("targets", targets)
@@ -301,7 +283,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         bias = _tensor("bias", bias, device, floating=True)
         if bias.shape != (Vs,):
             fail(WHO, "bias", f"`bias` must be ({Vs},), got {tuple(bias.shape)}")
-        values.finite("bias", bias)
+        values.finite(WHO, "bias", bias)
 
     compute_dtype = compute_dtype_of(weight.dtype)
     # damping and lora_scale enter tensors of the compute dtype: they must be finite there
@@ -320,22 +302,25 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             fail(WHO, "mask", "`mask` selects no response token" + (f" in conversation {b}" if batched else ""))
     sel_targets = targets2.reshape(-1) if mask2 is None else targets2[mask2]
 
-    def target_range(lo: float, hi: float) -> None:
+    def target_range(v: List[float]) -> None:
+        lo, hi = v
         if lo < 0 or hi >= Vs:
-            fail(WHO, "targets", f"`targets` holds token id {int(hi if hi >= Vs else lo)}, outside the vocabulary "
+            fail(WHO, "targets", f"`targets` holds token id {int(lo if lo < 0 else hi)}, outside the vocabulary "
                                  f"[0, {Vs})")
 
-    values.add(sel_targets.min(), lambda v: target_range(v, 0))
-    values.add(sel_targets.max(), lambda v: target_range(0, v))
+    values.add(torch.aminmax(sel_targets), target_range)
+    if defer:  # read later, in the solve's first sync: nothing may index out of range before (clamped ids
+        sel_targets = sel_targets.clamp(0, Vs - 1)  # are only ever used when the check passes)
     sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
-    values.finite("hidden", sel_hidden)
+    values.finite(WHO, "hidden", sel_hidden)
 
     r = checks.rewards(WHO, reward, B)
     for v in r.tolist():  # a reward beyond the compute dtype's range would become +-inf there
         checks.real(WHO, "reward", v, dtype=compute_dtype)
     r = r.to(device=device, dtype=compute_dtype)
     a, bvec = _adapter(cfg, lora_a, lora_b, B, d, Vs, batched, device, compute_dtype, values)
-    values.run()
+    if not defer:
+        values.run()
     if a is not None and bvec is None:
         bvec = torch.zeros(B, Vs, dtype=compute_dtype, device=device)
     if bvec is not None and a is None:
@@ -352,4 +337,4 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                        offsets=offsets, lengths=[int(n) for n in counts], reward=r, lora_a=a, lora_b=bvec,
                        lora_scale=cfg.lora_scale, batched=batched, compute_dtype=compute_dtype,
                        num_tokens=offsets[-1], num_conversations=B, hidden_size=int(d), vocab_size=int(Vs),
-                       global_vocab_size=int(Vs))
+                       global_vocab_size=int(Vs), pending=values if defer else None)

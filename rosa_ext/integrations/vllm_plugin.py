@@ -50,6 +50,7 @@ import torch
 
 from ..common import validation as checks
 from .serving import RECORD_KEY, USER_KEY, RosaServing, ServingConfig, feedback_body, request_fields
+from .vllm_processor import apply_moves
 
 logger = logging.getLogger(__name__)
 
@@ -282,12 +283,7 @@ def requests_class() -> type:
                             new.pop(index, None)
                         else:
                             new[index] = rec
-                    for a, b, direction in batch_update.moved:
-                        ea, eb = new.pop(a, None), new.pop(b, None)
-                        if ea is not None:
-                            new[b] = ea
-                        if eb is not None and getattr(direction, "name", direction) == "SWAP":
-                            new[a] = eb
+                    apply_moves(new, batch_update.moved)
                     self.slots = new
                     self.batch_size = int(batch_update.batch_size)
                     self.plan = None

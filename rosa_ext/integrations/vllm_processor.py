@@ -127,6 +127,18 @@ def check_shift(value: Any, hidden_size: Optional[int], *, who: str = "RosaShift
     return t
 
 
+def apply_moves(rows: Dict[int, Any], moved: Sequence[Any]) -> None:
+    """Apply a V1 ``BatchUpdate``'s ``moved`` entries ``(a, b, direction)`` to ``rows`` (batch index ->
+    what that row serves), in place, in vLLM's order: a move takes row a's entry to b (b's is dropped),
+    a SWAP exchanges them. The one place the serving code maps vLLM's row moves."""
+    for a, b, direction in moved:
+        ea, eb = rows.pop(a, None), rows.pop(b, None)
+        if ea is not None:
+            rows[b] = ea
+        if eb is not None and getattr(direction, "name", direction) == "SWAP":
+            rows[a] = eb
+
+
 class ShiftRows:
     """The per-request bookkeeping of the processor, free of vLLM: request -> ``W delta``.
 
@@ -178,12 +190,7 @@ class ShiftRows:
                 new.pop(index, None)
             else:
                 new[index] = bias
-        for a, b, direction in batch_update.moved:
-            ea, eb = new.pop(a, None), new.pop(b, None)
-            if ea is not None:
-                new[b] = ea
-            if eb is not None and getattr(direction, "name", direction) == "SWAP":
-                new[a] = eb
+        apply_moves(new, batch_update.moved)
         self.biases = new
         self._rows = None
 
@@ -390,5 +397,5 @@ def __getattr__(name: str) -> Any:  # PEP 562: vLLM is imported on first access 
 
 
 # RosaShiftLogitsProcessor is left out of __all__: a star import would import vLLM
-__all__: Sequence[str] = ["EXTRA_ARGS_KEY", "MAX_SHIFT_NORM", "ShiftRows", "check_shift", "shift_extra_args", "load_head_weight",
+__all__: Sequence[str] = ["EXTRA_ARGS_KEY", "apply_moves", "MAX_SHIFT_NORM", "ShiftRows", "check_shift", "shift_extra_args", "load_head_weight",
                           "processor_class"]

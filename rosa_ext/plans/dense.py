@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -83,32 +83,43 @@ def conversation_ridges(prob: HeadProblem, cfg: RosaConfig, diag: torch.Tensor,
 
 
 def power_of_two_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """A power of two ``unit`` (0-dim, absmax's dtype) with ``unit * absmax`` in [1, 2): multiplying J by
+    """A power of two ``unit`` (0-dim, absmax's dtype) with ``unit * absmax`` in [1/2, 1): multiplying J by
     it is exact, and keeps J J^T of rows that are tiny (every p_t below ~1e-19: the products underflow
     float32) or huge (``lora_scale`` 1e25: they overflow) inside the range. 1 for a zero or non-finite
-    ``absmax`` (no host sync)."""
-    # log2 of 0, +inf, NaN is -inf, +inf, NaN: exponent 0, unit 1 (6 small ops: it runs per conversation)
-    e = torch.nan_to_num(torch.floor(torch.log2(absmax)), nan=0.0, posinf=0.0, neginf=0.0)
-    top = float(math.floor(math.log2(torch.finfo(absmax.dtype).max)))  # 2^top: the dtype's largest power of two
-    e = e.clamp(-top, top)  # subnormal rows (p ~ 1e-43 in float32) must not ask for 2^130
-    return torch.exp2(-e)
+    ``absmax`` (no host sync; three small ops: it runs per conversation)."""
+    # absmax = m 2^e with m in [1/2, 1): m / absmax = 2^-e exactly; 0/0, inf/inf and NaN give NaN -> 1, and a
+    # subnormal absmax (p ~ 1e-43 in float32), whose 2^-e is beyond the range, the dtype's largest power of two
+    top = math.ldexp(0.5, math.frexp(torch.finfo(absmax.dtype).max)[1])  # the dtype's largest power of two
+    m, _ = torch.frexp(absmax)
+    return torch.nan_to_num(m / absmax, nan=1.0, posinf=top)
 
 
-def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.Tensor, torch.Tensor]:
+class Factored(NamedTuple):
+    """How a Cholesky factorisation went, as 0-dim tensors (read in :func:`accept`'s one host sync):
+    ``info`` of ``torch.linalg.cholesky_ex`` (0: it succeeded) and the min and max of the factor's diagonal."""
+
+    info: torch.Tensor
+    diag_min: torch.Tensor
+    diag_max: torch.Tensor
+
+
+def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.Tensor, Factored]:
     """(A + lam I)^{-1} rhs by Cholesky for symmetric A (restored up to rounding afterwards). One
-    allocation of A's size (the factor); the triangular solves work in place. Returns (x, ok): ``ok``
-    (0-dim bool) that the factorisation succeeded and ``A + lam I`` is well enough conditioned for the
-    compute dtype (:data:`CONDITION_LIMIT`, from the factor's diagonal)."""
+    allocation of A's size (the factor). Returns (x, how the factorisation went): :func:`well_factored`
+    tells, on the host, whether it succeeded and ``A + lam I`` is well enough conditioned for the compute
+    dtype (:data:`CONDITION_LIMIT`)."""
     A.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(A)
     A.diagonal().sub_(lam)
-    x = rhs.clone().unsqueeze(1)
-    torch.linalg.solve_triangular(L, x, upper=False, out=x)
-    torch.linalg.solve_triangular(L.mT, x, upper=True, out=x)
-    Ld = L.diagonal().abs()
-    cond = (Ld.max() / Ld.min()) ** 2  # a lower estimate of cond(A + lam I); inf/NaN when it failed
-    ok = (info == 0) & (cond * torch.finfo(A.dtype).eps <= CONDITION_LIMIT)
-    return x.squeeze(1), ok
+    x = torch.cholesky_solve(rhs.unsqueeze(1), L)
+    dmin, dmax = torch.aminmax(L.diagonal())
+    return x.squeeze(1), Factored(info, dmin, dmax)
+
+
+def well_factored(info: float, dmin: float, dmax: float, dtype: torch.dtype) -> bool:
+    """Host side of :class:`Factored`: the factorisation succeeded and eps * cond(A + lam I) is at most
+    :data:`CONDITION_LIMIT`, cond estimated from below by (max / min of the factor's diagonal)^2 (NaN fails)."""
+    return info == 0 and dmin > 0 and (dmax / dmin) ** 2 * torch.finfo(dtype).eps <= CONDITION_LIMIT
 
 
 #: A Cholesky solve is trusted only while eps times the (estimated) condition number of ``A + lambda I``
@@ -120,65 +131,91 @@ def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.
 CONDITION_LIMIT = 1e-3
 
 
-def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, ok: torch.Tensor
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(||J^T e||^2, ||J^T g||^2, flags) of a dual solve, e = g - (G0 + lam I) alpha: the residual of
-    the normal equations from the Gram matrix (MATH.md section 4); flags = [factored and well
-    conditioned (``ok`` of :func:`factor_solve`), G0 finite]. A NaN/Inf alpha makes the residual NaN,
-    which fails the acceptance test."""
-    e = g - G0 @ alpha - lam * alpha
-    num = (e @ (G0 @ e)).clamp_min(0)
-    den = (g @ (G0 @ g)).clamp_min(0)
-    return num, den, torch.stack([ok, checks.all_finite(G0)])
+class SolveFacts(NamedTuple):
+    """One conversation's solve as 0-dim tensors, read on the host by :func:`accept` (one sync for all):
+    ``num``, ``den`` of the relative residual, how the factorisation went, ``system`` (min, max) of the
+    formed J J^T (or J^T J: finite, and exactly 0 when J is), the ridge ``lam`` and, for a primal solve,
+    ``step_sq`` = ||delta||^2 (else None)."""
+
+    num: torch.Tensor
+    den: torch.Tensor
+    factored: Factored
+    system: Tuple[torch.Tensor, torch.Tensor]
+    lam: torch.Tensor
+    step_sq: Optional[torch.Tensor] = None
 
 
-def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, ok: torch.Tensor,
-                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(||res||^2, ||rhs||^2, flags) of a primal solve (A0 + lam I) delta = rhs, A0 = J^T J. The flag
-    bounds the error itself: ||delta - delta*|| <= ||res|| / lam (A0 is PSD). The residual alone would
-    miss a component in the null space of J (rank-deficient J, tiny damping), which the dual form
-    cannot produce (its step is J^T alpha)."""
-    res = rhs - A0 @ delta - lam * delta
-    num, den = res @ res, rhs @ rhs
-    limit = DUAL_RESIDUAL_LIMIT[dtype]
-    fine = num <= (limit * limit) * (lam * lam) * (delta @ delta)
-    return num, den, torch.stack([ok & fine, checks.all_finite(A0)])
+def dual_check(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: Ridge, factored: Factored) -> SolveFacts:
+    """The facts of a dual solve: the residual of the normal equations from the Gram matrix (MATH.md
+    section 4), num = ||J^T e||^2 = e^T G0 e with e = g - (G0 + lam I) alpha, den = ||J^T g||^2. A NaN/Inf
+    alpha makes the residual NaN, which fails the acceptance test."""
+    e = torch.addmv(g, G0, alpha, alpha=-1).sub_(lam * alpha)
+    num = e @ (G0 @ e)
+    den = g @ (G0 @ g)
+    return SolveFacts(num, den, factored, torch.aminmax(G0), torch.as_tensor(lam))
 
 
-def accept(lin: Linearization, cfg: RosaConfig, nums: List[torch.Tensor], dens: List[torch.Tensor],
-           flags: List[torch.Tensor], lams: List[torch.Tensor], result: torch.Tensor) -> List[int]:
-    """The conversations whose solve must be redone in float64 (one host sync for all of them, which
-    also reads whether the pass's logits were finite, every ridge in range (:func:`ridge_in_range`) and
-    ``result`` (0-dim bool: the step so far is finite; a rejected conversation's float64 redo is checked
-    on its own)). Raises for non-finite logits or Jacobian, a step below the dtype's range, or a
-    non-finite step of an accepted solve."""
+def primal_check(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: Ridge, factored: Factored
+                 ) -> SolveFacts:
+    """The facts of a primal solve (A0 + lam I) delta = rhs, A0 = J^T J: num = ||res||^2, den = ||rhs||^2
+    and ||delta||^2, with which :func:`accept` bounds the error itself: ||delta - delta*|| <= ||res|| / lam
+    (A0 is PSD). The residual alone would miss a component in the null space of J (rank-deficient J,
+    tiny damping), which the dual form cannot produce (its step is J^T alpha)."""
+    res = torch.addmv(rhs, A0, delta, alpha=-1).sub_(lam * delta)
+    return SolveFacts(res @ res, rhs @ rhs, factored, torch.aminmax(A0), torch.as_tensor(lam), delta @ delta)
+
+
+class Accepted(NamedTuple):
+    """What :func:`accept` read: the conversations to redo in float64, and every conversation's residual
+    numerator and denominator (host floats; a redo overwrites its own)."""
+
+    rejected: List[int]
+    nums: List[float]
+    dens: List[float]
+
+
+def accept(lin: Linearization, cfg: RosaConfig, facts: List[SolveFacts], results: Sequence[torch.Tensor]) -> Accepted:
+    """Which conversations must be redone in float64, from ONE host sync for all of them (MATH.md
+    section 4, "One host sync"), which also reads the inputs' pending checks (``prob.pending``, raised
+    first), whether the pass's logits were finite, every ridge in range (:func:`ridge_in_range`'s rule)
+    and the 0-dim ``results`` (min/max reductions of the step so far: finite; a rejected conversation's
+    float64 redo is checked on its own). Raises for bad inputs, non-finite logits or Jacobian, a step
+    below the dtype's range, or a non-finite step of an accepted solve."""
     prob = lin.prob
-    limit = DUAL_RESIDUAL_LIMIT[prob.compute_dtype]
-    num, den, fl = stack(nums), stack(dens), stack(flags)
-    good = fl[:, 0] & (num <= (limit * limit) * den)
-    B = len(nums)
-    both = torch.cat([good, fl[:, 1], ridge_in_range(stack(lams)).reshape(1), result.reshape(1),
-                      lin.finite_flags()]).tolist()  # one sync
-    good_list, finite_list = both[:B], both[B:2 * B]
-    if not all(both[2 * B + 2:]):
-        checks.nonfinite_logits(WHO, prob.compute_dtype)
-    if not both[2 * B]:
-        raise_step_underflow(prob, cfg)
-    if not both[2 * B + 1] and all(good_list):
+    cd = prob.compute_dtype
+    limit = DUAL_RESIDUAL_LIMIT[cd]
+    pending = prob.pending.tensors() if prob.pending is not None else []
+    per = [[f.num, f.den, *f.factored, *f.system, f.lam] + ([] if f.step_sq is None else [f.step_sq]) for f in facts]
+    flags = lin.finite_flags()
+    v = checks.read_host(pending + [x for p in per for x in p] + list(results) + [flags])  # the one sync
+    k = prob.pending.verdict(v) if prob.pending is not None else 0
+    rows = []
+    for p in per:
+        rows.append(v[k:k + len(p)])
+        k += len(p)
+    res_vals, flag_vals = v[k:k + len(results)], v[k + len(results):]
+    if not all(flag_vals):
+        checks.nonfinite_logits(WHO, cd)
+    nums, dens, good, system_finite = [], [], [], []
+    for f, r in zip(facts, rows):
+        num, den, info, dmin, dmax, smin, smax, lam = r[:8]
+        if lam > 0.01 / torch.finfo(cd).tiny:  # ridge_in_range's rule
+            raise_step_underflow(prob, cfg)
+        num, den = max(num, 0.0), max(den, 0.0)  # NaN stays NaN: max(nan, 0) is nan
+        ok = well_factored(info, dmin, dmax, cd) and num <= limit * limit * den
+        if f.step_sq is not None:
+            ok = ok and num <= (limit * limit) * (lam * lam) * r[8]
+        nums.append(num)
+        dens.append(den)
+        good.append(ok)
+        system_finite.append(checks.minmax_finite(smin, smax))
+        if smin == 0 and smax == 0 and prob.pending is not None:
+            prob.pending.check_zero_jacobian()  # J exactly zero: a dead LoRA is the inputs' fault
+    if not all(math.isfinite(x) for x in res_vals) and all(good):
         checks.finite_result(WHO, torch.full((1,), float("nan")), cfg.damping)
-    if not all(finite_list):
-        checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=prob.compute_dtype)
-    return [b for b, ok in enumerate(good_list) if not ok]
-
-
-def stack(xs: List[torch.Tensor]) -> torch.Tensor:
-    """torch.stack of equal-shaped tensors; one is a view (no launch: most calls have one conversation)."""
-    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
-
-
-def total(xs: List[torch.Tensor]) -> torch.Tensor:
-    """The sum of a list of 0-dim tensors (the one itself for one, no launch)."""
-    return xs[0] if len(xs) == 1 else torch.stack(xs).sum()
+    if not all(system_finite):
+        checks.nonfinite_jacobian(WHO, mode=cfg.mode, lora_scale=prob.lora_scale, dtype=cd)
+    return Accepted([b for b, ok in enumerate(good) if not ok], nums, dens)
 
 
 def raise_step_underflow(prob: HeadProblem, cfg: RosaConfig) -> None:
@@ -190,9 +227,13 @@ def raise_step_underflow(prob: HeadProblem, cfg: RosaConfig) -> None:
 
 
 def check_linearization(lin: Linearization, cfg: RosaConfig, lam: torch.Tensor) -> None:
-    """For the CG plans (the dual folds these into :func:`accept`'s one sync): raise for logits that
-    overflowed or a ridge out of range (one host read)."""
-    finite, in_range = torch.stack([lin.logits_finite(), ridge_in_range(lam)]).tolist()
+    """For the CG plans (the dual folds these into :func:`accept`'s one sync): raise for bad inputs (the
+    pending checks, ``prob.pending``), logits that overflowed or a ridge out of range (one host read)."""
+    pending = lin.prob.pending
+    vals = checks.read_host((pending.tensors(with_zero_jacobian=True) if pending is not None else [])
+                            + [lin.logits_finite(), ridge_in_range(lam)])
+    k = pending.verdict(vals) if pending is not None else 0
+    finite, in_range = vals[k:]
     if not finite:
         checks.nonfinite_logits(WHO, lin.prob.compute_dtype)
     if not in_range:
@@ -223,7 +264,8 @@ def float64_problem(prob: HeadProblem, b: int) -> HeadProblem:
     def up(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.to(f64)
 
-    return replace(sub, compute_dtype=f64, reward=up(sub.reward), lora_a=up(sub.lora_a), lora_b=up(sub.lora_b))
+    return replace(sub, compute_dtype=f64, reward=up(sub.reward), lora_a=up(sub.lora_a), lora_b=up(sub.lora_b),
+                   pending=None)  # the inputs passed their checks
 
 
 def not_finite(cfg: RosaConfig) -> RosaNumericalError:
@@ -287,6 +329,7 @@ def spectral_gram(G0: torch.Tensor, gb: torch.Tensor, lam: float, eps: float) ->
     return U @ ((U.T @ gb.to(torch.float64)) / (mu + lam))
 
 
-def relative_residual(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """sqrt(num / den), 0 where den is 0."""
-    return torch.where(den > 0, torch.sqrt(num / den.clamp_min(torch.finfo(den.dtype).tiny)), 0.0)
+def relative_residual(nums: Sequence[float], dens: Sequence[float]) -> float:
+    """sqrt(sum nums / sum dens), 0 where the denominator is 0 (host floats, as :func:`accept` read them)."""
+    num, den = sum(nums), sum(dens)
+    return math.sqrt(num / den) if den > 0 else 0.0

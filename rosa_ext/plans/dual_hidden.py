@@ -28,7 +28,6 @@ from ..backends.torch_engine import HIDDEN_ROW_BLOCK
 from ..common.config import RosaConfig
 from ..common.jacobian import Linearization
 from ..common.types import HeadProblem, HiddenPass, Solved
-from ..common.validation import all_finite
 from . import dense
 
 
@@ -65,51 +64,43 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
     g, off, d, cd = lin.g, prob.offsets, prob.hidden_size, prob.compute_dtype
     B = prob.num_conversations
     update = torch.empty(B, d, dtype=cd, device=prob.weight.device)
-    nums: List[torch.Tensor] = []
-    dens: List[torch.Tensor] = []
-    flags: List[torch.Tensor] = []
-    lams: List[torch.Tensor] = []
+    facts: List[dense.SolveFacts] = []
     gs: List[torch.Tensor] = []
     for b in range(B):
-        Jb = rows[off[b]:off[b + 1]]
-        unit = dense.power_of_two_scale(Jb.abs().max())  # exact; the step is invariant to it
+        Jb, T = rows[off[b]:off[b + 1]], off[b + 1] - off[b]
+        unit = dense.power_of_two_scale(torch.linalg.vector_norm(Jb, ord=float("inf")))  # exact; the step is invariant
         Jb.mul_(unit)
         gb = g[off[b]:off[b + 1]] * unit
-        lam = dense.ridge(cfg, Jb.square().sum() / Jb.shape[0], unit, lin.shift[b])
-        if Jb.shape[0] <= d:  # the dual: J^T (J J^T + lam I)^{-1} g, T_b x T_b
+        if T <= d:  # the dual: J^T (J J^T + lam I)^{-1} g, T_b x T_b
             G0 = Jb @ Jb.T
-            alpha, ok = dense.factor_solve(G0, gb, lam)
-            num, den, fl = dense.dual_check(G0, gb, alpha, lam, ok)
+            lam = dense.ridge(cfg, G0.diagonal().mean(), unit, lin.shift[b])  # mean ||J_t||^2
+            alpha, factored = dense.factor_solve(G0, gb, lam)
+            facts.append(dense.dual_check(G0, gb, alpha, lam, factored))
             torch.mv(Jb.T, alpha, out=update[b])
         else:  # the same step, primal: (J^T J + lam I)^{-1} J^T g, d x d
             A0 = Jb.T @ Jb
+            lam = dense.ridge(cfg, A0.diagonal().sum() / T, unit, lin.shift[b])  # trace J^T J = sum ||J_t||^2
             rhs = Jb.T @ gb
-            delta, ok = dense.factor_solve(A0, rhs, lam)
-            num, den, fl = dense.primal_check(A0, rhs, delta, lam, ok, cd)
+            delta, factored = dense.factor_solve(A0, rhs, lam)
+            facts.append(dense.primal_check(A0, rhs, delta, lam, factored))
             update[b] = delta
-        nums.append(num)
-        dens.append(den)
-        flags.append(fl)
-        lams.append(lam)
         gs.append(gb)
     eps = torch.finfo(cd).eps
+    verdict = dense.accept(lin, cfg, facts, torch.aminmax(update))
+    nums, dens = verdict.nums, verdict.dens
 
     def solve64(b: int) -> torch.Tensor:
         if cd != torch.float64:  # re-linearised in float64 (dense.float64_problem); then solved as here
             redo = solve(dense.float64_problem(prob, b), cfg, engine)
-            nums[b] = dens[b] * torch.as_tensor(redo.residual, dtype=cd, device=update.device) ** 2
+            nums[b] = dens[b] * float(redo.residual) ** 2
             return redo.update[0]
-        delta, nb, db = dense.spectral_hidden(rows[off[b]:off[b + 1]], gs[b], float(lams[b]), eps)
-        nums[b] = torch.tensor(nb, dtype=update.dtype, device=update.device)
-        dens[b] = torch.tensor(db, dtype=update.dtype, device=update.device)
+        delta, nums[b], dens[b] = dense.spectral_hidden(rows[off[b]:off[b + 1]], gs[b], float(facts[b].lam), eps)
         return delta
 
-    rejected = dense.accept(lin, cfg, nums, dens, flags, lams, all_finite(update))
-    for b, delta in dense.float64_refinement(cfg, rejected, solve64):
+    for b, delta in dense.float64_refinement(cfg, verdict.rejected, solve64):
         update[b] = delta.to(update.dtype)
-    res = dense.relative_residual(dense.total(nums), dense.total(dens))
-    return Solved(update, lin.stats.logp, lin.target(), 0, res, engine=lin.stats.engine,
-                  finite_checked=not rejected)
+    return Solved(update, lin.stats.logp, lin.target(), 0, dense.relative_residual(nums, dens), engine=lin.stats.engine,
+                  finite_checked=not verdict.rejected)
 
 
 # ----------------------------------------------------------------------------- 4. cost and memory

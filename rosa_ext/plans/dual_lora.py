@@ -29,7 +29,6 @@ from ..backends.torch_engine import conversation_groups, gram_block
 from ..common.config import RosaConfig
 from ..common.jacobian import Linearization
 from ..common.types import GramPass, HeadProblem, Solved
-from ..common.validation import all_finite
 from . import dense
 
 #: up to this many tokens the same-token term of the LoRA Gram is one vectorised T x T update
@@ -59,9 +58,9 @@ def lora_factors(lin: Linearization, gp: GramPass) -> Tuple[torch.Tensor, torch.
 
 
 # ----------------------------------------------------------------------------- 3. the solve
-def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tuple[Solved, torch.Tensor, torch.Tensor]:
-    """The LoRA dual of one group of conversations -> (Solved with the residual unset, sum of the
-    residual numerators, sum of the denominators)."""
+def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tuple[Solved, List[float], List[float]]:
+    """The LoRA dual of one group of conversations -> (Solved with the residual unset, the conversations'
+    residual numerators and denominators, host floats)."""
     gp = engine.gram_pass(prob, keep, cfg.keep_budget_bytes)
     center_gram(prob, gp)
     lin = engine.linearize(prob, gp, "lora", cfg.beta)
@@ -72,12 +71,15 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     cd, dev = prob.compute_dtype, prob.weight.device
     update = torch.empty(B, d + Vl, dtype=cd, device=dev)
     wcol = torch.empty(prob.num_tokens, dtype=cd, device=dev)
-    nums, dens, flags, lams, gs, Jas, cbs = [], [], [], [], [], [], []
+    facts: List[dense.SolveFacts] = []
+    gs, Jas, cbs = [], [], []
     for b in range(B):
         lo, hi = off[b], off[b + 1]
         # J rescaled by a power of two (exact; the step is invariant): entries of the Gram are <= 2
-        unit = dense.power_of_two_scale(torch.maximum(ca[lo:hi].abs().max() * h[lo:hi].abs().max(),
-                                                      cb[lo:hi].abs().max()))
+        inf = float("inf")
+        unit = dense.power_of_two_scale(torch.maximum(torch.linalg.vector_norm(ca[lo:hi], ord=inf)
+                                                      * torch.linalg.vector_norm(h[lo:hi], ord=inf),
+                                                      torch.linalg.vector_norm(cb[lo:hi], ord=inf)))
         cbk = cb[lo:hi] * unit
         Ja = (ca[lo:hi] * unit).unsqueeze(1) * h[lo:hi]
         gb = g[lo:hi] * unit
@@ -85,30 +87,26 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         M.mul_(cbk.unsqueeze(1)).mul_(cbk.unsqueeze(0))
         M.addmm_(Ja, Ja.T)
         lam = dense.ridge(cfg, M.diagonal().mean(), unit, lin.shift[b])
-        alpha, ok = dense.factor_solve(M, gb, lam)
-        num, den, fl = dense.dual_check(M, gb, alpha, lam, ok)
+        alpha, factored = dense.factor_solve(M, gb, lam)
+        facts.append(dense.dual_check(M, gb, alpha, lam, factored))
         torch.mv(Ja.T, alpha, out=update[b, :d])
         wcol[lo:hi] = alpha * cbk
-        nums.append(num)
-        dens.append(den)
-        flags.append(fl)
-        lams.append(lam)
         gs.append(gb)
         Jas.append(Ja)
         cbs.append(cbk)
     eps = torch.finfo(cd).eps
 
     def solve64(b: int) -> torch.Tensor:
-        return dense.spectral_gram(gp.gram[b], gs[b], float(lams[b]), eps)
+        return dense.spectral_gram(gp.gram[b], gs[b], float(facts[b].lam), eps)
 
     # the b-part of the update (the VJP below) is bounded by sum_t |w_t| (each r̂_t sums to 1): finite with it
-    bounded = all_finite(update[:, :d]) & torch.isfinite(wcol.abs().sum())
-    rejected = dense.accept(lin, cfg, nums, dens, flags, lams, bounded)
+    verdict = dense.accept(lin, cfg, facts, [*torch.aminmax(update[:, :d]), wcol.abs().sum()])
+    nums, dens, rejected = verdict.nums, verdict.dens, verdict.rejected
     redone = {}  # conversation -> its whole step, re-linearised in float64 (dense.float64_problem)
     if cd != torch.float64:
         for b in rejected:
             redo = solve(dense.float64_problem(prob, b), cfg, engine)
-            nums[b] = dens[b] * torch.as_tensor(redo.residual, dtype=cd, device=dev) ** 2
+            nums[b] = dens[b] * float(redo.residual) ** 2
             redone[b] = redo.update[0]
             wcol[off[b]:off[b + 1]] = 0  # its float32 alpha plays no part in the VJP below
         rejected = []
@@ -117,8 +115,8 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         alpha = alpha.to(cd)
         torch.mv(Jas[b].T, alpha, out=update[b, :d])
         wcol[lo:hi] = alpha * cbs[b]
-        ok = torch.ones((), dtype=torch.bool, device=dev)
-        nums[b], dens[b], _ = dense.dual_check(gp.gram[b], gs[b], alpha, lams[b], ok)
+        redo = dense.dual_check(gp.gram[b], gs[b], alpha, facts[b].lam, facts[b].factored)
+        nums[b], dens[b] = max(float(redo.num), 0.0), max(float(redo.den), 0.0)  # a redo: syncs of its own
     gp.gram = []  # free the T x T matrices before the VJP
     # the b-part of J^T alpha: sum_t w_t (e_{y_t} - r̂_t) = scatter(y, w) - sum_t w_t r̂_t (nothing cancels)
     vjp = engine.off_target_vjp(prob, gp, wcol, out=update[:, d:]).neg_()
@@ -127,7 +125,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         update[b] = step.to(cd)
     rejected = rejected or list(redone)
     return (Solved(update, lin.stats.logp, lin.target(), 0, 0.0, engine=gp.engine, finite_checked=not rejected),
-            dense.total(nums), dense.total(dens))
+            nums, dens)
 
 
 def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = False) -> Solved:
@@ -136,15 +134,15 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None, keep: bool = Fals
     groups = keep_groups(prob.lengths) if keep else [(0, prob.num_conversations)]
     parts = [_solve_group(prob if len(groups) == 1 else prob.conversations(b0, b1), cfg, engine, keep)
              for b0, b1 in groups]
+    nums = [x for p in parts for x in p[1]]
+    dens = [x for p in parts for x in p[2]]
     if len(parts) == 1:
-        s, num, den = parts[0]
-        s.residual = dense.relative_residual(num, den)
+        s = parts[0][0]
+        s.residual = dense.relative_residual(nums, dens)
         return s
-    num = torch.stack([p[1] for p in parts]).sum()
-    den = torch.stack([p[2] for p in parts]).sum()
     return Solved(torch.cat([p[0].update for p in parts]), torch.cat([p[0].logp for p in parts]),
-                  torch.cat([p[0].target for p in parts]), 0, dense.relative_residual(num, den), engine=parts[0][0].engine,
-                  finite_checked=all(p[0].finite_checked for p in parts))
+                  torch.cat([p[0].target for p in parts]), 0, dense.relative_residual(nums, dens),
+                  engine=parts[0][0].engine, finite_checked=all(p[0].finite_checked for p in parts))
 
 
 def keep_groups(lengths: Sequence[int]) -> List[Tuple[int, int]]:
