@@ -11,7 +11,7 @@ returns the step. A vocabulary-parallel head goes through :mod:`.distributed` fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
