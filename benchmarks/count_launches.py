@@ -29,7 +29,9 @@ interpreter (``TRITON_INTERPRET=1``, set by this script before triton is importe
 - **h2d copies**: ``torch.tensor`` / ``torch.as_tensor`` of Python data *with* a ``device`` (the
   problem's device: CUDA on the GPU), ``Tensor.new_tensor``, and indexing with a Python list (its index
   tensor is built on the host and copied): torch's copy with ``non_blocking=False`` synchronises the stream
-  after a host-to-device copy, so on CUDA each is a host sync too. Counted apart from the syncs.
+  after a host-to-device copy, so on CUDA each is a host sync too. Counted apart from the syncs. A
+  ``Tensor.to(device, non_blocking=True)`` is not counted: from pageable memory CUDA copies the data to a
+  staging buffer before returning and does not synchronise the stream.
 
 CUDA-only branches, emulated (``emulate_cuda=True``, the default) where the CPU takes another one:
 
@@ -343,7 +345,8 @@ class LaunchCounter:
             _tag(out, True)
             return out
         if name == "to" and _to_target(args, kwargs) is False and not dev:
-            self.record("h2d", "Tensor.to (host tensor to the device)")
+            if not kwargs.get("non_blocking", False):  # non_blocking: staged at once, no stream sync on CUDA
+                self.record("h2d", "Tensor.to (host tensor to the device)")
             out = func(*args, **kwargs)
             out = self._alias(out) if out is self_t else out
             _tag(out, False)

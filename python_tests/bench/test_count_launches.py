@@ -118,15 +118,16 @@ def test_emulated_cuda_cg_launches_and_solution():
 def test_a_real_update_is_counted():
     """The default hidden-mode call on the Triton engine, tiny: its three Triton kernels (the probability
     tiles, which compute the row statistics themselves: no stats kernel; the combine of their partials; the
-    linearisation), under 60 launches in all and ONE host sync (the acceptance read, which also reads the
-    inputs' value checks), attributed to rosa_ext sites."""
+    linearisation), under 60 launches in all, ONE host sync (the acceptance read, which also reads the
+    inputs' value checks) and no blocking host-to-device copy (the rewards go non_blocking), attributed to
+    rosa_ext sites."""
     from rosa_ext.kernels import _tiles
     if not _tiles.INTERPRET:
         pytest.skip("the Triton interpreter is not active (a GPU machine)")
     counts, info = CL.run_case("hidden dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.float32))
     assert info["solver"] == "dual" and info["backend"] == "triton"
     s = counts.summary()
-    assert s["triton"] == 3 and 0 < s["launches"] < 60 and s["syncs"] == 1, s
+    assert s["triton"] == 3 and 0 < s["launches"] < 60 and s["syncs"] == 1 and s["h2d"] == 0, s
     syncs = [e.site for e in counts.events if e.kind == "sync"]
     assert syncs[0].startswith("rosa_ext/common/validation.py:") and syncs[0].endswith(" read_host"), syncs
     names = [e.name for e in counts.events if e.kind == "triton"]
@@ -146,4 +147,4 @@ def test_the_lora_dual_syncs_once():
     counts, info = CL.run_case("LoRA dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.float32))
     assert info["solver"] == "dual" and info["backend"] == "triton"
     s = counts.summary()
-    assert s["syncs"] == 1 and s["launches"] < 130, s
+    assert s["syncs"] == 1 and s["h2d"] == 0 and s["launches"] < 130, s

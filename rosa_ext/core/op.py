@@ -317,7 +317,9 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     r = checks.rewards(WHO, reward, B)
     for v in r.tolist():  # a reward beyond the compute dtype's range would become +-inf there
         checks.real(WHO, "reward", v, dtype=compute_dtype)
-    r = r.to(device=device, dtype=compute_dtype)
+    # non_blocking: from pageable host memory CUDA stages the copy at once and does not wait for the stream
+    # (a blocking copy would: a host sync behind the model's forward)
+    r = r.to(dtype=compute_dtype).to(device, non_blocking=True)
     a, bvec = _adapter(cfg, lora_a, lora_b, B, d, Vs, batched, device, compute_dtype, values)
     if not defer:
         values.run()

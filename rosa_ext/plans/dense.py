@@ -77,7 +77,7 @@ def ridge_in_range(lam: torch.Tensor) -> torch.Tensor:
 def conversation_ridges(prob: HeadProblem, cfg: RosaConfig, diag: torch.Tensor,
                         unit: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`ridge` of every conversation -> (B,), from the per-token ``diag`` (N,) = ||J_t||^2."""
-    counts = torch.tensor(prob.lengths, dtype=diag.dtype, device=diag.device)
+    counts = torch.tensor(prob.lengths, dtype=diag.dtype).to(diag.device, non_blocking=True)  # no stream sync
     mean = segment_sum(prob, diag.unsqueeze(1))[:, 0] / counts
     return ridge(cfg, mean, unit, shift)
 
