@@ -309,17 +309,15 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                                  f"[0, {Vs})")
 
     values.add(torch.aminmax(sel_targets), target_range)
-    if defer:  # read later, in the solve's first sync: nothing may index out of range before (clamped ids
-        sel_targets = sel_targets.clamp(0, Vs - 1)  # are only ever used when the check passes)
+    if defer:  # read in the solve's first sync: clamped meanwhile, used only if the check passes
+        sel_targets = sel_targets.clamp(0, Vs - 1)
     sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
     values.finite(WHO, "hidden", sel_hidden)
 
     r = checks.rewards(WHO, reward, B)
     for v in r.tolist():  # a reward beyond the compute dtype's range would become +-inf there
         checks.real(WHO, "reward", v, dtype=compute_dtype)
-    # non_blocking: from pageable host memory CUDA stages the copy at once and does not wait for the stream
-    # (a blocking copy would: a host sync behind the model's forward)
-    r = r.to(dtype=compute_dtype).to(device, non_blocking=True)
+    r = r.to(dtype=compute_dtype).to(device, non_blocking=True)  # staged at once: no wait for the stream
     a, bvec = _adapter(cfg, lora_a, lora_b, B, d, Vs, batched, device, compute_dtype, values)
     if not defer:
         values.run()
