@@ -73,10 +73,10 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     wcol = torch.empty(prob.num_tokens, dtype=cd, device=dev)
     facts: List[dense.SolveFacts] = []
     gs, Jas, cbs = [], [], []
+    inf = float("inf")  # the max-norm: one reduction for max |x|
     for b in range(B):
         lo, hi = off[b], off[b + 1]
         # J rescaled by a power of two (exact; the step is invariant): entries of the Gram are <= 2
-        inf = float("inf")
         unit = dense.power_of_two_scale(torch.maximum(torch.linalg.vector_norm(ca[lo:hi], ord=inf)
                                                       * torch.linalg.vector_norm(h[lo:hi], ord=inf),
                                                       torch.linalg.vector_norm(cb[lo:hi], ord=inf)))
