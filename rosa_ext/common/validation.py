@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
@@ -317,7 +317,7 @@ def finite_result(who: str, update: torch.Tensor, damping: float) -> None:
 
 
 # -- value checks read in a solve's one host sync ----------------------------------------------
-def read_host(values: Sequence[torch.Tensor]) -> list:
+def read_host(values: Sequence[torch.Tensor]) -> List[float]:
     """The entries of ``values`` (0-dim or 1-D tensors of any dtype on one device) as Python floats,
     with ONE host synchronisation: one concatenation into float64 (exact for every float dtype and for
     token ids) and one read."""
@@ -330,6 +330,10 @@ def minmax_finite(mn: float, mx: float) -> bool:
     """Whether a tensor whose ``torch.aminmax`` read (mn, mx) is finite: NaN propagates through both,
     +-Inf shows in one."""
     return math.isfinite(mn) and math.isfinite(mx)
+
+
+#: A check run on the host: given the read values of its tensors, raise (naming the argument) or return.
+HostCheck = Callable[[List[float]], None]
 
 
 class PendingChecks:
@@ -345,11 +349,11 @@ class PendingChecks:
     them with the rest."""
 
     def __init__(self) -> None:
-        self.items: list = []  # (0-dim tensors, check(values: list of floats) -> None)
-        self.zero_jacobian: list = []  # (make() -> 0-dim tensors, check)
-        self._made: list = []  # the zero-Jacobian tensors of the last tensors(True)
+        self.items: List[Tuple[List[torch.Tensor], HostCheck]] = []  # (0-dim tensors, their check)
+        self.zero_jacobian: List[Tuple[Callable[[], Sequence[torch.Tensor]], HostCheck]] = []  # (make, check)
+        self._made: List[List[torch.Tensor]] = []  # the zero-Jacobian tensors of the last tensors(True)
 
-    def add(self, values: Sequence[torch.Tensor], check: Any) -> None:
+    def add(self, values: Sequence[torch.Tensor], check: HostCheck) -> None:
         """Queue ``check(list of floats)`` on the entries of the 0-dim tensors ``values``."""
         self.items.append((list(values), check))
 
@@ -358,12 +362,12 @@ class PendingChecks:
         if x.numel() == 0:
             return
 
-        def check(v: list) -> None:
+        def check(v: List[float]) -> None:
             if not minmax_finite(*v):
                 fail(who, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)", RosaNonFiniteError)
         self.add(torch.aminmax(x), check)
 
-    def tensors(self, with_zero_jacobian: bool = False) -> list:
+    def tensors(self, with_zero_jacobian: bool = False) -> List[torch.Tensor]:
         """The queued tensors, in order, then (if asked) the zero-Jacobian checks' own, made now."""
         out = [v for vals, _ in self.items for v in vals]
         self._made = [list(make()) for make, _ in self.zero_jacobian] if with_zero_jacobian else []
