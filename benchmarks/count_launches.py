@@ -41,6 +41,8 @@ CUDA-only branches, emulated (``emulate_cuda=True``, the default) where the CPU 
   its ops are not counted;
 - ``rosa_ext.kernels.tile_gemms.mm_f32``: a bf16 x bf16 -> fp32 GEMM is one ``torch.mm(out_dtype=)`` on
   CUDA, two widenings and an fp32 GEMM elsewhere: counted as one launch;
+- ``torch.cat`` of inputs whose dtype differs from the result's: on CUDA one copy per input (one batched
+  kernel only when every input has the result's dtype): counted as that many launches;
 - the compiled CG: :func:`emulated_cuda_cg` (above); the CPU's C++ loop launches nothing visible.
 The split counts of the Triton kernels follow an H100's 132 SMs off CUDA (``_tiles.sm_count``); one
 config per kernel under the interpreter (launch counts do not depend on it).
@@ -296,6 +298,14 @@ class LaunchCounter:
             return
         if name in _MAYBE_SYNC and _syncs(name, args, kwargs):
             self.record("sync", f"aten.{name} (boolean mask / no output_size)")
+        if name == "cat" and self.emulate_cuda and isinstance(out, torch.Tensor):
+            parts = [t for t in (args[0] if args else kwargs.get("tensors", ())) if t.numel()]
+            if len(parts) > 1 and any(t.dtype != out.dtype for t in parts):
+                # CUDA's cat (aten/src/ATen/native/cuda/Shape.cu): inputs of another dtype than the result
+                # are copied one by one, one launch each; one batched kernel only when all dtypes agree
+                for _ in parts:
+                    self.record("torch", "aten.cat (mixed dtypes: one copy per input on CUDA)")
+                return
         self.record("torch", f"aten.{name}")
 
     def _alias(self, t: torch.Tensor) -> torch.Tensor:

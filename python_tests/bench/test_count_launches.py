@@ -73,6 +73,18 @@ def test_uncounted_external_and_notes():
     assert c.counts.notes == {"a branch": 1}
 
 
+def test_a_mixed_dtype_cat_counts_a_copy_per_input():
+    """CUDA's cat copies inputs of another dtype than the result one by one; one batched kernel otherwise."""
+    f, i = torch.ones(2), torch.arange(3)
+    for emulate, mixed_launches in ((True, 2), (False, 1)):
+        with CL.LaunchCounter(roots=[HERE], emulate_cuda=emulate) as c:
+            torch.cat([f, i])
+        assert c.counts.summary()["torch"] == mixed_launches
+    with CL.LaunchCounter(roots=[HERE], emulate_cuda=True) as c:
+        torch.cat([f, f, f])
+    assert c.counts.summary()["torch"] == 1
+
+
 @pytest.mark.triton_interp
 def test_counts_one_triton_launch_not_its_inside():
     triton = pytest.importorskip("triton")
@@ -124,7 +136,7 @@ def test_a_real_update_is_counted():
     from rosa_ext.kernels import _tiles
     if not _tiles.INTERPRET:
         pytest.skip("the Triton interpreter is not active (a GPU machine)")
-    counts, info = CL.run_case("hidden dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.float32))
+    counts, info = CL.run_case("hidden dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.bfloat16))
     assert info["solver"] == "dual" and info["backend"] == "triton"
     s = counts.summary()
     assert s["triton"] == 3 and 0 < s["launches"] < 60 and s["syncs"] == 1 and s["h2d"] == 0, s
@@ -144,7 +156,7 @@ def test_the_lora_dual_syncs_once():
     from rosa_ext.kernels import _tiles
     if not _tiles.INTERPRET:
         pytest.skip("the Triton interpreter is not active (a GPU machine)")
-    counts, info = CL.run_case("LoRA dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.float32))
+    counts, info = CL.run_case("LoRA dual", CL.make_inputs(T=4, d=8, V=64, dtype=torch.bfloat16))
     assert info["solver"] == "dual" and info["backend"] == "triton"
     s = counts.summary()
     assert s["syncs"] == 1 and s["h2d"] == 0 and s["launches"] < 130, s

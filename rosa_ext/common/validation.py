@@ -318,12 +318,26 @@ def finite_result(who: str, update: torch.Tensor, damping: float) -> None:
 
 # -- value checks read in a solve's one host sync ----------------------------------------------
 def read_host(values: Sequence[torch.Tensor]) -> List[float]:
-    """The entries of ``values`` (0-dim or 1-D tensors of any dtype on one device) as Python floats,
-    with ONE host synchronisation: one concatenation into float64 (exact for every float dtype and for
-    token ids) and one read."""
+    """The entries of ``values`` (0-dim or 1-D tensors of any dtype on one device) as Python floats, in
+    order, with ONE host synchronisation. The parts are concatenated per dtype first (one batched kernel
+    each on CUDA, none for a lone part), then those few into float64 (exact for every float dtype and for
+    token ids; CUDA copies inputs of another dtype one by one, so this keeps the copies to one per dtype)."""
     parts = [v.reshape(-1) for v in values]
+    by_dtype: dict = {}
+    for i, p in enumerate(parts):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    groups = [ix for ix in by_dtype.values()]
+    cats = [parts[ix[0]] if len(ix) == 1 else torch.cat([parts[i] for i in ix]) for ix in groups]
     out = torch.empty(sum(p.numel() for p in parts), dtype=torch.float64, device=parts[0].device)
-    return torch.cat(parts, out=out).tolist()
+    flat = (cats[0] if len(cats) == 1 and cats[0].dtype == torch.float64 else torch.cat(cats, out=out)).tolist()
+    pieces: List[List[float]] = [[] for _ in parts]
+    k = 0
+    for ix in groups:
+        for i in ix:
+            n = parts[i].numel()
+            pieces[i] = flat[k:k + n]
+            k += n
+    return [x for piece in pieces for x in piece]
 
 
 def minmax_finite(mn: float, mx: float) -> bool:
@@ -358,14 +372,16 @@ class PendingChecks:
         self.items.append((list(values), check))
 
     def finite(self, who: str, name: str, x: torch.Tensor) -> None:
-        """Queue "no NaN/Inf in ``x``" (one min/max reduction, no x-sized temporary)."""
+        """Queue "no NaN/Inf in ``x``": one reduction, max |x| (NaN and Inf propagate), in float32 (float64 for a
+        float64 ``x``: the widening is exact), so that it joins the solve's other float32 numbers in one read."""
         if x.numel() == 0:
             return
 
         def check(v: List[float]) -> None:
-            if not minmax_finite(*v):
+            if not math.isfinite(v[0]):
                 fail(who, name, f"`{name}` contains NaN or Inf; it must be finite (no NaN/Inf)", RosaNonFiniteError)
-        self.add(torch.aminmax(x), check)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.add([torch.linalg.vector_norm(x, ord=float("inf"), dtype=acc)], check)
 
     def tensors(self, with_zero_jacobian: bool = False) -> List[torch.Tensor]:
         """The queued tensors, in order, then (if asked) the zero-Jacobian checks' own, made now."""
