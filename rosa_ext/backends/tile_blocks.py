@@ -290,6 +290,7 @@ class KeptProbTiles:
 
     tiles: ProbTiles
     norm: torch.Tensor
+    scratch: Optional[int] = None  # the K-split scratch of GEMMs over them (None: tile_gemms' default)
 
     @property
     def ss(self) -> torch.Tensor:
@@ -351,11 +352,11 @@ def row_dots(kept, prob: HeadProblem, u: torch.Tensor, lse_off: torch.Tensor) ->
     return out
 
 
-def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor, scratch: Optional[int] = None,
+def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_{t in b} w_t r̂_t -> (B, V) fp32 over kept or recomputed tiles, r̂ normalised by ``lse_off``: one fp32
     GEMV per conversation over normalised fp32 tiles, else one K-split GEMM (B, n) @ tiles per block (the
-    split scales folded into w). ``out`` (B, V) to write into."""
+    split scales folded into w; the K-split scratch ``kept.scratch``). ``out`` (B, V) to write into."""
     B, V, N = prob.num_conversations, prob.vocab_size, prob.num_tokens
     started = False
     for r0, r1, t, norm in kept.blocks():
@@ -376,7 +377,7 @@ def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
             else:  # block-diagonal rows: one per conversation (zeros for the conversations not in the block)
                 Wb = torch.zeros(B, r1 - r0, dtype=torch.float32, device=w.device)
                 Wb[prob.seg[r0:r1], torch.arange(r1 - r0, device=w.device)] = wt
-            res = TG.tiles_rmatmul(t, Wb, scratch)
+            res = TG.tiles_rmatmul(t, Wb, kept.scratch)
             if started:
                 out.add_(res)
             else:

@@ -151,8 +151,7 @@ class TritonEngine(TritonPrimitives):
         the torch engine's pass when the torch engine ran the Gram pass."""
         if not isinstance(gp.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_vjp(prob, gp, w, out)
-        scratch = gp.kept.scratch if isinstance(gp.kept, RecomputedTiles) else None
-        return TB.column_sums(gp.kept, prob, w, gp.lse_off, scratch, out)
+        return TB.column_sums(gp.kept, prob, w, gp.lse_off, out)
 
     def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> Linearization:
         """The linearisation of a pass this engine's tiles ran (split, fp32) in ONE kernel
@@ -220,8 +219,7 @@ class TritonEngine(TritonPrimitives):
         recomputed), or the torch engine's pass."""
         if not isinstance(st.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_column_reduce(prob, st, w)
-        scratch = st.kept.scratch if isinstance(st.kept, RecomputedTiles) else None
-        return TB.column_sums(st.kept, prob, w, st.lse_off, scratch)
+        return TB.column_sums(st.kept, prob, w, st.lse_off)
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """r̂_t . r̂_t per token -> (N,): the pass's r̂ . r̂ (times exp(2 (norm - lse_off)), 1 on one process), or

@@ -326,7 +326,7 @@ def read_host(values: Sequence[torch.Tensor]) -> List[float]:
     by_dtype: dict = {}
     for i, p in enumerate(parts):
         by_dtype.setdefault(p.dtype, []).append(i)
-    groups = [ix for ix in by_dtype.values()]
+    groups = list(by_dtype.values())
     cats = [parts[ix[0]] if len(ix) == 1 else torch.cat([parts[i] for i in ix]) for ix in groups]
     out = torch.empty(sum(p.numel() for p in parts), dtype=torch.float64, device=parts[0].device)
     flat = (cats[0] if len(cats) == 1 and cats[0].dtype == torch.float64 else torch.cat(cats, out=out)).tolist()
@@ -348,6 +348,15 @@ def minmax_finite(mn: float, mx: float) -> bool:
 
 #: A check run on the host: given the read values of its tensors, raise (naming the argument) or return.
 HostCheck = Callable[[List[float]], None]
+
+
+def _run_checks(pairs: Sequence[Tuple[int, HostCheck]], values: Sequence[float]) -> int:
+    """Each (count, check) in order on the next ``count`` of ``values`` -> how many values they took."""
+    k = 0
+    for n, check in pairs:
+        check(list(values[k:k + n]))
+        k += n
+    return k
 
 
 class PendingChecks:
@@ -392,23 +401,16 @@ class PendingChecks:
     def verdict(self, values: Sequence[float]) -> int:
         """Run the checks on ``values`` (the entries of the last :meth:`tensors`, read) in order, raising the
         first failure -> how many values they took."""
-        k = 0
         pairs = [(len(vals), check) for vals, check in self.items]
         pairs += [(len(vals), check) for vals, (_, check) in zip(self._made, self.zero_jacobian)]
-        for n, check in pairs:
-            check(list(values[k:k + n]))
-            k += n
-        return k
+        return _run_checks(pairs, values)
 
     def check_zero_jacobian(self) -> None:
         """Run the zero-Jacobian checks alone (one host sync): for a solve that found J exactly zero."""
         if self.zero_jacobian:
             made = [list(make()) for make, _ in self.zero_jacobian]
-            vals = read_host([v for m in made for v in m])
-            k = 0
-            for m, (_, check) in zip(made, self.zero_jacobian):
-                check(vals[k:k + len(m)])
-                k += len(m)
+            pairs = [(len(m), check) for m, (_, check) in zip(made, self.zero_jacobian)]
+            _run_checks(pairs, read_host([v for m in made for v in m]))
 
     def run(self) -> None:
         """Read every check (the zero-Jacobian ones included) with one host sync; raise the first failure."""
