@@ -123,3 +123,23 @@ def test_deferred_input_errors_name_their_argument(mode, solver):
         assert e.value.argument == "lora_a"
     step = rosa_ext.rosa_update(h, W, y, 1.0, **kw)  # and the good call still works
     assert torch.isfinite(step.update).all()
+
+
+@pytest.mark.parametrize("solver", ["dual", "cg"])
+def test_a_dead_lora_in_a_batch_names_the_first_dead_conversation(solver):
+    """Batched LoRA with conversations 1 and 2 dead (a = 0, b = 0): the dual finds their Gram exactly zero and
+    runs the dead-LoRA check once; CG reads it with the other checks. Either way the error names lora_a and
+    conversation 1."""
+    g = torch.Generator().manual_seed(2)
+    B, V, d, T = 3, 30, 5, 4
+    W = torch.randn(V, d, generator=g)
+    h = torch.randn(B, T, d, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    a = torch.randn(B, d, generator=g)
+    a[1:] = 0
+    with pytest.raises(checks.RosaInputError, match=r"all zeros.*\(conversation 1\)") as e:
+        rosa_ext.rosa_update(h, W, y, [1.0, -1.0, 1.0], mode="lora", solver=solver, lora_a=a, lora_b=torch.zeros(B, V))
+    assert e.value.argument == "lora_a"
+    a[1:] = 1.0  # alive again: the same call runs
+    step = rosa_ext.rosa_update(h, W, y, [1.0, -1.0, 1.0], mode="lora", solver=solver, lora_a=a, lora_b=torch.zeros(B, V))
+    assert torch.isfinite(step.update).all()

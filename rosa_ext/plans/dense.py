@@ -197,6 +197,7 @@ def accept(lin: Linearization, cfg: RosaConfig, facts: List[SolveFacts], results
     if not all(flag_vals):
         checks.nonfinite_logits(WHO, cd)
     nums, dens, good, system_finite = [], [], [], []
+    zero_checked = False  # the zero-Jacobian checks cover every conversation: run them once at most
     for f, r in zip(facts, rows):
         num, den, info, dmin, dmax, smin, smax, lam = r[:8]
         if lam > 0.01 / torch.finfo(cd).tiny:  # ridge_in_range's rule
@@ -209,8 +210,9 @@ def accept(lin: Linearization, cfg: RosaConfig, facts: List[SolveFacts], results
         dens.append(den)
         good.append(ok)
         system_finite.append(checks.minmax_finite(smin, smax))
-        if smin == 0 and smax == 0 and prob.pending is not None:
-            prob.pending.check_zero_jacobian()  # J exactly zero: a dead LoRA is the inputs' fault
+        if smin == 0 and smax == 0 and prob.pending is not None and not zero_checked:
+            prob.pending.check_zero_jacobian()  # J exactly zero: a dead LoRA is the inputs' fault (checks all)
+            zero_checked = True
     if not all(math.isfinite(x) for x in res_vals) and all(good):
         checks.finite_result(WHO, torch.full((1,), float("nan")), cfg.damping)
     if not all(system_finite):
