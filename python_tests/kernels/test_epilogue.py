@@ -150,34 +150,46 @@ def test_engine_linearization_matches_torch(mode):
 
 
 _SM90 = r"""
-import os, warnings
+import os, subprocess, tempfile, warnings
 os.environ.pop("TRITON_INTERPRET", None)
 warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rosa_ext.kernels import epilogue as E
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 P = "*fp32"
 combine = dict(part_ptr=P, S="i32", N="i32", s_k="i32", lse_ptr=P, lse_off_ptr=P, scale_ptr=P, q_ptr=P, pt_ptr=P,
                rb_ptr=P, ss_ptr=P, zy_ptr=P, logp_ptr=P, logq_ptr=P, big="fp32")
 lin = dict(logp_ptr=P, logq_ptr=P, lse_ptr=P, off_ptr="*i32", reward_ptr=P, beta="fp32", lb_ptr=P, y_ptr="*i64",
-           s_lb="i32", V="i32", p_ptr=P, f_ptr=P, g_ptr=P, tgt_ptr=P, by_ptr=P, shift_ptr=P, finite_ptr="*i8")
+           s_lb="i32", V="i32", p_ptr=P, f_ptr=P, g_ptr=P, tgt_ptr=P, by_ptr=P, shift_ptr=P, finite_ptr="*i8",
+           rb_ptr=P, ah_ptr=P, h_ptr="*bf16", D="i32", s_hn="i32", s_hd="i32", lora_scale="fp32", ca_ptr=P, cb_ptr=P,
+           jmax_ptr=P)
 for name, kern, sig in (("combine", E._combine_kernel, combine), ("linearize", E._linearize_kernel, lin)):
     for lora in (False, True):
         const = dict(HAS_LORA=lora, BLOCK=E.BLOCK_TOKENS)
+        if name == "linearize":
+            const.update(FACTORS=lora, BLOCK_D=E.BLOCK_D)
         src = ASTSource(fn=kern, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        print(name, int(lora), len(out.asm["cubin"]), out.metadata.shared, flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(out.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        stack = max([int(w.split(":")[1]) for w in usage.split() if w.startswith("STACK:")] or [-1])
+        print(name, int(lora), len(out.asm["cubin"]), out.metadata.shared, stack, flush=True)
 """
 
 
 def test_epilogue_kernels_compile_for_hopper():
-    """Both kernels compiled for sm_90 ahead of time, with and without a LoRA term (no GPU needed)."""
+    """Both kernels compiled for sm_90 ahead of time, with and without a LoRA term (the linearisation with
+    the LoRA dual's factors and a bf16 h), no register spill (no stack frame in the cubin); no GPU needed."""
     from _helpers import sm90_compile
     rows = [line.split() for line in sm90_compile(_SM90, timeout=900).strip().splitlines()]
     assert sorted((x[0], x[1]) for x in rows) == [("combine", "0"), ("combine", "1"), ("linearize", "0"),
                                                   ("linearize", "1")], rows
     assert all(int(x[2]) > 0 for x in rows)
+    assert all(int(x[4]) == 0 for x in rows), rows
 
 
 def test_one_shared_row_of_b_is_read_by_every_conversation():

@@ -207,9 +207,11 @@ class DistributedEngine:
         lse, lse_off, logp, logq, rb, rw, _ = self.combine_tokens(prob, hp, "hidden_pass", wide=hp.rw)
         return HiddenPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=hp.ah, rb=rb, rw=rw, engine=hp.engine)
 
-    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None) -> GramPass:
+    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None,
+                  center: bool = False) -> GramPass:
         """The local LoRA pass (the tiles, when kept, stay local), MAX N, one SUM of 2N (3N with LoRA)
-        per-token numbers and one SUM of 2 sum_b T_b^2 (r̂_t . r̂_u and r̂_t[y_u] per conversation)."""
+        per-token numbers and one SUM of 2 sum_b T_b^2 (r̂_t . r̂_u and r̂_t[y_u] per conversation): raw parts
+        whatever ``center`` asks (the ranks' Grams and cross terms are weighted differently before the sum)."""
         gp = self.local.gram_pass(self.owned_targets_view(prob), keep, budget_bytes)
         lse, lse_off, logp, logq, rb, _, w = self.combine_tokens(prob, gp, "lora_gram_pass")
         off = prob.offsets
@@ -231,6 +233,12 @@ class DistributedEngine:
         """sum_{t in b} w_t r̂_t -> (B, V_local): the local engine on this rank's columns (its kept tiles or
         one local pass with the global lse_off), no communication."""
         return self.local.off_target_vjp(self.owned_targets_view(prob), gp, w, out)
+
+    def centered_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sum_{t in b} w_t (e_{y_t} - r̂_t) -> (B, V_local): this rank's columns, then the owner-only scatter
+        (not the local engine's fused version: the same reason as :meth:`scatter_minus_column`)."""
+        return self.scatter_targets(prob, self.off_target_vjp(prob, gp, w, out).neg_(), w)
 
     # -- stats -----------------------------------------------------------------------------
     def stats(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HeadStats:

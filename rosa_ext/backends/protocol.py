@@ -35,11 +35,14 @@ class Engine(HeadPrimitives, Protocol):
 
     - ``hidden_pass(prob, budget_bytes)`` -> HiddenPass: lse, log p, q = 1 - p_t, and r_t W (N, d)
       (``budget_bytes``: the memory the pass may hold besides its result)
-    - ``gram_pass(prob, keep, budget_bytes)`` -> GramPass: lse, log p, q, r_t . b and per conversation
-      the raw parts of the centred Gram (``r_t . r_u``, ``r_t[y_u]``); ``keep``: keep the probability
-      tiles for :meth:`off_target_vjp` (the plan checked its memory budget)
+    - ``gram_pass(prob, keep, budget_bytes, center=False)`` -> GramPass: lse, log p, q, r_t . b and per
+      conversation the raw parts of the centred Gram (``r_t . r_u``, ``r_t[y_u]``); ``keep``: keep the
+      probability tiles for :meth:`off_target_vjp` (the plan checked its memory budget); ``center``: the
+      caller takes the centred Gram as well (``GramPass.centered`` says which it got: the Triton engine
+      centres in its kernels, the others return the raw parts)
     - ``off_target_vjp(prob, gp, w)`` -> (B, V): ``sum_{t in b} w_t r_t`` with r_t normalised by
-      ``gp.lse`` (a GEMV over the kept tiles, or one streaming pass)
+      ``gp.lse`` (a GEMV over the kept tiles, or one streaming pass); ``centered_vjp(prob, gp, w)`` ->
+      (B, V): ``sum_{t in b} w_t (e_{y_t} - r_t)`` (the plan's VJP: one kernel on the Triton engine)
     - ``linearize(prob, ps, mode, beta)`` -> :class:`~rosa_ext.common.jacobian.Linearization` of a pass result
       (or split HeadStats): each conversation's scale, the rows' scalar f_t, the target g, b[y_t] and the
       finiteness flags (torch formulas; the Triton engine's own passes in one kernel)
@@ -56,11 +59,15 @@ class Engine(HeadPrimitives, Protocol):
 
     def hidden_pass(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HiddenPass: ...
 
-    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None) -> GramPass: ...
+    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None,
+                  center: bool = False) -> GramPass: ...
 
     def stats(self, prob: HeadProblem, budget_bytes: Optional[int] = None) -> HeadStats: ...
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def centered_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def throughput(self, device_type: str, dtype: torch.dtype) -> Dict[str, float]: ...

@@ -42,6 +42,8 @@ from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..common.validation import RosaInputError
 from ..kernels import tile_gemms as TG
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors, tile_buffers
+from ..kernels.tile_gram import tile_gram
+from ..kernels.tile_vjp import tile_vjp
 from .torch_engine import conversation_groups, spans
 
 #: On CUDA the tile budget is at most this fraction of the memory free to the process.
@@ -125,13 +127,15 @@ class BlockBuffer:
 class TileLauncher:
     """The one-pass probability-tile kernel on rows of a float32-compute problem, every launch with the
     vocabulary split plan of the first (``splits``): ``launcher(r0, r1, out)`` -> :class:`ProbTiles` of
-    tokens [r0, r1). ``ah`` (N,) = a_seg . h_t with a LoRA term, else None."""
+    tokens [r0, r1). ``ah`` (N,) fp32 = a_seg . h_t with a LoRA term (given by the engine, which caches it
+    per problem), else None."""
 
-    def __init__(self, prob: HeadProblem, seg32: torch.Tensor, precision: str) -> None:
+    def __init__(self, prob: HeadProblem, seg32: torch.Tensor, precision: str,
+                 ah: Optional[torch.Tensor] = None) -> None:
         self.prob, self.seg32, self.precision = prob, seg32, precision
-        self.ah = None
-        if prob.lora_a is not None:
-            self.ah = (prob.hidden.float() * prob.lora_a[prob.seg].float()).sum(1)
+        if prob.lora_a is not None and ah is None:
+            ah = (prob.hidden.float() * prob.lora_a[prob.seg].float()).sum(1)
+        self.ah = ah
         self.splits: Optional[int] = None
 
     def __call__(self, r0: int, r1: int, out=None) -> ProbTiles:
@@ -173,13 +177,16 @@ class _TokenTable:
 
 # ----------------------------------------------------------------------------------------- hidden mode
 def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], scratch: int, engine: str) -> HiddenPass:
-    """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W (one K-split GEMM per block) of the tokens in ``blocks``
-    (consecutive, covering [0, N)): one launch per block into one reused block buffer; one block: the
-    launch's own outputs, nothing copied."""
+    """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W of the tokens in ``blocks`` (consecutive, covering
+    [0, N)): one launch per block into one reused block buffer, then r̂ W of the block in ONE more launch
+    (:func:`rosa_ext.kernels.tile_weight.tile_weight`, K-split at the vocabulary splits; written straight into
+    its rows of the (N, d) result, no scratch); one block: the launch's own outputs, nothing copied."""
+    from ..kernels.tile_weight import tile_weight
+
     prob, ah = launch.prob, launch.ah
     if len(blocks) == 1:
         t = launch(0, prob.num_tokens)
-        rw = TG.off_target_weight(t, prob.weight, scratch)
+        rw = tile_weight(t, prob.weight)
         return HiddenPass(lse=t.lse, lse_off=t.lse_off, logp=t.logp, logq=t.logq, ah=ah, rb=t.rb, rw=rw, engine=engine)
     dev = prob.weight.device
     table = _TokenTable(4 + (ah is not None), prob.num_tokens, dev)
@@ -187,25 +194,29 @@ def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], scratch
     buf = BlockBuffer(max(b - a for a, b in blocks), prob.vocab_size, launch.precision, dev)
     for r0, r1 in blocks:
         t = launch(r0, r1, buf.out(r1 - r0))
-        rw[r0:r1] = TG.off_target_weight(t, prob.weight, scratch)
+        tile_weight(t, prob.weight, rw[r0:r1])
         table.put(r0, r1, _token_rows(t, ah))
     lse, lse_off, logp, logq, rb, _ = table.fields(ah is not None)
     return HiddenPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=ah, rb=rb, rw=rw, engine=engine)
 
 
 # ----------------------------------------------------------------------------------------- LoRA: the Gram
-def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str) -> GramPass:
-    """The raw Gram parts (``r̂_t . r̂_u``, ``r̂_t[y_u]`` per conversation) and the per-token results, the
-    tokens in blocks of at most ``rows`` (module doc): whole conversations grouped, a longer one in sub-blocks
-    of at most rows / 2 with its Gram assembled blockwise. One launch when everything fits: the tiles are
-    then kept (:class:`KeptProbTiles`); otherwise the VJP recomputes them (:class:`RecomputedTiles`)."""
+def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str, offsets: torch.Tensor,
+              center: bool = False) -> GramPass:
+    """The Gram parts per conversation -- centred (``center``: ``GramPass.centered``) or raw (``r̂_t . r̂_u``,
+    ``r̂_t[y_u]``) -- and the per-token results, the tokens in blocks of at most ``rows`` (module doc): whole
+    conversations grouped, a longer one in sub-blocks of at most rows / 2 with its Gram assembled blockwise.
+    Each group's Gram is two launches (:func:`rosa_ext.kernels.tile_gram.tile_gram`). One launch of the tiles
+    when everything fits: the tiles are then kept (:class:`KeptProbTiles`); otherwise the VJP recomputes them
+    (:class:`RecomputedTiles`). ``offsets``: (B + 1,) int32 device offsets of the conversations."""
     prob, ah = launch.prob, launch.ah
     N, off, y = prob.num_tokens, prob.offsets, prob.targets
     if N <= rows:
         t = launch(0, N)
-        return GramPass(lse=t.lse, lse_off=t.lse_off, logp=t.logp, logq=t.logq, ah=ah, rb=t.rb,
-                        gram=TG.off_target_gram(t, off, scratch), cross=TG.cross_terms(t, y, off),
-                        kept=KeptProbTiles(t, t.lse_off), engine=engine)
+        gram, cross = tile_gram(t, y, prob.lengths, offsets=offsets if prob.num_conversations > 1 else None,
+                                center=center)
+        return GramPass(lse=t.lse, lse_off=t.lse_off, logp=t.logp, logq=t.logq, ah=ah, rb=t.rb, gram=gram,
+                        cross=cross or [], kept=KeptProbTiles(t, t.lse_off), engine=engine, centered=center)
     dev = prob.weight.device
     table = _TokenTable(4 + (ah is not None), N, dev)
     buf = BlockBuffer(rows, prob.vocab_size, launch.precision, dev)
@@ -214,42 +225,45 @@ def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str) -> Gra
     for b0, b1 in conversation_groups(prob.lengths, rows):
         r0, r1 = off[b0], off[b1]
         if r1 - r0 > rows:  # one long conversation
-            G, X = _long_gram(launch, r0, r1, rows // 2, buf, table, scratch)
+            G, X = _long_gram(launch, r0, r1, rows // 2, buf, table, center)
             grams.append(G)
-            cross.append(X)
+            cross += [X] if X is not None else []
             continue
         t = launch(r0, r1, buf.out(r1 - r0))
         table.put(r0, r1, _token_rows(t, ah))
-        loc = [o - r0 for o in off[b0:b1 + 1]]
-        grams += TG.off_target_gram(t, loc, scratch)
-        cross += TG.cross_terms(t, y[r0:r1], loc)
+        g, x = tile_gram(t, y[r0:r1], prob.lengths[b0:b1], offsets=offsets[b0:b1 + 1] if b1 - b0 > 1 else None,
+                         row0=r0, center=center)
+        grams += g
+        cross += x or []
     lse, lse_off, logp, logq, rb, _ = table.fields(ah is not None)
     kept = RecomputedTiles(launch, balanced_blocks(0, N, rows), scratch, normalize=False)
     return GramPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=ah, rb=rb, gram=grams, cross=cross, kept=kept,
-                    engine=engine)
+                    engine=engine, centered=center)
 
 
 def _long_gram(launch: TileLauncher, lo: int, hi: int, half: int, buf: BlockBuffer, table: _TokenTable,
-               scratch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Gram r̂_t . r̂_u, cross terms r̂_t[y_u]) of the conversation of rows [lo, hi), in sub-blocks of at most
-    ``half`` rows (two held at once in ``buf``): G[i, i] and the cross rows from sub-block i's tiles, then
-    G[i, j] = G[j, i]^T for each earlier sub-block j, its tiles recomputed."""
+               center: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(Gram, cross terms) of the conversation of rows [lo, hi), in sub-blocks of at most ``half`` rows (two held
+    at once in ``buf``): the centred Gram and None (``center``), or ``r̂_t . r̂_u`` and ``r̂_t[y_u]``. G[i, i]
+    (and the cross rows) from sub-block i's tiles, then G[i, j] = G[j, i]^T for each earlier sub-block j, its
+    tiles recomputed; every block two launches (:func:`rosa_ext.kernels.tile_gram.tile_gram`)."""
     T = hi - lo
     dev = buf.p.device
     G = torch.empty(T, T, dtype=torch.float32, device=dev)
-    X = torch.empty(T, T, dtype=torch.float32, device=dev)
+    X = None if center else torch.empty(T, T, dtype=torch.float32, device=dev)
     y = launch.prob.targets[lo:hi]
     sub = balanced_blocks(lo, hi, half)
     for i, (a0, a1) in enumerate(sub):
         ti = launch(a0, a1, buf.out(a1 - a0))
         table.put(a0, a1, _token_rows(ti, launch.ah))
         ia = slice(a0 - lo, a1 - lo)
-        G[ia, ia] = TG.off_target_gram(ti, [0, a1 - a0], scratch)[0]
-        X[ia] = TG.cross_rows(ti, y)
+        G[ia, ia] = tile_gram(ti, y[ia], [a1 - a0], center=center)[0][0]
+        if X is not None:
+            X[ia] = TG.cross_rows(ti, y)
         for c0, c1 in sub[:i]:
             tj = launch(c0, c1, buf.out(c1 - c0, half))
-            Gij = TG.off_target_gram_pair(ti, tj, scratch)
             jc = slice(c0 - lo, c1 - lo)
+            Gij = tile_gram(ti, y[ia], [a1 - a0], tb=tj, yb=y[jc], center=center)[0][0]
             G[ia, jc] = Gij
             G[jc, ia] = Gij.T
     return G, X
@@ -353,36 +367,34 @@ def row_dots(kept, prob: HeadProblem, u: torch.Tensor, lse_off: torch.Tensor) ->
 
 
 def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum_{t in b} w_t r̂_t -> (B, V) fp32 over kept or recomputed tiles, r̂ normalised by ``lse_off``: one fp32
-    GEMV per conversation over normalised fp32 tiles, else one K-split GEMM (B, n) @ tiles per block (the
-    split scales folded into w; the K-split scratch ``kept.scratch``). ``out`` (B, V) to write into."""
+                out: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                centered: bool = False) -> torch.Tensor:
+    """sum_{t in b} w_t r̂_t -> (B, V) fp32 over kept or recomputed tiles, r̂ normalised by ``lse_off`` (with
+    ``centered``: sum_{t in b} w_t (e_{y_t} - r̂_t)): one fp32 GEMV per conversation over normalised fp32
+    tiles, else one launch per block (:func:`rosa_ext.kernels.tile_vjp.tile_vjp`: split scales applied, the
+    scatter fused, blocks added in turn). ``out`` (B, V) to write into; ``offsets`` (B + 1,) int32 device
+    offsets of the conversations (needed for B > 1 over split tiles)."""
     B, V, N = prob.num_conversations, prob.vocab_size, prob.num_tokens
-    started = False
+    started = plain = False
     for r0, r1, t, norm in kept.blocks():
         wt = w[r0:r1].float()
         if norm is not lse_off:
             wt = wt * torch.exp(norm - lse_off[r0:r1])
         sp = spans(prob.offsets, r0, r1)
+        if out is None:
+            out = torch.empty(B, V, dtype=torch.float32, device=w.device)
         if _plain(t):
             fresh = not started and r0 == 0 and r1 == N and len(sp) == B  # every row of out written once
-            if out is None:
-                out = torch.empty(B, V, dtype=torch.float32, device=w.device)
             if not started and not fresh:
                 out.zero_()
             TG.gemv_columns(t, wt, sp, out, accumulate=not fresh)
+            plain = True
         else:
-            if B == 1:
-                Wb = wt.unsqueeze(0)
-            else:  # block-diagonal rows: one per conversation (zeros for the conversations not in the block)
-                Wb = torch.zeros(B, r1 - r0, dtype=torch.float32, device=w.device)
-                Wb[prob.seg[r0:r1], torch.arange(r1 - r0, device=w.device)] = wt
-            res = TG.tiles_rmatmul(t, Wb, kept.scratch)
-            if started:
-                out.add_(res)
-            else:
-                out = res if out is None else out.copy_(res)
+            tile_vjp(t, wt, out, targets=prob.targets[r0:r1] if centered else None,
+                     offsets=offsets if B > 1 else None, rows0=r0, accumulate=started)
         started = True
+    if centered and plain:  # the GEMVs' sums: negated and the scatter added here
+        out.neg_().index_put_((prob.seg, prob.targets), w.float(), accumulate=True)
     return out
 
 

@@ -396,9 +396,10 @@ class TorchEngine(WholeVocabulary):
                 sb.mul_(inv)
         return HiddenPass(ah=x.ah, rb=rb, rw=rw, engine=self.name, **out)
 
-    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None) -> GramPass:
+    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: Optional[int] = None,
+                  center: bool = False) -> GramPass:
         """One pass: lse, log p, log(1 - p), r̂_t . b, and per conversation ``r̂_t . r̂_u`` and ``r̂_t[y_u]``
-        -> GramPass (raw parts: the plan centres them).
+        -> GramPass (raw parts, whatever ``center`` asks: the plan centres them).
 
         ``keep``: store the N x V exp tiles (the caller checked the memory budget: ``budget_bytes`` is not
         read here) so that :meth:`off_target_vjp` is a GEMV. Flops: 2 N d V for the logits and

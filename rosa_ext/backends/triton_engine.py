@@ -103,7 +103,7 @@ class TritonEngine(TritonPrimitives):
         rows = budget.rows(prob.vocab_size, precision)
         if rows < per_block:
             return self._refuse(prob, budget, what, per_block)
-        return TB.TileLauncher(prob, self.index(prob)[0], precision), budget, rows
+        return TB.TileLauncher(prob, self.index(prob)[0], precision, self.hidden_and_ah(prob)[1]), budget, rows
 
     @staticmethod
     def _refuse(prob: HeadProblem, budget: TB.Budget, what: str, per_block: int) -> None:
@@ -130,7 +130,8 @@ class TritonEngine(TritonPrimitives):
         rows = max(1, min(rows, budget.rows(prob.vocab_size, launch.precision, TB.HIDDEN_TILE_BYTES)))
         return TB.hidden_pass(launch, TB.balanced_blocks(0, prob.num_tokens, rows), budget.scratch, self.name)
 
-    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> GramPass:
+    def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
+                  center: bool = False) -> GramPass:
         """The raw Gram parts as K-split GEMMs over the r̂ tiles (``r̂_b r̂_b^T`` and the gathered ``r̂_t[y_u]``):
         the tiles kept for :meth:`off_target_vjp` (whatever ``keep`` says) when they fit the budget, else in
         token blocks, a long conversation's Gram blockwise, and the VJP recomputes them
@@ -142,7 +143,7 @@ class TritonEngine(TritonPrimitives):
         if plan is None:
             return self.torch.gram_pass(prob, keep)
         launch, budget, rows = plan
-        return TB.gram_pass(launch, rows, budget.scratch, self.name)
+        return TB.gram_pass(launch, rows, budget.scratch, self.name, self.index(prob)[1], center)
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -151,7 +152,16 @@ class TritonEngine(TritonPrimitives):
         the torch engine's pass when the torch engine ran the Gram pass."""
         if not isinstance(gp.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_vjp(prob, gp, w, out)
-        return TB.column_sums(gp.kept, prob, w, gp.lse_off, out)
+        return TB.column_sums(gp.kept, prob, w, gp.lse_off, out, offsets=self.index(prob)[1])
+
+    def centered_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sum_{t in b} w_t (e_{y_t} - r̂_t) -> (B, V): the scatter of w at the targets fused into the column
+        sums over the kept tiles (:func:`rosa_ext.kernels.tile_vjp.tile_vjp`, one launch per block of tokens);
+        the torch engine's when the torch engine ran the Gram pass."""
+        if not isinstance(gp.kept, (KeptProbTiles, RecomputedTiles)):
+            return self.torch.centered_vjp(prob, gp, w, out)
+        return TB.column_sums(gp.kept, prob, w, gp.lse_off, out, offsets=self.index(prob)[1], centered=True)
 
     def linearize(self, prob: HeadProblem, ps, mode: str, beta: Optional[float]) -> Linearization:
         """The linearisation of a pass this engine's tiles ran (split, fp32) in ONE kernel
@@ -163,11 +173,14 @@ class TritonEngine(TritonPrimitives):
             return super().linearize(prob, ps, mode, beta)
         _, off = self.index(prob)
         lb = prob.lora_b
+        h = self.hidden_and_ah(prob)[0]
+        factors = {}
+        if mode == "lora" and lb is not None and getattr(ps, "rb", None) is not None and ps.ah is not None:
+            factors = dict(rb=ps.rb, ah=ps.ah, hidden=h, lora_scale=prob.lora_scale)
         out = linearize_tokens(st.logp, st.logq, st.lse, off, prob.reward, beta, lora_b=lb,
-                               targets=prob.targets if lb is not None else None)
-        return Linearization(prob=prob, stats=st, mode=mode, p=out.p, f=out.f, shift=out.shift,
-                             h=prob.hidden.to(prob.compute_dtype), by=out.by, g=out.g, reported=out.target,
-                             finite=out.finite)
+                               targets=prob.targets if lb is not None else None, **factors)
+        return Linearization(prob=prob, stats=st, mode=mode, p=out.p, f=out.f, shift=out.shift, h=h, by=out.by,
+                             g=out.g, reported=out.target, finite=out.finite, ca=out.ca, cb=out.cb, jmax=out.jmax)
 
     # ------------------------------------------------------------------------- matrix-free CG
     def stats(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HeadStats:
@@ -219,7 +232,7 @@ class TritonEngine(TritonPrimitives):
         recomputed), or the torch engine's pass."""
         if not isinstance(st.kept, (KeptProbTiles, RecomputedTiles)):
             return self.torch.off_target_column_reduce(prob, st, w)
-        return TB.column_sums(st.kept, prob, w, st.lse_off)
+        return TB.column_sums(st.kept, prob, w, st.lse_off, offsets=self.index(prob)[1])
 
     def pi_sqnorm(self, prob: HeadProblem, st: HeadStats) -> torch.Tensor:
         """r̂_t . r̂_t per token -> (N,): the pass's r̂ . r̂ (times exp(2 (norm - lse_off)), 1 on one process), or

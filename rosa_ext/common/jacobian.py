@@ -88,6 +88,7 @@ class WholeVocabulary:
       through the softmax, MATH.md section 3), with rho_t = r̂_t when the stats split the target off
       (``off_target_column_reduce``) and pi_t otherwise (``column_reduce``; an engine may fuse the two
       steps: the Triton engine does, one pass, no ``index_put_``)
+    - ``centered_vjp(prob, gp, w)``: w (N,) -> (B, V), ``sum_t w_t (e_{y_t} - r̂_t)`` after a gram pass
     - ``centered_row_reduce(prob, st, u)``: u (B, V) -> (N,), ``(e_{y_t} - rho_t) . u[seg_t]``, rho_t as above
     - ``sum_vocab(prob, x)``: x (B, V) -> (B, 1), the sum over the vocabulary
     - ``linearize(prob, ps, mode, beta)``: the :class:`Linearization` of a one-pass result or split stats
@@ -109,6 +110,13 @@ class WholeVocabulary:
     def scatter_targets(self, prob: HeadProblem, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         q.index_put_((prob.seg, prob.targets), w, accumulate=True)
         return q
+
+    def centered_vjp(self, prob: HeadProblem, gp, w: torch.Tensor, out: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+        """w (N,) -> (B, V), ``sum_{t in b} w_t (e_{y_t} - r̂_t)`` after a gram pass ``gp`` (the LoRA dual's
+        b-part of J^T alpha, MATH.md section 4): ``scatter(y, w) - off_target_vjp`` (the Triton engine: one
+        kernel over its kept tiles)."""
+        return self.scatter_targets(prob, self.off_target_vjp(prob, gp, w, out).neg_(), w)
 
     def scatter_minus_column(self, prob: HeadProblem, st: HeadStats, w: torch.Tensor) -> torch.Tensor:
         col = self.off_target_column_reduce(prob, st, w) if st.split else self.column_reduce(prob, st, w)
@@ -154,6 +162,9 @@ class Linearization:
     - ``reported`` (N,) or None: g e^shift when an engine computed it with g (else :meth:`target` does)
     - ``finite`` (B,) bool or None: per conversation, whether the pass's lse and log p_t are finite, when an
       engine computed it (else :meth:`logits_finite` does)
+    - ``ca``, ``cb`` (N,) and ``jmax`` (B,) or None: LoRA mode's Jacobian factors and the max-norm of J's
+      entries per conversation, when an engine computed them with the rest
+      (:func:`rosa_ext.plans.dual_lora.lora_factors` otherwise)
     """
 
     prob: HeadProblem
@@ -167,6 +178,9 @@ class Linearization:
     g: Optional[torch.Tensor] = None
     reported: Optional[torch.Tensor] = None
     finite: Optional[torch.Tensor] = None
+    ca: Optional[torch.Tensor] = None
+    cb: Optional[torch.Tensor] = None
+    jmax: Optional[torch.Tensor] = None
 
     @classmethod
     def at(cls, prob: HeadProblem, stats: HeadStats, mode: str, prims: Optional[HeadPrimitives] = None,

@@ -188,6 +188,8 @@ class GramPass:
     - ``kept``: the engine's handle on the probability tiles kept for the VJP
       (:meth:`~rosa_ext.backends.protocol.Engine.off_target_vjp` reads them), or None when they
       were streamed
+    - ``centered``: True when the engine centred the Gram itself (asked with ``center=True``; the Triton
+      engine's kernels do it as they form it): ``gram`` is then the centred Gram and ``cross`` is empty
     """
 
     lse: torch.Tensor
@@ -200,6 +202,7 @@ class GramPass:
     cross: List[torch.Tensor]
     kept: Any = None
     engine: str = "torch"
+    centered: bool = False
 
 
 @dataclass

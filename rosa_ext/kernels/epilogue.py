@@ -29,10 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import guard_launches
+from ._tiles import guard_launches, interpreter_safe
 
 #: tokens per program of the combine (and per step of a conversation's loop in the linearisation)
 BLOCK_TOKENS = 256
+#: columns of h per step of the LoRA factors' max |h_t| (a BLOCK_TOKENS x BLOCK_D tile)
+BLOCK_D = 16
 _FLT_MAX = 3.4028234663852886e38
 
 
@@ -180,11 +182,27 @@ def _residual(logp, logq, r, d, shift):
 
 
 @triton.jit
+def _abs_max_rows(h_ptr, offs, m, D, s_hn, s_hd, BLOCK_D: tl.constexpr):
+    """max |h[t, :]| over the rows ``offs`` (where ``m``) -> a vector over those rows (NaN propagates)."""
+    mx = tl.zeros([offs.shape[0]], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(h_ptr + offs[:, None].to(tl.int64) * s_hn + cols[None, :] * s_hd,
+                    mask=m[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        bad = tl.max((a != a).to(tl.int32), axis=1) > 0
+        mx = _nan_max(mx, tl.where(bad, float("nan"), tl.max(tl.where(a != a, 0.0, a), axis=1)))
+    return mx
+
+
+@triton.jit
 def _linearize_kernel(logp_ptr, logq_ptr, lse_ptr, off_ptr, reward_ptr, beta, lb_ptr, y_ptr, s_lb, V,
                       p_ptr, f_ptr, g_ptr, tgt_ptr, by_ptr, shift_ptr, finite_ptr,
-                      HAS_LORA: tl.constexpr, BLOCK: tl.constexpr):
+                      rb_ptr, ah_ptr, h_ptr, D, s_hn, s_hd, lora_scale, ca_ptr, cb_ptr, jmax_ptr,
+                      HAS_LORA: tl.constexpr, FACTORS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Conversation ``pid`` (tokens [off[pid], off[pid + 1])) of :func:`linearize_tokens`: one loop for its
-    scale and finiteness, one for the per-token results."""
+    scale and finiteness, one for the per-token results (and, ``FACTORS``, the LoRA Jacobian factors and
+    their max-norm)."""
     b = tl.program_id(0)
     lo = tl.load(off_ptr + b)
     hi = tl.load(off_ptr + b + 1)
@@ -207,20 +225,42 @@ def _linearize_kernel(logp_ptr, logq_ptr, lse_ptr, off_ptr, reward_ptr, beta, lb
     r = tl.load(reward_ptr + b)
     d = r / beta
     up = tl.exp(shift)
+    amax = tl.zeros([BLOCK], tl.float32)  # max |ca_t|, max |h_t|, max |cb_t| (FACTORS)
+    hmax = tl.zeros([BLOCK], tl.float32)
+    bmax = tl.zeros([BLOCK], tl.float32)
     for t0 in range(lo, hi, BLOCK):
         offs = t0 + tl.arange(0, BLOCK)
         m = offs < hi
         lp = tl.load(logp_ptr + offs, mask=m, other=0.0)
         lq = tl.load(logq_ptr + offs, mask=m, other=0.0)
         tl.store(p_ptr + offs, tl.exp(lp), mask=m)
-        tl.store(f_ptr + offs, tl.exp(lp + lq - shift), mask=m)
+        f = tl.exp(lp + lq - shift)
+        tl.store(f_ptr + offs, f, mask=m)
         g = _residual(lp, lq, r, d, shift)
         tl.store(g_ptr + offs, g, mask=m)
         tl.store(tgt_ptr + offs, g * up, mask=m)
         if HAS_LORA:
             y = tl.load(y_ptr + offs, mask=m, other=0)
             ok = m & (y >= 0) & (y < V)
-            tl.store(by_ptr + offs, tl.load(lb_ptr + b.to(tl.int64) * s_lb + y, mask=ok, other=0.0), mask=m)
+            by = tl.load(lb_ptr + b.to(tl.int64) * s_lb + y, mask=ok, other=0.0)
+            tl.store(by_ptr + offs, by, mask=m)
+            if FACTORS:  # J_t,a = ca_t h_t, J_t,b = cb_t (e_{y_t} - r̂_t) (plans.dual_lora.lora_factors)
+                sf = lora_scale * f
+                ca = sf * (by - tl.load(rb_ptr + offs, mask=m, other=0.0))
+                cb = sf * tl.load(ah_ptr + offs, mask=m, other=0.0)
+                tl.store(ca_ptr + offs, ca, mask=m)
+                tl.store(cb_ptr + offs, cb, mask=m)
+                amax = _nan_max(amax, tl.where(m, tl.abs(ca), 0.0))
+                bmax = _nan_max(bmax, tl.where(m, tl.abs(cb), 0.0))
+                hmax = _nan_max(hmax, _abs_max_rows(h_ptr, offs, m, D, s_hn, s_hd, BLOCK_D))
+    if FACTORS:  # the max-norm of J's entries: max(max |ca| max |h|, max |cb|), NaN kept
+        a_ = tl.max(tl.where(amax != amax, float("inf"), amax), axis=0)
+        h_ = tl.max(tl.where(hmax != hmax, float("inf"), hmax), axis=0)
+        b_ = tl.max(tl.where(bmax != bmax, float("inf"), bmax), axis=0)
+        nan = tl.max(((amax != amax) | (hmax != hmax) | (bmax != bmax)).to(tl.int32), axis=0)
+        j = a_ * h_
+        j = tl.where(b_ > j, b_, j)
+        tl.store(jmax_ptr + b, tl.where(nan > 0, float("nan"), j))
 
 
 _linearize_kernel = guard_launches(_linearize_kernel)
@@ -228,7 +268,8 @@ _linearize_kernel = guard_launches(_linearize_kernel)
 
 class TokenLinearization(NamedTuple):
     """What :func:`linearize_tokens` returns: ``p``, ``f``, ``g``, ``target`` (N,) fp32; ``by`` (N,) fp32 or
-    None; ``shift`` (B,) fp32; ``finite`` (B,) bool."""
+    None; ``shift`` (B,) fp32; ``finite`` (B,) bool; with the LoRA factors asked for, ``ca``, ``cb`` (N,) fp32
+    and ``jmax`` (B,) fp32, else None."""
 
     p: torch.Tensor
     f: torch.Tensor
@@ -237,11 +278,16 @@ class TokenLinearization(NamedTuple):
     by: Optional[torch.Tensor]
     shift: torch.Tensor
     finite: torch.Tensor
+    ca: Optional[torch.Tensor] = None
+    cb: Optional[torch.Tensor] = None
+    jmax: Optional[torch.Tensor] = None
 
 
 def linearize_tokens(logp: torch.Tensor, logq: torch.Tensor, lse: torch.Tensor, offsets: torch.Tensor,
                      reward: torch.Tensor, beta: float, lora_b: Optional[torch.Tensor] = None,
-                     targets: Optional[torch.Tensor] = None) -> TokenLinearization:
+                     targets: Optional[torch.Tensor] = None, *, rb: Optional[torch.Tensor] = None,
+                     ah: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None,
+                     lora_scale: float = 0.0) -> TokenLinearization:
     """The split-stats linearisation of N packed tokens in ONE launch (module doc), fp32.
 
     Args:
@@ -251,6 +297,10 @@ def linearize_tokens(logp: torch.Tensor, logq: torch.Tensor, lse: torch.Tensor, 
         reward: (B,) fp32, each conversation's reward; ``beta`` the KL coefficient (> 0).
         lora_b: (B, V) fp32 with unit column stride (row stride 0: one row shared), and ``targets`` (N,)
             int64: then ``by`` = lora_b[b, y_t] (0 for a target outside [0, V)); None: ``by`` None.
+        rb, ah: (N,) fp32 r̂_t . b and a . h_t of a LoRA gram pass, ``hidden`` (N, d) and ``lora_scale`` s
+            (with ``lora_b``): then also the LoRA dual's Jacobian factors (``plans.dual_lora.lora_factors``)
+            ``ca`` = s f (by - rb), ``cb`` = s f ah and per conversation ``jmax`` = max(max_t |ca_t| max_t
+            max|h_t|, max_t |cb_t|), the max-norm of J's entries (NaN where any of them is NaN).
     Returns:
         :class:`TokenLinearization`: ``p`` = exp(log p), ``f`` = exp(log p + log(1 - p) - shift_b),
         ``g`` = (p* - p) e^-shift_b (exactly 0 for a zero reward), ``target`` = g e^shift_b (what a step
@@ -270,9 +320,19 @@ def linearize_tokens(logp: torch.Tensor, logq: torch.Tensor, lse: torch.Tensor, 
     V = int(lora_b.shape[-1]) if has_lora else 0
     # one row of b shared by every conversation ((V,) or (1, V), as _tiles.table_rows reads it): row stride 0
     s_lb = (lora_b.stride(0) if lora_b.dim() == 2 and lora_b.shape[0] > 1 else 0) if has_lora else 0
+    factors = has_lora and rb is not None and ah is not None and hidden is not None
+    if factors:
+        (h,) = interpreter_safe(hidden)
+        ca, cb = torch.empty(2, N, dtype=torch.float32, device=dev).unbind(0)
+        jmax = torch.empty(B, dtype=torch.float32, device=dev)
+    else:
+        h, ca, cb, jmax = out, None, None, None
     if B:
         _linearize_kernel[(B,)](
             logp, logq, lse, offsets, reward, float(beta), lb, targets if has_lora else offsets, s_lb, V,
-            p, f, g, tgt, by, shift, finite, HAS_LORA=has_lora, BLOCK=BLOCK_TOKENS, num_warps=4)
-    return TokenLinearization(p, f, g, tgt, by if has_lora else None, shift, finite.view(torch.bool))
+            p, f, g, tgt, by, shift, finite, rb if factors else out, ah if factors else out, h,
+            int(h.shape[-1]) if factors else 0, h.stride(0) if factors else 0, h.stride(-1) if factors else 0,
+            float(lora_scale), ca if factors else out, cb if factors else out, jmax if factors else shift,
+            HAS_LORA=has_lora, FACTORS=factors, BLOCK=BLOCK_TOKENS, BLOCK_D=BLOCK_D, num_warps=4)
+    return TokenLinearization(p, f, g, tgt, by if has_lora else None, shift, finite.view(torch.bool), ca, cb, jmax)
 

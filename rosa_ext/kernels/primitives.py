@@ -52,6 +52,22 @@ class TritonPrimitives(WholeVocabulary):
         self._cache_key: Optional[HeadProblem] = None
         self._given = index
         self._cache: Tuple[torch.Tensor, torch.Tensor] = ()
+        self._hidden_key: Optional[HeadProblem] = None
+        self._hidden: Tuple[torch.Tensor, Optional[torch.Tensor]] = ()
+
+    def hidden_and_ah(self, prob: HeadProblem) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(h (N, d) in the compute dtype, a_seg . h_t (N,) or None without a LoRA term), cached per problem
+        (the pass's launcher and the linearisation both read them): one conversion of h and one GEMV
+        (a (d,) row shared by every conversation) or a row-wise dot (one a row per conversation)."""
+        if self._hidden_key is not prob:
+            h = prob.hidden.to(prob.compute_dtype)
+            ah = None
+            a = prob.lora_a
+            if a is not None:
+                a = a.to(h.dtype)
+                ah = torch.mv(h, a[0]) if a.shape[0] == 1 else (h * a[prob.seg]).sum(1)
+            self._hidden_key, self._hidden = prob, (h, ah)
+        return self._hidden
 
     def index(self, prob: HeadProblem) -> Tuple[torch.Tensor, torch.Tensor]:
         """(seg int32 (N,), offsets int32 (B + 1,)) on the device, cached per problem."""

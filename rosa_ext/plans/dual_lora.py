@@ -38,7 +38,10 @@ SAME_TOKEN_VECTOR_MAX = 512
 # ----------------------------------------------------------------------------- 1. the centred Gram
 def center_gram(prob: HeadProblem, gp: GramPass) -> None:
     """Turn ``gp.gram`` (r̂_t . r̂_u) into the centred Gram ``(e_{y_t} - r̂_t) . (e_{y_u} - r̂_u)`` of every
-    conversation, in place (module doc); ``gp.cross`` is consumed."""
+    conversation, in place (module doc); ``gp.cross`` is consumed. Nothing to do where the engine centred it
+    (``gp.centered``)."""
+    if gp.centered:
+        return
     off = prob.offsets
     for b in range(prob.num_conversations):
         lo, hi = off[b], off[b + 1]
@@ -52,16 +55,34 @@ def center_gram(prob: HeadProblem, gp: GramPass) -> None:
 def lora_factors(lin: Linearization, gp: GramPass) -> Tuple[torch.Tensor, torch.Tensor]:
     """(ca, cb), (N,) each, after one gram pass, in the linearisation's scaled units (``lin.f`` =
     p_t (1 - p_t) e^-shift): J_t,a = ca_t h_t with ca = s f (b[y_t] - r̂_t . b), and J_t,b = cb_t
-    (e_{y_t} - r̂_t) with cb = s f (a . h_t) (e_y - pi_t = (1 - p_t)(e_y - r̂_t))."""
+    (e_{y_t} - r̂_t) with cb = s f (a . h_t) (e_y - pi_t = (1 - p_t)(e_y - r̂_t)). The linearisation's own
+    (``lin.ca``, ``lin.cb``: the Triton engine forms them in its linearisation kernel, the same formulas)
+    when it has them."""
+    if lin.ca is not None and lin.cb is not None:
+        return lin.ca, lin.cb
     s = lin.prob.lora_scale
     return s * lin.f * (lin.by - gp.rb), s * lin.f * gp.ah
+
+
+def jacobian_units(lin: Linearization, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """(B,) the power of two per conversation that brings its J's entries into [1/2, 1) (MATH.md section 6,
+    :func:`~rosa_ext.plans.dense.power_of_two_scale`) from the max-norm max(max |ca| max |h_t|, max |cb|):
+    the linearisation's ``jmax`` when it has it (one vector op for every conversation), else per conversation."""
+    jmax = lin.jmax
+    if jmax is None:
+        inf, off = float("inf"), lin.prob.offsets  # the max-norm: one reduction for max |x|
+        jmax = torch.stack([torch.maximum(torch.linalg.vector_norm(ca[lo:hi], ord=inf)
+                                          * torch.linalg.vector_norm(lin.h[lo:hi], ord=inf),
+                                          torch.linalg.vector_norm(cb[lo:hi], ord=inf))
+                            for lo, hi in zip(off[:-1], off[1:])])
+    return dense.power_of_two_scale(jmax)
 
 
 # ----------------------------------------------------------------------------- 3. the solve
 def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tuple[Solved, List[float], List[float]]:
     """The LoRA dual of one group of conversations -> (Solved with the residual unset, the conversations'
     residual numerators and denominators, host floats)."""
-    gp = engine.gram_pass(prob, keep, cfg.keep_budget_bytes)
+    gp = engine.gram_pass(prob, keep, cfg.keep_budget_bytes, center=True)
     center_gram(prob, gp)
     lin = engine.linearize(prob, gp, "lora", cfg.beta)
     g = lin.g
@@ -73,13 +94,11 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     wcol = torch.empty(prob.num_tokens, dtype=cd, device=dev)
     facts: List[dense.SolveFacts] = []
     gs, Jas, cbs = [], [], []
-    inf = float("inf")  # the max-norm: one reduction for max |x|
+    units = jacobian_units(lin, ca, cb)
     for b in range(B):
         lo, hi = off[b], off[b + 1]
         # J rescaled by a power of two (exact; the step is invariant): entries of the Gram are <= 2
-        unit = dense.power_of_two_scale(torch.maximum(torch.linalg.vector_norm(ca[lo:hi], ord=inf)
-                                                      * torch.linalg.vector_norm(h[lo:hi], ord=inf),
-                                                      torch.linalg.vector_norm(cb[lo:hi], ord=inf)))
+        unit = units[b]
         cbk = cb[lo:hi] * unit
         Ja = (ca[lo:hi] * unit).unsqueeze(1) * h[lo:hi]
         gb = g[lo:hi] * unit
@@ -90,7 +109,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         alpha, factored = dense.factor_solve(M, gb, lam)
         facts.append(dense.dual_check(M, gb, alpha, lam, factored))
         torch.mv(Ja.T, alpha, out=update[b, :d])
-        wcol[lo:hi] = alpha * cbk
+        torch.mul(alpha, cbk, out=wcol[lo:hi])
         gs.append(gb)
         Jas.append(Ja)
         cbs.append(cbk)
@@ -119,8 +138,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         nums[b], dens[b] = max(float(redo.num), 0.0), max(float(redo.den), 0.0)  # a redo: syncs of its own
     gp.gram = []  # free the T x T matrices before the VJP
     # the b-part of J^T alpha: sum_t w_t (e_{y_t} - r̂_t) = scatter(y, w) - sum_t w_t r̂_t (nothing cancels)
-    vjp = engine.off_target_vjp(prob, gp, wcol, out=update[:, d:]).neg_()
-    engine.scatter_targets(prob, vjp, wcol)
+    engine.centered_vjp(prob, gp, wcol, out=update[:, d:])
     for b, step in redone.items():
         update[b] = step.to(cd)
     rejected = rejected or list(redone)
