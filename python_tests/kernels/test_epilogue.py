@@ -13,6 +13,7 @@ pytestmark = pytest.mark.triton_interp
 triton = pytest.importorskip("triton")
 
 from rosa_ext.common.jacobian import WHOLE_VOCABULARY, Linearization, residual_target, segment_max, split_logits  # noqa: E402
+from rosa_ext.common.validation import RosaInputError  # noqa: E402
 from rosa_ext.kernels.epilogue import BLOCK_TOKENS, combine_partials_fused, linearize_tokens  # noqa: E402
 from rosa_ext.kernels.tile_layout import combine_partials  # noqa: E402
 
@@ -243,3 +244,21 @@ def test_gpu_linearize_matches_the_torch_formulas():
     for name in ("p", "f", "g", "target", "by", "shift"):
         _same(name, want[name].float(), getattr(got, name).cpu(), rtol=3e-5)
     assert got.finite.tolist() == want["finite"].tolist()
+
+
+def test_combine_writes_into_a_table_and_names_a_bad_out():
+    """``out=`` columns of a wider (9, M) table: the results are views of it, the other columns untouched;
+    a wrong shape or dtype is refused naming ``out``."""
+    part = _partials(3, 20, None)[:, :3]
+    want = combine_partials_fused(part, True)
+    table = torch.full((9, 50), -7.0)
+    got = combine_partials_fused(part, True, out=table[:, 10:30])
+    for name, w, x in zip(NAMES, want, got):
+        torch.testing.assert_close(x, w, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert (table[:, :10] == -7.0).all() and (table[:, 30:] == -7.0).all()
+    assert got[0].data_ptr() == table[0, 10:].data_ptr()
+    torch.testing.assert_close(table[8, 10:30], want[-1], rtol=0, atol=0, equal_nan=True)  # COMBINE_ROWS order
+    for bad in (torch.empty(9, 21), torch.empty(9, 20, dtype=torch.float64), torch.empty(20, 9).T):
+        with pytest.raises(RosaInputError) as e:
+            combine_partials_fused(part, True, out=bad)
+        assert e.value.argument == "out"

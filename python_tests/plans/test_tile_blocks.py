@@ -142,10 +142,27 @@ def test_hidden_mode_keeps_one_block_of_tiles(monkeypatch):
     tri = engine_for("triton", prob.weight.device)
     want = tri.hidden_pass(prob)
     monkeypatch.setattr(TB, "HIDDEN_TILE_BYTES", 10 * V * 4)
+    monkeypatch.setattr(TB, "HIDDEN_MAX_BLOCKS", 8)
     spy = _Launches(monkeypatch)
     got = tri.hidden_pass(prob)
     assert spy.one_plan() == 4 and max(n for _, _, n in spy.calls) <= 10
     assert _rel(got.rw, want.rw) < 1e-5 and _rel(got.logq, want.logq) < 1e-5
+
+
+def test_hidden_mode_blocks_grow_to_keep_three(monkeypatch):
+    """Past HIDDEN_MAX_BLOCKS blocks of HIDDEN_TILE_BYTES the blocks grow (within the budget): 37 tokens at a
+    10-token cap run in 3 blocks of <= 13, each written straight into the pass's table; the same result."""
+    prob = _prob([37], "hidden")
+    tri = engine_for("triton", prob.weight.device)
+    want = tri.hidden_pass(prob)
+    monkeypatch.setattr(TB, "HIDDEN_TILE_BYTES", 10 * V * 4)
+    spy = _Launches(monkeypatch)
+    got = tri.hidden_pass(prob)
+    assert spy.one_plan() == 3 and max(n for _, _, n in spy.calls) <= 13
+    for name in ("rw", "lse", "lse_off", "logp", "logq"):
+        assert _rel(getattr(got, name), getattr(want, name)) < 1e-5, name
+    small = tri.hidden_pass(prob, budget_bytes=_budget(9))  # the budget still rules: 5 blocks of <= 9
+    assert _rel(small.rw, want.rw) < 1e-5
 
 
 @pytest.mark.parametrize("lengths", [[37], [5, 6, 30, 4]])

@@ -41,6 +41,7 @@ import torch
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..common.validation import RosaInputError
 from ..kernels import tile_gemms as TG
+from ..kernels.epilogue import COMBINE_ROWS
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors, tile_buffers
 from ..kernels.tile_gram import tile_gram
 from ..kernels.tile_vjp import tile_vjp
@@ -50,8 +51,12 @@ from .torch_engine import conversation_groups, spans
 FREE_MEMORY_FRACTION = 0.5
 #: The K-split scratch takes at most 1 / SCRATCH_SHARE of the budget (and at most ``SCRATCH_BYTES``).
 SCRATCH_SHARE = 4
-#: Hidden mode keeps at most this many bytes of tiles at once (one block): it needs only r̂ W from them.
+#: Hidden mode keeps at most this many bytes of tiles at once (one block): it needs only r̂ W from them --
+#: unless that takes more than :data:`HIDDEN_MAX_BLOCKS` blocks (:func:`hidden_rows`).
 HIDDEN_TILE_BYTES = 256 << 20
+#: Hidden mode's blocks grow past :data:`HIDDEN_TILE_BYTES` (within the budget) to keep to this many: each
+#: block beyond the first costs three launches (tiles, combine, r̂ W), so that the whole update stays under 60.
+HIDDEN_MAX_BLOCKS = 3
 #: Block rows are rounded to a multiple of this where that keeps them within the cap (whole token tiles).
 ROW_ALIGN = 64
 
@@ -97,6 +102,15 @@ class Budget:
         return room // (V * _ENTRY_BYTES[precision])
 
 
+def hidden_rows(N: int, V: int, precision: str, budget: "Budget", rows: int) -> int:
+    """Tokens per block of hidden mode's pass (>= 1): at most :data:`HIDDEN_TILE_BYTES` of tiles, or
+    N / :data:`HIDDEN_MAX_BLOCKS` tokens' where that is more, never more than ``rows`` (what the budget holds).
+    E.g. the Qwen2.5-0.5B head (V = 151936, 4 bytes per entry): T = 1024 in 3 blocks of <= 256 MiB; T = 3000
+    in 3 blocks of 1000 tokens (580 MiB; the default 1 GiB budget less the scratch holds 1325: T = 4096 takes 4)."""
+    cap = budget.rows(V, precision, HIDDEN_TILE_BYTES)
+    return max(1, min(rows, max(cap, -(-N // HIDDEN_MAX_BLOCKS))))
+
+
 def balanced_blocks(r0: int, r1: int, max_rows: int) -> List[Tuple[int, int]]:
     """Rows [r0, r1) in the fewest blocks of at most ``max_rows`` (>= 1), of equal size up to rounding (a
     multiple of :data:`ROW_ALIGN` where that stays within ``max_rows``)."""
@@ -138,7 +152,9 @@ class TileLauncher:
         self.ah = ah
         self.splits: Optional[int] = None
 
-    def __call__(self, r0: int, r1: int, out=None) -> ProbTiles:
+    def __call__(self, r0: int, r1: int, out=None, table: Optional["TokenTable"] = None) -> ProbTiles:
+        """The tiles of tokens [r0, r1) (into ``out``, rows of a block buffer), their per-token results written
+        into ``table``'s columns [r0, r1) when given."""
         p, ah = self.prob, self.ah
         whole = r0 == 0 and r1 == p.num_tokens
 
@@ -148,31 +164,24 @@ class TileLauncher:
         tiles = prob_tiles_from_tensors(rows(p.hidden), p.weight, rows(self.seg32), None, rows(p.targets),
                                         bias=p.bias, lora_b=p.lora_b if ah is not None else None, ah=rows(ah),
                                         lora_scale=p.lora_scale if ah is not None else 0.0,
-                                        precision=self.precision, out=out, splits=self.splits)
+                                        precision=self.precision, out=out, splits=self.splits,
+                                        stats_out=None if table is None else table.vals[:, r0:r1])
         if self.splits is None:
             self.splits = int(tiles.split_scale.shape[0])
         return tiles
 
 
-def _token_rows(t: ProbTiles, ah: Optional[torch.Tensor], ss: bool = False) -> List[torch.Tensor]:
-    """The per-token results of one launch kept by a pass: lse, lse_off, log p, log(1 - p) (, r̂ . b) (, r̂ . r̂)."""
-    return [t.lse, t.lse_off, t.logp, t.logq] + ([t.rb] if ah is not None else []) + ([t.ss] if ss else [])
+class TokenTable:
+    """The (9, N) fp32 per-token results of a blocked pass (rows :data:`rosa_ext.kernels.epilogue.COMBINE_ROWS`),
+    written by each block's combine straight into its columns (``launch(r0, r1, out, table)``): nothing copied."""
 
+    def __init__(self, N: int, device: torch.device) -> None:
+        self.vals = torch.empty(len(COMBINE_ROWS), N, dtype=torch.float32, device=device)
 
-class _TokenTable:
-    """Preallocated (k, N) fp32 per-token outputs of a blocked pass, filled block by block."""
-
-    def __init__(self, k: int, N: int, device: torch.device) -> None:
-        self.vals = torch.empty(k, N, dtype=torch.float32, device=device)
-
-    def put(self, r0: int, r1: int, cols: List[torch.Tensor]) -> None:
-        self.vals[:, r0:r1] = torch.stack(cols)
-
-    def fields(self, has_rb: bool):
-        """(lse, lse_off, logp, logq, rb or None, the rest)."""
-        v = list(self.vals.unbind(0))
-        rb = v[4] if has_rb else None
-        return v[0], v[1], v[2], v[3], rb, v[5 if has_rb else 4:]
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in COMBINE_ROWS:
+            return self.vals[COMBINE_ROWS.index(name)]
+        raise AttributeError(name)
 
 
 # ----------------------------------------------------------------------------------------- hidden mode
@@ -189,15 +198,13 @@ def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], scratch
         rw = tile_weight(t, prob.weight)
         return HiddenPass(lse=t.lse, lse_off=t.lse_off, logp=t.logp, logq=t.logq, ah=ah, rb=t.rb, rw=rw, engine=engine)
     dev = prob.weight.device
-    table = _TokenTable(4 + (ah is not None), prob.num_tokens, dev)
+    tab = TokenTable(prob.num_tokens, dev)
     rw = torch.empty(prob.num_tokens, prob.hidden_size, dtype=torch.float32, device=dev)
     buf = BlockBuffer(max(b - a for a, b in blocks), prob.vocab_size, launch.precision, dev)
     for r0, r1 in blocks:
-        t = launch(r0, r1, buf.out(r1 - r0))
-        tile_weight(t, prob.weight, rw[r0:r1])
-        table.put(r0, r1, _token_rows(t, ah))
-    lse, lse_off, logp, logq, rb, _ = table.fields(ah is not None)
-    return HiddenPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=ah, rb=rb, rw=rw, engine=engine)
+        tile_weight(launch(r0, r1, buf.out(r1 - r0), tab), prob.weight, rw[r0:r1])
+    return HiddenPass(lse=tab.lse, lse_off=tab.lse_off, logp=tab.logp, logq=tab.logq, ah=ah,
+                      rb=tab.rb if ah is not None else None, rw=rw, engine=engine)
 
 
 # ----------------------------------------------------------------------------------------- LoRA: the Gram
@@ -218,30 +225,29 @@ def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str, offset
         return GramPass(lse=t.lse, lse_off=t.lse_off, logp=t.logp, logq=t.logq, ah=ah, rb=t.rb, gram=gram,
                         cross=cross or [], kept=KeptProbTiles(t, t.lse_off), engine=engine, centered=center)
     dev = prob.weight.device
-    table = _TokenTable(4 + (ah is not None), N, dev)
+    tab = TokenTable(N, dev)
     buf = BlockBuffer(rows, prob.vocab_size, launch.precision, dev)
     grams: List[torch.Tensor] = []
     cross: List[torch.Tensor] = []
     for b0, b1 in conversation_groups(prob.lengths, rows):
         r0, r1 = off[b0], off[b1]
         if r1 - r0 > rows:  # one long conversation
-            G, X = _long_gram(launch, r0, r1, rows // 2, buf, table, center)
+            G, X = _long_gram(launch, r0, r1, rows // 2, buf, tab, center)
             grams.append(G)
             cross += [X] if X is not None else []
             continue
-        t = launch(r0, r1, buf.out(r1 - r0))
-        table.put(r0, r1, _token_rows(t, ah))
+        t = launch(r0, r1, buf.out(r1 - r0), tab)
         g, x = tile_gram(t, y[r0:r1], prob.lengths[b0:b1], offsets=offsets[b0:b1 + 1] if b1 - b0 > 1 else None,
                          row0=r0, center=center)
         grams += g
         cross += x or []
-    lse, lse_off, logp, logq, rb, _ = table.fields(ah is not None)
     kept = RecomputedTiles(launch, balanced_blocks(0, N, rows), scratch, normalize=False)
-    return GramPass(lse=lse, lse_off=lse_off, logp=logp, logq=logq, ah=ah, rb=rb, gram=grams, cross=cross, kept=kept,
-                    engine=engine, centered=center)
+    return GramPass(lse=tab.lse, lse_off=tab.lse_off, logp=tab.logp, logq=tab.logq, ah=ah,
+                    rb=tab.rb if ah is not None else None, gram=grams, cross=cross, kept=kept, engine=engine,
+                    centered=center)
 
 
-def _long_gram(launch: TileLauncher, lo: int, hi: int, half: int, buf: BlockBuffer, table: _TokenTable,
+def _long_gram(launch: TileLauncher, lo: int, hi: int, half: int, buf: BlockBuffer, tab: TokenTable,
                center: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(Gram, cross terms) of the conversation of rows [lo, hi), in sub-blocks of at most ``half`` rows (two held
     at once in ``buf``): the centred Gram and None (``center``), or ``r̂_t . r̂_u`` and ``r̂_t[y_u]``. G[i, i]
@@ -254,8 +260,7 @@ def _long_gram(launch: TileLauncher, lo: int, hi: int, half: int, buf: BlockBuff
     y = launch.prob.targets[lo:hi]
     sub = balanced_blocks(lo, hi, half)
     for i, (a0, a1) in enumerate(sub):
-        ti = launch(a0, a1, buf.out(a1 - a0))
-        table.put(a0, a1, _token_rows(ti, launch.ah))
+        ti = launch(a0, a1, buf.out(a1 - a0), tab)
         ia = slice(a0 - lo, a1 - lo)
         G[ia, ia] = tile_gram(ti, y[ia], [a1 - a0], center=center)[0][0]
         if X is not None:
@@ -282,16 +287,15 @@ def cg_stats(launch: TileLauncher, rows: int, scratch: int, engine: str) -> Head
         return HeadStats(lse=t.lse, logp=t.logp, ah=ah, pib=None, lse_off=t.lse_off, logq=t.logq, rb=t.rb,
                          kept=KeptProbTiles(t, t.lse_off), engine=engine, split=True)
     dev = prob.weight.device
-    table = _TokenTable(5 + (ah is not None), N, dev)
+    tab = TokenTable(N, dev)
     blocks = balanced_blocks(0, N, rows)
     buf = BlockBuffer(max(b - a for a, b in blocks), prob.vocab_size, launch.precision, dev)
     for r0, r1 in blocks:
-        table.put(r0, r1, _token_rows(launch(r0, r1, buf.out(r1 - r0)), ah, ss=True))
+        launch(r0, r1, buf.out(r1 - r0), tab)
     del buf
-    lse, lse_off, logp, logq, rb, rest = table.fields(ah is not None)
-    kept = RecomputedTiles(launch, blocks, scratch, normalize=True, norm=lse_off, ss=rest[0])
-    return HeadStats(lse=lse, logp=logp, ah=ah, pib=None, lse_off=lse_off, logq=logq, rb=rb, kept=kept,
-                     engine=engine, split=True)
+    kept = RecomputedTiles(launch, blocks, scratch, normalize=True, norm=tab.lse_off, ss=tab.ss)
+    return HeadStats(lse=tab.lse, logp=tab.logp, ah=ah, pib=None, lse_off=tab.lse_off, logq=tab.logq,
+                     rb=tab.rb if ah is not None else None, kept=kept, engine=engine, split=True)
 
 
 # ----------------------------------------------------------------------------------------- the tiles CG and the VJP read

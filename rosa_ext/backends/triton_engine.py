@@ -127,7 +127,7 @@ class TritonEngine(TritonPrimitives):
         if plan is None:
             return self.torch.hidden_pass(prob)
         launch, budget, rows = plan
-        rows = max(1, min(rows, budget.rows(prob.vocab_size, launch.precision, TB.HIDDEN_TILE_BYTES)))
+        rows = TB.hidden_rows(prob.num_tokens, prob.vocab_size, launch.precision, budget, rows)
         return TB.hidden_pass(launch, TB.balanced_blocks(0, prob.num_tokens, rows), budget.scratch, self.name)
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: int = defaults.KEEP_BUDGET_BYTES,

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.validation import RosaInputError
 from ._tiles import guard_launches, interpreter_safe
 
 #: tokens per program of the combine (and per step of a conversation's loop in the linearisation)
@@ -146,16 +147,26 @@ def _combine_kernel(part_ptr, S, N, s_k, lse_ptr, lse_off_ptr, scale_ptr, q_ptr,
 _combine_kernel = guard_launches(_combine_kernel)
 
 
-def combine_partials_fused(part: torch.Tensor, has_lora: bool = True):
+#: The rows of the combine's per-token output, in order (``out=`` of :func:`combine_partials_fused`).
+COMBINE_ROWS = ("lse", "lse_off", "q", "pt", "rb", "ss", "target_logit", "logp", "logq")
+
+
+def combine_partials_fused(part: torch.Tensor, has_lora: bool = True, out: Optional[torch.Tensor] = None):
     """The one pass's combine of :func:`rosa_ext.kernels.tile_layout.combine_partials` (no given lse) in ONE
     launch: ``part`` (6, S, N) fp32 partials (rows 0 ref, 1 q, 3 rb, 4 ss, 5 z_y; unit stride over tokens,
     split stride N) -> (lse, lse_off, split_scale (S, N), q, pt, rb, ss, target_logit, log p, log(1 - p)),
-    (N,) fp32 each but the scales; ``rb`` None without a LoRA term (``has_lora`` False)."""
+    (N,) fp32 each but the scales; ``rb`` None without a LoRA term (``has_lora`` False). ``out``: a (9, N)
+    fp32 tensor with unit column stride (e.g. columns of a whole problem's table, filled block by block) to
+    write the per-token results into, rows :data:`COMBINE_ROWS`; the results are then views of it."""
     _, S, N = part.shape
     if part.stride(2) != 1 or part.stride(1) != N:
         part = part.contiguous()
     dev = part.device
-    out = torch.empty(9, N, dtype=torch.float32, device=dev)
+    if out is None:
+        out = torch.empty(9, N, dtype=torch.float32, device=dev)
+    elif tuple(out.shape) != (9, N) or out.dtype != torch.float32 or out.stride(1) != 1 or out.device != dev:
+        raise RosaInputError(f"rosa_ext.kernels.combine_partials_fused: out must be a (9, {N}) float32 tensor "
+                             f"with unit column stride on {dev}, got {tuple(out.shape)} {out.dtype}", "out")
     scale = torch.empty(S, N, dtype=torch.float32, device=dev)
     lse, lse_off, q, pt, rb, ss, zy, logp, logq = out.unbind(0)
     if N:

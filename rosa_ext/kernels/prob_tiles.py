@@ -373,7 +373,7 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
                             lse: Optional[torch.Tensor], targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                             lora_b: Optional[torch.Tensor] = None, ah: Optional[torch.Tensor] = None,
                             lora_scale: float = 0.0, precision: str = "fp32", out=None,
-                            splits: Optional[int] = None) -> ProbTiles:
+                            splits: Optional[int] = None, stats_out: Optional[torch.Tensor] = None) -> ProbTiles:
     """Write the off-target probability tiles of N tokens -> :class:`ProbTiles` (one Triton launch over W,
     then a small combine of its (splits, N) partials: one more launch, :mod:`.epilogue`; in torch with a
     given lse): P normalised by a given ``lse``, or (the
@@ -396,6 +396,8 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
             write into, e.g. rows of a kept buffer when tokens are blocked.
         splits: force the vocabulary split count (benchmarks, tests; default from the tuned BLOCK_T, the
             SMs and :data:`GEMM_K_MAX`).
+        stats_out: the one pass only: a (9, N) fp32 tensor (unit column stride) the combine writes the
+            per-token results into (:data:`.epilogue.COMBINE_ROWS`; e.g. columns of a blocked pass's table).
     Returns:
         :class:`ProbTiles`; no host sync. Rows whose seg id is outside lora_b's rows read b = 0.
     """
@@ -420,6 +422,8 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
                                      f"{hidden.device}", "out")
         if mode == 1 and lo.stride(0) != p.stride(0):
             raise RosaInputError(f"{who}: out's hi and lo must have one row stride", "out")
+    if stats_out is not None and lse is not None:
+        raise RosaInputError(f"{who}: stats_out is the one pass's (no given lse)", "stats_out")
     if 128 * p.stride(0) >= 2 ** 31:  # the kernel's int32 offsets within a token tile (BLOCK_T <= 128)
         raise RosaInputError(f"{who}: a row stride of {p.stride(0)} elements is too large (at most "
                              f"{(2 ** 31 - 1) // 128})", "out" if out is not None else "weight")
@@ -443,7 +447,8 @@ def prob_tiles_from_tensors(hidden: torch.Tensor, weight: torch.Tensor, seg: tor
     if fixed:
         lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials(part[:, :n], lse.float())
     else:  # the one pass: its combine in one launch (.epilogue)
-        lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials_fused(part[:, :n], has_lora)
+        lse_, lse_off, scale, q, pt, rb, ss, zy, logp, logq = combine_partials_fused(part[:, :n], has_lora,
+                                                                                      out=stats_out)
     hi_or_p = dict(p=p, hi=None, lo=None) if mode == 0 else dict(p=None, hi=p, lo=lo)
     return ProbTiles(precision, q=q, pt=pt, rb=rb if has_lora else None, ss=ss, split_scale=scale,
                      split_width=split_width(V, n) if n > 1 else 0, lse=lse_, target_logit=zy,
