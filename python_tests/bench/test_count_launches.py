@@ -165,3 +165,20 @@ def test_the_lora_dual_syncs_once():
     names = [e.name for e in counts.events if e.kind == "triton"]
     assert names == ["triton _prob_tile_kernel", "triton _combine_kernel", "triton _gram_partial_kernel",
                      "triton _gram_finish_kernel", "triton _linearize_kernel", "triton _tile_vjp_kernel"], names
+
+
+@pytest.mark.triton_interp
+def test_the_hidden_dual_stays_under_60_in_token_blocks(monkeypatch):
+    """Hidden mode over its tile cap (the cap scaled down: 48 tokens at 8 tokens' tiles): the blocks grow to
+    keep to HIDDEN_MAX_BLOCKS (3), each block three launches (tiles, combine into the pass's table, r̂ W) and
+    no copies -- under 60 launches and one host sync in all."""
+    from rosa_ext.backends import tile_blocks as TB
+    from rosa_ext.kernels import _tiles
+    if not _tiles.INTERPRET:
+        pytest.skip("the Triton interpreter is not active (a GPU machine)")
+    monkeypatch.setattr(TB, "HIDDEN_TILE_BYTES", 8 * 64 * 4)
+    counts, _ = CL.run_case("hidden dual", CL.make_inputs(T=48, d=8, V=64, dtype=torch.bfloat16))
+    s = counts.summary()
+    names = [e.name for e in counts.events if e.kind == "triton"]
+    assert names.count("triton _prob_tile_kernel") == 3 and names.count("triton _tile_weight_kernel") == 3, names
+    assert s["syncs"] == 1 and s["h2d"] == 0 and s["launches"] < 60, s

@@ -232,3 +232,39 @@ def test_lora_dual_kernels_compile_for_hopper():
         assert int(shared) <= 227 * 1024, (tag, shared)
         if tag.startswith("partial-1") or tag.startswith("partial-2"):
             assert dots == "wgmma", tag
+
+
+# -- GPU (when lent) -------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_lora_kernels_on_the_qwen_head():
+    """Qwen2.5-0.5B head sizes, bf16, three conversations: the Gram (centred and raw) and the centred VJP from
+    the compiled kernels (wgmma, truncating tensor-core accumulation, K-split at the vocabulary splits) against
+    float64 products of the same tiles, within the GPU test's 3e-5."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    lengths, d, V = [200, 37, 63], 896, 151936
+    N = sum(lengths)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, d, device="cuda", generator=g).to(torch.bfloat16)
+    W = (torch.randn(V, d, device="cuda", generator=g) * 4 / d ** 0.5).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[5:9] = y[0]
+    off = torch.tensor([0, 200, 237, N], dtype=torch.int32, device="cuda")
+    seg = torch.repeat_interleave(torch.arange(3, device="cuda"), torch.tensor(lengths, device="cuda"))
+    t = prob_tiles_from_tensors(h, W, seg.to(torch.int32), None, y, precision="bf16x2")
+    K, _ = tile_gram(t, y, lengths, offsets=off)
+    G, X = tile_gram(t, y, lengths, offsets=off, center=False)
+    w = torch.randn(N, device="cuda", generator=g)
+    vjp = tile_vjp(t, w, torch.empty(3, V, device="cuda"), targets=y, offsets=off)
+    torch.cuda.synchronize()
+    o = off.tolist()
+    for b in range(3):
+        sl = slice(o[b], o[b + 1])
+        R = t.stored()[sl].double() * t.column_scale()[sl].double()
+        E = torch.zeros_like(R)
+        E[torch.arange(lengths[b], device="cuda"), y[sl]] = 1
+        assert _rel(K[b], (E - R) @ (E - R).T) < 3e-5, b
+        assert _rel(G[b], R @ R.T) < 3e-5, b
+        assert _rel(X[b], R[:, y[sl]] * (y[sl].unsqueeze(0) != y[sl].unsqueeze(1))) < 3e-5, b
+        assert _rel(vjp[b], w[sl].double() @ (E - R)) < 3e-5, b
+        del R, E

@@ -2,27 +2,34 @@
 
 The one-pass tiles of N tokens are N x V numbers. When they do not fit the tile budget the Triton engine
 does not hand the problem to the torch engine (as it once did: fp32 torch tiles on the CUDA cores); it
-processes the tokens in blocks whose tiles fit, each block one launch of the probability-tile kernel and
-its GEMMs, writing into preallocated outputs. Every block of a problem uses the vocabulary split plan of
-its first launch (:class:`TileLauncher`: ``splits=``), so that tiles of two blocks can be multiplied
-together (the LoRA Gram) and the K-split is the same for all tokens.
+processes the tokens in blocks whose tiles fit, each block one launch of the probability-tile kernel
+(whose combine writes the block's per-token results straight into the pass's :class:`TokenTable`) and the
+Triton kernels over its tiles, writing into preallocated outputs: a block costs three launches in hidden
+mode (tiles, combine, r̂ W). Every block of a problem uses the vocabulary split plan of its first launch
+(:class:`TileLauncher`: ``splits=``), so that tiles of two blocks can be multiplied together (the LoRA
+Gram) and the K-split is the same for all tokens.
 
 - **The budget** (:class:`Budget`, :func:`tile_budget`): the configured ``keep_budget_bytes``, on CUDA at
   most :data:`FREE_MEMORY_FRACTION` of the memory free to this process (``torch.cuda.mem_get_info`` plus
-  the caching allocator's reserved-but-unused bytes); off CUDA the configured value. The K-split scratch
-  of the GEMMs (:data:`rosa_ext.kernels.tile_gemms.SCRATCH_BYTES`, at most a quarter of the budget) counts
-  against it: the tiles of a block get the rest.
-- **Hidden mode** (:func:`hidden_pass`): the tiles are needed only until ``r̂ W`` (N x d) is formed, so a
-  block holds at most :data:`HIDDEN_TILE_BYTES` of tiles (whatever the budget): memory ``min(N, n_b) V e +
-  N d 4 + scratch`` bytes (e = 4 bytes per entry: fp32 or the bf16 hi + lo parts), the tiles of one block
-  alive at a time.
+  the caching allocator's reserved-but-unused bytes); off CUDA the configured value. A scratch share
+  (:data:`rosa_ext.kernels.tile_gemms.SCRATCH_BYTES`, at most a quarter of the budget: the K-split scratch
+  of the torch GEMMs over tiles, which the engine now uses only for CG's K-split GEMVs; the fused kernels
+  need little -- the Gram's partial sums, ks x 4 sum_b T_b^2 bytes) counts against it: the tiles of a block
+  get the rest.
+- **Hidden mode** (:func:`hidden_pass`): the tiles are needed only until ``r̂ W`` (N x d) is formed
+  (:func:`rosa_ext.kernels.tile_weight.tile_weight`, one launch per block), so a block holds at most
+  :data:`HIDDEN_TILE_BYTES` of tiles -- more where that would take over :data:`HIDDEN_MAX_BLOCKS` blocks,
+  within the budget (:func:`hidden_rows`): memory ``min(N, n_b) V e + N d 4`` bytes (e = 4 bytes per entry:
+  fp32 or the bf16 hi + lo parts), the tiles of one block alive at a time.
 - **LoRA Gram** (:func:`gram_pass`): consecutive whole conversations share a block when they fit; a longer
   conversation is cut into sub-blocks of at most half the block rows, and its Gram is assembled blockwise,
-  ``G[i, i]`` from one block's tiles and ``G[i, j] = R_i R_j^T`` (K-split, scales applied) from the tiles of
-  two sub-blocks held at once, the earlier one recomputed: n_s (n_s + 1) / 2 launches for n_s sub-blocks
-  (the logits work of about (n_s + 1) / 2 passes; the Gram products are those of the whole conversation).
-  The cross terms ``r̂_t[y_u]`` come from each sub-block's rows. The VJP then recomputes the tiles block
-  by block (:class:`RecomputedTiles`): one more pass, as the torch engine's streaming VJP.
+  ``G[i, i]`` from one block's tiles and ``G[i, j]`` from the tiles of two sub-blocks held at once, the
+  earlier one recomputed: n_s (n_s + 1) / 2 launches of the tiles for n_s sub-blocks (the logits work of
+  about (n_s + 1) / 2 passes; the Gram products are those of the whole conversation), each block's Gram
+  two launches (:func:`rosa_ext.kernels.tile_gram.tile_gram`: K-split, scales applied, centred with the
+  cross terms gathered, or raw for a vocabulary-parallel rank). The VJP then recomputes the tiles block by
+  block (:class:`RecomputedTiles`): one more pass, as the torch engine's streaming VJP, one launch of
+  :func:`rosa_ext.kernels.tile_vjp.tile_vjp` per block.
 - **CG** (:func:`cg_stats`): the split stats block by block; CG's reductions recompute each block's tiles
   (fp32, normalised) per reduction, two passes per iteration like the streaming reductions, on the
   tensor cores. Within the budget CG keeps fp32 tiles normalised once (:class:`KeptProbTiles`), so every

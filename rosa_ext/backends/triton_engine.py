@@ -7,9 +7,11 @@ Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRIT
   while it writes the N x V tiles relative to per-split references with their row sums; a small combine
   (one launch, :mod:`rosa_ext.kernels.epilogue`) gives lse_off, the per-split scales that make the tiles r̂ (the softmax of the other logits), r̂ . b,
   and lse, log p, log(1 - p) exactly from logit(p) = z_y - lse_off (MATH.md section 4) -- then the
-  products are GEMMs over the tiles on the tensor cores, K-split at the vocabulary splits with the
-  scales applied (:mod:`rosa_ext.kernels.tile_gemms`: hidden ``r̂ W``; LoRA ``r̂_b r̂_b^T`` with the
-  cross terms ``r̂_t[y_u]`` gathered, the VJP ``w^T r̂``). Nothing in them depends on how confident or
+  products over the tiles are Triton kernels on the tensor cores, K-split at the vocabulary splits with
+  the scales applied: hidden ``r̂ W`` in one launch (:mod:`rosa_ext.kernels.tile_weight`), the LoRA
+  Gram centred with the cross terms ``r̂_t[y_u]`` gathered in two (:mod:`rosa_ext.kernels.tile_gram`),
+  the centred VJP ``scatter(y, w) - w^T r̂`` in one (:mod:`rosa_ext.kernels.tile_vjp`); the
+  linearisation kernel also forms the LoRA dual's Jacobian factors. Nothing in them depends on how confident or
   unlikely a token is: no 1 - p is formed, so no token is handed over for it. The linearisation of such a
   pass (:meth:`TritonEngine.linearize`) is one more launch. The tiles are stored as
   bf16 hi + lo parts (fp32 accuracy on bf16 tensor cores) for bf16/fp16 models, as fp32 otherwise.

@@ -14,7 +14,8 @@ Here they are two kernels, formula for formula the torch rules they replace:
   ``f = exp(log p + log(1 - p) - shift)``, p, the target ``g = (p* - p) e^-shift`` of
   :func:`rosa_ext.common.jacobian.residual_target` and the unscaled target ``g e^shift``, b[y_t] of a LoRA,
   and whether the conversation's lse and log p are all finite (the flag the dual reads in its one
-  acceptance sync).
+  acceptance sync); after a LoRA gram pass also the dual's Jacobian factors ca, cb and the max-norm of J's
+  entries (:func:`rosa_ext.plans.dual_lora.lora_factors`, :func:`~rosa_ext.plans.dual_lora.jacobian_units`).
 
 The formulas keep the torch rules' care: nothing that rounds to 1 is subtracted (log1p and expm1 are
 series here -- ``tl`` has neither, and ``tl.log(1 + u)`` would lose u's digits), a token with no other

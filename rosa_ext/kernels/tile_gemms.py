@@ -1,5 +1,7 @@
 """The GEMMs over the probability tiles (MATH.md section 4): torch products over P, K-split at its
-vocabulary splits.
+vocabulary splits -- the reference formulas of the engine's fused kernels (:mod:`.tile_weight`,
+:mod:`.tile_gram`, :mod:`.tile_vjp`, which the Triton engine runs instead: one or two launches where these
+are ~10-40 torch ops), used by tests and benchmarks, and CG's GEMVs over kept tiles.
 
 After :func:`rosa_ext.kernels.prob_tiles.prob_tiles_from_tensors` has written P (N x V, the
 off-target probabilities r_t, target entries 0) and its row sums, every heavy product of the dual
