@@ -121,13 +121,31 @@ def test_vjp_plain_centred_and_in_blocks(prec, dtype, splits):
     assert _rel(one[0], want[1]) < 1e-6
 
 
+def test_vjp_weights_the_scatter_apart():
+    """``target_w``: the scatter's weights apart from the tiles' (a caller folding another normalisation into
+    w only): sum_t (ws_t e_{y_t} - w_t r̂_t)."""
+    t, y, off, seg = _problem("bf16x2", torch.bfloat16, 3)
+    N, V = t.shape
+    g = torch.Generator().manual_seed(2)
+    w, ws = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    R = _r64(t)
+    E = torch.zeros_like(R)
+    E[torch.arange(N), y] = 1
+    Ww, Ws = torch.zeros(4, N, dtype=torch.float64), torch.zeros(4, N, dtype=torch.float64)
+    Ww[seg, torch.arange(N)] = w.double()
+    Ws[seg, torch.arange(N)] = ws.double()
+    got = tile_vjp(t, w, torch.empty(4, V), targets=y, target_w=ws, offsets=off)
+    assert _rel(got, Ws @ E - Ww @ R) < 1e-6
+
+
 def test_vjp_names_its_bad_arguments():
     t, y, off, _ = _problem("fp32", torch.float32, 1)
     N, V = t.shape
     for kw, arg in ((dict(w=torch.zeros(N + 1), out=torch.empty(1, V)), "w"),
                     (dict(w=torch.zeros(N), out=torch.empty(1, V + 1)), "out"),
                     (dict(w=torch.zeros(N), out=torch.empty(2, V)), "offsets"),
-                    (dict(w=torch.zeros(N), out=torch.empty(1, V), targets=y[:3]), "targets")):
+                    (dict(w=torch.zeros(N), out=torch.empty(1, V), targets=y[:3]), "targets"),
+                    (dict(w=torch.zeros(N), out=torch.empty(1, V), targets=y, target_w=torch.zeros(3)), "target_w")):
         with pytest.raises(RosaInputError) as e:
             tile_vjp(t, **kw)
         assert e.value.argument == arg
@@ -210,7 +228,7 @@ for mode, t in ((1, "*bf16"), (2, "*bf16"), (0, P)):
             const = dict(ONE=one, SYM=not one, HAS_SCALE=True, MODE=mode, CENTER=center, BLOCK_T=TK.FINISH_CONFIG[0])
             compile(TK._gram_finish_kernel, sig, const, TK.FINISH_CONFIG[1], 1, f"finish-{mode}-{int(one)}-{int(center)}")
     bt_, bv, nw_ = TV.GPU_CONFIG
-    sig = dict(t_ptr=t, t_lo_ptr=t, sc_ptr=P, w_ptr=P, y_ptr="*i64", off_ptr="*i32", out_ptr=P, s_t=I, s_sc=I,
+    sig = dict(t_ptr=t, t_lo_ptr=t, sc_ptr=P, w_ptr=P, ws_ptr=P, y_ptr="*i64", off_ptr="*i32", out_ptr=P, s_t=I, s_sc=I,
                s_out=I, n_rows=I, rows0=I, V=I, width=I)
     for centered in (True, False):
         const = dict(ONE=False, HAS_SCALE=True, MODE=mode, CENTERED=centered, ACCUMULATE=True, BLOCK_T=bt_,

@@ -216,6 +216,7 @@ def test_blocked_cg_stats_and_reductions(lengths, monkeypatch):
     assert want.kept.tiles.p is not None and want.kept.tiles.split_scale is None  # fp32, normalised once
     got = tri.stats(prob, _budget(8))
     assert isinstance(got.kept, TB.RecomputedTiles)
+    assert got.kept.norm is got.lse_off and got.kept.ss is TB.sqnorms(got.kept, got.lse_off)  # no rescaling
     ref = tor.stats(prob)
     for name in ("lse", "lse_off", "logp", "logq", "rb", "ah"):
         assert _rel(getattr(got, name), getattr(want, name)) < 1e-5, name

@@ -184,10 +184,12 @@ class TokenTable:
 
     def __init__(self, N: int, device: torch.device) -> None:
         self.vals = torch.empty(len(COMBINE_ROWS), N, dtype=torch.float32, device=device)
+        self._rows = dict(zip(COMBINE_ROWS, self.vals.unbind(0)))  # one view per row: ``is`` holds
 
     def __getattr__(self, name: str) -> torch.Tensor:
-        if name in COMBINE_ROWS:
-            return self.vals[COMBINE_ROWS.index(name)]
+        rows = self.__dict__.get("_rows", {})
+        if name in rows:
+            return rows[name]
         raise AttributeError(name)
 
 
@@ -388,7 +390,7 @@ def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
     B, V, N = prob.num_conversations, prob.vocab_size, prob.num_tokens
     started = plain = False
     for r0, r1, t, norm in kept.blocks():
-        wt = w[r0:r1].float()
+        w_block = wt = w[r0:r1].float()
         if norm is not lse_off:
             wt = wt * torch.exp(norm - lse_off[r0:r1])
         sp = spans(prob.offsets, r0, r1)
@@ -401,7 +403,7 @@ def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
             TG.gemv_columns(t, wt, sp, out, accumulate=not fresh)
             plain = True
         else:
-            tile_vjp(t, wt, out, targets=prob.targets[r0:r1] if centered else None,
+            tile_vjp(t, wt, out, targets=prob.targets[r0:r1] if centered else None, target_w=w_block,
                      offsets=offsets if B > 1 else None, rows0=r0, accumulate=started)
         started = True
     if centered and plain:  # the GEMVs' sums: negated and the scatter added here

@@ -177,7 +177,7 @@ class TritonEngine(TritonPrimitives):
         lb = prob.lora_b
         h = self.hidden_and_ah(prob)[0]
         factors = {}
-        if mode == "lora" and lb is not None and getattr(ps, "rb", None) is not None and ps.ah is not None:
+        if mode == "lora" and isinstance(ps, GramPass) and lb is not None and ps.rb is not None and ps.ah is not None:
             factors = dict(rb=ps.rb, ah=ps.ah, hidden=h, lora_scale=prob.lora_scale)
         out = linearize_tokens(st.logp, st.logq, st.lse, off, prob.reward, beta, lora_b=lb,
                                targets=prob.targets if lb is not None else None, **factors)

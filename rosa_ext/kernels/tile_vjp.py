@@ -34,7 +34,7 @@ _MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 
 
 @triton.jit
-def _tile_vjp_kernel(t_ptr, t_lo_ptr, sc_ptr, w_ptr, y_ptr, off_ptr, out_ptr, s_t, s_sc, s_out, n_rows, rows0, V,
+def _tile_vjp_kernel(t_ptr, t_lo_ptr, sc_ptr, w_ptr, ws_ptr, y_ptr, off_ptr, out_ptr, s_t, s_sc, s_out, n_rows, rows0, V,
                      width, ONE: tl.constexpr, HAS_SCALE: tl.constexpr, MODE: tl.constexpr, CENTERED: tl.constexpr,
                      ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
     """Columns [pid0 BLOCK_V, ...) of conversation pid1's row (module doc)."""
@@ -60,10 +60,12 @@ def _tile_vjp_kernel(t_ptr, t_lo_ptr, sc_ptr, w_ptr, y_ptr, off_ptr, out_ptr, s_
         if HAS_SCALE:
             x *= tl.load(sc_ptr + split[None, :] * s_sc + rows[:, None], mask=m, other=0.0)
         w = tl.load(w_ptr + rows, mask=mr, other=0.0)
-        if CENTERED:
+        x = x * w[:, None]
+        if CENTERED:  # the stored target entry is 0: w_t r̂_t - ws_t e_{y_t}, negated below
             y = tl.load(y_ptr + rows, mask=mr, other=-1)
-            x = tl.where(y[:, None] == cols[None, :], -1.0, x)  # the stored target entry is 0: e_y - r̂ is -(r̂ - e_y)
-        acc += tl.sum(x * w[:, None], axis=0)
+            ws = tl.load(ws_ptr + rows, mask=mr, other=0.0)
+            x = tl.where(y[:, None] == cols[None, :], -ws[:, None], x)
+        acc += tl.sum(x, axis=0)
     if CENTERED:
         acc = -acc
     dst = out_ptr + b.to(tl.int64) * s_out + cols
@@ -76,10 +78,12 @@ _tile_vjp_kernel = guard_launches(_tile_vjp_kernel)
 
 
 def tile_vjp(tiles: ProbTiles, w: torch.Tensor, out: torch.Tensor, *, targets: Optional[torch.Tensor] = None,
-             offsets: Optional[torch.Tensor] = None, rows0: int = 0, accumulate: bool = False) -> torch.Tensor:
+             target_w: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None, rows0: int = 0,
+             accumulate: bool = False) -> torch.Tensor:
     """Per conversation b, ``sum_{t in b} w_t r̂_t`` -- or, with ``targets``, the centred
-    ``sum_{t in b} w_t (e_{y_t} - r̂_t)`` -- written into (or, ``accumulate``, added to) row b of ``out``, in
-    one launch (module doc). Returns ``out``.
+    ``sum_{t in b} (ws_t e_{y_t} - w_t r̂_t)`` with ws = ``target_w`` (default w: the tiles' rows exactly r̂;
+    a caller whose tiles are normalised by another log-sum-exp folds that factor into w only) -- written into
+    (or, ``accumulate``, added to) row b of ``out``, in one launch (module doc). Returns ``out``.
 
     Args:
         tiles: n rows of tokens (one block: tokens [rows0, rows0 + n)); r̂ = stored x ``split_scale``.
@@ -101,6 +105,9 @@ def tile_vjp(tiles: ProbTiles, w: torch.Tensor, out: torch.Tensor, *, targets: O
         raise RosaInputError(f"{who}: out has {B} rows but no offsets were given", "offsets")
     if targets is not None and tuple(targets.shape) != (n,):
         raise RosaInputError(f"{who}: targets must be ({n},), got {tuple(targets.shape)}", "targets")
+    ws = w if target_w is None else target_w
+    if ws.shape != (n,) or ws.dtype != torch.float32:
+        raise RosaInputError(f"{who}: target_w must be ({n},) float32, got {tuple(ws.shape)} {ws.dtype}", "target_w")
     if tiles.p is not None:
         t, t_lo, mode = tiles.p, tiles.p, 0
     else:
@@ -108,10 +115,10 @@ def tile_vjp(tiles: ProbTiles, w: torch.Tensor, out: torch.Tensor, *, targets: O
         mode = _MODE[tiles.precision]
     sc = tiles.split_scale
     bt, bv, nw = INTERPRET_CONFIG if INTERPRET else GPU_CONFIG
-    w = w.contiguous()
+    w, ws = w.contiguous(), ws.contiguous()
     if B and V:
         _tile_vjp_kernel[(triton.cdiv(V, bv), B)](
-            t, t_lo, sc if sc is not None else w, w, targets if targets is not None else w,
+            t, t_lo, sc if sc is not None else w, w, ws, targets if targets is not None else w,
             offsets if offsets is not None else w, out, t.stride(0), sc.stride(0) if sc is not None else 0,
             out.stride(0), n, int(rows0), V, tiles.width(), ONE=offsets is None, HAS_SCALE=sc is not None, MODE=mode,
             CENTERED=targets is not None, ACCUMULATE=accumulate, BLOCK_T=bt, BLOCK_V=bv, num_warps=nw)
