@@ -194,7 +194,7 @@ class TokenTable:
 
 
 # ----------------------------------------------------------------------------------------- hidden mode
-def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], scratch: int, engine: str) -> HiddenPass:
+def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], engine: str) -> HiddenPass:
     """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W of the tokens in ``blocks`` (consecutive, covering
     [0, N)): one launch per block into one reused block buffer, then r̂ W of the block in ONE more launch
     (:func:`rosa_ext.kernels.tile_weight.tile_weight`, K-split at the vocabulary splits; written straight into
@@ -217,7 +217,7 @@ def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], scratch
 
 
 # ----------------------------------------------------------------------------------------- LoRA: the Gram
-def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str, offsets: torch.Tensor,
+def gram_pass(launch: TileLauncher, rows: int, engine: str, offsets: torch.Tensor,
               center: bool = False) -> GramPass:
     """The Gram parts per conversation -- centred (``center``: ``GramPass.centered``) or raw (``r̂_t . r̂_u``,
     ``r̂_t[y_u]``) -- and the per-token results, the tokens in blocks of at most ``rows`` (module doc): whole
@@ -250,7 +250,7 @@ def gram_pass(launch: TileLauncher, rows: int, scratch: int, engine: str, offset
                          row0=r0, center=center)
         grams += g
         cross += x or []
-    kept = RecomputedTiles(launch, balanced_blocks(0, N, rows), scratch, normalize=False)
+    kept = RecomputedTiles(launch, balanced_blocks(0, N, rows), normalize=False)
     return GramPass(lse=tab.lse, lse_off=tab.lse_off, logp=tab.logp, logq=tab.logq, ah=ah,
                     rb=tab.rb if ah is not None else None, gram=grams, cross=cross, kept=kept, engine=engine,
                     centered=center)
@@ -284,7 +284,7 @@ def _long_gram(launch: TileLauncher, lo: int, hi: int, half: int, buf: BlockBuff
 
 
 # ----------------------------------------------------------------------------------------- matrix-free CG
-def cg_stats(launch: TileLauncher, rows: int, scratch: int, engine: str) -> HeadStats:
+def cg_stats(launch: TileLauncher, rows: int, engine: str) -> HeadStats:
     """The split stats of matrix-free CG (lse, lse_off, log p, log(1 - p), a . h, r̂ . b) with the tiles CG's
     reductions read: one launch when the N x V tiles fit ``rows``, the tiles kept and normalised in place once
     (fp32 with ``launch.precision`` "fp32": each reduction is then one fp32 GEMV per conversation); otherwise
@@ -302,7 +302,7 @@ def cg_stats(launch: TileLauncher, rows: int, scratch: int, engine: str) -> Head
     for r0, r1 in blocks:
         launch(r0, r1, buf.out(r1 - r0), tab)
     del buf
-    kept = RecomputedTiles(launch, blocks, scratch, normalize=True, norm=tab.lse_off, ss=tab.ss)
+    kept = RecomputedTiles(launch, blocks, normalize=True, norm=tab.lse_off, ss=tab.ss)
     return HeadStats(lse=tab.lse, logp=tab.logp, ah=ah, pib=None, lse_off=tab.lse_off, logq=tab.logq,
                      rb=tab.rb if ah is not None else None, kept=kept, engine=engine, split=True)
 
@@ -317,7 +317,6 @@ class KeptProbTiles:
 
     tiles: ProbTiles
     norm: torch.Tensor
-    scratch: Optional[int] = None  # the K-split scratch of GEMMs over them (None: tile_gemms' default)
 
     @property
     def ss(self) -> torch.Tensor:
@@ -336,7 +335,6 @@ class RecomputedTiles:
 
     launch: TileLauncher
     row_blocks: List[Tuple[int, int]]
-    scratch: int
     normalize: bool
     norm: Optional[torch.Tensor] = None
     ss: Optional[torch.Tensor] = None

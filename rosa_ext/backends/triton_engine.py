@@ -16,13 +16,13 @@ Triton kernels of :mod:`rosa_ext.kernels` (CUDA, or the interpreter under ``TRIT
   pass (:meth:`TritonEngine.linearize`) is one more launch. The tiles are stored as
   bf16 hi + lo parts (fp32 accuracy on bf16 tensor cores) for bf16/fp16 models, as fp32 otherwise.
   Used for float32 compute. **Token blocks** (:mod:`rosa_ext.backends.tile_blocks`): the tiles of one launch
-  fit the budget -- ``keep_budget_bytes``, on CUDA at most half the free device memory, less the GEMMs'
-  K-split scratch -- so a problem over it runs in blocks of tokens, each one launch and its GEMMs writing
+  fit the budget -- ``keep_budget_bytes``, on CUDA at most half the free device memory, less a scratch
+  share -- so a problem over it runs in blocks of tokens, each one launch and its kernels writing
   into preallocated outputs, all with the split plan of the first block (the LoRA Gram of a conversation
   longer than a block assembled blockwise, ``G[i, j]`` from the tiles of two blocks); hidden mode keeps
-  at most :data:`~rosa_ext.backends.tile_blocks.HIDDEN_TILE_BYTES` of tiles at once, since it needs only
-  r̂ W (N x d) from them: memory ``min(N, n_b) V e + N d 4`` bytes plus the scratch (e = 4: fp32 or the
-  bf16 hi + lo parts). Only a budget below one token's tiles (two, for a Gram that must be blocked) hands
+  at most :data:`~rosa_ext.backends.tile_blocks.HIDDEN_TILE_BYTES` of tiles at once (more where that would
+  take over three blocks), since it needs only r̂ W (N x d) from them: memory ``min(N, n_b) V e + N d 4``
+  bytes (e = 4: fp32 or the bf16 hi + lo parts). Only a budget below one token's tiles (two, for a Gram that must be blocked) hands
   the pass to the torch engine (reported "torch").
 - Matrix-free CG: the split stats from the same one pass with fp32 tiles (the bytes of bf16 hi + lo),
   normalised once and kept, so that CG's two off-target reductions per iteration are one fp32 GEMV per
@@ -121,16 +121,16 @@ class TritonEngine(TritonPrimitives):
 
     # ------------------------------------------------------------------------- one-pass plans
     def hidden_pass(self, prob: HeadProblem, budget_bytes: int = defaults.KEEP_BUDGET_BYTES) -> HiddenPass:
-        """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W (K-split GEMMs over the tiles) in token blocks of at
-        most :data:`~rosa_ext.backends.tile_blocks.HIDDEN_TILE_BYTES` of tiles within the budget (one block,
-        one launch, for most problems): memory ``min(N, n_b) V e + N d 4`` bytes plus the scratch
-        (:mod:`rosa_ext.backends.tile_blocks`); the torch engine's pass when :meth:`tile_plan` refuses."""
+        """lse, lse_off, log p, log(1 - p), r̂ . b and r̂ W (one K-split kernel over the tiles per block) in token
+        blocks of at most :data:`~rosa_ext.backends.tile_blocks.HIDDEN_TILE_BYTES` of tiles, or of a third of the
+        tokens where that is more, within the budget (:func:`~rosa_ext.backends.tile_blocks.hidden_rows`):
+        memory ``min(N, n_b) V e + N d 4`` bytes; the torch engine's pass when :meth:`tile_plan` refuses."""
         plan = self.tile_plan(prob, budget_bytes, "hidden")
         if plan is None:
             return self.torch.hidden_pass(prob)
         launch, budget, rows = plan
         rows = TB.hidden_rows(prob.num_tokens, prob.vocab_size, launch.precision, budget, rows)
-        return TB.hidden_pass(launch, TB.balanced_blocks(0, prob.num_tokens, rows), budget.scratch, self.name)
+        return TB.hidden_pass(launch, TB.balanced_blocks(0, prob.num_tokens, rows), self.name)
 
     def gram_pass(self, prob: HeadProblem, keep: bool, budget_bytes: int = defaults.KEEP_BUDGET_BYTES,
                   center: bool = False) -> GramPass:
@@ -145,7 +145,7 @@ class TritonEngine(TritonPrimitives):
         if plan is None:
             return self.torch.gram_pass(prob, keep)
         launch, budget, rows = plan
-        return TB.gram_pass(launch, rows, budget.scratch, self.name, self.index(prob)[1], center)
+        return TB.gram_pass(launch, rows, self.name, self.index(prob)[1], center)
 
     def off_target_vjp(self, prob: HeadProblem, gp: GramPass, w: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -196,7 +196,7 @@ class TritonEngine(TritonPrimitives):
         if plan is None:
             return self.torch.stats(prob)
         launch, budget, rows = plan
-        return TB.cg_stats(launch, rows, budget.scratch, self.name)
+        return TB.cg_stats(launch, rows, self.name)
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(pi_t . u[seg_t]) for u (B, V) -> (N,)."""
