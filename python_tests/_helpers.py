@@ -105,7 +105,7 @@ def sm90_compile(script: str, *args: str, timeout: int) -> str:
         pytest.skip("a GPU is present: the GPU tests compile and run the kernels for real")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(pathlib.Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([root, str(pathlib.Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
                        timeout=timeout)
     if r.returncode != 0 and ("ASTSource" in r.stderr or "GPUTarget" in r.stderr) and "Error" in r.stderr \

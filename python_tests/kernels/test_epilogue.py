@@ -151,14 +151,14 @@ def test_engine_linearization_matches_torch(mode):
 
 
 _SM90 = r"""
-import os, subprocess, tempfile, warnings
+import os, warnings
 os.environ.pop("TRITON_INTERPRET", None)
 warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from _sm90 import usage
 from rosa_ext.kernels import epilogue as E
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 P = "*fp32"
 combine = dict(part_ptr=P, S="i32", N="i32", s_k="i32", lse_ptr=P, lse_off_ptr=P, scale_ptr=P, q_ptr=P, pt_ptr=P,
                rb_ptr=P, ss_ptr=P, zy_ptr=P, logp_ptr=P, logq_ptr=P, big="fp32")
@@ -173,11 +173,7 @@ for name, kern, sig in (("combine", E._combine_kernel, combine), ("linearize", E
             const.update(FACTORS=lora, BLOCK_D=E.BLOCK_D)
         src = ASTSource(fn=kern, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(out.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        stack = max([int(w.split(":")[1]) for w in usage.split() if w.startswith("STACK:")] or [-1])
+        stack, _ = usage(out)
         print(name, int(lora), len(out.asm["cubin"]), out.metadata.shared, stack, flush=True)
 """
 

@@ -596,17 +596,16 @@ def test_dual_step_built_from_the_tiles_matches_the_torch_backend(mode, precisio
 AOT_ALL = os.environ.get("ROSA_AOT_ALL") == "1"
 
 _SM90_COMPILE = r"""
-import os, subprocess, sys, tempfile, warnings
+import os, sys, warnings
 os.environ.pop("TRITON_INTERPRET", None)
 warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from _sm90 import usage
 from rosa_ext.kernels import prob_tiles
 EVERY = sys.argv[1] == "all"
 P, I, F = "*fp32", "i32", "fp32"
-bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-cuobjdump = os.path.join(bin_dir, "cuobjdump")
 fn = prob_tiles._prob_tile_kernel.fn
 names = list(fn.arg_names)
 half, tc, ieee = prob_tiles.POOLS
@@ -634,15 +633,10 @@ for tag, dt, prec, modes, pool in (("bf16", "bf16", "ieee", (0, 1, 2), half), ("
                     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                                     attrs=attrs)
                     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-                    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                        f.write(out.asm["cubin"])
-                    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-                    os.unlink(f.name)
-                    stack = [int(w.split(":")[1]) for w in usage.split() if w.startswith("STACK:")]
-                    regs = [int(w.split(":")[1]) for w in usage.split() if w.startswith("REG:")]
+                    stack, regs = usage(out)
                     print(tag, f"{bt}x{bv}x{bd}x{nw}x{ns}", mode, int(fixed), int(single),
                           "wgmma" if "warp_group_dot" in out.asm["ttgir"] else "-", out.metadata.shared,
-                          max(stack) if stack else -1, max(regs) if regs else -1, flush=True)
+                          stack, regs, flush=True)
 """
 
 

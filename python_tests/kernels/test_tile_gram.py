@@ -184,14 +184,14 @@ def test_linearisation_kernel_forms_the_lora_factors():
 
 
 _SM90 = r"""
-import os, subprocess, tempfile, warnings
+import os, warnings
 os.environ.pop("TRITON_INTERPRET", None)
 warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from _sm90 import usage
 from rosa_ext.kernels import tile_gram as TK, tile_vjp as TV
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 P, I = "*fp32", "i32"
 
 def compile(kern, sig, const, nw, ns, tag, aligned=True):
@@ -204,12 +204,7 @@ def compile(kern, sig, const, nw, ns, tag, aligned=True):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in odd}
     src = ASTSource(fn=kern, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(out.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    stack = max([int(w.split(":")[1]) for w in usage.split() if w.startswith("STACK:")] or [-1])
-    regs = max([int(w.split(":")[1]) for w in usage.split() if w.startswith("REG:")] or [-1])
+    stack, regs = usage(out)
     print(tag, "wgmma" if "warp_group_dot" in out.asm["ttgir"] else "-", out.metadata.shared, stack, regs, flush=True)
 
 for mode, t in ((1, "*bf16"), (2, "*bf16"), (0, P)):

@@ -160,14 +160,14 @@ def test_gpu_config_follows_alignment(monkeypatch):
 
 # -- ahead-of-time compile for Hopper (no GPU needed) ---------------------------------------------------
 _SM90 = r"""
-import os, subprocess, tempfile, warnings
+import os, warnings
 os.environ.pop("TRITON_INTERPRET", None)
 warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from _sm90 import usage
 from rosa_ext.kernels import tile_weight as TW
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 fn = TW._tile_weight_kernel
 names = list(fn.arg_names)
 P, I = "*fp32", "i32"
@@ -186,16 +186,11 @@ for tag, tiles, wt, prec in (("bf16x2-bf16", 1, "bf16", "ieee"), ("bf16x2-fp32",
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in odd}
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(out.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        stack = [int(w.split(":")[1]) for w in usage.split() if w.startswith("STACK:")]
-        regs = [int(w.split(":")[1]) for w in usage.split() if w.startswith("REG:")]
+        stack, regs = usage(out)
         ir = out.asm["ttgir"]
         print(tag, aligned, "x".join(map(str, cfg)), "wgmma" if "warp_group_dot" in ir else "-",
               "async" if "async_copy_global_to_local" in ir else "-", out.metadata.shared,
-              max(stack) if stack else -1, max(regs) if regs else -1, flush=True)
+              stack, regs, flush=True)
 """
 
 

@@ -60,8 +60,9 @@ _MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 
 
 @triton.jit
-def _block_of(off_ptr, b, row0, na, nb, ONE: tl.constexpr):
-    """(first row of A, first row of B, rows of A, rows of B, base of the block's output) of conversation b."""
+def _block_of(off_ptr, b, i, j, row0, na, nb, ONE: tl.constexpr, SYM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Block (i, j) of conversation b -> (first row of A, of B, rows of A, of B, base of the conversation's
+    output, the block's A rows and B rows (relative), their masks, whether the block is computed at all)."""
     if ONE:
         lo = row0 * 0
         ta = na + lo
@@ -75,7 +76,14 @@ def _block_of(off_ptr, b, row0, na, nb, ONE: tl.constexpr):
         for c in range(0, b):
             n = (tl.load(off_ptr + c + 1) - tl.load(off_ptr + c)).to(tl.int64)
             base += n * n
-    return lo, lo, ta, tb, base
+    ra = i * BLOCK_T + tl.arange(0, BLOCK_T)
+    rb = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = (i * BLOCK_T < ta) & (j * BLOCK_T < tb)
+    if SYM:
+        live = live & (j <= i)
+    ma = ra < tl.where(live, ta, 0)  # (the interpreter turns a scalar bool & a bool tensor into ints)
+    mb = rb < tl.where(live, tb, 0)
+    return lo, lo, ta, tb, base, ra, rb, ma, mb, live
 
 
 @triton.jit
@@ -88,14 +96,7 @@ def _gram_partial_kernel(a_ptr, a_lo_ptr, a_sc_ptr, b_ptr, b_lo_ptr, b_sc_ptr, o
     j = tl.program_id(1)
     b = tl.program_id(2) // KS
     k = tl.program_id(2) % KS
-    lo_a, lo_b, ta, tb, base = _block_of(off_ptr, b, row0, na, nb, ONE)
-    ra = i * BLOCK_T + tl.arange(0, BLOCK_T)
-    rb = j * BLOCK_T + tl.arange(0, BLOCK_T)
-    live = (i * BLOCK_T < ta) & (j * BLOCK_T < tb)
-    if SYM:
-        live = live & (j <= i)
-    ma = ra < tl.where(live, ta, 0)  # (the interpreter turns a scalar bool & a bool tensor into ints)
-    mb = rb < tl.where(live, tb, 0)
+    lo_a, lo_b, ta, tb, base, ra, rb, ma, mb, live = _block_of(off_ptr, b, i, j, row0, na, nb, ONE, SYM, BLOCK_T)
     s0 = k * per_chunk
     s1 = tl.where(live, tl.minimum(S, s0 + per_chunk), s0)  # an idle program loops over nothing
     pa = (lo_a + ra).to(tl.int64) * s_a
@@ -165,14 +166,7 @@ def _gram_finish_kernel(part_ptr, a_ptr, a_lo_ptr, a_sc_ptr, ya_ptr, b_ptr, b_lo
     i = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2)
-    lo_a, lo_b, ta, tb, base = _block_of(off_ptr, b, row0, na, nb, ONE)
-    ra = i * BLOCK_T + tl.arange(0, BLOCK_T)
-    rb = j * BLOCK_T + tl.arange(0, BLOCK_T)
-    live = (i * BLOCK_T < ta) & (j * BLOCK_T < tb)
-    if SYM:
-        live = live & (j <= i)
-    ma = ra < tl.where(live, ta, 0)
-    mb = rb < tl.where(live, tb, 0)
+    lo_a, lo_b, ta, tb, base, ra, rb, ma, mb, _ = _block_of(off_ptr, b, i, j, row0, na, nb, ONE, SYM, BLOCK_T)
     m2 = ma[:, None] & mb[None, :]
     at = base + ra[:, None].to(tl.int64) * tb + rb[None, :]
     G = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
