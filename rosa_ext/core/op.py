@@ -332,7 +332,9 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if B == 1:
         seg = torch.zeros(offsets[-1], dtype=torch.int64, device=device)
     else:
-        seg = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(counts, device=device))
+        # built on the host and sent without a stream sync (a device repeat_interleave reads its output size back)
+        seg = torch.repeat_interleave(torch.arange(B), torch.tensor([int(n) for n in counts])).to(
+            device, non_blocking=True)
     return HeadProblem(hidden=sel_hidden, weight=weight, bias=bias, targets=sel_targets.contiguous(), seg=seg,
                        offsets=offsets, lengths=[int(n) for n in counts], reward=r, lora_a=a, lora_b=bvec,
                        lora_scale=cfg.lora_scale, batched=batched, compute_dtype=compute_dtype,
