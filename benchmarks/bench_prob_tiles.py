@@ -17,7 +17,19 @@ per precision the ms of the stats pass, the tile kernel given its lse, r W, the 
 two-pass form: ``two_pass_*_ms``), then, in the same run, the ONE pass the engines run (the tile kernel
 computing its own statistics: ``one_pass_ms``) and the GEMMs over its tiles (``one_*_ms``;
 ``hidden_pass_ms`` / ``lora_pass_ms`` are the one-pass totals), the tile memory, and the relative
-difference of each product from the "fp32" tiles (exact fp32 GEMMs, allow_tf32 off). The JSON
+difference of each product from the "fp32" tiles (exact fp32 GEMMs, allow_tf32 off).
+
+The engine (rosa_ext.kernels) runs the products over the one-pass tiles as fused Triton kernels, not the
+torch GEMMs: for the precisions in ``--fused-precisions`` (default "bf16x2", the engines' storage for bf16
+models; each adds one compile per kernel, no autotuning) the same row times them on the same tiles, the same
+way (``fused_rows``): ``fused_weight_ms`` (tile_weight: r̂ W), ``fused_gram_ms`` (tile_gram: the centred
+Gram K = (E - R)(E - R)^T of one conversation of T tokens) and ``fused_vjp_ms`` (tile_vjp, centred:
+sum_t w_t (e_{y_t} - r̂_t)). The torch GEMMs are the control measured in the same run: ``fused_*_rel_vs_torch``
+is each kernel's relative difference from the torch path on the same tiles (off_target_weight; K = G - X -
+X^T + 1(y_t = y_u) from off_target_gram / cross_terms, combined in fp32 as the plan does; -tiles_rmatmul
+plus w scattered at the targets), and, where T V doubles fit ``F64_MAX_BYTES`` (T = 1024, not 4096),
+``fused_*_rel_vs_f64`` / ``torch_*_rel_vs_f64`` the errors of both against float64 products of the same
+tiles. (``one_gram_ms`` times the pi-form centered_gram, the same GEMMs plus the q scaling.) The JSON
 (``prob_tiles_gpu.json``) is rewritten after every row; ``--budget-s`` stops starting rows. The first
 call of each shape autotunes the tile kernel (a warm-up, untimed).
 """
@@ -34,6 +46,9 @@ import torch
 
 D_MODEL, VOCAB = 896, 151936
 PRECISIONS = ("fp32", "bf16x2", "bf16")
+#: the float64 references of the fused kernels need T V doubles (and their difference from E): T = 1024
+#: on the Qwen head (1.2 GB) fits, 4096 (5 GB) is skipped
+F64_MAX_BYTES = 2 << 30
 
 
 def _inputs(T: int, d: int, V: int, device: str, seed: int = 0):
@@ -92,8 +107,64 @@ def emulate(args) -> dict:
     return out
 
 
-def _ms(fn) -> float:
+def _ms(fn, device: str = "cuda") -> float:
+    if device != "cuda":  # the CPU (tests, the interpreter): wall clock, a few calls
+        return statistics.median(common.wall_times_ms(fn, 3, device, budget_s=0.5, min_reps=1))
     return statistics.median(common.cuda_times_ms(fn, 20, min_reps=3, budget_s=0.5, warmup=2))
+
+
+def _torch_refs(tiles, W: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+    """The torch path over the tiles of one conversation: r̂ W (off_target_weight), the centred Gram
+    K = G - X - X^T + 1(y_t = y_u) (off_target_gram, cross_terms; in fp32, as the plan centres it) and the
+    centred VJP sum_t w_t (e_{y_t} - r̂_t) (tiles_rmatmul negated, w scattered at the targets)."""
+    from rosa_ext.kernels import tile_gemms as TG
+
+    T = int(tiles.shape[0])
+    G, X = TG.off_target_gram(tiles, [0, T])[0], TG.cross_terms(tiles, y, [0, T])[0]
+    K = G.sub_(X).sub_(X.T).add_((y.unsqueeze(0) == y.unsqueeze(1)).float())
+    vjp = TG.tiles_rmatmul(tiles, w.unsqueeze(0))[0].neg_().index_add_(0, y, w)
+    return TG.off_target_weight(tiles, W), K, vjp
+
+
+def _f64_refs(tiles, W: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+    """The same three products in float64 of the tiles (r̂ = stored x split scales; T V doubles)."""
+    R = tiles.stored().double()
+    scale = tiles.column_scale()
+    if scale is not None:
+        R.mul_(scale)
+    del scale
+    rW = R @ W.double()
+    D = R.neg_()  # E - R, in place
+    D[torch.arange(len(y), device=y.device), y] += 1.0
+    return rW, D @ D.T, w.double() @ D
+
+
+def fused_rows(tiles, W: torch.Tensor, y: torch.Tensor, w: torch.Tensor, f64: bool = True) -> dict:
+    """The engine's fused kernels over the tiles of ONE conversation (T tokens): the ms of tile_weight,
+    tile_gram (centred) and tile_vjp (centred), timed as the torch GEMMs are (``_ms``; the first calls,
+    untimed, compile), and their relative differences from the torch path on the same tiles (and, ``f64``,
+    of both from float64) -> the row's ``fused_*`` / ``torch_*`` fields."""
+    from rosa_ext.kernels.tile_gram import tile_gram
+    from rosa_ext.kernels.tile_vjp import tile_vjp
+    from rosa_ext.kernels.tile_weight import tile_weight
+
+    T, V = int(tiles.shape[0]), int(tiles.shape[1])
+    dev = W.device.type
+    buf = torch.empty(1, V, dtype=torch.float32, device=W.device)
+    got = (tile_weight(tiles, W), tile_gram(tiles, y, [T], center=True)[0][0],
+           tile_vjp(tiles, w, torch.empty_like(buf), targets=y)[0])
+    row = dict(fused_weight_ms=_ms(lambda: tile_weight(tiles, W), dev),
+               fused_gram_ms=_ms(lambda: tile_gram(tiles, y, [T], center=True), dev),
+               fused_vjp_ms=_ms(lambda: tile_vjp(tiles, w, buf, targets=y), dev))
+    names = ("weight", "gram", "vjp")
+    ref = _torch_refs(tiles, W, y, w)
+    for name, a, b in zip(names, got, ref):
+        row[f"fused_{name}_rel_vs_torch"] = _rel(a, b.double())
+    if f64:
+        for name, a, b, c in zip(names, got, ref, _f64_refs(tiles, W, y, w)):
+            row[f"fused_{name}_rel_vs_f64"] = _rel(a, c)
+            row[f"torch_{name}_rel_vs_f64"] = _rel(b, c)
+    return row
 
 
 def gpu(args) -> dict:
@@ -149,6 +220,9 @@ def gpu(args) -> dict:
                        one_lse_vs_stats=float((tiles.lse - st.lse).abs().max()))
             row["hidden_pass_ms"] = row["one_pass_ms"] + row["one_rW_ms"]
             row["lora_pass_ms"] = row["one_pass_ms"] + row["one_gram_ms"] + row["one_vjp_ms"]
+            if prec in args.fused_precisions:  # what the engine runs over these tiles, next to the torch GEMMs
+                row.update(fused_rows(tiles, W, y, w, f64=T * VOCAB * 8 <= F64_MAX_BYTES))
+                torch.cuda.empty_cache()
             # the one pass's tiles are r̂ (off-target normalised): its r̂ W against the fp32 one pass's, the
             # pi-form Gram and VJP against the two-pass fp32 ones
             one_rW = TG.off_target_weight(tiles, W)
@@ -180,6 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--emu-V", type=int, default=32000)
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 256, 4096])
     ap.add_argument("--budget-s", type=float, default=float("inf"))
+    ap.add_argument("--fused-precisions", nargs="*", default=["bf16x2"], choices=PRECISIONS,
+                    help="precisions whose one-pass tiles also time the fused kernels (one compile each)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if args.emulate:

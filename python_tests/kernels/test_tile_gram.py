@@ -65,6 +65,22 @@ def test_centred_and_raw_gram_per_conversation(prec, dtype, splits):
 
 
 @pytest.mark.parametrize("prec,dtype,splits", CASES[:2])
+def test_gram_into_a_padded_batch(prec, dtype, splits):
+    """``out``: conversation b's K in out[b, :T_b, :T_b] of a (B, Tm, Tm) batch, the padding untouched."""
+    t, y, off, _ = _problem(prec, dtype, splits)
+    want, _ = tile_gram(t, y, LENGTHS, offsets=off)
+    Tm = max(LENGTHS) + 2
+    out = torch.full((len(LENGTHS), Tm, Tm), 5.0)
+    got, _ = tile_gram(t, y, LENGTHS, offsets=off, out=out)
+    for b, T in enumerate(LENGTHS):
+        assert got[b].data_ptr() == out[b].data_ptr() and torch.equal(out[b, :T, :T], want[b]), b
+        assert (out[b, T:] == 5.0).all() and (out[b, :, T:] == 5.0).all(), b
+    with pytest.raises(RosaInputError) as e:
+        tile_gram(t, y, LENGTHS, offsets=off, out=torch.empty(len(LENGTHS), 20, 20))
+    assert e.value.argument == "out"
+
+
+@pytest.mark.parametrize("prec,dtype,splits", CASES[:2])
 def test_gram_of_a_group_and_of_a_pair_of_blocks(prec, dtype, splits):
     """Rows of a later group (offsets absolute, ``row0`` subtracted) and an off-diagonal block of one long
     conversation from two tile sets, as the blocked pass calls them; the torch K-split products agree."""
@@ -198,7 +214,7 @@ def compile(kern, sig, const, nw, ns, tag, aligned=True):
     # pointers, strides, V and the split width 16-divisible, as on the Qwen2.5 head (V = 151936; what Triton
     # specialises at run time: vectorised, pipelined loads); not ``aligned``: only the pointers (V = 50257)
     names = list(kern.arg_names)
-    odd = ("na", "nb", "row0", "S", "KS", "per_chunk", "n_rows", "rows0")
+    odd = ("na", "nb", "row0", "pad", "S", "KS", "per_chunk", "n_rows", "rows0")
     if not aligned:
         odd = tuple(n for n in sig if not sig[n].startswith("*"))
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in odd}
@@ -211,14 +227,15 @@ for mode, t in ((1, "*bf16"), (2, "*bf16"), (0, P)):
     bt, bk, nw, ns = TK.GPU_CONFIG_FP32 if mode == 0 else TK.GPU_CONFIG
     for one in (False, True):
         sig = dict(a_ptr=t, a_lo_ptr=t, a_sc_ptr=P, b_ptr=t, b_lo_ptr=t, b_sc_ptr=P, off_ptr="*i32", part_ptr=P,
-                   s_a=I, s_b=I, s_asc=I, s_bsc=I, s_part=I, na=I, nb=I, row0=I, V=I, width=I, S=I, KS=I, per_chunk=I)
+                   s_a=I, s_b=I, s_asc=I, s_bsc=I, s_part=I, na=I, nb=I, row0=I, pad=I, V=I, width=I, S=I, KS=I,
+                   per_chunk=I)
         const = dict(ONE=one, SYM=not one, HAS_SCALE=True, MODE=mode, PRECISION="tf32x3", BLOCK_T=bt, BLOCK_K=bk)
         compile(TK._gram_partial_kernel, sig, const, nw, ns, f"partial-{mode}-{int(one)}")
         if mode == 1 and not one:
             compile(TK._gram_partial_kernel, sig, const, nw, ns, "partial-1-0-unaligned", aligned=False)
         sig = dict(part_ptr=P, a_ptr=t, a_lo_ptr=t, a_sc_ptr=P, ya_ptr="*i64", b_ptr=t, b_lo_ptr=t, b_sc_ptr=P,
                    yb_ptr="*i64", off_ptr="*i32", out_ptr=P, x_ptr=P, s_a=I, s_b=I, s_asc=I, s_bsc=I, s_part=I,
-                   na=I, nb=I, row0=I, V=I, width=I, KS=I)
+                   na=I, nb=I, row0=I, pad=I, V=I, width=I, KS=I)
         for center in (True, False):
             const = dict(ONE=one, SYM=not one, HAS_SCALE=True, MODE=mode, CENTER=center, BLOCK_T=TK.FINISH_CONFIG[0])
             compile(TK._gram_finish_kernel, sig, const, TK.FINISH_CONFIG[1], 1, f"finish-{mode}-{int(one)}-{int(center)}")

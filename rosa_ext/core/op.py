@@ -326,15 +326,10 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if bvec is not None and a is None:
         a = torch.zeros(B, d, dtype=compute_dtype, device=device)
 
-    offsets = [0]
-    for n in counts:
-        offsets.append(offsets[-1] + int(n))
-    if B == 1:
-        seg = torch.zeros(offsets[-1], dtype=torch.int64, device=device)
-    else:
-        # built on the host and sent without a stream sync (a device repeat_interleave reads its output size back)
-        seg = torch.repeat_interleave(torch.arange(B), torch.tensor([int(n) for n in counts])).to(
-            device, non_blocking=True)
+    offsets = [0] + torch.tensor([int(n) for n in counts]).cumsum(0).tolist()
+    # conversation ids built on the host, sent without a stream sync (a device repeat_interleave reads its size back)
+    seg = torch.zeros(offsets[-1], dtype=torch.int64, device=device) if B == 1 else torch.repeat_interleave(
+        torch.arange(B), torch.tensor([int(n) for n in counts])).to(device, non_blocking=True)
     return HeadProblem(hidden=sel_hidden, weight=weight, bias=bias, targets=sel_targets.contiguous(), seg=seg,
                        offsets=offsets, lengths=[int(n) for n in counts], reward=r, lora_a=a, lora_b=bvec,
                        lora_scale=cfg.lora_scale, batched=batched, compute_dtype=compute_dtype,

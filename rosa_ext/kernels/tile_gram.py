@@ -60,9 +60,10 @@ _MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 
 
 @triton.jit
-def _block_of(off_ptr, b, i, j, row0, na, nb, ONE: tl.constexpr, SYM: tl.constexpr, BLOCK_T: tl.constexpr):
+def _block_of(off_ptr, b, i, j, row0, na, nb, pad, ONE: tl.constexpr, SYM: tl.constexpr, BLOCK_T: tl.constexpr):
     """Block (i, j) of conversation b -> (first row of A, of B, rows of A, of B, base of the conversation's
-    output, the block's A rows and B rows (relative), their masks, whether the block is computed at all)."""
+    output and its row stride -- packed, or ``pad`` x ``pad`` per conversation when ``pad`` > 0 --, the
+    block's A rows and B rows (relative), their masks, whether the block is computed at all)."""
     if ONE:
         lo = row0 * 0
         ta = na + lo
@@ -76,6 +77,10 @@ def _block_of(off_ptr, b, i, j, row0, na, nb, ONE: tl.constexpr, SYM: tl.constex
         for c in range(0, b):
             n = (tl.load(off_ptr + c + 1) - tl.load(off_ptr + c)).to(tl.int64)
             base += n * n
+    ld = tb
+    if not ONE:  # the padded layout: conversation b at b pad^2, rows of pad
+        base = tl.where(pad > 0, b.to(tl.int64) * pad * pad, base)
+        ld = tl.where(pad > 0, pad, tb)
     ra = i * BLOCK_T + tl.arange(0, BLOCK_T)
     rb = j * BLOCK_T + tl.arange(0, BLOCK_T)
     live = (i * BLOCK_T < ta) & (j * BLOCK_T < tb)
@@ -83,12 +88,12 @@ def _block_of(off_ptr, b, i, j, row0, na, nb, ONE: tl.constexpr, SYM: tl.constex
         live = live & (j <= i)
     ma = ra < tl.where(live, ta, 0)  # (the interpreter turns a scalar bool & a bool tensor into ints)
     mb = rb < tl.where(live, tb, 0)
-    return lo, lo, ta, tb, base, ra, rb, ma, mb, live
+    return lo, lo, ta, tb, base, ld, ra, rb, ma, mb, live
 
 
 @triton.jit
 def _gram_partial_kernel(a_ptr, a_lo_ptr, a_sc_ptr, b_ptr, b_lo_ptr, b_sc_ptr, off_ptr, part_ptr,
-                         s_a, s_b, s_asc, s_bsc, s_part, na, nb, row0, V, width, S, KS, per_chunk,
+                         s_a, s_b, s_asc, s_bsc, s_part, na, nb, row0, pad, V, width, S, KS, per_chunk,
                          ONE: tl.constexpr, SYM: tl.constexpr, HAS_SCALE: tl.constexpr, MODE: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """Block (i, j) of conversation b's ``r̂_t . r̂_u`` over the splits of K-chunk k (module doc, step 1)."""
@@ -96,7 +101,8 @@ def _gram_partial_kernel(a_ptr, a_lo_ptr, a_sc_ptr, b_ptr, b_lo_ptr, b_sc_ptr, o
     j = tl.program_id(1)
     b = tl.program_id(2) // KS
     k = tl.program_id(2) % KS
-    lo_a, lo_b, ta, tb, base, ra, rb, ma, mb, live = _block_of(off_ptr, b, i, j, row0, na, nb, ONE, SYM, BLOCK_T)
+    lo_a, lo_b, ta, tb, base, ld, ra, rb, ma, mb, live = _block_of(off_ptr, b, i, j, row0, na, nb, pad, ONE, SYM,
+                                                                    BLOCK_T)
     s0 = k * per_chunk
     s1 = tl.where(live, tl.minimum(S, s0 + per_chunk), s0)  # an idle program loops over nothing
     pa = (lo_a + ra).to(tl.int64) * s_a
@@ -135,7 +141,7 @@ def _gram_partial_kernel(a_ptr, a_lo_ptr, a_sc_ptr, b_ptr, b_lo_ptr, b_sc_ptr, o
             else:
                 acc += acc_s
             acc_s = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
-    out = part_ptr + k.to(tl.int64) * s_part + base + ra[:, None].to(tl.int64) * tb + rb[None, :]
+    out = part_ptr + k.to(tl.int64) * s_part + base + ra[:, None].to(tl.int64) * ld + rb[None, :]
     tl.store(out, acc, mask=ma[:, None] & mb[None, :])
 
 
@@ -158,7 +164,7 @@ def _entries_at(t_ptr, t_lo_ptr, sc_ptr, rows, s_t, s_sc, y, ok, m, width, HAS_S
 
 @triton.jit
 def _gram_finish_kernel(part_ptr, a_ptr, a_lo_ptr, a_sc_ptr, ya_ptr, b_ptr, b_lo_ptr, b_sc_ptr, yb_ptr, off_ptr,
-                        out_ptr, x_ptr, s_a, s_b, s_asc, s_bsc, s_part, na, nb, row0, V, width, KS,
+                        out_ptr, x_ptr, s_a, s_b, s_asc, s_bsc, s_part, na, nb, row0, pad, V, width, KS,
                         ONE: tl.constexpr, SYM: tl.constexpr, HAS_SCALE: tl.constexpr, MODE: tl.constexpr,
                         CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
     """Block (i, j) of conversation b: the partial sums added, the cross terms gathered, K (``CENTER``) or
@@ -166,9 +172,9 @@ def _gram_finish_kernel(part_ptr, a_ptr, a_lo_ptr, a_sc_ptr, ya_ptr, b_ptr, b_lo
     i = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2)
-    lo_a, lo_b, ta, tb, base, ra, rb, ma, mb, _ = _block_of(off_ptr, b, i, j, row0, na, nb, ONE, SYM, BLOCK_T)
+    lo_a, lo_b, ta, tb, base, ld, ra, rb, ma, mb, _ = _block_of(off_ptr, b, i, j, row0, na, nb, pad, ONE, SYM, BLOCK_T)
     m2 = ma[:, None] & mb[None, :]
-    at = base + ra[:, None].to(tl.int64) * tb + rb[None, :]
+    at = base + ra[:, None].to(tl.int64) * ld + rb[None, :]
     G = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
     pp = part_ptr + at
     for _ in range(0, KS):  # the K-chunks in order (deterministic)
@@ -185,7 +191,7 @@ def _gram_finish_kernel(part_ptr, a_ptr, a_lo_ptr, a_sc_ptr, ya_ptr, b_ptr, b_lo
                      width, HAS_SCALE, MODE)
     xb = _entries_at(b_ptr, b_lo_ptr, b_sc_ptr, (lo_b + rb)[None, :], s_b, s_bsc, yac[:, None], oka[:, None], m2,
                      width, HAS_SCALE, MODE)
-    mirror = base + rb[None, :].to(tl.int64) * ta + ra[:, None]  # (u, t) of the transposed block
+    mirror = base + rb[None, :].to(tl.int64) * ld + ra[:, None]  # (u, t) of the transposed block (SYM: ta = tb)
     direct = m2
     if SYM:  # each position written once: t >= u directly, its mirror (u, t) for t > u (exactly symmetric)
         direct = m2 & (ra[:, None] >= rb[None, :])
@@ -225,7 +231,8 @@ def _chunks(S: int, programs: int, device: torch.device) -> Tuple[int, int]:
 
 def tile_gram(ta: ProbTiles, ya: torch.Tensor, lengths: Sequence[int], *, offsets: Optional[torch.Tensor] = None,
               row0: int = 0, tb: Optional[ProbTiles] = None, yb: Optional[torch.Tensor] = None,
-              center: bool = True) -> Tuple[List[torch.Tensor], Optional[List[torch.Tensor]]]:
+              center: bool = True, out: Optional[torch.Tensor] = None
+              ) -> Tuple[List[torch.Tensor], Optional[List[torch.Tensor]]]:
     """The Gram of the tile rows per conversation in two launches (module doc) -> (matrices, cross terms).
 
     Args:
@@ -237,8 +244,12 @@ def tile_gram(ta: ProbTiles, ya: torch.Tensor, lengths: Sequence[int], *, offset
             ``r̂_t . r̂_u`` for t in ``ta``, u in ``tb`` ((n_a, n_b); ``lengths`` = [n_a]).
         center: write K (``(T_b, T_b)`` fp32 per conversation; cross terms None); else the raw ``r̂_t . r̂_u``
             and ``X[t, u] = r̂_t[y_u]``.
+        out: (B, Tm, Tm) fp32 contiguous, Tm >= every T_b, to write conversation b's matrix into
+            ``out[b, :T_b, :T_b]`` (a padded batch for batched algebra; the rest of ``out`` is not written: zero it
+            first where it matters); ``center`` only, not with ``tb``.
     Returns:
-        (list of (T_b, T_b) fp32 views of one packed buffer (pair: one (n_a, n_b)), list of X views or None).
+        (list of (T_b, T_b) fp32 views of one packed buffer, or of ``out`` (pair: one (n_a, n_b)), list of X
+        views or None).
     """
     pair = tb is not None
     tb_, yb_ = (tb, yb) if pair else (ta, ya)
@@ -253,12 +264,25 @@ def tile_gram(ta: ProbTiles, ya: torch.Tensor, lengths: Sequence[int], *, offset
         raise RosaInputError("rosa_ext.kernels.tile_gram: more than one conversation needs offsets", "offsets")
     V, dev = int(ta.shape[1]), ya.device
     sizes = [(na, nb)] if pair else [(int(n), int(n)) for n in lengths]
-    total = sum(a * c for a, c in sizes)
-    out = torch.empty(total, dtype=torch.float32, device=dev)
+    pad = 0
+    if out is not None:
+        pad = int(out.shape[-1]) if out.dim() == 3 else 0
+        if (pair or not center or out.dim() != 3 or tuple(out.shape) != (B, pad, pad) or pad < max(n for n, _ in sizes)
+                or out.dtype != torch.float32 or not out.is_contiguous() or out.device != dev):
+            raise RosaInputError(f"rosa_ext.kernels.tile_gram: out must be a contiguous ({B}, Tm, Tm) float32 tensor on "
+                                 f"{dev} with Tm >= {max(n for n, _ in sizes)} (the centred Gram of conversations, not "
+                                 f"a pair), got {tuple(out.shape)} {out.dtype}", "out")
+        total = B * pad * pad
+        views = [out[b, :n, :n] for b, (n, _) in enumerate(sizes)]
+        flat = out.view(-1)
+    else:
+        total = sum(a * c for a, c in sizes)
+        flat = torch.empty(total, dtype=torch.float32, device=dev)
+        views = []
     x = None if center else torch.empty(total, dtype=torch.float32, device=dev)
-    views, xviews, pos = [], [] if x is not None else None, 0
-    for a, c in sizes:
-        views.append(out[pos:pos + a * c].view(a, c))
+    xviews, pos = [] if x is not None else None, 0
+    for a, c in (sizes if out is None else []):
+        views.append(flat[pos:pos + a * c].view(a, c))
         if x is not None:
             xviews.append(x[pos:pos + a * c].view(a, c))
         pos += a * c
@@ -276,16 +300,16 @@ def tile_gram(ta: ProbTiles, ya: torch.Tensor, lengths: Sequence[int], *, offset
     b, b_lo, _ = _parts(tb_)
     off = offsets if offsets is not None else ya
     ones = dict(ONE=B == 1 and offsets is None or pair, SYM=not pair, HAS_SCALE=sc_a is not None, MODE=mode)
-    sa = sc_a if sc_a is not None else out
-    sb = sc_b if sc_b is not None else out
+    sa = sc_a if sc_a is not None else flat
+    sb = sc_b if sc_b is not None else flat
     s_asc = sc_a.stride(0) if sc_a is not None else 0
     s_bsc = sc_b.stride(0) if sc_b is not None else 0
     _gram_partial_kernel[(nblk, nblk, B * ks)](
-        a, a_lo, sa, b, b_lo, sb, off, part, a.stride(0), b.stride(0), s_asc, s_bsc, total, na, nb, int(row0), V,
+        a, a_lo, sa, b, b_lo, sb, off, part, a.stride(0), b.stride(0), s_asc, s_bsc, total, na, nb, int(row0), pad, V,
         width, S, ks, per, PRECISION=fp32_precision(), BLOCK_T=bt, BLOCK_K=bk, num_warps=nw, num_stages=ns, **ones)
     fb, fw = INTERPRET_FINISH if INTERPRET else FINISH_CONFIG
     nf = triton.cdiv(tmax, fb)
     _gram_finish_kernel[(nf, nf, B)](
-        part, a, a_lo, sa, ya, b, b_lo, sb, yb_, off, out, x if x is not None else out, a.stride(0), b.stride(0),
-        s_asc, s_bsc, total, na, nb, int(row0), V, width, ks, CENTER=center, BLOCK_T=fb, num_warps=fw, **ones)
+        part, a, a_lo, sa, ya, b, b_lo, sb, yb_, off, flat, x if x is not None else flat, a.stride(0), b.stride(0),
+        s_asc, s_bsc, total, na, nb, int(row0), pad, V, width, ks, CENTER=center, BLOCK_T=fb, num_warps=fw, **ones)
     return views, xviews
