@@ -229,10 +229,15 @@ def gram_pass(launch: TileLauncher, rows: int, engine: str, offsets: torch.Tenso
     N, off, y = prob.num_tokens, prob.offsets, prob.targets
     if N <= rows:
         t = launch(0, N)
-        gram, cross = tile_gram(t, y, prob.lengths, offsets=offsets if prob.num_conversations > 1 else None,
-                                center=center)
+        B, Tm = prob.num_conversations, max(prob.lengths)
+        batch = None
+        if center:  # the centred Grams straight into the plan's padded batch (zeros around unequal lengths)
+            batch = (torch.empty if all(n == Tm for n in prob.lengths) else torch.zeros)(
+                B, Tm, Tm, dtype=torch.float32, device=prob.weight.device)
+        gram, cross = tile_gram(t, y, prob.lengths, offsets=offsets if B > 1 else None, center=center, out=batch)
         return GramPass(lse=t.lse, lse_off=t.lse_off, logp=t.logp, logq=t.logq, ah=ah, rb=t.rb, gram=gram,
-                        cross=cross or [], kept=KeptProbTiles(t, t.lse_off), engine=engine, centered=center)
+                        cross=cross or [], kept=KeptProbTiles(t, t.lse_off), engine=engine, centered=center,
+                        padded=batch)
     dev = prob.weight.device
     tab = TokenTable(N, dev)
     buf = BlockBuffer(rows, prob.vocab_size, launch.precision, dev)

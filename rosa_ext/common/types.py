@@ -190,6 +190,8 @@ class GramPass:
       were streamed
     - ``centered``: True when the engine centred the Gram itself (asked with ``center=True``; the Triton
       engine's kernels do it as they form it): ``gram`` is then the centred Gram and ``cross`` is empty
+    - ``padded``: (B, Tm, Tm) or None: the batch the engine wrote the matrices of ``gram`` into (each a view
+      ``padded[b, :T_b, :T_b]``, zeros around it), for the plan's batched algebra (:class:`rosa_ext.plans.dense.Padding`)
     """
 
     lse: torch.Tensor
@@ -203,6 +205,7 @@ class GramPass:
     kept: Any = None
     engine: str = "torch"
     centered: bool = False
+    padded: Optional[torch.Tensor] = None
 
 
 @dataclass

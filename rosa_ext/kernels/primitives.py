@@ -65,7 +65,8 @@ class TritonPrimitives(WholeVocabulary):
             a = prob.lora_a
             if a is not None:
                 a = a.to(h.dtype)
-                ah = torch.mv(h, a[0]) if a.shape[0] == 1 else (h * a[prob.seg]).sum(1)
+                # one row: a GEMV; one per conversation: all rows against all (B small), each token's own picked
+                ah = torch.mv(h, a[0]) if a.shape[0] == 1 else (h @ a.T).gather(1, prob.seg.unsqueeze(1)).squeeze(1)
             self._hidden_key, self._hidden = prob, (h, ah)
         return self._hidden
 

@@ -15,6 +15,15 @@ rescaling, factor-and-accept, the float64 refinement, the CG call -- each writte
   whose Cholesky was rejected (SVD of J, eigendecomposition of J J^T).
 - :func:`run_cg`: a CG implementation on a plan's matvec (a breakdown in the right-hand side is the
   inputs' fault and named so).
+- :class:`Padding`, :func:`dual_checks`: the dual's T x T algebra of every conversation at once, on a padded
+  batch (B, Tm, ...) with Tm the longest conversation, so that its launches do not grow with B (a loop over
+  conversations is ~25 device launches each). :class:`Padding` maps packed per-token rows to the batch (views
+  when every conversation has Tm tokens, else one zero-filled copy: a padded row of J is zero, so are the
+  padded entries of g, and the padded rows and columns of J J^T are decoupled from the real block);
+  :meth:`Padding.fill_pad_diagonal` sets the padded diagonal to the conversation's first diagonal entry, so
+  that the Cholesky factor of the padded ``A + lambda I`` is the real block's with copies of its first
+  diagonal entry appended -- its min / max diagonal (the condition estimate of :func:`well_factored`) and the
+  solution (zero on the padding) are the real block's; :func:`factor_solve` takes the batch as it is.
 """
 from __future__ import annotations
 
@@ -107,13 +116,15 @@ def factor_solve(A: torch.Tensor, rhs: torch.Tensor, lam: Ridge) -> Tuple[torch.
     """(A + lam I)^{-1} rhs by Cholesky for symmetric A (restored up to rounding afterwards). One
     allocation of A's size (the factor). Returns (x, how the factorisation went): :func:`well_factored`
     tells, on the host, whether it succeeded and ``A + lam I`` is well enough conditioned for the compute
-    dtype (:data:`CONDITION_LIMIT`)."""
-    A.diagonal().add_(lam)
+    dtype (:data:`CONDITION_LIMIT`). Batched too: A (B, n, n), rhs (B, n), lam (B,) -> x (B, n) and
+    Factored of (B,) tensors (:class:`Padding`)."""
+    lam_d = lam.unsqueeze(-1) if isinstance(lam, torch.Tensor) else lam  # over each matrix's diagonal
+    A.diagonal(dim1=-2, dim2=-1).add_(lam_d)
     L, info = torch.linalg.cholesky_ex(A)
-    A.diagonal().sub_(lam)
-    x = torch.cholesky_solve(rhs.unsqueeze(1), L)
-    dmin, dmax = torch.aminmax(L.diagonal())
-    return x.squeeze(1), Factored(info, dmin, dmax)
+    A.diagonal(dim1=-2, dim2=-1).sub_(lam_d)
+    x = torch.cholesky_solve(rhs.unsqueeze(-1), L)
+    dmin, dmax = torch.aminmax(L.diagonal(dim1=-2, dim2=-1), dim=-1)
+    return x.squeeze(-1), Factored(info, dmin, dmax)
 
 
 def well_factored(info: float, dmin: float, dmax: float, dtype: torch.dtype) -> bool:
@@ -335,3 +346,81 @@ def relative_residual(nums: Sequence[float], dens: Sequence[float]) -> float:
     """sqrt(sum nums / sum dens), 0 where the denominator is 0 (host floats, as :func:`accept` read them)."""
     num, den = sum(nums), sum(dens)
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- a padded batch of conversations
+class Padding:
+    """The layout of ``prob``'s conversations as a padded batch: ``B``, ``Tm`` (the longest), ``lengths``;
+    ``equal`` when every conversation has Tm tokens (the batch is then a view of the packed rows)."""
+
+    def __init__(self, prob: HeadProblem) -> None:
+        self.prob = prob
+        self.B, self.lengths = prob.num_conversations, [int(n) for n in prob.lengths]
+        self.Tm = max(self.lengths)
+        self.equal = all(n == self.Tm for n in self.lengths)
+        self._pos: Optional[torch.Tensor] = None
+
+    def _positions(self, device: torch.device) -> torch.Tensor:
+        """(N,) int64: each token's position within its conversation (host-built, sent non_blocking)."""
+        if self._pos is None:
+            self._pos = torch.cat([torch.arange(n) for n in self.lengths]).to(device, non_blocking=True)
+        return self._pos
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) packed rows -> (B, Tm, ...), zeros on the padding."""
+        if self.equal:
+            return x.reshape(self.B, self.Tm, *x.shape[1:])
+        out = x.new_zeros(self.B, self.Tm, *x.shape[1:])
+        out[self.prob.seg, self._positions(x.device)] = x
+        return out
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Tm, ...) -> (N, ...) packed rows."""
+        if self.equal:
+            return x.reshape(self.B * self.Tm, *x.shape[2:])
+        return x[self.prob.seg, self._positions(x.device)]
+
+    def pad_matrices(self, mats: Sequence[torch.Tensor], padded: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The (T_b, T_b) matrices as one (B, Tm, Tm) batch: ``padded`` itself when given (an engine wrote them
+        into it), else a copy (zeros on the padding)."""
+        if padded is not None:
+            return padded
+        if self.equal:
+            return torch.stack(list(mats))
+        out = mats[0].new_zeros(self.B, self.Tm, self.Tm)
+        for b, m in enumerate(mats):
+            out[b, :m.shape[0], :m.shape[1]] = m
+        return out
+
+    def token_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Tm) with zeros on the padding -> (B,), each conversation's mean over its own tokens."""
+        if self.equal:
+            return x.mean(1)
+        counts = torch.tensor(self.lengths, dtype=x.dtype).to(x.device, non_blocking=True)
+        return x.sum(1) / counts
+
+    def fill_pad_diagonal(self, A: torch.Tensor) -> None:
+        """The padded diagonal of ``A`` (B, Tm, Tm) := its first diagonal entry, per conversation, in place
+        (module doc); nothing to do without padding."""
+        if self.equal:
+            return
+        diag = A.diagonal(dim1=1, dim2=2)
+        real = torch.tensor([[t < n for t in range(self.Tm)] for n in self.lengths]).to(A.device, non_blocking=True)
+        diag.copy_(torch.where(real, diag, diag[:, :1]))
+
+
+def dual_checks(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: torch.Tensor,
+                factored: Factored) -> List[SolveFacts]:
+    """:func:`dual_check` of each conversation of a padded batch (G0 (B, Tm, Tm), g and
+    alpha (B, Tm), lam (B,), ``factored`` of (B,) tensors) -> one SolveFacts of 0-dim views per conversation.
+    The padding adds nothing: its rows of G0 are zero off the diagonal and alpha, g are zero there."""
+    B = G0.shape[0]
+    if B == 1:
+        return [dual_check(G0[0], g[0], alpha[0], lam[0], Factored(*(x[0] for x in factored)))]
+    e = torch.baddbmm(g.unsqueeze(2), G0, alpha.unsqueeze(2), alpha=-1).squeeze(2).sub_(lam.unsqueeze(1) * alpha)
+    eg = torch.stack([e, g], 2)  # (B, Tm, 2)
+    nd = (eg * torch.bmm(G0, eg)).sum(1)  # (B, 2): e^T G0 e, g^T G0 g
+    smin, smax = torch.aminmax(G0.flatten(1), dim=1)
+    info, dmin, dmax = factored
+    return [SolveFacts(nd[b, 0], nd[b, 1], Factored(info[b], dmin[b], dmax[b]), (smin[b], smax[b]), lam[b])
+            for b in range(B)]

@@ -81,42 +81,44 @@ def jacobian_units(lin: Linearization, ca: torch.Tensor, cb: torch.Tensor) -> to
 # ----------------------------------------------------------------------------- 3. the solve
 def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tuple[Solved, List[float], List[float]]:
     """The LoRA dual of one group of conversations -> (Solved with the residual unset, the conversations'
-    residual numerators and denominators, host floats)."""
+    residual numerators and denominators, host floats). The T x T algebra of all of them at once, on a padded
+    batch (:class:`.dense.Padding`)."""
     gp = engine.gram_pass(prob, keep, cfg.keep_budget_bytes, center=True)
     center_gram(prob, gp)
     lin = engine.linearize(prob, gp, "lora", cfg.beta)
-    g = lin.g
     ca, cb = lora_factors(lin, gp)
-    h, off = lin.h, prob.offsets
+    off = prob.offsets
     B, d, Vl = prob.num_conversations, prob.hidden_size, prob.vocab_size
     cd, dev = prob.compute_dtype, prob.weight.device
+    lay = dense.Padding(prob)
     update = torch.empty(B, d + Vl, dtype=cd, device=dev)
-    wcol = torch.empty(prob.num_tokens, dtype=cd, device=dev)
-    facts: List[dense.SolveFacts] = []
-    gs, Jas, cbs = [], [], []
+    # J rescaled by a power of two per conversation (exact; the step is invariant): entries of the Gram are <= 2
     units = jacobian_units(lin, ca, cb)
-    for b in range(B):
-        lo, hi = off[b], off[b + 1]
-        # J rescaled by a power of two (exact; the step is invariant): entries of the Gram are <= 2
-        unit = units[b]
-        cbk = cb[lo:hi] * unit
-        Ja = (ca[lo:hi] * unit).unsqueeze(1) * h[lo:hi]
-        gb = g[lo:hi] * unit
-        M = gp.gram[b]  # (e_y - pi_t).(e_y - pi_u), made J J^T in place
-        M.mul_(cbk.unsqueeze(1)).mul_(cbk.unsqueeze(0))
-        M.addmm_(Ja, Ja.T)
-        lam = dense.ridge(cfg, M.diagonal().mean(), unit, lin.shift[b])
-        alpha, factored = dense.factor_solve(M, gb, lam)
-        facts.append(dense.dual_check(M, gb, alpha, lam, factored))
-        torch.mv(Ja.T, alpha, out=update[b, :d])
-        torch.mul(alpha, cbk, out=wcol[lo:hi])
-        gs.append(gb)
-        Jas.append(Ja)
-        cbs.append(cbk)
+    u = units.unsqueeze(1)
+    cbk = lay.pad(cb) * u  # (B, Tm)
+    gb = lay.pad(lin.g) * u
+    Ja = (lay.pad(ca) * u).unsqueeze(2) * lay.pad(lin.h)  # (B, Tm, d): J_t,a = ca_t h_t
+    M = lay.pad_matrices(gp.gram, gp.padded)  # (e_y - pi_t).(e_y - pi_u), made J J^T in place
+    M.mul_(cbk.unsqueeze(2)).mul_(cbk.unsqueeze(1))
+    M.baddbmm_(Ja, Ja.transpose(1, 2))
+    lam = dense.ridge(cfg, lay.token_mean(M.diagonal(dim1=1, dim2=2)), units, lin.shift)
+    lay.fill_pad_diagonal(M)
+    alpha, factored = dense.factor_solve(M, gb, lam)
+    facts = dense.dual_checks(M, gb, alpha, lam, factored)
+    if B == 1:
+        torch.mv(Ja[0].T, alpha[0], out=update[0, :d])
+    else:
+        update[:, :d] = torch.bmm(alpha.unsqueeze(1), Ja).squeeze(1)
+    wcol = lay.unpad(alpha * cbk)  # (N,): the VJP's weights w_t = alpha_t c_t
+    T = lay.lengths
+    gs = [gb[b, :T[b]] for b in range(B)]
+    Jas = [Ja[b, :T[b]] for b in range(B)]
+    cbs = [cbk[b, :T[b]] for b in range(B)]
+    grams = [M[b, :T[b], :T[b]] for b in range(B)]
     eps = torch.finfo(cd).eps
 
     def solve64(b: int) -> torch.Tensor:
-        return dense.spectral_gram(gp.gram[b], gs[b], float(facts[b].lam), eps)
+        return dense.spectral_gram(grams[b], gs[b], float(facts[b].lam), eps)
 
     # the b-part of the update (the VJP below) is bounded by sum_t |w_t| (each r̂_t sums to 1): finite with it
     verdict = dense.accept(lin, cfg, facts, [*torch.aminmax(update[:, :d]), wcol.abs().sum()])
@@ -134,9 +136,9 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         alpha = alpha.to(cd)
         torch.mv(Jas[b].T, alpha, out=update[b, :d])
         wcol[lo:hi] = alpha * cbs[b]
-        redo = dense.dual_check(gp.gram[b], gs[b], alpha, facts[b].lam, facts[b].factored)
+        redo = dense.dual_check(grams[b], gs[b], alpha, facts[b].lam, facts[b].factored)
         nums[b], dens[b] = max(float(redo.num), 0.0), max(float(redo.den), 0.0)  # a redo: syncs of its own
-    gp.gram = []  # free the T x T matrices before the VJP
+    gp.gram, gp.padded, M, grams = [], None, None, []  # free the T x T matrices before the VJP
     # the b-part of J^T alpha: sum_t w_t (e_{y_t} - r̂_t) = scatter(y, w) - sum_t w_t r̂_t (nothing cancels)
     engine.centered_vjp(prob, gp, wcol, out=update[:, d:])
     for b, step in redone.items():

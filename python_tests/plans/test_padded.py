@@ -1,0 +1,91 @@
+"""The dual's batched T x T algebra (rosa_ext.plans.dense: Padding, dual_checks): the padded layout, the batched Cholesky and
+checks against the per-conversation ones, and whole LoRA updates of ragged batches against each
+conversation solved alone (torch and Triton engines)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from _helpers import make_inputs  # noqa: E402
+
+from rosa_ext import rosa_update  # noqa: E402
+from rosa_ext.core.op import pack  # noqa: E402
+from rosa_ext.plans import dense  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _layout(lengths):
+    g = torch.Generator().manual_seed(0)
+    B, T = len(lengths), max(lengths)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = True
+    prob, _ = pack(torch.randn(B, T, 4, generator=g, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64),
+                   torch.randint(0, 7, (B, T), generator=g), 1.0, mode="hidden", mask=mask)
+    return prob, dense.Padding(prob)
+
+
+@pytest.mark.parametrize("lengths", [[3], [4, 4], [2, 5, 1]])
+def test_pad_unpad_and_token_means(lengths):
+    prob, lay = _layout(lengths)
+    x = torch.arange(prob.num_tokens * 2, dtype=torch.float64).view(-1, 2)
+    p = lay.pad(x)
+    assert p.shape == (len(lengths), max(lengths), 2) and torch.equal(lay.unpad(p), x)
+    for b, (lo, hi) in enumerate(zip(prob.offsets[:-1], prob.offsets[1:])):
+        assert torch.equal(p[b, :hi - lo], x[lo:hi]) and (p[b, hi - lo:] == 0).all()
+    assert lay.equal == (len(set(lengths)) == 1)
+    m = lay.token_mean(p[..., 0])
+    want = torch.stack([x[lo:hi, 0].mean() for lo, hi in zip(prob.offsets[:-1], prob.offsets[1:])])
+    torch.testing.assert_close(m, want, rtol=1e-15, atol=0)
+
+
+def test_batched_factor_and_checks_equal_each_conversation():
+    """Padded systems (decoupled padding, its diagonal the first entry): the solution, the factor's min / max
+    diagonal and the residual facts of each conversation are those of its own unpadded system."""
+    lengths = [2, 5, 1]
+    prob, lay = _layout(lengths)
+    g = torch.Generator().manual_seed(1)
+    mats, rhs = [], []
+    for n in lengths:
+        J = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        mats.append(J @ J.T)
+        rhs.append(torch.randn(n, generator=g, dtype=torch.float64))
+    lam = torch.tensor([0.1, 1e-3, 2.0], dtype=torch.float64)
+    A = lay.pad_matrices(mats)
+    gb = lay.pad(torch.cat(rhs))
+    lay.fill_pad_diagonal(A)
+    x, fac = dense.factor_solve(A, gb, lam)
+    facts = dense.dual_checks(A, gb, x, lam, fac)
+    for b, n in enumerate(lengths):
+        want, wf = dense.factor_solve(mats[b].clone(), rhs[b], lam[b])
+        torch.testing.assert_close(x[b, :n], want, rtol=1e-12, atol=1e-14)
+        assert (x[b, n:] == 0).all()
+        for got, w in zip((fac.info[b], fac.diag_min[b], fac.diag_max[b]), wf):
+            torch.testing.assert_close(got, w, rtol=1e-14, atol=0)
+        one = dense.dual_check(mats[b], rhs[b], want, lam[b], wf)
+        torch.testing.assert_close(facts[b].den, one.den, rtol=1e-12, atol=0)
+        assert float(facts[b].num) <= 1e-24 * float(one.den) and float(one.num) <= 1e-24 * float(one.den)  # rounding
+        assert float(facts[b].system[1]) == float(one.system[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_ragged_lora_batch_equals_each_conversation_alone(backend):
+    """One call over three conversations of 2, 7 and 4 tokens equals three calls of one conversation each."""
+    B, T, d, V = 3, 7, 8, 40
+    inp = make_inputs(T=T, d=d, V=V, mode="lora", B=B, seed=4)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(B, d, generator=g) / d ** 0.5
+    bvec = torch.randn(B, V, generator=g) * 0.3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[2, 4:] = False
+    h, W, y = inp["hidden"].float(), inp["weight"].float(), inp["targets"]
+    reward = torch.tensor([-1.0, 1.0, 0.5])
+    kw = dict(mode="lora", backend=backend, solver="dual", lora_scale=2.0)
+    step = rosa_update(h, W, y, reward, lora_a=a, lora_b=bvec, mask=mask, **kw)
+    for b in range(B):
+        n = int(mask[b].sum())
+        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), lora_a=a[b], lora_b=bvec[b], **kw)
+        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
