@@ -189,9 +189,10 @@ def test_the_hidden_dual_stays_under_60_in_token_blocks(monkeypatch):
 def test_a_batch_of_conversations_syncs_once(mode):
     """Two conversations in one call (batched (B, T, .) inputs, a float reward): still one host sync and no
     blocking copy (the conversation ids are built on the host and sent non_blocking; a device
-    ``repeat_interleave`` would read its output size back). LoRA mode's T x T algebra runs on a padded batch
-    (rosa_ext.plans.dense.Padding): its launches do not grow with B; hidden mode's runs per conversation (~25 launches
-    each: benchmarks/README.md)."""
+    ``repeat_interleave`` would read its output size back). The T x T algebra runs on a batch of the
+    conversations (rosa_ext.plans.dense.Padding; equal lengths: views), so the launches are those of one
+    conversation and a few more (hidden: none; LoRA: the batched checks, the shared LoRA row expanded per
+    conversation, J^T alpha copied into the update: 62 at B = 2 or 4, 58 at B = 1)."""
     from rosa_ext import rosa_update
     from rosa_ext.kernels import _tiles
     if not _tiles.INTERPRET:
@@ -210,4 +211,4 @@ def test_a_batch_of_conversations_syncs_once(mode):
         step = rosa_update(*args, **kw)
     s = counter.counts.summary()
     assert step.update.shape[0] == 2 and s["syncs"] == 1 and s["h2d"] == 0, s
-    assert s["launches"] < (65 if mode == "lora" else 100), s
+    assert s["launches"] < (60 if mode == "hidden" else 65), s

@@ -89,3 +89,35 @@ def test_a_ragged_lora_batch_equals_each_conversation_alone(backend):
         n = int(mask[b].sum())
         one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), lora_a=a[b], lora_b=bvec[b], **kw)
         torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+
+
+def test_a_subset_of_conversations():
+    """``convs``: the padded batch of some conversations only, their rows in order; ``select`` their rows of a
+    per-conversation tensor."""
+    prob, _ = _layout([2, 5, 1, 3])
+    lay = dense.Padding(prob, [1, 3])
+    x = torch.arange(prob.num_tokens, dtype=torch.float64)
+    p = lay.pad(x)
+    assert p.tolist() == [[2, 3, 4, 5, 6], [8, 9, 10, 0, 0]] and not lay.view
+    assert lay.unpad(p).tolist() == [2, 3, 4, 5, 6, 8, 9, 10]
+    assert lay.select(torch.tensor([10, 11, 12, 13])).tolist() == [11, 13]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_hidden_batch_of_short_and_long_conversations_equals_each_alone(backend):
+    """Hidden mode, d = 4: conversations of 2 and 3 tokens (the dual batch) and of 6 and 7 (the primal batch)
+    in one call equal four calls of one conversation each."""
+    B, T, d, V = 4, 7, 4, 30
+    inp = make_inputs(T=T, d=d, V=V, mode="hidden", B=B, seed=6)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[1, 6:] = False
+    mask[3, 3:] = False
+    h, W, y = inp["hidden"].float(), inp["weight"].float(), inp["targets"]
+    reward = torch.tensor([-1.0, 1.0, 0.5, -0.2])
+    kw = dict(mode="hidden", backend=backend, solver="dual", damping=0.05)
+    step = rosa_update(h, W, y, reward, mask=mask, **kw)
+    for b in range(B):
+        n = int(mask[b].sum())
+        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), **kw)
+        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)

@@ -350,35 +350,49 @@ def relative_residual(nums: Sequence[float], dens: Sequence[float]) -> float:
 
 # ----------------------------------------------------------------------------- a padded batch of conversations
 class Padding:
-    """The layout of ``prob``'s conversations as a padded batch: ``B``, ``Tm`` (the longest), ``lengths``;
-    ``equal`` when every conversation has Tm tokens (the batch is then a view of the packed rows)."""
+    """The layout of conversations ``convs`` of ``prob`` (default: all) as a padded batch: ``B`` of them, ``Tm``
+    (the longest), ``lengths``; ``view`` when they are all of ``prob``'s conversations, each of Tm tokens (the
+    batch is then a view of the packed rows)."""
 
-    def __init__(self, prob: HeadProblem) -> None:
+    def __init__(self, prob: HeadProblem, convs: Optional[Sequence[int]] = None) -> None:
         self.prob = prob
-        self.B, self.lengths = prob.num_conversations, [int(n) for n in prob.lengths]
+        self.convs = list(range(prob.num_conversations)) if convs is None else [int(b) for b in convs]
+        self.B = len(self.convs)
+        self.lengths = [int(prob.lengths[b]) for b in self.convs]
         self.Tm = max(self.lengths)
+        self.view = self.B == prob.num_conversations and all(n == self.Tm for n in self.lengths)
         self.equal = all(n == self.Tm for n in self.lengths)
-        self._pos: Optional[torch.Tensor] = None
+        self._index: Optional[torch.Tensor] = None
 
-    def _positions(self, device: torch.device) -> torch.Tensor:
-        """(N,) int64: each token's position within its conversation (host-built, sent non_blocking)."""
-        if self._pos is None:
-            self._pos = torch.cat([torch.arange(n) for n in self.lengths]).to(device, non_blocking=True)
-        return self._pos
+    def _rows(self, device: torch.device) -> torch.Tensor:
+        """(3, n) int64 (host-built, sent non_blocking): each token's row in the packed problem, its index in
+        the batch and its position in its conversation, for the tokens of ``convs`` in order."""
+        if self._index is None:
+            off = self.prob.offsets
+            cols = [torch.stack([torch.arange(off[b], off[b + 1]), torch.full((n,), k), torch.arange(n)])
+                    for k, (b, n) in enumerate(zip(self.convs, self.lengths))]
+            self._index = torch.cat(cols, 1).to(device, non_blocking=True)
+        return self._index
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) packed rows -> (B, Tm, ...), zeros on the padding."""
-        if self.equal:
+        """(N, ...) packed rows of the whole problem -> (B, Tm, ...) of ``convs``, zeros on the padding."""
+        if self.view:
             return x.reshape(self.B, self.Tm, *x.shape[1:])
+        rows, k, pos = self._rows(x.device)
         out = x.new_zeros(self.B, self.Tm, *x.shape[1:])
-        out[self.prob.seg, self._positions(x.device)] = x
+        out[k, pos] = x if self.B == self.prob.num_conversations else x[rows]
         return out
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Tm, ...) -> (N, ...) packed rows."""
-        if self.equal:
+        """(B, Tm, ...) -> (n, ...) packed rows of the tokens of ``convs``."""
+        if self.view:
             return x.reshape(self.B * self.Tm, *x.shape[2:])
-        return x[self.prob.seg, self._positions(x.device)]
+        _, k, pos = self._rows(x.device)
+        return x[k, pos]
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """(prob.num_conversations, ...) -> (B, ...): the rows of ``convs``."""
+        return x if self.B == self.prob.num_conversations else x[self.convs]
 
     def pad_matrices(self, mats: Sequence[torch.Tensor], padded: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The (T_b, T_b) matrices as one (B, Tm, Tm) batch: ``padded`` itself when given (an engine wrote them
@@ -407,6 +421,22 @@ class Padding:
         diag = A.diagonal(dim1=1, dim2=2)
         real = torch.tensor([[t < n for t in range(self.Tm)] for n in self.lengths]).to(A.device, non_blocking=True)
         diag.copy_(torch.where(real, diag, diag[:, :1]))
+
+
+def primal_checks(A0: torch.Tensor, rhs: torch.Tensor, delta: torch.Tensor, lam: torch.Tensor,
+                  factored: Factored) -> List[SolveFacts]:
+    """:func:`primal_check` of each conversation of a batch (A0 (B, d, d), rhs and delta (B, d), lam (B,)) ->
+    one SolveFacts of 0-dim views per conversation; one conversation: the unbatched check itself."""
+    B = A0.shape[0]
+    if B == 1:
+        return [primal_check(A0[0], rhs[0], delta[0], lam[0], Factored(*(x[0] for x in factored)))]
+    res = torch.baddbmm(rhs.unsqueeze(2), A0, delta.unsqueeze(2), alpha=-1).squeeze(2).sub_(lam.unsqueeze(1) * delta)
+    v = torch.stack([res, rhs, delta], 1)  # (B, 3, d)
+    sq = (v * v).sum(2)  # ||res||^2, ||rhs||^2, ||delta||^2
+    smin, smax = torch.aminmax(A0.flatten(1), dim=1)
+    info, dmin, dmax = factored
+    return [SolveFacts(sq[b, 0], sq[b, 1], Factored(info[b], dmin[b], dmax[b]), (smin[b], smax[b]), lam[b], sq[b, 2])
+            for b in range(B)]
 
 
 def dual_checks(G0: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, lam: torch.Tensor,

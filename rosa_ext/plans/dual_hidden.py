@@ -20,7 +20,7 @@ Hidden-mode CG (:mod:`.cg_hidden`) shares steps 1-2.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,32 +59,50 @@ def pass_and_rows(prob: HeadProblem, cfg: RosaConfig, engine) -> Tuple[Lineariza
 
 # ----------------------------------------------------------------------------- 3. the solve
 def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
-    """The exact hidden-mode step of every conversation (module doc) -> :class:`~rosa_ext.common.types.Solved`."""
+    """The exact hidden-mode step of every conversation (module doc) -> :class:`~rosa_ext.common.types.Solved`.
+    The conversations of at most d tokens in one padded batch of duals, the longer ones in one batch of primals
+    (:class:`.dense.Padding`: the launches do not grow with B)."""
     lin, rows = pass_and_rows(prob, cfg, engine)
-    g, off, d, cd = lin.g, prob.offsets, prob.hidden_size, prob.compute_dtype
+    d, cd = prob.hidden_size, prob.compute_dtype
     B = prob.num_conversations
     update = torch.empty(B, d, dtype=cd, device=prob.weight.device)
-    facts: List[dense.SolveFacts] = []
-    gs: List[torch.Tensor] = []
-    for b in range(B):
-        Jb, T = rows[off[b]:off[b + 1]], off[b + 1] - off[b]
-        unit = dense.power_of_two_scale(torch.linalg.vector_norm(Jb, ord=float("inf")))  # exact; the step is invariant
-        Jb.mul_(unit)
-        gb = g[off[b]:off[b + 1]] * unit
-        if T <= d:  # the dual: J^T (J J^T + lam I)^{-1} g, T_b x T_b
-            G0 = Jb @ Jb.T
-            lam = dense.ridge(cfg, G0.diagonal().mean(), unit, lin.shift[b])  # mean ||J_t||^2
+    facts: List[Optional[dense.SolveFacts]] = [None] * B
+    Js: List[Optional[torch.Tensor]] = [None] * B  # each conversation's (scaled) rows of J and target
+    gs: List[Optional[torch.Tensor]] = [None] * B
+    for primal in (False, True):  # the same step: J^T (J J^T + lam I)^{-1} g = (J^T J + lam I)^{-1} J^T g
+        convs = [b for b, T in enumerate(prob.lengths) if (T > d) == primal]
+        if not convs:
+            continue
+        lay = dense.Padding(prob, convs)
+        J = lay.pad(rows)  # (G, Tm, d)
+        unit = dense.power_of_two_scale(torch.linalg.vector_norm(J, ord=float("inf"), dim=(1, 2)))  # exact
+        J.mul_(unit.view(-1, 1, 1))
+        gb = lay.pad(lin.g) * unit.unsqueeze(1)
+        shift = lay.select(lin.shift)
+        if not primal:  # the dual, T_b x T_b
+            G0 = torch.bmm(J, J.transpose(1, 2))
+            lam = dense.ridge(cfg, lay.token_mean(G0.diagonal(dim1=1, dim2=2)), unit, shift)  # mean ||J_t||^2
+            lay.fill_pad_diagonal(G0)
             alpha, factored = dense.factor_solve(G0, gb, lam)
-            facts.append(dense.dual_check(G0, gb, alpha, lam, factored))
-            torch.mv(Jb.T, alpha, out=update[b])
-        else:  # the same step, primal: (J^T J + lam I)^{-1} J^T g, d x d
-            A0 = Jb.T @ Jb
-            lam = dense.ridge(cfg, A0.diagonal().sum() / T, unit, lin.shift[b])  # trace J^T J = sum ||J_t||^2
-            rhs = Jb.T @ gb
-            delta, factored = dense.factor_solve(A0, rhs, lam)
-            facts.append(dense.primal_check(A0, rhs, delta, lam, factored))
-            update[b] = delta
-        gs.append(gb)
+            got = dense.dual_checks(G0, gb, alpha, lam, factored)
+            if lay.B == B:  # J^T alpha straight into the update
+                torch.bmm(alpha.unsqueeze(1), J, out=update.unsqueeze(1))
+                step = None
+            else:
+                step = torch.bmm(alpha.unsqueeze(1), J).squeeze(1)
+        else:  # the primal, d x d: padded rows of J add nothing to J^T J
+            A0 = torch.bmm(J.transpose(1, 2), J)
+            counts = torch.tensor(lay.lengths, dtype=cd).to(A0.device, non_blocking=True)
+            lam = dense.ridge(cfg, A0.diagonal(dim1=1, dim2=2).sum(1) / counts, unit, shift)  # trace J^T J / T
+            rhs = torch.bmm(J.transpose(1, 2), gb.unsqueeze(2)).squeeze(2)
+            step, factored = dense.factor_solve(A0, rhs, lam)
+            got = dense.primal_checks(A0, rhs, step, lam, factored)
+        if step is not None and lay.B == B:
+            update.copy_(step)
+        elif step is not None:
+            update[convs] = step
+        for k, (b, T) in enumerate(zip(convs, lay.lengths)):
+            facts[b], Js[b], gs[b] = got[k], J[k, :T], gb[k, :T]
     eps = torch.finfo(cd).eps
     verdict = dense.accept(lin, cfg, facts, torch.aminmax(update))
     nums, dens = verdict.nums, verdict.dens
@@ -94,7 +112,7 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
             redo = solve(dense.float64_problem(prob, b), cfg, engine)
             nums[b] = dens[b] * float(redo.residual) ** 2
             return redo.update[0]
-        delta, nums[b], dens[b] = dense.spectral_hidden(rows[off[b]:off[b + 1]], gs[b], float(facts[b].lam), eps)
+        delta, nums[b], dens[b] = dense.spectral_hidden(Js[b], gs[b], float(facts[b].lam), eps)
         return delta
 
     for b, delta in dense.float64_refinement(cfg, verdict.rejected, solve64):
