@@ -121,3 +121,39 @@ def test_a_hidden_batch_of_short_and_long_conversations_equals_each_alone(backen
         n = int(mask[b].sum())
         one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), **kw)
         torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+
+
+def test_padded_groups_bound_the_waste():
+    """Conversations grouped longest first so that no padded batch holds more than PAD_WASTE times its
+    conversations' own numbers; equal or close lengths make one group; every conversation in exactly one."""
+    from rosa_ext.common import defaults
+    assert dense.padded_groups([5, 5, 5]) == [[0, 1, 2]] and defaults.one_padded_batch([5, 5, 5])
+    assert dense.padded_groups([100, 3, 4, 90]) == [[0, 2, 3], [1]] and not defaults.one_padded_batch([100, 3, 4, 90])
+    for lengths in ([1], [7, 1, 1, 1, 1], [3, 9, 4, 9, 2, 8], list(range(1, 30))):
+        groups = dense.padded_groups(lengths)
+        assert sorted(b for g in groups for b in g) == list(range(len(lengths)))
+        for g in groups:
+            tm = max(lengths[b] for b in g)
+            assert len(g) * tm * tm <= defaults.PAD_WASTE * sum(lengths[b] ** 2 for b in g), (lengths, g)
+        assert (len(groups) == 1) == defaults.one_padded_batch(lengths), lengths
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_lora_batch_in_two_padded_groups_equals_each_alone(backend):
+    """Lengths 9, 1, 2, 8: two padded groups ([0, 3] and [1, 2]); the same steps as each conversation alone."""
+    B, T, d, V = 4, 9, 6, 30
+    inp = make_inputs(T=T, d=d, V=V, mode="lora", B=B, seed=8)
+    g = torch.Generator().manual_seed(9)
+    a, bvec = torch.randn(B, d, generator=g) / d ** 0.5, torch.randn(B, V, generator=g) * 0.3
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate([9, 1, 2, 8]):
+        mask[b, :n] = True
+    assert len(dense.padded_groups([9, 1, 2, 8])) == 2
+    h, W, y = inp["hidden"].float(), inp["weight"].float(), inp["targets"]
+    reward = torch.tensor([-1.0, 1.0, 0.5, 0.3])
+    kw = dict(mode="lora", backend=backend, solver="dual", lora_scale=2.0)
+    step = rosa_update(h, W, y, reward, lora_a=a, lora_b=bvec, mask=mask, **kw)
+    for b in range(B):
+        n = int(mask[b].sum())
+        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), lora_a=a[b], lora_b=bvec[b], **kw)
+        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)

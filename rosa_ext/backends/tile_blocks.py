@@ -45,6 +45,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..common.defaults import one_padded_batch
 from ..common.types import GramPass, HeadProblem, HeadStats, HiddenPass
 from ..common.validation import RosaInputError
 from ..kernels import tile_gemms as TG
@@ -231,7 +232,7 @@ def gram_pass(launch: TileLauncher, rows: int, engine: str, offsets: torch.Tenso
         t = launch(0, N)
         B, Tm = prob.num_conversations, max(prob.lengths)
         batch = None
-        if center:  # the centred Grams straight into the plan's padded batch (zeros around unequal lengths)
+        if center and one_padded_batch(prob.lengths):  # the centred Grams straight into the plan's padded batch
             batch = (torch.empty if all(n == Tm for n in prob.lengths) else torch.zeros)(
                 B, Tm, Tm, dtype=torch.float32, device=prob.weight.device)
         gram, cross = tile_gram(t, y, prob.lengths, offsets=offsets if B > 1 else None, center=center, out=batch)

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 
 import torch
 
+from ..common import defaults
 from ..common import validation as checks
 from ..common.config import RosaConfig
 from ..common.jacobian import Linearization, segment_sum
@@ -349,6 +350,34 @@ def relative_residual(nums: Sequence[float], dens: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- a padded batch of conversations
+def padded_groups(lengths: Sequence[int], convs: Optional[Sequence[int]] = None) -> List[List[int]]:
+    """The conversations ``convs`` (default: all) of the given ``lengths`` in groups for :class:`Padding`: by
+    length, longest first, each group as large as ``defaults.PAD_WASTE`` allows (B_g Tm_g^2 <= PAD_WASTE sum_g T_b^2),
+    so that padding never more than doubles the memory of the T x T algebra. One group when the lengths are equal
+    (or close); within a group the conversations keep their order."""
+    convs = list(range(len(lengths))) if convs is None else list(convs)
+    groups: List[List[int]] = []
+    for b in sorted(convs, key=lambda c: -int(lengths[c])):
+        g = groups[-1] if groups else None
+        if g is not None:
+            tm = int(lengths[g[0]])
+            if (len(g) + 1) * tm * tm <= defaults.PAD_WASTE * sum(int(lengths[c]) ** 2 for c in g + [b]):
+                g.append(b)
+                continue
+        groups.append([b])
+    return [sorted(g) for g in groups]
+
+
+def padded_sizes(lengths: Sequence[int], convs: Optional[Sequence[int]] = None, cap: Optional[int] = None) -> List[int]:
+    """Numbers of each group's padded (B_g, Tm_g, Tm_g) batch (:func:`padded_groups`; Tm_g capped at ``cap``)."""
+    out = []
+    for g in padded_groups(lengths, convs):
+        tm = max(int(lengths[b]) for b in g)
+        tm = tm if cap is None else min(tm, cap)
+        out.append(len(g) * tm * tm)
+    return out
+
+
 class Padding:
     """The layout of conversations ``convs`` of ``prob`` (default: all) as a padded batch: ``B`` of them, ``Tm``
     (the longest), ``lengths``; ``view`` when they are all of ``prob``'s conversations, each of Tm tokens (the
@@ -373,6 +402,10 @@ class Padding:
                     for k, (b, n) in enumerate(zip(self.convs, self.lengths))]
             self._index = torch.cat(cols, 1).to(device, non_blocking=True)
         return self._index
+
+    def token_rows(self, device: torch.device) -> torch.Tensor:
+        """(n,) int64: the packed rows of the tokens of ``convs``, in the order of :meth:`unpad`."""
+        return self._rows(device)[0]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) packed rows of the whole problem -> (B, Tm, ...) of ``convs``, zeros on the padding."""

@@ -69,10 +69,12 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
     facts: List[Optional[dense.SolveFacts]] = [None] * B
     Js: List[Optional[torch.Tensor]] = [None] * B  # each conversation's (scaled) rows of J and target
     gs: List[Optional[torch.Tensor]] = [None] * B
-    for primal in (False, True):  # the same step: J^T (J J^T + lam I)^{-1} g = (J^T J + lam I)^{-1} J^T g
-        convs = [b for b, T in enumerate(prob.lengths) if (T > d) == primal]
-        if not convs:
-            continue
+    short = [b for b, T in enumerate(prob.lengths) if T <= d]
+    long_ = [b for b, T in enumerate(prob.lengths) if T > d]
+    # the same step: J^T (J J^T + lam I)^{-1} g = (J^T J + lam I)^{-1} J^T g; each group one padded batch
+    groups = [(g, False) for g in dense.padded_groups(prob.lengths, short)] + [
+        (g, True) for g in dense.padded_groups(prob.lengths, long_)]
+    for convs, primal in groups:
         lay = dense.Padding(prob, convs)
         J = lay.pad(rows)  # (G, Tm, d)
         unit = dense.power_of_two_scale(torch.linalg.vector_norm(J, ord=float("inf"), dim=(1, 2)))  # exact
@@ -138,6 +140,9 @@ def cost(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpass: flo
 
 
 def fits(lengths: Sequence[int], d: int, V: int, esz: int, cfg: RosaConfig) -> bool:
-    """Memory rule: the system and its factor, 2 min(T, d)^2 numbers of the longest conversation."""
-    m = max(min(T, d) for T in lengths)
-    return 2 * esz * m * m <= cfg.gram_budget_bytes
+    """Memory rule: one padded batch's systems and their factors at a time, 2 max_g B_g min(Tm_g, d)^2 numbers
+    (:func:`~rosa_ext.plans.dense.padded_sizes`; one conversation: 2 min(T, d)^2)."""
+    short = [b for b, T in enumerate(lengths) if T <= d]
+    long_ = [b for b, T in enumerate(lengths) if T > d]
+    sizes = (dense.padded_sizes(lengths, short) if short else []) + (dense.padded_sizes(lengths, long_, d) if long_ else [])
+    return 2 * esz * max(sizes) <= cfg.gram_budget_bytes

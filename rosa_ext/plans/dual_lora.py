@@ -90,31 +90,41 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
     off = prob.offsets
     B, d, Vl = prob.num_conversations, prob.hidden_size, prob.vocab_size
     cd, dev = prob.compute_dtype, prob.weight.device
-    lay = dense.Padding(prob)
     update = torch.empty(B, d + Vl, dtype=cd, device=dev)
+    wcol = torch.empty(prob.num_tokens, dtype=cd, device=dev)  # the VJP's weights w_t = alpha_t c_t
     # J rescaled by a power of two per conversation (exact; the step is invariant): entries of the Gram are <= 2
     units = jacobian_units(lin, ca, cb)
-    u = units.unsqueeze(1)
-    cbk = lay.pad(cb) * u  # (B, Tm)
-    gb = lay.pad(lin.g) * u
-    Ja = (lay.pad(ca) * u).unsqueeze(2) * lay.pad(lin.h)  # (B, Tm, d): J_t,a = ca_t h_t
-    M = lay.pad_matrices(gp.gram, gp.padded)  # (e_y - pi_t).(e_y - pi_u), made J J^T in place
-    M.mul_(cbk.unsqueeze(2)).mul_(cbk.unsqueeze(1))
-    M.baddbmm_(Ja, Ja.transpose(1, 2))
-    lam = dense.ridge(cfg, lay.token_mean(M.diagonal(dim1=1, dim2=2)), units, lin.shift)
-    lay.fill_pad_diagonal(M)
-    alpha, factored = dense.factor_solve(M, gb, lam)
-    facts = dense.dual_checks(M, gb, alpha, lam, factored)
-    if B == 1:
-        torch.mv(Ja[0].T, alpha[0], out=update[0, :d])
-    else:
-        update[:, :d] = torch.bmm(alpha.unsqueeze(1), Ja).squeeze(1)
-    wcol = lay.unpad(alpha * cbk)  # (N,): the VJP's weights w_t = alpha_t c_t
-    T = lay.lengths
-    gs = [gb[b, :T[b]] for b in range(B)]
-    Jas = [Ja[b, :T[b]] for b in range(B)]
-    cbs = [cbk[b, :T[b]] for b in range(B)]
-    grams = [M[b, :T[b], :T[b]] for b in range(B)]
+    facts: List[dense.SolveFacts] = [None] * B
+    gs, Jas, cbs, grams = [None] * B, [None] * B, [None] * B, [None] * B  # per conversation: views
+    for convs in dense.padded_groups(prob.lengths):  # each group one padded batch (one group, mostly)
+        lay = dense.Padding(prob, convs)
+        u = lay.select(units).unsqueeze(1)
+        cbk = lay.pad(cb) * u  # (G, Tm)
+        gb = lay.pad(lin.g) * u
+        Ja = (lay.pad(ca) * u).unsqueeze(2) * lay.pad(lin.h)  # (G, Tm, d): J_t,a = ca_t h_t
+        whole = lay.B == B
+        M = gp.padded if whole and gp.padded is not None else lay.pad_matrices([gp.gram[b] for b in convs])
+        M.mul_(cbk.unsqueeze(2)).mul_(cbk.unsqueeze(1))  # (e_y - pi_t).(e_y - pi_u), made J J^T in place
+        M.baddbmm_(Ja, Ja.transpose(1, 2))
+        lam = dense.ridge(cfg, lay.token_mean(M.diagonal(dim1=1, dim2=2)), lay.select(units), lay.select(lin.shift))
+        lay.fill_pad_diagonal(M)
+        alpha, factored = dense.factor_solve(M, gb, lam)
+        got = dense.dual_checks(M, gb, alpha, lam, factored)
+        if B == 1:
+            torch.mv(Ja[0].T, alpha[0], out=update[0, :d])
+        else:
+            step = torch.bmm(alpha.unsqueeze(1), Ja).squeeze(1)
+            if whole:
+                update[:, :d] = step
+            else:
+                update[convs, :d] = step
+        w = lay.unpad(alpha * cbk)
+        if whole:
+            wcol = w
+        else:
+            wcol[lay.token_rows(dev)] = w
+        for k, (b, T) in enumerate(zip(convs, lay.lengths)):
+            facts[b], gs[b], Jas[b], cbs[b], grams[b] = got[k], gb[k, :T], Ja[k, :T], cbk[k, :T], M[k, :T, :T]
     eps = torch.finfo(cd).eps
 
     def solve64(b: int) -> torch.Tensor:
@@ -206,8 +216,10 @@ def cost_stream(k: Dict[str, float], lengths: Sequence[int], d: int, V: int, wpa
 
 
 def fits(lengths: Sequence[int], d: int, V: int, esz: int, cfg: RosaConfig) -> bool:
-    """Memory rule: every conversation's Gram matrix plus one factor, esz (sum_b T_b^2 + max_b T_b^2)."""
-    return esz * (sum(T * T for T in lengths) + max(lengths) ** 2) <= cfg.gram_budget_bytes
+    """Memory rule: every conversation's Gram matrix in its padded batch plus one batch's factors, esz (sum_g P_g +
+    max_g P_g) with P_g = B_g Tm_g^2 (:func:`~rosa_ext.plans.dense.padded_sizes`; one conversation: 2 T^2)."""
+    sizes = dense.padded_sizes(lengths)
+    return esz * (sum(sizes) + max(sizes)) <= cfg.gram_budget_bytes
 
 
 def fits_keep(lengths: Sequence[int], d: int, V: int, esz: int, cfg: RosaConfig) -> bool:
