@@ -212,3 +212,61 @@ def test_a_batch_of_conversations_syncs_once(mode):
     s = counter.counts.summary()
     assert step.update.shape[0] == 2 and s["syncs"] == 1 and s["h2d"] == 0, s
     assert s["launches"] < (60 if mode == "hidden" else 65), s
+
+
+@pytest.mark.triton_interp
+@pytest.mark.parametrize("mode", ["hidden", "lora"])
+def test_a_device_mask_is_read_once(mode):
+    """A ragged batch given by a ``mask`` on the device: the mask decides the problem's shapes, so it is read
+    once (one sync more than the acceptance read; the selected rows are then gathered by an index sent
+    non_blocking, not by boolean indexing, which would read a count back per tensor)."""
+    from rosa_ext import rosa_update
+    from rosa_ext.kernels import _tiles
+    if not _tiles.INTERPRET:
+        pytest.skip("the Triton interpreter is not active (a GPU machine)")
+    inp = CL.make_inputs(T=12, d=8, V=64, dtype=torch.bfloat16)
+    mask = torch.tensor([[True] * 4, [True] * 3 + [False], [True, True, False, False]])
+    kw = dict(mode=mode, backend="triton", solver="dual", mask=mask)
+    if mode == "lora":
+        kw.update(lora_a=inp["lora_a"], lora_b=inp["lora_b"])
+    args = (inp["hidden"].view(3, 4, 8), inp["weight"], inp["targets"].view(3, 4), -1.0)
+    counter = CL.LaunchCounter()
+    with counter:
+        with counter.uncounted():
+            rosa_update(*args, **kw)
+    counter = CL.LaunchCounter()
+    with counter:
+        rosa_update(*args, **kw)
+    s = counter.counts.summary()
+    syncs = [e.site for e in counter.counts.events if e.kind == "sync"]
+    assert s["syncs"] == 2 and s["h2d"] == 0 and "_selected" in syncs[0], syncs
+
+
+@pytest.mark.triton_interp
+def test_two_padded_groups_copy_nothing_blocking():
+    """Groups that are not the whole batch pick their conversations' rows with an index sent non_blocking (a list
+    index would be a blocking host-to-device copy): lengths 9, 1, 2, 8 in one call, both modes."""
+    from rosa_ext import rosa_update
+    from rosa_ext.kernels import _tiles
+    if not _tiles.INTERPRET:
+        pytest.skip("the Triton interpreter is not active (a GPU machine)")
+    inp = CL.make_inputs(T=36, d=8, V=64, dtype=torch.bfloat16)
+    mask = torch.zeros(4, 9, dtype=torch.bool)
+    for b, n in enumerate([9, 1, 2, 8]):
+        mask[b, :n] = True
+    for mode, d in (("lora", 8), ("hidden", 4)):
+        kw = dict(mode=mode, backend="triton", solver="dual", mask=mask)
+        h = inp["hidden"].view(4, 9, 8)[..., :d]
+        W = inp["weight"][:, :d]
+        if mode == "lora":
+            kw.update(lora_a=inp["lora_a"], lora_b=inp["lora_b"])
+        args = (h, W, inp["targets"].view(4, 9), -1.0)
+        counter = CL.LaunchCounter()
+        with counter:
+            with counter.uncounted():
+                rosa_update(*args, **kw)
+        counter = CL.LaunchCounter()
+        with counter:
+            rosa_update(*args, **kw)
+        s = counter.counts.summary()
+        assert s["h2d"] == 0 and s["syncs"] == 2, (mode, s)  # the mask's read and the acceptance read

@@ -157,3 +157,17 @@ def test_a_lora_batch_in_two_padded_groups_equals_each_alone(backend):
         n = int(mask[b].sum())
         one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), lora_a=a[b], lora_b=bvec[b], **kw)
         torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+
+
+def test_long_conversations_are_batched_one_at_a_time():
+    """Past PAD_MAX_NUMBERS a batch holds one conversation: the memory rules of long conversations are those of
+    a loop over them (each one's system and factor), while short ones share a batch."""
+    from rosa_ext.common import defaults
+    from rosa_ext.common.config import RosaConfig
+    from rosa_ext.plans import dual_hidden, dual_lora
+    assert dense.padded_groups([2048] * 4) == [[0], [1], [2], [3]] and not defaults.one_padded_batch([2048] * 4)
+    assert dense.padded_groups([64] * 100) == [list(range(100))]
+    cfg = RosaConfig(mode="hidden", gram_budget_bytes=512 << 20)
+    assert dual_hidden.fits([2048] * 32, 4096, 151936, 4, cfg)  # 2 x 2048^2 x 4 bytes, one at a time
+    assert dual_lora.fits([4096] * 6, 896, 151936, 4, RosaConfig(mode="lora", gram_budget_bytes=512 << 20))
+

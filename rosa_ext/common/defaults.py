@@ -36,12 +36,17 @@ BACKEND: str = "auto"
 KEEP_BUDGET_BYTES: int = 1 << 30
 GRAM_BUDGET_BYTES: int = 512 << 20
 #: The dual batches its conversations' T x T algebra (rosa_ext.plans.dense.padded_groups); a padded batch holds at
-#: most this many times the numbers of its conversations' own T_b x T_b matrices.
+#: most this many times the numbers of its conversations' own T_b x T_b matrices ...
 PAD_WASTE: float = 2.0
+#: ... and at most this many numbers unless it is one conversation (16 MiB in float32): long conversations are
+#: solved one at a time as before (their memory rules unchanged), short ones together (their launches dominate).
+PAD_MAX_NUMBERS: int = 1 << 22
 
 
 def one_padded_batch(lengths) -> bool:
-    """Whether conversations of these lengths form ONE padded batch (B Tm^2 <= PAD_WASTE sum T_b^2): the engine then
-    writes their Grams straight into it, and the plan's grouping (rosa_ext.plans.dense.padded_groups) makes one group."""
+    """Whether conversations of these lengths form ONE padded batch (B Tm^2 <= PAD_WASTE sum T_b^2, and one
+    conversation or B Tm^2 <= PAD_MAX_NUMBERS): the engine then writes their Grams straight into it, and the plan's
+    grouping (rosa_ext.plans.dense.padded_groups) makes one group."""
     tm = max(int(n) for n in lengths)
-    return len(lengths) * tm * tm <= PAD_WASTE * sum(int(n) ** 2 for n in lengths)
+    size = len(lengths) * tm * tm
+    return size <= PAD_WASTE * sum(int(n) ** 2 for n in lengths) and (len(lengths) == 1 or size <= PAD_MAX_NUMBERS)

@@ -184,6 +184,21 @@ def _tensor(name: str, x: Any, device: Optional[torch.device] = None, floating: 
     return x
 
 
+def _selected(mask2: Optional[torch.Tensor], B: int, T: int, device: torch.device,
+              batched: bool) -> Tuple[List[int], Optional[torch.Tensor]]:
+    """(tokens per conversation, the flat (B T) rows the mask selects -- None without a mask). The mask decides
+    the shapes: ONE read of it (a device mask: one sync), the rows then gathered by an index sent non_blocking
+    (boolean indexing on the device would read its count back once per tensor)."""
+    if mask2 is None:
+        return [T] * B, None
+    mh = mask2.to("cpu")
+    counts = mh.sum(dim=1).tolist()
+    for b, n in enumerate(counts):
+        if n == 0:
+            checks.fail(WHO, "mask", "`mask` selects no response token" + (f" in conversation {b}" if batched else ""))
+    return counts, mh.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+
+
 def _lora_matrix(name: str, x: Optional[torch.Tensor], batch: int, width: int, batched: bool,
                  device: torch.device, dtype: torch.dtype, values: checks.PendingChecks) -> Optional[torch.Tensor]:
     """Accept (width,), PEFT's (1, width) / (width, 1), or (B, width) for a batch."""
@@ -296,11 +311,8 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     B, T = targets2.shape
     if T == 0:
         fail(WHO, "targets", "the response is empty (T = 0); there is nothing to update on")
-    counts = [T] * B if mask2 is None else mask2.sum(dim=1).tolist()
-    for b, n in enumerate(counts):
-        if n == 0:
-            fail(WHO, "mask", "`mask` selects no response token" + (f" in conversation {b}" if batched else ""))
-    sel_targets = targets2.reshape(-1) if mask2 is None else targets2[mask2]
+    counts, pick = _selected(mask2, B, T, device, batched)
+    sel_targets = targets2.reshape(-1) if pick is None else targets2.reshape(-1)[pick]
 
     def target_range(v: List[float]) -> None:
         lo, hi = v
@@ -311,7 +323,7 @@ def build_problem(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     values.add(torch.aminmax(sel_targets), target_range)
     if defer:  # read in the solve's first sync: clamped meanwhile, used only if the check passes
         sel_targets = sel_targets.clamp(0, Vs - 1)
-    sel_hidden = hidden3.reshape(-1, d) if mask2 is None else hidden3[mask2]
+    sel_hidden = hidden3.reshape(-1, d) if pick is None else hidden3.reshape(-1, d)[pick]
     values.finite(WHO, "hidden", sel_hidden)
 
     r = checks.rewards(WHO, reward, B)

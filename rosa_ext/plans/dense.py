@@ -353,15 +353,18 @@ def relative_residual(nums: Sequence[float], dens: Sequence[float]) -> float:
 def padded_groups(lengths: Sequence[int], convs: Optional[Sequence[int]] = None) -> List[List[int]]:
     """The conversations ``convs`` (default: all) of the given ``lengths`` in groups for :class:`Padding`: by
     length, longest first, each group as large as ``defaults.PAD_WASTE`` allows (B_g Tm_g^2 <= PAD_WASTE sum_g T_b^2),
-    so that padding never more than doubles the memory of the T x T algebra. One group when the lengths are equal
-    (or close); within a group the conversations keep their order."""
+    so that padding never more than doubles the memory of the T x T algebra, and at most
+    ``defaults.PAD_MAX_NUMBERS`` numbers unless it is one conversation (long conversations alone, as a loop would
+    solve them). One group when the lengths are equal (or close) and short; within a group the conversations keep
+    their order (:func:`rosa_ext.common.defaults.one_padded_batch` is the one-group rule)."""
     convs = list(range(len(lengths))) if convs is None else list(convs)
     groups: List[List[int]] = []
     for b in sorted(convs, key=lambda c: -int(lengths[c])):
         g = groups[-1] if groups else None
         if g is not None:
             tm = int(lengths[g[0]])
-            if (len(g) + 1) * tm * tm <= defaults.PAD_WASTE * sum(int(lengths[c]) ** 2 for c in g + [b]):
+            size = (len(g) + 1) * tm * tm
+            if size <= defaults.PAD_WASTE * sum(int(lengths[c]) ** 2 for c in g + [b]) and size <= defaults.PAD_MAX_NUMBERS:
                 g.append(b)
                 continue
         groups.append([b])
@@ -389,9 +392,11 @@ class Padding:
         self.B = len(self.convs)
         self.lengths = [int(prob.lengths[b]) for b in self.convs]
         self.Tm = max(self.lengths)
-        self.view = self.B == prob.num_conversations and all(n == self.Tm for n in self.lengths)
+        self.whole = self.convs == list(range(prob.num_conversations))  # every conversation, in order
+        self.view = self.whole and all(n == self.Tm for n in self.lengths)
         self.equal = all(n == self.Tm for n in self.lengths)
         self._index: Optional[torch.Tensor] = None
+        self._convs: Optional[torch.Tensor] = None
 
     def _rows(self, device: torch.device) -> torch.Tensor:
         """(3, n) int64 (host-built, sent non_blocking): each token's row in the packed problem, its index in
@@ -413,7 +418,7 @@ class Padding:
             return x.reshape(self.B, self.Tm, *x.shape[1:])
         rows, k, pos = self._rows(x.device)
         out = x.new_zeros(self.B, self.Tm, *x.shape[1:])
-        out[k, pos] = x if self.B == self.prob.num_conversations else x[rows]
+        out[k, pos] = x if self.whole else x[rows]
         return out
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
@@ -423,15 +428,30 @@ class Padding:
         _, k, pos = self._rows(x.device)
         return x[k, pos]
 
+    def conv_index(self, device: torch.device) -> torch.Tensor:
+        """(B,) int64 ``convs`` on the device (host-built, sent non_blocking: a list index would copy blocking)."""
+        if self._convs is None:
+            self._convs = torch.tensor(self.convs).to(device, non_blocking=True)
+        return self._convs
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(prob.num_conversations, ...) -> (B, ...): the rows of ``convs``."""
-        return x if self.B == self.prob.num_conversations else x[self.convs]
+        return x if self.whole else x.index_select(0, self.conv_index(x.device))
+
+    def scatter(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out[convs] = x for ``out`` (prob.num_conversations, ...) and x (B, ...), in place."""
+        if self.whole:
+            out.copy_(x)
+        else:
+            out.index_copy_(0, self.conv_index(x.device), x)
 
     def pad_matrices(self, mats: Sequence[torch.Tensor], padded: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The (T_b, T_b) matrices as one (B, Tm, Tm) batch: ``padded`` itself when given (an engine wrote them
         into it), else a copy (zeros on the padding)."""
         if padded is not None:
             return padded
+        if len(mats) == 1:
+            return mats[0].unsqueeze(0)
         if self.equal:
             return torch.stack(list(mats))
         out = mats[0].new_zeros(self.B, self.Tm, self.Tm)
@@ -452,7 +472,7 @@ class Padding:
         if self.equal:
             return
         diag = A.diagonal(dim1=1, dim2=2)
-        real = torch.tensor([[t < n for t in range(self.Tm)] for n in self.lengths]).to(A.device, non_blocking=True)
+        real = (torch.arange(self.Tm) < torch.tensor(self.lengths).unsqueeze(1)).to(A.device, non_blocking=True)
         diag.copy_(torch.where(real, diag, diag[:, :1]))
 
 

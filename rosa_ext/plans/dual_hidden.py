@@ -87,7 +87,7 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
             lay.fill_pad_diagonal(G0)
             alpha, factored = dense.factor_solve(G0, gb, lam)
             got = dense.dual_checks(G0, gb, alpha, lam, factored)
-            if lay.B == B:  # J^T alpha straight into the update
+            if lay.whole:  # J^T alpha straight into the update
                 torch.bmm(alpha.unsqueeze(1), J, out=update.unsqueeze(1))
                 step = None
             else:
@@ -99,12 +99,13 @@ def solve(prob: HeadProblem, cfg: RosaConfig, engine, cg=None) -> Solved:
             rhs = torch.bmm(J.transpose(1, 2), gb.unsqueeze(2)).squeeze(2)
             step, factored = dense.factor_solve(A0, rhs, lam)
             got = dense.primal_checks(A0, rhs, step, lam, factored)
-        if step is not None and lay.B == B:
-            update.copy_(step)
-        elif step is not None:
-            update[convs] = step
-        for k, (b, T) in enumerate(zip(convs, lay.lengths)):
-            facts[b], Js[b], gs[b] = got[k], J[k, :T], gb[k, :T]
+        if step is not None:
+            lay.scatter(update, step)
+        for k, (b, T) in enumerate(zip(convs, lay.lengths)):  # J and g kept only for a float64 problem's fallback
+            facts[b] = got[k]
+            if cd == torch.float64:
+                Js[b], gs[b] = J[k, :T], gb[k, :T]
+        J = gb = G0 = A0 = None  # this group's batch goes before the next is formed
     eps = torch.finfo(cd).eps
     verdict = dense.accept(lin, cfg, facts, torch.aminmax(update))
     nums, dens = verdict.nums, verdict.dens

@@ -104,6 +104,8 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         Ja = (lay.pad(ca) * u).unsqueeze(2) * lay.pad(lin.h)  # (G, Tm, d): J_t,a = ca_t h_t
         whole = lay.B == B
         M = gp.padded if whole and gp.padded is not None else lay.pad_matrices([gp.gram[b] for b in convs])
+        for b in convs:  # the engine's own copies (if any) go as their group is batched
+            gp.gram[b] = None
         M.mul_(cbk.unsqueeze(2)).mul_(cbk.unsqueeze(1))  # (e_y - pi_t).(e_y - pi_u), made J J^T in place
         M.baddbmm_(Ja, Ja.transpose(1, 2))
         lam = dense.ridge(cfg, lay.token_mean(M.diagonal(dim1=1, dim2=2)), lay.select(units), lay.select(lin.shift))
@@ -113,11 +115,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         if B == 1:
             torch.mv(Ja[0].T, alpha[0], out=update[0, :d])
         else:
-            step = torch.bmm(alpha.unsqueeze(1), Ja).squeeze(1)
-            if whole:
-                update[:, :d] = step
-            else:
-                update[convs, :d] = step
+            lay.scatter(update[:, :d], torch.bmm(alpha.unsqueeze(1), Ja).squeeze(1))
         w = lay.unpad(alpha * cbk)
         if whole:
             wcol = w
