@@ -12,8 +12,9 @@ Read in order:
    ``J_t = p_t (1 - p_t) (W[y_t] - r̂_t W)`` (nothing cancels or underflows however confident the token).
 3. :func:`solve` -- per conversation the smaller of the T_b x T_b dual ``J^T (J J^T + lambda I)^{-1} g``
    and the d x d primal ``(J^T J + lambda I)^{-1} J^T g`` (the same step), J rescaled by a power of
-   two first; one host sync accepts them all; a rejected one is re-solved in float64 from the SVD
-   (:mod:`.dense`).
+   two first, the conversations of each kind in padded batches (:class:`.dense.Padding`, one batch in the
+   usual case: its launches do not grow with B); one host sync accepts them all; a rejected one is
+   re-linearised in float64 (a float64 problem's: re-solved from the SVD) (:mod:`.dense`).
 4. :func:`cost`, :func:`fits` -- its cost formula and memory rule for ``solver="auto"`` (:mod:`.registry`).
 
 Hidden-mode CG (:mod:`.cg_hidden`) shares steps 1-2.

@@ -11,10 +11,11 @@ Read in order:
    order one however confident the tokens (e_y - pi_t = (1 - p_t)(e_y - r̂_t), the factor 1 - p_t
    carried in log space by the linearisation).
 2. :func:`lora_factors` -- the Jacobian algebra: J_t,a = ca_t h_t and J_t,b = cb_t (e_{y_t} - r̂_t).
-3. :func:`solve` -- per conversation J J^T assembled in place from the Gram (factors rescaled by a
-   power of two first), Cholesky, one host sync to accept every conversation, a float64
-   eigendecomposition for a rejected one (:mod:`.dense`), then ONE VJP for all of them
-   (``scatter(y, w q) - engine.off_target_vjp``). A batch that keeps its tiles runs in groups
+3. :func:`solve` -- J J^T assembled in place from each conversation's Gram (factors rescaled by a
+   power of two first) and Cholesky, the conversations in padded batches (:class:`.dense.Padding`, one
+   batch in the usual case, the engine writing the Grams straight into it), one host sync to accept every
+   conversation, a float64 re-solve for a rejected one (:mod:`.dense`), then ONE VJP for all of them
+   (``engine.centered_vjp``: ``scatter(y, w) - w^T r̂``). A batch that keeps its tiles runs in groups
    (:func:`keep_groups`).
 4. :func:`cost_keep`, :func:`cost_stream`, :func:`fits`, :func:`fits_keep` -- its cost formulas and
    memory rules for ``solver="auto"`` (:mod:`.registry`).
