@@ -103,7 +103,7 @@ def _solve_group(prob: HeadProblem, cfg: RosaConfig, engine, keep: bool) -> Tupl
         cbk = lay.pad(cb) * u  # (G, Tm)
         gb = lay.pad(lin.g) * u
         Ja = (lay.pad(ca) * u).unsqueeze(2) * lay.pad(lin.h)  # (G, Tm, d): J_t,a = ca_t h_t
-        whole = lay.B == B
+        whole = lay.whole
         M = gp.padded if whole and gp.padded is not None else lay.pad_matrices([gp.gram[b] for b in convs])
         for b in convs:  # the engine's own copies (if any) go as their group is batched
             gp.gram[b] = None
