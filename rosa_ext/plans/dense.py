@@ -359,15 +359,18 @@ def padded_groups(lengths: Sequence[int], convs: Optional[Sequence[int]] = None)
     their order (:func:`rosa_ext.common.defaults.one_padded_batch` is the one-group rule)."""
     convs = list(range(len(lengths))) if convs is None else list(convs)
     groups: List[List[int]] = []
+    own = 0  # sum of T_b^2 over the open group
     for b in sorted(convs, key=lambda c: -int(lengths[c])):
-        g = groups[-1] if groups else None
-        if g is not None:
-            tm = int(lengths[g[0]])
-            size = (len(g) + 1) * tm * tm
-            if size <= defaults.PAD_WASTE * sum(int(lengths[c]) ** 2 for c in g + [b]) and size <= defaults.PAD_MAX_NUMBERS:
+        sq = int(lengths[b]) ** 2
+        if groups:
+            g = groups[-1]
+            size = (len(g) + 1) * int(lengths[g[0]]) ** 2
+            if size <= defaults.PAD_WASTE * (own + sq) and size <= defaults.PAD_MAX_NUMBERS:
                 g.append(b)
+                own += sq
                 continue
         groups.append([b])
+        own = sq
     return [sorted(g) for g in groups]
 
 
