@@ -23,7 +23,8 @@ the centring) it is ~40 launches; here it is two:
    vocabulary-parallel rank sums before centring), each block and its mirror image.
 
 Conversations are packed: conversation b's (T_b, T_b) matrix is at ``sum_{c < b} T_c^2`` of the output,
-row-major (``offsets`` on the device, the bases summed in the kernel: no host data per call). A pair of two
+row-major (``offsets`` on the device, the bases summed in the kernel: no host data per call), or at
+``out[b, :T_b, :T_b]`` of a caller's padded (B, Tm, Tm) batch (the plan's batched algebra). A pair of two
 tile sets (two token blocks of one long conversation, :mod:`rosa_ext.backends.tile_blocks`) is one
 "conversation" of n_a x n_b.
 
