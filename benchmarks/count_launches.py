@@ -70,7 +70,7 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
@@ -594,6 +594,22 @@ def run_case(case: str, inputs: Dict[str, torch.Tensor], *, emulate_cuda: bool =
         inner.chunk = old_chunk
 
 
+def count_call(call: Callable[[], Any], counter: Optional[LaunchCounter] = None, warmup: bool = True
+               ) -> Tuple[Counts, Any]:
+    """(what ``call()`` dispatches, its result), counted by ``counter`` (default: a new one emulating CUDA's
+    branches); with ``warmup`` the call runs once uncounted first (imports, caches, the interpreter's
+    rewrites: not part of a call)."""
+    counter = LaunchCounter() if counter is None else counter
+    if warmup:
+        with counter:
+            with counter.uncounted():
+                call()
+        counter.counts = Counts()
+    with counter:
+        out = call()
+    return counter.counts, out
+
+
 def _run_case(case, inputs, emulate_cuda, warmup, rosa_update, options):
     mode = "hidden" if case.startswith("hidden") else "lora"
     solver = "cg" if case.endswith("CG") else "dual"
@@ -605,16 +621,10 @@ def _run_case(case, inputs, emulate_cuda, warmup, rosa_update, options):
     call = dict(kw, solver=solver)
     if solver == "cg" and emulate_cuda:
         call["cg_impl"] = emulated_cuda_cg(counter)
-    if warmup:  # imports, caches, the interpreter's rewrites: not part of a call
-        with counter:
-            with counter.uncounted():
-                rosa_update(*args, **call)
-        counter.counts = Counts()
-    with counter:
-        step = rosa_update(*args, **call)
+    counts, step = count_call(lambda: rosa_update(*args, **call), counter, warmup)
     auto = rosa_update(*args, **kw).solver
     info = dict(case=case, solver=step.solver, backend=step.backend, auto_solver=auto, iterations=step.iterations)
-    return counter.counts, info
+    return counts, info
 
 
 def report(case: str, counts: Counts, info: Dict[str, object], top: int = 12) -> str:

@@ -202,14 +202,8 @@ def test_a_batch_of_conversations_syncs_once(mode):
     if mode == "lora":
         kw.update(lora_a=inp["lora_a"], lora_b=inp["lora_b"])
     args = (inp["hidden"].view(2, 4, 8), inp["weight"], inp["targets"].view(2, 4), -1.0)
-    counter = CL.LaunchCounter()
-    with counter:
-        with counter.uncounted():
-            rosa_update(*args, **kw)  # warm-up: imports, caches
-    counter = CL.LaunchCounter()
-    with counter:
-        step = rosa_update(*args, **kw)
-    s = counter.counts.summary()
+    counts, step = CL.count_call(lambda: rosa_update(*args, **kw))
+    s = counts.summary()
     assert step.update.shape[0] == 2 and s["syncs"] == 1 and s["h2d"] == 0, s
     assert s["launches"] < (60 if mode == "hidden" else 65), s
 
@@ -230,15 +224,9 @@ def test_a_device_mask_is_read_once(mode):
     if mode == "lora":
         kw.update(lora_a=inp["lora_a"], lora_b=inp["lora_b"])
     args = (inp["hidden"].view(3, 4, 8), inp["weight"], inp["targets"].view(3, 4), -1.0)
-    counter = CL.LaunchCounter()
-    with counter:
-        with counter.uncounted():
-            rosa_update(*args, **kw)
-    counter = CL.LaunchCounter()
-    with counter:
-        rosa_update(*args, **kw)
-    s = counter.counts.summary()
-    syncs = [e.site for e in counter.counts.events if e.kind == "sync"]
+    counts, _ = CL.count_call(lambda: rosa_update(*args, **kw))
+    s = counts.summary()
+    syncs = [e.site for e in counts.events if e.kind == "sync"]
     assert s["syncs"] == 2 and s["h2d"] == 0 and "_selected" in syncs[0], syncs
 
 
@@ -261,12 +249,5 @@ def test_two_padded_groups_copy_nothing_blocking():
         if mode == "lora":
             kw.update(lora_a=inp["lora_a"], lora_b=inp["lora_b"])
         args = (h, W, inp["targets"].view(4, 9), -1.0)
-        counter = CL.LaunchCounter()
-        with counter:
-            with counter.uncounted():
-                rosa_update(*args, **kw)
-        counter = CL.LaunchCounter()
-        with counter:
-            rosa_update(*args, **kw)
-        s = counter.counts.summary()
+        s = CL.count_call(lambda a=args, k=kw: rosa_update(*a, **k))[0].summary()
         assert s["h2d"] == 0 and s["syncs"] == 2, (mode, s)  # the mask's read and the acceptance read

@@ -27,6 +27,16 @@ def _layout(lengths):
     return prob, dense.Padding(prob)
 
 
+def _each_alone(h, W, y, reward, mask, kw, **lora):
+    """One call over the masked batch equals one call per conversation (its own tokens, reward and LoRA rows)."""
+    step = rosa_update(h, W, y, reward, mask=mask, **lora, **kw)
+    for b in range(h.shape[0]):
+        n = int(mask[b].sum())
+        own = {k: v[b] for k, v in lora.items()}
+        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), **own, **kw)
+        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("lengths", [[3], [4, 4], [2, 5, 1]])
 def test_pad_unpad_and_token_means(lengths):
     prob, lay = _layout(lengths)
@@ -84,11 +94,7 @@ def test_a_ragged_lora_batch_equals_each_conversation_alone(backend):
     h, W, y = inp["hidden"].float(), inp["weight"].float(), inp["targets"]
     reward = torch.tensor([-1.0, 1.0, 0.5])
     kw = dict(mode="lora", backend=backend, solver="dual", lora_scale=2.0)
-    step = rosa_update(h, W, y, reward, lora_a=a, lora_b=bvec, mask=mask, **kw)
-    for b in range(B):
-        n = int(mask[b].sum())
-        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), lora_a=a[b], lora_b=bvec[b], **kw)
-        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+    _each_alone(h, W, y, reward, mask, kw, lora_a=a, lora_b=bvec)
 
 
 def test_a_subset_of_conversations():
@@ -116,11 +122,7 @@ def test_a_hidden_batch_of_short_and_long_conversations_equals_each_alone(backen
     h, W, y = inp["hidden"].float(), inp["weight"].float(), inp["targets"]
     reward = torch.tensor([-1.0, 1.0, 0.5, -0.2])
     kw = dict(mode="hidden", backend=backend, solver="dual", damping=0.05)
-    step = rosa_update(h, W, y, reward, mask=mask, **kw)
-    for b in range(B):
-        n = int(mask[b].sum())
-        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), **kw)
-        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+    _each_alone(h, W, y, reward, mask, kw)
 
 
 def test_padded_groups_bound_the_waste():
@@ -152,11 +154,7 @@ def test_a_lora_batch_in_two_padded_groups_equals_each_alone(backend):
     h, W, y = inp["hidden"].float(), inp["weight"].float(), inp["targets"]
     reward = torch.tensor([-1.0, 1.0, 0.5, 0.3])
     kw = dict(mode="lora", backend=backend, solver="dual", lora_scale=2.0)
-    step = rosa_update(h, W, y, reward, lora_a=a, lora_b=bvec, mask=mask, **kw)
-    for b in range(B):
-        n = int(mask[b].sum())
-        one = rosa_update(h[b, :n], W, y[b, :n], float(reward[b]), lora_a=a[b], lora_b=bvec[b], **kw)
-        torch.testing.assert_close(step.update[b], one.update.reshape(-1), rtol=2e-4, atol=1e-6)
+    _each_alone(h, W, y, reward, mask, kw, lora_a=a, lora_b=bvec)
 
 
 def test_long_conversations_are_batched_one_at_a_time():
