@@ -53,6 +53,7 @@ from ..kernels.epilogue import COMBINE_ROWS
 from ..kernels.prob_tiles import ProbTiles, prob_tiles_from_tensors, tile_buffers
 from ..kernels.tile_gram import tile_gram
 from ..kernels.tile_vjp import tile_vjp
+from ..kernels.tile_weight import tile_weight
 from .torch_engine import conversation_groups, spans
 
 #: On CUDA the tile budget is at most this fraction of the memory free to the process.
@@ -149,15 +150,13 @@ class BlockBuffer:
 class TileLauncher:
     """The one-pass probability-tile kernel on rows of a float32-compute problem, every launch with the
     vocabulary split plan of the first (``splits``): ``launcher(r0, r1, out)`` -> :class:`ProbTiles` of
-    tokens [r0, r1). ``ah`` (N,) fp32 = a_seg . h_t with a LoRA term (given by the engine, which caches it
-    per problem), else None."""
+    tokens [r0, r1). ``ah`` (N,) = a_seg . h_t with a LoRA term (the engine's, cached per problem:
+    :meth:`~rosa_ext.kernels.primitives.TritonPrimitives.hidden_and_ah`), else None."""
 
-    def __init__(self, prob: HeadProblem, seg32: torch.Tensor, precision: str,
-                 ah: Optional[torch.Tensor] = None) -> None:
-        self.prob, self.seg32, self.precision = prob, seg32, precision
-        if prob.lora_a is not None and ah is None:
-            ah = (prob.hidden.float() * prob.lora_a[prob.seg].float()).sum(1)
-        self.ah = ah
+    def __init__(self, prob: HeadProblem, seg32: torch.Tensor, precision: str, ah: Optional[torch.Tensor]) -> None:
+        if (prob.lora_a is None) != (ah is None):
+            raise RosaInputError("rosa_ext.backends.tile_blocks.TileLauncher: ah goes with a LoRA term (lora_a)", "ah")
+        self.prob, self.seg32, self.precision, self.ah = prob, seg32, precision, ah
         self.splits: Optional[int] = None
 
     def __call__(self, r0: int, r1: int, out=None, table: Optional["TokenTable"] = None) -> ProbTiles:
@@ -200,8 +199,6 @@ def hidden_pass(launch: TileLauncher, blocks: Sequence[Tuple[int, int]], engine:
     [0, N)): one launch per block into one reused block buffer, then r̂ W of the block in ONE more launch
     (:func:`rosa_ext.kernels.tile_weight.tile_weight`, K-split at the vocabulary splits; written straight into
     its rows of the (N, d) result, no scratch); one block: the launch's own outputs, nothing copied."""
-    from ..kernels.tile_weight import tile_weight
-
     prob, ah = launch.prob, launch.ah
     if len(blocks) == 1:
         t = launch(0, prob.num_tokens)
@@ -392,7 +389,7 @@ def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
     scatter fused, blocks added in turn). ``out`` (B, V) to write into; ``offsets`` (B + 1,) int32 device
     offsets of the conversations (needed for B > 1 over split tiles)."""
     B, V, N = prob.num_conversations, prob.vocab_size, prob.num_tokens
-    started = plain = False
+    started = False
     for r0, r1, t, norm in kept.blocks():
         w_block = wt = w[r0:r1].float()
         if norm is not lse_off:
@@ -400,18 +397,15 @@ def column_sums(kept, prob: HeadProblem, w: torch.Tensor, lse_off: torch.Tensor,
         sp = spans(prob.offsets, r0, r1)
         if out is None:
             out = torch.empty(B, V, dtype=torch.float32, device=w.device)
-        if _plain(t):
+        if _plain(t) and not centered:  # CG's normalised fp32 tiles: one GEMV per conversation
             fresh = not started and r0 == 0 and r1 == N and len(sp) == B  # every row of out written once
             if not started and not fresh:
                 out.zero_()
             TG.gemv_columns(t, wt, sp, out, accumulate=not fresh)
-            plain = True
         else:
             tile_vjp(t, wt, out, targets=prob.targets[r0:r1] if centered else None, target_w=w_block,
                      offsets=offsets if B > 1 else None, rows0=r0, accumulate=started)
         started = True
-    if centered and plain:  # the GEMVs' sums: negated and the scatter added here
-        out.neg_().index_put_((prob.seg, prob.targets), w.float(), accumulate=True)
     return out
 
 

@@ -90,11 +90,7 @@ class TritonPrimitives(WholeVocabulary):
     def stats(self, prob: HeadProblem) -> HeadStats:
         """lse, log p, a.h, pi.b per token, (N,) fp32 each, from one fused pass over W."""
         seg, _ = self.index(prob)
-        h = prob.hidden
-        ah = None
-        if prob.lora_a is not None:
-            ah = (h.float() * prob.lora_a[prob.seg].float()).sum(1)
-        return stats_from_tensors(h, prob.weight, prob.targets, seg, **self._kw(prob, ah))
+        return stats_from_tensors(prob.hidden, prob.weight, prob.targets, seg, **self._kw(prob, self.hidden_and_ah(prob)[1]))
 
     def row_reduce(self, prob: HeadProblem, st: HeadStats, u: torch.Tensor) -> torch.Tensor:
         """(pi_t . u[seg_t]) for u (B, V) -> (N,) fp32."""
