@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ..common.validation import RosaInputError, RosaTypeError
+from .tile_layout import _OUT_MODE
 
 #: True when kernels run in the Triton interpreter (CPU tests): one small tile config.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -512,6 +513,16 @@ def interpreter_safe(*tensors: Optional[torch.Tensor]):
     if not INTERPRET:
         return tensors
     return tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in tensors)
+
+
+def tile_parts(tiles) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(the stored tiles ``p`` or the bf16 ``hi`` part, the ``lo`` part -- or the first again where there is
+    none --, the storage's OUT_MODE) of :class:`.tile_layout.ProbTiles`, as a kernel over them reads them: bf16
+    parts widened under the interpreter (:func:`interpreter_safe`)."""
+    if tiles.p is not None:
+        return tiles.p, tiles.p, _OUT_MODE[tiles.precision]
+    hi, lo = interpreter_safe(tiles.hi, tiles.lo if tiles.lo is not None else tiles.hi)
+    return hi, lo, _OUT_MODE[tiles.precision]
 
 
 def lora_args(hidden: torch.Tensor, lora_b: Optional[torch.Tensor], ah: Optional[torch.Tensor], V: int):

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..common.validation import RosaInputError
-from ._tiles import INTERPRET, fp32_precision, guard_launches, interpreter_safe, sm_count
+from ._tiles import INTERPRET, fp32_precision, guard_launches, sm_count, tile_parts
 from .tile_layout import ProbTiles
 
 #: (BLOCK_T, BLOCK_K, num_warps, num_stages) of the partial Gram: a 64 x 64 output block per program (wgmma),
@@ -57,7 +57,6 @@ GPU_CONFIG_FP32 = (64, 16, 4, 4)
 FINISH_CONFIG = (32, 4)
 INTERPRET_CONFIG = (16, 32, 1, 1)
 INTERPRET_FINISH = (16, 1)
-_MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 
 
 @triton.jit
@@ -213,15 +212,6 @@ def _gram_finish_kernel(part_ptr, a_ptr, a_lo_ptr, a_sc_ptr, ya_ptr, b_ptr, b_lo
 _gram_finish_kernel = guard_launches(_gram_finish_kernel)
 
 
-def _parts(t: ProbTiles) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(stored tiles or hi, lo or the same, OUT mode) of ``t`` (bf16 parts widened under the interpreter, which
-    mis-reads bf16 buffers: :func:`._tiles.interpreter_safe`)."""
-    if t.p is not None:
-        return t.p, t.p, 0
-    hi, lo = interpreter_safe(t.hi, t.lo if t.lo is not None else t.hi)
-    return hi, lo, _MODE[t.precision]
-
-
 def _chunks(S: int, programs: int, device: torch.device) -> Tuple[int, int]:
     """(K-chunks, splits per chunk): about two programs per SM in all, at most one chunk per split."""
     want = max(1, -(-2 * sm_count(device) // max(1, programs)))
@@ -297,8 +287,8 @@ def tile_gram(ta: ProbTiles, ya: torch.Tensor, lengths: Sequence[int], *, offset
     width = ta.width()
     ks, per = _chunks(S, B * (nblk * (nblk + 1) // 2 if not pair else nblk * nblk), dev)
     part = torch.empty(ks, total, dtype=torch.float32, device=dev)
-    a, a_lo, mode = _parts(ta)
-    b, b_lo, _ = _parts(tb_)
+    a, a_lo, mode = tile_parts(ta)
+    b, b_lo, _ = tile_parts(tb_)
     off = offsets if offsets is not None else ya
     ones = dict(ONE=B == 1 and offsets is None or pair, SYM=not pair, HAS_SCALE=sc_a is not None, MODE=mode)
     sa = sc_a if sc_a is not None else flat

@@ -23,14 +23,13 @@ import triton
 import triton.language as tl
 
 from ..common.validation import RosaInputError
-from ._tiles import INTERPRET, guard_launches, interpreter_safe
+from ._tiles import INTERPRET, guard_launches, tile_parts
 from .tile_layout import ProbTiles
 
 #: (BLOCK_T, BLOCK_V, num_warps) on the GPU (16 x 128 per step: 32 x 256 spilled its int64 addresses); the
 #: interpreter's small blocks
 GPU_CONFIG = (16, 128, 4)
 INTERPRET_CONFIG = (16, 64, 1)
-_MODE = {"fp32": 0, "bf16x2": 1, "bf16": 2}
 
 
 @triton.jit
@@ -108,11 +107,7 @@ def tile_vjp(tiles: ProbTiles, w: torch.Tensor, out: torch.Tensor, *, targets: O
     ws = w if target_w is None else target_w
     if ws.shape != (n,) or ws.dtype != torch.float32:
         raise RosaInputError(f"{who}: target_w must be ({n},) float32, got {tuple(ws.shape)} {ws.dtype}", "target_w")
-    if tiles.p is not None:
-        t, t_lo, mode = tiles.p, tiles.p, 0
-    else:
-        t, t_lo = interpreter_safe(tiles.hi, tiles.lo if tiles.lo is not None else tiles.hi)
-        mode = _MODE[tiles.precision]
+    t, t_lo, mode = tile_parts(tiles)
     sc = tiles.split_scale
     bt, bv, nw = INTERPRET_CONFIG if INTERPRET else GPU_CONFIG
     w, ws = w.contiguous(), ws.contiguous()
