@@ -79,3 +79,42 @@ def test_targets_edited_out_of_range_after_prepare_read_nothing(lora, bad):
     u = K.jvp(None, None, None, torch.randn(W.shape[1]), mode="hidden", st=st, prob=prob)
     assert torch.isnan(u[1]) and torch.isfinite(u[keep]).all()
     K.vjp(None, None, None, torch.ones(y.shape[0]), mode="hidden", st=st, prob=prob)  # runs (NaN where it enters)
+
+
+def test_an_engine_shared_by_two_threads_never_pairs_one_problem_with_anothers_cache():
+    """Two users' problems through ONE Triton engine from two threads: the per-problem caches (the device
+    index, h in the compute dtype and a . h) are one (problem, value) pair each, so a thread never gets the
+    other problem's tensors, however the calls interleave."""
+    import threading
+
+    from rosa_ext.backends.triton_engine import TritonEngine
+    from rosa_ext.core.op import pack
+    eng = TritonEngine()
+    probs = []
+    for seed, T in ((0, 5), (1, 9)):
+        g = torch.Generator().manual_seed(seed)
+        prob, _ = pack(torch.randn(T, 6, generator=g), torch.randn(11, 6, generator=g), torch.randint(0, 11, (T,), generator=g),
+                       1.0, mode="lora", lora_a=torch.randn(6, generator=g), lora_b=torch.randn(11, generator=g))
+        probs.append(prob)
+    bad = []
+
+    def user(prob):
+        for _ in range(2000):
+            h, ah = eng.hidden_and_ah(prob)
+            seg, off = eng.index(prob)
+            if h.data_ptr() != prob.hidden.data_ptr() and not torch.equal(h, prob.hidden.float()):
+                bad.append("h")
+            if ah.shape[0] != prob.num_tokens or seg.shape[0] != prob.num_tokens or int(off[-1]) != prob.num_tokens:
+                bad.append("shape")
+    import sys
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        threads = [threading.Thread(target=user, args=(p,)) for p in probs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not bad, bad[:5]

@@ -59,7 +59,7 @@ def test_batched_factor_and_checks_equal_each_conversation():
     g = torch.Generator().manual_seed(1)
     mats, rhs = [], []
     for n in lengths:
-        J = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        J = torch.randn(n, 8, generator=g, dtype=torch.float64)  # full row rank: no cancellation in the factor
         mats.append(J @ J.T)
         rhs.append(torch.randn(n, generator=g, dtype=torch.float64))
     lam = torch.tensor([0.1, 1e-3, 2.0], dtype=torch.float64)

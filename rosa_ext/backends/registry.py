@@ -26,7 +26,8 @@ def triton_available(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def engine_for(name: str, device: torch.device) -> Engine:
     """The engine ``name`` on ``device`` ("auto": Triton on CUDA when it imports, else torch).
-    Engines hold no per-call state: one instance per (name, device) is reused (cached).
+    A new instance per call (an engine's per-problem caches -- the device index, h in the compute dtype --
+    are each one (problem, value) pair, safe to share all the same).
 
     Raises RosaInputError (argument ``backend``) for "triton" where Triton cannot run."""
     device_type = device.type

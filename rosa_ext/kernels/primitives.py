@@ -10,7 +10,7 @@ It serves both the Triton backend of :mod:`rosa_ext.backends` and the tensor-lev
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -49,38 +49,44 @@ class TritonPrimitives(WholeVocabulary):
     name = "triton"
 
     def __init__(self, index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
-        self._cache_key: Optional[HeadProblem] = None
         self._given = index
-        self._cache: Tuple[torch.Tensor, torch.Tensor] = ()
-        self._hidden_key: Optional[HeadProblem] = None
-        self._hidden: Tuple[torch.Tensor, Optional[torch.Tensor]] = ()
+        self._index: Optional[Tuple[HeadProblem, Tuple]] = None
+        self._hidden: Optional[Tuple[HeadProblem, Tuple]] = None
+
+    def _per_problem(self, slot: str, prob: HeadProblem, make: Callable[[], Tuple]) -> Tuple:
+        """``make()`` for ``prob``, cached in attribute ``slot`` as ONE (problem, value) pair, replaced whole: a
+        reader never pairs one problem with another's value, even where threads share the engine."""
+        hit = getattr(self, slot)
+        if hit is None or hit[0] is not prob:
+            hit = (prob, make())
+            setattr(self, slot, hit)
+        return hit[1]
 
     def hidden_and_ah(self, prob: HeadProblem) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(h (N, d) in the compute dtype, a_seg . h_t (N,) or None without a LoRA term), cached per problem
         (the pass's launcher and the linearisation both read them): one conversion of h and one GEMV
         (a (d,) row shared by every conversation) or a row-wise dot (one a row per conversation)."""
-        if self._hidden_key is not prob:
+        def make():
             h = prob.hidden.to(prob.compute_dtype)
-            ah = None
             a = prob.lora_a
-            if a is not None:
-                a = a.to(h.dtype)
-                # one row: a GEMV; one per conversation: all rows against all (B small), each token's own picked
-                ah = torch.mv(h, a[0]) if a.shape[0] == 1 else (h @ a.T).gather(1, prob.seg.unsqueeze(1)).squeeze(1)
-            self._hidden_key, self._hidden = prob, (h, ah)
-        return self._hidden
+            if a is None:
+                return h, None
+            a = a.to(h.dtype)
+            # one row: a GEMV; one per conversation: all rows against all (B small), each token's own picked
+            return h, torch.mv(h, a[0]) if a.shape[0] == 1 else (h @ a.T).gather(1, prob.seg.unsqueeze(1)).squeeze(1)
+        return self._per_problem("_hidden", prob, make)
 
     def index(self, prob: HeadProblem) -> Tuple[torch.Tensor, torch.Tensor]:
         """(seg int32 (N,), offsets int32 (B + 1,)) on the device, cached per problem."""
         if self._given is not None:
             return self._given
-        if self._cache_key is not prob:
+
+        def make():
             seg = prob.seg.to(torch.int32).contiguous()
             # from the sorted seg on the device (no host-to-device copy of prob.offsets, no sync)
             steps = torch.arange(prob.num_conversations + 1, device=prob.seg.device, dtype=prob.seg.dtype)
-            off = torch.searchsorted(prob.seg.contiguous(), steps).to(torch.int32)
-            self._cache_key, self._cache = prob, (seg, off)
-        return self._cache
+            return seg, torch.searchsorted(prob.seg.contiguous(), steps).to(torch.int32)
+        return self._per_problem("_index", prob, make)
 
     @staticmethod
     def _kw(prob: HeadProblem, ah: Optional[torch.Tensor]):
